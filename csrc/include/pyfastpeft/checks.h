@@ -1,0 +1,66 @@
+// Argument checks shared by every op. Each failure names the argument and what was expected, and is
+// raised as a Python ValueError (c10::ValueError) so users can tell bad input from an internal error.
+#pragma once
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include "pyfastpeft/dtype.h"
+
+namespace pyfastpeft {
+
+inline bool is_float_dtype(at::ScalarType t) {
+  return t == at::kDouble || t == at::kFloat || t == at::kBFloat16 || t == at::kHalf;
+}
+
+inline DType to_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kDouble: return DType::Float64;
+    case at::kFloat: return DType::Float32;
+    case at::kBFloat16: return DType::BFloat16;
+    case at::kHalf: return DType::Float16;
+    default: TORCH_CHECK_VALUE(false, "unsupported dtype ", t, " (expected float64, float32, bfloat16 or float16)");
+  }
+}
+
+inline void check_float(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(is_float_dtype(t.scalar_type()), name, ": expected a float64, float32, bfloat16 or float16 tensor, got ",
+                    t.scalar_type());
+}
+
+inline void check_dim(const at::Tensor& t, const char* name, int64_t dim) {
+  TORCH_CHECK_VALUE(t.dim() == dim, name, ": expected a ", dim, "-D tensor, got ", t.dim(), "-D with shape ", t.sizes());
+}
+
+inline void check_min_dim(const at::Tensor& t, const char* name, int64_t dim) {
+  TORCH_CHECK_VALUE(t.dim() >= dim, name, ": expected at least ", dim, " dimension(s), got shape ", t.sizes());
+}
+
+inline void check_size(const at::Tensor& t, const char* name, int64_t dim, int64_t expected, const char* what) {
+  TORCH_CHECK_VALUE(t.size(dim) == expected, name, ": expected size ", expected, " in dimension ", dim, " (", what,
+                    "), got shape ", t.sizes());
+}
+
+inline void check_same_dtype(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name) {
+  TORCH_CHECK_VALUE(t.scalar_type() == ref.scalar_type(), name, ": expected dtype ", ref.scalar_type(), " (the dtype of ",
+                    ref_name, "), got ", t.scalar_type());
+}
+
+inline void check_same_device(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name) {
+  TORCH_CHECK_VALUE(t.device() == ref.device(), name, ": expected device ", ref.device(), " (the device of ", ref_name,
+                    "), got ", t.device());
+}
+
+// rng_state is an int64 tensor [seed, offset] on the device of the data it masks.
+inline void check_rng_state(const at::Tensor& rng_state, const at::Tensor& ref, const char* ref_name) {
+  TORCH_CHECK_VALUE(rng_state.scalar_type() == at::kLong && rng_state.dim() == 1 && rng_state.numel() == 2 &&
+                        rng_state.is_contiguous(),
+                    "rng_state: expected a contiguous int64 tensor [seed, offset], got dtype ", rng_state.scalar_type(),
+                    " and shape ", rng_state.sizes());
+  check_same_device(rng_state, "rng_state", ref, ref_name);
+}
+
+inline void check_dropout_p(double p) {
+  TORCH_CHECK_VALUE(p >= 0.0 && p < 1.0, "dropout_p: expected a probability in [0, 1), got ", p);
+}
+
+}  // namespace pyfastpeft

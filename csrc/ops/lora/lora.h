@@ -1,0 +1,48 @@
+// Fused LoRA linear: torch-free parameter structs and launchers.
+//
+//   y  = x·Wᵀ + b + s·(drop(x)·Aᵀ)·Bᵀ        x [N, in], W [out, in], A [r, in], B [out, r]
+//   xa = drop(x)·Aᵀ                            saved for backward (N·r elements)
+// Backward, with u = s·dy·B:
+//   dx = dy·W + drop'(u·A)     dA = uᵀ·drop(x)     dB = s·dyᵀ·xa     db = Σ_n dy     dW = dyᵀ·x
+// drop(·) multiplies by the Philox mask (see philox.h) and 1/(1-p); the backward regenerates the mask
+// from rng_state = [seed, offset], so neither the mask nor drop(x) is ever saved.
+#pragma once
+#include <cstdint>
+
+#include "pyfastpeft/dtype.h"
+
+typedef struct CUstream_st* cudaStream_t;
+
+namespace pyfastpeft {
+
+// out0 = in0 ⊙ mask / (1-p), and the same mask on the optional second pair (in1 → out1).
+// All buffers are contiguous with `numel` elements; in-place (out == in) is allowed.
+struct DropoutParams {
+  const void* in0;
+  void* out0;
+  const void* in1;  // nullptr: no second pair
+  void* out1;
+  int64_t numel;
+  float p;
+  double scale;              // 1 / (1 - p)
+  const int64_t* rng_state;  // [seed, offset], on the device the kernel runs on
+  DType dtype;
+};
+
+// xa[n, j] = Σ_k drop(x)[n, k] · A[j, k], accumulated in float32 (float64 for float64 inputs).
+struct LoraShrinkParams {
+  const void* x;  // [n_rows, in], contiguous
+  const void* A;  // [r, in], contiguous
+  void* xa;       // [n_rows, r]
+  int64_t n_rows, in_features, rank;
+  float p;
+  double scale;
+  const int64_t* rng_state;  // nullptr when p == 0
+  DType dtype;
+};
+
+void dropout_apply_cpu(const DropoutParams& params);
+void dropout_apply_cuda(const DropoutParams& params, cudaStream_t stream);
+void lora_shrink_cuda(const LoraShrinkParams& params, cudaStream_t stream);
+
+}  // namespace pyfastpeft

@@ -1,0 +1,78 @@
+// CUDA glue of the LoRA family: tensors → params, device guard, current stream, registration.
+#include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <stdexcept>
+
+#include "lora.h"
+#include "lora_impl.h"
+#include "pyfastpeft/checks.h"
+
+namespace pyfastpeft {
+namespace {
+
+cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+// Kernel launchers throw std::runtime_error; surface them as c10 errors with the op's context.
+template <class F>
+void launch(const char* what, F&& f) {
+  try {
+    f();
+  } catch (const std::runtime_error& e) {
+    TORCH_CHECK(false, what, ": ", e.what());
+  }
+}
+
+struct CudaBackend {
+  static void dropout(const DropoutParams& params) {
+    launch("dropout", [&] { dropout_apply_cuda(params, current_stream()); });
+  }
+  static at::Tensor shrink(const at::Tensor& x2, const at::Tensor& lora_A, double p, const int64_t* rng) {
+    const at::Tensor xc = x2.contiguous();
+    const at::Tensor Ac = lora_A.contiguous();
+    at::Tensor xa = at::empty({xc.size(0), Ac.size(0)}, xc.options());
+    const LoraShrinkParams params{xc.const_data_ptr(), Ac.const_data_ptr(), xa.mutable_data_ptr(),
+                                  xc.size(0),          xc.size(1),          Ac.size(0),
+                                  static_cast<float>(p), p > 0 ? 1.0 / (1.0 - p) : 1.0, p > 0 ? rng : nullptr,
+                                  to_dtype(xc.scalar_type())};
+    launch("lora_shrink", [&] { lora_shrink_cuda(params, current_stream()); });
+    return xa;
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> lora_linear_cuda(const at::Tensor& x, const at::Tensor& weight,
+                                                    const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
+                                                    const at::Tensor& lora_B, double scaling, double dropout_p,
+                                                    const std::optional<at::Tensor>& rng_state) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  return lora::forward<CudaBackend>(x, weight, bias, lora_A, lora_B, scaling, dropout_p, rng_state);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_backward_cuda(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
+    const at::Tensor& lora_B, const at::Tensor& xa, double scaling, double dropout_p,
+    const std::optional<at::Tensor>& rng_state, std::array<bool, 5> output_mask) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  return lora::backward<CudaBackend>(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, rng_state,
+                                     output_mask);
+}
+
+at::Tensor philox_dropout_cuda(const at::Tensor& x, double p, const at::Tensor& rng_state) {
+  check_float(x, "x");
+  check_dropout_p(p);
+  check_rng_state(rng_state, x, "x");
+  const c10::cuda::CUDAGuard guard(x.device());
+  return lora::dropout<CudaBackend>(x, p, rng_state);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pyfastpeft, CUDA, m) {
+  m.impl("lora_linear", &lora_linear_cuda);
+  m.impl("lora_linear_backward", &lora_linear_backward_cuda);
+  m.impl("philox_dropout", &philox_dropout_cuda);
+}
+
+}  // namespace pyfastpeft

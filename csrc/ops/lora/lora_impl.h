@@ -1,0 +1,149 @@
+// The LoRA linear's composition, shared by the CPU and CUDA registrations: the large frozen product
+// and the rank-r products go to the BLAS through ATen (MKL / cuBLAS), the expand is accumulated into y
+// in place, and the Philox dropout runs in our kernels. `Backend` supplies the device-specific pieces:
+//   static void dropout(const DropoutParams&);
+//   static at::Tensor shrink(const at::Tensor& x2, const at::Tensor& A, double p, const int64_t* rng);
+#pragma once
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/mm.h>
+
+#include <array>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "lora.h"
+#include "pyfastpeft/checks.h"
+
+namespace pyfastpeft::lora {
+
+inline void check_inputs(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                         const at::Tensor& lora_A, const at::Tensor& lora_B, double dropout_p,
+                         const std::optional<at::Tensor>& rng_state) {
+  check_min_dim(x, "x", 1);
+  check_float(x, "x");
+  check_dim(weight, "weight", 2);
+  check_dim(lora_A, "lora_A", 2);
+  check_dim(lora_B, "lora_B", 2);
+  const int64_t out_features = weight.size(0), in_features = weight.size(1), rank = lora_A.size(0);
+  check_size(x, "x", x.dim() - 1, in_features, "in_features, from weight [out, in]");
+  check_size(lora_A, "lora_A", 1, in_features, "in_features, from weight [out, in]");
+  check_size(lora_B, "lora_B", 0, out_features, "out_features, from weight [out, in]");
+  check_size(lora_B, "lora_B", 1, rank, "the rank r, from lora_A [r, in]");
+  TORCH_CHECK_VALUE(rank >= 1, "lora_A: expected rank r >= 1, got shape ", lora_A.sizes());
+  for (auto [t, name] : {std::pair{&weight, "weight"}, {&lora_A, "lora_A"}, {&lora_B, "lora_B"}}) {
+    check_same_dtype(*t, name, x, "x");
+    check_same_device(*t, name, x, "x");
+  }
+  if (bias) {
+    check_dim(*bias, "bias", 1);
+    check_size(*bias, "bias", 0, out_features, "out_features, from weight [out, in]");
+    check_same_dtype(*bias, "bias", x, "x");
+    check_same_device(*bias, "bias", x, "x");
+  }
+  check_dropout_p(dropout_p);
+  if (dropout_p > 0) {
+    TORCH_CHECK_VALUE(rng_state.has_value(), "rng_state: required when dropout_p > 0");
+    check_rng_state(*rng_state, x, "x");
+  }
+}
+
+inline std::vector<int64_t> with_last(at::IntArrayRef sizes, int64_t last) {
+  std::vector<int64_t> out(sizes.begin(), sizes.end());
+  out.back() = last;
+  return out;
+}
+
+template <class Backend>
+at::Tensor dropout(const at::Tensor& x, double p, const at::Tensor& rng_state) {
+  const at::Tensor xc = x.contiguous();
+  at::Tensor out = at::empty_like(xc);
+  DropoutParams params{xc.const_data_ptr(), out.mutable_data_ptr(), nullptr,   nullptr,
+                       xc.numel(),          static_cast<float>(p),  1.0 / (1.0 - p), rng_state.const_data_ptr<int64_t>(),
+                       to_dtype(x.scalar_type())};
+  Backend::dropout(params);
+  return out;
+}
+
+template <class Backend>
+std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x, const at::Tensor& weight,
+                                           const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
+                                           const at::Tensor& lora_B, double scaling, double dropout_p,
+                                           const std::optional<at::Tensor>& rng_state) {
+  check_inputs(x, weight, bias, lora_A, lora_B, dropout_p, rng_state);
+  const int64_t out_features = weight.size(0), in_features = weight.size(1);
+  const at::Tensor x2 = x.reshape({-1, in_features});
+  const at::Tensor xa = Backend::shrink(x2, lora_A, dropout_p,
+                                        dropout_p > 0 ? rng_state->const_data_ptr<int64_t>() : nullptr);
+  // y = b + s·xa·Bᵀ (rank-r, cheap) first, then the frozen product accumulates into it (beta = 1).
+  at::Tensor y = at::empty({x2.size(0), out_features}, x.options());
+  if (bias) {
+    at::addmm_out(y, *bias, xa, lora_B.t(), 1, scaling);
+  } else {
+    at::addmm_out(y, y, xa, lora_B.t(), 0, scaling);
+  }
+  y.addmm_(x2, weight.t());
+  return {y.view(with_last(x.sizes(), out_features)), xa};
+}
+
+// output_mask: which of (dx, dW, db, dA, dB) to compute; the others come back as empty tensors.
+template <class Backend>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
+    const at::Tensor& lora_B, const at::Tensor& xa, double scaling, double dropout_p,
+    const std::optional<at::Tensor>& rng_state, std::array<bool, 5> output_mask) {
+  check_inputs(x, weight, std::nullopt, lora_A, lora_B, dropout_p, rng_state);
+  const int64_t out_features = weight.size(0), in_features = weight.size(1), rank = lora_A.size(0);
+  TORCH_CHECK_VALUE(grad_y.sizes() == at::IntArrayRef(with_last(x.sizes(), out_features)),
+                    "grad_y: expected shape ", with_last(x.sizes(), out_features), ", got ", grad_y.sizes());
+  check_same_dtype(grad_y, "grad_y", x, "x");
+  check_same_device(grad_y, "grad_y", x, "x");
+  const at::Tensor x2 = x.reshape({-1, in_features});
+  const int64_t n_rows = x2.size(0);
+  check_dim(xa, "xa", 2);
+  check_size(xa, "xa", 0, n_rows, "tokens");
+  check_size(xa, "xa", 1, rank, "rank");
+  const at::Tensor g2 = grad_y.reshape({-1, out_features});
+  const auto [need_dx, need_dW, need_db, need_dA, need_dB] = output_mask;
+  const at::Tensor none = at::empty({0}, x.options());
+
+  at::Tensor dB = none, dW = none, db = none, dA = none, dx = none;
+  if (need_dB) {
+    dB = at::empty({out_features, rank}, x.options());
+    at::addmm_out(dB, dB, g2.t(), xa, 0, scaling);
+  }
+  if (need_db) db = g2.sum(0);
+  if (need_dW) dW = at::mm(g2.t(), x2);
+  if (!need_dx && !need_dA) return {dx, dW, db, dA, dB};
+
+  at::Tensor u = at::empty({n_rows, rank}, x.options());
+  at::addmm_out(u, u, g2, lora_B, 0, scaling);
+  if (need_dx) dx = at::mm(u, lora_A);  // the LoRA part of dx, masked below when dropout is on
+  if (dropout_p > 0) {
+    const at::Tensor x2c = x2.contiguous();
+    at::Tensor xd = need_dA ? at::empty_like(x2c) : at::Tensor();
+    DropoutParams params{need_dA ? x2c.const_data_ptr() : dx.const_data_ptr(),
+                         need_dA ? xd.mutable_data_ptr() : dx.mutable_data_ptr(),
+                         need_dA && need_dx ? dx.const_data_ptr() : nullptr,
+                         need_dA && need_dx ? dx.mutable_data_ptr() : nullptr,
+                         x2c.numel(),
+                         static_cast<float>(dropout_p),
+                         1.0 / (1.0 - dropout_p),
+                         rng_state->const_data_ptr<int64_t>(),
+                         to_dtype(x.scalar_type())};
+    Backend::dropout(params);  // one mask: drop(x) for dA and drop'(u·A) for dx, in one pass
+    if (need_dA) dA = at::mm(u.t(), xd);
+  } else if (need_dA) {
+    dA = at::mm(u.t(), x2);
+  }
+  if (need_dx) {
+    dx.addmm_(g2, weight);
+    dx = dx.view(x.sizes());
+  }
+  return {dx, dW, db, dA, dB};
+}
+
+}  // namespace pyfastpeft::lora

@@ -1,0 +1,5 @@
+"""PEFT modules."""
+
+from .lora_linear import LoRALinear
+
+__all__ = ["LoRALinear"]

@@ -1,0 +1,102 @@
+"""Fused LoRA linear: ``y = x·Wᵀ + b + s·(dropout(x)·Aᵀ)·Bᵀ``.
+
+The op saves x, the rank-r product ``xa = dropout(x)·Aᵀ`` and the dropout's [seed, offset]; the
+backward regenerates the dropout mask from the Philox stream instead of saving it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import _rng
+
+_OP = torch.ops.pyfastpeft
+
+
+@torch.library.register_fake("pyfastpeft::lora_linear")
+def _lora_linear_fake(x, weight, bias, lora_A, lora_B, scaling, dropout_p, rng_state):
+    n_rows = math.prod(x.shape[:-1])
+    y = x.new_empty((*x.shape[:-1], weight.shape[0]))
+    xa = x.new_empty((n_rows, lora_A.shape[0]))
+    return y, xa
+
+
+@torch.library.register_fake("pyfastpeft::lora_linear_backward")
+def _lora_linear_backward_fake(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, rng_state, output_mask):
+    def grad(mask: bool, like: torch.Tensor, shape) -> torch.Tensor:
+        return like.new_empty(shape) if mask else like.new_empty((0,))
+
+    need_dx, need_dW, need_db, need_dA, need_dB = output_mask
+    return (
+        grad(need_dx, x, x.shape),
+        grad(need_dW, x, weight.shape),
+        grad(need_db, x, (weight.shape[0],)),
+        grad(need_dA, x, lora_A.shape),
+        grad(need_dB, x, lora_B.shape),
+    )
+
+
+@torch.library.register_fake("pyfastpeft::philox_dropout")
+def _philox_dropout_fake(x, p, rng_state):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, lora_A, lora_B, scaling, dropout_p, rng_state = inputs
+    _, xa = output
+    ctx.save_for_backward(x, weight, lora_A, lora_B, xa, rng_state)
+    ctx.scaling = scaling
+    ctx.dropout_p = dropout_p
+    ctx.mark_non_differentiable(xa)
+
+
+def _backward(ctx, grad_y, _grad_xa):
+    x, weight, lora_A, lora_B, xa, rng_state = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    mask = [need[0], need[1], need[2], need[3], need[4]]
+    dx, dW, db, dA, dB = _OP.lora_linear_backward(
+        grad_y, x, weight, lora_A, lora_B, xa, ctx.scaling, ctx.dropout_p, rng_state, mask
+    )
+    grads = [g if m else None for g, m in zip((dx, dW, db, dA, dB), mask)]
+    return (*grads, None, None, None)
+
+
+torch.library.register_autograd("pyfastpeft::lora_linear", _backward, setup_context=_setup_context)
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float = 1.0,
+    dropout_p: float = 0.0,
+    seed: int | None = None,
+) -> torch.Tensor:
+    """``x·Wᵀ + b + scaling·(dropout(x)·Aᵀ)·Bᵀ`` in one op, with a backward that saves no mask.
+
+    Args:
+        x: ``[..., in]`` input, any leading dimensions, any strides.
+        weight: ``[out, in]`` base weight (usually frozen; its gradient is computed only when it requires grad).
+        bias: ``[out]`` or None.
+        lora_A: ``[r, in]``; lora_B: ``[out, r]``.
+        scaling: ``alpha / r`` (or ``alpha / sqrt(r)`` for rsLoRA).
+        dropout_p: dropout on the LoRA branch's input, in [0, 1).
+        seed: dropout seed; None draws one from torch's generator. The same seed gives the same mask on
+            the CPU and on CUDA.
+    """
+    rng = _rng.rng_state(seed, x.device) if dropout_p > 0 else None
+    y, _ = _OP.lora_linear(x, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p), rng)
+    return y
+
+
+def philox_dropout(x: torch.Tensor, p: float, seed: int | None = None) -> torch.Tensor:
+    """``x ⊙ mask / (1 - p)`` with the Philox mask of every pyfastpeft op (not differentiable).
+
+    The mask of element ``i`` (row-major index) depends only on (seed, offset, i), so this reproduces
+    exactly the mask :func:`lora_linear` applies for the same seed.
+    """
+    return _OP.philox_dropout(x, float(p), _rng.rng_state(seed, x.device))
