@@ -1,0 +1,28 @@
+"""Shared test fixtures: the devices to test on and per-dtype tolerances."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import pyfastpeft
+
+DEVICES = ["cpu"] + (["cuda"] if pyfastpeft.cuda_available() else [])
+FLOAT_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def pytest_generate_tests(metafunc):
+    if "device" in metafunc.fixturenames:
+        metafunc.parametrize("device", DEVICES)
+
+
+requires_cuda = pytest.mark.skipif(not pyfastpeft.cuda_available(), reason="CUDA kernels not built or no GPU")
+
+
+def low_precision_error_bound(ours: torch.Tensor, torch_lowp: torch.Tensor, ref64: torch.Tensor, factor: float = 2.0):
+    """Flash-attention's rule: our error against the float64 reference may be at most `factor` times the
+    error of the same computation done by plain PyTorch in the low-precision dtype, plus a tiny floor."""
+    ours_err = (ours.double() - ref64).abs().max().item()
+    torch_err = (torch_lowp.double() - ref64).abs().max().item()
+    floor = 1e-6 * max(1.0, ref64.abs().max().item())
+    return ours_err, factor * torch_err + floor
