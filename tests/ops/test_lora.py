@@ -1,0 +1,247 @@
+"""pyfastpeft.ops.lora_linear against Hugging Face PEFT's formula computed in float64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import pyfastpeft
+from pyfastpeft.ops import reference
+from tests.conftest import DEVICES, FLOAT_DTYPES, low_precision_error_bound, requires_cuda
+
+
+def make_inputs(lead, in_f, out_f, r, dtype, device, bias=True, noncontig=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    x = rand(*lead, 2 * in_f) if noncontig else rand(*lead, in_f)
+    tensors = {
+        "x": x,
+        "weight": rand(out_f, in_f) / in_f**0.5,
+        "bias": rand(out_f) if bias else None,
+        "lora_A": rand(r, in_f) / in_f**0.5,
+        "lora_B": rand(out_f, r) / r**0.5,
+    }
+    out = {}
+    for k, v in tensors.items():
+        if v is None:
+            out[k] = None
+            continue
+        t = v.to(device=device, dtype=dtype)
+        if k == "x" and noncontig:  # every other column: x[..., in] with last stride 2
+            t = t[..., ::2]
+            assert in_f == 1 or not t.is_contiguous()
+        out[k] = t.detach().requires_grad_(k != "weight")
+    return out
+
+
+def run(fn, inputs, grad_out_seed=1):
+    """Forward and every gradient of fn(**inputs), with a fixed random upstream gradient."""
+    y = fn(**inputs)
+    g = torch.Generator().manual_seed(grad_out_seed)
+    dy = torch.randn(y.shape, generator=g, dtype=torch.float64).to(y)
+    leaves = [v for v in inputs.values() if v is not None and v.requires_grad]
+    grads = torch.autograd.grad(y, leaves, dy)
+    return [y.detach()] + [gr.detach() for gr in grads]
+
+
+def clone_as(inputs, dtype, device="cpu"):
+    return {
+        k: None if v is None else v.detach().to(device=device, dtype=dtype).requires_grad_(v.requires_grad)
+        for k, v in inputs.items()
+    }
+
+
+def check_against_reference(inputs, scaling, dtype, mask=None, p=0.0, seed=None, factor=3.0):
+    ours = run(lambda **kw: pyfastpeft.ops.lora_linear(**kw, scaling=scaling, dropout_p=p, seed=seed), inputs)
+    cpu_mask64 = None if mask is None else mask.cpu().double()
+    ref64 = run(
+        lambda **kw: reference.lora_linear(**kw, scaling=scaling, dropout_mask=cpu_mask64, dropout_p=p),
+        clone_as(inputs, torch.float64),
+    )
+    lowp_mask = None if mask is None else mask.to(dtype)
+    lowp = run(
+        lambda **kw: reference.lora_linear(**kw, scaling=scaling, dropout_mask=lowp_mask, dropout_p=p),
+        clone_as(inputs, dtype, inputs["x"].device),
+    )
+    names = ["y"] + [k for k, v in inputs.items() if v is not None and v.requires_grad]
+    for name, o, r64, lp in zip(names, ours, ref64, lowp):
+        assert o.shape == r64.shape, name
+        assert o.dtype == dtype, name
+        err, bound = low_precision_error_bound(o.cpu(), lp.cpu(), r64, factor)
+        assert err <= bound, f"{name}: error {err:.3e} exceeds {bound:.3e} ({dtype})"
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("r", [1, 64])
+@pytest.mark.parametrize("bias", [True, False])
+def test_matches_reference(device, dtype, r, bias):
+    inputs = make_inputs((3, 11), 37, 29, r, dtype, device, bias=bias)
+    check_against_reference(inputs, scaling=1.7, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_non_contiguous_input(device, dtype):
+    inputs = make_inputs((2, 5, 9), 24, 13, 4, dtype, device, noncontig=True)
+    check_against_reference(inputs, scaling=0.5, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_dropout_equals_reference_with_the_same_mask(device, dtype):
+    p, seed = 0.3, 1234
+    inputs = make_inputs((4, 7), 33, 21, 8, dtype, device)
+    ones = torch.ones(inputs["x"].shape, dtype=dtype, device=device)
+    mask = (pyfastpeft.ops.philox_dropout(ones, p, seed=seed) != 0).to(dtype)
+    assert 0 < mask.sum() < mask.numel()
+    check_against_reference(inputs, scaling=2.0, dtype=dtype, mask=mask, p=p, seed=seed)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    lead=st.lists(st.integers(1, 6), min_size=1, max_size=3),
+    in_f=st.integers(1, 40),
+    out_f=st.integers(1, 40),
+    r=st.integers(1, 12),
+    dtype=st.sampled_from(FLOAT_DTYPES),
+    bias=st.booleans(),
+    noncontig=st.booleans(),
+    p=st.sampled_from([0.0, 0.25]),
+    seed=st.integers(0, 2**31),
+)
+def test_property_matches_reference(lead, in_f, out_f, r, dtype, bias, noncontig, p, seed):
+    for device in DEVICES:
+        inputs = make_inputs(tuple(lead), in_f, out_f, r, dtype, device, bias=bias, noncontig=noncontig, seed=seed)
+        mask = None
+        if p > 0:
+            ones = torch.ones(inputs["x"].shape, dtype=dtype, device=device)
+            mask = (pyfastpeft.ops.philox_dropout(ones, p, seed=seed) != 0).to(dtype)
+        check_against_reference(inputs, scaling=1.3, dtype=dtype, mask=mask, p=p, seed=seed if p else None)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.4])
+def test_gradcheck(p):
+    inputs = make_inputs((2, 3), 6, 5, 2, torch.float64, "cpu")
+    weight = inputs["weight"].detach().requires_grad_(True)  # dW path too
+
+    def f(x, w, b, a, bb):
+        return pyfastpeft.ops.lora_linear(x, w, b, a, bb, scaling=0.7, dropout_p=p, seed=5)
+
+    args = (inputs["x"], weight, inputs["bias"], inputs["lora_A"], inputs["lora_B"])
+    assert torch.autograd.gradcheck(f, args)
+
+
+def test_only_requested_gradients_are_computed():
+    inputs = make_inputs((4,), 8, 6, 2, torch.float64, "cpu")
+    inputs["x"].requires_grad_(False)
+    y = pyfastpeft.ops.lora_linear(**inputs, scaling=1.0)
+    y.sum().backward()
+    assert inputs["x"].grad is None and inputs["weight"].grad is None
+    assert inputs["lora_A"].grad is not None and inputs["lora_B"].grad is not None
+
+
+def test_opcheck(device):
+    inputs = make_inputs((3, 5), 12, 7, 3, torch.float32, device)
+    rng = torch.tensor([7, 0], dtype=torch.int64, device=device)
+    args = (inputs["x"], inputs["weight"], inputs["bias"], inputs["lora_A"], inputs["lora_B"], 0.5, 0.2, rng)
+    torch.library.opcheck(torch.ops.pyfastpeft.lora_linear, args)
+    torch.library.opcheck(torch.ops.pyfastpeft.lora_linear, args[:6] + (0.0, None))
+    y, xa = torch.ops.pyfastpeft.lora_linear(*args)
+    bwd_args = (torch.randn_like(y), inputs["x"].detach(), inputs["weight"].detach(), inputs["lora_A"].detach(),
+                inputs["lora_B"].detach(), xa, 0.5, 0.2, rng, [True, False, True, True, True])
+    torch.library.opcheck(torch.ops.pyfastpeft.lora_linear_backward, bwd_args)
+    torch.library.opcheck(torch.ops.pyfastpeft.philox_dropout, (inputs["x"].detach(), 0.3, rng))
+
+
+class TestDropout:
+    def test_kept_fraction(self, device):
+        x = torch.ones(1 << 20, device=device)
+        for p in (0.05, 0.1, 0.5, 0.9):
+            kept = (pyfastpeft.ops.philox_dropout(x, p, seed=3) != 0).double().mean().item()
+            assert abs(kept - (1 - p)) < 4e-3, (p, kept)
+
+    def test_scale_and_determinism(self, device):
+        x = torch.randn(1000, 37, device=device)
+        a = pyfastpeft.ops.philox_dropout(x, 0.2, seed=11)
+        b = pyfastpeft.ops.philox_dropout(x, 0.2, seed=11)
+        c = pyfastpeft.ops.philox_dropout(x, 0.2, seed=12)
+        assert torch.equal(a, b) and not torch.equal(a, c)
+        kept = a != 0
+        torch.testing.assert_close(a[kept], x[kept] / 0.8, rtol=1e-6, atol=0)
+
+    def test_same_seed_same_output_and_fresh_seed_differs(self, device):
+        inputs = make_inputs((16, 4), 32, 8, 4, torch.float32, device)
+        f = lambda seed: pyfastpeft.ops.lora_linear(**inputs, scaling=1.0, dropout_p=0.5, seed=seed)  # noqa: E731
+        assert torch.equal(f(3), f(3))
+        assert not torch.equal(f(3), f(4))
+        torch.manual_seed(0)
+        a = f(None)
+        torch.manual_seed(0)
+        assert torch.equal(a, f(None))
+
+    def test_mask_depends_only_on_element_index(self):
+        """The mask of element i is a function of (seed, offset, i): a prefix of a longer tensor
+        gets the prefix of its mask (what makes CPU and CUDA agree, and backward reproduce forward)."""
+        long = pyfastpeft.ops.philox_dropout(torch.ones(1003), 0.5, seed=9)
+        short = pyfastpeft.ops.philox_dropout(torch.ones(77), 0.5, seed=9)
+        assert torch.equal(long[:77], short)
+
+    @requires_cuda
+    def test_cpu_and_cuda_masks_agree(self):
+        x = torch.randn(513, 71)
+        cpu = pyfastpeft.ops.philox_dropout(x, 0.3, seed=21)
+        gpu = pyfastpeft.ops.philox_dropout(x.cuda(), 0.3, seed=21).cpu()
+        assert torch.equal(cpu != 0, gpu != 0)
+        inputs = make_inputs((9, 5), 40, 24, 8, torch.float32, "cpu")
+        ours_cpu = run(lambda **kw: pyfastpeft.ops.lora_linear(**kw, scaling=1.0, dropout_p=0.3, seed=8), inputs)
+        ours_gpu = run(
+            lambda **kw: pyfastpeft.ops.lora_linear(**kw, scaling=1.0, dropout_p=0.3, seed=8),
+            clone_as(inputs, torch.float32, "cuda"),
+        )
+        for a, b in zip(ours_cpu, ours_gpu):
+            torch.testing.assert_close(a, b.cpu(), rtol=1e-4, atol=1e-4)
+
+
+class TestBadInput:
+    def setup_method(self):
+        self.inputs = make_inputs((4,), 8, 6, 2, torch.float32, "cpu")
+
+    def call(self, **override):
+        kw = {**self.inputs, **override}
+        scaling = kw.pop("scaling", 1.0)
+        p = kw.pop("dropout_p", 0.0)
+        return pyfastpeft.ops.lora_linear(**kw, scaling=scaling, dropout_p=p)
+
+    @pytest.mark.parametrize(
+        "override, match",
+        [
+            ({"x": torch.randn(4, 9)}, r"x: expected size 8 in dimension 1"),
+            ({"lora_A": torch.randn(2, 9)}, r"lora_A: expected size 8 in dimension 1"),
+            ({"lora_B": torch.randn(7, 2)}, r"lora_B: expected size 6 in dimension 0"),
+            ({"lora_B": torch.randn(6, 3)}, r"lora_B: expected size 2 in dimension 1 \(the rank r"),
+            ({"bias": torch.randn(5)}, r"bias: expected size 6"),
+            ({"weight": torch.randn(8)}, r"weight: expected a 2-D tensor"),
+            ({"lora_A": torch.randn(2, 8, dtype=torch.float64)}, r"lora_A: expected dtype Float"),
+            ({"x": torch.randint(0, 3, (4, 8))}, r"x: expected a float64, float32, bfloat16 or float16"),
+            ({"dropout_p": 1.0}, r"dropout_p: expected a probability in \[0, 1\)"),
+            ({"dropout_p": -0.1}, r"dropout_p: expected a probability in \[0, 1\)"),
+        ],
+    )
+    def test_clear_errors(self, override, match):
+        with pytest.raises(ValueError, match=match):
+            self.call(**override)
+
+    def test_missing_rng_state(self):
+        x = self.inputs
+        with pytest.raises(ValueError, match="rng_state: required when dropout_p > 0"):
+            torch.ops.pyfastpeft.lora_linear(x["x"], x["weight"], x["bias"], x["lora_A"], x["lora_B"], 1.0, 0.5, None)
+
+    def test_bad_seed(self):
+        with pytest.raises(ValueError, match="seed: expected an int"):
+            pyfastpeft.ops.lora_linear(**self.inputs, dropout_p=0.1, seed=1.5)
+
+    @requires_cuda
+    def test_device_mismatch(self):
+        with pytest.raises(ValueError, match=r"lora_A: expected device cuda"):
+            self.call(x=self.inputs["x"].cuda(), weight=self.inputs["weight"].cuda(), bias=None,
+                      lora_B=self.inputs["lora_B"].cuda())
