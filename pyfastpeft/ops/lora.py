@@ -50,11 +50,14 @@ def _setup_context(ctx, inputs, output):
     ctx.scaling = scaling
     ctx.dropout_p = dropout_p
     ctx.mark_non_differentiable(xa)
+    ctx.set_materialize_grads(False)  # xa's gradient is always None: no zeros of its shape are made
 
 
 def _backward(ctx, grad_y, _grad_xa):
-    x, weight, lora_A, lora_B, xa, rng_state = ctx.saved_tensors
     need = ctx.needs_input_grad
+    if grad_y is None:
+        return (None,) * 8
+    x, weight, lora_A, lora_B, xa, rng_state = ctx.saved_tensors
     mask = [need[0], need[1], need[2], need[3], need[4]]
     dx, dW, db, dA, dB = _OP.lora_linear_backward(
         grad_y, x, weight, lora_A, lora_B, xa, ctx.scaling, ctx.dropout_p, rng_state, mask

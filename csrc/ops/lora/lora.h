@@ -41,6 +41,21 @@ struct LoraShrinkParams {
   DType dtype;
 };
 
+// With u = s·dy·B: dx = drop'(u·A) and dA = uᵀ·drop(x), sharing one draw of the mask.
+// dx or dA may be nullptr when that gradient is not needed.
+struct LoraDropoutBackwardParams {
+  const void* x;  // [n_rows, in], contiguous
+  const void* u;  // [n_rows, r]
+  const void* A;  // [r, in]
+  void* dx;       // [n_rows, in] or nullptr
+  void* dA;       // [r, in] or nullptr
+  int64_t n_rows, in_features, rank;
+  float p;
+  double scale;
+  const int64_t* rng_state;
+  DType dtype;
+};
+
 void dropout_apply_cpu(const DropoutParams& params);
 void dropout_apply_cuda(const DropoutParams& params, cudaStream_t stream);
 void lora_shrink_cuda(const LoraShrinkParams& params, cudaStream_t stream);

@@ -1,59 +1,225 @@
 // CPU kernels of the LoRA family and their registration.
+//
+// The frozen product and (without dropout) the rank-r products run on MKL through ATen. With dropout,
+// the rank-r work is fused with the mask so that neither the mask nor drop(x) is ever written to memory:
+// each row's mask is drawn into a cache-resident buffer and consumed there.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
+#include <vector>
+
 #include "lora.h"
 #include "lora_impl.h"
 #include "pyfastpeft/dispatch.h"
-#include "pyfastpeft/philox.h"
+#include "pyfastpeft/philox_cpu.h"
 
 namespace pyfastpeft {
 namespace {
 
-// out0 = in0 ⊙ mask·scale (and out1 = in1 ⊙ mask·scale): one Philox call yields the mask of 8
-// consecutive elements, so the work is split on 8-element blocks.
+using cpu::dropout_scale_range;
+using cpu::kPhiloxGroup;
+
+template <typename acc_t>
+struct MaskStream {
+  uint64_t seed, offset;
+  uint32_t threshold;
+  acc_t scale;
+  MaskStream(const int64_t* rng_state, float p, double scale_)
+      : seed(static_cast<uint64_t>(rng_state[0])),
+        offset(static_cast<uint64_t>(rng_state[1])),
+        threshold(dropout_threshold(p)),
+        scale(static_cast<acc_t>(scale_)) {}
+  void row(int64_t e0, int64_t n, acc_t* keep) const { dropout_scale_range(e0, n, seed, offset, threshold, scale, keep); }
+};
+
+// out0 = in0 ⊙ mask·scale (and out1 = in1 ⊙ mask·scale), split on whole Philox groups.
 template <typename T>
 void dropout_apply_kernel(const DropoutParams& p) {
   using acc_t = acc_type<T>;
-  const uint64_t seed = static_cast<uint64_t>(p.rng_state[0]);
-  const uint64_t offset = static_cast<uint64_t>(p.rng_state[1]);
-  const uint32_t threshold = dropout_threshold(p.p);
-  const acc_t scale = static_cast<acc_t>(p.scale);
+  const MaskStream<acc_t> mask(p.rng_state, p.p, p.scale);
   const T* in0 = static_cast<const T*>(p.in0);
   const T* in1 = static_cast<const T*>(p.in1);
   T* out0 = static_cast<T*>(p.out0);
   T* out1 = static_cast<T*>(p.out1);
   const int64_t numel = p.numel;
-  const int64_t n_blocks = (numel + 7) / 8;
-  at::parallel_for(0, n_blocks, 4096, [&](int64_t begin, int64_t end) {
-    for (int64_t block = begin; block < end; ++block) {
-      const Philox4 words = philox4x32_10(static_cast<uint64_t>(block), offset, seed);
-      const int64_t e0 = block * 8;
-      const int lanes = static_cast<int>(std::min<int64_t>(8, numel - e0));
-      acc_t keep[8];
-      for (int lane = 0; lane < 8; ++lane) keep[lane] = philox_lane16(words, lane) >= threshold ? scale : acc_t(0);
-      for (int lane = 0; lane < lanes; ++lane) {
-        out0[e0 + lane] = static_cast<T>(static_cast<acc_t>(in0[e0 + lane]) * keep[lane]);
-      }
+  const int64_t n_groups = (numel + kPhiloxGroup - 1) / kPhiloxGroup;
+  at::parallel_for(0, n_groups, 64, [&](int64_t begin, int64_t end) {
+    acc_t keep[kPhiloxGroup];
+    for (int64_t group = begin; group < end; ++group) {
+      const int64_t e0 = group * kPhiloxGroup;
+      const int64_t n = std::min<int64_t>(kPhiloxGroup, numel - e0);
+      mask.row(e0, n, keep);
+      for (int64_t i = 0; i < n; ++i) out0[e0 + i] = static_cast<T>(static_cast<acc_t>(in0[e0 + i]) * keep[i]);
       if (in1 != nullptr) {
-        for (int lane = 0; lane < lanes; ++lane) {
-          out1[e0 + lane] = static_cast<T>(static_cast<acc_t>(in1[e0 + lane]) * keep[lane]);
-        }
+        for (int64_t i = 0; i < n; ++i) out1[e0 + i] = static_cast<T>(static_cast<acc_t>(in1[e0 + i]) * keep[i]);
       }
     }
   });
 }
 
+// A [r, in] in the accumulation type (a copy only when T is a 16-bit type).
+template <typename T, typename acc_t>
+const acc_t* as_acc(const T* src, int64_t n, std::vector<acc_t>& storage) {
+  if constexpr (std::is_same_v<T, acc_t>) {
+    return src;
+  } else {
+    storage.resize(n);
+    for (int64_t i = 0; i < n; ++i) storage[i] = static_cast<acc_t>(src[i]);
+    return storage.data();
+  }
+}
+
+constexpr int64_t kRowBlock = 4;  // rows sharing each pass over a row of A
+
+// xa[n, j] = Σ_k x[n, k]·mask[n, k]·scale·A[j, k]: each block of 4 rows is masked into a small
+// buffer, then every row of A is read once for the 4 dot products.
+template <typename T>
+void lora_shrink_dropout_kernel(const LoraShrinkParams& p) {
+  using acc_t = acc_type<T>;
+  const int64_t in = p.in_features, rank = p.rank, n_rows = p.n_rows;
+  const MaskStream<acc_t> mask(p.rng_state, p.p, p.scale);
+  std::vector<acc_t> a_storage;
+  const acc_t* A = as_acc(static_cast<const T*>(p.A), rank * in, a_storage);
+  const T* x = static_cast<const T*>(p.x);
+  T* xa = static_cast<T*>(p.xa);
+  at::parallel_for(0, (n_rows + kRowBlock - 1) / kRowBlock, 8, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> xd(kRowBlock * in);
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t n0 = blk * kRowBlock, rows = std::min<int64_t>(kRowBlock, n_rows - n0);
+      mask.row(n0 * in, rows * in, xd.data());
+      for (int64_t i = 0; i < rows * in; ++i) xd[i] *= static_cast<acc_t>(x[n0 * in + i]);
+      for (int64_t i = rows * in; i < kRowBlock * in; ++i) xd[i] = 0;
+      const acc_t *x0 = xd.data(), *x1 = x0 + in, *x2 = x1 + in, *x3 = x2 + in;
+      for (int64_t j = 0; j < rank; ++j) {
+        const acc_t* a = A + j * in;
+        acc_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+        for (int64_t k = 0; k < in; ++k) {
+          s0 += x0[k] * a[k];
+          s1 += x1[k] * a[k];
+          s2 += x2[k] * a[k];
+          s3 += x3[k] * a[k];
+        }
+        const acc_t s[kRowBlock] = {s0, s1, s2, s3};
+        for (int64_t i = 0; i < rows; ++i) xa[(n0 + i) * rank + j] = static_cast<T>(s[i]);
+      }
+    }
+  });
+}
+
+// With u = s·dy·B [N, r]:
+//   dx_lora[n, k] = mask[n, k]·scale·Σ_j u[n, j]·A[j, k]     (written to dx, which dy·W is added to later)
+//   dA[j, k]      = Σ_n u[n, j]·mask[n, k]·scale·x[n, k]
+// in one pass over x: the mask is drawn once per row and used for both. dA is reduced from per-thread
+// partial sums in a fixed order, so the result does not depend on scheduling.
+template <typename T>
+void lora_dropout_backward_kernel(const LoraDropoutBackwardParams& p) {
+  using acc_t = acc_type<T>;
+  const int64_t in = p.in_features, rank = p.rank, n_rows = p.n_rows;
+  const MaskStream<acc_t> mask(p.rng_state, p.p, p.scale);
+  std::vector<acc_t> a_storage;
+  const acc_t* A = p.dx != nullptr ? as_acc(static_cast<const T*>(p.A), rank * in, a_storage) : nullptr;
+  const T* x = static_cast<const T*>(p.x);
+  const T* u = static_cast<const T*>(p.u);
+  T* dx = static_cast<T*>(p.dx);
+  const int64_t n_parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n_rows / 16));
+  std::vector<std::vector<acc_t>> partial(p.dA != nullptr ? n_parts : 0);
+  at::parallel_for(0, n_parts, 1, [&](int64_t part_begin, int64_t part_end) {
+    std::vector<acc_t> keep(in), xd(in), t(in), uj(rank);
+    for (int64_t part = part_begin; part < part_end; ++part) {
+      acc_t* dA_part = nullptr;
+      if (p.dA != nullptr) {
+        partial[part].assign(rank * in, acc_t(0));
+        dA_part = partial[part].data();
+      }
+      const int64_t row_begin = n_rows * part / n_parts, row_end = n_rows * (part + 1) / n_parts;
+      for (int64_t n = row_begin; n < row_end; ++n) {
+        mask.row(n * in, in, keep.data());
+        for (int64_t j = 0; j < rank; ++j) uj[j] = static_cast<acc_t>(u[n * rank + j]);
+        if (dA_part != nullptr) {
+          const T* xr = x + n * in;
+          for (int64_t k = 0; k < in; ++k) xd[k] = static_cast<acc_t>(xr[k]) * keep[k];
+          for (int64_t j = 0; j < rank; ++j) {
+            acc_t* row = dA_part + j * in;
+            const acc_t w = uj[j];
+#pragma omp simd
+            for (int64_t k = 0; k < in; ++k) row[k] += w * xd[k];
+          }
+        }
+        if (dx != nullptr) {
+          std::fill(t.begin(), t.end(), acc_t(0));
+          for (int64_t j = 0; j < rank; ++j) {
+            const acc_t* a = A + j * in;
+            const acc_t w = uj[j];
+#pragma omp simd
+            for (int64_t k = 0; k < in; ++k) t[k] += w * a[k];
+          }
+          T* dxr = dx + n * in;
+          for (int64_t k = 0; k < in; ++k) dxr[k] = static_cast<T>(t[k] * keep[k]);
+        }
+      }
+    }
+  });
+  if (p.dA != nullptr) {
+    T* dA = static_cast<T*>(p.dA);
+    at::parallel_for(0, rank * in, 4096, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        acc_t s = 0;
+        for (int64_t part = 0; part < n_parts; ++part) s += partial[part][i];
+        dA[i] = static_cast<T>(s);
+      }
+    });
+  }
+}
+
+template <template <typename> class Kernel, typename Params>
+void dispatch_dtype(const Params& params) {
+  switch (params.dtype) {
+    case DType::Float64: return Kernel<double>::run(params);
+    case DType::Float32: return Kernel<float>::run(params);
+    case DType::BFloat16: return Kernel<at::BFloat16>::run(params);
+    case DType::Float16: return Kernel<at::Half>::run(params);
+  }
+}
+
+template <typename T>
+struct Dropout {
+  static void run(const DropoutParams& p) { dropout_apply_kernel<T>(p); }
+};
+template <typename T>
+struct Shrink {
+  static void run(const LoraShrinkParams& p) { lora_shrink_dropout_kernel<T>(p); }
+};
+template <typename T>
+struct DropoutBackward {
+  static void run(const LoraDropoutBackwardParams& p) { lora_dropout_backward_kernel<T>(p); }
+};
+
 struct CpuBackend {
-  static void dropout(const DropoutParams& params) { dropout_apply_cpu(params); }
+  static void dropout(const DropoutParams& params) { dispatch_dtype<Dropout>(params); }
+
   static at::Tensor shrink(const at::Tensor& x2, const at::Tensor& lora_A, double p, const int64_t* rng) {
     if (p == 0) return at::mm(x2, lora_A.t());
-    const at::Tensor xc = x2.contiguous();
-    at::Tensor xd = at::empty_like(xc);
-    dropout_apply_cpu({xc.const_data_ptr(), xd.mutable_data_ptr(), nullptr, nullptr, xc.numel(),
-                       static_cast<float>(p), 1.0 / (1.0 - p), rng, to_dtype(xc.scalar_type())});
-    return at::mm(xd, lora_A.t());
+    const at::Tensor xc = x2.contiguous(), Ac = lora_A.contiguous();
+    at::Tensor xa = at::empty({xc.size(0), Ac.size(0)}, xc.options());
+    dispatch_dtype<Shrink>(LoraShrinkParams{xc.const_data_ptr(), Ac.const_data_ptr(), xa.mutable_data_ptr(),
+                                            xc.size(0), xc.size(1), Ac.size(0), static_cast<float>(p),
+                                            1.0 / (1.0 - p), rng, to_dtype(xc.scalar_type())});
+    return xa;
+  }
+
+  static std::pair<at::Tensor, at::Tensor> dropout_grads(const at::Tensor& x2, const at::Tensor& u,
+                                                         const at::Tensor& lora_A, double p, const int64_t* rng,
+                                                         bool need_dx, bool need_dA) {
+    const at::Tensor xc = x2.contiguous(), uc = u.contiguous(), Ac = lora_A.contiguous();
+    at::Tensor dx = need_dx ? at::empty_like(xc) : at::Tensor();
+    at::Tensor dA = need_dA ? at::empty_like(Ac) : at::Tensor();
+    dispatch_dtype<DropoutBackward>(LoraDropoutBackwardParams{
+        xc.const_data_ptr(), uc.const_data_ptr(), Ac.const_data_ptr(), need_dx ? dx.mutable_data_ptr() : nullptr,
+        need_dA ? dA.mutable_data_ptr() : nullptr, xc.size(0), xc.size(1), Ac.size(0), static_cast<float>(p),
+        1.0 / (1.0 - p), rng, to_dtype(xc.scalar_type())});
+    return {dx, dA};
   }
 };
 
@@ -66,14 +232,7 @@ at::Tensor philox_dropout_cpu(const at::Tensor& x, double p, const at::Tensor& r
 
 }  // namespace
 
-void dropout_apply_cpu(const DropoutParams& params) {
-  switch (params.dtype) {
-    case DType::Float64: return dropout_apply_kernel<double>(params);
-    case DType::Float32: return dropout_apply_kernel<float>(params);
-    case DType::BFloat16: return dropout_apply_kernel<at::BFloat16>(params);
-    case DType::Float16: return dropout_apply_kernel<at::Half>(params);
-  }
-}
+void dropout_apply_cpu(const DropoutParams& params) { CpuBackend::dropout(params); }
 
 TORCH_LIBRARY_IMPL(pyfastpeft, CPU, m) {
   m.impl("lora_linear", &lora::forward<CpuBackend>);

@@ -40,6 +40,26 @@ struct CudaBackend {
     launch("lora_shrink", [&] { lora_shrink_cuda(params, current_stream()); });
     return xa;
   }
+
+  // drop'(u·A) and uᵀ·drop(x): the rank-r products on cuBLAS, the mask applied to both in one kernel.
+  static std::pair<at::Tensor, at::Tensor> dropout_grads(const at::Tensor& x2, const at::Tensor& u,
+                                                         const at::Tensor& lora_A, double p, const int64_t* rng,
+                                                         bool need_dx, bool need_dA) {
+    const at::Tensor xc = x2.contiguous();
+    at::Tensor dx = need_dx ? at::mm(u, lora_A) : at::Tensor();
+    at::Tensor xd = need_dA ? at::empty_like(xc) : at::Tensor();
+    const DropoutParams params{need_dA ? xc.const_data_ptr() : dx.const_data_ptr(),
+                               need_dA ? xd.mutable_data_ptr() : dx.mutable_data_ptr(),
+                               need_dA && need_dx ? dx.const_data_ptr() : nullptr,
+                               need_dA && need_dx ? dx.mutable_data_ptr() : nullptr,
+                               xc.numel(),
+                               static_cast<float>(p),
+                               1.0 / (1.0 - p),
+                               rng,
+                               to_dtype(xc.scalar_type())};
+    dropout(params);
+    return {dx, need_dA ? at::mm(u.t(), xd) : at::Tensor()};
+  }
 };
 
 std::tuple<at::Tensor, at::Tensor> lora_linear_cuda(const at::Tensor& x, const at::Tensor& weight,

@@ -3,6 +3,7 @@
 // in place, and the Philox dropout runs in our kernels. `Backend` supplies the device-specific pieces:
 //   static void dropout(const DropoutParams&);
 //   static at::Tensor shrink(const at::Tensor& x2, const at::Tensor& A, double p, const int64_t* rng);
+//   static std::pair<at::Tensor, at::Tensor> dropout_grads(x2, u, A, p, rng, need_dx, need_dA);
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
@@ -112,8 +113,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
 
   at::Tensor dB = none, dW = none, db = none, dA = none, dx = none;
   if (need_dB) {
-    dB = at::empty({out_features, rank}, x.options());
-    at::addmm_out(dB, dB, g2.t(), xa, 0, scaling);
+    // as (xaᵀ·dy)ᵀ: BLAS streams dy far faster with the long dimension as the reduction of a [r, N] row
+    at::Tensor dB_t = at::empty({rank, out_features}, x.options());
+    at::addmm_out(dB_t, dB_t, xa.t(), g2, 0, scaling);
+    dB = dB_t.t().contiguous();
   }
   if (need_db) db = g2.sum(0);
   if (need_dW) dW = at::mm(g2.t(), x2);
@@ -121,23 +124,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
 
   at::Tensor u = at::empty({n_rows, rank}, x.options());
   at::addmm_out(u, u, g2, lora_B, 0, scaling);
-  if (need_dx) dx = at::mm(u, lora_A);  // the LoRA part of dx, masked below when dropout is on
   if (dropout_p > 0) {
-    const at::Tensor x2c = x2.contiguous();
-    at::Tensor xd = need_dA ? at::empty_like(x2c) : at::Tensor();
-    DropoutParams params{need_dA ? x2c.const_data_ptr() : dx.const_data_ptr(),
-                         need_dA ? xd.mutable_data_ptr() : dx.mutable_data_ptr(),
-                         need_dA && need_dx ? dx.const_data_ptr() : nullptr,
-                         need_dA && need_dx ? dx.mutable_data_ptr() : nullptr,
-                         x2c.numel(),
-                         static_cast<float>(dropout_p),
-                         1.0 / (1.0 - dropout_p),
-                         rng_state->const_data_ptr<int64_t>(),
-                         to_dtype(x.scalar_type())};
-    Backend::dropout(params);  // one mask: drop(x) for dA and drop'(u·A) for dx, in one pass
-    if (need_dA) dA = at::mm(u.t(), xd);
-  } else if (need_dA) {
-    dA = at::mm(u.t(), x2);
+    // the LoRA part of dx, drop'(u·A), and dA = uᵀ·drop(x), with one regeneration of the mask
+    std::tie(dx, dA) = Backend::dropout_grads(x2, u, lora_A, dropout_p, rng_state->const_data_ptr<int64_t>(),
+                                              need_dx, need_dA);
+    if (!need_dx) dx = none;
+    if (!need_dA) dA = none;
+  } else {
+    if (need_dx) dx = at::mm(u, lora_A);
+    if (need_dA) dA = at::mm(u.t(), x2);
   }
   if (need_dx) {
     dx.addmm_(g2, weight);

@@ -1,0 +1,121 @@
+"""Fused LoRA linear: forward+backward time and saved activations against the frozen base linear,
+the eager composition PEFT uses, and Hugging Face PEFT's own LoRA layer (when installed).
+
+    python bench/bench_lora.py [--device cpu|cuda] [--dtype float32|bfloat16] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench._timing import print_table, saved_activation_bytes, time_interleaved, write_results  # noqa: E402
+from pyfastpeft.nn import LoRALinear  # noqa: E402
+
+
+class EagerLoRA(nn.Module):
+    """The composition Hugging Face PEFT runs: base(x) + lora_B(lora_A(dropout(x))) * scaling."""
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, p: float):
+        super().__init__()
+        self.base = base
+        self.lora_A = nn.Linear(base.in_features, r, bias=False, dtype=base.weight.dtype, device=base.weight.device)
+        self.lora_B = nn.Linear(r, base.out_features, bias=False, dtype=base.weight.dtype, device=base.weight.device)
+        self.dropout = nn.Dropout(p)
+        self.scaling = alpha / r
+
+    def forward(self, x):
+        return self.base(x) + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
+
+
+def hf_peft_layer(base: nn.Linear, r: int, alpha: float, p: float):
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        return None
+    wrapper = nn.Sequential()
+    wrapper.add_module("proj", base)
+    model = get_peft_model(wrapper, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=p, target_modules=["proj"]))
+    return model
+
+
+def bench(device: str, dtype: torch.dtype, n: int, d_in: int, d_out: int, r: int, p: float, rounds: int):
+    torch.manual_seed(0)
+    base = nn.Linear(d_in, d_out, device=device, dtype=dtype)
+    base.requires_grad_(False)
+    x = torch.randn(n, d_in, device=device, dtype=dtype, requires_grad=True)
+    dy = torch.randn(n, d_out, device=device, dtype=dtype)
+    layers = {
+        "base linear (frozen)": base,
+        "eager composition": EagerLoRA(copy.deepcopy(base), r, 2.0 * r, p).to(device),
+        "pyfastpeft LoRALinear": LoRALinear(copy.deepcopy(base), r=r, alpha=2.0 * r, dropout=p),
+    }
+    peft_layer = hf_peft_layer(copy.deepcopy(base), r, 2.0 * r, p)
+    if peft_layer is not None:
+        layers["HF PEFT lora.Linear"] = peft_layer.to(device)
+    for layer in layers.values():
+        layer.train()
+
+    def step(layer):
+        def run():
+            x.grad = None
+            for prm in layer.parameters():
+                prm.grad = None
+            layer(x).backward(dy)
+
+        return run
+
+    times = time_interleaved({k: step(v) for k, v in layers.items()}, device=device, rounds=rounds)
+    params = tuple(prm for layer in layers.values() for prm in layer.parameters())
+    rows = []
+    for name, layer in layers.items():
+        saved = saved_activation_bytes(lambda layer=layer: layer(x), exclude=params)
+        rows.append(
+            {
+                "layer": name,
+                "dropout": p,
+                "ms": times[name],
+                "x_base": times[name] / times["base linear (frozen)"],
+                "saved_MiB": saved / 2**20,
+                "saved_elems_beyond_x": (saved - x.numel() * x.element_size()) / x.element_size(),
+            }
+        )
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default=None, help="default: float32 on cpu, bfloat16 on cuda")
+    ap.add_argument("--quick", action="store_true", help="small sizes, few rounds (smoke test)")
+    ap.add_argument("--rounds", type=int, default=None)
+    args = ap.parse_args()
+    dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
+    if args.quick:
+        n, d, rounds = 256, 256, 5
+    elif args.device.startswith("cuda"):
+        n, d, rounds = 8192, 4096, 50
+    else:
+        n, d, rounds = 2048, 1024, 30
+    rounds = args.rounds or rounds
+    r = 16
+    rows = []
+    for p in (0.0, 0.1):
+        rows += bench(args.device, dtype, n, d, d, r, p, rounds)
+    print(f"LoRA linear forward+backward, {args.device} {dtype}, N={n}, in=out={d}, r={r}, median of {rounds} rounds")
+    print_table(rows, ["layer", "dropout", "ms", "x_base", "saved_MiB", "saved_elems_beyond_x"])
+    if not args.quick:
+        name = f"lora_{args.device}_{str(dtype).split('.')[-1]}"
+        path = write_results(name, rows, "python bench/bench_lora.py " + " ".join(sys.argv[1:]),
+                             {"N": n, "in": d, "out": d, "r": r, "dtype": str(dtype)})
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
