@@ -5,6 +5,8 @@
 // each row's mask is drawn into a cache-resident buffer and consumed there.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/mm.h>
 #include <torch/library.h>
 
 #include <vector>
@@ -70,94 +72,91 @@ const acc_t* as_acc(const T* src, int64_t n, std::vector<acc_t>& storage) {
   }
 }
 
-constexpr int64_t kRowBlock = 4;  // rows sharing each pass over a row of A
+// Rows per block of the fused dropout kernels: a block's masked input (kRowBlock × in, in the
+// accumulation type) stays in L2 while MKL multiplies it, so drop(x) never goes to memory.
+constexpr int64_t kRowBlock = 64;
 
-// xa[n, j] = Σ_k x[n, k]·mask[n, k]·scale·A[j, k]: each block of 4 rows is masked into a small
-// buffer, then every row of A is read once for the 4 dot products.
+template <typename acc_t>
+at::Tensor wrap(acc_t* data, at::IntArrayRef sizes) {
+  return at::from_blob(data, sizes, at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value));
+}
+
+// Splits [0, n_rows) into one contiguous part per thread; fn(part, row_begin, row_end).
+template <class F>
+void for_each_part(int64_t n_rows, int64_t n_parts, F&& fn) {
+  at::parallel_for(0, n_parts, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t part = begin; part < end; ++part) fn(part, n_rows * part / n_parts, n_rows * (part + 1) / n_parts);
+  });
+}
+
+inline int64_t num_parts(int64_t n_rows) {
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (n_rows + kRowBlock - 1) / kRowBlock));
+}
+
+// xa = drop(x)·Aᵀ: each block of rows is masked into a cache-resident buffer and multiplied there.
 template <typename T>
 void lora_shrink_dropout_kernel(const LoraShrinkParams& p) {
   using acc_t = acc_type<T>;
   const int64_t in = p.in_features, rank = p.rank, n_rows = p.n_rows;
   const MaskStream<acc_t> mask(p.rng_state, p.p, p.scale);
   std::vector<acc_t> a_storage;
-  const acc_t* A = as_acc(static_cast<const T*>(p.A), rank * in, a_storage);
+  const at::Tensor A_t = wrap(const_cast<acc_t*>(as_acc(static_cast<const T*>(p.A), rank * in, a_storage)),
+                              {rank, in}).t();
   const T* x = static_cast<const T*>(p.x);
   T* xa = static_cast<T*>(p.xa);
-  at::parallel_for(0, (n_rows + kRowBlock - 1) / kRowBlock, 8, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> xd(kRowBlock * in);
-    for (int64_t blk = begin; blk < end; ++blk) {
-      const int64_t n0 = blk * kRowBlock, rows = std::min<int64_t>(kRowBlock, n_rows - n0);
+  for_each_part(n_rows, num_parts(n_rows), [&](int64_t, int64_t row_begin, int64_t row_end) {
+    std::vector<acc_t> xd(kRowBlock * in), out(kRowBlock * rank);
+    for (int64_t n0 = row_begin; n0 < row_end; n0 += kRowBlock) {
+      const int64_t rows = std::min<int64_t>(kRowBlock, row_end - n0);
       mask.row(n0 * in, rows * in, xd.data());
-      for (int64_t i = 0; i < rows * in; ++i) xd[i] *= static_cast<acc_t>(x[n0 * in + i]);
-      for (int64_t i = rows * in; i < kRowBlock * in; ++i) xd[i] = 0;
-      const acc_t *x0 = xd.data(), *x1 = x0 + in, *x2 = x1 + in, *x3 = x2 + in;
-      for (int64_t j = 0; j < rank; ++j) {
-        const acc_t* a = A + j * in;
-        acc_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-#pragma omp simd reduction(+ : s0, s1, s2, s3)
-        for (int64_t k = 0; k < in; ++k) {
-          s0 += x0[k] * a[k];
-          s1 += x1[k] * a[k];
-          s2 += x2[k] * a[k];
-          s3 += x3[k] * a[k];
-        }
-        const acc_t s[kRowBlock] = {s0, s1, s2, s3};
-        for (int64_t i = 0; i < rows; ++i) xa[(n0 + i) * rank + j] = static_cast<T>(s[i]);
-      }
+      const T* xb = x + n0 * in;
+      for (int64_t i = 0; i < rows * in; ++i) xd[i] *= static_cast<acc_t>(xb[i]);
+      at::Tensor out_t = wrap(out.data(), {rows, rank});
+      at::mm_out(out_t, wrap(xd.data(), {rows, in}), A_t);
+      for (int64_t i = 0; i < rows * rank; ++i) xa[n0 * rank + i] = static_cast<T>(out[i]);
     }
   });
 }
 
 // With u = s·dy·B [N, r]:
-//   dx_lora[n, k] = mask[n, k]·scale·Σ_j u[n, j]·A[j, k]     (written to dx, which dy·W is added to later)
-//   dA[j, k]      = Σ_n u[n, j]·mask[n, k]·scale·x[n, k]
-// in one pass over x: the mask is drawn once per row and used for both. dA is reduced from per-thread
-// partial sums in a fixed order, so the result does not depend on scheduling.
+//   dx_lora = mask·scale ⊙ (u·A)        (written to dx, which dy·W is then added to)
+//   dA      = uᵀ·(mask·scale ⊙ x)
+// Block by block: the mask is drawn once, both products run on cache-resident blocks, and dA is
+// reduced from per-thread partial sums in a fixed order (independent of scheduling).
 template <typename T>
 void lora_dropout_backward_kernel(const LoraDropoutBackwardParams& p) {
   using acc_t = acc_type<T>;
   const int64_t in = p.in_features, rank = p.rank, n_rows = p.n_rows;
   const MaskStream<acc_t> mask(p.rng_state, p.p, p.scale);
   std::vector<acc_t> a_storage;
-  const acc_t* A = p.dx != nullptr ? as_acc(static_cast<const T*>(p.A), rank * in, a_storage) : nullptr;
+  const at::Tensor A = wrap(const_cast<acc_t*>(as_acc(static_cast<const T*>(p.A), rank * in, a_storage)), {rank, in});
   const T* x = static_cast<const T*>(p.x);
   const T* u = static_cast<const T*>(p.u);
   T* dx = static_cast<T*>(p.dx);
-  const int64_t n_parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n_rows / 16));
+  const int64_t n_parts = num_parts(n_rows);
   std::vector<std::vector<acc_t>> partial(p.dA != nullptr ? n_parts : 0);
-  at::parallel_for(0, n_parts, 1, [&](int64_t part_begin, int64_t part_end) {
-    std::vector<acc_t> keep(in), xd(in), t(in), uj(rank);
-    for (int64_t part = part_begin; part < part_end; ++part) {
-      acc_t* dA_part = nullptr;
+  for_each_part(n_rows, n_parts, [&](int64_t part, int64_t row_begin, int64_t row_end) {
+    std::vector<acc_t> keep(kRowBlock * in), buf(kRowBlock * in), ub(kRowBlock * rank);
+    at::Tensor dA_part;
+    if (p.dA != nullptr) {
+      partial[part].assign(rank * in, acc_t(0));
+      dA_part = wrap(partial[part].data(), {rank, in});
+    }
+    for (int64_t n0 = row_begin; n0 < row_end; n0 += kRowBlock) {
+      const int64_t rows = std::min<int64_t>(kRowBlock, row_end - n0);
+      mask.row(n0 * in, rows * in, keep.data());
+      for (int64_t i = 0; i < rows * rank; ++i) ub[i] = static_cast<acc_t>(u[n0 * rank + i]);
+      const at::Tensor u_blk = wrap(ub.data(), {rows, rank});
+      const at::Tensor buf_blk = wrap(buf.data(), {rows, in});
       if (p.dA != nullptr) {
-        partial[part].assign(rank * in, acc_t(0));
-        dA_part = partial[part].data();
+        const T* xb = x + n0 * in;
+        for (int64_t i = 0; i < rows * in; ++i) buf[i] = static_cast<acc_t>(xb[i]) * keep[i];
+        dA_part.addmm_(u_blk.t(), buf_blk);
       }
-      const int64_t row_begin = n_rows * part / n_parts, row_end = n_rows * (part + 1) / n_parts;
-      for (int64_t n = row_begin; n < row_end; ++n) {
-        mask.row(n * in, in, keep.data());
-        for (int64_t j = 0; j < rank; ++j) uj[j] = static_cast<acc_t>(u[n * rank + j]);
-        if (dA_part != nullptr) {
-          const T* xr = x + n * in;
-          for (int64_t k = 0; k < in; ++k) xd[k] = static_cast<acc_t>(xr[k]) * keep[k];
-          for (int64_t j = 0; j < rank; ++j) {
-            acc_t* row = dA_part + j * in;
-            const acc_t w = uj[j];
-#pragma omp simd
-            for (int64_t k = 0; k < in; ++k) row[k] += w * xd[k];
-          }
-        }
-        if (dx != nullptr) {
-          std::fill(t.begin(), t.end(), acc_t(0));
-          for (int64_t j = 0; j < rank; ++j) {
-            const acc_t* a = A + j * in;
-            const acc_t w = uj[j];
-#pragma omp simd
-            for (int64_t k = 0; k < in; ++k) t[k] += w * a[k];
-          }
-          T* dxr = dx + n * in;
-          for (int64_t k = 0; k < in; ++k) dxr[k] = static_cast<T>(t[k] * keep[k]);
-        }
+      if (dx != nullptr) {
+        at::mm_out(const_cast<at::Tensor&>(buf_blk), u_blk, A);
+        T* dxb = dx + n0 * in;
+        for (int64_t i = 0; i < rows * in; ++i) dxb[i] = static_cast<T>(buf[i] * keep[i]);
       }
     }
   });
