@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(os.environ.get("PYFASTPEFT_BENCH_RESULTS", Path(__file__).resolve().parent / "results"))
 
 
 def _sync(device: str) -> None:

@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: build with CUDA, run the whole test suite (CUDA tests included),
-# compute-sanitizer on the CUDA tests, and every benchmark on the GPU. Logs and JSON go to $OUT
-# (default bench/results/gpu) so they can be committed with the command that produced them.
+# compute-sanitizer on the CUDA tests, and every benchmark on the GPU. Logs and benchmark JSON go to
+# bench/results/gpu/ (committed with the command that produced them); when $OUT is set (a remote GPU
+# machine), they are also packed into $OUT/gpu_results.tar.gz.
 #   bash scripts/gpu.sh [--no-sanitizer] [--no-bench]
 set -uo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
-OUT=${OUT:-$ROOT/bench/results/gpu}
+RESULTS_TAR=${OUT:-}
+OUT=$ROOT/bench/results/gpu
 mkdir -p "$OUT"
+export PYFASTPEFT_BENCH_RESULTS=$OUT
+trap '[ -n "$RESULTS_TAR" ] && tar czf "$RESULTS_TAR/gpu_results.tar.gz" -C "$OUT" .' EXIT
 PY=${PYTHON:-python3}
 sanitize=1
 bench=1
