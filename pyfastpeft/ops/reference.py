@@ -14,3 +14,37 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling=1.0, dropout_mask=None,
     y = torch.nn.functional.linear(x, weight, bias)
     xd = x if dropout_mask is None else x * dropout_mask / (1.0 - dropout_p)
     return y + (xd @ lora_A.t() @ lora_B.t()) * scaling
+
+
+def philox4x32_10(counter_lo, counter_hi: int, key: int):
+    """Philox4x32-10 on numpy arrays of 64-bit counters (the spec csrc/include/pyfastpeft/philox.h
+    implements); returns the four 32-bit words as uint64 arrays."""
+    import numpy as np
+
+    m32 = np.uint64(0xFFFFFFFF)
+    ctr = np.asarray(counter_lo, dtype=np.uint64)
+    c0, c1 = ctr & m32, ctr >> np.uint64(32)
+    c2 = np.full_like(c0, counter_hi & 0xFFFFFFFF)
+    c3 = np.full_like(c0, (counter_hi >> 32) & 0xFFFFFFFF)
+    k0, k1 = key & 0xFFFFFFFF, (key >> 32) & 0xFFFFFFFF
+    for _ in range(10):
+        p0 = np.uint64(0xD2511F53) * c0
+        p1 = np.uint64(0xCD9E8D57) * c2
+        c0, c1, c2, c3 = (p1 >> np.uint64(32)) ^ c1 ^ np.uint64(k0), p1 & m32, (p0 >> np.uint64(32)) ^ c3 ^ np.uint64(k1), p0 & m32
+        k0 = (k0 + 0x9E3779B9) & 0xFFFFFFFF
+        k1 = (k1 + 0xBB67AE85) & 0xFFFFFFFF
+    return c0, c1, c2, c3
+
+
+def philox_keep_mask(numel: int, p: float, seed: int, offset: int = 0) -> torch.Tensor:
+    """The keep mask (bool, flat) every pyfastpeft dropout draws for ``numel`` elements."""
+    import numpy as np
+
+    e = np.arange(numel, dtype=np.int64)
+    block = (e // 128) * 16 + e % 16
+    lane = (e % 128) // 16
+    words = np.stack(philox4x32_10(block.astype(np.uint64), offset, seed))
+    word = words[lane // 2, np.arange(numel)]
+    u16 = (word >> (16 * (lane % 2)).astype(np.uint64)) & np.uint64(0xFFFF)
+    threshold = min(int(p * 65536.0 + 0.5), 65535)
+    return torch.from_numpy(u16 >= threshold)

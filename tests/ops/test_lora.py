@@ -179,6 +179,13 @@ class TestDropout:
         torch.manual_seed(0)
         assert torch.equal(a, f(None))
 
+    @pytest.mark.parametrize("numel", [1, 127, 128, 1000, 4099])
+    def test_mask_matches_the_philox_spec(self, device, numel):
+        ones = torch.ones(numel, device=device)
+        for p, seed in ((0.1, 0), (0.5, 2**40 + 7), (0.93, 123456789)):
+            ours = pyfastpeft.ops.philox_dropout(ones, p, seed=seed).cpu() != 0
+            assert torch.equal(ours, reference.philox_keep_mask(numel, p, seed)), (p, seed)
+
     def test_mask_depends_only_on_element_index(self):
         """The mask of element i is a function of (seed, offset, i): a prefix of a longer tensor
         gets the prefix of its mask (what makes CPU and CUDA agree, and backward reproduce forward)."""

@@ -1,11 +1,14 @@
 // Counter-based Philox4x32-10 random numbers, bit-identical on the CPU and in CUDA kernels.
 //
-// A dropout mask element is a pure function of (seed, offset, element index):
-//   block = e >> 3, lane = e & 7
+// A dropout mask element is a pure function of (seed, offset, element index e):
+//   group = e / 128, i = e % 128                 (a group is 16 Philox blocks of 8 draws)
+//   block = 16·group + i % 16, lane = i / 16
 //   words = philox4x32_10(counter = (block, offset), key = seed)
-//   u16   = 16-bit lane `lane` of words (little end first)
+//   u16   = 16-bit lane `lane` of words (low half of word 0 first)
 //   keep  = u16 >= round(p * 65536)
-// so a backward pass regenerates the forward's mask instead of saving it, on either device.
+// so a backward pass regenerates the forward's mask instead of saving it, on either device. Lanes are
+// interleaved across the 16 blocks of a group so that the CPU turns 16 vectorised Philox results into
+// 16 consecutive mask elements, and 16 consecutive CUDA threads write 16 consecutive elements.
 #pragma once
 #include <cstdint>
 
@@ -51,10 +54,19 @@ PFP_HOST_DEVICE uint32_t philox_lane16(const Philox4& words, int lane) {
   return (words.v[lane >> 1] >> ((lane & 1) * 16)) & 0xFFFFu;
 }
 
+constexpr int64_t kDropoutGroup = 128;       // mask elements per group
+constexpr int64_t kDropoutGroupBlocks = 16;  // Philox blocks per group
+
+// The Philox block and 16-bit lane that decide element `index`.
+PFP_HOST_DEVICE uint64_t dropout_block(int64_t index) {
+  return static_cast<uint64_t>(index / kDropoutGroup) * kDropoutGroupBlocks + static_cast<uint64_t>(index % 16);
+}
+PFP_HOST_DEVICE int dropout_lane(int64_t index) { return static_cast<int>((index % kDropoutGroup) / 16); }
+
 // True when element `index` of the stream keyed by (seed, offset) is kept.
 PFP_HOST_DEVICE bool dropout_keep(uint64_t seed, uint64_t offset, int64_t index, uint32_t threshold) {
-  const Philox4 words = philox4x32_10(static_cast<uint64_t>(index) >> 3, offset, seed);
-  return philox_lane16(words, static_cast<int>(index & 7)) >= threshold;
+  const Philox4 words = philox4x32_10(dropout_block(index), offset, seed);
+  return philox_lane16(words, dropout_lane(index)) >= threshold;
 }
 
 }  // namespace pyfastpeft

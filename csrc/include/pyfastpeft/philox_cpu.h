@@ -67,7 +67,8 @@ inline void philox_batch(uint64_t first_block, uint64_t offset, uint64_t seed, u
 }
 #endif
 
-constexpr int64_t kPhiloxGroup = kBatch * 8;  // elements per philox_batch() call
+static_assert(kBatch == kDropoutGroupBlocks, "one philox_batch() call draws one dropout group");
+constexpr int64_t kPhiloxGroup = kDropoutGroup;  // elements per philox_batch() call
 
 // keep[i] = scale if flat element e0 + i of the stream (seed, offset) is kept, else 0, for i < n.
 template <typename acc_t>
@@ -75,16 +76,23 @@ void dropout_scale_range(int64_t e0, int64_t n, uint64_t seed, uint64_t offset, 
                          acc_t* keep) {
   if (n <= 0) return;
   uint32_t words[4][kBatch];
+  acc_t group_keep[kPhiloxGroup];
   const int64_t first = e0 / kPhiloxGroup, last = (e0 + n - 1) / kPhiloxGroup;
   for (int64_t group = first; group <= last; ++group) {
     philox_batch(static_cast<uint64_t>(group) * kBatch, offset, seed, words);
     const int64_t g0 = group * kPhiloxGroup;
     const int64_t lo = std::max<int64_t>(g0, e0), hi = std::min<int64_t>(g0 + kPhiloxGroup, e0 + n);
-    for (int64_t e = lo; e < hi; ++e) {
-      const int64_t i = e - g0;  // element i of the group: block i / 8, 16-bit lane i % 8
-      const int lane = static_cast<int>(i & 7);
-      const uint32_t u16 = (words[lane >> 1][i >> 3] >> ((lane & 1) * 16)) & 0xFFFFu;
-      keep[e - e0] = u16 >= threshold ? scale : acc_t(0);
+    // element 16·lane + b of the group is 16-bit lane `lane` of block b (see philox.h)
+    acc_t* out = (lo == g0 && hi == g0 + kPhiloxGroup) ? keep + (g0 - e0) : group_keep;
+    for (int lane = 0; lane < 8; ++lane) {
+      const uint32_t* w = words[lane >> 1];
+      const int shift = (lane & 1) * 16;
+      for (int b = 0; b < kBatch; ++b) {
+        out[lane * 16 + b] = ((w[b] >> shift) & 0xFFFFu) >= threshold ? scale : acc_t(0);
+      }
+    }
+    if (out == group_keep) {
+      for (int64_t e = lo; e < hi; ++e) keep[e - e0] = group_keep[e - g0];
     }
   }
 }
