@@ -73,7 +73,9 @@ def bench(device: str, dtype: torch.dtype, n: int, d_in: int, d_out: int, r: int
 
     times = time_interleaved({k: step(v) for k, v in layers.items()}, device=device, rounds=rounds)
     params = tuple(prm for layer in layers.values() for prm in layer.parameters())
-    saved = {name: saved_activation_bytes(lambda layer=layer: layer(x), exclude=params) for name, layer in layers.items()}
+    saved = {
+        name: saved_activation_bytes(lambda layer=layer: layer(x), exclude=params) for name, layer in layers.items()
+    }
     # the budget: what the base saves, plus x, plus N·r elements, plus the 16-byte [seed, offset]
     budget = saved["base linear (frozen)"] + x.numel() * x.element_size() + n * r * x.element_size() + 16
     return [
@@ -112,8 +114,12 @@ def main() -> None:
     print_table(rows, ["layer", "dropout", "ms", "x_base", "saved_MiB", "saved_within_base+x+N*r"])
     if not args.quick:
         name = f"lora_{args.device}_{str(dtype).split('.')[-1]}"
-        path = write_results(name, rows, "python bench/bench_lora.py " + " ".join(sys.argv[1:]),
-                             {"N": n, "in": d, "out": d, "r": r, "dtype": str(dtype)})
+        path = write_results(
+            name,
+            rows,
+            "python bench/bench_lora.py " + " ".join(sys.argv[1:]),
+            {"N": n, "in": d, "out": d, "r": r, "dtype": str(dtype)},
+        )
         print(f"wrote {path}")
 
 

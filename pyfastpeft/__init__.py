@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch  # noqa: F401  (must be imported before the extension)
 
+from . import nn, ops  # noqa: E402
 from ._extension import build_info, cuda_available
-from . import ops, nn  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -40,27 +40,43 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     gen = torch.Generator().manual_seed(args.seed)
     cfg = TinyLlamaConfig()
     model = TinyLlamaForCausalLM(cfg)
-    print(f"built-in model: TinyLlama, {model.num_parameters():,} parameters, {cfg.num_hidden_layers} layers, "
-          f"hidden {cfg.hidden_size}")
+    print(
+        f"built-in model: TinyLlama, {model.num_parameters():,} parameters, {cfg.num_hidden_layers} layers, "
+        f"hidden {cfg.hidden_size}"
+    )
     if args.pretrain_steps:
         print(f"pretraining on the built-in '{args.pretrain_task}' task ({args.pretrain_steps} steps, full model)")
-        _train(model, args.pretrain_task, args.pretrain_steps, args.batch_size, args.length, 3e-3, gen,
-               max(1, args.pretrain_steps // 4), "pretrain")
+        _train(
+            model,
+            args.pretrain_task,
+            args.pretrain_steps,
+            args.batch_size,
+            args.length,
+            3e-3,
+            gen,
+            max(1, args.pretrain_steps // 4),
+            "pretrain",
+        )
     eval_batch = make_batch(args.task, 256, args.length, cfg.vocab_size, torch.Generator().manual_seed(args.seed + 1))
     model.eval()
     before = answer_accuracy(model, eval_batch)
     adapted = inject_lora(model, LLAMA_TARGETS, r=args.r, alpha=args.alpha, dropout=args.dropout)
     trainable, total = trainable_parameters(model)
-    print(f"LoRA r={args.r} alpha={args.alpha} dropout={args.dropout} on {len(adapted)} linear layers: "
-          f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
+    print(
+        f"LoRA r={args.r} alpha={args.alpha} dropout={args.dropout} on {len(adapted)} linear layers: "
+        f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}"
+    )
     model.train()
-    losses = _train(model, args.task, args.steps, args.batch_size, args.length, args.lr, gen,
-                    max(1, args.steps // 10), "finetune")
+    losses = _train(
+        model, args.task, args.steps, args.batch_size, args.length, args.lr, gen, max(1, args.steps // 10), "finetune"
+    )
     model.eval()
     after = answer_accuracy(model, eval_batch)
     print(f"loss: {losses[0]:.4f} -> {min(losses[-5:]):.4f}")
-    print(f"'{args.task}' answer token accuracy: {before[0]:.3f} -> {after[0]:.3f}; "
-          f"exact match: {before[1]:.3f} -> {after[1]:.3f}")
+    print(
+        f"'{args.task}' answer token accuracy: {before[0]:.3f} -> {after[0]:.3f}; "
+        f"exact match: {before[1]:.3f} -> {after[1]:.3f}"
+    )
     return 0
 
 

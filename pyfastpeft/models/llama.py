@@ -165,7 +165,9 @@ class TinyLlamaForCausalLM(nn.Module):
         x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         b, t, _ = x.shape
         if t > self.config.max_position_embeddings:
-            raise ValueError(f"sequence length {t} exceeds max_position_embeddings ({self.config.max_position_embeddings})")
+            raise ValueError(
+                f"sequence length {t} exceeds max_position_embeddings ({self.config.max_position_embeddings})"
+            )
         positions = torch.arange(t, device=x.device).expand(b, t)
         attn_mask = None
         if attention_mask is not None:
@@ -186,4 +188,3 @@ class TinyLlamaForCausalLM(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
-

@@ -24,7 +24,9 @@ class LoRALinear(nn.Module):
     layer starts equal to the base layer.
     """
 
-    def __init__(self, base_layer: nn.Linear, r: int = 8, alpha: float = 8.0, dropout: float = 0.0, rslora: bool = False):
+    def __init__(
+        self, base_layer: nn.Linear, r: int = 8, alpha: float = 8.0, dropout: float = 0.0, rslora: bool = False
+    ):
         super().__init__()
         if not isinstance(base_layer, nn.Linear):
             raise ValueError(f"base_layer: expected an nn.Linear, got {type(base_layer).__name__}")

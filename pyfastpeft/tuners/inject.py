@@ -17,7 +17,11 @@ def _matches(name: str, targets: list[str] | str) -> bool:
 
 
 def inject_lora(
-    model: nn.Module, target_modules: list[str] | str, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
+    model: nn.Module,
+    target_modules: list[str] | str,
+    r: int = 8,
+    alpha: float = 16.0,
+    dropout: float = 0.0,
     rslora: bool = False,
 ) -> list[str]:
     """Freeze ``model`` and wrap every ``nn.Linear`` whose name matches ``target_modules`` (a list of

@@ -66,7 +66,7 @@ def check_against_reference(inputs, scaling, dtype, mask=None, p=0.0, seed=None,
         clone_as(inputs, dtype, inputs["x"].device),
     )
     names = ["y"] + [k for k, v in inputs.items() if v is not None and v.requires_grad]
-    for name, o, r64, lp in zip(names, ours, ref64, lowp):
+    for name, o, r64, lp in zip(names, ours, ref64, lowp, strict=True):
         assert o.shape == r64.shape, name
         assert o.dtype == dtype, name
         err, bound = low_precision_error_bound(o.cpu(), lp.cpu(), r64, factor)
@@ -147,8 +147,18 @@ def test_opcheck(device):
     torch.library.opcheck(torch.ops.pyfastpeft.lora_linear, args)
     torch.library.opcheck(torch.ops.pyfastpeft.lora_linear, args[:6] + (0.0, None))
     y, xa = torch.ops.pyfastpeft.lora_linear(*args)
-    bwd_args = (torch.randn_like(y), inputs["x"].detach(), inputs["weight"].detach(), inputs["lora_A"].detach(),
-                inputs["lora_B"].detach(), xa, 0.5, 0.2, rng, [True, False, True, True, True])
+    bwd_args = (
+        torch.randn_like(y),
+        inputs["x"].detach(),
+        inputs["weight"].detach(),
+        inputs["lora_A"].detach(),
+        inputs["lora_B"].detach(),
+        xa,
+        0.5,
+        0.2,
+        rng,
+        [True, False, True, True, True],
+    )
     torch.library.opcheck(torch.ops.pyfastpeft.lora_linear_backward, bwd_args)
     torch.library.opcheck(torch.ops.pyfastpeft.philox_dropout, (inputs["x"].detach(), 0.3, rng))
 
@@ -205,7 +215,7 @@ class TestDropout:
             lambda **kw: pyfastpeft.ops.lora_linear(**kw, scaling=1.0, dropout_p=0.3, seed=8),
             clone_as(inputs, torch.float32, "cuda"),
         )
-        for a, b in zip(ours_cpu, ours_gpu):
+        for a, b in zip(ours_cpu, ours_gpu, strict=True):
             torch.testing.assert_close(a, b.cpu(), rtol=1e-4, atol=1e-4)
 
 
@@ -250,5 +260,9 @@ class TestBadInput:
     @requires_cuda
     def test_device_mismatch(self):
         with pytest.raises(ValueError, match=r"lora_A: expected device cuda"):
-            self.call(x=self.inputs["x"].cuda(), weight=self.inputs["weight"].cuda(), bias=None,
-                      lora_B=self.inputs["lora_B"].cuda())
+            self.call(
+                x=self.inputs["x"].cuda(),
+                weight=self.inputs["weight"].cuda(),
+                bias=None,
+                lora_B=self.inputs["lora_B"].cuda(),
+            )
