@@ -18,4 +18,16 @@ TORCH_LIBRARY(pyfastpeft, m) {
         pt2);
   // x ⊙ mask / (1 - p) with the Philox mask every pyfastpeft dropout uses (see philox.h).
   m.def("philox_dropout(Tensor x, float p, Tensor rng_state) -> Tensor", pt2);
+
+  // ---- optim: multi-tensor AdamW and gradient norm (csrc/ops/optim) ----
+  // One AdamW step over a list of tensors of one device and dtype, in place; each steps[i] (float32
+  // scalar) is incremented first. Optional lists (max_exp_avg_sqs: amsgrad, masters: float32 master
+  // weights, anchors: L2-SP reference θ₀) are empty or one per parameter. lr is a float64 scalar and
+  // grad_scale a float32 scalar on the parameters' device, so a step can be captured in a CUDA graph.
+  m.def("fused_adamw_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+        "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] masters, Tensor[] anchors, Tensor(f!)[] steps, Tensor lr, "
+        "Tensor? grad_scale, float beta1, float beta2, float eps, float weight_decay, float l2sp, bool maximize) -> ()",
+        pt2);
+  // sqrt(Σ x²) over every element of every tensor, as a float32 scalar on their device.
+  m.def("multi_tensor_l2_norm(Tensor[] tensors) -> Tensor", pt2);
 }
