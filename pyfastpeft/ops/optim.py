@@ -49,6 +49,8 @@ def fused_adamw_(
     a float32 scalar, both on the parameters' device. ``masters`` (float32 copies of bfloat16/float16
     parameters) carry the update when given; the parameters then receive their rounded values.
     """
+    if not params:
+        return
     _OP.fused_adamw_(
         list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(max_exp_avg_sqs), list(masters),
         list(anchors), list(steps), lr, grad_scale, float(beta1), float(beta2), float(eps), float(weight_decay),
@@ -58,4 +60,7 @@ def fused_adamw_(
 
 def multi_tensor_l2_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """``sqrt(Σ x²)`` over all elements of all tensors (one device, one dtype), a float32 scalar."""
-    return _OP.multi_tensor_l2_norm(list(tensors))
+    tensors = list(tensors)
+    if not tensors:  # the dispatcher needs a tensor to pick a device
+        raise ValueError("tensors: expected at least one tensor")
+    return _OP.multi_tensor_l2_norm(tensors)
