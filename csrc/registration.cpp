@@ -30,4 +30,14 @@ TORCH_LIBRARY(pyfastpeft, m) {
         pt2);
   // sqrt(Σ x²) over every element of every tensor, as a float32 scalar on their device.
   m.def("multi_tensor_l2_norm(Tensor[] tensors) -> Tensor", pt2);
+
+  // ---- sparse: W = W₀ + Δ with Δ non-zero at k sorted flat indices (csrc/ops/sparse) ----
+  // dΔ_j = Σ_n grad_y[n, idx_j / in]·x[n, idx_j mod in]: the weight gradient at the k indices only.
+  m.def("sampled_weight_grad(Tensor grad_y, Tensor x, Tensor indices, int in_features) -> Tensor", pt2);
+  // y = x·(W₀ + Δ)ᵀ + b.
+  m.def("sparse_delta_linear(Tensor x, Tensor weight, Tensor? bias, Tensor delta, Tensor indices) -> Tensor", pt2);
+  // Returns (dx, dbias, ddelta); entries whose output_mask is false are empty tensors. W₀ gets no gradient.
+  m.def("sparse_delta_linear_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor delta, Tensor indices, "
+        "bool[3] output_mask) -> (Tensor, Tensor, Tensor)",
+        pt2);
 }

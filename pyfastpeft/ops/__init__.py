@@ -1,5 +1,10 @@
 """Functional ops: thin wrappers over ``torch.ops.pyfastpeft.*`` with autograd and fake kernels."""
 
 from .lora import lora_linear, philox_dropout
+from .optim import fused_adamw_, multi_tensor_l2_norm
+from .sparse import sampled_weight_grad, sparse_delta_linear
 
-__all__ = ["lora_linear", "philox_dropout"]
+__all__ = [
+    "lora_linear", "philox_dropout", "fused_adamw_", "multi_tensor_l2_norm", "sampled_weight_grad",
+    "sparse_delta_linear",
+]
