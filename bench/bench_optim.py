@@ -54,17 +54,33 @@ def main() -> None:
     ours = times["pyfastpeft FusedAdamW"]
     rows = []
     for name, ms in times.items():
-        state_bytes = sum(t.numel() * t.element_size() for s in opts[name].state.values() for t in s.values()
-                          if isinstance(t, torch.Tensor))
-        rows.append({"candidate": name, "ms": ms, "speedup_of_ours": ms / ours,
-                     "GB/s": bytes_moved / (ms * 1e-3) / 1e9, "state_MB": state_bytes / 1e6})
-    print(f"AdamW step, {n_tensors} tensors, {n_params / 1e6:.2f} M float32 parameters, device {args.device}, "
-          f"torch threads {torch.get_num_threads()}")
+        state_bytes = sum(
+            t.numel() * t.element_size()
+            for s in opts[name].state.values()
+            for t in s.values()
+            if isinstance(t, torch.Tensor)
+        )
+        rows.append(
+            {
+                "candidate": name,
+                "ms": ms,
+                "speedup_of_ours": ms / ours,
+                "GB/s": bytes_moved / (ms * 1e-3) / 1e9,
+                "state_MB": state_bytes / 1e6,
+            }
+        )
+    print(
+        f"AdamW step, {n_tensors} tensors, {n_params / 1e6:.2f} M float32 parameters, device {args.device}, "
+        f"torch threads {torch.get_num_threads()}"
+    )
     print_table(rows, ["candidate", "ms", "speedup_of_ours", "GB/s", "state_MB"])
     name = "optim_quick" if args.quick else "optim"
-    path = write_results(name + ("" if args.device == "cpu" else f"_{args.device}"), rows,
-                         "python -m bench.bench_optim " + " ".join(sys.argv[1:]),
-                         {"n_tensors": n_tensors, "n_params": n_params})
+    path = write_results(
+        name + ("" if args.device == "cpu" else f"_{args.device}"),
+        rows,
+        "python -m bench.bench_optim " + " ".join(sys.argv[1:]),
+        {"n_tensors": n_tensors, "n_params": n_params},
+    )
     print(f"wrote {path}")
 
 

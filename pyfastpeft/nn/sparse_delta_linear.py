@@ -44,8 +44,10 @@ def select_indices(
         score = torch.rand(numel, generator=generator, device="cpu").to(weight.device)
     else:
         if scores is None or scores.shape != weight.shape:
-            raise ValueError(f"scores: strategy {strategy!r} needs weight-shaped scores {tuple(weight.shape)}, "
-                             f"got {None if scores is None else tuple(scores.shape)}")
+            raise ValueError(
+                f"scores: strategy {strategy!r} needs weight-shaped scores {tuple(weight.shape)}, "
+                f"got {None if scores is None else tuple(scores.shape)}"
+            )
         score = scores.detach().flatten().float().clone()
     if exclude is not None:
         score = score.masked_fill(exclude.flatten().to(score.device), float("-inf"))
@@ -77,13 +79,13 @@ def gradient_scores(
             w.grad = None
         for batch in batches:
             loss_fn(batch).backward()
-            for s, w in zip(scores, weights):
+            for s, w in zip(scores, weights, strict=True):
                 if w.grad is not None:
                     g = w.grad.float()
                     s.add_(g.abs() if kind == "gradient" else g * g)
                     w.grad = None
     finally:
-        for w, (req, grad) in zip(weights, saved):
+        for w, (req, grad) in zip(weights, saved, strict=True):
             w.requires_grad_(req)
             w.grad = grad
     return scores
@@ -109,7 +111,9 @@ class SparseDeltaLinear(nn.Module):
     def _set_indices(self, indices: torch.Tensor) -> None:
         indices = indices.to(self.weight.device)
         if indices.dtype not in (torch.int64, torch.int32) or indices.dim() != 1:
-            raise ValueError(f"indices: expected a 1-D int64 or int32 tensor, got {indices.dtype} {tuple(indices.shape)}")
+            raise ValueError(
+                f"indices: expected a 1-D int64 or int32 tensor, got {indices.dtype} {tuple(indices.shape)}"
+            )
         if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= self.weight.numel()):
             raise ValueError(f"indices: out of range for a weight with {self.weight.numel()} elements")
         if indices.numel() > 1 and not bool((indices[1:] > indices[:-1]).all()):
@@ -152,8 +156,13 @@ class SparseDeltaLinear(nn.Module):
         """Writes Δ into W₀ and returns the plain ``nn.Linear`` holding W₀ + Δ (the bias is shared)."""
         self.weight.view(-1).index_add_(0, self.indices, self.delta.to(self.weight.dtype))
         self.delta.zero_()
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                           device=self.weight.device, dtype=self.weight.dtype)
+        linear = nn.Linear(
+            self.in_features,
+            self.out_features,
+            bias=self.bias is not None,
+            device=self.weight.device,
+            dtype=self.weight.dtype,
+        )
         linear.weight = nn.Parameter(self.weight.detach(), requires_grad=False)
         if self.bias is not None:
             linear.bias = self.bias
@@ -188,8 +197,11 @@ class SparseDeltaLinear(nn.Module):
         source = torch.cat([keep, torch.full_like(grown, -1)])  # old position of each new entry, or -1
         order = flat.argsort()
         flat, source = flat[order], source[order]
-        new_delta = torch.where(source >= 0, self.delta.detach()[source.clamp(min=0)],
-                                torch.zeros((), dtype=self.delta.dtype, device=self.delta.device))
+        new_delta = torch.where(
+            source >= 0,
+            self.delta.detach()[source.clamp(min=0)],
+            torch.zeros((), dtype=self.delta.dtype, device=self.delta.device),
+        )
         self.indices = flat.to(self.indices.dtype)
         self.delta.data = new_delta
         if optimizer is not None:

@@ -14,8 +14,24 @@ _OP = torch.ops.pyfastpeft
 
 
 @torch.library.register_fake("pyfastpeft::fused_adamw_")
-def _fused_adamw_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, anchors, steps, lr,
-                      grad_scale, beta1, beta2, eps, weight_decay, l2sp, maximize):
+def _fused_adamw_fake(
+    params,
+    grads,
+    exp_avgs,
+    exp_avg_sqs,
+    max_exp_avg_sqs,
+    masters,
+    anchors,
+    steps,
+    lr,
+    grad_scale,
+    beta1,
+    beta2,
+    eps,
+    weight_decay,
+    l2sp,
+    maximize,
+):
     return None
 
 
@@ -52,9 +68,22 @@ def fused_adamw_(
     if not params:
         return
     _OP.fused_adamw_(
-        list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(max_exp_avg_sqs), list(masters),
-        list(anchors), list(steps), lr, grad_scale, float(beta1), float(beta2), float(eps), float(weight_decay),
-        float(l2sp), bool(maximize),
+        list(params),
+        list(grads),
+        list(exp_avgs),
+        list(exp_avg_sqs),
+        list(max_exp_avg_sqs),
+        list(masters),
+        list(anchors),
+        list(steps),
+        lr,
+        grad_scale,
+        float(beta1),
+        float(beta2),
+        float(eps),
+        float(weight_decay),
+        float(l2sp),
+        bool(maximize),
     )
 
 

@@ -50,7 +50,11 @@ torch.library.register_autograd("pyfastpeft::sparse_delta_linear", _backward, se
 
 
 def sparse_delta_linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, delta: torch.Tensor, indices: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    delta: torch.Tensor,
+    indices: torch.Tensor,
 ) -> torch.Tensor:
     """``x·(W₀ + Δ)ᵀ + b`` where ``Δ.view(-1)[indices] = delta`` and Δ is zero elsewhere.
 
@@ -63,6 +67,8 @@ def sparse_delta_linear(
     return _OP.sparse_delta_linear(x, weight, bias, delta, indices)
 
 
-def sampled_weight_grad(grad_y: torch.Tensor, x: torch.Tensor, indices: torch.Tensor, in_features: int) -> torch.Tensor:
+def sampled_weight_grad(
+    grad_y: torch.Tensor, x: torch.Tensor, indices: torch.Tensor, in_features: int
+) -> torch.Tensor:
     """``(grad_yᵀ·x).view(-1)[indices]`` without forming the dense product: ``[k]`` in x's dtype."""
     return _OP.sampled_weight_grad(grad_y, x, indices, int(in_features))

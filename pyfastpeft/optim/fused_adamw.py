@@ -48,7 +48,9 @@ class FusedAdamW(torch.optim.Optimizer):
         master_weights: bool = False,
     ) -> None:
         if differentiable:
-            raise ValueError("differentiable: FusedAdamW updates in place and cannot be differentiated through")
+            raise ValueError(
+                "differentiable: FusedAdamW updates in place and cannot be differentiated through"
+            )
         if not (isinstance(lr, torch.Tensor) or lr >= 0.0):
             raise ValueError(f"lr: expected a non-negative learning rate, got {lr}")
         if eps < 0.0:
@@ -60,9 +62,20 @@ class FusedAdamW(torch.optim.Optimizer):
             raise ValueError(f"weight_decay: expected a non-negative value, got {weight_decay}")
         if max_grad_norm is not None and max_grad_norm <= 0:
             raise ValueError(f"max_grad_norm: expected a positive value or None, got {max_grad_norm}")
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
-                        foreach=foreach, capturable=capturable, differentiable=False, fused=fused, l2sp=l2sp,
-                        master_weights=master_weights)
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            amsgrad=amsgrad,
+            maximize=maximize,
+            foreach=foreach,
+            capturable=capturable,
+            differentiable=False,
+            fused=fused,
+            l2sp=l2sp,
+            master_weights=master_weights,
+        )
         super().__init__(params, defaults)
         self.max_grad_norm = max_grad_norm
         self._lr_tensors: dict[tuple[int, torch.device], tuple[float, torch.Tensor]] = {}
@@ -76,7 +89,9 @@ class FusedAdamW(torch.optim.Optimizer):
         state["exp_avg"] = torch.zeros_like(p, dtype=state_dtype, memory_format=torch.contiguous_format)
         state["exp_avg_sq"] = torch.zeros_like(p, dtype=state_dtype, memory_format=torch.contiguous_format)
         if group["amsgrad"]:
-            state["max_exp_avg_sq"] = torch.zeros_like(p, dtype=state_dtype, memory_format=torch.contiguous_format)
+            state["max_exp_avg_sq"] = torch.zeros_like(
+                p, dtype=state_dtype, memory_format=torch.contiguous_format
+            )
         if use_master:
             state["master"] = p.detach().to(torch.float32, copy=True)
         if group["l2sp"] != 0 and "anchor" not in state:
@@ -134,7 +149,11 @@ class FusedAdamW(torch.optim.Optimizer):
                 by_key[(p.device, p.dtype)].append(p)
             buckets.extend((gid, group, ps) for ps in by_key.values())
 
-        grads = {id(p): (p.grad if p.grad.is_contiguous() else p.grad.contiguous()) for _, _, ps in buckets for p in ps}
+        grads = {
+            id(p): (p.grad if p.grad.is_contiguous() else p.grad.contiguous())
+            for _, _, ps in buckets
+            for p in ps
+        }
         total_norm, scales = None, {}
         if self.max_grad_norm is not None and buckets:
             total_norm, scales = self._clip_scales(buckets, grads)
@@ -144,13 +163,22 @@ class FusedAdamW(torch.optim.Optimizer):
             states = [self.state[p] for p in ps]
             beta1, beta2 = group["betas"]
             fused_adamw_(
-                ps, [grads[id(p)] for p in ps], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-                [s["step"] for s in states], self._lr_tensor(gid, group, device),
-                beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+                ps,
+                [grads[id(p)] for p in ps],
+                [s["exp_avg"] for s in states],
+                [s["exp_avg_sq"] for s in states],
+                [s["step"] for s in states],
+                self._lr_tensor(gid, group, device),
+                beta1=beta1,
+                beta2=beta2,
+                eps=group["eps"],
+                weight_decay=group["weight_decay"],
                 max_exp_avg_sqs=[s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else (),
                 masters=[s["master"] for s in states] if "master" in states[0] else (),
                 anchors=[s["anchor"] for s in states] if group["l2sp"] != 0 else (),
-                l2sp=group["l2sp"], grad_scale=scales.get(device), maximize=group["maximize"],
+                l2sp=group["l2sp"],
+                grad_scale=scales.get(device),
+                maximize=group["maximize"],
             )
         if loss is not None:
             return loss
@@ -165,7 +193,11 @@ class FusedAdamW(torch.optim.Optimizer):
                 by_key[(p.device, p.dtype)].append(grads[id(p)])
         norms = [multi_tensor_l2_norm(gs) for gs in by_key.values()]
         first = norms[0].device
-        total = torch.linalg.vector_norm(torch.stack([n.to(first) for n in norms])) if len(norms) > 1 else norms[0]
+        total = (
+            torch.linalg.vector_norm(torch.stack([n.to(first) for n in norms]))
+            if len(norms) > 1
+            else norms[0]
+        )
         coef = torch.clamp(self.max_grad_norm / (total + 1e-6), max=1.0)
         devices = {d for d, _ in by_key}
         return total, {d: coef.to(d) for d in devices}
@@ -175,13 +207,12 @@ class FusedAdamW(torch.optim.Optimizer):
         """Loads a FusedAdamW or a torch.optim.AdamW state dict. Moments keep the float32 precision of
         master-weight state; step counts move to the parameters' device."""
         saved_state = state_dict["state"]
-        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         super().load_state_dict(state_dict)
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
-        for group, saved_group in zip(self.param_groups, state_dict["param_groups"]):
-            for pid, p in zip(saved_group["params"], group["params"]):
+        for group, saved_group in zip(self.param_groups, state_dict["param_groups"], strict=True):
+            for pid, p in zip(saved_group["params"], group["params"], strict=True):
                 if pid in saved_state and p in self.state:
                     self._restore(p, group, saved_state[pid])
 
@@ -201,7 +232,10 @@ class FusedAdamW(torch.optim.Optimizer):
 
 
 def lora_plus_param_groups(
-    model: torch.nn.Module, lr: float, lr_ratio: float = 16.0, weight_decay: float = 1e-2,
+    model: torch.nn.Module,
+    lr: float,
+    lr_ratio: float = 16.0,
+    weight_decay: float = 1e-2,
 ) -> list[dict[str, Any]]:
     """LoRA+ parameter groups: every trainable ``lora_B`` tensor learns ``lr_ratio`` times faster than
     the rest (``lora_A``, biases, heads). Pass the result to FusedAdamW."""

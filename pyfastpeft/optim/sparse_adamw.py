@@ -21,8 +21,9 @@ class SparseAdamW(FusedAdamW):
         if not state:
             return
         if source.dim() != 1 or source.numel() != param.numel():
-            raise ValueError(f"source: expected {param.numel()} entries (the new size of param), got "
-                             f"{tuple(source.shape)}")
+            raise ValueError(
+                f"source: expected {param.numel()} entries (the new size of param), got {tuple(source.shape)}"
+            )
         src = source.to(param.device).long()
         new = src >= 0
         for key, value in state.items():
@@ -32,5 +33,9 @@ class SparseAdamW(FusedAdamW):
 
     def state_bytes(self) -> int:
         """Bytes held in optimizer state (moments, step counts, masters, anchors)."""
-        return sum(t.numel() * t.element_size() for s in self.state.values() for t in s.values()
-                   if isinstance(t, torch.Tensor))
+        return sum(
+            t.numel() * t.element_size()
+            for s in self.state.values()
+            for t in s.values()
+            if isinstance(t, torch.Tensor)
+        )

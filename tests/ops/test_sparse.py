@@ -23,8 +23,14 @@ def randn(*shape, device, dtype=torch.float64, seed=0):
 
 
 @settings(max_examples=25, deadline=None)
-@given(n=st.integers(1, 700), out_f=st.integers(1, 23), in_f=st.integers(1, 29), frac=st.floats(0.0, 1.0),
-       int32=st.booleans(), seed=st.integers(0, 2**16))
+@given(
+    n=st.integers(1, 700),
+    out_f=st.integers(1, 23),
+    in_f=st.integers(1, 29),
+    frac=st.floats(0.0, 1.0),
+    int32=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
 def test_sampled_grad_matches_dense_gather_float64(n, out_f, in_f, frac, int32, seed):
     k = int(frac * out_f * in_f)
     idx = random_indices(out_f, in_f, k, seed, torch.int32 if int32 else torch.int64)
@@ -67,8 +73,11 @@ def test_sparse_delta_linear_forward_backward(device, dtype):
     y_ref.backward(gy64)
     y_lowp = reference.sparse_delta_linear(*lowp_ref[:3], lowp_ref[3], idx)
     y_lowp.backward(gy64.to(dtype))
-    pairs = [(y, y_lowp, y_ref)] + [(a.grad, b.grad, c.grad) for a, b, c in zip(low, lowp_ref, (x64, w64, b64, d64))
-                                     if c.requires_grad]
+    pairs = [(y, y_lowp, y_ref)] + [
+        (a.grad, b.grad, c.grad)
+        for a, b, c in zip(low, lowp_ref, (x64, w64, b64, d64), strict=True)
+        if c.requires_grad
+    ]
     for ours, torch_lowp, ref in pairs:
         if dtype == torch.float32:
             torch.testing.assert_close(ours.double(), ref.detach(), rtol=1e-5, atol=1e-5)
@@ -98,7 +107,9 @@ def test_opcheck(device):
     gy = randn(5, out_f, device=device, dtype=torch.float32, seed=4)
     ops = torch.ops.pyfastpeft
     torch.library.opcheck(ops.sparse_delta_linear.default, (x, w, b, d, idx))
-    torch.library.opcheck(ops.sparse_delta_linear_backward.default, (gy, x.detach(), w, d.detach(), idx, [True, True, True]))
+    torch.library.opcheck(
+        ops.sparse_delta_linear_backward.default, (gy, x.detach(), w, d.detach(), idx, [True, True, True])
+    )
     torch.library.opcheck(ops.sampled_weight_grad.default, (gy, x.detach(), idx, in_f))
 
 
@@ -120,4 +131,6 @@ def test_bad_indices_rejected(device):
     with pytest.raises(ValueError, match="delta: expected size 2"):
         sparse_delta_linear(x, w, None, randn(3, device=device), torch.tensor([0, 1], device=device))
     with pytest.raises(ValueError, match="weight: W₀ must not require grad"):
-        sparse_delta_linear(x, w.requires_grad_(), None, randn(2, device=device), torch.tensor([0, 1], device=device))
+        sparse_delta_linear(
+            x, w.requires_grad_(), None, randn(2, device=device), torch.tensor([0, 1], device=device)
+        )

@@ -17,7 +17,9 @@ SHAPES = [(7, 5), (3,), (33, 65), (1,), (4097,)]
 
 def make_params(device, dtype=torch.float32, shapes=SHAPES, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(s, generator=g, dtype=torch.float64).to(device, dtype).requires_grad_() for s in shapes]
+    return [
+        torch.randn(s, generator=g, dtype=torch.float64).to(device, dtype).requires_grad_() for s in shapes
+    ]
 
 
 def clone_params(ps, dtype=None):
@@ -26,25 +28,28 @@ def clone_params(ps, dtype=None):
 
 def set_grads(step, *param_lists, seed=1):
     g = torch.Generator().manual_seed(seed * 1000 + step)
-    for shapes in zip(*param_lists):
+    for shapes in zip(*param_lists, strict=True):
         grad = torch.randn(shapes[0].shape, generator=g, dtype=torch.float64)
         for p in shapes:
             p.grad = grad.to(p.device, p.dtype)
 
 
 def assert_rel_close(ours, ref, rel=1e-6):
-    for a, b in zip(ours, ref):
+    for a, b in zip(ours, ref, strict=True):
         err = (a.detach().double() - b.detach().double()).abs().max().item()
         scale = b.detach().double().abs().max().item()
         assert err <= rel * max(scale, 1e-12), (err, scale)
 
 
-@pytest.mark.parametrize("options", [
-    dict(),
-    dict(lr=3e-2, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.3),
-    dict(lr=1e-2, amsgrad=True),
-    dict(lr=1e-2, maximize=True, weight_decay=0.0),
-])
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(),
+        dict(lr=3e-2, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.3),
+        dict(lr=1e-2, amsgrad=True),
+        dict(lr=1e-2, maximize=True, weight_decay=0.0),
+    ],
+)
 def test_matches_torch_adamw_50_steps(device, options):
     ours = make_params(device)
     ref = clone_params(ours)
@@ -54,7 +59,7 @@ def test_matches_torch_adamw_50_steps(device, options):
         opt.step()
         ref_opt.step()
     assert_rel_close(ours, ref)
-    for p, q in zip(ours, ref):
+    for p, q in zip(ours, ref, strict=True):
         s, r = opt.state[p], ref_opt.state[q]
         assert s["step"].item() == r["step"].item() == 50
         assert_rel_close([s["exp_avg"], s["exp_avg_sq"]], [r["exp_avg"], r["exp_avg_sq"]])
@@ -65,8 +70,10 @@ def test_param_groups_and_tensor_lr(device):
     ref = clone_params(ours)
 
     def groups(ps, lr2):
-        return [{"params": ps[:2], "lr": 1e-2, "weight_decay": 0.0},
-                {"params": ps[2:], "lr": lr2, "betas": (0.5, 0.9)}]
+        return [
+            {"params": ps[:2], "lr": 1e-2, "weight_decay": 0.0},
+            {"params": ps[2:], "lr": lr2, "betas": (0.5, 0.9)},
+        ]
 
     opt = FusedAdamW(groups(ours, torch.tensor(3e-3)), weight_decay=0.2)
     ref_opt = torch.optim.AdamW(groups(ref, 3e-3), weight_decay=0.2)
@@ -92,8 +99,9 @@ def test_float64_matches_tightly():
 
 # float16 moments without master weights underflow (eps = 1e-8 is 0 in float16) and torch's AdamW
 # itself returns inf there, so float16 is tested with master weights only.
-@pytest.mark.parametrize("dtype,master_weights",
-                         [(torch.bfloat16, True), (torch.bfloat16, False), (torch.float16, True)])
+@pytest.mark.parametrize(
+    "dtype,master_weights", [(torch.bfloat16, True), (torch.bfloat16, False), (torch.float16, True)]
+)
 def test_low_precision_within_dtype_error(device, dtype, master_weights):
     ours = make_params(device, dtype)
     ref64 = clone_params(ours, torch.float64)
@@ -102,7 +110,7 @@ def test_low_precision_within_dtype_error(device, dtype, master_weights):
     ref_opt, lowp_opt = torch.optim.AdamW(ref64, lr=1e-2), torch.optim.AdamW(lowp, lr=1e-2)
     for step in range(50):
         set_grads(step, ours, lowp)
-        for p, q in zip(ours, ref64):
+        for p, q in zip(ours, ref64, strict=True):
             q.grad = p.grad.double()  # the same (rounded) gradients
         opt.step()
         ref_opt.step()
@@ -172,7 +180,8 @@ def test_clipping_matches_clip_grad_norm(device, max_norm):
         ref_norm = torch.nn.utils.clip_grad_norm_(ref, max_norm)
         ref_opt.step()
         assert abs(norm.item() - ref_norm.item()) <= 1e-5 * ref_norm.item()
-        assert all(torch.equal(p.grad, g) for p, g in zip(ours, grads_before))  # gradients not rewritten
+        # the gradients are not rewritten
+        assert all(torch.equal(p.grad, g) for p, g in zip(ours, grads_before, strict=True))
     assert_rel_close(ours, ref, rel=2e-6)
 
 
@@ -185,7 +194,7 @@ def test_l2sp_pulls_toward_first_values(device):
     ref_opt = torch.optim.AdamW(ref, lr=1e-2)
     for step in range(50):
         set_grads(step, ours, ref)
-        for q, a in zip(ref, anchors):
+        for q, a in zip(ref, anchors, strict=True):
             q.grad = q.grad + lam * (q.detach() - a)
         opt.step()
         ref_opt.step()
@@ -202,7 +211,7 @@ def test_state_dict_round_trip(device):
         opt.step()
     saved = copy.deepcopy(opt.state_dict())
     with torch.no_grad():
-        for p, q in zip(other, ours):
+        for p, q in zip(other, ours, strict=True):
             p.copy_(q)
     opt2 = FusedAdamW(other, lr=1.0)
     opt2.load_state_dict(saved)
@@ -222,7 +231,7 @@ def test_loads_torch_adamw_state_dict(device):
         set_grads(step, ref)
         ref_opt.step()
     with torch.no_grad():
-        for p, q in zip(ours, ref):
+        for p, q in zip(ours, ref, strict=True):
             p.copy_(q)
     opt = FusedAdamW(ours)
     opt.load_state_dict(copy.deepcopy(ref_opt.state_dict()))
@@ -267,8 +276,24 @@ def _op_args(device, n=3, master=False):
 def test_opcheck_fused_adamw(device, master):
     ps, gs, ms, vs, masters, steps, lr = _op_args(device, master=master)
     anchors = [p.clone().to(torch.float32 if master else p.dtype) for p in ps]
-    args = (ps, gs, ms, vs, [], masters, anchors, steps, lr, torch.tensor(0.5, device=device),
-            0.9, 0.999, 1e-8, 0.01, 0.1, False)
+    args = (
+        ps,
+        gs,
+        ms,
+        vs,
+        [],
+        masters,
+        anchors,
+        steps,
+        lr,
+        torch.tensor(0.5, device=device),
+        0.9,
+        0.999,
+        1e-8,
+        0.01,
+        0.1,
+        False,
+    )
     torch.library.opcheck(torch.ops.pyfastpeft.fused_adamw_.default, args)
 
 
