@@ -134,3 +134,16 @@ def test_bad_indices_rejected(device):
         sparse_delta_linear(
             x, w.requires_grad_(), None, randn(2, device=device), torch.tensor([0, 1], device=device)
         )
+
+
+def test_torch_compile_fullgraph(device):
+    out_f, in_f, k = 8, 12, 30
+    idx = random_indices(out_f, in_f, k, device=device)
+    w = randn(out_f, in_f, device=device, dtype=torch.float32)
+    d = randn(k, device=device, dtype=torch.float32, seed=1).requires_grad_()
+    x = randn(3, in_f, device=device, dtype=torch.float32, seed=2)
+    compiled = torch.compile(lambda x, d: sparse_delta_linear(x, w, None, d, idx), fullgraph=True, backend="eager")
+    y = compiled(x, d)
+    torch.testing.assert_close(y, sparse_delta_linear(x, w, None, d, idx))
+    (g,) = torch.autograd.grad(y.sum(), d)
+    torch.testing.assert_close(g, sampled_weight_grad(torch.ones(3, out_f, device=device), x, idx, in_f))
