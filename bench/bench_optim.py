@@ -7,6 +7,7 @@ LoRA-sized parameter set: 256 tensors, 4.2 M parameters (128 adapters of A [16, 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import torch
@@ -79,7 +80,7 @@ def main() -> None:
         name + ("" if args.device == "cpu" else f"_{args.device}"),
         rows,
         "python -m bench.bench_optim " + " ".join(sys.argv[1:]),
-        {"n_tensors": n_tensors, "n_params": n_params},
+        {"n_tensors": n_tensors, "n_params": n_params, "load_average_1_5_15": os.getloadavg()},
     )
     print(f"wrote {path}")
 

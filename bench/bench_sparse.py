@@ -8,6 +8,7 @@ dW = dyᵀ·x plus dense AdamW (torch foreach, and our FusedAdamW) on the whole 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import torch
@@ -91,7 +92,13 @@ def main() -> None:
         name + ("" if dev == "cpu" else f"_{dev}"),
         rows,
         "python -m bench.bench_sparse " + " ".join(sys.argv[1:]),
-        {"out_features": out_f, "in_features": in_f, "n_rows": n, "k": k},
+        {
+            "out_features": out_f,
+            "in_features": in_f,
+            "n_rows": n,
+            "k": k,
+            "load_average_1_5_15": os.getloadavg(),
+        },
     )
     print(f"wrote {path}")
 
