@@ -10,7 +10,7 @@ import torch
 import pyfastpeft  # noqa: F401
 from pyfastpeft.ops.optim import fused_adamw_, multi_tensor_l2_norm
 from pyfastpeft.optim import FusedAdamW, lora_plus_param_groups
-from tests.conftest import low_precision_error_bound
+from tests.conftest import low_precision_error_bound, requires_cuda
 
 SHAPES = [(7, 5), (3,), (33, 65), (1,), (4097,)]
 
@@ -327,3 +327,50 @@ def test_bad_inputs_name_the_argument():
         FusedAdamW(ps, betas=(1.0, 0.999))
     with pytest.raises(ValueError, match="tensors: expected at least one"):
         multi_tensor_l2_norm([])
+
+
+def test_one_launch_per_group_device_and_dtype(monkeypatch):
+    import pyfastpeft.optim.fused_adamw as module
+
+    calls = []
+    real = module.fused_adamw_
+    monkeypatch.setattr(
+        module, "fused_adamw_", lambda ps, *a, **kw: (calls.append(len(ps)), real(ps, *a, **kw))
+    )
+    ps32 = make_params("cpu", torch.float32, shapes=[(3, 4)] * 40)
+    ps64 = make_params("cpu", torch.float64, shapes=[(5,)] * 7)
+    opt = FusedAdamW([{"params": ps32 + ps64}, {"params": make_params("cpu", shapes=[(2,)] * 3)}])
+    for group in opt.param_groups:
+        for p in group["params"]:
+            p.grad = torch.ones_like(p)
+    opt.step()
+    assert sorted(calls) == [3, 7, 40]
+
+
+@requires_cuda
+def test_step_captured_in_cuda_graph():
+    ours = make_params("cuda")
+    ref = clone_params(ours)
+    opt = FusedAdamW(ours, lr=torch.tensor(1e-2, device="cuda"), max_grad_norm=1.0)
+    ref_opt = torch.optim.AdamW(ref, lr=1e-2)
+    set_grads(0, ours, ref)
+    opt.step()  # state is allocated outside the graph
+    torch.nn.utils.clip_grad_norm_(ref, 1.0)
+    ref_opt.step()
+    static_grads = [p.grad for p in ours]
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream), torch.cuda.graph(graph):
+        opt.step()
+    torch.cuda.current_stream().wait_stream(stream)
+    for step in range(1, 20):
+        set_grads(step, ref)
+        for g, q in zip(static_grads, ref, strict=True):
+            g.copy_(q.grad)
+        graph.replay()
+        torch.nn.utils.clip_grad_norm_(ref, 1.0)
+        ref_opt.step()
+    torch.cuda.synchronize()
+    assert opt.state[ours[0]]["step"].item() == 20
+    assert_rel_close(ours, ref, rel=2e-6)
