@@ -1,6 +1,6 @@
 // CPU kernels of the optim family and their registration.
 //
-// The float32 update is written with ATen's Vectorized<float>: GCC does not vectorize a loop holding
+// The float32-state update is written with ATen's Vectorized<float>: GCC does not vectorize a loop holding
 // std::sqrt while -fmath-errno is on (the default), and that loop is all this file does. The AVX2
 // specialisation is selected here when the compiler targets AVX2 (the build uses -march=native).
 #if defined(__AVX2__) && !defined(CPU_CAPABILITY)
@@ -88,11 +88,17 @@ void adamw_slice(const AdamWParams& p, const Chunk& c, const StepScalars& s, dou
   }
 }
 
-// The float32 slice (no master copy) with Vectorized<float>; the tail goes to adamw_slice.
-void adamw_slice_float(const AdamWParams& p, const Chunk& c, const StepScalars& s, double lr, float grad_scale) {
+// The update on float32 state with Vectorized<float>, for float32 parameters (θ is the parameter) and for
+// bfloat16/float16 parameters with float32 masters (θ is the master; the parameter gets round(θ)).
+// Whole vectors only; the tail goes to adamw_slice.
+template <typename P>
+void adamw_slice_vec(const AdamWParams& p, const Chunk& c, const StepScalars& s, double lr, float grad_scale) {
   using V = at::vec::Vectorized<float>;
-  float* param = static_cast<float*>(p.param[c.tensor]);
-  const float* grad = static_cast<const float*>(p.grad[c.tensor]);
+  using VP = at::vec::Vectorized<P>;
+  constexpr bool kMaster = !std::is_same_v<P, float>;
+  P* param = static_cast<P*>(p.param[c.tensor]);
+  const P* grad = static_cast<const P*>(p.grad[c.tensor]);
+  float* theta_ptr = kMaster ? static_cast<float*>(p.master[c.tensor]) : reinterpret_cast<float*>(param);
   float* m = static_cast<float*>(p.exp_avg[c.tensor]);
   float* v = static_cast<float*>(p.exp_avg_sq[c.tensor]);
   float* vmax = p.max_exp_avg_sq ? static_cast<float*>(p.max_exp_avg_sq[c.tensor]) : nullptr;
@@ -102,10 +108,10 @@ void adamw_slice_float(const AdamWParams& p, const Chunk& c, const StepScalars& 
   const V w2(static_cast<float>(1.0 - p.beta2)), l2sp(static_cast<float>(p.l2sp));
   const V bc2_sqrt(static_cast<float>(s.bc2_sqrt)), eps(static_cast<float>(p.eps));
   const V neg_step(static_cast<float>(-s.step_size)), gs(grad_scale), zero(0.0f);
-  int64_t e = c.begin;
-  for (; e + V::size() <= c.end; e += V::size()) {
-    V theta = V::loadu(param + e);
-    V g = V::loadu(grad + e) * gs;
+  // θ at [e, e + V::size()) with gradient g: updates the state and returns the new θ.
+  const auto update = [&](int64_t e, V g) {
+    V theta = V::loadu(theta_ptr + e);
+    g = g * gs;
     if (anchor) g = g + l2sp * (theta - V::loadu(anchor + e));
     if (p.maximize) g = zero - g;
     theta = theta * decay;
@@ -119,9 +125,21 @@ void adamw_slice_float(const AdamWParams& p, const Chunk& c, const StepScalars& 
       v_new.store(vmax + e);
     }
     theta = theta + neg_step * (m_new / (v_new.sqrt() / bc2_sqrt + eps));
-    theta.store(param + e);
+    theta.store(theta_ptr + e);
+    return theta;
+  };
+  int64_t e = c.begin;
+  if constexpr (kMaster) {
+    for (; e + VP::size() <= c.end; e += VP::size()) {
+      auto [g0, g1] = at::vec::convert_to_float<P>(VP::loadu(grad + e));
+      const V t0 = update(e, g0);
+      const V t1 = update(e + V::size(), g1);
+      at::vec::convert_from_float<P>(t0, t1).store(param + e);
+    }
+  } else {
+    for (; e + V::size() <= c.end; e += V::size()) update(e, V::loadu(grad + e));
   }
-  if (e < c.end) adamw_slice<float, float>(p, {c.tensor, e, c.end}, s, lr, grad_scale);
+  if (e < c.end) adamw_slice<P, float>(p, {c.tensor, e, c.end}, s, lr, grad_scale);
 }
 
 template <typename P, typename S>
@@ -136,8 +154,8 @@ void adamw_kernel(const AdamWParams& p) {
   const std::vector<Chunk> chunks = make_chunks(p.n_tensors, p.numel);
   at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      if constexpr (std::is_same_v<P, float> && std::is_same_v<S, float>) {
-        adamw_slice_float(p, chunks[i], scalars[chunks[i].tensor], lr, grad_scale);
+      if constexpr (std::is_same_v<S, float> && !std::is_same_v<P, double>) {
+        adamw_slice_vec<P>(p, chunks[i], scalars[chunks[i].tensor], lr, grad_scale);
       } else {
         adamw_slice<P, S>(p, chunks[i], scalars[chunks[i].tensor], lr, grad_scale);
       }
