@@ -6,6 +6,8 @@ import copy
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import pyfastpeft  # noqa: F401
 from pyfastpeft.ops.optim import fused_adamw_, multi_tensor_l2_norm
@@ -373,4 +375,29 @@ def test_step_captured_in_cuda_graph():
         ref_opt.step()
     torch.cuda.synchronize()
     assert opt.state[ours[0]]["step"].item() == 20
+    assert_rel_close(ours, ref, rel=2e-6)
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    lr=st.floats(1e-4, 1e-1),
+    beta1=st.floats(0.0, 0.99),
+    beta2=st.floats(0.5, 0.9999),
+    eps=st.floats(1e-10, 1e-3),
+    weight_decay=st.floats(0.0, 1.0),
+    amsgrad=st.booleans(),
+    maximize=st.booleans(),
+    sizes=st.lists(st.integers(1, 300), min_size=1, max_size=6),
+)
+def test_random_hyperparameters_match_torch(lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, sizes):
+    ours = make_params("cpu", shapes=[(s,) for s in sizes])
+    ref = clone_params(ours)
+    options = dict(
+        lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize
+    )
+    opt, ref_opt = FusedAdamW(ours, **options), torch.optim.AdamW(ref, **options)
+    for step in range(10):
+        set_grads(step, ours, ref)
+        opt.step()
+        ref_opt.step()
     assert_rel_close(ours, ref, rel=2e-6)
