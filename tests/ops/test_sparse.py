@@ -142,7 +142,9 @@ def test_torch_compile_fullgraph(device):
     w = randn(out_f, in_f, device=device, dtype=torch.float32)
     d = randn(k, device=device, dtype=torch.float32, seed=1).requires_grad_()
     x = randn(3, in_f, device=device, dtype=torch.float32, seed=2)
-    compiled = torch.compile(lambda x, d: sparse_delta_linear(x, w, None, d, idx), fullgraph=True, backend="eager")
+    compiled = torch.compile(
+        lambda x, d: sparse_delta_linear(x, w, None, d, idx), fullgraph=True, backend="eager"
+    )
     y = compiled(x, d)
     torch.testing.assert_close(y, sparse_delta_linear(x, w, None, d, idx))
     (g,) = torch.autograd.grad(y.sum(), d)
