@@ -18,4 +18,26 @@ TORCH_LIBRARY(pyfastpeft, m) {
         pt2);
   // x ⊙ mask / (1 - p) with the Philox mask every pyfastpeft dropout uses (see philox.h).
   m.def("philox_dropout(Tensor x, float p, Tensor rng_state) -> Tensor", pt2);
+
+  // ---- optim: multi-tensor AdamW and gradient norm (csrc/ops/optim) ----
+  // One AdamW step over a list of tensors of one device and dtype, in place; each steps[i] (float32
+  // scalar) is incremented first. Optional lists (max_exp_avg_sqs: amsgrad, masters: float32 master
+  // weights, anchors: L2-SP reference θ₀) are empty or one per parameter. lr is a float64 scalar and
+  // grad_scale a float32 scalar on the parameters' device, so a step can be captured in a CUDA graph.
+  m.def("fused_adamw_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+        "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] masters, Tensor[] anchors, Tensor(f!)[] steps, Tensor lr, "
+        "Tensor? grad_scale, float beta1, float beta2, float eps, float weight_decay, float l2sp, bool maximize) -> ()",
+        pt2);
+  // sqrt(Σ x²) over every element of every tensor, as a float32 scalar on their device.
+  m.def("multi_tensor_l2_norm(Tensor[] tensors) -> Tensor", pt2);
+
+  // ---- sparse: W = W₀ + Δ with Δ non-zero at k sorted flat indices (csrc/ops/sparse) ----
+  // dΔ_j = Σ_n grad_y[n, idx_j / in]·x[n, idx_j mod in]: the weight gradient at the k indices only.
+  m.def("sampled_weight_grad(Tensor grad_y, Tensor x, Tensor indices, int in_features) -> Tensor", pt2);
+  // y = x·(W₀ + Δ)ᵀ + b.
+  m.def("sparse_delta_linear(Tensor x, Tensor weight, Tensor? bias, Tensor delta, Tensor indices) -> Tensor", pt2);
+  // Returns (dx, dbias, ddelta); entries whose output_mask is false are empty tensors. W₀ gets no gradient.
+  m.def("sparse_delta_linear_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor delta, Tensor indices, "
+        "bool[3] output_mask) -> (Tensor, Tensor, Tensor)",
+        pt2);
 }

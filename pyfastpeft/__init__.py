@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import torch  # noqa: F401  (must be imported before the extension)
 
-from . import nn, ops  # noqa: E402
 from ._extension import build_info, cuda_available
+
+# isort: split
+from . import nn, ops, optim
 
 __version__ = "0.1.0"
 
-__all__ = ["build_info", "cuda_available", "ops", "nn", "__version__"]
+__all__ = ["build_info", "cuda_available", "nn", "ops", "optim", "__version__"]

@@ -2,5 +2,10 @@
 
 from .. import _extension  # noqa: F401, I001  (loads the compiled operators first)
 from .lora import lora_linear, philox_dropout
+from .optim import fused_adamw_, multi_tensor_l2_norm
+from .sparse import sampled_weight_grad, sparse_delta_linear
 
-__all__ = ["lora_linear", "philox_dropout"]
+__all__ = [
+    "lora_linear", "philox_dropout", "fused_adamw_", "multi_tensor_l2_norm", "sampled_weight_grad",
+    "sparse_delta_linear",
+]
