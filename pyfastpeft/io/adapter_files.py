@@ -105,7 +105,14 @@ def save_adapters(peft_model, save_directory: str | os.PathLike, selected: list[
     atomic_write_all(payloads)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_all(payloads: list[tuple[Path, bytes]]) -> None:
+    mode = 0o666 & ~_umask()  # mkstemp creates 0600; give the files the mode open() would
     created: list[Path] = []
     temps: list[tuple[Path, Path]] = []
     try:
@@ -116,6 +123,7 @@ def atomic_write_all(payloads: list[tuple[Path, bytes]]) -> None:
                 created.append(d)
             fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
             temps.append((Path(tmp), path))
+            os.fchmod(fd, mode)
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
                 f.flush()

@@ -218,6 +218,16 @@ class PeftModel(nn.Module):
         self.base_model.model.gradient_checkpointing_enable(**kwargs)
         self._make_inputs_require_grad()
 
+    def activation_checkpointing_enable(self, **kwargs) -> None:
+        """transformers' newer name for gradient_checkpointing_enable; the same input hook is added."""
+        self.base_model.model.activation_checkpointing_enable(**kwargs)
+        self._make_inputs_require_grad()
+
+    def enable_input_require_grads(self) -> None:
+        """Make the input embeddings' output require grad (needed by reentrant ``torch.utils.checkpoint``
+        around frozen layers, whose inputs would otherwise not require grad)."""
+        self._make_inputs_require_grad()
+
     def _make_inputs_require_grad(self) -> None:
         get = getattr(self.base_model.model, "get_input_embeddings", None)
         embeddings = get() if callable(get) else None
