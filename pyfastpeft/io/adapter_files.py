@@ -112,9 +112,13 @@ def _umask() -> int:
 
 
 def atomic_write_all(payloads: list[tuple[Path, bytes]]) -> None:
+    """Write every file or none: each goes to a temporary name in its final folder, then all are renamed
+    into place; if a rename fails, the files already renamed get their previous content back (or are
+    removed) and the folders this call created are removed."""
     mode = 0o666 & ~_umask()  # mkstemp creates 0600; give the files the mode open() would
     created: list[Path] = []
     temps: list[tuple[Path, Path]] = []
+    replaced: list[tuple[Path, bytes | None]] = []
     try:
         for path, data in payloads:
             missing = [p for p in [path.parent, *path.parent.parents] if not p.exists()]
@@ -129,10 +133,18 @@ def atomic_write_all(payloads: list[tuple[Path, bytes]]) -> None:
                 f.flush()
                 os.fsync(f.fileno())
         for tmp, final in temps:
+            previous = final.read_bytes() if final.is_file() else None
             os.replace(tmp, final)
+            replaced.append((final, previous))
     except BaseException:
         for tmp, _ in temps:
             tmp.unlink(missing_ok=True)
+        for final, previous in reversed(replaced):
+            with _suppress_oserror():
+                if previous is None:
+                    final.unlink()
+                else:
+                    final.write_bytes(previous)
         for d in reversed(created):
             with _suppress_oserror():
                 d.rmdir()
@@ -269,6 +281,6 @@ def load_adapter(peft_model, directory, adapter_name: str, is_trainable: bool) -
 def _find_dir(directory, adapter_name: str) -> Path:
     # A directory holding the adapter itself, or a save_pretrained root with it in a subfolder.
     root = Path(directory)
-    if (root / WEIGHTS_NAME).exists() or not (root / adapter_name).is_dir():
-        return root
-    return root / adapter_name
+    if adapter_name != "default" and (root / adapter_name / WEIGHTS_NAME).is_file():
+        return root / adapter_name
+    return root
