@@ -35,8 +35,13 @@ def time_fn(fn: Callable[[], object], device: str = "cpu", warmup: int = 3, repe
     return statistics.median(times)
 
 
-def time_interleaved(fns: dict[str, Callable[[], object]], device: str = "cpu", warmup: int = 3, rounds: int = 20,
-                     clock: Callable[[], float] = time.perf_counter):
+def time_interleaved(
+    fns: dict[str, Callable[[], object]],
+    device: str = "cpu",
+    warmup: int = 3,
+    rounds: int = 20,
+    clock: Callable[[], float] = time.perf_counter,
+):
     """Median times (ms) of several candidates, run in interleaved rounds so that machine noise
     (frequency changes, a neighbour's load) hits all of them alike. ``clock=time.process_time`` measures
     this process's CPU time instead of wall time (steadier on a shared machine with one thread)."""

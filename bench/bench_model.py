@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import pyfastpeft as pf  # noqa: E402
 from bench._timing import (  # noqa: E402
     peak_memory_bytes,
     print_table,
@@ -28,8 +29,6 @@ from bench._timing import (  # noqa: E402
     time_interleaved,
     write_results,
 )
-
-import pyfastpeft as pf  # noqa: E402
 from pyfastpeft.models import TinyLlamaConfig, TinyLlamaForCausalLM  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -37,9 +36,14 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 def build(args, dtype: torch.dtype, device: str) -> TinyLlamaForCausalLM:
     torch.manual_seed(0)
-    cfg = TinyLlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-                          num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                          max_position_embeddings=args.seq)
+    cfg = TinyLlamaConfig(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        max_position_embeddings=args.seq,
+    )
     return TinyLlamaForCausalLM(cfg).to(device=device, dtype=dtype)
 
 
@@ -63,18 +67,32 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--quick", action="store_true", help="small smoke size")
     ap.add_argument("--rounds", type=int, default=None)
-    ap.add_argument("--threads", type=int, default=None,
-                    help="torch CPU threads (default: torch's); 1 is steadier on a loaded machine")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: torch's); 1 is steadier on a loaded machine",
+    )
     ap.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout (the stated size uses 0.05)")
-    ap.add_argument("--cpu-time", action="store_true",
-                    help="time with this process's CPU time (use with --threads 1 on a shared machine)")
+    ap.add_argument(
+        "--cpu-time",
+        action="store_true",
+        help="time with this process's CPU time (use with --threads 1 on a shared machine)",
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.quick:
         args.hidden, args.intermediate, args.layers, args.heads, args.batch, args.seq = 128, 352, 2, 4, 2, 64
     else:
-        args.hidden, args.intermediate, args.layers, args.heads, args.batch, args.seq = 512, 1376, 4, 8, 4, 256
+        args.hidden, args.intermediate, args.layers, args.heads, args.batch, args.seq = (
+            512,
+            1376,
+            4,
+            8,
+            4,
+            256,
+        )
     args.vocab = 1024
     rounds = args.rounds or (5 if args.quick else 15)
     dtype, device = getattr(torch, args.dtype), args.device
@@ -119,30 +137,45 @@ def main() -> None:
     floor_ms = times["floor (frozen fwd+bwd)"]
     rows = []
     for name, ms in times.items():
-        rows.append({
-            "candidate": name,
-            "ms/step": ms,
-            "steps/s": 1e3 / ms,
-            "x floor": ms / floor_ms,
-            "saved MiB": memory[name] / 2**20,
-            "peak MiB": peaks[name] / 2**20 if name in peaks else None,
-        })
+        rows.append(
+            {
+                "candidate": name,
+                "ms/step": ms,
+                "steps/s": 1e3 / ms,
+                "x floor": ms / floor_ms,
+                "saved MiB": memory[name] / 2**20,
+                "peak MiB": peaks[name] / 2**20 if name in peaks else None,
+            }
+        )
     speedup = times["HF PEFT LoRA step"] / times["pyfastpeft LoRA step"]
     tokens = args.batch * args.seq
-    print(f"hidden {args.hidden}, {args.layers} layers, {args.batch}x{args.seq} tokens, {args.dtype}, {device}, "
-          f"LoRA r=16 dropout {args.dropout} on {TARGETS}; {torch.get_num_threads()} threads, {rounds} rounds, "
-          f"{'process CPU' if args.cpu_time else 'wall'} time")
+    print(
+        f"hidden {args.hidden}, {args.layers} layers, {args.batch}x{args.seq} tokens, {args.dtype}, "
+        f"{device}, "
+        f"LoRA r=16 dropout {args.dropout} on {TARGETS}; {torch.get_num_threads()} threads, {rounds} rounds, "
+        f"{'process CPU' if args.cpu_time else 'wall'} time"
+    )
     print_table(rows, ["candidate", "ms/step", "steps/s", "x floor", "saved MiB", "peak MiB"])
-    print(f"pyfastpeft steps/s over HF PEFT: {speedup:.3f}x (goal >= 1.3x); pyfastpeft step over the floor: "
-          f"{times['pyfastpeft LoRA step'] / floor_ms:.3f}x (goal <= 1.15x); {tokens} tokens per step")
-    suffix = ("_quick" if args.quick else "") + ("" if args.dropout == 0.05 else f"_dropout{args.dropout:g}") + ("" if device == "cpu" else f"_{device}") + (
-        "" if args.dtype == "float32" else f"_{args.dtype}")
+    print(
+        f"pyfastpeft steps/s over HF PEFT: {speedup:.3f}x (goal >= 1.3x); pyfastpeft step over the floor: "
+        f"{times['pyfastpeft LoRA step'] / floor_ms:.3f}x (goal <= 1.15x); {tokens} tokens per step"
+    )
+    suffix = (
+        ("_quick" if args.quick else "")
+        + ("" if args.dropout == 0.05 else f"_dropout{args.dropout:g}")
+        + ("" if device == "cpu" else f"_{device}")
+        + ("" if args.dtype == "float32" else f"_{args.dtype}")
+    )
     path = write_results(
         f"bench_model{suffix}",
         rows,
         "python bench/bench_model.py " + " ".join(sys.argv[1:]),
-        {"threads": torch.get_num_threads(), "clock": "process_time" if args.cpu_time else "perf_counter",
-         "speedup_vs_peft": speedup, "ours_over_floor": times["pyfastpeft LoRA step"] / floor_ms},
+        {
+            "threads": torch.get_num_threads(),
+            "clock": "process_time" if args.cpu_time else "perf_counter",
+            "speedup_vs_peft": speedup,
+            "ours_over_floor": times["pyfastpeft LoRA step"] / floor_ms,
+        },
     )
     print(f"wrote {path}")
 

@@ -31,7 +31,9 @@ def _train(model, task, steps, batch_size, length, lr, generator, log_every, lab
         tokens += batch.input_ids.numel()
         if log_every and (step % log_every == 0 or step == steps):
             rate = tokens / (time.perf_counter() - t0)
-            print(f"[{label}] step {step:4d}/{steps}  loss {loss.item():.4f}  {rate:,.0f} tokens/s", flush=True)
+            print(
+                f"[{label}] step {step:4d}/{steps}  loss {loss.item():.4f}  {rate:,.0f} tokens/s", flush=True
+            )
     return losses
 
 
@@ -40,29 +42,61 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     gen = torch.Generator().manual_seed(args.seed)
     cfg = TinyLlamaConfig()
     model = TinyLlamaForCausalLM(cfg)
-    print(f"built-in model: TinyLlama, {model.num_parameters():,} parameters, {cfg.num_hidden_layers} layers, "
-          f"hidden {cfg.hidden_size}")
+    print(
+        f"built-in model: TinyLlama, {model.num_parameters():,} parameters, {cfg.num_hidden_layers} layers, "
+        f"hidden {cfg.hidden_size}"
+    )
     if args.pretrain_steps:
-        print(f"pretraining on the built-in '{args.pretrain_task}' task ({args.pretrain_steps} steps, full model)")
-        _train(model, args.pretrain_task, args.pretrain_steps, args.batch_size, args.length, 3e-3, gen,
-               max(1, args.pretrain_steps // 4), "pretrain")
-    eval_batch = make_batch(args.task, 256, args.length, cfg.vocab_size, torch.Generator().manual_seed(args.seed + 1))
+        print(
+            f"pretraining on the built-in '{args.pretrain_task}' task "
+            f"({args.pretrain_steps} steps, full model)"
+        )
+        _train(
+            model,
+            args.pretrain_task,
+            args.pretrain_steps,
+            args.batch_size,
+            args.length,
+            3e-3,
+            gen,
+            max(1, args.pretrain_steps // 4),
+            "pretrain",
+        )
+    eval_batch = make_batch(
+        args.task, 256, args.length, cfg.vocab_size, torch.Generator().manual_seed(args.seed + 1)
+    )
     model.eval()
     before = answer_accuracy(model, eval_batch)
-    config = LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout, target_modules=LLAMA_TARGETS)
+    config = LoraConfig(
+        r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout, target_modules=LLAMA_TARGETS
+    )
     model = get_peft_model(model, config)
     adapted = sum(1 for m in model.modules() if isinstance(m, LoraLinear))
     trainable, total = model.get_nb_trainable_parameters()
-    print(f"LoRA r={args.r} alpha={args.alpha} dropout={args.dropout} on {adapted} linear layers: "
-          f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
+    print(
+        f"LoRA r={args.r} alpha={args.alpha} dropout={args.dropout} on {adapted} linear layers: "
+        f"trainable params: {trainable:,} || all params: {total:,} || "
+        f"trainable%: {100 * trainable / total:.4f}"
+    )
     model.train()
-    losses = _train(model, args.task, args.steps, args.batch_size, args.length, args.lr, gen,
-                    max(1, args.steps // 10), "finetune")
+    losses = _train(
+        model,
+        args.task,
+        args.steps,
+        args.batch_size,
+        args.length,
+        args.lr,
+        gen,
+        max(1, args.steps // 10),
+        "finetune",
+    )
     model.eval()
     after = answer_accuracy(model, eval_batch)
     print(f"loss: {losses[0]:.4f} -> {min(losses[-5:]):.4f}")
-    print(f"'{args.task}' answer token accuracy: {before[0]:.3f} -> {after[0]:.3f}; "
-          f"exact match: {before[1]:.3f} -> {after[1]:.3f}")
+    print(
+        f"'{args.task}' answer token accuracy: {before[0]:.3f} -> {after[0]:.3f}; "
+        f"exact match: {before[1]:.3f} -> {after[1]:.3f}"
+    )
     if args.out:
         model.save_pretrained(args.out)
         print(f"adapter saved to {args.out} (adapter_model.safetensors + adapter_config.json, PEFT layout)")
@@ -84,8 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--alpha", type=float, default=16.0)
     ft.add_argument("--dropout", type=float, default=0.05)
     ft.add_argument("--seed", type=int, default=0)
-    ft.add_argument("--out", metavar="DIR", default=None,
-                    help="save the trained adapter here (Hugging Face PEFT layout)")
+    ft.add_argument(
+        "--out", metavar="DIR", default=None, help="save the trained adapter here (Hugging Face PEFT layout)"
+    )
     ft.set_defaults(func=cmd_finetune)
     return parser
 

@@ -60,7 +60,9 @@ class Report:
             f"changed by merging       {self.changed_entries:>14,d}   (non-zero entries of ΔW)",
         ]
         if self.in_place_trainable:
-            lines.append(f"trained in place         {self.in_place_trainable:>14,d}   (biases: no copy to compare)")
+            lines.append(
+                f"trained in place         {self.in_place_trainable:>14,d}   (biases: no copy to compare)"
+            )
         lines.append(f"AdamW state bytes        {self.optimizer_state_bytes:>14,d}")
         if self.adapter_bytes_on_disk is not None:
             lines.append(f"adapter bytes on disk    {self.adapter_bytes_on_disk:>14,d}")
@@ -70,7 +72,10 @@ class Report:
             lines.append(f"{'matrix'.ljust(width)}  {'shape':>12}  {'r':>4}  {'rank ΔW':>7}  {'changed':>10}")
             for m in self.matrices:
                 shape = f"{m.shape[0]}x{m.shape[1]}"
-                lines.append(f"{m.name.ljust(width)}  {shape:>12}  {m.r:>4}  {m.delta_rank:>7}  {m.changed_entries:>10,d}")
+                lines.append(
+                    f"{m.name.ljust(width)}  {shape:>12}  {m.r:>4}  {m.delta_rank:>7}  "
+                    f"{m.changed_entries:>10,d}"
+                )
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -87,7 +92,9 @@ def _adamw_state_bytes(model: nn.Module) -> int:
 @torch.no_grad()
 def report(model: nn.Module, adapter_name: str | None = None, with_disk_size: bool = True) -> Report:
     """Account for ``model`` (a :class:`pyfastpeft.PeftModel`, or any module with LoRA layers in it) and
-    its adapter ``adapter_name`` (default: the active one). ``str(report)`` is a table, ``.to_dict()`` a dict."""
+    its adapter ``adapter_name`` (default: the active one).
+
+    ``str(report)`` is a table for people, ``report.to_dict()`` a dict for programs."""
     trainable, total = trainable_parameters(model)
     name = adapter_name or getattr(model, "active_adapter", None)
     if name is None:
@@ -98,7 +105,9 @@ def report(model: nn.Module, adapter_name: str | None = None, with_disk_size: bo
             continue
         delta = layer.delta_weight(name)
         rank = int(torch.linalg.matrix_rank(delta).item()) if delta.abs().max() > 0 else 0
-        matrices.append(MatrixReport(path, tuple(delta.shape), layer.r[name], rank, int(torch.count_nonzero(delta))))
+        matrices.append(
+            MatrixReport(path, tuple(delta.shape), layer.r[name], rank, int(torch.count_nonzero(delta)))
+        )
     changed = sum(m.changed_entries for m in matrices)
     for _, wrapper in save_wrappers(model):
         if name in wrapper.modules_to_save:

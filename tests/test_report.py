@@ -10,9 +10,16 @@ from pyfastpeft.models import TinyLlamaConfig, TinyLlamaForCausalLM
 
 def tiny() -> TinyLlamaForCausalLM:
     torch.manual_seed(0)
-    return TinyLlamaForCausalLM(TinyLlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=48,
-                                                num_hidden_layers=2, num_attention_heads=4,
-                                                max_position_embeddings=32))
+    return TinyLlamaForCausalLM(
+        TinyLlamaConfig(
+            vocab_size=32,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=32,
+        )
+    )
 
 
 def test_fresh_adapter_changes_nothing():
@@ -28,8 +35,10 @@ def test_fresh_adapter_changes_nothing():
 
 
 def test_trained_adapter_rank_and_changed_entries(tmp_path):
-    m = pf.get_peft_model(tiny(), pf.LoraConfig(r=3, target_modules=["q_proj"], init_lora_weights=False,
-                                                modules_to_save=["lm_head"]))
+    m = pf.get_peft_model(
+        tiny(),
+        pf.LoraConfig(r=3, target_modules=["q_proj"], init_lora_weights=False, modules_to_save=["lm_head"]),
+    )
     layer0 = m.base_model.model.model.layers[0].self_attn.q_proj
     with torch.no_grad():
         layer0.lora_B["default"].weight[:, 1:] = 0  # rank 1, every entry still non-zero
@@ -52,8 +61,9 @@ def test_trained_adapter_rank_and_changed_entries(tmp_path):
 
 
 def test_report_is_the_same_after_merge():
-    m = pf.get_peft_model(tiny(), pf.LoraConfig(r=2, target_modules=["v_proj"], use_dora=True,
-                                                init_lora_weights=False))
+    m = pf.get_peft_model(
+        tiny(), pf.LoraConfig(r=2, target_modules=["v_proj"], use_dora=True, init_lora_weights=False)
+    )
     with torch.no_grad():
         for n, p in m.named_parameters():
             if "magnitude" in n:
@@ -61,6 +71,7 @@ def test_report_is_the_same_after_merge():
     before = pf.report(m)
     m.merge_adapter()
     after = pf.report(m)
-    assert [(x.delta_rank, x.changed_entries) for x in before.matrices] == \
-        [(x.delta_rank, x.changed_entries) for x in after.matrices]
+    assert [(x.delta_rank, x.changed_entries) for x in before.matrices] == [
+        (x.delta_rank, x.changed_entries) for x in after.matrices
+    ]
     assert before.matrices[0].delta_rank == 32  # DoRA rescales every row: ΔW is full rank

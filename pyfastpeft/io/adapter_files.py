@@ -93,7 +93,9 @@ def save_adapters(peft_model, save_directory: str | os.PathLike, selected: list[
     names = list(peft_model.peft_config) if selected is None else list(selected)
     for n in names:
         if n not in peft_model.peft_config:
-            raise ValueError(f"selected_adapters: no adapter named {n!r}; adapters: {list(peft_model.peft_config)}")
+            raise ValueError(
+                f"selected_adapters: no adapter named {n!r}; adapters: {list(peft_model.peft_config)}"
+            )
     root = Path(save_directory)
     if root.exists() and not root.is_dir():
         raise ValueError(f"save_directory: {root} exists and is not a directory")
@@ -165,8 +167,10 @@ def read_adapter(directory: str | os.PathLike) -> tuple[LoraConfig, dict[str, to
     path = Path(directory)
     if path.is_file():
         if path.suffix in (".bin", ".pt", ".pth", ".pkl"):
-            raise ValueError(f"{path}: refusing to read a pickle file (loading it could run arbitrary code); "
-                             f"convert it to {WEIGHTS_NAME}")
+            raise ValueError(
+                f"{path}: refusing to read a pickle file (loading it could run arbitrary code); "
+                f"convert it to {WEIGHTS_NAME}"
+            )
         raise ValueError(f"{path}: expected the adapter's directory, not a file")
     if not path.is_dir():
         raise ValueError(f"{path}: no such adapter directory")
@@ -174,8 +178,10 @@ def read_adapter(directory: str | os.PathLike) -> tuple[LoraConfig, dict[str, to
     if not weights.is_file():
         pickles = [n for n in PICKLE_NAMES if (path / n).exists()]
         if pickles:
-            raise ValueError(f"{path}: found {pickles[0]} but no {WEIGHTS_NAME}; refusing to read a pickle file "
-                             f"(loading it could run arbitrary code): convert it to safetensors")
+            raise ValueError(
+                f"{path}: found {pickles[0]} but no {WEIGHTS_NAME}; refusing to read a pickle file "
+                f"(loading it could run arbitrary code): convert it to safetensors"
+            )
         raise ValueError(f"{path}: no {WEIGHTS_NAME}")
     config_path = path / CONFIG_NAME
     if not config_path.is_file():

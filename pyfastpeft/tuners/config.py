@@ -10,9 +10,20 @@ INIT_CHOICES = (True, False, "gaussian", "pissa")
 BIAS_CHOICES = ("none", "all", "lora_only")
 # Fields this package does not implement; a config that sets them is refused rather than ignored.
 _UNSUPPORTED_WHEN_SET = (
-    "loftq_config", "eva_config", "corda_config", "lora_ga_config", "velora_config", "megatron_config",
-    "trainable_token_indices", "layer_replication", "alora_invocation_tokens", "target_parameters",
-    "arrow_config", "kasa_config", "monteclora_config", "use_bdlora",
+    "loftq_config",
+    "eva_config",
+    "corda_config",
+    "lora_ga_config",
+    "velora_config",
+    "megatron_config",
+    "trainable_token_indices",
+    "layer_replication",
+    "alora_invocation_tokens",
+    "target_parameters",
+    "arrow_config",
+    "kasa_config",
+    "monteclora_config",
+    "use_bdlora",
 )
 _UNSUPPORTED_WHEN_TRUE = ("use_qalora", "lora_bias", "ensure_weight_tying")
 
@@ -37,7 +48,8 @@ class LoraConfig:
         use_dora: weight-decomposed LoRA: a trainable magnitude per output row times the direction of
             ``W + s·B·A`` (the norm is detached, as in PEFT).
         bias: which biases train: 'none', 'all', or 'lora_only' (those of adapted layers).
-        modules_to_save: modules (by name, like ``target_modules``) trained in full and saved with the adapter.
+        modules_to_save: modules (by name, like ``target_modules``) trained in full and saved with the
+            adapter.
         init_lora_weights: True (A Kaiming-uniform, B = 0), 'gaussian' (A ~ N(0, 1/r), B = 0), False (both
             random: the adapter is not the identity; for tests), or 'pissa' (A, B from the top-r SVD of W,
             W replaced by its residual).
@@ -83,8 +95,10 @@ class LoraConfig:
             raise ValueError(f"peft_type: expected 'LORA', got {self.peft_type!r}")
         _check_rank("r", self.r)
         _check_number("lora_alpha", self.lora_alpha)
-        if isinstance(self.lora_dropout, bool) or not isinstance(self.lora_dropout, (int, float)) or not (
-            0.0 <= self.lora_dropout < 1.0
+        if (
+            isinstance(self.lora_dropout, bool)
+            or not isinstance(self.lora_dropout, (int, float))
+            or not (0.0 <= self.lora_dropout < 1.0)
         ):
             raise ValueError(f"lora_dropout: expected a probability in [0, 1), got {self.lora_dropout!r}")
         _check_patterns("target_modules", self.target_modules, allow_none=True)
@@ -94,17 +108,22 @@ class LoraConfig:
                 isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.layers_to_transform
             ):
                 raise ValueError(
-                    f"layers_to_transform: expected a non-negative int or a list of them, got {self.layers_to_transform!r}"
+                    "layers_to_transform: expected a non-negative int or a list of them, "
+                    f"got {self.layers_to_transform!r}"
                 )
             if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
-                raise ValueError("layers_to_transform: cannot be combined with a regex target_modules "
-                                 "(put the layer indices in the regex instead)")
+                raise ValueError(
+                    "layers_to_transform: cannot be combined with a regex target_modules "
+                    "(put the layer indices in the regex instead)"
+                )
         if self.layers_pattern is not None:
             if self.layers_to_transform is None:
                 raise ValueError("layers_pattern: only meaningful together with layers_to_transform")
             _check_patterns("layers_pattern", self.layers_pattern, allow_none=False)
-        for name, table, check in (("rank_pattern", self.rank_pattern, _check_rank),
-                                   ("alpha_pattern", self.alpha_pattern, _check_number)):
+        for name, table, check in (
+            ("rank_pattern", self.rank_pattern, _check_rank),
+            ("alpha_pattern", self.alpha_pattern, _check_number),
+        ):
             if not isinstance(table, dict):
                 raise ValueError(f"{name}: expected a dict {{pattern: value}}, got {type(table).__name__}")
             for key, value in table.items():
@@ -116,9 +135,7 @@ class LoraConfig:
             _check_patterns("modules_to_save", self.modules_to_save, allow_none=False, allow_regex=False)
         init = self.init_lora_weights
         if not (init is True or init is False or init in ("gaussian", "pissa")):
-            raise ValueError(
-                f"init_lora_weights: expected True, False, 'gaussian' or 'pissa', got {init!r}"
-            )
+            raise ValueError(f"init_lora_weights: expected True, False, 'gaussian' or 'pissa', got {init!r}")
         if init == "pissa" and self.use_dora:
             raise ValueError("init_lora_weights: 'pissa' cannot be combined with use_dora=True")
         for flag in ("use_rslora", "use_dora", "fan_in_fan_out", "inference_mode"):
@@ -181,4 +198,6 @@ def _check_patterns(name: str, value: Any, allow_none: bool, allow_regex: bool =
         _check_regex(name, value)
         return
     if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
-        raise ValueError(f"{name}: expected a non-empty list of non-empty module names or a regex string, got {value!r}")
+        raise ValueError(
+            f"{name}: expected a non-empty list of non-empty module names or a regex string, got {value!r}"
+        )

@@ -68,7 +68,9 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     chosen = []
     if config.target_modules == "all-linear":
         out_names = _output_layer_names(model)
-        candidates = [(p, m) for p, m in entries if p and (isinstance(m, (nn.Linear, LoraLinear)) or is_conv1d(m))]
+        candidates = [
+            (p, m) for p, m in entries if p and (isinstance(m, (nn.Linear, LoraLinear)) or is_conv1d(m))
+        ]
         chosen = [p for p, _ in candidates if p.rsplit(".", 1)[-1] not in out_names and p not in out_names]
     else:
         for path, module in entries:
@@ -95,14 +97,19 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
 
 def _no_match_message(model: nn.Module, config: LoraConfig, entries) -> str:
     adaptable = [p for p, m in entries if p and _adaptable(m)]
-    wanted = [config.target_modules] if isinstance(config.target_modules, str) else list(config.target_modules)
+    wanted = (
+        [config.target_modules] if isinstance(config.target_modules, str) else list(config.target_modules)
+    )
     short = sorted({p.rsplit(".", 1)[-1] for p in adaptable})
-    near = sorted({c for w in wanted for c in difflib.get_close_matches(w, short + adaptable, n=5, cutoff=0.3)})
+    near = sorted(
+        {c for w in wanted for c in difflib.get_close_matches(w, short + adaptable, n=5, cutoff=0.3)}
+    )
     extra = ""
     if config.layers_to_transform is not None:
         extra = f" within layers_to_transform={config.layers_to_transform}"
     return (
-        f"target_modules {wanted} matched no nn.Linear, Conv1D or nn.Embedding in {type(model).__name__}{extra}; "
+        f"target_modules {wanted} matched no nn.Linear, Conv1D or nn.Embedding in "
+        f"{type(model).__name__}{extra}; "
         f"nearest names: {near or 'none'}; adaptable module names end in: {short}"
     )
 
@@ -135,8 +142,9 @@ def inject_adapter(model: nn.Module, config: LoraConfig, name: str) -> list[str]
             _set_submodule(model, path, module)
         r = pattern_value(path, config.rank_pattern, config.r)
         alpha = pattern_value(path, config.alpha_pattern, config.lora_alpha)
-        module.update_layer(name, r, alpha, config.lora_dropout, config.use_rslora, config.use_dora,
-                            config.init_lora_weights)
+        module.update_layer(
+            name, r, alpha, config.lora_dropout, config.use_rslora, config.use_dora, config.init_lora_weights
+        )
     for path in saves:
         module = model.get_submodule(path)
         if not isinstance(module, ModulesToSaveWrapper):
@@ -170,14 +178,21 @@ def save_wrappers(model: nn.Module) -> Iterator[tuple[str, ModulesToSaveWrapper]
             yield path, module
 
 
-def inject_lora(model: nn.Module, target_modules: list[str] | str, r: int = 8, alpha: float = 16.0,
-                dropout: float = 0.0, rslora: bool = False) -> list[str]:
+def inject_lora(
+    model: nn.Module,
+    target_modules: list[str] | str,
+    r: int = 8,
+    alpha: float = 16.0,
+    dropout: float = 0.0,
+    rslora: bool = False,
+) -> list[str]:
     """Freeze ``model`` and add one LoRA adapter named "default" to the matching modules, in place
     (:func:`pyfastpeft.get_peft_model` is the full API; this keeps the model object unwrapped)."""
     for p in model.parameters():
         p.requires_grad_(False)
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
-                        use_rslora=rslora)
+    config = LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, use_rslora=rslora
+    )
     targets = inject_adapter(model, config, "default")
     for _, layer in lora_layers(model):
         layer.set_adapter(["default"])

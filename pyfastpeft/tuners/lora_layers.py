@@ -21,7 +21,11 @@ from .. import ops
 
 def is_conv1d(module: nn.Module) -> bool:
     """transformers' Conv1D (GPT-2): ``y = x·W + b`` with W stored [in, out]."""
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
+    return (
+        type(module).__name__ == "Conv1D"
+        and hasattr(module, "nf")
+        and getattr(module, "weight", None) is not None
+    )
 
 
 class DoraMagnitude(nn.Module):
@@ -71,7 +75,9 @@ class LoraLayer(nn.Module):
 
     def delete_adapter(self, name: str) -> None:
         if name in self.merged_adapters:
-            raise ValueError(f"adapter {name!r} is merged into the base weights; unmerge it before deleting it")
+            raise ValueError(
+                f"adapter {name!r} is merged into the base weights; unmerge it before deleting it"
+            )
         for attr in self.adapter_param_names:
             table = getattr(self, attr)
             if name in table:
@@ -129,8 +135,16 @@ class LoraLinear(LoraLayer):
         w = self.base_layer.weight
         return w.t() if self.fan_in_fan_out else w
 
-    def update_layer(self, name: str, r: int, alpha: float, dropout: float, use_rslora: bool, use_dora: bool,
-                     init: bool | str) -> None:
+    def update_layer(
+        self,
+        name: str,
+        r: int,
+        alpha: float,
+        dropout: float,
+        use_rslora: bool,
+        use_dora: bool,
+        init: bool | str,
+    ) -> None:
         w = self.base_layer.weight
         self.r[name], self.lora_alpha[name], self.dropout_p[name] = r, alpha, float(dropout)
         self.scaling[name] = alpha / (math.sqrt(r) if use_rslora else r)
@@ -151,7 +165,8 @@ class LoraLinear(LoraLayer):
                 self.lora_magnitude_vector[name] = DoraMagnitude(self._weight_norm(name).to(w.dtype))
 
     def _pissa_init(self, name: str) -> None:
-        # W = U·S·Vᵀ; A = √S_r·V_rᵀ/√s, B = U_r·√S_r/√s, so s·B·A is W's best rank-r part and W keeps the rest.
+        # W = U·S·Vᵀ; A = √S_r·V_rᵀ/√s, B = U_r·√S_r/√s, so s·B·A is W's best rank-r part and W keeps
+        # the rest.
         w = self.weight_oi()
         acc = torch.float64 if w.dtype == torch.float64 else torch.float32
         u, s, vh = torch.linalg.svd(w.to(acc), full_matrices=False)
@@ -175,7 +190,8 @@ class LoraLinear(LoraLayer):
         return torch.linalg.norm(w.to(dtype) + self.scaling[name] * ba, dim=1)
 
     def delta_weight(self, name: str) -> torch.Tensor:
-        """The change of the [out, in] weight that merging ``name`` makes, in float32 (float64 for float64)."""
+        """The change of the [out, in] weight that merging ``name`` makes, in float32 (float64 for
+        float64)."""
         w = self.weight_oi().detach()
         acc = torch.float64 if w.dtype == torch.float64 else torch.float32
         ba = self.lora_B[name].weight.detach().to(acc) @ self.lora_A[name].weight.detach().to(acc)
@@ -200,8 +216,11 @@ class LoraLinear(LoraLayer):
             acc = torch.float64 if w.dtype == torch.float64 else torch.float32
             if self.use_dora[name]:
                 self._dora_merge_norm[name] = self._weight_norm(name, acc)
-            self._set_weight_oi(w.to(acc) + self.delta_weight(name) if not self.use_dora[name]
-                                else self._dora_merged(name, acc))
+            self._set_weight_oi(
+                w.to(acc) + self.delta_weight(name)
+                if not self.use_dora[name]
+                else self._dora_merged(name, acc)
+            )
             self.merged_adapters.append(name)
 
     def _dora_merged(self, name: str, acc: torch.dtype) -> torch.Tensor:
@@ -245,7 +264,9 @@ class LoraLinear(LoraLayer):
             y = y + self._fused(x, weight, None, name) - F.linear(x, weight)
         return y
 
-    def _fused(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, name: str) -> torch.Tensor:
+    def _fused(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, name: str
+    ) -> torch.Tensor:
         a = self.lora_A[name].weight.to(x.dtype)
         b = self.lora_B[name].weight.to(x.dtype)
         p = self.dropout_p[name] if self.training else 0.0
@@ -258,8 +279,11 @@ class LoraLinear(LoraLayer):
         return y if bias is None else y + bias
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, adapters={self.adapters}, "
-                f"active={self.active_adapters}, merged={self.merged_adapters}, fan_in_fan_out={self.fan_in_fan_out}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, adapters={self.adapters}, "
+            f"active={self.active_adapters}, merged={self.merged_adapters}, "
+            f"fan_in_fan_out={self.fan_in_fan_out}"
+        )
 
 
 class LoraEmbedding(LoraLayer):
@@ -276,11 +300,21 @@ class LoraEmbedding(LoraLayer):
         self.lora_embedding_A = nn.ParameterDict()
         self.lora_embedding_B = nn.ParameterDict()
 
-    def update_layer(self, name: str, r: int, alpha: float, dropout: float, use_rslora: bool, use_dora: bool,
-                     init: bool | str) -> None:
+    def update_layer(
+        self,
+        name: str,
+        r: int,
+        alpha: float,
+        dropout: float,
+        use_rslora: bool,
+        use_dora: bool,
+        init: bool | str,
+    ) -> None:
         if use_dora:
-            raise ValueError("use_dora: DoRA on nn.Embedding is not supported; exclude the embedding from "
-                             "target_modules or set use_dora=False")
+            raise ValueError(
+                "use_dora: DoRA on nn.Embedding is not supported; exclude the embedding from "
+                "target_modules or set use_dora=False"
+            )
         if init == "pissa":
             raise ValueError("init_lora_weights: 'pissa' is not supported on nn.Embedding")
         w = self.base_layer.weight
@@ -328,14 +362,28 @@ class LoraEmbedding(LoraLayer):
             if name in self.merged_adapters:
                 continue
             a = self.lora_embedding_A[name]
-            after_a = F.embedding(x, a.t(), base.padding_idx, base.max_norm, base.norm_type,
-                                  base.scale_grad_by_freq, base.sparse)
-            y = y + (after_a @ self.lora_embedding_B[name].t().to(after_a.dtype)).to(y.dtype) * self.scaling[name]
+            after_a = F.embedding(
+                x,
+                a.t(),
+                base.padding_idx,
+                base.max_norm,
+                base.norm_type,
+                base.scale_grad_by_freq,
+                base.sparse,
+            )
+            y = (
+                y
+                + (after_a @ self.lora_embedding_B[name].t().to(after_a.dtype)).to(y.dtype)
+                * self.scaling[name]
+            )
         return y
 
     def extra_repr(self) -> str:
-        return (f"num_embeddings={self.in_features}, embedding_dim={self.out_features}, adapters={self.adapters}, "
-                f"active={self.active_adapters}, merged={self.merged_adapters}")
+        return (
+            f"num_embeddings={self.in_features}, embedding_dim={self.out_features}, "
+            f"adapters={self.adapters}, "
+            f"active={self.active_adapters}, merged={self.merged_adapters}"
+        )
 
 
 class ModulesToSaveWrapper(nn.Module):

@@ -17,9 +17,16 @@ from pyfastpeft.tuners import LoraLinear
 
 def tiny(seed: int = 0) -> TinyLlamaForCausalLM:
     torch.manual_seed(seed)
-    return TinyLlamaForCausalLM(TinyLlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=48,
-                                                num_hidden_layers=2, num_attention_heads=4,
-                                                max_position_embeddings=32))
+    return TinyLlamaForCausalLM(
+        TinyLlamaConfig(
+            vocab_size=32,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=32,
+        )
+    )
 
 
 def ids():
@@ -47,15 +54,23 @@ def test_layout_keys_shapes_and_config(tmp_path):
     assert tensors["base_model.model.lm_head.weight"].shape == (32, 32)
     assert len(tensors) == 2 * 2 * 3 + 1
     config = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert config["peft_type"] == "LORA" and config["r"] == 4 and config["target_modules"] == ["down_proj", "q_proj"]
+    assert (
+        config["peft_type"] == "LORA"
+        and config["r"] == 4
+        and config["target_modules"] == ["down_proj", "q_proj"]
+    )
 
 
 def test_roundtrip_named_adapters_and_outputs(tmp_path):
     m = adapted()
     m.add_adapter("second", pf.LoraConfig(r=3, target_modules=["v_proj"], init_lora_weights=False))
     m.save_pretrained(tmp_path)
-    assert listing(tmp_path) == ["adapter_config.json", "adapter_model.safetensors",
-                                 "second/adapter_config.json", "second/adapter_model.safetensors"]
+    assert listing(tmp_path) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "second/adapter_config.json",
+        "second/adapter_model.safetensors",
+    ]
     x = ids()
     m.eval()
     with torch.no_grad():
@@ -108,7 +123,9 @@ def test_config_for_missing_module_is_a_clear_error(tmp_path):
 
 def test_pickle_files_are_refused(tmp_path):
     torch.save({"x": torch.zeros(1)}, tmp_path / "adapter_model.bin")
-    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "target_modules": ["q_proj"]}))
+    (tmp_path / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "target_modules": ["q_proj"]})
+    )
     with pytest.raises(ValueError, match="refusing to read a pickle file"):
         pf.PeftModel.from_pretrained(tiny(), tmp_path)
     with pytest.raises(ValueError, match="refusing to read a pickle file"):
@@ -146,8 +163,12 @@ def test_failed_save_writes_nothing(tmp_path, monkeypatch):
     assert len(calls) == 3 and not target.exists()  # two files had been renamed into place: rolled back
     # an existing save is replaced whole or not at all: a second save over it succeeds cleanly
     m.save_pretrained(target)
-    assert listing(target) == ["adapter_config.json", "adapter_model.safetensors",
-                               "second/adapter_config.json", "second/adapter_model.safetensors"]
+    assert listing(target) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "second/adapter_config.json",
+        "second/adapter_model.safetensors",
+    ]
     # a failed save over an existing one restores the previous files
     old = {f: (target / f).read_bytes() for f in listing(target)}
     with torch.no_grad():

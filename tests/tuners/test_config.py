@@ -10,8 +10,20 @@ import pyfastpeft as pf
 def test_defaults_match_peft():
     peft = pytest.importorskip("peft")
     ours, theirs = pf.LoraConfig(), peft.LoraConfig()
-    for name in ("r", "lora_alpha", "lora_dropout", "use_rslora", "use_dora", "bias", "init_lora_weights",
-                 "fan_in_fan_out", "rank_pattern", "alpha_pattern", "layers_to_transform", "modules_to_save"):
+    for name in (
+        "r",
+        "lora_alpha",
+        "lora_dropout",
+        "use_rslora",
+        "use_dora",
+        "bias",
+        "init_lora_weights",
+        "fan_in_fan_out",
+        "rank_pattern",
+        "alpha_pattern",
+        "layers_to_transform",
+        "modules_to_save",
+    ):
         assert getattr(ours, name) == getattr(theirs, name), name
 
 
@@ -55,7 +67,16 @@ def test_normalises_sets_and_single_layer_index():
 
 def test_from_dict_refuses_unsupported_peft_features():
     with pytest.raises(ValueError, match="loftq_config"):
-        pf.LoraConfig.from_dict({"peft_type": "LORA", "target_modules": ["q"], "loftq_config": {"loftq_bits": 4}})
-    cfg = pf.LoraConfig.from_dict({"peft_type": "LORA", "target_modules": ["q"], "loftq_config": {},
-                                   "megatron_core": "megatron.core", "r": 4})
+        pf.LoraConfig.from_dict(
+            {"peft_type": "LORA", "target_modules": ["q"], "loftq_config": {"loftq_bits": 4}}
+        )
+    cfg = pf.LoraConfig.from_dict(
+        {
+            "peft_type": "LORA",
+            "target_modules": ["q"],
+            "loftq_config": {},
+            "megatron_core": "megatron.core",
+            "r": 4,
+        }
+    )
     assert cfg.r == 4

@@ -6,10 +6,9 @@ import json
 
 import pytest
 import torch
+from hf_tiny_models import VOCAB, outputs, twin_models
 
 import pyfastpeft as pf
-
-from hf_tiny_models import VOCAB, outputs, twin_models
 
 peft = pytest.importorskip("peft")
 
@@ -17,8 +16,9 @@ VARIANTS = [(False, False), (True, False), (False, True), (True, True)]  # (use_
 
 
 def config_kwargs(kind: str, use_dora: bool, use_rslora: bool) -> dict:
-    common = dict(r=4, lora_alpha=8, lora_dropout=0.1, use_dora=use_dora, use_rslora=use_rslora,
-                  init_lora_weights=False)
+    common = dict(
+        r=4, lora_alpha=8, lora_dropout=0.1, use_dora=use_dora, use_rslora=use_rslora, init_lora_weights=False
+    )
     if kind == "llama":
         targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
         if not use_dora:

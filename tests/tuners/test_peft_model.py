@@ -16,8 +16,15 @@ ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_pro
 
 def tiny(seed: int = 0, **kw) -> TinyLlamaForCausalLM:
     torch.manual_seed(seed)
-    cfg = TinyLlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
-                          num_attention_heads=4, max_position_embeddings=32, **kw)
+    cfg = TinyLlamaConfig(
+        vocab_size=32,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        max_position_embeddings=32,
+        **kw,
+    )
     return TinyLlamaForCausalLM(cfg)
 
 
@@ -30,13 +37,20 @@ def lora_paths(model):
 
 
 def test_list_targets_regex_layers_and_exclude():
-    m = pf.get_peft_model(tiny(), pf.LoraConfig(target_modules=["q_proj", "down_proj"], layers_to_transform=[0, 2]))
+    m = pf.get_peft_model(
+        tiny(), pf.LoraConfig(target_modules=["q_proj", "down_proj"], layers_to_transform=[0, 2])
+    )
     paths = lora_paths(m)
-    assert paths == [f"base_model.model.model.layers.{i}.{p}" for i in (0, 2)
-                     for p in ("self_attn.q_proj", "mlp.down_proj")]
+    assert paths == [
+        f"base_model.model.model.layers.{i}.{p}"
+        for i in (0, 2)
+        for p in ("self_attn.q_proj", "mlp.down_proj")
+    ]
     m = pf.get_peft_model(tiny(), pf.LoraConfig(target_modules=r".*layers\.1\.self_attn\.(k|v)_proj"))
-    assert [p.removeprefix("base_model.model.model.") for p in lora_paths(m)] == ["layers.1.self_attn.k_proj",
-                                                                   "layers.1.self_attn.v_proj"]
+    assert [p.removeprefix("base_model.model.model.") for p in lora_paths(m)] == [
+        "layers.1.self_attn.k_proj",
+        "layers.1.self_attn.v_proj",
+    ]
     m = pf.get_peft_model(tiny(), pf.LoraConfig(target_modules="all-linear", exclude_modules=["o_proj"]))
     names = {p.rsplit(".", 1)[1] for p in lora_paths(m)}
     assert names == set(ALL) - {"o_proj"}  # lm_head (the output layer) is never in all-linear
@@ -62,8 +76,14 @@ def test_failed_injection_leaves_model_untouched():
 
 
 def test_rank_and_alpha_patterns_and_rslora():
-    cfg = pf.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_rslora=True,
-                        rank_pattern={r"layers\.1\.self_attn\.q_proj": 2}, alpha_pattern={"v_proj": 3})
+    cfg = pf.LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj"],
+        use_rslora=True,
+        rank_pattern={r"layers\.1\.self_attn\.q_proj": 2},
+        alpha_pattern={"v_proj": 3},
+    )
     m = pf.get_peft_model(tiny(), cfg)
     q1 = m.base_model.model.model.layers[1].self_attn.q_proj
     v0 = m.base_model.model.model.layers[0].self_attn.v_proj
@@ -166,7 +186,9 @@ def test_merge_unmerge_restores_base_and_merge_and_unload(use_dora):
     model = tiny()
     base_state = {k: v.clone() for k, v in model.state_dict().items()}
     x = ids()
-    m = pf.get_peft_model(model, pf.LoraConfig(target_modules=ALL, use_dora=use_dora, init_lora_weights=False))
+    m = pf.get_peft_model(
+        model, pf.LoraConfig(target_modules=ALL, use_dora=use_dora, init_lora_weights=False)
+    )
     if use_dora:
         for n, p in m.named_parameters():
             if "magnitude" in n:
@@ -178,7 +200,11 @@ def test_merge_unmerge_restores_base_and_merge_and_unload(use_dora):
         torch.testing.assert_close(m(x).logits, adapted, rtol=1e-5, atol=1e-5)
         m.unmerge_adapter()
         torch.testing.assert_close(m(x).logits, adapted, rtol=1e-5, atol=1e-5)
-    restored = {k.replace("base_layer.", ""): v for k, v in m.base_model.model.state_dict().items() if "lora_" not in k}
+    restored = {
+        k.replace("base_layer.", ""): v
+        for k, v in m.base_model.model.state_dict().items()
+        if "lora_" not in k
+    }
     for k, v in base_state.items():
         torch.testing.assert_close(restored[k], v, rtol=0, atol=1e-6)
     merged = m.merge_and_unload()
@@ -193,7 +219,9 @@ def test_pissa_keeps_the_output_and_moves_the_top_of_w_into_the_adapter():
     with torch.no_grad():
         base = model(x).logits
     w = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
-    m = pf.get_peft_model(model, pf.LoraConfig(r=4, lora_alpha=4, target_modules=ALL, init_lora_weights="pissa"))
+    m = pf.get_peft_model(
+        model, pf.LoraConfig(r=4, lora_alpha=4, target_modules=ALL, init_lora_weights="pissa")
+    )
     layer = m.base_model.model.model.layers[0].self_attn.q_proj
     with torch.no_grad():
         torch.testing.assert_close(m(x).logits, base, rtol=1e-4, atol=1e-5)
@@ -206,8 +234,9 @@ def test_pissa_keeps_the_output_and_moves_the_top_of_w_into_the_adapter():
 def test_bias_modes(bias):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=20, n_embd=16, n_layer=1, n_head=2,
-                                                                 n_positions=16))
+    model = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(vocab_size=20, n_embd=16, n_layer=1, n_head=2, n_positions=16)
+    )
     m = pf.get_peft_model(model, pf.LoraConfig(target_modules=["c_attn"], bias=bias))
     trainable_bias = {n for n, p in m.named_parameters() if p.requires_grad and n.endswith("bias")}
     if bias == "none":
@@ -241,4 +270,7 @@ def test_print_trainable_parameters(capsys):
     line = capsys.readouterr().out.splitlines()[0]
     trainable = 3 * 2 * (32 + 32)
     total = sum(p.numel() for p in m.parameters())
-    assert line == f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+    assert (
+        line == f"trainable params: {trainable:,d} || all params: {total:,d} || "
+        f"trainable%: {100 * trainable / total:.4f}"
+    )

@@ -7,21 +7,28 @@ import copy
 
 import pytest
 import torch
+from conftest import low_precision_error_bound
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import pyfastpeft as pf
 from pyfastpeft.models import TinyLlamaConfig, TinyLlamaForCausalLM
-from conftest import low_precision_error_bound
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def tiny(layers: int = 2) -> TinyLlamaForCausalLM:
     torch.manual_seed(0)
-    return TinyLlamaForCausalLM(TinyLlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=48,
-                                                num_hidden_layers=layers, num_attention_heads=4,
-                                                max_position_embeddings=32))
+    return TinyLlamaForCausalLM(
+        TinyLlamaConfig(
+            vocab_size=32,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            max_position_embeddings=32,
+        )
+    )
 
 
 def ids(b=2, t=9, seed=1):
@@ -61,7 +68,9 @@ class Checkpointed(nn.Module):
 
 @pytest.mark.parametrize("reentrant", [False, True])
 def test_torch_utils_checkpoint_gives_the_same_gradients(reentrant):
-    plain = pf.get_peft_model(tiny(), pf.LoraConfig(target_modules=ALL, lora_dropout=0.2, init_lora_weights=False))
+    plain = pf.get_peft_model(
+        tiny(), pf.LoraConfig(target_modules=ALL, lora_dropout=0.2, init_lora_weights=False)
+    )
     ckpt = copy.deepcopy(plain)
     layers = ckpt.base_model.model.model.layers
     for i in range(len(layers)):
@@ -82,10 +91,19 @@ def test_torch_utils_checkpoint_gives_the_same_gradients(reentrant):
 def test_transformers_gradient_checkpointing_enable():
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    cfg = transformers.LlamaConfig(
+        vocab_size=32,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+    )
     base = transformers.LlamaForCausalLM(cfg)
-    plain = pf.get_peft_model(base, pf.LoraConfig(target_modules=ALL, lora_dropout=0.1, init_lora_weights=False))
+    plain = pf.get_peft_model(
+        base, pf.LoraConfig(target_modules=ALL, lora_dropout=0.1, init_lora_weights=False)
+    )
     ckpt = copy.deepcopy(plain)
     ckpt.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
     x = ids()
@@ -124,8 +142,9 @@ def test_autocast_bfloat16_on_cpu(use_dora):
 
 def test_torch_compile_fullgraph_no_graph_breaks():
     torch._dynamo.reset()
-    cfg = pf.LoraConfig(target_modules=ALL, lora_dropout=0.1, init_lora_weights=False,
-                        rank_pattern={"v_proj": 2})
+    cfg = pf.LoraConfig(
+        target_modules=ALL, lora_dropout=0.1, init_lora_weights=False, rank_pattern={"v_proj": 2}
+    )
     m = pf.get_peft_model(tiny(layers=1), cfg)
     m.add_adapter("dora", pf.LoraConfig(target_modules=["o_proj"], use_dora=True, init_lora_weights=False))
     m.eval()
