@@ -6,9 +6,9 @@ import json
 
 import pytest
 import torch
-from hf_tiny_models import VOCAB, outputs, twin_models
 
 import pyfastpeft as pf
+from tests.tuners.hf_tiny_models import VOCAB, outputs, twin_models
 
 peft = pytest.importorskip("peft")
 

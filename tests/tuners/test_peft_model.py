@@ -274,3 +274,15 @@ def test_print_trainable_parameters(capsys):
         line == f"trainable params: {trainable:,d} || all params: {total:,d} || "
         f"trainable%: {100 * trainable / total:.4f}"
     )
+
+
+def test_gaussian_and_default_init_start_at_the_identity():
+    for init in (True, "gaussian"):
+        m = pf.get_peft_model(tiny(), pf.LoraConfig(r=8, target_modules=["up_proj"], init_lora_weights=init))
+        layer = m.base_model.model.model.layers[0].mlp.up_proj
+        assert torch.count_nonzero(layer.lora_B["default"].weight) == 0
+        a = layer.lora_A["default"].weight
+        if init == "gaussian":
+            assert abs(a.std().item() - 1 / 8) < 0.03
+        else:  # Kaiming-uniform(a=√5): bound 1/√in
+            assert a.abs().max() <= 1 / 32**0.5 + 1e-6

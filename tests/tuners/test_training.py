@@ -7,12 +7,12 @@ import copy
 
 import pytest
 import torch
-from conftest import low_precision_error_bound
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import pyfastpeft as pf
 from pyfastpeft.models import TinyLlamaConfig, TinyLlamaForCausalLM
+from tests.conftest import low_precision_error_bound
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
