@@ -38,13 +38,19 @@ class PeftModel(nn.Module):
             raise ValueError("model: already a PeftModel; use add_adapter to add another adapter")
         if not isinstance(config, LoraConfig):
             raise ValueError(f"config: expected a pyfastpeft.LoraConfig, got {type(config).__name__}")
+        requires_grad = {p: p.requires_grad for p in model.parameters()}
         for p in model.parameters():
             p.requires_grad_(False)
         self.base_model = LoraModel(model)
         self.peft_config: dict[str, LoraConfig] = {}
         self.active_adapter: str | None = adapter_name
         self._input_grad_hook = None
-        self.add_adapter(adapter_name, config)
+        try:
+            self.add_adapter(adapter_name, config)
+        except BaseException:
+            for p, flag in requires_grad.items():  # injection validates before it changes any module
+                p.requires_grad_(flag)
+            raise
         checkpointing = getattr(model, "is_activation_checkpointing", None)
         if checkpointing is None:
             checkpointing = getattr(model, "is_gradient_checkpointing", False)

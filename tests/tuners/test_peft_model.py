@@ -73,6 +73,7 @@ def test_failed_injection_leaves_model_untouched():
     with pytest.raises(ValueError):
         pf.get_peft_model(model, pf.LoraConfig(target_modules=["q_proj", "embed_tokens"], use_dora=True))
     assert {n: type(m) for n, m in model.named_modules()} == before
+    assert all(p.requires_grad for p in model.parameters())
 
 
 def test_rank_and_alpha_patterns_and_rslora():
