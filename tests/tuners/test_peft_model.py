@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import pyfastpeft as pf
@@ -287,3 +289,34 @@ def test_gaussian_and_default_init_start_at_the_identity():
             assert abs(a.std().item() - 1 / 8) < 0.03
         else:  # Kaiming-uniform(a=√5): bound 1/√in
             assert a.abs().max() <= 1 / 32**0.5 + 1e-6
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    in_features=st.integers(1, 40),
+    out_features=st.integers(1, 40),
+    r=st.integers(1, 8),
+    rows=st.integers(1, 12),
+    use_dora=st.booleans(),
+    use_rslora=st.booleans(),
+    bias=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_linear_layer_random_shapes_match_reference(
+    in_features, out_features, r, rows, use_dora, use_rslora, bias, seed
+):
+    torch.manual_seed(seed)
+    base = nn.Linear(in_features, out_features, bias=bias)
+    layer = LoraLinear(base)
+    layer.update_layer("default", r, 3.0, 0.0, use_rslora, use_dora, False)
+    layer.set_adapter(["default"])
+    if use_dora:
+        layer.lora_magnitude_vector["default"].weight.data.mul_(torch.rand(out_features) + 0.5)
+    x = torch.randn(rows, in_features)
+    s = 3.0 / (r**0.5 if use_rslora else r)
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    mag = layer.lora_magnitude_vector["default"].weight if use_dora else None
+    ref = reference_linear(x, base.weight, base.bias, a, b, s, mag)
+    torch.testing.assert_close(layer(x).double(), ref, rtol=1e-5, atol=1e-5)
+    layer.merge()
+    torch.testing.assert_close(layer.base_layer(x).double(), ref, rtol=1e-5, atol=1e-5)
