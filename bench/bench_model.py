@@ -7,13 +7,18 @@ Default size (the one the targets are stated for): hidden 512, 4 layers, batch 4
 LoRA r = 16, alpha 32, dropout 0.05 on every linear layer of the blocks (q, k, v, o, gate, up, down).
 A step is forward, backward and torch.optim.AdamW over the trainable tensors. All three candidates get
 the same input embeddings, which require grad, so the floor's backward runs through every layer as a
-LoRA step's must. Memory on the CPU: bytes autograd saves for backward in one forward (plus parameter
-gradients and AdamW state, which are the same for both adapters); on CUDA, the allocator's peak.
+LoRA step's must. Memory: the bytes autograd saves for backward in one forward ("saved"), and the peak
+of training ("peak"): on CUDA the allocator's peak over a step, on the CPU the process's peak
+resident set over three steps minus the resident set before them, each candidate alone in a fresh
+process.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
+import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -61,42 +66,8 @@ def make_step(model, embeds: torch.Tensor, labels: torch.Tensor, optimizer):
     return step
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--quick", action="store_true", help="small smoke size")
-    ap.add_argument("--rounds", type=int, default=None)
-    ap.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="torch CPU threads (default: torch's); 1 is steadier on a loaded machine",
-    )
-    ap.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout (the stated size uses 0.05)")
-    ap.add_argument(
-        "--cpu-time",
-        action="store_true",
-        help="time with this process's CPU time (use with --threads 1 on a shared machine)",
-    )
-    args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.quick:
-        args.hidden, args.intermediate, args.layers, args.heads, args.batch, args.seq = 128, 352, 2, 4, 2, 64
-    else:
-        args.hidden, args.intermediate, args.layers, args.heads, args.batch, args.seq = (
-            512,
-            1376,
-            4,
-            8,
-            4,
-            256,
-        )
-    args.vocab = 1024
-    rounds = args.rounds or (5 if args.quick else 15)
-    dtype, device = getattr(torch, args.dtype), args.device
-
+def setup(args, dtype: torch.dtype, device: str):
+    """The three candidates' step functions (and their models, the input embeddings and the labels)."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model as peft_get_peft_model
 
@@ -118,6 +89,87 @@ def main() -> None:
         "pyfastpeft LoRA step": make_step(ours, embeds, ids, opt_ours),
         "HF PEFT LoRA step": make_step(theirs, embeds, ids, opt_theirs),
     }
+    return (
+        steps,
+        {"floor (frozen fwd+bwd)": floor, "pyfastpeft LoRA step": ours, "HF PEFT LoRA step": theirs},
+        embeds,
+        ids,
+    )
+
+
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def step_rss_growth(step) -> int:
+    """Peak resident set over three steps minus the resident set before the first (models built, inputs
+    made): the memory training adds on the CPU (activations, gradients, optimizer state, allocator
+    slack), process-wide, as the kernel counts it. The high-water mark is reset first (Linux
+    clear_refs), so nothing before the steps counts."""
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = _status_bytes("VmRSS")
+    for _ in range(3):
+        step()
+    return max(0, _status_bytes("VmHWM") - before)
+
+
+def child_peak_rss(name: str) -> int | None:
+    """Run the step of ``name`` alone in a fresh process (so no other candidate's memory counts)."""
+    cmd = [sys.executable, __file__, "--peak-rss-of", name, *[a for a in sys.argv[1:]]]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if out.returncode != 0:
+        print(f"peak RSS child for {name!r} failed: {out.stderr[-500:]}", file=sys.stderr)
+        return None
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_growth"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--quick", action="store_true", help="small smoke size")
+    ap.add_argument("--rounds", type=int, default=None)
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: torch's); 1 is steadier on a loaded machine",
+    )
+    ap.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout (the stated size uses 0.05)")
+    ap.add_argument(
+        "--cpu-time",
+        action="store_true",
+        help="time with this process's CPU time (use with --threads 1 on a shared machine)",
+    )
+    ap.add_argument("--peak-rss-of", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.quick:
+        args.hidden, args.intermediate, args.layers, args.heads, args.batch, args.seq = 128, 352, 2, 4, 2, 64
+    else:
+        args.hidden, args.intermediate, args.layers, args.heads, args.batch, args.seq = (
+            512,
+            1376,
+            4,
+            8,
+            4,
+            256,
+        )
+    args.vocab = 1024
+    rounds = args.rounds or (5 if args.quick else 15)
+    dtype, device = getattr(torch, args.dtype), args.device
+
+    steps, models, embeds, ids = setup(args, dtype, device)
+    if args.peak_rss_of:
+        print(json.dumps({"peak_rss_growth": step_rss_growth(steps[args.peak_rss_of])}))
+        return
     clock = time.process_time if args.cpu_time else time.perf_counter
     times = time_interleaved(steps, device=device, warmup=2, rounds=rounds, clock=clock)
 
@@ -126,14 +178,11 @@ def main() -> None:
             lambda: model(inputs_embeds=embeds.detach().requires_grad_(), labels=ids).loss, exclude=(embeds,)
         )
 
-    memory = {
-        "floor (frozen fwd+bwd)": saved(floor),
-        "pyfastpeft LoRA step": saved(ours),
-        "HF PEFT LoRA step": saved(theirs),
-    }
-    peaks = {}
+    memory = {name: saved(model) for name, model in models.items()}
     if device == "cuda":
         peaks = {name: peak_memory_bytes(fn, device) for name, fn in steps.items()}
+    else:
+        peaks = {name: child_peak_rss(name) for name in steps}
     floor_ms = times["floor (frozen fwd+bwd)"]
     rows = []
     for name, ms in times.items():
@@ -144,7 +193,7 @@ def main() -> None:
                 "steps/s": 1e3 / ms,
                 "x floor": ms / floor_ms,
                 "saved MiB": memory[name] / 2**20,
-                "peak MiB": peaks[name] / 2**20 if name in peaks else None,
+                "peak MiB": peaks[name] / 2**20 if peaks.get(name) is not None else None,
             }
         )
     speedup = times["HF PEFT LoRA step"] / times["pyfastpeft LoRA step"]
@@ -163,6 +212,7 @@ def main() -> None:
     suffix = (
         ("_quick" if args.quick else "")
         + ("" if args.dropout == 0.05 else f"_dropout{args.dropout:g}")
+        + ("" if args.cpu_time else "_wall")
         + ("" if device == "cpu" else f"_{device}")
         + ("" if args.dtype == "float32" else f"_{args.dtype}")
     )
