@@ -13,7 +13,10 @@ from pyfastpeft.models import TinyLlamaConfig, TinyLlamaForCausalLM
 
 def test_finetune_out_saves_a_loadable_adapter(tmp_path, capsys):
     out = tmp_path / "adapter"
-    assert main(["finetune", "--pretrain-steps", "0", "--steps", "3", "--batch-size", "4", "--out", str(out)]) == 0
+    assert (
+        main(["finetune", "--pretrain-steps", "0", "--steps", "3", "--batch-size", "4", "--out", str(out)])
+        == 0
+    )
     assert "adapter saved to" in capsys.readouterr().out
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 8

@@ -60,6 +60,23 @@ class LoraLayer(nn.Module):
     def adapters(self) -> list[str]:
         return list(self.r)
 
+    # Code that reads the wrapped layer's attributes (``q_proj.weight.dtype``, ``c_attn.nf``) keeps working.
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.base_layer, "bias", None)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_layer" or "base_layer" not in self.__dict__.get("_modules", {}):
+                raise
+            return getattr(self._modules["base_layer"], name)
+
     @property
     def merged(self) -> bool:
         return bool(self.merged_adapters)
@@ -398,6 +415,18 @@ class ModulesToSaveWrapper(nn.Module):
         self.disable_adapters = False
         for p in module.parameters():
             p.requires_grad_(False)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            modules = self.__dict__.get("_modules", {})
+            if name in ("original_module", "modules_to_save") or "original_module" not in modules:
+                raise
+            active = self.__dict__.get("active_adapter")
+            copies = modules.get("modules_to_save")
+            target = copies[active] if copies is not None and active in copies else modules["original_module"]
+            return getattr(target, name)
 
     def add(self, name: str) -> None:
         import copy

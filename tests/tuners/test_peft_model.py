@@ -320,3 +320,15 @@ def test_linear_layer_random_shapes_match_reference(
     torch.testing.assert_close(layer(x).double(), ref, rtol=1e-5, atol=1e-5)
     layer.merge()
     torch.testing.assert_close(layer.base_layer(x).double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_wrapped_modules_keep_their_attributes():
+    m = pf.get_peft_model(tiny(), pf.LoraConfig(target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    q = m.base_model.model.model.layers[0].self_attn.q_proj
+    assert q.weight is q.base_layer.weight and q.bias is None
+    assert q.out_features == 32 and q.base_layer.in_features == 32
+    head = m.base_model.model.lm_head
+    assert head.weight is head.modules_to_save["default"].weight
+    assert head.out_features == 32
+    with pytest.raises(AttributeError):
+        _ = q.no_such_attribute
