@@ -204,8 +204,8 @@ def copy_into(peft_model, adapter_name: str, tensors: dict[str, torch.Tensor], s
     """Validate every key and shape of ``tensors`` against the model's adapter, then copy them in."""
     expected = adapter_tensors(peft_model, adapter_name)
     # PEFT also saves whole embedding matrices when embeddings are targeted or resized; they load too.
-    embeddings = _embedding_parameters(peft_model)
-    expected.update({k: embeddings[k] for k in tensors if k not in expected and k in embeddings})
+    extras = _also_loadable(peft_model, adapter_name)
+    expected.update({k: extras[k] for k in tensors if k not in expected and k in extras})
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     mismatched = [
@@ -225,6 +225,23 @@ def copy_into(peft_model, adapter_name: str, tensors: dict[str, torch.Tensor], s
     with torch.no_grad():
         for k, target in expected.items():
             target.copy_(tensors[k].to(dtype=target.dtype, device=target.device))
+
+
+def _also_loadable(peft_model, adapter_name: str) -> dict[str, torch.Tensor]:
+    """Tensors PEFT may write beyond the adapter's own: whole embedding matrices (when embeddings are
+    targeted or resized) and, with bias='all', the biases inside modules_to_save wrappers under their
+    in-memory names (``P.original_module.bias``, ``P.modules_to_save.bias``)."""
+    found = _embedding_parameters(peft_model)
+    if peft_model.peft_config[adapter_name].bias == "all":
+        for path, wrapper in save_wrappers(peft_model.base_model.model):
+            modules = {"original_module": wrapper.original_module}
+            if adapter_name in wrapper.modules_to_save:
+                modules["modules_to_save"] = wrapper.modules_to_save[adapter_name]
+            for label, module in modules.items():
+                for name, p in module.named_parameters():
+                    if name == "bias" or name.endswith(".bias"):
+                        found[f"{PREFIX}{path}.{label}.{name}"] = p
+    return found
 
 
 def _embedding_parameters(peft_model) -> dict[str, torch.Tensor]:

@@ -107,3 +107,27 @@ def test_file_keys_match_peft_exactly(tmp_path):
     ours = load_file(tmp_path / "ours" / "adapter_model.safetensors")
     theirs = load_file(tmp_path / "theirs" / "adapter_model.safetensors")
     assert {k: tuple(v.shape) for k, v in ours.items()} == {k: tuple(v.shape) for k, v in theirs.items()}
+
+
+@pytest.mark.parametrize("direction", ["ours_to_peft", "peft_to_ours"])
+def test_bias_all_with_modules_to_save_both_directions(direction, tmp_path):
+    ours_base, theirs_base = twin_models("bert")
+    ids = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(1))
+    kw = dict(
+        r=4, target_modules=["query"], bias="all", modules_to_save=["classifier"], init_lora_weights=False
+    )
+    if direction == "ours_to_peft":
+        source = pf.get_peft_model(ours_base, pf.LoraConfig(**kw))
+        perturb(source, 3)
+        source.eval().save_pretrained(tmp_path)
+        loaded = peft.PeftModel.from_pretrained(theirs_base, str(tmp_path)).eval()
+    else:
+        source = peft.get_peft_model(theirs_base, peft.LoraConfig(**kw))
+        perturb(source, 3)
+        source.eval().save_pretrained(str(tmp_path))
+        loaded = pf.PeftModel.from_pretrained(ours_base, tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(outputs(loaded, ids), outputs(source, ids), rtol=0, atol=1e-5)
+        with source.disable_adapter():
+            base = outputs(source, ids)
+        assert (base - outputs(loaded, ids)).abs().max() > 1e-3
