@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .tuners.inject import lora_layers, save_wrappers, trainable_parameters
+from .tuners.lora_layers import LoraEmbedding, LoraLinear
 
 
 @dataclass
@@ -89,6 +90,24 @@ def _adamw_state_bytes(model: nn.Module) -> int:
     return sum(2 * p.numel() * p.element_size() + 4 for p in seen.values())
 
 
+def _delta_rank(layer, name: str, delta: torch.Tensor) -> int:
+    """``matrix_rank(ΔW)`` with its default tolerance (σ_max · max(m, n) · eps). For plain LoRA,
+    ΔW = s·B·A = Q_B·(s·R_B·R_Aᵀ)·Q_Aᵀ has the singular values of the r×r core, so no SVD of the full
+    matrix is needed; DoRA's ΔW rescales W's rows too and takes the full SVD."""
+    if isinstance(layer, LoraLinear) and not layer.use_dora[name]:
+        b, a = layer.lora_B[name].weight, layer.lora_A[name].weight
+    elif isinstance(layer, LoraEmbedding):
+        b, a = layer.lora_embedding_B[name], layer.lora_embedding_A[name]
+    else:
+        return int(torch.linalg.matrix_rank(delta).item())
+    b, a = b.detach().to(delta.dtype), a.detach().to(delta.dtype)
+    r_b = torch.linalg.qr(b).R
+    r_a = torch.linalg.qr(a.t()).R
+    singular = torch.linalg.svdvals(layer.scaling[name] * (r_b @ r_a.t()))
+    tol = singular.max() * max(delta.shape) * torch.finfo(delta.dtype).eps
+    return int((singular > tol).sum().item())
+
+
 @torch.no_grad()
 def report(model: nn.Module, adapter_name: str | None = None, with_disk_size: bool = True) -> Report:
     """Account for ``model`` (a :class:`pyfastpeft.PeftModel`, or any module with LoRA layers in it) and
@@ -104,7 +123,7 @@ def report(model: nn.Module, adapter_name: str | None = None, with_disk_size: bo
         if name not in layer.r:
             continue
         delta = layer.delta_weight(name)
-        rank = int(torch.linalg.matrix_rank(delta).item()) if delta.abs().max() > 0 else 0
+        rank = _delta_rank(layer, name, delta) if delta.abs().max() > 0 else 0
         matrices.append(
             MatrixReport(path, tuple(delta.shape), layer.r[name], rank, int(torch.count_nonzero(delta)))
         )

@@ -75,3 +75,24 @@ def test_report_is_the_same_after_merge():
         (x.delta_rank, x.changed_entries) for x in after.matrices
     ]
     assert before.matrices[0].delta_rank == 32  # DoRA rescales every row: ΔW is full rank
+
+
+def test_factored_rank_equals_full_matrix_rank():
+    m = pf.get_peft_model(
+        tiny(), pf.LoraConfig(r=6, target_modules=["gate_proj", "embed_tokens"], init_lora_weights=False)
+    )
+    with torch.no_grad():
+        emb = m.base_model.model.model.embed_tokens
+        emb.lora_embedding_A["default"][4:] = 0  # rank 4
+        gate = m.base_model.model.model.layers[1].mlp.gate_proj
+        gate.lora_A["default"].weight[3] = 2 * gate.lora_A["default"].weight[0]  # rank 5
+    r = pf.report(m)
+    for path, layer in pf.tuners.inject.lora_layers(m):
+        full = int(torch.linalg.matrix_rank(layer.delta_weight("default")))
+        assert next(x.delta_rank for x in r.matrices if x.name == path) == full
+    ranks = {x.name.rsplit("model.", 1)[-1]: x.delta_rank for x in r.matrices}
+    assert (
+        ranks["embed_tokens"] == 4
+        and ranks["layers.1.mlp.gate_proj"] == 5
+        and ranks["layers.0.mlp.gate_proj"] == 6
+    )
