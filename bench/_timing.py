@@ -35,9 +35,16 @@ def time_fn(fn: Callable[[], object], device: str = "cpu", warmup: int = 3, repe
     return statistics.median(times)
 
 
-def time_interleaved(fns: dict[str, Callable[[], object]], device: str = "cpu", warmup: int = 3, rounds: int = 20):
+def time_interleaved(
+    fns: dict[str, Callable[[], object]],
+    device: str = "cpu",
+    warmup: int = 3,
+    rounds: int = 20,
+    clock: Callable[[], float] = time.perf_counter,
+):
     """Median times (ms) of several candidates, run in interleaved rounds so that machine noise
-    (frequency changes, a neighbour's load) hits all of them alike."""
+    (frequency changes, a neighbour's load) hits all of them alike. ``clock=time.process_time`` measures
+    this process's CPU time instead of wall time (steadier on a shared machine with one thread)."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -45,10 +52,10 @@ def time_interleaved(fns: dict[str, Callable[[], object]], device: str = "cpu", 
     samples: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
             _sync(device)
-            samples[name].append((time.perf_counter() - t0) * 1e3)
+            samples[name].append((clock() - t0) * 1e3)
     return {k: statistics.median(v) for k, v in samples.items()}
 
 

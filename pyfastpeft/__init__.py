@@ -4,11 +4,25 @@ from __future__ import annotations
 
 import torch  # noqa: F401  (must be imported before the extension)
 
+from . import io, nn, ops, optim, tuners
 from ._extension import build_info, cuda_available
-
-# isort: split
-from . import nn, ops, optim
+from .report import Report, report
+from .tuners import LoraConfig, PeftModel, get_peft_model
 
 __version__ = "0.1.0"
 
-__all__ = ["build_info", "cuda_available", "nn", "ops", "optim", "__version__"]
+__all__ = [
+    "LoraConfig",
+    "PeftModel",
+    "Report",
+    "__version__",
+    "build_info",
+    "cuda_available",
+    "get_peft_model",
+    "io",
+    "nn",
+    "ops",
+    "optim",
+    "report",
+    "tuners",
+]

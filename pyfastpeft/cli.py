@@ -9,7 +9,7 @@ import time
 import torch
 
 from .models import TASKS, TinyLlamaConfig, TinyLlamaForCausalLM, answer_accuracy, make_batch
-from .tuners import inject_lora, trainable_parameters
+from .tuners import LoraConfig, LoraLinear, get_peft_model
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -60,15 +60,26 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     eval_batch = make_batch(args.task, 256, args.length, cfg.vocab_size, torch.Generator().manual_seed(args.seed + 1))
     model.eval()
     before = answer_accuracy(model, eval_batch)
-    adapted = inject_lora(model, LLAMA_TARGETS, r=args.r, alpha=args.alpha, dropout=args.dropout)
-    trainable, total = trainable_parameters(model)
+    config = LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout, target_modules=LLAMA_TARGETS)
+    model = get_peft_model(model, config)
+    adapted = sum(1 for m in model.modules() if isinstance(m, LoraLinear))
+    trainable, total = model.get_nb_trainable_parameters()
     print(
-        f"LoRA r={args.r} alpha={args.alpha} dropout={args.dropout} on {len(adapted)} linear layers: "
-        f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}"
+        f"LoRA r={args.r} alpha={args.alpha} dropout={args.dropout} on {adapted} linear layers: "
+        f"trainable params: {trainable:,} || all params: {total:,} || "
+        f"trainable%: {100 * trainable / total:.4f}"
     )
     model.train()
     losses = _train(
-        model, args.task, args.steps, args.batch_size, args.length, args.lr, gen, max(1, args.steps // 10), "finetune"
+        model,
+        args.task,
+        args.steps,
+        args.batch_size,
+        args.length,
+        args.lr,
+        gen,
+        max(1, args.steps // 10),
+        "finetune",
     )
     model.eval()
     after = answer_accuracy(model, eval_batch)
@@ -77,6 +88,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         f"'{args.task}' answer token accuracy: {before[0]:.3f} -> {after[0]:.3f}; "
         f"exact match: {before[1]:.3f} -> {after[1]:.3f}"
     )
+    if args.out:
+        model.save_pretrained(args.out)
+        print(f"adapter saved to {args.out} (adapter_model.safetensors + adapter_config.json, PEFT layout)")
     return 0
 
 
@@ -95,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--alpha", type=float, default=16.0)
     ft.add_argument("--dropout", type=float, default=0.05)
     ft.add_argument("--seed", type=int, default=0)
+    ft.add_argument(
+        "--out", metavar="DIR", default=None, help="save the trained adapter here (Hugging Face PEFT layout)"
+    )
     ft.set_defaults(func=cmd_finetune)
     return parser
 

@@ -1,0 +1,451 @@
+"""LoRA layers holding several named adapters: linear (nn.Linear and transformers' Conv1D) and embedding.
+
+Parameter names follow Hugging Face PEFT's in-memory layout (``<path>.lora_A.<adapter>.weight``,
+``lora_B``, ``lora_magnitude_vector.<adapter>.weight``, ``lora_embedding_A.<adapter>``), so state dicts
+map one-to-one onto PEFT's files.
+
+The linear forward with one active adapter is one call of the fused op :func:`pyfastpeft.ops.lora_linear`
+(the frozen product, the rank-r products and the dropout in one pass; the backward regenerates the mask).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import ops
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' Conv1D (GPT-2): ``y = x·W + b`` with W stored [in, out]."""
+    return (
+        type(module).__name__ == "Conv1D"
+        and hasattr(module, "nf")
+        and getattr(module, "weight", None) is not None
+    )
+
+
+class DoraMagnitude(nn.Module):
+    """DoRA's trainable magnitude, one entry per output feature (PEFT stores it as ``.weight``)."""
+
+    def __init__(self, magnitude: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(magnitude)
+
+
+class LoraLayer(nn.Module):
+    """What every LoRA layer shares: the frozen ``base_layer``, per-adapter hyper-parameters, the active
+    adapters, the disabled flag and the list of adapters currently merged into the base weight."""
+
+    adapter_param_names: tuple[str, ...] = ()
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__()
+        self.base_layer = base_layer
+        for p in base_layer.parameters():
+            p.requires_grad_(False)
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.dropout_p: dict[str, float] = {}
+        self.use_dora: dict[str, bool] = {}
+        self.active_adapters: list[str] = []
+        self.disable_adapters = False
+        self.merged_adapters: list[str] = []
+
+    @property
+    def adapters(self) -> list[str]:
+        return list(self.r)
+
+    # Code that reads the wrapped layer's attributes (``q_proj.weight.dtype``, ``c_attn.nf``) keeps working.
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.base_layer, "bias", None)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_layer" or "base_layer" not in self.__dict__.get("_modules", {}):
+                raise
+            return getattr(self._modules["base_layer"], name)
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    def set_adapter(self, names: list[str]) -> None:
+        """Make ``names`` the active adapters; only their parameters require grad."""
+        self.active_adapters = [n for n in names if n in self.r]
+        for attr in self.adapter_param_names:
+            for name, holder in getattr(self, attr).items():
+                params = [holder] if isinstance(holder, nn.Parameter) else list(holder.parameters())
+                for p in params:
+                    p.requires_grad_(name in self.active_adapters)
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.merged_adapters:
+            raise ValueError(
+                f"adapter {name!r} is merged into the base weights; unmerge it before deleting it"
+            )
+        for attr in self.adapter_param_names:
+            table = getattr(self, attr)
+            if name in table:
+                del table[name]
+        for table in (self.r, self.lora_alpha, self.scaling, self.dropout_p, self.use_dora):
+            table.pop(name, None)
+        self.active_adapters = [n for n in self.active_adapters if n != name]
+
+    def delta_weight(self, name: str) -> torch.Tensor:  # pragma: no cover - per layer kind
+        raise NotImplementedError
+
+    def merge(self, names: list[str] | None = None) -> None:  # pragma: no cover - per layer kind
+        raise NotImplementedError
+
+    def unmerge(self) -> None:  # pragma: no cover - per layer kind
+        raise NotImplementedError
+
+    def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
+        # Under autocast the op must see one dtype, as F.linear would after autocast's cast.
+        if torch.is_autocast_enabled(x.device.type) and x.is_floating_point():
+            return torch.get_autocast_dtype(x.device.type)
+        return x.dtype if x.is_floating_point() else self.base_weight_dtype()
+
+    def base_weight_dtype(self) -> torch.dtype:
+        return self.base_layer.weight.dtype
+
+
+class LoraLinear(LoraLayer):
+    """LoRA on ``nn.Linear`` (weight [out, in]) or Conv1D (weight [in, out], ``fan_in_fan_out``).
+
+    One active adapter: ``y = W x + b + s·B·A·dropout(x)`` in one fused op. DoRA: ``y = b + m / ‖W + s·B·A‖
+    ⊙ (W x + s·B·A·dropout(x))`` with the row norm detached (PEFT's choice); without dropout (eval, or
+    p = 0) this is exactly PEFT's DoRA output; in training with dropout PEFT instead applies the dropout
+    to the rescaled base branch too, which costs it a second full product.
+    """
+
+    adapter_param_names = ("lora_A", "lora_B", "lora_magnitude_vector")
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__(base_layer)
+        self.fan_in_fan_out = is_conv1d(base_layer)
+        if self.fan_in_fan_out:
+            self.in_features, self.out_features = base_layer.weight.shape
+        elif isinstance(base_layer, nn.Linear):
+            self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        else:
+            raise ValueError(f"base_layer: expected nn.Linear or Conv1D, got {type(base_layer).__name__}")
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ModuleDict()
+        self._dora_merge_norm: dict[str, torch.Tensor] = {}
+
+    def weight_oi(self) -> torch.Tensor:
+        """The base weight as [out, in] (a transposed view for Conv1D)."""
+        w = self.base_layer.weight
+        return w.t() if self.fan_in_fan_out else w
+
+    def update_layer(
+        self,
+        name: str,
+        r: int,
+        alpha: float,
+        dropout: float,
+        use_rslora: bool,
+        use_dora: bool,
+        init: bool | str,
+    ) -> None:
+        w = self.base_layer.weight
+        self.r[name], self.lora_alpha[name], self.dropout_p[name] = r, alpha, float(dropout)
+        self.scaling[name] = alpha / (math.sqrt(r) if use_rslora else r)
+        self.use_dora[name] = use_dora
+        kw = {"dtype": w.dtype, "device": w.device}
+        self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, **kw)
+        self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, **kw)
+        with torch.no_grad():
+            if init == "pissa":
+                self._pissa_init(name)
+            elif init is not False:
+                if init == "gaussian":
+                    nn.init.normal_(self.lora_A[name].weight, std=1 / r)
+                else:
+                    nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))
+                nn.init.zeros_(self.lora_B[name].weight)
+            if use_dora:
+                self.lora_magnitude_vector[name] = DoraMagnitude(self._weight_norm(name).to(w.dtype))
+
+    def _pissa_init(self, name: str) -> None:
+        # W = U·S·Vᵀ; A = √S_r·V_rᵀ/√s, B = U_r·√S_r/√s, so s·B·A is W's best rank-r part and W keeps
+        # the rest.
+        w = self.weight_oi()
+        acc = torch.float64 if w.dtype == torch.float64 else torch.float32
+        u, s, vh = torch.linalg.svd(w.to(acc), full_matrices=False)
+        r, scale = self.r[name], self.scaling[name]
+        root = torch.sqrt(s[:r] / scale)
+        a = root[:, None] * vh[:r]
+        b = u[:, :r] * root[None, :]
+        self.lora_A[name].weight.copy_(a)
+        self.lora_B[name].weight.copy_(b)
+        self._set_weight_oi(w.to(acc) - scale * (b @ a))
+
+    def _set_weight_oi(self, new_oi: torch.Tensor) -> None:
+        w = self.base_layer.weight
+        w.data.copy_((new_oi.t() if self.fan_in_fan_out else new_oi).to(w.dtype))
+
+    def _weight_norm(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Row norm of ``W + s·B·A`` (PEFT's "column norm" in the paper's [in, out] convention), detached."""
+        w = self.weight_oi().detach()
+        dtype = dtype or w.dtype
+        ba = self.lora_B[name].weight.detach().to(dtype) @ self.lora_A[name].weight.detach().to(dtype)
+        return torch.linalg.norm(w.to(dtype) + self.scaling[name] * ba, dim=1)
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """The change of the [out, in] weight that merging ``name`` makes, in float32 (float64 for
+        float64)."""
+        w = self.weight_oi().detach()
+        acc = torch.float64 if w.dtype == torch.float64 else torch.float32
+        ba = self.lora_B[name].weight.detach().to(acc) @ self.lora_A[name].weight.detach().to(acc)
+        delta = self.scaling[name] * ba
+        if self.use_dora.get(name):
+            norm = self._dora_merge_norm.get(name) if name in self.merged_adapters else None
+            if norm is None:
+                norm = torch.linalg.norm(w.to(acc) + delta, dim=1)
+            scale = self.lora_magnitude_vector[name].weight.detach().to(acc) / norm
+            base = w.to(acc)
+            if name in self.merged_adapters:  # base holds scale·(W + delta) now
+                base = base / scale[:, None] - delta
+            delta = scale[:, None] * (base + delta) - base
+        return delta
+
+    @torch.no_grad()
+    def merge(self, names: list[str] | None = None) -> None:
+        for name in names if names is not None else self.active_adapters:
+            if name in self.merged_adapters or name not in self.r:
+                continue
+            w = self.weight_oi()
+            acc = torch.float64 if w.dtype == torch.float64 else torch.float32
+            if self.use_dora[name]:
+                self._dora_merge_norm[name] = self._weight_norm(name, acc)
+            self._set_weight_oi(
+                w.to(acc) + self.delta_weight(name)
+                if not self.use_dora[name]
+                else self._dora_merged(name, acc)
+            )
+            self.merged_adapters.append(name)
+
+    def _dora_merged(self, name: str, acc: torch.dtype) -> torch.Tensor:
+        w = self.weight_oi().to(acc)
+        ba = self.lora_B[name].weight.to(acc) @ self.lora_A[name].weight.to(acc)
+        direction = w + self.scaling[name] * ba
+        scale = self.lora_magnitude_vector[name].weight.to(acc) / self._dora_merge_norm[name]
+        return scale[:, None] * direction
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            w = self.weight_oi()
+            acc = torch.float64 if w.dtype == torch.float64 else torch.float32
+            ba = self.lora_B[name].weight.to(acc) @ self.lora_A[name].weight.to(acc)
+            if self.use_dora[name]:
+                scale = self.lora_magnitude_vector[name].weight.to(acc) / self._dora_merge_norm.pop(name)
+                self._set_weight_oi(w.to(acc) / scale[:, None] - self.scaling[name] * ba)
+            else:
+                self._set_weight_oi(w.to(acc) - self.scaling[name] * ba)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged_adapters:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        active = [n for n in self.active_adapters if n not in self.merged_adapters]
+        if not active:
+            return self.base_layer(x, *args, **kwargs)
+        dtype = self._compute_dtype(x)
+        weight = self.weight_oi().to(dtype)
+        bias = self.base_layer.bias
+        bias = None if bias is None else bias.to(dtype)
+        x = x.to(dtype)
+        if len(active) == 1:
+            return self._fused(x, weight, bias, active[0])
+        # Several active adapters at once (rare): the base product once, then each update added.
+        y = F.linear(x, weight, bias)
+        for name in active:
+            y = y + self._fused(x, weight, None, name) - F.linear(x, weight)
+        return y
+
+    def _fused(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, name: str
+    ) -> torch.Tensor:
+        a = self.lora_A[name].weight.to(x.dtype)
+        b = self.lora_B[name].weight.to(x.dtype)
+        p = self.dropout_p[name] if self.training else 0.0
+        if not self.use_dora[name]:
+            return ops.lora_linear(x, weight, bias, a, b, self.scaling[name], p)
+        z = ops.lora_linear(x, weight, None, a, b, self.scaling[name], p)
+        norm = torch.linalg.norm(weight.detach() + self.scaling[name] * (b.detach() @ a.detach()), dim=1)
+        scale = self.lora_magnitude_vector[name].weight.to(x.dtype) / norm
+        y = z * scale
+        return y if bias is None else y + bias
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, adapters={self.adapters}, "
+            f"active={self.active_adapters}, merged={self.merged_adapters}, "
+            f"fan_in_fan_out={self.fan_in_fan_out}"
+        )
+
+
+class LoraEmbedding(LoraLayer):
+    """LoRA on ``nn.Embedding``: ``y = E[i] + s·(Aᵀ[i])·Bᵀ`` with A [r, num_embeddings], B [dim, r] (PEFT's
+    layout). A row gather and a rank-r product: plain PyTorch ops, no dropout (as in PEFT)."""
+
+    adapter_param_names = ("lora_embedding_A", "lora_embedding_B")
+
+    def __init__(self, base_layer: nn.Embedding):
+        super().__init__(base_layer)
+        if not isinstance(base_layer, nn.Embedding):
+            raise ValueError(f"base_layer: expected nn.Embedding, got {type(base_layer).__name__}")
+        self.in_features, self.out_features = base_layer.num_embeddings, base_layer.embedding_dim
+        self.lora_embedding_A = nn.ParameterDict()
+        self.lora_embedding_B = nn.ParameterDict()
+
+    def update_layer(
+        self,
+        name: str,
+        r: int,
+        alpha: float,
+        dropout: float,
+        use_rslora: bool,
+        use_dora: bool,
+        init: bool | str,
+    ) -> None:
+        if use_dora:
+            raise ValueError(
+                "use_dora: DoRA on nn.Embedding is not supported; exclude the embedding from "
+                "target_modules or set use_dora=False"
+            )
+        if init == "pissa":
+            raise ValueError("init_lora_weights: 'pissa' is not supported on nn.Embedding")
+        w = self.base_layer.weight
+        self.r[name], self.lora_alpha[name], self.dropout_p[name] = r, alpha, float(dropout)
+        self.scaling[name] = alpha / (math.sqrt(r) if use_rslora else r)
+        self.use_dora[name] = False
+        kw = {"dtype": w.dtype, "device": w.device}
+        a = torch.randn(r, self.in_features, **kw)
+        b = torch.randn(self.out_features, r, **kw)
+        if init is not False:  # PEFT: A = 0, B ~ N(0, 1), so the update starts at zero
+            a.zero_()
+        self.lora_embedding_A[name] = nn.Parameter(a)
+        self.lora_embedding_B[name] = nn.Parameter(b)
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        acc = torch.float64 if self.base_layer.weight.dtype == torch.float64 else torch.float32
+        b = self.lora_embedding_B[name].detach().to(acc)
+        return (b @ self.lora_embedding_A[name].detach().to(acc)).t() * self.scaling[name]
+
+    @torch.no_grad()
+    def merge(self, names: list[str] | None = None) -> None:
+        w = self.base_layer.weight
+        for name in names if names is not None else self.active_adapters:
+            if name in self.merged_adapters or name not in self.r:
+                continue
+            w.copy_((w.to(torch.promote_types(w.dtype, torch.float32)) + self.delta_weight(name)).to(w.dtype))
+            self.merged_adapters.append(name)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        w = self.base_layer.weight
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            w.copy_((w.to(torch.promote_types(w.dtype, torch.float32)) - self.delta_weight(name)).to(w.dtype))
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        y = self.base_layer(x, *args, **kwargs)
+        if self.disable_adapters:
+            if self.merged_adapters:
+                self.unmerge()
+                y = self.base_layer(x, *args, **kwargs)
+            return y
+        base = self.base_layer
+        for name in self.active_adapters:
+            if name in self.merged_adapters:
+                continue
+            a = self.lora_embedding_A[name]
+            after_a = F.embedding(
+                x,
+                a.t(),
+                base.padding_idx,
+                base.max_norm,
+                base.norm_type,
+                base.scale_grad_by_freq,
+                base.sparse,
+            )
+            y = (
+                y
+                + (after_a @ self.lora_embedding_B[name].t().to(after_a.dtype)).to(y.dtype)
+                * self.scaling[name]
+            )
+        return y
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_embeddings={self.in_features}, embedding_dim={self.out_features}, "
+            f"adapters={self.adapters}, "
+            f"active={self.active_adapters}, merged={self.merged_adapters}"
+        )
+
+
+class ModulesToSaveWrapper(nn.Module):
+    """A module trained in full: a frozen ``original_module`` plus a trainable copy per adapter
+    (``modules_to_save.<adapter>``), as in PEFT."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.original_module = module
+        self.modules_to_save = nn.ModuleDict()
+        self.active_adapter: str | None = None
+        self.disable_adapters = False
+        for p in module.parameters():
+            p.requires_grad_(False)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            modules = self.__dict__.get("_modules", {})
+            if name in ("original_module", "modules_to_save") or "original_module" not in modules:
+                raise
+            active = self.__dict__.get("active_adapter")
+            copies = modules.get("modules_to_save")
+            target = copies[active] if copies is not None and active in copies else modules["original_module"]
+            return getattr(target, name)
+
+    def add(self, name: str) -> None:
+        import copy
+
+        self.modules_to_save[name] = copy.deepcopy(self.original_module)
+
+    def set_adapter(self, names: list[str]) -> None:
+        self.active_adapter = next((n for n in names if n in self.modules_to_save), None)
+        for name, module in self.modules_to_save.items():
+            for p in module.parameters():
+                p.requires_grad_(name == self.active_adapter)
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.modules_to_save:
+            del self.modules_to_save[name]
+        if self.active_adapter == name:
+            self.active_adapter = None
+
+    def forward(self, *args, **kwargs):
+        if self.disable_adapters or self.active_adapter is None:
+            return self.original_module(*args, **kwargs)
+        return self.modules_to_save[self.active_adapter](*args, **kwargs)

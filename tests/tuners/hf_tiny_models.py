@@ -1,0 +1,57 @@
+"""Tiny random-init transformers models (no downloads) shared by the compatibility tests."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 50
+
+
+def tiny_llama():
+    cfg = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def tiny_gpt2():
+    cfg = transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+    return transformers.GPT2LMHeadModel(cfg)
+
+
+def tiny_bert():
+    cfg = transformers.BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=48,
+        max_position_embeddings=64,
+        num_labels=3,
+    )
+    return transformers.BertForSequenceClassification(cfg)
+
+
+BUILDERS = {"llama": tiny_llama, "gpt2": tiny_gpt2, "bert": tiny_bert}
+
+
+def twin_models(kind: str, seed: int = 0):
+    """Two identical copies of a tiny model, in eval mode."""
+    torch.manual_seed(seed)
+    model = BUILDERS[kind]().eval()
+    return model, copy.deepcopy(model)
+
+
+def outputs(model, ids: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=ids).logits

@@ -1,0 +1,334 @@
+"""get_peft_model on the built-in model: injection rules, layer math against a float64 reference,
+named adapters, merging, DoRA, PiSSA, bias modes, modules_to_save."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import pyfastpeft as pf
+from pyfastpeft.models import TinyLlamaConfig, TinyLlamaForCausalLM
+from pyfastpeft.tuners import LoraEmbedding, LoraLinear
+
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def tiny(seed: int = 0, **kw) -> TinyLlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = TinyLlamaConfig(
+        vocab_size=32,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        max_position_embeddings=32,
+        **kw,
+    )
+    return TinyLlamaForCausalLM(cfg)
+
+
+def ids(b=2, t=9, seed=1):
+    return torch.randint(0, 32, (b, t), generator=torch.Generator().manual_seed(seed))
+
+
+def lora_paths(model):
+    return [n for n, m in model.named_modules() if isinstance(m, (LoraLinear, LoraEmbedding))]
+
+
+def test_list_targets_regex_layers_and_exclude():
+    m = pf.get_peft_model(
+        tiny(), pf.LoraConfig(target_modules=["q_proj", "down_proj"], layers_to_transform=[0, 2])
+    )
+    paths = lora_paths(m)
+    assert paths == [
+        f"base_model.model.model.layers.{i}.{p}"
+        for i in (0, 2)
+        for p in ("self_attn.q_proj", "mlp.down_proj")
+    ]
+    m = pf.get_peft_model(tiny(), pf.LoraConfig(target_modules=r".*layers\.1\.self_attn\.(k|v)_proj"))
+    assert [p.removeprefix("base_model.model.model.") for p in lora_paths(m)] == [
+        "layers.1.self_attn.k_proj",
+        "layers.1.self_attn.v_proj",
+    ]
+    m = pf.get_peft_model(tiny(), pf.LoraConfig(target_modules="all-linear", exclude_modules=["o_proj"]))
+    names = {p.rsplit(".", 1)[1] for p in lora_paths(m)}
+    assert names == set(ALL) - {"o_proj"}  # lm_head (the output layer) is never in all-linear
+
+
+def test_pattern_matching_nothing_lists_near_names():
+    with pytest.raises(ValueError, match=r"nearest names: .*q_proj"):
+        pf.get_peft_model(tiny(), pf.LoraConfig(target_modules=["q_prj"]))
+    with pytest.raises(ValueError, match="layers_to_transform"):
+        pf.get_peft_model(tiny(), pf.LoraConfig(target_modules=["q_proj"], layers_to_transform=[7]))
+    with pytest.raises(ValueError, match="RMSNorm"):
+        pf.get_peft_model(tiny(), pf.LoraConfig(target_modules=r".*input_layernorm"))
+    with pytest.raises(ValueError, match="modules_to_save"):
+        pf.get_peft_model(tiny(), pf.LoraConfig(target_modules=["q_proj"], modules_to_save=["lm_haed"]))
+
+
+def test_failed_injection_leaves_model_untouched():
+    model = tiny()
+    before = {n: type(m) for n, m in model.named_modules()}
+    with pytest.raises(ValueError):
+        pf.get_peft_model(model, pf.LoraConfig(target_modules=["q_proj", "embed_tokens"], use_dora=True))
+    assert {n: type(m) for n, m in model.named_modules()} == before
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_rank_and_alpha_patterns_and_rslora():
+    cfg = pf.LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj"],
+        use_rslora=True,
+        rank_pattern={r"layers\.1\.self_attn\.q_proj": 2},
+        alpha_pattern={"v_proj": 3},
+    )
+    m = pf.get_peft_model(tiny(), cfg)
+    q1 = m.base_model.model.model.layers[1].self_attn.q_proj
+    v0 = m.base_model.model.model.layers[0].self_attn.v_proj
+    q0 = m.base_model.model.model.layers[0].self_attn.q_proj
+    assert q1.r["default"] == 2 and q1.scaling["default"] == pytest.approx(8 / 2**0.5)
+    assert q0.r["default"] == 4 and q0.scaling["default"] == pytest.approx(8 / 2)
+    assert v0.scaling["default"] == pytest.approx(3 / 2)
+
+
+def reference_linear(x, w, b, a, bb, s, magnitude=None):
+    """float64 LoRA / DoRA (PEFT's formula, dropout off)."""
+    x, w, a, bb = (t.double() for t in (x, w, a, bb))
+    out = x @ w.T + s * (x @ a.T) @ bb.T
+    if magnitude is not None:
+        norm = torch.linalg.norm(w + s * bb @ a, dim=1).detach()
+        out = out * (magnitude.double() / norm)
+    return out if b is None else out + b.double()
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+@pytest.mark.parametrize("conv1d", [False, True])
+def test_linear_layer_matches_reference_forward_and_backward(use_dora, conv1d):
+    torch.manual_seed(0)
+    base = nn.Linear(13, 7)
+    if conv1d:
+        transformers = pytest.importorskip("transformers")
+        conv = transformers.pytorch_utils.Conv1D(7, 13)
+        conv.weight.data.copy_(base.weight.data.t())
+        conv.bias.data.copy_(base.bias.data)
+        layer_base = conv
+    else:
+        layer_base = base
+    layer = LoraLinear(layer_base)
+    layer.update_layer("default", 3, 5.0, 0.0, False, use_dora, False)
+    layer.set_adapter(["default"])
+    if use_dora:
+        layer.lora_magnitude_vector["default"].weight.data.mul_(torch.rand(7) + 0.5)
+    x = torch.randn(2, 5, 13, requires_grad=True)
+    y = layer(x)
+    a, bb = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    mag = layer.lora_magnitude_vector["default"].weight if use_dora else None
+    x64 = x.detach().double().requires_grad_()
+    a64, b64 = a.detach().double().requires_grad_(), bb.detach().double().requires_grad_()
+    m64 = mag.detach().double().requires_grad_() if use_dora else None
+    ref = reference_linear(x64, base.weight, base.bias, a64, b64, 5.0 / 3, m64)
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(y)
+    y.backward(g)
+    ref.backward(g.double())
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(a.grad.double(), a64.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(bb.grad.double(), b64.grad, rtol=1e-5, atol=1e-5)
+    if use_dora:
+        torch.testing.assert_close(mag.grad.double(), m64.grad, rtol=1e-5, atol=1e-5)
+    assert layer_base.weight.grad is None
+
+
+def test_embedding_layer_matches_reference():
+    torch.manual_seed(0)
+    emb = nn.Embedding(11, 6, padding_idx=0)
+    layer = LoraEmbedding(emb)
+    layer.update_layer("default", 2, 4.0, 0.0, False, False, False)
+    layer.set_adapter(["default"])
+    idx = torch.tensor([[0, 3, 10], [5, 5, 1]])
+    a, b = layer.lora_embedding_A["default"], layer.lora_embedding_B["default"]
+    ref = emb.weight.double()[idx] + 2.0 * (a.double().T[idx] @ b.double().T)
+    torch.testing.assert_close(layer(idx).double(), ref, rtol=1e-6, atol=1e-6)
+
+
+def test_named_adapters_set_delete_disable():
+    model = tiny()
+    x = ids()
+    with torch.no_grad():
+        base = model(x).logits
+    m = pf.get_peft_model(model, pf.LoraConfig(target_modules=["q_proj"], init_lora_weights=False))
+    m.add_adapter("b", pf.LoraConfig(r=2, target_modules=["v_proj", "q_proj"], init_lora_weights=False))
+    trainable = {n for n, p in m.named_parameters() if p.requires_grad}
+    assert trainable and all(".default." in n for n in trainable)
+    with torch.no_grad():
+        out_default = m(x).logits
+        m.set_adapter("b")
+        out_b = m(x).logits
+        with m.disable_adapter():
+            torch.testing.assert_close(m(x).logits, base, rtol=0, atol=0)
+    assert all(".b." in n for n, p in m.named_parameters() if p.requires_grad)
+    assert (out_default - out_b).abs().max() > 1e-4 and (out_default - base).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="already exists"):
+        m.add_adapter("b", pf.LoraConfig(target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="no adapter named"):
+        m.set_adapter("c")
+    m.delete_adapter("b")
+    assert m.active_adapter == "default" and list(m.peft_config) == ["default"]
+    assert not any(".b." in n for n, _ in m.named_parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(m(x).logits, out_default, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_merge_unmerge_restores_base_and_merge_and_unload(use_dora):
+    model = tiny()
+    base_state = {k: v.clone() for k, v in model.state_dict().items()}
+    x = ids()
+    m = pf.get_peft_model(
+        model, pf.LoraConfig(target_modules=ALL, use_dora=use_dora, init_lora_weights=False)
+    )
+    if use_dora:
+        for n, p in m.named_parameters():
+            if "magnitude" in n:
+                p.data.mul_(torch.rand_like(p) + 0.5)
+    m.eval()
+    with torch.no_grad():
+        adapted = m(x).logits
+        m.merge_adapter()
+        torch.testing.assert_close(m(x).logits, adapted, rtol=1e-5, atol=1e-5)
+        m.unmerge_adapter()
+        torch.testing.assert_close(m(x).logits, adapted, rtol=1e-5, atol=1e-5)
+    restored = {
+        k.replace("base_layer.", ""): v
+        for k, v in m.base_model.model.state_dict().items()
+        if "lora_" not in k
+    }
+    for k, v in base_state.items():
+        torch.testing.assert_close(restored[k], v, rtol=0, atol=1e-6)
+    merged = m.merge_and_unload()
+    assert not any(isinstance(mod, LoraLinear) for mod in merged.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x).logits, adapted, rtol=1e-5, atol=1e-5)
+
+
+def test_pissa_keeps_the_output_and_moves_the_top_of_w_into_the_adapter():
+    model = tiny()
+    x = ids()
+    with torch.no_grad():
+        base = model(x).logits
+    w = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    m = pf.get_peft_model(
+        model, pf.LoraConfig(r=4, lora_alpha=4, target_modules=ALL, init_lora_weights="pissa")
+    )
+    layer = m.base_model.model.model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        torch.testing.assert_close(m(x).logits, base, rtol=1e-4, atol=1e-5)
+    s = torch.linalg.svdvals(w)
+    residual_s = torch.linalg.svdvals(layer.base_layer.weight.detach())
+    torch.testing.assert_close(residual_s[:4], s[4:8], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("bias", ["none", "all", "lora_only"])
+def test_bias_modes(bias):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(vocab_size=20, n_embd=16, n_layer=1, n_head=2, n_positions=16)
+    )
+    m = pf.get_peft_model(model, pf.LoraConfig(target_modules=["c_attn"], bias=bias))
+    trainable_bias = {n for n, p in m.named_parameters() if p.requires_grad and n.endswith("bias")}
+    if bias == "none":
+        assert not trainable_bias
+    elif bias == "lora_only":
+        assert trainable_bias == {"base_model.model.transformer.h.0.attn.c_attn.base_layer.bias"}
+    else:
+        assert len(trainable_bias) > 3 and "base_model.model.transformer.ln_f.bias" in trainable_bias
+
+
+def test_modules_to_save_trains_a_copy():
+    model = tiny()
+    m = pf.get_peft_model(model, pf.LoraConfig(target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    wrapper = m.base_model.model.lm_head
+    assert wrapper.modules_to_save["default"].weight.requires_grad
+    assert not wrapper.original_module.weight.requires_grad
+    loss = m(ids()).logits.square().mean()
+    loss.backward()
+    assert wrapper.modules_to_save["default"].weight.grad is not None
+
+
+def test_mixed_batch_seam_refuses_clearly():
+    m = pf.get_peft_model(tiny(), pf.LoraConfig(target_modules=["q_proj"]))
+    with pytest.raises(NotImplementedError, match="adapter_names"):
+        m(ids(), adapter_names=["default", "__base__"])
+
+
+def test_print_trainable_parameters(capsys):
+    m = pf.get_peft_model(tiny(), pf.LoraConfig(r=2, target_modules=["q_proj"]))
+    m.print_trainable_parameters()
+    line = capsys.readouterr().out.splitlines()[0]
+    trainable = 3 * 2 * (32 + 32)
+    total = sum(p.numel() for p in m.parameters())
+    assert (
+        line == f"trainable params: {trainable:,d} || all params: {total:,d} || "
+        f"trainable%: {100 * trainable / total:.4f}"
+    )
+
+
+def test_gaussian_and_default_init_start_at_the_identity():
+    for init in (True, "gaussian"):
+        m = pf.get_peft_model(tiny(), pf.LoraConfig(r=8, target_modules=["up_proj"], init_lora_weights=init))
+        layer = m.base_model.model.model.layers[0].mlp.up_proj
+        assert torch.count_nonzero(layer.lora_B["default"].weight) == 0
+        a = layer.lora_A["default"].weight
+        if init == "gaussian":
+            assert abs(a.std().item() - 1 / 8) < 0.03
+        else:  # Kaiming-uniform(a=√5): bound 1/√in
+            assert a.abs().max() <= 1 / 32**0.5 + 1e-6
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    in_features=st.integers(1, 40),
+    out_features=st.integers(1, 40),
+    r=st.integers(1, 8),
+    rows=st.integers(1, 12),
+    use_dora=st.booleans(),
+    use_rslora=st.booleans(),
+    bias=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_linear_layer_random_shapes_match_reference(
+    in_features, out_features, r, rows, use_dora, use_rslora, bias, seed
+):
+    torch.manual_seed(seed)
+    base = nn.Linear(in_features, out_features, bias=bias)
+    layer = LoraLinear(base)
+    layer.update_layer("default", r, 3.0, 0.0, use_rslora, use_dora, False)
+    layer.set_adapter(["default"])
+    if use_dora:
+        layer.lora_magnitude_vector["default"].weight.data.mul_(torch.rand(out_features) + 0.5)
+    x = torch.randn(rows, in_features)
+    s = 3.0 / (r**0.5 if use_rslora else r)
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    mag = layer.lora_magnitude_vector["default"].weight if use_dora else None
+    ref = reference_linear(x, base.weight, base.bias, a, b, s, mag)
+    torch.testing.assert_close(layer(x).double(), ref, rtol=1e-5, atol=1e-5)
+    layer.merge()
+    torch.testing.assert_close(layer.base_layer(x).double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_wrapped_modules_keep_their_attributes():
+    m = pf.get_peft_model(tiny(), pf.LoraConfig(target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    q = m.base_model.model.model.layers[0].self_attn.q_proj
+    assert q.weight is q.base_layer.weight and q.bias is None
+    assert q.out_features == 32 and q.base_layer.in_features == 32
+    head = m.base_model.model.lm_head
+    assert head.weight is head.modules_to_save["default"].weight
+    assert head.out_features == 32
+    with pytest.raises(AttributeError):
+        _ = q.no_such_attribute
