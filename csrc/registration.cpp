@@ -18,4 +18,24 @@ TORCH_LIBRARY(pyfastpeft, m) {
         pt2);
   // x ⊙ mask / (1 - p) with the Philox mask every pyfastpeft dropout uses (see philox.h).
   m.def("philox_dropout(Tensor x, float p, Tensor rng_state) -> Tensor", pt2);
+
+  // ---- quant: fake quantization (csrc/ops/quant) ----
+  // group_size: 0 per tensor, -1 per channel along axis, g > 0 groups of g along the last dimension.
+  // Returns (out, scale, zero_point): scale float32 (float64 for float64 x), zero_point int32.
+  m.def("fake_quantize(Tensor x, int bits, int group_size, bool symmetric, int axis) -> (Tensor, Tensor, Tensor)",
+        pt2);
+  // Straight-through estimator: grad_out where the recomputed code is inside [qmin, qmax], else 0.
+  m.def("fake_quantize_backward(Tensor grad_out, Tensor x, Tensor scale, Tensor zero_point, int bits, "
+        "int group_size, int axis) -> Tensor",
+        pt2);
+  // Learnable scale (LSQ): quantize with the given scale and optional float zero point; grad_factor
+  // scales the scale / zero-point gradients of the backward.
+  m.def("fake_quantize_lsq(Tensor x, Tensor scale, Tensor? zero_point, int bits, int group_size, int axis, "
+        "float grad_factor) -> Tensor",
+        pt2);
+  // Returns (grad_x, grad_scale, grad_zero_point); grad_x is empty when need_grad_x is false and
+  // grad_zero_point is empty without a zero point.
+  m.def("fake_quantize_lsq_backward(Tensor grad_out, Tensor x, Tensor scale, Tensor? zero_point, int bits, "
+        "int group_size, int axis, float grad_factor, bool need_grad_x) -> (Tensor, Tensor, Tensor)",
+        pt2);
 }

@@ -1,0 +1,276 @@
+// CPU kernels of the quant family (formulas in quant.h). Included by quant_cpu.cpp only.
+//
+// Two schedules:
+//  - contiguous groups (pre == 1, enough groups to feed every thread): one task per group reads the
+//    group once for its min/max, then quantizes it again from cache — one read and one write of x;
+//  - otherwise (per tensor, per channel on an inner axis) a first pass reduces min/max into per-thread
+//    [threads, C] partials (never full-size) and a second elementwise pass quantizes.
+// Inner loops run over a stretch where the group is constant (post > 1) or advances by one per element
+// (post == 1), so both vectorize.
+#pragma once
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <limits>
+#include <vector>
+
+#include "pyfastpeft/dispatch.h"
+#include "quant.h"
+
+namespace pyfastpeft::quant_cpu {
+
+constexpr int64_t kGrain = 32768;
+
+// Calls on_const(c, begin, end) for stretches of elements in group c, or on_linear(c0, begin, end) for
+// stretches whose element e is in group c0 + (e - begin), covering [begin, end) of x.
+template <class Const, class Linear>
+void for_each_stretch(const QuantLayout& L, int64_t begin, int64_t end, Const&& on_const, Linear&& on_linear) {
+  int64_t e = begin;
+  if (L.post > 1 || L.channels == 1) {
+    while (e < end) {
+      const int64_t row = e / L.post;
+      const int64_t stop = std::min(end, (row + 1) * L.post);
+      on_const(row % L.channels, e, stop);
+      e = stop;
+    }
+  } else {
+    while (e < end) {
+      const int64_t c0 = e % L.channels;
+      const int64_t stop = std::min(end, e + (L.channels - c0));
+      on_linear(c0, e, stop);
+      e = stop;
+    }
+  }
+}
+
+inline bool use_group_schedule(const QuantLayout& L) {
+  return L.pre == 1 && L.channels >= 2 * at::get_num_threads();
+}
+
+// Runs body(t, begin, end) on `tasks` contiguous element ranges in parallel, t the range's index.
+template <class F>
+void for_each_task(int64_t numel, int64_t tasks, F&& body) {
+  at::parallel_for(0, tasks, 1, [&](int64_t tb, int64_t te) {
+    for (int64_t t = tb; t < te; ++t) body(t, numel * t / tasks, numel * (t + 1) / tasks);
+  });
+}
+
+inline int64_t task_count(int64_t numel) {
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (numel + kGrain - 1) / kGrain));
+}
+
+template <typename T, typename acc_t>
+struct MinMax {
+  acc_t lo = std::numeric_limits<acc_t>::infinity();
+  acc_t hi = -std::numeric_limits<acc_t>::infinity();
+  acc_t probe = 0;
+  void scan(const T* x, int64_t n) {
+    acc_t l = lo, h = hi, pr = probe;
+    for (int64_t i = 0; i < n; ++i) {
+      const acc_t v = static_cast<acc_t>(x[i]);
+      l = v < l ? v : l;
+      h = v > h ? v : h;
+      pr += v * acc_t(0);
+    }
+    lo = l, hi = h, probe = pr;
+  }
+};
+
+// out[i] = (clamp(rint(x·inv) + z) - z)·s over a stretch of constant group.
+template <typename T, typename acc_t>
+inline void quantize_const(const T* x, T* out, int64_t n, acc_t s, int32_t zp, int qmin, int qmax) {
+  const acc_t inv = inverse_scale(s), z = static_cast<acc_t>(zp);
+  const acc_t lo = static_cast<acc_t>(qmin), hi = static_cast<acc_t>(qmax);
+  for (int64_t i = 0; i < n; ++i) {
+    const acc_t q = round_half_even(static_cast<acc_t>(x[i]) * inv) + z;
+    out[i] = static_cast<T>((clamp_code(q, lo, hi) - z) * s);
+  }
+}
+
+template <typename T, typename acc_t>
+inline void quantize_linear(const T* x, T* out, int64_t n, const acc_t* s, const acc_t* inv, const int32_t* zp, int qmin,
+                            int qmax) {
+  const acc_t lo = static_cast<acc_t>(qmin), hi = static_cast<acc_t>(qmax);
+  for (int64_t i = 0; i < n; ++i) {
+    const acc_t z = static_cast<acc_t>(zp[i]);
+    const acc_t q = round_half_even(static_cast<acc_t>(x[i]) * inv[i]) + z;
+    out[i] = static_cast<T>((clamp_code(q, lo, hi) - z) * s[i]);
+  }
+}
+
+// Elementwise out = fq(x; scale, zero_point) for any layout.
+template <typename T>
+void apply(const T* x, T* out, const acc_type<T>* scale, const int32_t* zp, const QuantLayout& L, int qmin, int qmax) {
+  using acc_t = acc_type<T>;
+  std::vector<acc_t> inv;
+  if (L.post == 1 && L.channels > 1) {
+    inv.resize(L.channels);
+    for (int64_t c = 0; c < L.channels; ++c) inv[c] = inverse_scale(scale[c]);
+  }
+  at::parallel_for(0, L.numel(), kGrain, [&](int64_t begin, int64_t end) {
+    for_each_stretch(
+        L, begin, end,
+        [&](int64_t c, int64_t b, int64_t e) { quantize_const(x + b, out + b, e - b, scale[c], zp[c], qmin, qmax); },
+        [&](int64_t c0, int64_t b, int64_t e) {
+          quantize_linear(x + b, out + b, e - b, scale + c0, inv.data() + c0, zp + c0, qmin, qmax);
+        });
+  });
+}
+
+template <typename T>
+void fake_quantize(const FakeQuantParams& p) {
+  using acc_t = acc_type<T>;
+  const QuantLayout& L = p.layout;
+  const T* x = static_cast<const T*>(p.x);
+  T* out = static_cast<T*>(p.out);
+  acc_t* scale = static_cast<acc_t*>(p.scale);
+  if (use_group_schedule(L)) {
+    const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(1, L.post));
+    at::parallel_for(0, L.channels, grain, [&](int64_t cb, int64_t ce) {
+      for (int64_t c = cb; c < ce; ++c) {
+        const T* xc = x + c * L.post;
+        MinMax<T, acc_t> mm;
+        mm.scan(xc, L.post);
+        group_qparams(mm.lo, mm.hi, mm.probe, p.symmetric, p.qmin, p.qmax, scale + c, p.zero_point + c);
+        quantize_const(xc, out + c * L.post, L.post, scale[c], p.zero_point[c], p.qmin, p.qmax);
+      }
+    });
+    return;
+  }
+  const int64_t C = L.channels, tasks = task_count(L.numel());
+  std::vector<MinMax<T, acc_t>> part(tasks * C);
+  for_each_task(L.numel(), tasks, [&](int64_t t, int64_t begin, int64_t end) {
+    MinMax<T, acc_t>* mine = part.data() + t * C;
+    for_each_stretch(
+        L, begin, end, [&](int64_t c, int64_t b, int64_t e) { mine[c].scan(x + b, e - b); },
+        [&](int64_t c0, int64_t b, int64_t e) {
+          for (int64_t i = 0; i < e - b; ++i) {
+            MinMax<T, acc_t>& m = mine[c0 + i];
+            const acc_t v = static_cast<acc_t>(x[b + i]);
+            m.lo = v < m.lo ? v : m.lo;
+            m.hi = v > m.hi ? v : m.hi;
+            m.probe += v * acc_t(0);
+          }
+        });
+  });
+  at::parallel_for(0, C, 1024, [&](int64_t cb, int64_t ce) {
+    for (int64_t c = cb; c < ce; ++c) {
+      MinMax<T, acc_t> m;
+      for (int64_t t = 0; t < tasks; ++t) {
+        const MinMax<T, acc_t>& o = part[t * C + c];
+        m.lo = o.lo < m.lo ? o.lo : m.lo;
+        m.hi = o.hi > m.hi ? o.hi : m.hi;
+        m.probe += o.probe;
+      }
+      group_qparams(m.lo, m.hi, m.probe, p.symmetric, p.qmin, p.qmax, scale + c, p.zero_point + c);
+    }
+  });
+  apply<T>(x, out, scale, p.zero_point, L, p.qmin, p.qmax);
+}
+
+template <typename T>
+void fake_quantize_backward(const FakeQuantBackwardParams& p) {
+  using acc_t = acc_type<T>;
+  const QuantLayout& L = p.layout;
+  const T* dy = static_cast<const T*>(p.grad_out);
+  const T* x = static_cast<const T*>(p.x);
+  T* dx = static_cast<T*>(p.grad_x);
+  const acc_t* scale = static_cast<const acc_t*>(p.scale);
+  const acc_t lo = static_cast<acc_t>(p.qmin), hi = static_cast<acc_t>(p.qmax);
+  auto pass = [&](const T* xs, const T* dys, T* dxs, acc_t inv, acc_t z) {
+    const acc_t q = round_half_even(static_cast<acc_t>(*xs) * inv) + z;
+    *dxs = (q >= lo && q <= hi) ? *dys : T(0);
+  };
+  at::parallel_for(0, L.numel(), kGrain, [&](int64_t begin, int64_t end) {
+    for_each_stretch(
+        L, begin, end,
+        [&](int64_t c, int64_t b, int64_t e) {
+          const acc_t inv = inverse_scale(scale[c]), z = static_cast<acc_t>(p.zero_point[c]);
+          for (int64_t i = b; i < e; ++i) pass(x + i, dy + i, dx + i, inv, z);
+        },
+        [&](int64_t c0, int64_t b, int64_t e) {
+          for (int64_t i = b; i < e; ++i) {
+            const int64_t c = c0 + (i - b);
+            pass(x + i, dy + i, dx + i, inverse_scale(scale[c]), static_cast<acc_t>(p.zero_point[c]));
+          }
+        });
+  });
+}
+
+// LSQ backward over one stretch of group c: writes dx, returns the stretch's (Σ ds, Σ dz) contributions.
+template <typename T, typename acc_t>
+inline void lsq_stretch(const T* dy, const T* x, T* dx, int64_t n, acc_t s, int32_t zp, int qmin, int qmax, double* ds,
+                        double* dz) {
+  const acc_t inv = inverse_scale(s), z = static_cast<acc_t>(zp);
+  const acc_t lo = static_cast<acc_t>(qmin), hi = static_cast<acc_t>(qmax);
+  double sum_in = 0, sum_lo = 0, sum_hi = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const acc_t g = static_cast<acc_t>(dy[i]);
+    const acc_t t = static_cast<acc_t>(x[i]) * inv;
+    const acc_t r = round_half_even(t);
+    const acc_t q = r + z;
+    const bool below = q < lo, above = q > hi;
+    if (dx != nullptr) dx[i] = (below || above) ? T(0) : dy[i];
+    sum_in += (below || above) ? 0.0 : static_cast<double>(g * (r - t));
+    sum_lo += below ? static_cast<double>(g) : 0.0;
+    sum_hi += above ? static_cast<double>(g) : 0.0;
+  }
+  *ds += sum_in + sum_lo * (qmin - zp) + sum_hi * (qmax - zp);
+  *dz += -(sum_lo + sum_hi) * static_cast<double>(s);
+}
+
+template <typename T>
+void lsq_backward(const LsqBackwardParams& p) {
+  using acc_t = acc_type<T>;
+  const QuantLayout& L = p.layout;
+  const T* dy = static_cast<const T*>(p.grad_out);
+  const T* x = static_cast<const T*>(p.x);
+  T* dx = static_cast<T*>(p.grad_x);
+  const acc_t* scale = static_cast<const acc_t*>(p.scale);
+  acc_t* dscale = static_cast<acc_t*>(p.grad_scale);
+  acc_t* dzero = static_cast<acc_t*>(p.grad_zero_point);
+  const int64_t C = L.channels;
+  auto finish = [&](int64_t c, double ds, double dz) {
+    dscale[c] = static_cast<acc_t>(ds * p.grad_factor);
+    if (dzero != nullptr) dzero[c] = static_cast<acc_t>(dz * p.grad_factor);
+  };
+  if (use_group_schedule(L)) {
+    const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(1, L.post));
+    at::parallel_for(0, C, grain, [&](int64_t cb, int64_t ce) {
+      for (int64_t c = cb; c < ce; ++c) {
+        double ds = 0, dz = 0;
+        const int64_t o = c * L.post;
+        lsq_stretch(dy + o, x + o, dx ? dx + o : nullptr, L.post, scale[c], p.zero_point[c], p.qmin, p.qmax, &ds, &dz);
+        finish(c, ds, dz);
+      }
+    });
+    return;
+  }
+  // Per-thread [tasks, C] partial sums in double: the only temporaries, independent of numel.
+  const int64_t tasks = task_count(L.numel());
+  std::vector<double> part_s(tasks * C, 0.0), part_z(tasks * C, 0.0);
+  for_each_task(L.numel(), tasks, [&](int64_t t, int64_t begin, int64_t end) {
+    double* ms = part_s.data() + t * C;
+    double* mz = part_z.data() + t * C;
+    for_each_stretch(
+        L, begin, end,
+        [&](int64_t c, int64_t b, int64_t e) {
+          lsq_stretch(dy + b, x + b, dx ? dx + b : nullptr, e - b, scale[c], p.zero_point[c], p.qmin, p.qmax, ms + c,
+                      mz + c);
+        },
+        [&](int64_t c0, int64_t b, int64_t e) {
+          for (int64_t i = b; i < e; ++i) {
+            const int64_t c = c0 + (i - b);
+            lsq_stretch(dy + i, x + i, dx ? dx + i : nullptr, 1, scale[c], p.zero_point[c], p.qmin, p.qmax, ms + c,
+                        mz + c);
+          }
+        });
+  });
+  for (int64_t c = 0; c < C; ++c) {
+    double ds = 0, dz = 0;
+    for (int64_t t = 0; t < tasks; ++t) ds += part_s[t * C + c], dz += part_z[t * C + c];
+    finish(c, ds, dz);
+  }
+}
+
+}  // namespace pyfastpeft::quant_cpu
