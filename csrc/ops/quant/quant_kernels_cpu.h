@@ -59,20 +59,37 @@ inline int64_t task_count(int64_t numel) {
   return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (numel + kGrain - 1) / kGrain));
 }
 
+// Floating-point reductions vectorize only with independent lanes (the compiler may not reassociate).
+constexpr int kLanes = 16;
+
 template <typename T, typename acc_t>
 struct MinMax {
   acc_t lo = std::numeric_limits<acc_t>::infinity();
   acc_t hi = -std::numeric_limits<acc_t>::infinity();
-  acc_t probe = 0;
+  acc_t probe = 0;  // Σ x·0: NaN once the group held a NaN or ±inf
+  void add(acc_t v) {
+    lo = v < lo ? v : lo;
+    hi = v > hi ? v : hi;
+    probe += v * acc_t(0);
+  }
   void scan(const T* x, int64_t n) {
-    acc_t l = lo, h = hi, pr = probe;
-    for (int64_t i = 0; i < n; ++i) {
-      const acc_t v = static_cast<acc_t>(x[i]);
-      l = v < l ? v : l;
-      h = v > h ? v : h;
-      pr += v * acc_t(0);
+    acc_t l[kLanes], h[kLanes], pr[kLanes];
+    for (int k = 0; k < kLanes; ++k) l[k] = lo, h[k] = hi, pr[k] = 0;
+    int64_t i = 0;
+    for (; i + kLanes <= n; i += kLanes) {
+      for (int k = 0; k < kLanes; ++k) {
+        const acc_t v = static_cast<acc_t>(x[i + k]);
+        l[k] = v < l[k] ? v : l[k];
+        h[k] = v > h[k] ? v : h[k];
+        pr[k] += v * acc_t(0);
+      }
     }
-    lo = l, hi = h, probe = pr;
+    for (int k = 0; k < kLanes; ++k) {
+      lo = l[k] < lo ? l[k] : lo;
+      hi = h[k] > hi ? h[k] : hi;
+      probe += pr[k];
+    }
+    for (; i < n; ++i) add(static_cast<acc_t>(x[i]));
   }
 };
 
@@ -144,13 +161,7 @@ void fake_quantize(const FakeQuantParams& p) {
     for_each_stretch(
         L, begin, end, [&](int64_t c, int64_t b, int64_t e) { mine[c].scan(x + b, e - b); },
         [&](int64_t c0, int64_t b, int64_t e) {
-          for (int64_t i = 0; i < e - b; ++i) {
-            MinMax<T, acc_t>& m = mine[c0 + i];
-            const acc_t v = static_cast<acc_t>(x[b + i]);
-            m.lo = v < m.lo ? v : m.lo;
-            m.hi = v > m.hi ? v : m.hi;
-            m.probe += v * acc_t(0);
-          }
+          for (int64_t i = 0; i < e - b; ++i) mine[c0 + i].add(static_cast<acc_t>(x[b + i]));
         });
   });
   at::parallel_for(0, C, 1024, [&](int64_t cb, int64_t ce) {
@@ -197,26 +208,41 @@ void fake_quantize_backward(const FakeQuantBackwardParams& p) {
   });
 }
 
-// LSQ backward over one stretch of group c: writes dx, returns the stretch's (Σ ds, Σ dz) contributions.
+// LSQ backward over one stretch of group c: writes dx (unless nullptr) and adds the stretch's Σ ds and
+// Σ dz to *ds, *dz. Sums run in double lanes: per-tensor groups hold millions of elements.
 template <typename T, typename acc_t>
 inline void lsq_stretch(const T* dy, const T* x, T* dx, int64_t n, acc_t s, int32_t zp, int qmin, int qmax, double* ds,
                         double* dz) {
   const acc_t inv = inverse_scale(s), z = static_cast<acc_t>(zp);
   const acc_t lo = static_cast<acc_t>(qmin), hi = static_cast<acc_t>(qmax);
-  double sum_in = 0, sum_lo = 0, sum_hi = 0;
-  for (int64_t i = 0; i < n; ++i) {
+  double sum_in[kLanes] = {}, sum_lo[kLanes] = {}, sum_hi[kLanes] = {};
+  auto element = [&](int64_t i, int k) {
     const acc_t g = static_cast<acc_t>(dy[i]);
     const acc_t t = static_cast<acc_t>(x[i]) * inv;
     const acc_t r = round_half_even(t);
     const acc_t q = r + z;
     const bool below = q < lo, above = q > hi;
-    if (dx != nullptr) dx[i] = (below || above) ? T(0) : dy[i];
-    sum_in += (below || above) ? 0.0 : static_cast<double>(g * (r - t));
-    sum_lo += below ? static_cast<double>(g) : 0.0;
-    sum_hi += above ? static_cast<double>(g) : 0.0;
+    sum_in[k] += (below || above) ? 0.0 : static_cast<double>(g * (r - t));
+    sum_lo[k] += below ? static_cast<double>(g) : 0.0;
+    sum_hi[k] += above ? static_cast<double>(g) : 0.0;
+    return below || above;
+  };
+  int64_t i = 0;
+  if (dx != nullptr) {
+    for (; i + kLanes <= n; i += kLanes) {
+      for (int k = 0; k < kLanes; ++k) dx[i + k] = element(i + k, k) ? T(0) : dy[i + k];
+    }
+    for (; i < n; ++i) dx[i] = element(i, 0) ? T(0) : dy[i];
+  } else {
+    for (; i + kLanes <= n; i += kLanes) {
+      for (int k = 0; k < kLanes; ++k) element(i + k, k);
+    }
+    for (; i < n; ++i) element(i, 0);
   }
-  *ds += sum_in + sum_lo * (qmin - zp) + sum_hi * (qmax - zp);
-  *dz += -(sum_lo + sum_hi) * static_cast<double>(s);
+  double in = 0, below = 0, above = 0;
+  for (int k = 0; k < kLanes; ++k) in += sum_in[k], below += sum_lo[k], above += sum_hi[k];
+  *ds += in + below * (qmin - zp) + above * (qmax - zp);
+  *dz += -(below + above) * static_cast<double>(s);
 }
 
 template <typename T>
