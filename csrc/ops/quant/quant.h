@@ -26,13 +26,14 @@
 #define PFP_QUANT_FN inline
 #endif
 
+
 typedef struct CUstream_st* cudaStream_t;
 
 namespace pyfastpeft {
 
 struct QuantLayout {
   int64_t pre, channels, post;
-  int64_t numel() const { return pre * channels * post; }
+  PFP_QUANT_FN int64_t numel() const { return pre * channels * post; }
 };
 
 // Forward with the scales computed in the kernel. scale: acc [C]; zero_point: int32 [C].
@@ -141,7 +142,9 @@ PFP_QUANT_FN acc_t inverse_scale(acc_t s) {
   return static_cast<acc_t>(1.0 / static_cast<double>(s));
 }
 
-void fake_quantize_cuda(const FakeQuantParams& params, cudaStream_t stream);
+// workspace: fake_quantize_cuda_workspace_elements(layout) elements of the accumulation type (0: none).
+int64_t fake_quantize_cuda_workspace_elements(const QuantLayout& layout);
+void fake_quantize_cuda(const FakeQuantParams& params, void* workspace, cudaStream_t stream);
 void fake_quantize_apply_cuda(const FakeQuantApplyParams& params, cudaStream_t stream);
 void fake_quantize_backward_cuda(const FakeQuantBackwardParams& params, cudaStream_t stream);
 // grad_scale / grad_zero_point are [splits, C] partials here; the glue sums them over splits.
