@@ -27,6 +27,7 @@ import math
 import torch
 
 _OP = torch.ops.pyfastpeft
+QUANT_EPS = torch.finfo(torch.float32).eps  # the smallest scale, as PyTorch's observers
 
 
 def _scale_shape(x: torch.Tensor, group_size: int, axis: int) -> tuple[int, ...]:

@@ -44,10 +44,11 @@ def _acc(x_dtype):
     return lambda t: t.float().double()
 
 
-def fake_quantize_qparams(x, bits=8, group_size=-1, symmetric=True, axis=0):
-    """(scale, zero_point) in float64 (values exactly those of the kernel), per the scheme's groups."""
+def fake_quantize_qparams(x, bits=8, group_size=-1, symmetric=True, axis=0, dtype=None):
+    """(scale, zero_point) in float64 (values exactly those of the kernel), per the scheme's groups.
+    ``dtype``: the input dtype whose accumulation rules apply (default x.dtype)."""
     (pre, C, post), shape = _quant_layout(x, group_size, axis)
-    acc = _acc(x.dtype)
+    acc = _acc(dtype or x.dtype)
     qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     xg = x.detach().double().reshape(pre, C, post).transpose(0, 1).reshape(C, pre * post)
     probe = (xg * 0).sum(dim=1)
@@ -73,23 +74,25 @@ def _broadcast_qparam(t, x, group_size, axis):
     return t.reshape(1, C, 1).expand(pre, C, post).reshape(x.shape)
 
 
-def fake_quantize_codes(x, scale, zero_point, bits=8, group_size=-1, axis=0):
+def fake_quantize_codes(x, scale, zero_point, bits=8, group_size=-1, axis=0, dtype=None):
     """Unclamped integer codes ``rint(x · acc(1/s)) + z`` in float64, with the scheme's (scale, zero_point)."""
-    acc = _acc(x.dtype)
+    acc = _acc(dtype or x.dtype)
     s = _broadcast_qparam(scale.double(), x, group_size, axis)
     z = _broadcast_qparam(zero_point.double(), x, group_size, axis)
     return torch.round(acc(x.detach().double() * acc(1.0 / s))) + z
 
 
-def fake_quantize(x, bits=8, group_size=-1, symmetric=True, axis=0):
-    """``(out, scale, zero_point)`` in float64 (``out`` also in x's dtype: the kernel's exact result), with the
-    straight-through gradient: d out / dx = 1 where the code is in range, 0 elsewhere."""
+def fake_quantize(x, bits=8, group_size=-1, symmetric=True, axis=0, dtype=None):
+    """``(out, scale, zero_point)`` in float64 (``out.to(dtype)`` is the kernel's exact result for an input of
+    that dtype, default x.dtype), with the straight-through gradient: d out / dx = 1 where the code is in
+    range, 0 elsewhere."""
     qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-    scale, zero_point = fake_quantize_qparams(x, bits, group_size, symmetric, axis)
-    q = fake_quantize_codes(x, scale, zero_point, bits, group_size, axis)
+    dtype = dtype or x.dtype
+    scale, zero_point = fake_quantize_qparams(x, bits, group_size, symmetric, axis, dtype)
+    q = fake_quantize_codes(x, scale, zero_point, bits, group_size, axis, dtype)
     s = _broadcast_qparam(scale, x, group_size, axis)
     z = _broadcast_qparam(zero_point, x, group_size, axis)
-    value = _acc(x.dtype)((q.clamp(qmin, qmax) - z) * s)
+    value = _acc(dtype)((q.clamp(qmin, qmax) - z) * s)
     mask = ((q >= qmin) & (q <= qmax)).double()
     x64 = x.double()
     out = x64 * mask + (value - x64 * mask).detach()
