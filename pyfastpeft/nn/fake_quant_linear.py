@@ -23,7 +23,9 @@ def _check_bits(name: str, bits: int | None, allow_none: bool = False) -> None:
     if bits is None and allow_none:
         return
     if not isinstance(bits, int) or not 2 <= bits <= 8:
-        raise ValueError(f"{name}: expected an integer width in [2, 8]{' or None' if allow_none else ''}, got {bits!r}")
+        raise ValueError(
+            f"{name}: expected an integer width in [2, 8]{' or None' if allow_none else ''}, got {bits!r}"
+        )
 
 
 class _ActivationQuant:
@@ -101,12 +103,16 @@ class FakeQuantLinear(_ActivationQuant, nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, **scheme) -> FakeQuantLinear:
-        """A FakeQuantLinear that shares ``linear``'s weight and bias parameters (optimizer state stays valid)."""
+        """A FakeQuantLinear sharing ``linear``'s weight and bias parameters (optimizer state stays valid)."""
         if not isinstance(linear, nn.Linear):
             raise ValueError(f"linear: expected an nn.Linear, got {type(linear).__name__}")
         w = linear.weight
         module = cls(
-            linear.in_features, linear.out_features, linear.bias is not None, device="meta", dtype=w.dtype,
+            linear.in_features,
+            linear.out_features,
+            linear.bias is not None,
+            device="meta",
+            dtype=w.dtype,
             **{**scheme, "learnable_scale": False},
         )
         module.weight = linear.weight
@@ -131,9 +137,16 @@ class FakeQuantLinear(_ActivationQuant, nn.Module):
         """``fq(W)``: the fake-quantized weight in W's dtype (differentiable: STE, or LSQ when learnable)."""
         if self.learnable_scale:
             return ops.fake_quantize_lsq(
-                self.weight, self.weight_scale, self.weight_zero_point, self.weight_bits, self.weight_group_size, 0
+                self.weight,
+                self.weight_scale,
+                self.weight_zero_point,
+                self.weight_bits,
+                self.weight_group_size,
+                0,
             )
-        return ops.fake_quantize(self.weight, self.weight_bits, self.weight_group_size, self.weight_symmetric, 0)[0]
+        return ops.fake_quantize(
+            self.weight, self.weight_bits, self.weight_group_size, self.weight_symmetric, 0
+        )[0]
 
     @torch.no_grad()
     def weight_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,7 +158,9 @@ class FakeQuantLinear(_ActivationQuant, nn.Module):
                 zero_point = torch.zeros(scale.shape, dtype=torch.int32, device=scale.device)
             else:
                 zero_point = self.weight_zero_point.detach().round().clamp(qmin, qmax).to(torch.int32)
-            return scale.to(torch.float64 if self.weight.dtype == torch.float64 else torch.float32), zero_point
+            return scale.to(
+                torch.float64 if self.weight.dtype == torch.float64 else torch.float32
+            ), zero_point
         _, scale, zero_point = ops.fake_quantize(
             self.weight.detach(), self.weight_bits, self.weight_group_size, self.weight_symmetric, 0
         )
@@ -166,6 +181,7 @@ class FakeQuantLinear(_ActivationQuant, nn.Module):
     def extra_repr(self) -> str:
         scheme = ", ".join(f"{k}={v}" for k, v in self.scheme().items())
         return (
-            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, "
             f"{scheme}, learnable_scale={self.learnable_scale}"
         )

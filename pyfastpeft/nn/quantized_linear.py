@@ -28,7 +28,9 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if per_byte == 1:
         return codes.to(torch.int8)
     if codes.shape[-1] % per_byte:
-        raise ValueError(f"codes: the last dimension ({codes.shape[-1]}) must be a multiple of {per_byte} for int{bits}")
+        raise ValueError(
+            f"codes: the last dimension ({codes.shape[-1]}) must be a multiple of {per_byte} for int{bits}"
+        )
     u = (codes.to(torch.int32) + 2 ** (bits - 1)).reshape(*codes.shape[:-1], -1, per_byte)
     shifts = torch.arange(per_byte, device=codes.device, dtype=torch.int32) * bits
     return (u << shifts).sum(dim=-1).to(torch.uint8)
@@ -81,9 +83,16 @@ class QuantizedLinear(_ActivationQuant, nn.Module):
         _check_bits("activation_bits", activation_bits, allow_none=True)
         per_byte = codes_per_byte(weight_bits)
         if in_features % per_byte:
-            raise ValueError(f"in_features: {in_features} is not a multiple of {per_byte}, as int{weight_bits} packing needs")
+            raise ValueError(
+                f"in_features: {in_features} is not a multiple of {per_byte}, "
+                f"as int{weight_bits} packing needs"
+            )
         self.in_features, self.out_features = in_features, out_features
-        self.weight_bits, self.weight_group_size, self.weight_symmetric = weight_bits, weight_group_size, weight_symmetric
+        self.weight_bits, self.weight_group_size, self.weight_symmetric = (
+            weight_bits,
+            weight_group_size,
+            weight_symmetric,
+        )
         self.activation_bits, self.activation_symmetric = activation_bits, activation_symmetric
         self.dtype = dtype
         storage = torch.int8 if per_byte == 1 else torch.uint8
@@ -94,7 +103,9 @@ class QuantizedLinear(_ActivationQuant, nn.Module):
             qshape = (out_features,)
         else:
             qshape = (out_features, in_features // weight_group_size)
-        self.register_buffer("qweight", torch.zeros(out_features, in_features // per_byte, dtype=storage, device=device))
+        self.register_buffer(
+            "qweight", torch.zeros(out_features, in_features // per_byte, dtype=storage, device=device)
+        )
         self.register_buffer("weight_scale", torch.ones(qshape, dtype=acc, device=device))
         self.register_buffer("weight_zero_point", torch.zeros(qshape, dtype=torch.int32, device=device))
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
@@ -110,13 +121,23 @@ class QuantizedLinear(_ActivationQuant, nn.Module):
             raise ValueError("weight: holds NaN or inf values; its quantization groups have no finite scale")
         acc = scale.dtype
         out = ops.fake_quantize_lsq(
-            w.to(acc), scale, zero_point.to(acc), module.weight_bits, module.weight_group_size, 0, grad_factor=1.0
+            w.to(acc),
+            scale,
+            zero_point.to(acc),
+            module.weight_bits,
+            module.weight_group_size,
+            0,
+            grad_factor=1.0,
         )
         s = _expand_groups(scale, module.out_features, module.in_features, module.weight_group_size)
         z = _expand_groups(zero_point, module.out_features, module.in_features, module.weight_group_size)
         codes = torch.round(out.double() / s.double()).to(torch.int32) + z
         q = cls(
-            module.in_features, module.out_features, module.bias is not None, dtype=w.dtype, device=w.device,
+            module.in_features,
+            module.out_features,
+            module.bias is not None,
+            dtype=w.dtype,
+            device=w.device,
             **module.scheme(),
         )
         q.qweight.copy_(pack_codes(codes, module.weight_bits))
@@ -154,7 +175,9 @@ class QuantizedLinear(_ActivationQuant, nn.Module):
 
     def extra_repr(self) -> str:
         scheme = ", ".join(f"{k}={v}" for k, v in self.scheme().items())
-        return f"in_features={self.in_features}, out_features={self.out_features}, {scheme}, dtype={self.dtype}"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, {scheme}, dtype={self.dtype}"
+        )
 
 
 class QuantLoRALinear(nn.Module):
@@ -190,7 +213,9 @@ class QuantLoRALinear(nn.Module):
         self.r, self.alpha, self.dropout, self.rslora = r, alpha, dropout, rslora
         self.scaling = alpha / (math.sqrt(r) if rslora else r)
         dtype = base_layer.weight.dtype if isinstance(base_layer, FakeQuantLinear) else base_layer.dtype
-        device = base_layer.weight.device if isinstance(base_layer, FakeQuantLinear) else base_layer.qweight.device
+        device = (
+            base_layer.weight.device if isinstance(base_layer, FakeQuantLinear) else base_layer.qweight.device
+        )
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, dtype=dtype, device=device))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, dtype=dtype, device=device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
@@ -200,7 +225,9 @@ class QuantLoRALinear(nn.Module):
         with torch.no_grad():
             weight = base.quantized_weight()
         p = self.dropout if self.training else 0.0
-        return ops.lora_linear(base.quantize_input(x), weight, base.bias, self.lora_A, self.lora_B, self.scaling, p)
+        return ops.lora_linear(
+            base.quantize_input(x), weight, base.bias, self.lora_A, self.lora_B, self.scaling, p
+        )
 
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha}, dropout={self.dropout}, rslora={self.rslora}"

@@ -6,7 +6,8 @@ case with ``group_size = x.shape[-1]`` (one group per row). With ``qmin = -2^(bi
 ``qmax = 2^(bits-1) - 1`` and ``acc`` = float32 (float64 for float64 inputs), per group::
 
     symmetric:   s = acc(amax / ((qmax - qmin) / 2)),                 z = 0
-    asymmetric:  s = acc((max(max, 0) - min(min, 0)) / (qmax - qmin)),  z = clamp(qmin - rint(min(min, 0) / s))
+    asymmetric:  lo = min(min, 0), hi = max(max, 0)
+                 s = acc((hi - lo) / (qmax - qmin)),  z = clamp(qmin - rint(acc(lo / s)), qmin, qmax)
     s = max(s, float32 eps)                  # an all-zero group gives exact zeros, never NaN
     q = rint(x * acc(1 / s)) + z             # round half to even
     out = (clamp(q, qmin, qmax) - z) * s
@@ -60,7 +61,9 @@ def _fake_quantize_lsq_fake(x, scale, zero_point, bits, group_size, axis, grad_f
 
 
 @torch.library.register_fake("pyfastpeft::fake_quantize_lsq_backward")
-def _fake_quantize_lsq_backward_fake(grad_out, x, scale, zero_point, bits, group_size, axis, grad_factor, need_grad_x):
+def _fake_quantize_lsq_backward_fake(
+    grad_out, x, scale, zero_point, bits, group_size, axis, grad_factor, need_grad_x
+):
     dx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_grad_x else x.new_empty((0,))
     dz = torch.empty_like(scale) if zero_point is not None else scale.new_empty((0,))
     return dx, torch.empty_like(scale), dz
@@ -107,7 +110,9 @@ def _lsq_backward(ctx, grad_out):
     )
 
 
-torch.library.register_autograd("pyfastpeft::fake_quantize_lsq", _lsq_backward, setup_context=_lsq_setup_context)
+torch.library.register_autograd(
+    "pyfastpeft::fake_quantize_lsq", _lsq_backward, setup_context=_lsq_setup_context
+)
 
 
 def _check_scheme(x: torch.Tensor, group_size: int, axis: int) -> None:

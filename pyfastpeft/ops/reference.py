@@ -75,7 +75,7 @@ def _broadcast_qparam(t, x, group_size, axis):
 
 
 def fake_quantize_codes(x, scale, zero_point, bits=8, group_size=-1, axis=0, dtype=None):
-    """Unclamped integer codes ``rint(x · acc(1/s)) + z`` in float64, with the scheme's (scale, zero_point)."""
+    """Unclamped integer codes ``rint(x · acc(1/s)) + z`` in float64, given (scale, zero_point)."""
     acc = _acc(dtype or x.dtype)
     s = _broadcast_qparam(scale.double(), x, group_size, axis)
     z = _broadcast_qparam(zero_point.double(), x, group_size, axis)

@@ -47,7 +47,7 @@ class QATConfig:
 
     @classmethod
     def int8_dynamic_activation_int4_weight(cls, group_size: int = 32, **kw) -> QATConfig:
-        """"8da4w": int4 symmetric grouped weights, int8 asymmetric per-token activations."""
+        """ "8da4w": int4 symmetric grouped weights, int8 asymmetric per-token activations."""
         return cls(weight_bits=4, weight_group_size=group_size, activation_bits=8, **kw)
 
     @classmethod
@@ -56,8 +56,16 @@ class QATConfig:
 
     def scheme(self) -> dict:
         d = asdict(self)
-        return {k: d[k] for k in ("weight_bits", "weight_group_size", "weight_symmetric", "activation_bits",
-                                  "activation_symmetric")}
+        return {
+            k: d[k]
+            for k in (
+                "weight_bits",
+                "weight_group_size",
+                "weight_symmetric",
+                "activation_bits",
+                "activation_symmetric",
+            )
+        }
 
 
 def _matches(name: str, patterns: list[str] | str | None, default: bool) -> bool:
@@ -86,14 +94,20 @@ def prepare_qat(model: nn.Module, config: QATConfig) -> nn.Module:
         and not _matches(name, config.exclude_modules or None, False)
     ]
     if not targets:
-        raise ValueError(f"config.target_modules: no nn.Linear of the model matches {config.target_modules!r}")
+        raise ValueError(
+            f"config.target_modules: no nn.Linear of the model matches {config.target_modules!r}"
+        )
     for name, linear in targets:
-        _replace(model, name, FakeQuantLinear.from_linear(linear, learnable_scale=config.learnable_scale, **config.scheme()))
+        _replace(
+            model,
+            name,
+            FakeQuantLinear.from_linear(linear, learnable_scale=config.learnable_scale, **config.scheme()),
+        )
     return model
 
 
 def convert(model: nn.Module) -> nn.Module:
-    """Replace every FakeQuantLinear of ``model`` (in place) by the QuantizedLinear holding its integer codes."""
+    """Replace each FakeQuantLinear of ``model`` (in place) with a QuantizedLinear of its integer codes."""
     found = [(name, m) for name, m in model.named_modules() if isinstance(m, FakeQuantLinear)]
     if not found:
         raise ValueError("model: holds no FakeQuantLinear (run prepare_qat first)")
@@ -108,8 +122,13 @@ def save_quantized(model: nn.Module, path: str | os.PathLike) -> Path:
     reader never sees a partial file."""
     path = Path(path)
     schemes = {
-        name: {**m.scheme(), "in_features": m.in_features, "out_features": m.out_features,
-               "bias": m.bias is not None, "dtype": str(m.dtype).removeprefix("torch.")}
+        name: {
+            **m.scheme(),
+            "in_features": m.in_features,
+            "out_features": m.out_features,
+            "bias": m.bias is not None,
+            "dtype": str(m.dtype).removeprefix("torch."),
+        }
         for name, m in model.named_modules()
         if isinstance(m, QuantizedLinear)
     }
@@ -149,9 +168,16 @@ def load_quantized(model: nn.Module, path: str | os.PathLike, strict: bool = Tru
             raise ValueError(f"model: has no module {name!r} recorded in {path}") from e
         device = next(iter(old.buffers() if isinstance(old, QuantizedLinear) else old.parameters())).device
         _replace(
-            model, name,
-            QuantizedLinear(info.pop("in_features"), info.pop("out_features"), info.pop("bias"), dtype=dtype,
-                            device=device, **info),
+            model,
+            name,
+            QuantizedLinear(
+                info.pop("in_features"),
+                info.pop("out_features"),
+                info.pop("bias"),
+                dtype=dtype,
+                device=device,
+                **info,
+            ),
         )
     model.load_state_dict(state, strict=strict)
     return model

@@ -28,8 +28,13 @@ def make(name, in_features=256, out_features=48, dtype=torch.float32, device="cp
     torch.manual_seed(0)
     linear = nn.Linear(in_features, out_features, device=device, dtype=dtype)
     return FakeQuantLinear.from_linear(
-        linear, weight_bits=wb, weight_group_size=g, weight_symmetric=ws, activation_bits=ab,
-        activation_symmetric=asym, learnable_scale=learnable,
+        linear,
+        weight_bits=wb,
+        weight_group_size=g,
+        weight_symmetric=ws,
+        activation_bits=ab,
+        activation_symmetric=asym,
+        learnable_scale=learnable,
     )
 
 

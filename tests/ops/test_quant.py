@@ -11,7 +11,6 @@ from hypothesis import strategies as st
 
 import pyfastpeft
 from pyfastpeft.ops import reference as ref
-
 from tests.conftest import FLOAT_DTYPES
 
 OP = torch.ops.pyfastpeft
@@ -61,7 +60,9 @@ def test_forward_equals_float64_formula(device, dtype, bits, symmetric, shape, g
     if dtype == torch.float32:
         # Integer codes: out / s recovers clamp(q) - z exactly for float32 outputs.
         qmin, qmax = qrange(bits)
-        codes = ref.fake_quantize_codes(x.cpu(), scale.cpu(), zp.cpu(), bits, group_size, axis).clamp(qmin, qmax)
+        codes = ref.fake_quantize_codes(x.cpu(), scale.cpu(), zp.cpu(), bits, group_size, axis).clamp(
+            qmin, qmax
+        )
         s = ref._broadcast_qparam(scale.cpu().double(), x, group_size, axis)
         z = ref._broadcast_qparam(zp.cpu().double(), x, group_size, axis)
         assert torch.equal(torch.round(out.cpu().double() / s) + z, codes)
@@ -111,7 +112,9 @@ def test_matches_torch_fake_quantize_per_tensor(device, bits, symmetric):
 def test_groups_match_torch_per_channel_on_grouped_view(device):
     x = rand((12, 256), torch.float32, device, 2.0)
     out, scale, zp = pyfastpeft.ops.fake_quantize(x, 4, 32, False)
-    expected = torch.fake_quantize_per_channel_affine(x.reshape(-1, 32), scale.flatten(), zp.flatten(), 0, -8, 7)
+    expected = torch.fake_quantize_per_channel_affine(
+        x.reshape(-1, 32), scale.flatten(), zp.flatten(), 0, -8, 7
+    )
     assert torch.equal(out, expected.reshape(x.shape))
 
 
@@ -129,7 +132,9 @@ def test_symmetric_scale_equals_torch_observer(axis):
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-@pytest.mark.parametrize("shape,group_size,axis", [SCHEMES[0], SCHEMES[2], SCHEMES[4], SCHEMES[5], SCHEMES[9]])
+@pytest.mark.parametrize(
+    "shape,group_size,axis", [SCHEMES[0], SCHEMES[2], SCHEMES[4], SCHEMES[5], SCHEMES[9]]
+)
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_ste_backward_equals_autograd_reference(device, dtype, shape, group_size, axis, symmetric):
     x = rand(shape, dtype, device, 2.0).requires_grad_()
@@ -166,7 +171,9 @@ def lsq_inputs(shape, group_size, axis, dtype, device, with_zero_point, bits=4):
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-@pytest.mark.parametrize("shape,group_size,axis", [SCHEMES[0], SCHEMES[2], SCHEMES[3], SCHEMES[4], SCHEMES[6]])
+@pytest.mark.parametrize(
+    "shape,group_size,axis", [SCHEMES[0], SCHEMES[2], SCHEMES[3], SCHEMES[4], SCHEMES[6]]
+)
 @pytest.mark.parametrize("with_zero_point", [False, True])
 def test_lsq_forward_and_gradients(device, dtype, shape, group_size, axis, with_zero_point):
     x, scale, zero = lsq_inputs(shape, group_size, axis, dtype, device, with_zero_point)
@@ -180,13 +187,19 @@ def test_lsq_forward_and_gradients(device, dtype, shape, group_size, axis, with_
     x64 = leaves[0]
     x64_value = x.detach().cpu()  # the reference rounds x·(1/s) as the kernel does for x's dtype
     ref_out = ref.fake_quantize_lsq(
-        x64_value.requires_grad_(), leaves[1], leaves[2] if zero is not None else None, 4, group_size, axis, gf
+        x64_value.requires_grad_(),
+        leaves[1],
+        leaves[2] if zero is not None else None,
+        4,
+        group_size,
+        axis,
+        gf,
     )
     assert torch.equal(out.cpu(), ref_out.detach().to(dtype))
     ref_grads = torch.autograd.grad(ref_out, [x64_value, *leaves[1:]], dy.cpu().double())
     assert torch.equal(grads[0].cpu(), ref_grads[0].to(dtype).where(ref_grads[0] != 0, 0))
     tol = 1e-5 if dtype == torch.float32 else 2e-2
-    for g, r in zip(grads[1:], ref_grads[1:]):
+    for g, r in zip(grads[1:], ref_grads[1:], strict=True):
         torch.testing.assert_close(g.cpu().double(), r, rtol=tol, atol=tol * r.abs().max().item())
     del x64
 
@@ -204,7 +217,7 @@ def test_lsq_matches_torch_learnable_per_channel(device, axis):
     ours = torch.autograd.grad(out, [x, scale, zero], dy)
     theirs = torch.autograd.grad(expected, [x, scale, zero], dy)
     assert torch.equal(ours[0], theirs[0])
-    for a, b in zip(ours[1:], theirs[1:]):
+    for a, b in zip(ours[1:], theirs[1:], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
@@ -287,7 +300,9 @@ def test_non_contiguous_inputs(device, group_size, axis):
         o2, s2, z2 = pyfastpeft.ops.fake_quantize(xg, 4, group_size, False, axis)
         assert torch.equal(o2, out)
         dx = torch.autograd.grad(o2, xg, dy)[0]
-        dx_view = torch.autograd.grad(pyfastpeft.ops.fake_quantize(x.requires_grad_(), 4, group_size, False, axis)[0], x, dy)[0]
+        dx_view = torch.autograd.grad(
+            pyfastpeft.ops.fake_quantize(x.requires_grad_(), 4, group_size, False, axis)[0], x, dy
+        )[0]
         assert torch.equal(dx, dx_view)
 
 
@@ -327,8 +342,12 @@ def test_opcheck(device, dtype):
     torch.library.opcheck(OP.fake_quantize_lsq, (x, s, z, 4, 32, 0, 0.5))
     torch.library.opcheck(OP.fake_quantize_lsq, (x, s, None, 4, 32, 0, 0.5))
     dy = torch.randn_like(x)
-    torch.library.opcheck(OP.fake_quantize_lsq_backward, (dy, x.detach(), s.detach(), z.detach(), 4, 32, 0, 0.5, True))
-    torch.library.opcheck(OP.fake_quantize_lsq_backward, (dy, x.detach(), s.detach(), None, 4, 32, 0, 0.5, False))
+    torch.library.opcheck(
+        OP.fake_quantize_lsq_backward, (dy, x.detach(), s.detach(), z.detach(), 4, 32, 0, 0.5, True)
+    )
+    torch.library.opcheck(
+        OP.fake_quantize_lsq_backward, (dy, x.detach(), s.detach(), None, 4, 32, 0, 0.5, False)
+    )
 
 
 def test_torch_compile_fullgraph():

@@ -58,8 +58,15 @@ def test_prepare_qat_swaps_targets_and_keeps_parameters():
 
 def test_prepare_qat_target_patterns():
     model = prepare_qat(make_model(), QATConfig(target_modules=["up_proj", "layers.1.down_proj"]))
-    kinds = {n: type(m).__name__ for n, m in model.named_modules() if isinstance(m, nn.Linear | FakeQuantLinear)}
-    assert kinds["layers.0.up_proj"] == kinds["layers.1.up_proj"] == kinds["layers.1.down_proj"] == "FakeQuantLinear"
+    kinds = {
+        n: type(m).__name__ for n, m in model.named_modules() if isinstance(m, nn.Linear | FakeQuantLinear)
+    }
+    assert (
+        kinds["layers.0.up_proj"]
+        == kinds["layers.1.up_proj"]
+        == kinds["layers.1.down_proj"]
+        == "FakeQuantLinear"
+    )
     assert kinds["layers.0.down_proj"] == kinds["layers.0.gate_proj"] == "Linear"
     model = prepare_qat(make_model(), QATConfig(target_modules=r"layers\.\d+\.(gate|up)_proj"))
     assert sum(isinstance(m, FakeQuantLinear) for m in model.modules()) == 4
@@ -160,12 +167,19 @@ def test_lora_over_quantized_base_trains_only_lora():
 def test_hugging_face_llama_round_trip():
     transformers = pytest.importorskip("transformers")
     cfg = transformers.LlamaConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64,
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
     )
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(cfg).eval()
-    prepare_qat(model, QATConfig.int8_dynamic_activation_int4_weight(target_modules=["q_proj", "v_proj", "down_proj"]))
+    prepare_qat(
+        model, QATConfig.int8_dynamic_activation_int4_weight(target_modules=["q_proj", "v_proj", "down_proj"])
+    )
     assert isinstance(model.model.layers[0].self_attn.q_proj, FakeQuantLinear)
     ids = torch.randint(0, 128, (2, 10))
     with torch.no_grad():
