@@ -17,7 +17,9 @@ write out; read dy, read x, write dx) costs at least 2.5 clones.
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
+import time
 
 import torch
 from torch import nn
@@ -26,6 +28,21 @@ import pyfastpeft as pf
 from bench._timing import print_table, saved_activation_bytes, time_interleaved, write_results
 
 EPS = torch.finfo(torch.float32).eps
+
+
+def cpu_time_interleaved(fns, warmup, rounds):
+    """Median process CPU time (ms, all threads) in interleaved rounds. On a shared, oversubscribed machine
+    wall time also counts the time other processes hold the cores; CPU time does not."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    samples = {k: [] for k in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = time.process_time()
+            fn()
+            samples[name].append((time.process_time() - t0) * 1e3)
+    return {k: statistics.median(v) for k, v in samples.items()}
 
 
 class _MaskedRound(torch.autograd.Function):
@@ -142,15 +159,13 @@ def op_rows(n_out, n_in, tokens, rounds, warmup):
     ]
     rows = []
     for name, inputs, grad, ours, theirs, baseline in cases:
-        times = time_interleaved(
-            {
-                "ours": fwd_bwd(ours, inputs, grad),
-                "baseline": fwd_bwd(theirs, inputs, grad),
-                "clone": clone_w,
-            },
-            warmup=warmup,
-            rounds=rounds,
-        )
+        fns = {
+            "ours": fwd_bwd(ours, inputs, grad),
+            "baseline": fwd_bwd(theirs, inputs, grad),
+            "clone": clone_w,
+        }
+        times = time_interleaved(fns, warmup=warmup, rounds=rounds)
+        cpu = cpu_time_interleaved(fns, warmup=1, rounds=rounds)
         rows.append(
             {
                 "case": name,
@@ -161,6 +176,9 @@ def op_rows(n_out, n_in, tokens, rounds, warmup):
                 "speedup": times["baseline"] / times["ours"],
                 "clone_ms": times["clone"],
                 "ours_in_clones": times["ours"] / times["clone"],
+                "ours_cpu_ms": cpu["ours"],
+                "baseline_cpu_ms": cpu["baseline"],
+                "cpu_speedup": cpu["baseline"] / cpu["ours"],
                 "ours_saved_MB": saved_activation_bytes(ours, exclude=tuple(inputs)) / 2**20,
                 "baseline_saved_MB": saved_activation_bytes(theirs, exclude=tuple(inputs)) / 2**20,
             }
@@ -218,15 +236,17 @@ def qat_rows(hidden, inter, layers, tokens, rounds, warmup):
         ),
     }
     times = time_interleaved(variants, warmup=warmup, rounds=rounds)
-    base = times["float"]
+    cpu = cpu_time_interleaved(variants, warmup=1, rounds=rounds)
     return [
         {
             "step": name,
             "model": f"{layers}x MLP {hidden}->{inter}, {tokens} tokens",
-            "ms": t,
-            "overhead_pct": 100.0 * (t - base) / base,
+            "ms": times[name],
+            "overhead_pct": 100.0 * (times[name] - times["float"]) / times["float"],
+            "cpu_ms": cpu[name],
+            "cpu_overhead_pct": 100.0 * (cpu[name] - cpu["float"]) / cpu["float"],
         }
-        for name, t in times.items()
+        for name in variants
     ]
 
 
@@ -252,13 +272,16 @@ def main(argv=None):
             "speedup",
             "clone_ms",
             "ours_in_clones",
+            "ours_cpu_ms",
+            "baseline_cpu_ms",
+            "cpu_speedup",
             "ours_saved_MB",
             "baseline_saved_MB",
         ],
     )
-    qat = qat_rows(hidden, inter, layers, qat_tokens, max(3, rounds // 2), warmup)
+    qat = qat_rows(hidden, inter, layers, qat_tokens, rounds, warmup)
     print()
-    print_table(qat, ["step", "model", "ms", "overhead_pct"])
+    print_table(qat, ["step", "model", "ms", "overhead_pct", "cpu_ms", "cpu_overhead_pct"])
     name = "bench_quant_quick" if args.quick else "bench_quant"
     path = write_results(
         name,

@@ -321,6 +321,50 @@ inline void lsq_stretch(const T* dy, const T* x, T* dx, int64_t n, acc_t s, int3
   *dz += -(below + above) * static_cast<double>(s);
 }
 
+#if defined(__AVX2__)
+// float32 LSQ stretch in AVX2: float lanes summed over blocks of kLsqBlock elements, each block's sums
+// added to double accumulators, so long (per-tensor) groups keep double-precision totals.
+constexpr int64_t kLsqBlock = 1024;
+
+inline double horizontal_sum(__m256 v) {
+  alignas(32) float f[8];
+  _mm256_store_ps(f, v);
+  double total = 0;
+  for (float e : f) total += e;
+  return total;
+}
+
+inline void lsq_stretch(const float* dy, const float* x, float* dx, int64_t n, float s, int32_t zp, int qmin, int qmax,
+                        double* ds, double* dz) {
+  const float inv = inverse_scale(s), z = static_cast<float>(zp);
+  const __m256 vinv = _mm256_set1_ps(inv), vz = _mm256_set1_ps(z);
+  const __m256 vlo = _mm256_set1_ps(static_cast<float>(qmin)), vhi = _mm256_set1_ps(static_cast<float>(qmax));
+  double sum_in = 0, sum_lo = 0, sum_hi = 0;
+  int64_t i = 0;
+  while (i + 8 <= n) {
+    const int64_t stop = std::min(n - (n - i) % 8, i + kLsqBlock);
+    __m256 in = _mm256_setzero_ps(), below_sum = in, above_sum = in;
+    for (; i < stop; i += 8) {
+      const __m256 g = _mm256_loadu_ps(dy + i);
+      const __m256 t = _mm256_mul_ps(_mm256_loadu_ps(x + i), vinv);
+      const __m256 r = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      const __m256 q = _mm256_add_ps(r, vz);
+      const __m256 below = _mm256_cmp_ps(q, vlo, _CMP_LT_OQ), above = _mm256_cmp_ps(q, vhi, _CMP_GT_OQ);
+      const __m256 clipped = _mm256_or_ps(below, above);
+      if (dx != nullptr) _mm256_storeu_ps(dx + i, _mm256_andnot_ps(clipped, g));
+      in = _mm256_add_ps(in, _mm256_andnot_ps(clipped, _mm256_mul_ps(g, _mm256_sub_ps(r, t))));
+      below_sum = _mm256_add_ps(below_sum, _mm256_and_ps(below, g));
+      above_sum = _mm256_add_ps(above_sum, _mm256_and_ps(above, g));
+    }
+    sum_in += horizontal_sum(in), sum_lo += horizontal_sum(below_sum), sum_hi += horizontal_sum(above_sum);
+  }
+  double tail_s = 0, tail_z = 0;
+  lsq_stretch<float, float>(dy + i, x + i, dx ? dx + i : nullptr, n - i, s, zp, qmin, qmax, &tail_s, &tail_z);
+  *ds += sum_in + sum_lo * (qmin - zp) + sum_hi * (qmax - zp) + tail_s;
+  *dz += -(sum_lo + sum_hi) * static_cast<double>(s) + tail_z;
+}
+#endif
+
 template <typename T>
 void lsq_backward(const LsqBackwardParams& p) {
   using acc_t = acc_type<T>;
