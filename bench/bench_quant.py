@@ -254,41 +254,33 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small smoke sizes")
     parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads before timing")
+    parser.add_argument("--section", choices=["all", "op", "qat"], default="all")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.quick:
         n, tokens, rounds, warmup = 512, 256, args.rounds or 5, 1
         hidden, inter, layers, qat_tokens = 128, 352, 2, 64
     else:
         n, tokens, rounds, warmup = 4096, 4096, args.rounds or 10, 2
         hidden, inter, layers, qat_tokens = 512, 1408, 4, 512
-    rows = op_rows(n, n, tokens, rounds, warmup)
-    print_table(
-        rows,
-        [
-            "case",
-            "baseline",
-            "ours_ms",
-            "baseline_ms",
-            "speedup",
-            "clone_ms",
-            "ours_in_clones",
-            "ours_cpu_ms",
-            "baseline_cpu_ms",
-            "cpu_speedup",
-            "ours_saved_MB",
-            "baseline_saved_MB",
-        ],
+    columns = ["case", "baseline", "ours_ms", "baseline_ms", "speedup", "clone_ms", "ours_in_clones"]
+    columns += ["ours_cpu_ms", "baseline_cpu_ms", "cpu_speedup", "ours_saved_MB", "baseline_saved_MB"]
+    rows, qat = [], []
+    if args.section in ("all", "op"):
+        rows = op_rows(n, n, tokens, rounds, warmup)
+        print_table(rows, columns)
+    if args.section in ("all", "qat"):
+        qat = qat_rows(hidden, inter, layers, qat_tokens, rounds, warmup)
+        print()
+        print_table(qat, ["step", "model", "ms", "overhead_pct", "cpu_ms", "cpu_overhead_pct"])
+    name = "bench_quant" + ("_quick" if args.quick else "")
+    name += ("" if args.section == "all" else f"_{args.section}") + (
+        f"_t{args.threads}" if args.threads else ""
     )
-    qat = qat_rows(hidden, inter, layers, qat_tokens, rounds, warmup)
-    print()
-    print_table(qat, ["step", "model", "ms", "overhead_pct", "cpu_ms", "cpu_overhead_pct"])
-    name = "bench_quant_quick" if args.quick else "bench_quant"
-    path = write_results(
-        name,
-        rows,
-        "python -m bench.bench_quant " + " ".join(sys.argv[1:] if argv is None else argv),
-        {"qat_step": qat},
-    )
+    command = "python -m bench.bench_quant " + " ".join(sys.argv[1:] if argv is None else argv)
+    path = write_results(name, rows, command, {"qat_step": qat, "threads": torch.get_num_threads()})
     print(f"\nwrote {path}")
 
 

@@ -75,9 +75,12 @@ def _fq_setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, scale, zero_point)
     ctx.args = (bits, group_size, axis)
     ctx.mark_non_differentiable(scale, zero_point)
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for the non-differentiable scale outputs
 
 
 def _fq_backward(ctx, grad_out, _grad_scale, _grad_zero_point):
+    if grad_out is None:
+        return None, None, None, None, None
     x, scale, zero_point = ctx.saved_tensors
     return _OP.fake_quantize_backward(grad_out, x, scale, zero_point, *ctx.args), None, None, None, None
 
