@@ -39,5 +39,23 @@ TORCH_LIBRARY(pyfastpeft, m) {
   // Returns (dx, dbias, ddelta); entries whose output_mask is false are empty tensors. W₀ gets no gradient.
   m.def("sparse_delta_linear_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor delta, Tensor indices, "
         "bool[3] output_mask) -> (Tensor, Tensor, Tensor)",
+  // ---- quant: fake quantization (csrc/ops/quant) ----
+  // group_size: 0 per tensor, -1 per channel along axis, g > 0 groups of g along the last dimension.
+  // Returns (out, scale, zero_point): scale float32 (float64 for float64 x), zero_point int32.
+  m.def("fake_quantize(Tensor x, int bits, int group_size, bool symmetric, int axis) -> (Tensor, Tensor, Tensor)",
+        pt2);
+  // Straight-through estimator: grad_out where the recomputed code is inside [qmin, qmax], else 0.
+  m.def("fake_quantize_backward(Tensor grad_out, Tensor x, Tensor scale, Tensor zero_point, int bits, "
+        "int group_size, int axis) -> Tensor",
+        pt2);
+  // Learnable scale (LSQ): quantize with the given scale and optional float zero point; grad_factor
+  // scales the scale / zero-point gradients of the backward.
+  m.def("fake_quantize_lsq(Tensor x, Tensor scale, Tensor? zero_point, int bits, int group_size, int axis, "
+        "float grad_factor) -> Tensor",
+        pt2);
+  // Returns (grad_x, grad_scale, grad_zero_point); grad_x is empty when need_grad_x is false and
+  // grad_zero_point is empty without a zero point.
+  m.def("fake_quantize_lsq_backward(Tensor grad_out, Tensor x, Tensor scale, Tensor? zero_point, int bits, "
+        "int group_size, int axis, float grad_factor, bool need_grad_x) -> (Tensor, Tensor, Tensor)",
         pt2);
 }

@@ -3,9 +3,16 @@
 from .. import _extension  # noqa: F401, I001  (loads the compiled operators first)
 from .lora import lora_linear, philox_dropout
 from .optim import fused_adamw_, multi_tensor_l2_norm
+from .quant import fake_quantize, fake_quantize_lsq
 from .sparse import sampled_weight_grad, sparse_delta_linear
 
 __all__ = [
-    "lora_linear", "philox_dropout", "fused_adamw_", "multi_tensor_l2_norm", "sampled_weight_grad",
+    "fake_quantize",
+    "fake_quantize_lsq",
+    "fused_adamw_",
+    "lora_linear",
+    "multi_tensor_l2_norm",
+    "philox_dropout",
+    "sampled_weight_grad",
     "sparse_delta_linear",
 ]

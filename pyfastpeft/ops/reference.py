@@ -63,3 +63,106 @@ def sparse_delta_linear(x, weight, bias, delta, indices):
     """``linear(x, W₀ + Δ, b)`` with Δ scattered densely (differentiable in x, bias and delta)."""
     dense = torch.zeros(weight.numel(), dtype=delta.dtype, device=delta.device).index_put((indices.long(),), delta)
     return torch.nn.functional.linear(x, weight + dense.view_as(weight), bias)
+# ---- quant -------------------------------------------------------------------------------------------
+# The fake-quantization formula of pyfastpeft/ops/quant.py in float64. Where the formula rounds to the
+# accumulation type (float32 for float32/16-bit inputs), `_acc` rounds the exact float64 value the same way;
+# a single float32 operation rounded once equals float64-then-float32 (53 >= 2·24 + 2 bits).
+QUANT_EPS = torch.finfo(torch.float32).eps
+
+
+def _quant_layout(x, group_size, axis):
+    """(pre, C, post) view sizes and the scale shape of a scheme."""
+    if group_size == 0:
+        return (1, 1, x.numel()), ()
+    if group_size == -1:
+        a = axis % x.dim()
+        pre = 1
+        for d in x.shape[:a]:
+            pre *= d
+        post = x.numel() // max(1, pre * x.shape[a])
+        return (pre, x.shape[a], post), (x.shape[a],)
+    g = group_size
+    return (1, x.numel() // g, g), (*x.shape[:-1], x.shape[-1] // g)
+
+
+def _acc(x_dtype):
+    if x_dtype == torch.float64:
+        return lambda t: t
+    return lambda t: t.float().double()
+
+
+def fake_quantize_qparams(x, bits=8, group_size=-1, symmetric=True, axis=0, dtype=None):
+    """(scale, zero_point) in float64 (values exactly those of the kernel), per the scheme's groups.
+    ``dtype``: the input dtype whose accumulation rules apply (default x.dtype)."""
+    (pre, C, post), shape = _quant_layout(x, group_size, axis)
+    acc = _acc(dtype or x.dtype)
+    qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    xg = x.detach().double().reshape(pre, C, post).transpose(0, 1).reshape(C, pre * post)
+    probe = (xg * 0).sum(dim=1)
+    lo = xg.amin(dim=1).clamp(max=0) if xg.shape[1] else torch.zeros(C, dtype=torch.float64)
+    hi = xg.amax(dim=1).clamp(min=0) if xg.shape[1] else torch.zeros(C, dtype=torch.float64)
+    if symmetric:
+        scale = acc(torch.maximum(-lo, hi) / ((qmax - qmin) / 2))
+        zero_point = torch.zeros_like(scale)
+    else:
+        scale = acc((hi - lo) / (qmax - qmin))
+    scale = scale.clamp(min=QUANT_EPS)
+    if not symmetric:
+        zero_point = (qmin - torch.round(acc(lo / scale))).clamp(qmin, qmax)
+    bad = torch.isnan(probe)
+    scale = torch.where(bad, torch.nan, scale)
+    zero_point = torch.where(bad, 0.0, zero_point)
+    return scale.reshape(shape), zero_point.reshape(shape)
+
+
+def _broadcast_qparam(t, x, group_size, axis):
+    """A per-group tensor expanded to x's shape."""
+    (pre, C, post), _ = _quant_layout(x, group_size, axis)
+    return t.reshape(1, C, 1).expand(pre, C, post).reshape(x.shape)
+
+
+def fake_quantize_codes(x, scale, zero_point, bits=8, group_size=-1, axis=0, dtype=None):
+    """Unclamped integer codes ``rint(x · acc(1/s)) + z`` in float64, given (scale, zero_point)."""
+    acc = _acc(dtype or x.dtype)
+    s = _broadcast_qparam(scale.double(), x, group_size, axis)
+    z = _broadcast_qparam(zero_point.double(), x, group_size, axis)
+    return torch.round(acc(x.detach().double() * acc(1.0 / s))) + z
+
+
+def fake_quantize(x, bits=8, group_size=-1, symmetric=True, axis=0, dtype=None):
+    """``(out, scale, zero_point)`` in float64 (``out.to(dtype)`` is the kernel's exact result for an input of
+    that dtype, default x.dtype), with the straight-through gradient: d out / dx = 1 where the code is in
+    range, 0 elsewhere."""
+    qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    dtype = dtype or x.dtype
+    scale, zero_point = fake_quantize_qparams(x, bits, group_size, symmetric, axis, dtype)
+    q = fake_quantize_codes(x, scale, zero_point, bits, group_size, axis, dtype)
+    s = _broadcast_qparam(scale, x, group_size, axis)
+    z = _broadcast_qparam(zero_point, x, group_size, axis)
+    value = _acc(dtype)((q.clamp(qmin, qmax) - z) * s)
+    mask = ((q >= qmin) & (q <= qmax)).double()
+    x64 = x.double()
+    out = x64 * mask + (value - x64 * mask).detach()
+    return out, scale, zero_point
+
+
+def fake_quantize_lsq(x, scale, zero_point=None, bits=8, group_size=-1, axis=0, grad_factor=1.0):
+    """LSQ (LSQ+ with a zero point) by autograd in float64: ``s·(clamp(round_ste(x/s) + z) - z)`` with the
+    scale clamped to eps, z rounded and clamped, and the scale / zero-point gradients times grad_factor."""
+    qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    acc = _acc(x.dtype)
+    x64 = x.double()
+    s = scale.double().clamp(min=QUANT_EPS)
+    s = s * grad_factor + (s - s * grad_factor).detach()
+    if zero_point is None:
+        z = torch.zeros_like(s)
+    else:
+        z = zero_point.double() * grad_factor
+        z = z + (zero_point.double().round().clamp(qmin, qmax) - z).detach()
+    s = _broadcast_qparam(s, x, group_size, axis)
+    z = _broadcast_qparam(z, x, group_size, axis)
+    t = x64 / s
+    t_value = acc(x64.detach() * acc(1.0 / s.detach()))
+    t = t + (t_value - t).detach()
+    rounded = t + (torch.round(t_value) - t).detach()
+    return s * (torch.clamp(rounded + z, qmin, qmax) - z)

@@ -1,0 +1,187 @@
+"""FakeQuantLinear, QuantizedLinear and QuantLoRALinear against float64 references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import pyfastpeft
+from pyfastpeft.nn import FakeQuantLinear, QuantizedLinear, QuantLoRALinear
+from pyfastpeft.nn.quantized_linear import pack_codes, unpack_codes
+from pyfastpeft.ops import reference as ref
+from tests.conftest import FLOAT_DTYPES
+
+# (weight_bits, weight_group_size, weight_symmetric, activation_bits, activation_symmetric)
+SCHEMES = {
+    "8da4w": (4, 32, True, 8, False),
+    "w4_g128_asym": (4, 128, False, None, False),
+    "w8_per_channel": (8, -1, True, 8, True),
+    "w2_g64": (2, 64, True, None, False),
+    "w4_per_tensor": (4, 0, False, 8, False),
+}
+
+
+def make(name, in_features=256, out_features=48, dtype=torch.float32, device="cpu", learnable=False):
+    wb, g, ws, ab, asym = SCHEMES[name]
+    torch.manual_seed(0)
+    linear = nn.Linear(in_features, out_features, device=device, dtype=dtype)
+    return FakeQuantLinear.from_linear(
+        linear,
+        weight_bits=wb,
+        weight_group_size=g,
+        weight_symmetric=ws,
+        activation_bits=ab,
+        activation_symmetric=asym,
+        learnable_scale=learnable,
+    )
+
+
+def reference_forward(m: FakeQuantLinear, x: torch.Tensor):
+    """float64 linear over the float64-formula fake-quantized weight and activations (autograd: STE)."""
+    w = m.weight.detach().double().requires_grad_()
+    x64 = x.detach().double().requires_grad_()
+    wq = ref.fake_quantize(w, m.weight_bits, m.weight_group_size, m.weight_symmetric, 0, m.weight.dtype)[0]
+    xq = x64
+    if m.activation_bits is not None:
+        xq = ref.fake_quantize(x64, m.activation_bits, x.shape[-1], m.activation_symmetric, 0, x.dtype)[0]
+    b = m.bias.detach().double().requires_grad_() if m.bias is not None else None
+    return F.linear(xq, wq, b), (x64, w, b), wq, xq
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("name", list(SCHEMES))
+def test_forward_backward_against_reference(device, dtype, name):
+    m = make(name, dtype=dtype, device=device)
+    x = torch.randn(3, 7, 256, device=device, dtype=dtype, requires_grad=True)
+    y = m(x)
+    y64, (x64, w64, b64), wq64, xq64 = reference_forward(m, x.cpu())
+    # The quantized operands are bitwise the reference's: the same F.linear gives the same output.
+    same_op = F.linear(xq64.detach().to(dtype).to(device), wq64.detach().to(dtype).to(device), m.bias)
+    assert torch.equal(y, same_op)
+    dy = torch.randn_like(y)
+    gx, gw, gb = torch.autograd.grad(y, [x, m.weight, m.bias], dy)
+    rx, rw, rb = torch.autograd.grad(y64, [x64, w64, b64], dy.cpu().double())
+    tol = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}[dtype]
+    for ours, theirs in ((gx, rx), (gw, rw), (gb, rb)):
+        err = (ours.cpu().double() - theirs).abs().max().item()
+        assert err <= tol * max(1.0, theirs.abs().max().item()), err
+
+
+def test_from_linear_shares_parameters():
+    linear = nn.Linear(64, 16)
+    m = FakeQuantLinear.from_linear(linear)
+    assert m.weight is linear.weight and m.bias is linear.bias
+    assert [p for p in m.parameters()] == [linear.weight, linear.bias]
+
+
+def test_learnable_scale_trains_scales(device):
+    m = make("w4_g128_asym", device=device, learnable=True)
+    assert m.weight_scale.requires_grad and m.weight_zero_point is not None
+    x = torch.randn(5, 256, device=device)
+    m(x).square().mean().backward()
+    assert m.weight_scale.grad is not None and m.weight_scale.grad.abs().sum() > 0
+    assert m.weight_zero_point.grad is not None
+    # the forward at initialisation equals min/max fake quantization (same scales)
+    plain = make("w4_g128_asym", device=device)
+    with torch.no_grad():
+        assert torch.equal(m.quantized_weight(), plain.quantized_weight())
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="weight_group_size"):
+        FakeQuantLinear(100, 8, weight_group_size=32)
+    with pytest.raises(ValueError, match="weight_bits"):
+        FakeQuantLinear(64, 8, weight_bits=16)
+    with pytest.raises(ValueError, match="activation_bits"):
+        FakeQuantLinear(64, 8, activation_bits=1)
+    with pytest.raises(ValueError, match="linear"):
+        FakeQuantLinear.from_linear(nn.Conv1d(3, 3, 1))
+    with pytest.raises(ValueError, match="in_features"):
+        QuantizedLinear(63, 8, weight_bits=4, weight_group_size=-1)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8, 3])
+def test_pack_unpack_round_trip(bits):
+    codes = torch.randint(-(2 ** (bits - 1)), 2 ** (bits - 1), (7, 64), dtype=torch.int32)
+    packed = pack_codes(codes, bits)
+    per_byte = {2: 4, 4: 2}.get(bits, 1)
+    assert packed.shape == (7, 64 // per_byte)
+    assert packed.dtype == (torch.uint8 if per_byte > 1 else torch.int8)
+    assert torch.equal(unpack_codes(packed, bits), codes)
+    if bits == 4:  # element 2i in the low nibble, 2i+1 in the high nibble, offset by 8
+        assert packed[0, 0].item() == (codes[0, 0].item() + 8) | ((codes[0, 1].item() + 8) << 4)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("name", list(SCHEMES))
+@pytest.mark.parametrize("learnable", [False, True])
+def test_quantized_linear_equals_fake_quant(device, dtype, name, learnable):
+    m = make(name, dtype=dtype, device=device, learnable=learnable)
+    if learnable:  # move the learned scales off their min/max start
+        with torch.no_grad():
+            m.weight_scale.mul_(0.8)
+    q = QuantizedLinear.from_fake_quant(m)
+    x = torch.randn(4, 256, device=device, dtype=dtype)
+    with torch.no_grad():
+        assert torch.equal(q.dequantized_weight(), m.quantized_weight())
+        assert torch.equal(q(x), m(x))
+    qmin, qmax = -(2 ** (m.weight_bits - 1)), 2 ** (m.weight_bits - 1) - 1
+    codes = q.codes()
+    assert codes.min() >= qmin and codes.max() <= qmax
+    if m.weight_bits == 4:
+        assert q.qweight.dtype == torch.uint8 and q.qweight.shape == (48, 128)
+
+
+def test_quantized_linear_rejects_non_finite_weights():
+    m = make("8da4w")
+    with torch.no_grad():
+        m.weight[3, 5] = float("nan")
+    with pytest.raises(ValueError, match="weight"):
+        QuantizedLinear.from_fake_quant(m)
+
+
+@pytest.mark.parametrize("base_kind", ["fake", "quantized"])
+@pytest.mark.parametrize("name", ["8da4w", "w4_g128_asym"])
+def test_quant_lora_linear(device, base_kind, name):
+    base = make(name, device=device)
+    if base_kind == "quantized":
+        base = QuantizedLinear.from_fake_quant(base)
+    layer = QuantLoRALinear(base, r=4, alpha=8.0)
+    x = torch.randn(6, 256, device=device, requires_grad=True)
+    with torch.no_grad():
+        assert torch.equal(layer(x), base(x))  # lora_B starts at zero
+        layer.lora_B.normal_()
+    y = layer(x)
+    with torch.no_grad():
+        wq = base.quantized_weight()
+    xq = base.quantize_input(x.detach()).double()
+    A = layer.lora_A.detach().double().requires_grad_()
+    B = layer.lora_B.detach().double().requires_grad_()
+    bias = base.bias.double() if base.bias is not None else None
+    y64 = ref.lora_linear(xq, wq.double(), bias, A, B, layer.scaling)
+    torch.testing.assert_close(y.double(), y64, rtol=1e-5, atol=1e-5)
+    dy = torch.randn_like(y)
+    gA, gB = torch.autograd.grad(y, [layer.lora_A, layer.lora_B], dy)
+    rA, rB = torch.autograd.grad(y64, [A, B], dy.double())
+    torch.testing.assert_close(gA.double(), rA, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(gB.double(), rB, rtol=1e-4, atol=1e-4)
+    assert [n for n, p in layer.named_parameters() if p.requires_grad] == ["lora_A", "lora_B"]
+
+
+def test_quant_lora_linear_dropout_and_bad_base():
+    layer = QuantLoRALinear(make("8da4w"), r=2, dropout=0.5)
+    layer.train()
+    layer(torch.randn(3, 256)).sum().backward()
+    assert layer.lora_A.grad is not None
+    with pytest.raises(ValueError, match="base_layer"):
+        QuantLoRALinear(nn.Linear(4, 4))
+
+
+def test_modules_compile():
+    m = make("8da4w")
+    x = torch.randn(4, 256)
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), m(x))
+    assert pyfastpeft.nn.FakeQuantLinear is FakeQuantLinear
