@@ -39,6 +39,8 @@ TORCH_LIBRARY(pyfastpeft, m) {
   // Returns (dx, dbias, ddelta); entries whose output_mask is false are empty tensors. W₀ gets no gradient.
   m.def("sparse_delta_linear_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor delta, Tensor indices, "
         "bool[3] output_mask) -> (Tensor, Tensor, Tensor)",
+        pt2);
+
   // ---- quant: fake quantization (csrc/ops/quant) ----
   // group_size: 0 per tensor, -1 per channel along axis, g > 0 groups of g along the last dimension.
   // Returns (out, scale, zero_point): scale float32 (float64 for float64 x), zero_point int32.
