@@ -20,7 +20,7 @@ ARGS = ["finetune", "--method", "lora", "--dropout", "0", "--steps", "4", "--eva
 def test_two_processes_match_one(tmp_path):
     assert run_cli(*ARGS, "--out", tmp_path / "single") == 0  # also fills the pretraining cache
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "0",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "pyfastpeft", *ARGS, "--out", str(tmp_path / "ddp")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
