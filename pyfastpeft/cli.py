@@ -14,19 +14,40 @@ from .train.methods import DESCRIPTIONS, METHODS, add_method_arguments
 
 
 def _add_training_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="TOML or JSON file whose keys are these flags' names (flags given on the "
-                                    "command line win)")
-    p.add_argument("--method", default="lora", help=f"PEFT method: {', '.join(sorted(METHODS))} (default: lora)")
-    p.add_argument("--model", default=None, help="local Hugging Face model folder (default: the built-in TinyLlama)")
-    p.add_argument("--data", default=None, help="local .jsonl ({\"text\"} or {\"prompt\",\"completion\"}) or text "
-                                                "file (default: the built-in task)")
-    p.add_argument("--task", choices=TASKS, default="shift", help="built-in fine-tuning task (default: shift)")
-    p.add_argument("--size", choices=sorted(SIZES), default="medium", help="built-in model size (default: medium)")
-    p.add_argument("--length", type=int, default=8, help="symbols per built-in example (default: %(default)s)")
-    p.add_argument("--max-length", type=int, default=128, help="tokens per --data example (default: %(default)s)")
+    p.add_argument(
+        "--config",
+        help="TOML or JSON file whose keys are these flags' names (flags given on the command line win)",
+    )
+    p.add_argument(
+        "--method", default="lora", help=f"PEFT method: {', '.join(sorted(METHODS))} (default: lora)"
+    )
+    p.add_argument(
+        "--model", default=None, help="local Hugging Face model folder (default: the built-in TinyLlama)"
+    )
+    p.add_argument(
+        "--data",
+        default=None,
+        help='local .jsonl ({"text"} or {"prompt","completion"}) or text file (default: the built-in task)',
+    )
+    p.add_argument(
+        "--task", choices=TASKS, default="shift", help="built-in fine-tuning task (default: shift)"
+    )
+    p.add_argument(
+        "--size", choices=sorted(SIZES), default="medium", help="built-in model size (default: medium)"
+    )
+    p.add_argument(
+        "--length", type=int, default=8, help="symbols per built-in example (default: %(default)s)"
+    )
+    p.add_argument(
+        "--max-length", type=int, default=128, help="tokens per --data example (default: %(default)s)"
+    )
     p.add_argument("--pretrain-task", choices=TASKS, default="copy")
-    p.add_argument("--pretrain-steps", type=int, default=300,
-                   help="pretraining steps of the built-in model (cached; default: %(default)s)")
+    p.add_argument(
+        "--pretrain-steps",
+        type=int,
+        default=300,
+        help="pretraining steps of the built-in model (cached; default: %(default)s)",
+    )
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--steps", type=int, default=200)
@@ -34,7 +55,9 @@ def _add_training_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-every", type=int, default=0, help="steps between evaluations (default: steps/10)")
-    p.add_argument("--log-every", type=int, default=0, help="steps between log lines off a terminal (default: steps/10)")
+    p.add_argument(
+        "--log-every", type=int, default=0, help="steps between log lines off a terminal (default: steps/10)"
+    )
     add_method_arguments(p)
 
 
@@ -60,26 +83,48 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pyfastpeft", description="Fast parameter-efficient fine-tuning.")
     sub = parser.add_subparsers(dest="command", required=True)
     methods = "\n".join(f"  {k:8s} {v}" for k, v in sorted(DESCRIPTIONS.items()))
-    ft = sub.add_parser("finetune", help="fine-tune a model with a PEFT method (default: LoRA on the built-in model)",
-                        epilog="methods:\n" + methods, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ft = sub.add_parser(
+        "finetune",
+        help="fine-tune a model with a PEFT method (default: LoRA on the built-in model)",
+        epilog="methods:\n" + methods,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     _add_training_arguments(ft)
     ft.add_argument("--out", default=None, help="output folder (default: pyfastpeft_out/<method>)")
-    ft.add_argument("--resume", nargs="?", const="", default=None, metavar="CHECKPOINT",
-                    help="continue from a checkpoint (default: <out>/checkpoint.safetensors)")
-    ft.add_argument("--stop-after", type=int, default=None,
-                    help="stop after this step as Ctrl-C would: save a checkpoint and exit")
+    ft.add_argument(
+        "--resume",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="CHECKPOINT",
+        help="continue from a checkpoint (default: <out>/checkpoint.safetensors)",
+    )
+    ft.add_argument(
+        "--stop-after",
+        type=int,
+        default=None,
+        help="stop after this step as Ctrl-C would: save a checkpoint and exit",
+    )
     ft.set_defaults(func=cmd_finetune)
 
     bench = sub.add_parser("bench", help="run the kernel benchmarks and collect one table")
-    bench.add_argument("--op", default="all", help="lora|multi_lora|quant|sparse|optim|bias|distill|all, or a "
-                                                   "comma-separated list (default: all that exist)")
+    bench.add_argument(
+        "--op",
+        default="all",
+        help="lora|multi_lora|quant|sparse|optim|bias|distill|all, or a "
+        "comma-separated list (default: all that exist)",
+    )
     bench.add_argument("--device", default="cpu")
     bench.add_argument("--quick", action="store_true", help="small sizes, few rounds")
-    bench.add_argument("--out", default="bench_out", help="folder for the table, JSON and chart (default: %(default)s)")
+    bench.add_argument(
+        "--out", default="bench_out", help="folder for the table, JSON and chart (default: %(default)s)"
+    )
     bench.set_defaults(func=cmd_bench)
 
     cmp = sub.add_parser("compare", help="every method on the same task at three model sizes")
-    cmp.add_argument("--methods", default=",".join(sorted(METHODS)), help="comma-separated (default: %(default)s)")
+    cmp.add_argument(
+        "--methods", default=",".join(sorted(METHODS)), help="comma-separated (default: %(default)s)"
+    )
     cmp.add_argument("--sizes", default="small,medium,large", help="comma-separated (default: %(default)s)")
     cmp.add_argument("--task", choices=TASKS, default="shift")
     cmp.add_argument("--steps", type=int, default=150)
@@ -123,8 +168,10 @@ def _apply_config(sub: argparse.ArgumentParser, argv: list[str], path: str) -> N
     for key, value in _config_values(path).items():
         dest = key.lstrip("-").replace("-", "_")
         if dest not in actions:
-            raise ValueError(f"--config {path}: unknown key {key!r}; known keys: "
-                             f"{', '.join(sorted(k.replace('_', '-') for k in actions))}")
+            raise ValueError(
+                f"--config {path}: unknown key {key!r}; known keys: "
+                f"{', '.join(sorted(k.replace('_', '-') for k in actions))}"
+            )
         action = actions[dest]
         if isinstance(value, list):
             value = ",".join(map(str, value))

@@ -18,8 +18,23 @@ def env(tmp_path):
 def test_default_finetune_end_to_end(tmp_path, env):
     # the default run (built-in model, pretraining, LoRA on the 'shift' task), with fewer steps
     out = subprocess.run(
-        [sys.executable, "-m", "pyfastpeft", "finetune", "--pretrain-steps", "60", "--steps", "60", "--seed", "1"],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env,
+        [
+            sys.executable,
+            "-m",
+            "pyfastpeft",
+            "finetune",
+            "--pretrain-steps",
+            "60",
+            "--steps",
+            "60",
+            "--seed",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        env=env,
     )
     assert out.returncode == 0, out.stderr
     assert re.search(r"trainable params: [\d,]+ \|\| all params: [\d,]+", out.stdout)
@@ -29,13 +44,37 @@ def test_default_finetune_end_to_end(tmp_path, env):
     assert after > before
     assert re.search(r"[\d,]+ tokens/s", out.stdout) and "peak memory" in out.stdout
     run_dir = tmp_path / "pyfastpeft_out" / "lora"
-    for name in ("adapter.safetensors", "adapter_config.json", "curves.csv", "summary.json", "checkpoint.safetensors"):
+    for name in (
+        "adapter.safetensors",
+        "adapter_config.json",
+        "curves.csv",
+        "summary.json",
+        "checkpoint.safetensors",
+    ):
         assert (run_dir / name).is_file(), name
     assert f"adapter written to {os.path.join('pyfastpeft_out', 'lora', 'adapter.safetensors')}" in out.stdout
     # the second run reads the pretrained base from the cache
     again = subprocess.run(
-        [sys.executable, "-m", "pyfastpeft", "finetune", "--pretrain-steps", "60", "--steps", "2", "--seed", "1",
-         "--out", "second"], capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+        [
+            sys.executable,
+            "-m",
+            "pyfastpeft",
+            "finetune",
+            "--pretrain-steps",
+            "60",
+            "--steps",
+            "2",
+            "--seed",
+            "1",
+            "--out",
+            "second",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        env=env,
+    )
     assert again.returncode == 0, again.stderr
     assert "pretrained base model read from" in again.stdout
 
@@ -43,18 +82,43 @@ def test_default_finetune_end_to_end(tmp_path, env):
 def test_curve_picture_or_a_note(tmp_path, env):
     pytest.importorskip("matplotlib")
     out = subprocess.run(
-        [sys.executable, "-m", "pyfastpeft", "finetune", "--pretrain-steps", "5", "--steps", "2", "--size", "small",
-         "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=300, env=env)
+        [
+            sys.executable,
+            "-m",
+            "pyfastpeft",
+            "finetune",
+            "--pretrain-steps",
+            "5",
+            "--steps",
+            "2",
+            "--size",
+            "small",
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "o" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_bad_argument_is_a_clear_error():
-    out = subprocess.run([sys.executable, "-m", "pyfastpeft", "finetune", "--task", "nope"],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "pyfastpeft", "finetune", "--task", "nope"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 2
     assert "invalid choice: 'nope'" in out.stderr
-    out = subprocess.run([sys.executable, "-m", "pyfastpeft", "finetune", "--no-such-flag"],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "pyfastpeft", "finetune", "--no-such-flag"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 2
     assert "unrecognized arguments: --no-such-flag" in out.stderr

@@ -48,12 +48,19 @@ def load_base(args: argparse.Namespace, log=print) -> Base:
     if args.model:
         return _load_hf(args, log)
     vocab = ByteTokenizer.vocab_size if args.data else TinyLlamaConfig.vocab_size
-    cfg = TinyLlamaConfig(vocab_size=vocab, max_position_embeddings=max(args.max_length, 2 * args.length + 3),
-                          **SIZES[args.size])
-    model = pretrained_builtin(cfg, args.pretrain_task, args.pretrain_steps, 32, args.length, 3e-3, args.seed, log)
+    cfg = TinyLlamaConfig(
+        vocab_size=vocab,
+        max_position_embeddings=max(args.max_length, 2 * args.length + 3),
+        **SIZES[args.size],
+    )
+    model = pretrained_builtin(
+        cfg, args.pretrain_task, args.pretrain_steps, 32, args.length, 3e-3, args.seed, log
+    )
     n = sum(p.numel() for p in model.parameters())
-    desc = (f"built-in model: TinyLlama ({args.size}), {n:,} parameters, {cfg.num_hidden_layers} layers, "
-            f"hidden {cfg.hidden_size}")
+    desc = (
+        f"built-in model: TinyLlama ({args.size}), {n:,} parameters, {cfg.num_hidden_layers} layers, "
+        f"hidden {cfg.hidden_size}"
+    )
     if args.data:
         source = FileSource(args.data, ByteTokenizer(), args.max_length, BYTE_SPECIALS, pad_id=0)
     else:
@@ -72,22 +79,30 @@ def _load_hf(args: argparse.Namespace, log) -> Base:
     except ImportError:
         raise ValueError("--model needs transformers: pip install 'pyfastpeft[hf]'") from None
     torch.manual_seed(args.seed)
-    model = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(folder), local_files_only=True, torch_dtype=torch.float32
+    )
     vocab = model.config.vocab_size
     n = sum(p.numel() for p in model.parameters())
     desc = f"Hugging Face model {folder} ({type(model).__name__}), {n:,} parameters"
     if not args.data:
         task_vocab = min(vocab, TinyLlamaConfig.vocab_size)
         if task_vocab < 8:
-            raise ValueError(f"--model: vocabulary of {vocab} is too small for the built-in tasks; pass --data")
+            raise ValueError(
+                f"--model: vocabulary of {vocab} is too small for the built-in tasks; pass --data"
+            )
         return Base(model, TaskSource(args.task, args.length, task_vocab, args.seed), desc)
-    has_tokenizer = any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
+    has_tokenizer = any(
+        (folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+    )
     if has_tokenizer:
         tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
         pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
         return Base(model, FileSource(args.data, tok, args.max_length, None, pad_id=pad), desc)
     if vocab < ByteTokenizer.vocab_size:
-        raise ValueError(f"--model: {folder} has no tokenizer and a vocabulary of {vocab} < "
-                         f"{ByteTokenizer.vocab_size}, too small for byte-level tokens")
+        raise ValueError(
+            f"--model: {folder} has no tokenizer and a vocabulary of {vocab} < "
+            f"{ByteTokenizer.vocab_size}, too small for byte-level tokens"
+        )
     log(f"{folder} has no tokenizer: reading --data as bytes")
     return Base(model, FileSource(args.data, ByteTokenizer(), args.max_length, BYTE_SPECIALS, pad_id=0), desc)

@@ -46,7 +46,7 @@ def run_benchmarks(args: argparse.Namespace) -> int:
     unknown = [o for o in wanted if o not in KNOWN_OPS and not (root / f"bench_{o}.py").is_file()]
     if unknown:
         raise ValueError(f"--op: unknown {unknown}; known: {', '.join(KNOWN_OPS)}, all")
-    extra = sorted(p.stem[len("bench_"):] for p in root.glob("bench_*.py"))
+    extra = sorted(p.stem[len("bench_") :] for p in root.glob("bench_*.py"))
     ops = wanted + ([o for o in extra if o not in wanted] if args.op == "all" else [])
     rows, failed = [], []
     for op in ops:
@@ -91,7 +91,9 @@ def _write_report(out: Path, rows: list[dict]) -> None:
     if timed:
         # a row's settings are the fields before its "ms" measurement
         labels = [" / ".join(f"{_fmt(v)}" for v in list(r.values())[: list(r).index("ms")]) for r in timed]
-        note = write_bar_chart(out / "bench.png", labels, [r["ms"] for r in timed], "ms (median)", "pyfastpeft bench")
+        note = write_bar_chart(
+            out / "bench.png", labels, [r["ms"] for r in timed], "ms (median)", "pyfastpeft bench"
+        )
         if note:
             print(note)
         else:

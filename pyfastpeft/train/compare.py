@@ -16,10 +16,9 @@ import torch
 
 from ..nn import LoRALinear
 from .base import SIZES
-from .checkpoint import atomic_write_text
-from .plot import _pyplot, NO_MATPLOTLIB
 from .bench_runner import markdown_table
-from .checkpoint import atomic_write
+from .checkpoint import atomic_write, atomic_write_text
+from .plot import NO_MATPLOTLIB, _pyplot
 
 
 @torch.no_grad()
@@ -53,10 +52,10 @@ def change_report(base: dict[str, torch.Tensor], tuned: dict[str, torch.Tensor])
 
 def run_compare(args: argparse.Namespace) -> int:
     from ..cli import build_parser
+    from ..models import TinyLlamaConfig
     from .finetune import run_finetune
     from .methods import METHODS
     from .pretrain import pretrained_builtin
-    from ..models import TinyLlamaConfig
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
@@ -68,27 +67,64 @@ def run_compare(args: argparse.Namespace) -> int:
             raise ValueError(f"--sizes: unknown size {s!r}; known sizes: {', '.join(SIZES)}")
     out = Path(args.out)
     results: dict[str, list[dict]] = {}
-    md = [f"# PEFT comparison: '{args.task}' task, {args.steps} steps, batch {args.batch_size}, lr {args.lr}, "
-          f"seed {args.seed}\n"]
+    md = [
+        f"# PEFT comparison: '{args.task}' task, {args.steps} steps, batch {args.batch_size}, lr {args.lr}, "
+        f"seed {args.seed}\n"
+    ]
     for size in sizes:
         results[size] = []
         for method in methods:
-            ft = build_parser().parse_args([
-                "finetune", "--method", method, "--size", size, "--task", args.task, "--steps", str(args.steps),
-                "--pretrain-steps", str(args.pretrain_steps), "--batch-size", str(args.batch_size),
-                "--lr", str(args.lr), "--seed", str(args.seed), "--out", str(out / size / method),
-                "--log-every", str(10 ** 9),
-            ])
+            ft = build_parser().parse_args(
+                [
+                    "finetune",
+                    "--method",
+                    method,
+                    "--size",
+                    size,
+                    "--task",
+                    args.task,
+                    "--steps",
+                    str(args.steps),
+                    "--pretrain-steps",
+                    str(args.pretrain_steps),
+                    "--batch-size",
+                    str(args.batch_size),
+                    "--lr",
+                    str(args.lr),
+                    "--seed",
+                    str(args.seed),
+                    "--out",
+                    str(out / size / method),
+                    "--log-every",
+                    str(10**9),
+                ]
+            )
             print(f"[compare] {size} / {method}", flush=True)
             summary = run_finetune(ft, log=lambda *a, **k: None, keep_model=True)
-            cfg = TinyLlamaConfig(max_position_embeddings=max(ft.max_length, 2 * ft.length + 3), **SIZES[size])
-            base = pretrained_builtin(cfg, ft.pretrain_task, ft.pretrain_steps, 32, ft.length, 3e-3, ft.seed,
-                                      log=lambda *a, **k: None).state_dict()
+            cfg = TinyLlamaConfig(
+                max_position_embeddings=max(ft.max_length, 2 * ft.length + 3), **SIZES[size]
+            )
+            base = pretrained_builtin(
+                cfg,
+                ft.pretrain_task,
+                ft.pretrain_steps,
+                32,
+                ft.length,
+                3e-3,
+                ft.seed,
+                log=lambda *a, **k: None,
+            ).state_dict()
             changed, rank = change_report(base, effective_weights(summary.pop("model")))
-            row = {"method": method, summary["metric_name"] + " before": summary["before"],
-                   summary["metric_name"] + " after": summary["after"],
-                   "trainable": summary["trainable_params"], "changed": changed, "rank of change": rank,
-                   "peak MiB": round(summary["memory"]["peak_mib"], 1), "ms/step": round(1e3 * summary["step_seconds"], 2)}
+            row = {
+                "method": method,
+                summary["metric_name"] + " before": summary["before"],
+                summary["metric_name"] + " after": summary["after"],
+                "trainable": summary["trainable_params"],
+                "changed": changed,
+                "rank of change": rank,
+                "peak MiB": round(summary["memory"]["peak_mib"], 1),
+                "ms/step": round(1e3 * summary["step_seconds"], 2),
+            }
             results[size].append(row)
             print("  " + ", ".join(f"{k}: {v}" for k, v in row.items()), flush=True)
         md.append(f"\n## {size} ({SIZES[size]})\n\n" + markdown_table(results[size], list(results[size][0])))

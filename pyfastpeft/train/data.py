@@ -74,7 +74,7 @@ def read_records(path: str | Path) -> list[tuple[int, str, str | None]]:
             records.append((number, obj["prompt"], obj["completion"]))
         else:
             raise DataError(
-                f"{path}:{number}: expected {{\"text\": str}} or {{\"prompt\": str, \"completion\": str}}, "
+                f'{path}:{number}: expected {{"text": str}} or {{"prompt": str, "completion": str}}, '
                 f"got keys {sorted(obj)}"
             )
     if not records:
@@ -131,7 +131,9 @@ class TaskSource:
 
     def __init__(self, task: str, length: int, vocab_size: int, seed: int, eval_size: int = 256):
         self.task, self.length, self.vocab_size = task, length, vocab_size
-        self.eval_batch = make_batch(task, eval_size, length, vocab_size, torch.Generator().manual_seed(seed + 1))
+        self.eval_batch = make_batch(
+            task, eval_size, length, vocab_size, torch.Generator().manual_seed(seed + 1)
+        )
         self.metric_name = "exact match"
         self.description = f"built-in '{task}' task ({length} symbols, vocabulary {vocab_size})"
 
@@ -148,11 +150,13 @@ class FileSource:
     when the file has fewer than 10) is held out for the metric, which is the accuracy of the
     predicted tokens under teacher forcing."""
 
-    def __init__(self, path: str | Path, tokenizer, max_length: int, specials: dict[str, int] | None, pad_id: int):
+    def __init__(
+        self, path: str | Path, tokenizer, max_length: int, specials: dict[str, int] | None, pad_id: int
+    ):
         examples = tokenize_records(read_records(path), tokenizer, max_length, specials)
         held = len(examples) // 10
         self.train = examples[: len(examples) - held] if held else examples
-        self.held_out = examples[len(examples) - held:] if held else examples
+        self.held_out = examples[len(examples) - held :] if held else examples
         self.pad_id = pad_id
         self.metric_name = "token accuracy"
         where = f"{held} held out" if held else "evaluated on the training examples (fewer than 10)"

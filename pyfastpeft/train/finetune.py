@@ -21,8 +21,22 @@ INTERRUPTED = 130  # the shell's code for a Ctrl-C exit
 
 def run_settings(args: argparse.Namespace) -> dict:
     """What a resumed run must share with its checkpoint (``--steps`` may grow)."""
-    keys = ["method", "model", "data", "task", "size", "length", "max_length", "pretrain_task", "pretrain_steps",
-            "batch_size", "lr", "seed", "dtype", *METHOD_KNOBS]
+    keys = [
+        "method",
+        "model",
+        "data",
+        "task",
+        "size",
+        "length",
+        "max_length",
+        "pretrain_task",
+        "pretrain_steps",
+        "batch_size",
+        "lr",
+        "seed",
+        "dtype",
+        *METHOD_KNOBS,
+    ]
     return {k: getattr(args, k) for k in keys}
 
 
@@ -43,7 +57,9 @@ def run_finetune(args: argparse.Namespace, log=print, keep_model: bool = False) 
 def _run(args, device: torch.device, info: DistInfo, log) -> tuple[dict, torch.nn.Module]:
     out = Path(args.out)
     if args.method not in METHODS:  # before any slow work
-        raise ValueError(f"--method: unknown method {args.method!r}; known methods: {', '.join(sorted(METHODS))}")
+        raise ValueError(
+            f"--method: unknown method {args.method!r}; known methods: {', '.join(sorted(METHODS))}"
+        )
     resume = None
     if args.resume is not None:
         resume = Path(args.resume) if args.resume else out / CHECKPOINT_NAME
@@ -57,28 +73,50 @@ def _run(args, device: torch.device, info: DistInfo, log) -> tuple[dict, torch.n
     apply_method(args.method, model, args)
     model.to(device=device, dtype=DTYPES[args.dtype])
     trainable, total = trainable_parameters(model)
-    report = (f"trainable params: {trainable:,} || all params: {total:,} || "
-              f"trainable%: {100 * trainable / total:.4f}")
+    report = (
+        f"trainable params: {trainable:,} || all params: {total:,} || "
+        f"trainable%: {100 * trainable / total:.4f}"
+    )
     log(f"method: {args.method}; {report}")
     if info.enabled:
         log(f"distributed: {info.world_size} processes (DDP, gradients reduced for trainable tensors only)")
-    settings = TrainSettings(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, out=out,
-                             device=device, eval_every=args.eval_every, log_every=args.log_every,
-                             stop_after=args.stop_after, resume=resume, run=run_settings(args))
+    settings = TrainSettings(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        out=out,
+        device=device,
+        eval_every=args.eval_every,
+        log_every=args.log_every,
+        stop_after=args.stop_after,
+        resume=resume,
+        run=run_settings(args),
+    )
     result = train(model, base.source, settings, info, log)
     hist = result.history
     metric = hist["metric_name"]
     summary = {
-        "method": args.method, "completed": result.completed, "step": result.step,
-        "metric_name": metric, "before": hist["before"][metric], "after": hist["metric"][-1],
-        "loss_first": hist["loss"][0], "loss_last": hist["loss"][-1],
-        "trainable_params": trainable, "total_params": total,
-        "tokens_per_second": result.tokens_per_second, "step_seconds": result.step_seconds,
-        "memory": result.memory.summary(), "world_size": info.world_size,
+        "method": args.method,
+        "completed": result.completed,
+        "step": result.step,
+        "metric_name": metric,
+        "before": hist["before"][metric],
+        "after": hist["metric"][-1],
+        "loss_first": hist["loss"][0],
+        "loss_last": hist["loss"][-1],
+        "trainable_params": trainable,
+        "total_params": total,
+        "tokens_per_second": result.tokens_per_second,
+        "step_seconds": result.step_seconds,
+        "memory": result.memory.summary(),
+        "world_size": info.world_size,
     }
     if not result.completed:
-        log(f"interrupted at step {result.step}/{args.steps}: checkpoint saved to {result.checkpoint}; "
-            f"continue with the same command and --resume")
+        log(
+            f"interrupted at step {result.step}/{args.steps}: checkpoint saved to {result.checkpoint}; "
+            f"continue with the same command and --resume"
+        )
         summary["exit_code"] = INTERRUPTED
         return summary, model
     if info.is_main:
@@ -86,18 +124,25 @@ def _run(args, device: torch.device, info: DistInfo, log) -> tuple[dict, torch.n
         atomic_write_text(out / "summary.json", json.dumps({**summary, "history": hist}, indent=1) + "\n")
     barrier(info)
     log(f"loss: {summary['loss_first']:.4f} -> {summary['loss_last']:.4f}")
-    log(f"{base.source.description.split(':')[0]} {metric}: {summary['before']:.3f} -> {summary['after']:.3f}")
+    log(
+        f"{base.source.description.split(':')[0]} {metric}: {summary['before']:.3f} -> {summary['after']:.3f}"
+    )
     log(report)
-    log(f"{result.tokens_per_second:,.0f} tokens/s, {1e3 * result.step_seconds:.1f} ms/step, "
-        f"{result.memory.describe()}")
+    log(
+        f"{result.tokens_per_second:,.0f} tokens/s, {1e3 * result.step_seconds:.1f} ms/step, "
+        f"{result.memory.describe()}"
+    )
     summary["exit_code"] = 0
     return summary, model
 
 
 def _write_outputs(out: Path, model, args, hist: dict, metric: str, log) -> dict:
     # The adapter is the trainable tensors by their names in the adapted model, plus how to rebuild it.
-    adapter_config = {"method": args.method, "base_model": args.model or f"builtin:{args.size}",
-                      **{k: getattr(args, k) for k in METHOD_KNOBS}}
+    adapter_config = {
+        "method": args.method,
+        "base_model": args.model or f"builtin:{args.size}",
+        **{k: getattr(args, k) for k in METHOD_KNOBS},
+    }
     adapter = save_tensors(out / "adapter.safetensors", trainable_state(model), adapter_config)
     atomic_write_text(out / "adapter_config.json", json.dumps(adapter_config, indent=2) + "\n")
     paths, note = write_curves(out, hist, metric)

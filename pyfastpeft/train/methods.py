@@ -43,14 +43,23 @@ def apply_method(name: str, model: nn.Module, args: argparse.Namespace) -> nn.Mo
 
 def add_method_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("method knobs")
-    g.add_argument("--target-modules", default=",".join(LLAMA_TARGETS),
-                   help="comma-separated module-name suffixes (lora, bitfit) (default: %(default)s)")
+    g.add_argument(
+        "--target-modules",
+        default=",".join(LLAMA_TARGETS),
+        help="comma-separated module-name suffixes (lora, bitfit) (default: %(default)s)",
+    )
     g.add_argument("--r", type=int, default=8, help="LoRA rank (default: %(default)s)")
-    g.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha; scaling = alpha / r (default: %(default)s)")
+    g.add_argument(
+        "--alpha", type=float, default=16.0, help="LoRA alpha; scaling = alpha / r (default: %(default)s)"
+    )
     g.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout (default: %(default)s)")
     g.add_argument("--rslora", action="store_true", help="LoRA scaling alpha / sqrt(r)")
-    g.add_argument("--train-last-layers", type=int, default=1,
-                   help="freeze: how many of the last decoder blocks train (default: %(default)s)")
+    g.add_argument(
+        "--train-last-layers",
+        type=int,
+        default=1,
+        help="freeze: how many of the last decoder blocks train (default: %(default)s)",
+    )
 
 
 def _targets(args: argparse.Namespace) -> list[str]:
@@ -74,8 +83,11 @@ def apply_bitfit(model: nn.Module, args: argparse.Namespace) -> nn.Module:
     # the start and gives BitFit its usual parameters (one vector per linear layer).
     _freeze(model)
     targets = _targets(args)
-    chosen = [(n, m) for n, m in model.named_modules()
-              if isinstance(m, nn.Linear) and any(n == t or n.endswith("." + t) for t in targets)]
+    chosen = [
+        (n, m)
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear) and any(n == t or n.endswith("." + t) for t in targets)
+    ]
     if not chosen:
         raise ValueError(f"--target-modules {targets} matched no nn.Linear in {type(model).__name__}")
     for _, m in chosen:

@@ -30,8 +30,8 @@ def write_curves(out: Path, history: dict, metric_name: str) -> tuple[list[Path]
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["step", "loss", metric_name])
-    evals = dict(zip(history["eval_step"], history["metric"]))
-    for step, loss in zip(history["step"], history["loss"]):
+    evals = dict(zip(history["eval_step"], history["metric"], strict=True))
+    for step, loss in zip(history["step"], history["loss"], strict=True):
         w.writerow([step, f"{loss:.6f}", "" if step not in evals else f"{evals[step]:.6f}"])
     paths = [atomic_write_text(out / "curves.csv", buf.getvalue())]
     plt = _pyplot()
@@ -52,7 +52,9 @@ def write_curves(out: Path, history: dict, metric_name: str) -> tuple[list[Path]
     return paths, None
 
 
-def write_bar_chart(path: Path, labels: list[str], values: list[float], ylabel: str, title: str) -> str | None:
+def write_bar_chart(
+    path: Path, labels: list[str], values: list[float], ylabel: str, title: str
+) -> str | None:
     """A bar chart PNG; returns a note instead when matplotlib is missing."""
     plt = _pyplot()
     if plt is None:

@@ -24,15 +24,33 @@ def cache_dir() -> Path:
     return Path(os.environ.get("PYFASTPEFT_CACHE") or Path.home() / ".cache" / "pyfastpeft")
 
 
-def pretrain_key(cfg: TinyLlamaConfig, task: str, steps: int, batch_size: int, length: int, lr: float,
-                 seed: int) -> str:
-    spec = {"config": cfg.to_dict(), "task": task, "steps": steps, "batch_size": batch_size, "length": length,
-            "lr": lr, "seed": seed, "torch": torch.__version__.split("+")[0], "version": 1}
+def pretrain_key(
+    cfg: TinyLlamaConfig, task: str, steps: int, batch_size: int, length: int, lr: float, seed: int
+) -> str:
+    spec = {
+        "config": cfg.to_dict(),
+        "task": task,
+        "steps": steps,
+        "batch_size": batch_size,
+        "length": length,
+        "lr": lr,
+        "seed": seed,
+        "torch": torch.__version__.split("+")[0],
+        "version": 1,
+    }
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def pretrain_model(model: TinyLlamaForCausalLM, task: str, steps: int, batch_size: int, length: int, lr: float,
-                   seed: int, log=print) -> list[float]:
+def pretrain_model(
+    model: TinyLlamaForCausalLM,
+    task: str,
+    steps: int,
+    batch_size: int,
+    length: int,
+    lr: float,
+    seed: int,
+    log=print,
+) -> list[float]:
     """Full-model AdamW on ``task``; returns the losses."""
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
@@ -50,14 +68,25 @@ def pretrain_model(model: TinyLlamaForCausalLM, task: str, steps: int, batch_siz
     return losses
 
 
-def pretrained_builtin(cfg: TinyLlamaConfig, task: str = "copy", steps: int = 300, batch_size: int = 32,
-                       length: int = 8, lr: float = 3e-3, seed: int = 0, log=print) -> TinyLlamaForCausalLM:
+def pretrained_builtin(
+    cfg: TinyLlamaConfig,
+    task: str = "copy",
+    steps: int = 300,
+    batch_size: int = 32,
+    length: int = 8,
+    lr: float = 3e-3,
+    seed: int = 0,
+    log=print,
+) -> TinyLlamaForCausalLM:
     """The built-in model pretrained on ``task``: read from the cache, or trained and cached."""
     torch.manual_seed(seed)
     model = TinyLlamaForCausalLM(cfg)
     if steps <= 0:
         return model
-    path = cache_dir() / f"tinyllama-{task}-{pretrain_key(cfg, task, steps, batch_size, length, lr, seed)}.safetensors"
+    path = (
+        cache_dir()
+        / f"tinyllama-{task}-{pretrain_key(cfg, task, steps, batch_size, length, lr, seed)}.safetensors"
+    )
     if path.is_file():
         try:
             tensors, _ = load_tensors(path)
@@ -66,8 +95,12 @@ def pretrained_builtin(cfg: TinyLlamaConfig, task: str = "copy", steps: int = 30
             return model
         except Exception as err:  # a damaged cache file is rebuilt, never trusted
             log(f"ignoring unreadable cache file {path} ({err})")
-    log(f"pretraining the built-in model on the '{task}' task ({steps} steps, full model); "
-        f"cached afterwards in {path.parent}")
+    log(
+        f"pretraining the built-in model on the '{task}' task ({steps} steps, full model); "
+        f"cached afterwards in {path.parent}"
+    )
     pretrain_model(model, task, steps, batch_size, length, lr, seed, log)
-    save_tensors(path, model.state_dict(), {"task": task, "steps": steps, "config": cfg.to_dict(), "seed": seed})
+    save_tensors(
+        path, model.state_dict(), {"task": task, "steps": steps, "config": cfg.to_dict(), "seed": seed}
+    )
     return model

@@ -52,8 +52,10 @@ class Progress:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rate:,.0f}", refresh=False)
             return
-        text = (f"[{self.label}] step {step}/{self.total}  loss {loss:.4f}  {rate:,.0f} tokens/s  "
-                f"ETA {_format_seconds(self.eta(step))}")
+        text = (
+            f"[{self.label}] step {step}/{self.total}  loss {loss:.4f}  {rate:,.0f} tokens/s  "
+            f"ETA {_format_seconds(self.eta(step))}"
+        )
         if self.tty:
             width = 24
             filled = int(width * step / max(1, self.total))
@@ -115,5 +117,7 @@ class PeakMemory:
         s = self.summary()
         if s["kind"] == "cuda allocated":
             return f"peak CUDA memory {s['peak_mib']:.1f} MiB (+{s['growth_mib']:.1f} MiB during training)"
-        return (f"peak memory {s['peak_mib']:.1f} MiB process RSS high-water mark "
-                f"(+{s['growth_mib']:.1f} MiB during training; CPU figure from getrusage)")
+        return (
+            f"peak memory {s['peak_mib']:.1f} MiB process RSS high-water mark "
+            f"(+{s['growth_mib']:.1f} MiB during training; CPU figure from getrusage)"
+        )

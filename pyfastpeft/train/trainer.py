@@ -63,8 +63,12 @@ def token_loss(model, batch, global_count: int, world_size: int) -> tuple[torch.
     The summed token loss over the global count of predicted tokens makes the ranks' shares add up to
     the global mean whatever the padding; ``world_size ×`` undoes DDP's gradient averaging."""
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-    total = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), batch.labels[:, 1:].reshape(-1),
-                            ignore_index=-100, reduction="sum")
+    total = F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+        batch.labels[:, 1:].reshape(-1),
+        ignore_index=-100,
+        reduction="sum",
+    )
     share = total / global_count
     return share * world_size, share.detach()
 
@@ -96,8 +100,10 @@ class _InterruptFlag:
 def train(model: torch.nn.Module, source, s: TrainSettings, info: DistInfo, log=print) -> TrainResult:
     """Fine-tune the trainable tensors of ``model`` (already on ``s.device``) on ``source``."""
     if s.batch_size % info.world_size:
-        raise ValueError(f"--batch-size {s.batch_size} must be divisible by the number of processes "
-                         f"({info.world_size}); it is the global batch")
+        raise ValueError(
+            f"--batch-size {s.batch_size} must be divisible by the number of processes "
+            f"({info.world_size}); it is the global batch"
+        )
     if s.steps < 1:
         raise ValueError(f"--steps: expected a positive number, got {s.steps}")
     params = list(trainable_state(model).values())
@@ -117,7 +123,9 @@ def train(model: torch.nn.Module, source, s: TrainSettings, info: DistInfo, log=
         raise ValueError(f"--steps {s.steps}: the checkpoint is already at step {start}; ask for more steps")
     ddp_model = wrap_model(model, info, s.device)
     eval_every = s.eval_every or max(1, s.steps // 10)
-    progress = Progress(s.steps, start, "finetune", s.log_every or max(1, s.steps // 10), enabled=info.is_main)
+    progress = Progress(
+        s.steps, start, "finetune", s.log_every or max(1, s.steps // 10), enabled=info.is_main
+    )
     memory = PeakMemory(s.device)
     local = s.batch_size // info.world_size
     rows = slice(info.rank * local, (info.rank + 1) * local)
@@ -127,7 +135,9 @@ def train(model: torch.nn.Module, source, s: TrainSettings, info: DistInfo, log=
         for step in range(start + 1, s.steps + 1):
             full = source.batch(s.batch_size, gen)
             count = int((full.labels[:, 1:] != -100).sum())
-            batch = batch_to(type(full)(full.input_ids[rows], full.labels[rows], full.attention_mask[rows]), s.device)
+            batch = batch_to(
+                type(full)(full.input_ids[rows], full.labels[rows], full.attention_mask[rows]), s.device
+            )
             loss, share = token_loss(ddp_model, batch, count, info.world_size)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -154,8 +164,9 @@ def train(model: torch.nn.Module, source, s: TrainSettings, info: DistInfo, log=
     if info.is_main:
         ckpt = save_checkpoint(s.out / CHECKPOINT_NAME, model, opt, gen, step, history, s.run)
     barrier(info)
-    return TrainResult(completed, step, history, progress.tokens_per_second,
-                       elapsed / max(1, step - start), memory, ckpt)
+    return TrainResult(
+        completed, step, history, progress.tokens_per_second, elapsed / max(1, step - start), memory, ckpt
+    )
 
 
 def save_checkpoint(path: Path, model, opt, gen, step: int, history: dict, run: dict) -> Path:
@@ -163,8 +174,17 @@ def save_checkpoint(path: Path, model, opt, gen, step: int, history: dict, run: 
     opt_tensors, opt_meta = optimizer_to_flat(opt)
     tensors.update(opt_tensors)
     tensors.update(rng_tensors(gen))
-    return save_tensors(path, tensors, {"step": step, "history": history, "optimizer": opt_meta, "run": run,
-                                        "format": "pyfastpeft-checkpoint-1"})
+    return save_tensors(
+        path,
+        tensors,
+        {
+            "step": step,
+            "history": history,
+            "optimizer": opt_meta,
+            "run": run,
+            "format": "pyfastpeft-checkpoint-1",
+        },
+    )
 
 
 def _load_checkpoint(path: Path, model, opt, gen, run: dict, log) -> tuple[int, dict]:
@@ -178,10 +198,12 @@ def _load_checkpoint(path: Path, model, opt, gen, run: dict, log) -> tuple[int, 
         detail = ", ".join(f"{k}: checkpoint {meta['run'].get(k)!r} vs now {run.get(k)!r}" for k in differ)
         raise ValueError(f"--resume: the checkpoint was made with other settings ({detail})")
     state = trainable_state(model)
-    saved = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    saved = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
     if set(saved) != set(state):
-        raise ValueError(f"--resume: trainable tensors differ from the checkpoint's "
-                         f"({sorted(set(saved) ^ set(state))[:5]} ...)")
+        raise ValueError(
+            f"--resume: trainable tensors differ from the checkpoint's "
+            f"({sorted(set(saved) ^ set(state))[:5]} ...)"
+        )
     with torch.no_grad():
         for name, p in state.items():
             p.copy_(saved[name])

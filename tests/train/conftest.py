@@ -9,7 +9,18 @@ import pytest
 from safetensors.torch import load_file
 
 # a tiny built-in run: every test that trains uses these so the pretraining cache is shared
-TINY = ["--size", "small", "--pretrain-steps", "20", "--length", "4", "--batch-size", "8", "--log-every", "1000"]
+TINY = [
+    "--size",
+    "small",
+    "--pretrain-steps",
+    "20",
+    "--length",
+    "4",
+    "--batch-size",
+    "8",
+    "--log-every",
+    "1000",
+]
 
 
 @pytest.fixture(scope="session", autouse=True)

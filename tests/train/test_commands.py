@@ -13,15 +13,34 @@ from .conftest import run_cli
 
 def test_change_report_counts_entries_and_rank():
     base = {"w": torch.zeros(4, 5), "b": torch.zeros(3)}
-    tuned = {"w": torch.outer(torch.arange(1.0, 5.0), torch.ones(5)), "b": torch.tensor([0.0, 1.0, 0.0]),
-             "new.bias": torch.tensor([0.0, 2.0])}
+    tuned = {
+        "w": torch.outer(torch.arange(1.0, 5.0), torch.ones(5)),
+        "b": torch.tensor([0.0, 1.0, 0.0]),
+        "new.bias": torch.tensor([0.0, 2.0]),
+    }
     assert change_report(base, tuned) == (20 + 1 + 1, 1)
 
 
 def test_compare_writes_one_table_per_size(tmp_path, capsys):
     out = tmp_path / "cmp"
-    assert run_cli("compare", "--methods", "lora,bitfit,full", "--sizes", "small", "--steps", "3",
-                   "--pretrain-steps", "20", "--batch-size", "8", "--out", out) == 0
+    assert (
+        run_cli(
+            "compare",
+            "--methods",
+            "lora,bitfit,full",
+            "--sizes",
+            "small",
+            "--steps",
+            "3",
+            "--pretrain-steps",
+            "20",
+            "--batch-size",
+            "8",
+            "--out",
+            out,
+        )
+        == 0
+    )
     text = (out / "compare.md").read_text()
     assert "## small" in text and "| lora |" in text and "| bitfit |" in text
     rows = {r["method"]: r for r in json.loads((out / "compare.json").read_text())["small"]}
@@ -77,5 +96,8 @@ def test_curves_without_matplotlib_fall_back_to_csv(tmp_path, monkeypatch):
     hist = {"step": [1, 2], "loss": [2.0, 1.0], "eval_step": [0, 2], "metric": [0.0, 0.5]}
     paths, note = plot.write_curves(tmp_path, hist, "exact match")
     assert paths == [tmp_path / "curves.csv"] and "matplotlib is not installed" in note
-    assert (tmp_path / "curves.csv").read_text().splitlines() == ["step,loss,exact match", "1,2.000000,",
-                                                                  "2,1.000000,0.500000"]
+    assert (tmp_path / "curves.csv").read_text().splitlines() == [
+        "step,loss,exact match",
+        "1,2.000000,",
+        "2,1.000000,0.500000",
+    ]

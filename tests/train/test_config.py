@@ -32,7 +32,7 @@ def test_config_errors(tmp_path, capsys):
     assert run_cli("finetune", "--config", bad_key, *TINY) == 2
     assert "unknown key 'rank'" in capsys.readouterr().err
     bad_syntax = tmp_path / "b.json"
-    bad_syntax.write_text("{\n  \"r\": \n}")
+    bad_syntax.write_text('{\n  "r": \n}')
     assert run_cli("finetune", "--config", bad_syntax, *TINY) == 2
     assert "b.json:3: not valid JSON" in capsys.readouterr().err
     assert run_cli("finetune", "--config", tmp_path / "missing.toml") == 2

@@ -6,13 +6,22 @@ import json
 
 import pytest
 
-from pyfastpeft.train.data import ByteTokenizer, DataError, FileSource, read_records, tokenize_records, BYTE_SPECIALS
+from pyfastpeft.train.data import (
+    BYTE_SPECIALS,
+    ByteTokenizer,
+    DataError,
+    FileSource,
+    read_records,
+    tokenize_records,
+)
 
 from .conftest import TINY, adapter, run_cli
 
 
 def _jsonl(path, rows):
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8")
+    path.write_text(
+        "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8"
+    )
     return path
 
 
@@ -34,12 +43,15 @@ def test_prompt_completion_labels_cover_the_completion_only(tmp_path):
     assert ex[1].labels == ex[1].input_ids  # plain text: every token is predicted
 
 
-@pytest.mark.parametrize("bad, message", [
-    ('{"text": "ok"', "not valid JSON"),
-    ('["a list"]', "expected a JSON object"),
-    ('{"prompt": "only a prompt"}', "expected {\"text\": str}"),
-    ('{"text": 3}', "expected {\"text\": str}"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ('{"text": "ok"', "not valid JSON"),
+        ('["a list"]', "expected a JSON object"),
+        ('{"prompt": "only a prompt"}', 'expected {"text": str}'),
+        ('{"text": 3}', 'expected {"text": str}'),
+    ],
+)
 def test_bad_line_names_its_number(tmp_path, bad, message):
     f = _jsonl(tmp_path / "d.jsonl", [{"text": "fine"}, "", bad])
     with pytest.raises(DataError, match=rf"d.jsonl:3: .*{message[:12]}"):

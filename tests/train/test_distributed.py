@@ -15,13 +15,26 @@ from .conftest import TINY, adapter, run_cli
 ARGS = ["finetune", "--method", "lora", "--dropout", "0", "--steps", "4", "--eval-every", "4", *TINY]
 
 
-@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
-                    reason="torch.distributed with gloo is not available")
+@pytest.mark.skipif(
+    not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+    reason="torch.distributed with gloo is not available",
+)
 def test_two_processes_match_one(tmp_path):
     assert run_cli(*ARGS, "--out", tmp_path / "single") == 0  # also fills the pretraining cache
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "pyfastpeft", *ARGS, "--out", str(tmp_path / "ddp")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "pyfastpeft",
+        *ARGS,
+        "--out",
+        str(tmp_path / "ddp"),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("adapter written to") == 1  # rank 0 alone writes

@@ -15,8 +15,15 @@ SHORT = ["--steps", "2", "--batch-size", "4", "--length", "4", "--log-every", "1
 
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory):
-    cfg = transformers.LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    cfg = transformers.LlamaConfig(
+        vocab_size=300,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
     path = tmp_path_factory.mktemp("tiny-llama")
     transformers.LlamaForCausalLM(cfg).save_pretrained(path)
     return path
@@ -41,7 +48,9 @@ def test_hf_llama_on_a_text_file_without_tokenizer(tmp_path, llama_dir):
 
 
 def test_model_without_the_targeted_modules(tmp_path, capsys):
-    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=100, n_embd=32, n_layer=1, n_head=2))
+    gpt2 = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(vocab_size=100, n_embd=32, n_layer=1, n_head=2)
+    )
     gpt2.save_pretrained(tmp_path / "gpt2")
     out = tmp_path / "o"
     assert run_cli("finetune", "--model", tmp_path / "gpt2", "--out", out, *SHORT) == 2

@@ -60,11 +60,16 @@ def test_unknown_method_lists_the_known_ones(tmp_path, capsys):
 
 
 def test_targets_that_match_nothing(tmp_path, capsys):
-    assert run_cli("finetune", "--target-modules", "c_attn", "--steps", "2", "--out", tmp_path / "x", *TINY) == 2
+    assert (
+        run_cli("finetune", "--target-modules", "c_attn", "--steps", "2", "--out", tmp_path / "x", *TINY) == 2
+    )
     assert "matched no nn.Linear" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
 
 def test_freeze_knob_out_of_range(tmp_path, capsys):
-    assert run_cli("finetune", "--method", "freeze", "--train-last-layers", "5", "--out", tmp_path / "x", *TINY) == 2
+    assert (
+        run_cli("finetune", "--method", "freeze", "--train-last-layers", "5", "--out", tmp_path / "x", *TINY)
+        == 2
+    )
     assert "--train-last-layers: expected 1..2" in capsys.readouterr().err

@@ -50,8 +50,19 @@ def test_resume_checks_settings_and_steps(tmp_path, capsys):
 
 def test_ctrl_c_saves_a_checkpoint_and_resume_matches(tmp_path):
     out = tmp_path / "sig"
-    cmd = [sys.executable, "-m", "pyfastpeft", "finetune", "--steps", "100000", "--out", str(out), *COMMON,
-           "--log-every", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pyfastpeft",
+        "finetune",
+        "--steps",
+        "100000",
+        "--out",
+        str(out),
+        *COMMON,
+        "--log-every",
+        "1",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     for line in proc.stdout:  # wait until training runs
