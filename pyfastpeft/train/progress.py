@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import resource
 import sys
 import time
@@ -14,9 +15,21 @@ def _format_seconds(s: float) -> str:
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
 
 
+def use_tqdm() -> bool:
+    """tqdm draws the bar only when asked (PYFASTPEFT_TQDM=1) and installed; the built-in one-line bar
+    needs nothing and is the default."""
+    if os.environ.get("PYFASTPEFT_TQDM") != "1":
+        return False
+    try:
+        import tqdm  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 class Progress:
-    """``update(step, loss, tokens)`` once per step. On a terminal: tqdm when installed, else a one-line
-    bar redrawn in place; when stdout is not a terminal (a log file, CI): one line every ``log_every``
+    """``update(step, loss, tokens)`` once per step. On a terminal: a one-line bar redrawn in place
+    (tqdm's with PYFASTPEFT_TQDM=1); when stdout is not a terminal (a log file, CI): one line every ``log_every``
     steps. ``enabled=False`` (ranks other than 0) prints nothing."""
 
     def __init__(self, total: int, start: int, label: str, log_every: int, enabled: bool = True, stream=None):
@@ -26,14 +39,11 @@ class Progress:
         self.tty = enabled and self.stream.isatty()
         self.t0 = time.perf_counter()
         self.tokens = 0
-        self.bar = None
-        if self.tty:
-            try:
-                from tqdm import tqdm
+        self.bar = None  # a tqdm bar, when enabled (see use_tqdm)
+        if self.tty and use_tqdm():
+            from tqdm import tqdm
 
-                self.bar = tqdm(total=total, initial=start, desc=label, file=self.stream, dynamic_ncols=True)
-            except ImportError:
-                self.bar = None
+            self.bar = tqdm(total=total, initial=start, desc=label, file=self.stream, dynamic_ncols=True)
 
     @property
     def tokens_per_second(self) -> float:
