@@ -29,8 +29,8 @@ def use_tqdm() -> bool:
 
 class Progress:
     """``update(step, loss, tokens)`` once per step. On a terminal: a one-line bar redrawn in place
-    (tqdm's with PYFASTPEFT_TQDM=1); when stdout is not a terminal (a log file, CI): one line every ``log_every``
-    steps. ``enabled=False`` (ranks other than 0) prints nothing."""
+    (tqdm's with PYFASTPEFT_TQDM=1); when stdout is not a terminal (a log file, CI): one line every
+    ``log_every`` steps. ``enabled=False`` (ranks other than 0) prints nothing."""
 
     def __init__(self, total: int, start: int, label: str, log_every: int, enabled: bool = True, stream=None):
         self.total, self.start, self.label, self.log_every = total, start, label, max(1, log_every)
