@@ -105,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="stop after this step as Ctrl-C would: save a checkpoint and exit",
     )
+    ft.add_argument("--fsdp", action="store_true", help="under torchrun: FSDP2 (fully_shard) instead of DDP")
     ft.set_defaults(func=cmd_finetune)
 
     bench = sub.add_parser("bench", help="run the kernel benchmarks and collect one table")

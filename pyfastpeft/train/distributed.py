@@ -41,13 +41,34 @@ def init_distributed(device: torch.device) -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def wrap_model(model: torch.nn.Module, info: DistInfo, device: torch.device) -> torch.nn.Module:
+def wrap_model(
+    model: torch.nn.Module, info: DistInfo, device: torch.device, fsdp: bool = False
+) -> torch.nn.Module:
+    """DDP around ``model``, or with ``fsdp`` FSDP2 in place: each decoder block one sharded unit (its
+    frozen and trainable tensors side by side), then the root. Build the optimizer after this: FSDP2
+    replaces the parameters by sharded ones."""
     if not info.enabled:
+        return model
+    if fsdp:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        from .methods import decoder_blocks
+
+        mesh = init_device_mesh(device.type, (info.world_size,))
+        for block in decoder_blocks(model)[1]:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
         return model
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [device.index if device.index is not None else info.local_rank] if device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=ids)
+
+
+def gather_full(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Whole tensors from FSDP2's sharded ones (a collective: every rank calls it); others pass through."""
+    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach() for k, v in state.items()}
 
 
 def all_reduce_sum(value: torch.Tensor, info: DistInfo) -> torch.Tensor:

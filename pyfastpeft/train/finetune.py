@@ -10,7 +10,7 @@ import torch
 
 from ..tuners import trainable_parameters
 from .base import DTYPES, load_base, resolve_device
-from .checkpoint import CHECKPOINT_NAME, atomic_write_text, save_tensors, trainable_state
+from .checkpoint import CHECKPOINT_NAME, atomic_write_text, save_tensors
 from .distributed import DistInfo, barrier, init_distributed, shutdown
 from .methods import METHOD_KNOBS, METHODS, apply_method
 from .plot import write_curves
@@ -79,7 +79,8 @@ def _run(args, device: torch.device, info: DistInfo, log) -> tuple[dict, torch.n
     )
     log(f"method: {args.method}; {report}")
     if info.enabled:
-        log(f"distributed: {info.world_size} processes (DDP, gradients reduced for trainable tensors only)")
+        how = "FSDP2, one sharded unit per decoder block" if args.fsdp else "DDP"
+        log(f"distributed: {info.world_size} processes ({how}; gradients reduced for trainable tensors only)")
     settings = TrainSettings(
         steps=args.steps,
         batch_size=args.batch_size,
@@ -91,6 +92,7 @@ def _run(args, device: torch.device, info: DistInfo, log) -> tuple[dict, torch.n
         log_every=args.log_every,
         stop_after=args.stop_after,
         resume=resume,
+        fsdp=args.fsdp,
         run=run_settings(args),
     )
     result = train(model, base.source, settings, info, log)
@@ -116,11 +118,13 @@ def _run(args, device: torch.device, info: DistInfo, log) -> tuple[dict, torch.n
         log(
             f"interrupted at step {result.step}/{args.steps}: checkpoint saved to {result.checkpoint}; "
             f"continue with the same command and --resume"
+            if result.checkpoint
+            else f"interrupted at step {result.step}/{args.steps}; no checkpoint (not supported with --fsdp)"
         )
         summary["exit_code"] = INTERRUPTED
         return summary, model
     if info.is_main:
-        summary.update(_write_outputs(out, model, args, hist, metric, log))
+        summary.update(_write_outputs(out, result.trainable, args, hist, metric, log))
         atomic_write_text(out / "summary.json", json.dumps({**summary, "history": hist}, indent=1) + "\n")
     barrier(info)
     log(f"loss: {summary['loss_first']:.4f} -> {summary['loss_last']:.4f}")
@@ -136,14 +140,14 @@ def _run(args, device: torch.device, info: DistInfo, log) -> tuple[dict, torch.n
     return summary, model
 
 
-def _write_outputs(out: Path, model, args, hist: dict, metric: str, log) -> dict:
+def _write_outputs(out: Path, trained: dict, args, hist: dict, metric: str, log) -> dict:
     # The adapter is the trainable tensors by their names in the adapted model, plus how to rebuild it.
     adapter_config = {
         "method": args.method,
         "base_model": args.model or f"builtin:{args.size}",
         **{k: getattr(args, k) for k in METHOD_KNOBS},
     }
-    adapter = save_tensors(out / "adapter.safetensors", trainable_state(model), adapter_config)
+    adapter = save_tensors(out / "adapter.safetensors", trained, adapter_config)
     atomic_write_text(out / "adapter_config.json", json.dumps(adapter_config, indent=2) + "\n")
     paths, note = write_curves(out, hist, metric)
     log(f"adapter written to {adapter} (+ adapter_config.json)")

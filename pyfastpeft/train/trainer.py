@@ -26,7 +26,7 @@ from .checkpoint import (
     trainable_state,
 )
 from .data import batch_to
-from .distributed import DistInfo, all_reduce_sum, any_rank, barrier, wrap_model
+from .distributed import DistInfo, all_reduce_sum, any_rank, barrier, gather_full, wrap_model
 from .progress import PeakMemory, Progress
 
 
@@ -43,6 +43,7 @@ class TrainSettings:
     stop_after: int | None = None
     resume: Path | None = None
     weight_decay: float = 0.0
+    fsdp: bool = False  # FSDP2 instead of DDP when several processes run
     run: dict = field(default_factory=dict)  # settings a resumed run must share with the checkpoint
 
 
@@ -55,6 +56,7 @@ class TrainResult:
     step_seconds: float
     memory: PeakMemory
     checkpoint: Path | None = None
+    trainable: dict | None = None  # the trained tensors, whole (gathered under FSDP2)
 
 
 def token_loss(model, batch, global_count: int, world_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,9 +108,13 @@ def train(model: torch.nn.Module, source, s: TrainSettings, info: DistInfo, log=
         )
     if s.steps < 1:
         raise ValueError(f"--steps: expected a positive number, got {s.steps}")
-    params = list(trainable_state(model).values())
-    if not params:
+    sharded = s.fsdp and info.enabled
+    if sharded and (s.resume is not None or s.stop_after is not None):
+        raise ValueError("--fsdp: checkpoints (--resume, --stop-after) are not supported with FSDP2 yet")
+    if not trainable_state(model):
         raise ValueError("the method left no trainable parameters")
+    ddp_model = wrap_model(model, info, s.device, fsdp=s.fsdp)
+    params = list(trainable_state(model).values())
     gen = torch.Generator().manual_seed(s.seed)
     opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
     history = {"step": [], "loss": [], "eval_step": [], "metric": [], "metric_name": source.metric_name}
@@ -121,7 +127,6 @@ def train(model: torch.nn.Module, source, s: TrainSettings, info: DistInfo, log=
         history["metric"].append(history["before"][source.metric_name])
     if start >= s.steps:
         raise ValueError(f"--steps {s.steps}: the checkpoint is already at step {start}; ask for more steps")
-    ddp_model = wrap_model(model, info, s.device)
     eval_every = s.eval_every or max(1, s.steps // 10)
     progress = Progress(
         s.steps, start, "finetune", s.log_every or max(1, s.steps // 10), enabled=info.is_main
@@ -161,12 +166,12 @@ def train(model: torch.nn.Module, source, s: TrainSettings, info: DistInfo, log=
     elapsed = time.perf_counter() - t0
     model.eval()
     ckpt = None
-    if info.is_main:
+    trained = gather_full(trainable_state(model))
+    if info.is_main and not sharded:
         ckpt = save_checkpoint(s.out / CHECKPOINT_NAME, model, opt, gen, step, history, s.run)
     barrier(info)
-    return TrainResult(
-        completed, step, history, progress.tokens_per_second, elapsed / max(1, step - start), memory, ckpt
-    )
+    seconds = elapsed / max(1, step - start)
+    return TrainResult(completed, step, history, progress.tokens_per_second, seconds, memory, ckpt, trained)
 
 
 def save_checkpoint(path: Path, model, opt, gen, step: int, history: dict, run: dict) -> Path:

@@ -1,4 +1,5 @@
-"""Two CPU processes (DDP over gloo) train the same adapter as one process on the same global batch."""
+"""Two CPU processes (DDP, or FSDP2 with --fsdp, over gloo) train the same adapter as one process on the
+same global batch."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ ARGS = ["finetune", "--method", "lora", "--dropout", "0", "--steps", "4", "--eva
     not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
     reason="torch.distributed with gloo is not available",
 )
-def test_two_processes_match_one(tmp_path):
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes_match_one(tmp_path, mode):
     assert run_cli(*ARGS, "--out", tmp_path / "single") == 0  # also fills the pretraining cache
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [
