@@ -77,11 +77,11 @@ def all_reduce_sum(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return value
 
 
-def any_rank(flag: bool, info: DistInfo) -> bool:
+def any_rank(flag: bool, info: DistInfo, device: torch.device | str = "cpu") -> bool:
     """True on every rank when any rank says True (a Ctrl-C seen by one process stops them all)."""
     if not info.enabled:
         return flag
-    t = torch.tensor([1.0 if flag else 0.0])
+    t = torch.tensor([1.0 if flag else 0.0], device=device)  # nccl reduces device tensors only
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
 

@@ -122,6 +122,7 @@ def train(model: torch.nn.Module, source, s: TrainSettings, info: DistInfo, log=
     if s.resume is not None:
         start, history = _load_checkpoint(s.resume, model, opt, gen, s.run, log)
     else:
+        model.eval()
         history["before"] = source.evaluate(model, s.device)
         history["eval_step"].append(0)
         history["metric"].append(history["before"][source.metric_name])
@@ -159,7 +160,7 @@ def train(model: torch.nn.Module, source, s: TrainSettings, info: DistInfo, log=
                 history["metric"].append(metric)
                 progress.note(f"[eval] step {step}: {source.metric_name} {metric:.3f}")
             stop = step == s.stop_after or interrupt.set
-            if any_rank(stop, info) and step < s.steps:
+            if any_rank(stop, info, s.device) and step < s.steps:
                 completed = False
                 break
     progress.close()
