@@ -122,6 +122,8 @@ def run_compare(args: argparse.Namespace) -> int:
                 "trainable": summary["trainable_params"],
                 "changed": changed,
                 "rank of change": rank,
+                # on the CPU this is the process's RSS high-water mark, which only grows over the runs of
+                # one compare process: read it as an upper bound, not per method (CUDA peaks are reset)
                 "peak MiB": round(summary["memory"]["peak_mib"], 1),
                 "ms/step": round(1e3 * summary["step_seconds"], 2),
             }
