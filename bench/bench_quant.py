@@ -276,9 +276,7 @@ def main(argv=None):
         print()
         print_table(qat, ["step", "model", "ms", "overhead_pct", "cpu_ms", "cpu_overhead_pct"])
     name = "bench_quant" + ("_quick" if args.quick else "")
-    name += ("" if args.section == "all" else f"_{args.section}") + (
-        f"_t{args.threads}" if args.threads else ""
-    )
+    name += ("" if args.section == "all" else f"_{args.section}") + (f"_t{args.threads}" if args.threads else "")
     command = "python -m bench.bench_quant " + " ".join(sys.argv[1:] if argv is None else argv)
     path = write_results(name, rows, command, {"qat_step": qat, "threads": torch.get_num_threads()})
     print(f"\nwrote {path}")

@@ -21,10 +21,7 @@ from pyfastpeft.optim import FusedAdamW, SparseAdamW
 
 def state_bytes(opt: torch.optim.Optimizer) -> int:
     return sum(
-        t.numel() * t.element_size()
-        for s in opt.state.values()
-        for t in s.values()
-        if isinstance(t, torch.Tensor)
+        t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor)
     )
 
 

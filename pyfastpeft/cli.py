@@ -1,125 +1,184 @@
-"""The ``pyfastpeft`` command (also ``python -m pyfastpeft``)."""
+"""The ``pyfastpeft`` command (also ``python -m pyfastpeft``): finetune, bench, compare."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
-import time
+from pathlib import Path
 
-import torch
-
-from .models import TASKS, TinyLlamaConfig, TinyLlamaForCausalLM, answer_accuracy, make_batch
-from .tuners import LoraConfig, LoraLinear, get_peft_model
-
-LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+from .models import TASKS
+from .train.base import DTYPES, SIZES
+from .train.data import DataError
+from .train.methods import DESCRIPTIONS, METHODS, add_method_arguments
 
 
-def _train(model, task, steps, batch_size, length, lr, generator, log_every, label):
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    vocab = model.config.vocab_size
-    losses = []
-    t0 = time.perf_counter()
-    tokens = 0
-    for step in range(1, steps + 1):
-        batch = make_batch(task, batch_size, length, vocab, generator)
-        loss = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-        tokens += batch.input_ids.numel()
-        if log_every and (step % log_every == 0 or step == steps):
-            rate = tokens / (time.perf_counter() - t0)
-            print(f"[{label}] step {step:4d}/{steps}  loss {loss.item():.4f}  {rate:,.0f} tokens/s", flush=True)
-    return losses
+def _add_training_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--config",
+        help="TOML or JSON file whose keys are these flags' names (flags given on the command line win)",
+    )
+    p.add_argument("--method", default="lora", help=f"PEFT method: {', '.join(sorted(METHODS))} (default: lora)")
+    p.add_argument("--model", default=None, help="local Hugging Face model folder (default: the built-in TinyLlama)")
+    p.add_argument(
+        "--data",
+        default=None,
+        help='local .jsonl ({"text"} or {"prompt","completion"}) or text file (default: the built-in task)',
+    )
+    p.add_argument("--task", choices=TASKS, default="shift", help="built-in fine-tuning task (default: shift)")
+    p.add_argument("--size", choices=sorted(SIZES), default="medium", help="built-in model size (default: medium)")
+    p.add_argument("--length", type=int, default=8, help="symbols per built-in example (default: %(default)s)")
+    p.add_argument("--max-length", type=int, default=128, help="tokens per --data example (default: %(default)s)")
+    p.add_argument("--pretrain-task", choices=TASKS, default="copy")
+    p.add_argument(
+        "--pretrain-steps",
+        type=int,
+        default=300,
+        help="pretraining steps of the built-in model (cached; default: %(default)s)",
+    )
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--batch-size", type=int, default=32, help="global batch size (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-every", type=int, default=0, help="steps between evaluations (default: steps/10)")
+    p.add_argument(
+        "--log-every", type=int, default=0, help="steps between log lines off a terminal (default: steps/10)"
+    )
+    add_method_arguments(p)
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    torch.manual_seed(args.seed)
-    gen = torch.Generator().manual_seed(args.seed)
-    cfg = TinyLlamaConfig()
-    model = TinyLlamaForCausalLM(cfg)
-    print(
-        f"built-in model: TinyLlama, {model.num_parameters():,} parameters, {cfg.num_hidden_layers} layers, "
-        f"hidden {cfg.hidden_size}"
-    )
-    if args.pretrain_steps:
-        print(f"pretraining on the built-in '{args.pretrain_task}' task ({args.pretrain_steps} steps, full model)")
-        _train(
-            model,
-            args.pretrain_task,
-            args.pretrain_steps,
-            args.batch_size,
-            args.length,
-            3e-3,
-            gen,
-            max(1, args.pretrain_steps // 4),
-            "pretrain",
-        )
-    eval_batch = make_batch(args.task, 256, args.length, cfg.vocab_size, torch.Generator().manual_seed(args.seed + 1))
-    model.eval()
-    before = answer_accuracy(model, eval_batch)
-    config = LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout, target_modules=LLAMA_TARGETS)
-    model = get_peft_model(model, config)
-    adapted = sum(1 for m in model.modules() if isinstance(m, LoraLinear))
-    trainable, total = model.get_nb_trainable_parameters()
-    print(
-        f"LoRA r={args.r} alpha={args.alpha} dropout={args.dropout} on {adapted} linear layers: "
-        f"trainable params: {trainable:,} || all params: {total:,} || "
-        f"trainable%: {100 * trainable / total:.4f}"
-    )
-    model.train()
-    losses = _train(
-        model,
-        args.task,
-        args.steps,
-        args.batch_size,
-        args.length,
-        args.lr,
-        gen,
-        max(1, args.steps // 10),
-        "finetune",
-    )
-    model.eval()
-    after = answer_accuracy(model, eval_batch)
-    print(f"loss: {losses[0]:.4f} -> {min(losses[-5:]):.4f}")
-    print(
-        f"'{args.task}' answer token accuracy: {before[0]:.3f} -> {after[0]:.3f}; "
-        f"exact match: {before[1]:.3f} -> {after[1]:.3f}"
-    )
-    if args.out:
-        model.save_pretrained(args.out)
-        print(f"adapter saved to {args.out} (adapter_model.safetensors + adapter_config.json, PEFT layout)")
-    return 0
+    from .train.finetune import run_finetune
+
+    return run_finetune(args)["exit_code"]
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .train.bench_runner import run_benchmarks
+
+    return run_benchmarks(args)
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .train.compare import run_compare
+
+    return run_compare(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pyfastpeft", description="Fast parameter-efficient fine-tuning.")
     sub = parser.add_subparsers(dest="command", required=True)
-    ft = sub.add_parser("finetune", help="LoRA fine-tune of the built-in model on a built-in task")
-    ft.add_argument("--task", choices=TASKS, default="reverse")
-    ft.add_argument("--pretrain-task", choices=TASKS, default="copy")
-    ft.add_argument("--pretrain-steps", type=int, default=300)
-    ft.add_argument("--steps", type=int, default=200)
-    ft.add_argument("--batch-size", type=int, default=32)
-    ft.add_argument("--length", type=int, default=8, help="symbols per example")
-    ft.add_argument("--lr", type=float, default=3e-3)
-    ft.add_argument("--r", type=int, default=8)
-    ft.add_argument("--alpha", type=float, default=16.0)
-    ft.add_argument("--dropout", type=float, default=0.05)
-    ft.add_argument("--seed", type=int, default=0)
-    ft.add_argument(
-        "--out", metavar="DIR", default=None, help="save the trained adapter here (Hugging Face PEFT layout)"
+    methods = "\n".join(f"  {k:8s} {v}" for k, v in sorted(DESCRIPTIONS.items()))
+    ft = sub.add_parser(
+        "finetune",
+        help="fine-tune a model with a PEFT method (default: LoRA on the built-in model)",
+        epilog="methods:\n" + methods,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    _add_training_arguments(ft)
+    ft.add_argument("--out", default=None, help="output folder (default: pyfastpeft_out/<method>)")
+    ft.add_argument(
+        "--resume",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="CHECKPOINT",
+        help="continue from a checkpoint (default: <out>/checkpoint.safetensors)",
+    )
+    ft.add_argument(
+        "--stop-after",
+        type=int,
+        default=None,
+        help="stop after this step as Ctrl-C would: save a checkpoint and exit",
+    )
+    ft.add_argument("--fsdp", action="store_true", help="under torchrun: FSDP2 (fully_shard) instead of DDP")
     ft.set_defaults(func=cmd_finetune)
+
+    bench = sub.add_parser("bench", help="run the kernel benchmarks and collect one table")
+    bench.add_argument(
+        "--op",
+        default="all",
+        help="lora|multi_lora|quant|sparse|optim|bias|distill|all, or a comma-separated list (default: all that exist)",
+    )
+    bench.add_argument("--device", default="cpu")
+    bench.add_argument("--quick", action="store_true", help="small sizes, few rounds")
+    bench.add_argument("--out", default="bench_out", help="folder for the table, JSON and chart (default: %(default)s)")
+    bench.set_defaults(func=cmd_bench)
+
+    cmp = sub.add_parser("compare", help="every method on the same task at three model sizes")
+    cmp.add_argument("--methods", default=",".join(sorted(METHODS)), help="comma-separated (default: %(default)s)")
+    cmp.add_argument("--sizes", default="small,medium,large", help="comma-separated (default: %(default)s)")
+    cmp.add_argument("--task", choices=TASKS, default="shift")
+    cmp.add_argument("--steps", type=int, default=150)
+    cmp.add_argument("--pretrain-steps", type=int, default=300)
+    cmp.add_argument("--batch-size", type=int, default=32)
+    cmp.add_argument("--lr", type=float, default=3e-3)
+    cmp.add_argument("--seed", type=int, default=0)
+    cmp.add_argument("--out", default="pyfastpeft_out/compare")
+    cmp.set_defaults(func=cmd_compare)
     return parser
 
 
+def _config_values(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"--config: no such file: {p}")
+    text = p.read_text(encoding="utf-8")
+    if p.suffix.lower() == ".json":
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"--config {p}:{err.lineno}: not valid JSON ({err.msg})") from None
+    else:
+        try:
+            import tomllib
+        except ImportError:  # Python 3.10
+            raise ValueError("--config: TOML needs Python 3.11+; use a .json file") from None
+        try:
+            values = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as err:
+            raise ValueError(f"--config {p}: not valid TOML ({err})") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"--config {p}: expected a table of flag names to values")
+    return values
+
+
+def _apply_config(sub: argparse.ArgumentParser, argv: list[str], path: str) -> None:
+    """Config values become the subcommand's defaults, so flags on the command line still win."""
+    actions = {a.dest: a for a in sub._actions if a.dest not in ("help", "config")}
+    defaults = {}
+    for key, value in _config_values(path).items():
+        dest = key.lstrip("-").replace("-", "_")
+        if dest not in actions:
+            raise ValueError(
+                f"--config {path}: unknown key {key!r}; known keys: "
+                f"{', '.join(sorted(k.replace('_', '-') for k in actions))}"
+            )
+        action = actions[dest]
+        if isinstance(value, list):
+            value = ",".join(map(str, value))
+        if action.type is not None and isinstance(value, str):
+            value = action.type(value)
+        if action.choices is not None and value not in action.choices:
+            raise ValueError(f"--config {path}: {key} = {value!r} is not one of {list(action.choices)}")
+        defaults[dest] = value
+    sub.set_defaults(**defaults)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
     try:
+        args = parser.parse_args(argv)
+        if getattr(args, "config", None):
+            sub = parser._subparsers._group_actions[0].choices[args.command]
+            _apply_config(sub, argv, args.config)
+            args = parser.parse_args(argv)
+        if args.command == "finetune" and args.out is None:
+            args.out = str(Path("pyfastpeft_out") / args.method)
         return args.func(args)
-    except ValueError as err:
+    except (ValueError, DataError) as err:
         print(f"pyfastpeft: error: {err}", file=sys.stderr)
         return 2

@@ -61,9 +61,7 @@ class Report:
             f"changed by merging       {self.changed_entries:>14,d}   (non-zero entries of ΔW)",
         ]
         if self.in_place_trainable:
-            lines.append(
-                f"trained in place         {self.in_place_trainable:>14,d}   (biases: no copy to compare)"
-            )
+            lines.append(f"trained in place         {self.in_place_trainable:>14,d}   (biases: no copy to compare)")
         lines.append(f"AdamW state bytes        {self.optimizer_state_bytes:>14,d}")
         if self.adapter_bytes_on_disk is not None:
             lines.append(f"adapter bytes on disk    {self.adapter_bytes_on_disk:>14,d}")
@@ -74,8 +72,7 @@ class Report:
             for m in self.matrices:
                 shape = f"{m.shape[0]}x{m.shape[1]}"
                 lines.append(
-                    f"{m.name.ljust(width)}  {shape:>12}  {m.r:>4}  {m.delta_rank:>7}  "
-                    f"{m.changed_entries:>10,d}"
+                    f"{m.name.ljust(width)}  {shape:>12}  {m.r:>4}  {m.delta_rank:>7}  {m.changed_entries:>10,d}"
                 )
         return "\n".join(lines)
 
@@ -124,9 +121,7 @@ def report(model: nn.Module, adapter_name: str | None = None, with_disk_size: bo
             continue
         delta = layer.delta_weight(name)
         rank = _delta_rank(layer, name, delta) if delta.abs().max() > 0 else 0
-        matrices.append(
-            MatrixReport(path, tuple(delta.shape), layer.r[name], rank, int(torch.count_nonzero(delta)))
-        )
+        matrices.append(MatrixReport(path, tuple(delta.shape), layer.r[name], rank, int(torch.count_nonzero(delta))))
     changed = sum(m.changed_entries for m in matrices)
     for _, wrapper in save_wrappers(model):
         if name in wrapper.modules_to_save:

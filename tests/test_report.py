@@ -61,9 +61,7 @@ def test_trained_adapter_rank_and_changed_entries(tmp_path):
 
 
 def test_report_is_the_same_after_merge():
-    m = pf.get_peft_model(
-        tiny(), pf.LoraConfig(r=2, target_modules=["v_proj"], use_dora=True, init_lora_weights=False)
-    )
+    m = pf.get_peft_model(tiny(), pf.LoraConfig(r=2, target_modules=["v_proj"], use_dora=True, init_lora_weights=False))
     with torch.no_grad():
         for n, p in m.named_parameters():
             if "magnitude" in n:
@@ -91,8 +89,4 @@ def test_factored_rank_equals_full_matrix_rank():
         full = int(torch.linalg.matrix_rank(layer.delta_weight("default")))
         assert next(x.delta_rank for x in r.matrices if x.name == path) == full
     ranks = {x.name.rsplit("model.", 1)[-1]: x.delta_rank for x in r.matrices}
-    assert (
-        ranks["embed_tokens"] == 4
-        and ranks["layers.1.mlp.gate_proj"] == 5
-        and ranks["layers.0.mlp.gate_proj"] == 6
-    )
+    assert ranks["embed_tokens"] == 4 and ranks["layers.1.mlp.gate_proj"] == 5 and ranks["layers.0.mlp.gate_proj"] == 6

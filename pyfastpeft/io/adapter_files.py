@@ -93,9 +93,7 @@ def save_adapters(peft_model, save_directory: str | os.PathLike, selected: list[
     names = list(peft_model.peft_config) if selected is None else list(selected)
     for n in names:
         if n not in peft_model.peft_config:
-            raise ValueError(
-                f"selected_adapters: no adapter named {n!r}; adapters: {list(peft_model.peft_config)}"
-            )
+            raise ValueError(f"selected_adapters: no adapter named {n!r}; adapters: {list(peft_model.peft_config)}")
     root = Path(save_directory)
     if root.exists() and not root.is_dir():
         raise ValueError(f"save_directory: {root} exists and is not a directory")

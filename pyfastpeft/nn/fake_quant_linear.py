@@ -23,9 +23,7 @@ def _check_bits(name: str, bits: int | None, allow_none: bool = False) -> None:
     if bits is None and allow_none:
         return
     if not isinstance(bits, int) or not 2 <= bits <= 8:
-        raise ValueError(
-            f"{name}: expected an integer width in [2, 8]{' or None' if allow_none else ''}, got {bits!r}"
-        )
+        raise ValueError(f"{name}: expected an integer width in [2, 8]{' or None' if allow_none else ''}, got {bits!r}")
 
 
 class _ActivationQuant:
@@ -76,9 +74,7 @@ class FakeQuantLinear(_ActivationQuant, nn.Module):
         _check_bits("weight_bits", weight_bits)
         _check_bits("activation_bits", activation_bits, allow_none=True)
         if weight_group_size > 0 and in_features % weight_group_size:
-            raise ValueError(
-                f"weight_group_size: {weight_group_size} does not divide in_features ({in_features})"
-            )
+            raise ValueError(f"weight_group_size: {weight_group_size} does not divide in_features ({in_features})")
         if weight_group_size < -1:
             raise ValueError(f"weight_group_size: expected -1, 0 or a positive size, got {weight_group_size}")
         self.in_features = in_features
@@ -129,9 +125,7 @@ class FakeQuantLinear(_ActivationQuant, nn.Module):
             self.weight.detach(), self.weight_bits, self.weight_group_size, self.weight_symmetric, 0
         )
         self.weight_scale = nn.Parameter(scale.float() if scale.dtype != torch.float64 else scale)
-        self.weight_zero_point = (
-            None if self.weight_symmetric else nn.Parameter(zero_point.to(self.weight_scale.dtype))
-        )
+        self.weight_zero_point = None if self.weight_symmetric else nn.Parameter(zero_point.to(self.weight_scale.dtype))
 
     def quantized_weight(self) -> torch.Tensor:
         """``fq(W)``: the fake-quantized weight in W's dtype (differentiable: STE, or LSQ when learnable)."""
@@ -144,9 +138,7 @@ class FakeQuantLinear(_ActivationQuant, nn.Module):
                 self.weight_group_size,
                 0,
             )
-        return ops.fake_quantize(
-            self.weight, self.weight_bits, self.weight_group_size, self.weight_symmetric, 0
-        )[0]
+        return ops.fake_quantize(self.weight, self.weight_bits, self.weight_group_size, self.weight_symmetric, 0)[0]
 
     @torch.no_grad()
     def weight_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,9 +150,7 @@ class FakeQuantLinear(_ActivationQuant, nn.Module):
                 zero_point = torch.zeros(scale.shape, dtype=torch.int32, device=scale.device)
             else:
                 zero_point = self.weight_zero_point.detach().round().clamp(qmin, qmax).to(torch.int32)
-            return scale.to(
-                torch.float64 if self.weight.dtype == torch.float64 else torch.float32
-            ), zero_point
+            return scale.to(torch.float64 if self.weight.dtype == torch.float64 else torch.float32), zero_point
         _, scale, zero_point = ops.fake_quantize(
             self.weight.detach(), self.weight_bits, self.weight_group_size, self.weight_symmetric, 0
         )

@@ -11,9 +11,7 @@ import torch
 from torch import nn
 
 
-def magnitude_mask(
-    weight: torch.Tensor, sparsity: float = 0.5, pattern: str = "unstructured"
-) -> torch.Tensor:
+def magnitude_mask(weight: torch.Tensor, sparsity: float = 0.5, pattern: str = "unstructured") -> torch.Tensor:
     """Bool mask of the weights to keep. ``unstructured``: all but the ``sparsity`` fraction with the
     smallest |w|; ``2:4``: the two largest |w| in every group of four consecutive inputs (50 %)."""
     w = weight.detach().abs().float()
@@ -27,9 +25,7 @@ def magnitude_mask(
         return keep.view_as(weight)
     if pattern == "2:4":
         if w.shape[-1] % 4 != 0:
-            raise ValueError(
-                f"weight: 2:4 pruning needs in_features divisible by 4, got shape {tuple(w.shape)}"
-            )
+            raise ValueError(f"weight: 2:4 pruning needs in_features divisible by 4, got shape {tuple(w.shape)}")
         groups = w.reshape(-1, 4)
         keep = torch.zeros_like(groups, dtype=torch.bool)
         keep.scatter_(1, torch.topk(groups, 2, dim=1).indices, True)

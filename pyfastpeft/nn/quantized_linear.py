@@ -84,8 +84,7 @@ class QuantizedLinear(_ActivationQuant, nn.Module):
         per_byte = codes_per_byte(weight_bits)
         if in_features % per_byte:
             raise ValueError(
-                f"in_features: {in_features} is not a multiple of {per_byte}, "
-                f"as int{weight_bits} packing needs"
+                f"in_features: {in_features} is not a multiple of {per_byte}, as int{weight_bits} packing needs"
             )
         self.in_features, self.out_features = in_features, out_features
         self.weight_bits, self.weight_group_size, self.weight_symmetric = (
@@ -175,9 +174,7 @@ class QuantizedLinear(_ActivationQuant, nn.Module):
 
     def extra_repr(self) -> str:
         scheme = ", ".join(f"{k}={v}" for k, v in self.scheme().items())
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, {scheme}, dtype={self.dtype}"
-        )
+        return f"in_features={self.in_features}, out_features={self.out_features}, {scheme}, dtype={self.dtype}"
 
 
 class QuantLoRALinear(nn.Module):
@@ -213,9 +210,7 @@ class QuantLoRALinear(nn.Module):
         self.r, self.alpha, self.dropout, self.rslora = r, alpha, dropout, rslora
         self.scaling = alpha / (math.sqrt(r) if rslora else r)
         dtype = base_layer.weight.dtype if isinstance(base_layer, FakeQuantLinear) else base_layer.dtype
-        device = (
-            base_layer.weight.device if isinstance(base_layer, FakeQuantLinear) else base_layer.qweight.device
-        )
+        device = base_layer.weight.device if isinstance(base_layer, FakeQuantLinear) else base_layer.qweight.device
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, dtype=dtype, device=device))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, dtype=dtype, device=device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
@@ -225,9 +220,7 @@ class QuantLoRALinear(nn.Module):
         with torch.no_grad():
             weight = base.quantized_weight()
         p = self.dropout if self.training else 0.0
-        return ops.lora_linear(
-            base.quantize_input(x), weight, base.bias, self.lora_A, self.lora_B, self.scaling, p
-        )
+        return ops.lora_linear(base.quantize_input(x), weight, base.bias, self.lora_A, self.lora_B, self.scaling, p)
 
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha}, dropout={self.dropout}, rslora={self.rslora}"

@@ -61,9 +61,7 @@ def _fake_quantize_lsq_fake(x, scale, zero_point, bits, group_size, axis, grad_f
 
 
 @torch.library.register_fake("pyfastpeft::fake_quantize_lsq_backward")
-def _fake_quantize_lsq_backward_fake(
-    grad_out, x, scale, zero_point, bits, group_size, axis, grad_factor, need_grad_x
-):
+def _fake_quantize_lsq_backward_fake(grad_out, x, scale, zero_point, bits, group_size, axis, grad_factor, need_grad_x):
     dx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_grad_x else x.new_empty((0,))
     dz = torch.empty_like(scale) if zero_point is not None else scale.new_empty((0,))
     return dx, torch.empty_like(scale), dz
@@ -113,9 +111,7 @@ def _lsq_backward(ctx, grad_out):
     )
 
 
-torch.library.register_autograd(
-    "pyfastpeft::fake_quantize_lsq", _lsq_backward, setup_context=_lsq_setup_context
-)
+torch.library.register_autograd("pyfastpeft::fake_quantize_lsq", _lsq_backward, setup_context=_lsq_setup_context)
 
 
 def _check_scheme(x: torch.Tensor, group_size: int, axis: int) -> None:

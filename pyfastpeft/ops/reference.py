@@ -53,6 +53,8 @@ def philox_keep_mask(numel: int, p: float, seed: int, offset: int = 0) -> torch.
     u16 = (word >> (16 * (lane % 2)).astype(np.uint64)) & np.uint64(0xFFFF)
     threshold = min(int(p * 65536.0 + 0.5), 65535)
     return torch.from_numpy(u16 >= threshold)
+
+
 def sampled_weight_grad(grad_y, x, indices, in_features):
     """The dense weight gradient ``grad_yᵀ·x`` gathered at the flat indices."""
     dense = grad_y.reshape(-1, grad_y.shape[-1]).t() @ x.reshape(-1, in_features)
@@ -63,6 +65,8 @@ def sparse_delta_linear(x, weight, bias, delta, indices):
     """``linear(x, W₀ + Δ, b)`` with Δ scattered densely (differentiable in x, bias and delta)."""
     dense = torch.zeros(weight.numel(), dtype=delta.dtype, device=delta.device).index_put((indices.long(),), delta)
     return torch.nn.functional.linear(x, weight + dense.view_as(weight), bias)
+
+
 # ---- quant -------------------------------------------------------------------------------------------
 # The fake-quantization formula of pyfastpeft/ops/quant.py in float64. Where the formula rounds to the
 # accumulation type (float32 for float32/16-bit inputs), `_acc` rounds the exact float64 value the same way;

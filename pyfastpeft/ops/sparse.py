@@ -67,8 +67,6 @@ def sparse_delta_linear(
     return _OP.sparse_delta_linear(x, weight, bias, delta, indices)
 
 
-def sampled_weight_grad(
-    grad_y: torch.Tensor, x: torch.Tensor, indices: torch.Tensor, in_features: int
-) -> torch.Tensor:
+def sampled_weight_grad(grad_y: torch.Tensor, x: torch.Tensor, indices: torch.Tensor, in_features: int) -> torch.Tensor:
     """``(grad_yᵀ·x).view(-1)[indices]`` without forming the dense product: ``[k]`` in x's dtype."""
     return _OP.sampled_weight_grad(grad_y, x, indices, int(in_features))

@@ -48,9 +48,7 @@ class FusedAdamW(torch.optim.Optimizer):
         master_weights: bool = False,
     ) -> None:
         if differentiable:
-            raise ValueError(
-                "differentiable: FusedAdamW updates in place and cannot be differentiated through"
-            )
+            raise ValueError("differentiable: FusedAdamW updates in place and cannot be differentiated through")
         if not (isinstance(lr, torch.Tensor) or lr >= 0.0):
             raise ValueError(f"lr: expected a non-negative learning rate, got {lr}")
         if eps < 0.0:
@@ -89,9 +87,7 @@ class FusedAdamW(torch.optim.Optimizer):
         state["exp_avg"] = torch.zeros_like(p, dtype=state_dtype, memory_format=torch.contiguous_format)
         state["exp_avg_sq"] = torch.zeros_like(p, dtype=state_dtype, memory_format=torch.contiguous_format)
         if group["amsgrad"]:
-            state["max_exp_avg_sq"] = torch.zeros_like(
-                p, dtype=state_dtype, memory_format=torch.contiguous_format
-            )
+            state["max_exp_avg_sq"] = torch.zeros_like(p, dtype=state_dtype, memory_format=torch.contiguous_format)
         if use_master:
             state["master"] = p.detach().to(torch.float32, copy=True)
         if group["l2sp"] != 0 and "anchor" not in state:
@@ -149,11 +145,7 @@ class FusedAdamW(torch.optim.Optimizer):
                 by_key[(p.device, p.dtype)].append(p)
             buckets.extend((gid, group, ps) for ps in by_key.values())
 
-        grads = {
-            id(p): (p.grad if p.grad.is_contiguous() else p.grad.contiguous())
-            for _, _, ps in buckets
-            for p in ps
-        }
+        grads = {id(p): (p.grad if p.grad.is_contiguous() else p.grad.contiguous()) for _, _, ps in buckets for p in ps}
         total_norm, scales = None, {}
         if self.max_grad_norm is not None and buckets:
             total_norm, scales = self._clip_scales(buckets, grads)
@@ -193,11 +185,7 @@ class FusedAdamW(torch.optim.Optimizer):
                 by_key[(p.device, p.dtype)].append(grads[id(p)])
         norms = [multi_tensor_l2_norm(gs) for gs in by_key.values()]
         first = norms[0].device
-        total = (
-            torch.linalg.vector_norm(torch.stack([n.to(first) for n in norms]))
-            if len(norms) > 1
-            else norms[0]
-        )
+        total = torch.linalg.vector_norm(torch.stack([n.to(first) for n in norms])) if len(norms) > 1 else norms[0]
         coef = torch.clamp(self.max_grad_norm / (total + 1e-6), max=1.0)
         devices = {d for d, _ in by_key}
         return total, {d: coef.to(d) for d in devices}

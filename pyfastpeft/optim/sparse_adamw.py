@@ -34,8 +34,5 @@ class SparseAdamW(FusedAdamW):
     def state_bytes(self) -> int:
         """Bytes held in optimizer state (moments, step counts, masters, anchors)."""
         return sum(
-            t.numel() * t.element_size()
-            for s in self.state.values()
-            for t in s.values()
-            if isinstance(t, torch.Tensor)
+            t.numel() * t.element_size() for s in self.state.values() for t in s.values() if isinstance(t, torch.Tensor)
         )

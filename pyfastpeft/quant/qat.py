@@ -94,9 +94,7 @@ def prepare_qat(model: nn.Module, config: QATConfig) -> nn.Module:
         and not _matches(name, config.exclude_modules or None, False)
     ]
     if not targets:
-        raise ValueError(
-            f"config.target_modules: no nn.Linear of the model matches {config.target_modules!r}"
-        )
+        raise ValueError(f"config.target_modules: no nn.Linear of the model matches {config.target_modules!r}")
     for name, linear in targets:
         _replace(
             model,

@@ -68,9 +68,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     chosen = []
     if config.target_modules == "all-linear":
         out_names = _output_layer_names(model)
-        candidates = [
-            (p, m) for p, m in entries if p and (isinstance(m, (nn.Linear, LoraLinear)) or is_conv1d(m))
-        ]
+        candidates = [(p, m) for p, m in entries if p and (isinstance(m, (nn.Linear, LoraLinear)) or is_conv1d(m))]
         chosen = [p for p, _ in candidates if p.rsplit(".", 1)[-1] not in out_names and p not in out_names]
     else:
         for path, module in entries:
@@ -97,13 +95,9 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
 
 def _no_match_message(model: nn.Module, config: LoraConfig, entries) -> str:
     adaptable = [p for p, m in entries if p and _adaptable(m)]
-    wanted = (
-        [config.target_modules] if isinstance(config.target_modules, str) else list(config.target_modules)
-    )
+    wanted = [config.target_modules] if isinstance(config.target_modules, str) else list(config.target_modules)
     short = sorted({p.rsplit(".", 1)[-1] for p in adaptable})
-    near = sorted(
-        {c for w in wanted for c in difflib.get_close_matches(w, short + adaptable, n=5, cutoff=0.3)}
-    )
+    near = sorted({c for w in wanted for c in difflib.get_close_matches(w, short + adaptable, n=5, cutoff=0.3)})
     extra = ""
     if config.layers_to_transform is not None:
         extra = f" within layers_to_transform={config.layers_to_transform}"
@@ -190,9 +184,7 @@ def inject_lora(
     (:func:`pyfastpeft.get_peft_model` is the full API; this keeps the model object unwrapped)."""
     for p in model.parameters():
         p.requires_grad_(False)
-    config = LoraConfig(
-        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, use_rslora=rslora
-    )
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, use_rslora=rslora)
     targets = inject_adapter(model, config, "default")
     for _, layer in lora_layers(model):
         layer.set_adapter(["default"])

@@ -21,11 +21,7 @@ from .. import ops
 
 def is_conv1d(module: nn.Module) -> bool:
     """transformers' Conv1D (GPT-2): ``y = x·W + b`` with W stored [in, out]."""
-    return (
-        type(module).__name__ == "Conv1D"
-        and hasattr(module, "nf")
-        and getattr(module, "weight", None) is not None
-    )
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
 
 
 class DoraMagnitude(nn.Module):
@@ -92,9 +88,7 @@ class LoraLayer(nn.Module):
 
     def delete_adapter(self, name: str) -> None:
         if name in self.merged_adapters:
-            raise ValueError(
-                f"adapter {name!r} is merged into the base weights; unmerge it before deleting it"
-            )
+            raise ValueError(f"adapter {name!r} is merged into the base weights; unmerge it before deleting it")
         for attr in self.adapter_param_names:
             table = getattr(self, attr)
             if name in table:
@@ -234,9 +228,7 @@ class LoraLinear(LoraLayer):
             if self.use_dora[name]:
                 self._dora_merge_norm[name] = self._weight_norm(name, acc)
             self._set_weight_oi(
-                w.to(acc) + self.delta_weight(name)
-                if not self.use_dora[name]
-                else self._dora_merged(name, acc)
+                w.to(acc) + self.delta_weight(name) if not self.use_dora[name] else self._dora_merged(name, acc)
             )
             self.merged_adapters.append(name)
 
@@ -281,9 +273,7 @@ class LoraLinear(LoraLayer):
             y = y + self._fused(x, weight, None, name) - F.linear(x, weight)
         return y
 
-    def _fused(
-        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, name: str
-    ) -> torch.Tensor:
+    def _fused(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, name: str) -> torch.Tensor:
         a = self.lora_A[name].weight.to(x.dtype)
         b = self.lora_B[name].weight.to(x.dtype)
         p = self.dropout_p[name] if self.training else 0.0
@@ -388,11 +378,7 @@ class LoraEmbedding(LoraLayer):
                 base.scale_grad_by_freq,
                 base.sparse,
             )
-            y = (
-                y
-                + (after_a @ self.lora_embedding_B[name].t().to(after_a.dtype)).to(y.dtype)
-                * self.scaling[name]
-            )
+            y = y + (after_a @ self.lora_embedding_B[name].t().to(after_a.dtype)).to(y.dtype) * self.scaling[name]
         return y
 
     def extra_repr(self) -> str:

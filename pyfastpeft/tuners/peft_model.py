@@ -93,15 +93,8 @@ class PeftModel(nn.Module):
     # ---- adapters ---------------------------------------------------------------------------------
     def add_adapter(self, adapter_name: str, config: LoraConfig) -> None:
         """Add adapter ``adapter_name`` (inactive unless it is the first) configured by ``config``."""
-        if (
-            not isinstance(adapter_name, str)
-            or not adapter_name
-            or "." in adapter_name
-            or "/" in adapter_name
-        ):
-            raise ValueError(
-                f"adapter_name: expected a non-empty name without '.' or '/', got {adapter_name!r}"
-            )
+        if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name or "/" in adapter_name:
+            raise ValueError(f"adapter_name: expected a non-empty name without '.' or '/', got {adapter_name!r}")
         if adapter_name == BASE_ADAPTER:
             raise ValueError(f"adapter_name: {BASE_ADAPTER!r} is reserved for 'no adapter'")
         if adapter_name in self.peft_config:
@@ -125,9 +118,7 @@ class PeftModel(nn.Module):
         self._check_name(adapter_name)
         for _, layer in lora_layers(self.base_model.model):
             if adapter_name in layer.merged_adapters:
-                raise ValueError(
-                    f"adapter {adapter_name!r} is merged; call unmerge_adapter() before deleting it"
-                )
+                raise ValueError(f"adapter {adapter_name!r} is merged; call unmerge_adapter() before deleting it")
         for _, layer in lora_layers(self.base_model.model):
             layer.delete_adapter(adapter_name)
         for _, wrapper in save_wrappers(self.base_model.model):
@@ -139,9 +130,7 @@ class PeftModel(nn.Module):
 
     def _check_name(self, adapter_name: str) -> None:
         if adapter_name not in self.peft_config:
-            raise ValueError(
-                f"adapter_name: no adapter named {adapter_name!r}; adapters: {list(self.peft_config)}"
-            )
+            raise ValueError(f"adapter_name: no adapter named {adapter_name!r}; adapters: {list(self.peft_config)}")
 
     def _mark_trainable(self) -> None:
         model = self.base_model.model
@@ -270,17 +259,14 @@ class PeftModel(nn.Module):
 
         r = report(self, with_disk_size=False)
         print(
-            f"trainable params: {r.trainable:,d} || all params: {r.total:,d} || "
-            f"trainable%: {r.trainable_percent:.4f}"
+            f"trainable params: {r.trainable:,d} || all params: {r.total:,d} || trainable%: {r.trainable_percent:.4f}"
         )
         print(
             f"changes the base model in {r.changed_entries:,d} entries; rank of ΔW per matrix: "
             f"max {r.max_delta_rank}, over {len(r.matrices)} matrices"
         )
 
-    def save_pretrained(
-        self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None
-    ) -> None:
+    def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None) -> None:
         """Write every adapter (or ``selected_adapters``) in PEFT's layout: "default" at the top of
         ``save_directory``, any other in a subfolder named after it. Atomic: all or nothing."""
         from ..io import save_adapters
@@ -300,9 +286,7 @@ class PeftModel(nn.Module):
 
         return load_into_new_model(cls, model, model_id, adapter_name, is_trainable)
 
-    def load_adapter(
-        self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False
-    ) -> None:
+    def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False) -> None:
         """Add the adapter saved in ``model_id`` under ``adapter_name`` (not made active)."""
         from ..io import load_adapter
 

@@ -54,11 +54,7 @@ def test_layout_keys_shapes_and_config(tmp_path):
     assert tensors["base_model.model.lm_head.weight"].shape == (32, 32)
     assert len(tensors) == 2 * 2 * 3 + 1
     config = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert (
-        config["peft_type"] == "LORA"
-        and config["r"] == 4
-        and config["target_modules"] == ["down_proj", "q_proj"]
-    )
+    assert config["peft_type"] == "LORA" and config["r"] == 4 and config["target_modules"] == ["down_proj", "q_proj"]
 
 
 def test_roundtrip_named_adapters_and_outputs(tmp_path):
@@ -123,9 +119,7 @@ def test_config_for_missing_module_is_a_clear_error(tmp_path):
 
 def test_pickle_files_are_refused(tmp_path):
     torch.save({"x": torch.zeros(1)}, tmp_path / "adapter_model.bin")
-    (tmp_path / "adapter_config.json").write_text(
-        json.dumps({"peft_type": "LORA", "target_modules": ["q_proj"]})
-    )
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "target_modules": ["q_proj"]}))
     with pytest.raises(ValueError, match="refusing to read a pickle file"):
         pf.PeftModel.from_pretrained(tiny(), tmp_path)
     with pytest.raises(ValueError, match="refusing to read a pickle file"):

@@ -20,9 +20,7 @@ def make_linear(device, out_f=24, in_f=40, seed=0, dtype=torch.float32):
 
 def batch(step, n, in_f, device, dtype=torch.float32):
     g = torch.Generator().manual_seed(100 + step)
-    return torch.randn(n, in_f, generator=g).to(device, dtype), torch.randn(n, 24, generator=g).to(
-        device, dtype
-    )
+    return torch.randn(n, in_f, generator=g).to(device, dtype), torch.randn(n, 24, generator=g).to(device, dtype)
 
 
 def test_training_matches_dense_reference_and_changes_exactly_k(device):
@@ -42,9 +40,7 @@ def test_training_matches_dense_reference_and_changes_exactly_k(device):
         x, target = batch(step, 9, 40, device)
         loss = (layer(x) - target).pow(2).mean()
         ref_loss = (
-            (reference.sparse_delta_linear(x, w0, base.bias.detach(), ref_delta, layer.indices) - target)
-            .pow(2)
-            .mean()
+            (reference.sparse_delta_linear(x, w0, base.bias.detach(), ref_delta, layer.indices) - target).pow(2).mean()
         )
         opt.zero_grad()
         ref_opt.zero_grad()

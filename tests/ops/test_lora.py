@@ -160,6 +160,8 @@ def test_opcheck(device):
         [True, False, True, True, True],
     )
     torch.library.opcheck(torch.ops.pyfastpeft.lora_linear_backward, bwd_args)
+    only_b = bwd_args[:-1] + ([False, False, False, False, True],)  # four empty gradients, none aliased
+    torch.library.opcheck(torch.ops.pyfastpeft.lora_linear_backward, only_b)
     torch.library.opcheck(torch.ops.pyfastpeft.philox_dropout, (inputs["x"].detach(), 0.3, rng))
 
 

@@ -60,9 +60,7 @@ def test_forward_equals_float64_formula(device, dtype, bits, symmetric, shape, g
     if dtype == torch.float32:
         # Integer codes: out / s recovers clamp(q) - z exactly for float32 outputs.
         qmin, qmax = qrange(bits)
-        codes = ref.fake_quantize_codes(x.cpu(), scale.cpu(), zp.cpu(), bits, group_size, axis).clamp(
-            qmin, qmax
-        )
+        codes = ref.fake_quantize_codes(x.cpu(), scale.cpu(), zp.cpu(), bits, group_size, axis).clamp(qmin, qmax)
         s = ref._broadcast_qparam(scale.cpu().double(), x, group_size, axis)
         z = ref._broadcast_qparam(zp.cpu().double(), x, group_size, axis)
         assert torch.equal(torch.round(out.cpu().double() / s) + z, codes)
@@ -112,9 +110,7 @@ def test_matches_torch_fake_quantize_per_tensor(device, bits, symmetric):
 def test_groups_match_torch_per_channel_on_grouped_view(device):
     x = rand((12, 256), torch.float32, device, 2.0)
     out, scale, zp = pyfastpeft.ops.fake_quantize(x, 4, 32, False)
-    expected = torch.fake_quantize_per_channel_affine(
-        x.reshape(-1, 32), scale.flatten(), zp.flatten(), 0, -8, 7
-    )
+    expected = torch.fake_quantize_per_channel_affine(x.reshape(-1, 32), scale.flatten(), zp.flatten(), 0, -8, 7)
     assert torch.equal(out, expected.reshape(x.shape))
 
 
@@ -132,9 +128,7 @@ def test_symmetric_scale_equals_torch_observer(axis):
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-@pytest.mark.parametrize(
-    "shape,group_size,axis", [SCHEMES[0], SCHEMES[2], SCHEMES[4], SCHEMES[5], SCHEMES[9]]
-)
+@pytest.mark.parametrize("shape,group_size,axis", [SCHEMES[0], SCHEMES[2], SCHEMES[4], SCHEMES[5], SCHEMES[9]])
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_ste_backward_equals_autograd_reference(device, dtype, shape, group_size, axis, symmetric):
     x = rand(shape, dtype, device, 2.0).requires_grad_()
@@ -171,9 +165,7 @@ def lsq_inputs(shape, group_size, axis, dtype, device, with_zero_point, bits=4):
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-@pytest.mark.parametrize(
-    "shape,group_size,axis", [SCHEMES[0], SCHEMES[2], SCHEMES[3], SCHEMES[4], SCHEMES[6]]
-)
+@pytest.mark.parametrize("shape,group_size,axis", [SCHEMES[0], SCHEMES[2], SCHEMES[3], SCHEMES[4], SCHEMES[6]])
 @pytest.mark.parametrize("with_zero_point", [False, True])
 def test_lsq_forward_and_gradients(device, dtype, shape, group_size, axis, with_zero_point):
     x, scale, zero = lsq_inputs(shape, group_size, axis, dtype, device, with_zero_point)
@@ -342,12 +334,8 @@ def test_opcheck(device, dtype):
     torch.library.opcheck(OP.fake_quantize_lsq, (x, s, z, 4, 32, 0, 0.5))
     torch.library.opcheck(OP.fake_quantize_lsq, (x, s, None, 4, 32, 0, 0.5))
     dy = torch.randn_like(x)
-    torch.library.opcheck(
-        OP.fake_quantize_lsq_backward, (dy, x.detach(), s.detach(), z.detach(), 4, 32, 0, 0.5, True)
-    )
-    torch.library.opcheck(
-        OP.fake_quantize_lsq_backward, (dy, x.detach(), s.detach(), None, 4, 32, 0, 0.5, False)
-    )
+    torch.library.opcheck(OP.fake_quantize_lsq_backward, (dy, x.detach(), s.detach(), z.detach(), 4, 32, 0, 0.5, True))
+    torch.library.opcheck(OP.fake_quantize_lsq_backward, (dy, x.detach(), s.detach(), None, 4, 32, 0, 0.5, False))
 
 
 def test_torch_compile_fullgraph():

@@ -74,9 +74,7 @@ def test_sparse_delta_linear_forward_backward(device, dtype):
     y_lowp = reference.sparse_delta_linear(*lowp_ref[:3], lowp_ref[3], idx)
     y_lowp.backward(gy64.to(dtype))
     pairs = [(y, y_lowp, y_ref)] + [
-        (a.grad, b.grad, c.grad)
-        for a, b, c in zip(low, lowp_ref, (x64, w64, b64, d64), strict=True)
-        if c.requires_grad
+        (a.grad, b.grad, c.grad) for a, b, c in zip(low, lowp_ref, (x64, w64, b64, d64), strict=True) if c.requires_grad
     ]
     for ours, torch_lowp, ref in pairs:
         if dtype == torch.float32:
@@ -131,9 +129,7 @@ def test_bad_indices_rejected(device):
     with pytest.raises(ValueError, match="delta: expected size 2"):
         sparse_delta_linear(x, w, None, randn(3, device=device), torch.tensor([0, 1], device=device))
     with pytest.raises(ValueError, match="weight: W₀ must not require grad"):
-        sparse_delta_linear(
-            x, w.requires_grad_(), None, randn(2, device=device), torch.tensor([0, 1], device=device)
-        )
+        sparse_delta_linear(x, w.requires_grad_(), None, randn(2, device=device), torch.tensor([0, 1], device=device))
 
 
 def test_torch_compile_fullgraph(device):
@@ -142,9 +138,7 @@ def test_torch_compile_fullgraph(device):
     w = randn(out_f, in_f, device=device, dtype=torch.float32)
     d = randn(k, device=device, dtype=torch.float32, seed=1).requires_grad_()
     x = randn(3, in_f, device=device, dtype=torch.float32, seed=2)
-    compiled = torch.compile(
-        lambda x, d: sparse_delta_linear(x, w, None, d, idx), fullgraph=True, backend="eager"
-    )
+    compiled = torch.compile(lambda x, d: sparse_delta_linear(x, w, None, d, idx), fullgraph=True, backend="eager")
     y = compiled(x, d)
     torch.testing.assert_close(y, sparse_delta_linear(x, w, None, d, idx))
     (g,) = torch.autograd.grad(y.sum(), d)

@@ -19,9 +19,7 @@ SHAPES = [(7, 5), (3,), (33, 65), (1,), (4097,)]
 
 def make_params(device, dtype=torch.float32, shapes=SHAPES, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return [
-        torch.randn(s, generator=g, dtype=torch.float64).to(device, dtype).requires_grad_() for s in shapes
-    ]
+    return [torch.randn(s, generator=g, dtype=torch.float64).to(device, dtype).requires_grad_() for s in shapes]
 
 
 def clone_params(ps, dtype=None):
@@ -336,9 +334,7 @@ def test_one_launch_per_group_device_and_dtype(monkeypatch):
 
     calls = []
     real = module.fused_adamw_
-    monkeypatch.setattr(
-        module, "fused_adamw_", lambda ps, *a, **kw: (calls.append(len(ps)), real(ps, *a, **kw))
-    )
+    monkeypatch.setattr(module, "fused_adamw_", lambda ps, *a, **kw: (calls.append(len(ps)), real(ps, *a, **kw)))
     ps32 = make_params("cpu", torch.float32, shapes=[(3, 4)] * 40)
     ps64 = make_params("cpu", torch.float64, shapes=[(5,)] * 7)
     opt = FusedAdamW([{"params": ps32 + ps64}, {"params": make_params("cpu", shapes=[(2,)] * 3)}])
@@ -392,9 +388,7 @@ def test_step_captured_in_cuda_graph():
 def test_random_hyperparameters_match_torch(lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, sizes):
     ours = make_params("cpu", shapes=[(s,) for s in sizes])
     ref = clone_params(ours)
-    options = dict(
-        lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize
-    )
+    options = dict(lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize)
     opt, ref_opt = FusedAdamW(ours, **options), torch.optim.AdamW(ref, **options)
     for step in range(10):
         set_grads(step, ours, ref)

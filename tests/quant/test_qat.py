@@ -58,15 +58,8 @@ def test_prepare_qat_swaps_targets_and_keeps_parameters():
 
 def test_prepare_qat_target_patterns():
     model = prepare_qat(make_model(), QATConfig(target_modules=["up_proj", "layers.1.down_proj"]))
-    kinds = {
-        n: type(m).__name__ for n, m in model.named_modules() if isinstance(m, nn.Linear | FakeQuantLinear)
-    }
-    assert (
-        kinds["layers.0.up_proj"]
-        == kinds["layers.1.up_proj"]
-        == kinds["layers.1.down_proj"]
-        == "FakeQuantLinear"
-    )
+    kinds = {n: type(m).__name__ for n, m in model.named_modules() if isinstance(m, nn.Linear | FakeQuantLinear)}
+    assert kinds["layers.0.up_proj"] == kinds["layers.1.up_proj"] == kinds["layers.1.down_proj"] == "FakeQuantLinear"
     assert kinds["layers.0.down_proj"] == kinds["layers.0.gate_proj"] == "Linear"
     model = prepare_qat(make_model(), QATConfig(target_modules=r"layers\.\d+\.(gate|up)_proj"))
     assert sum(isinstance(m, FakeQuantLinear) for m in model.modules()) == 4
@@ -177,9 +170,7 @@ def test_hugging_face_llama_round_trip():
     )
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(cfg).eval()
-    prepare_qat(
-        model, QATConfig.int8_dynamic_activation_int4_weight(target_modules=["q_proj", "v_proj", "down_proj"])
-    )
+    prepare_qat(model, QATConfig.int8_dynamic_activation_int4_weight(target_modules=["q_proj", "v_proj", "down_proj"]))
     assert isinstance(model.model.layers[0].self_attn.q_proj, FakeQuantLinear)
     ids = torch.randint(0, 128, (2, 10))
     with torch.no_grad():

@@ -67,9 +67,7 @@ def test_normalises_sets_and_single_layer_index():
 
 def test_from_dict_refuses_unsupported_peft_features():
     with pytest.raises(ValueError, match="loftq_config"):
-        pf.LoraConfig.from_dict(
-            {"peft_type": "LORA", "target_modules": ["q"], "loftq_config": {"loftq_bits": 4}}
-        )
+        pf.LoraConfig.from_dict({"peft_type": "LORA", "target_modules": ["q"], "loftq_config": {"loftq_bits": 4}})
     cfg = pf.LoraConfig.from_dict(
         {
             "peft_type": "LORA",

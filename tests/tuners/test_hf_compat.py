@@ -113,9 +113,7 @@ def test_file_keys_match_peft_exactly(tmp_path):
 def test_bias_all_with_modules_to_save_both_directions(direction, tmp_path):
     ours_base, theirs_base = twin_models("bert")
     ids = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(1))
-    kw = dict(
-        r=4, target_modules=["query"], bias="all", modules_to_save=["classifier"], init_lora_weights=False
-    )
+    kw = dict(r=4, target_modules=["query"], bias="all", modules_to_save=["classifier"], init_lora_weights=False)
     if direction == "ours_to_peft":
         source = pf.get_peft_model(ours_base, pf.LoraConfig(**kw))
         perturb(source, 3)

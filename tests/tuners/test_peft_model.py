@@ -39,14 +39,10 @@ def lora_paths(model):
 
 
 def test_list_targets_regex_layers_and_exclude():
-    m = pf.get_peft_model(
-        tiny(), pf.LoraConfig(target_modules=["q_proj", "down_proj"], layers_to_transform=[0, 2])
-    )
+    m = pf.get_peft_model(tiny(), pf.LoraConfig(target_modules=["q_proj", "down_proj"], layers_to_transform=[0, 2]))
     paths = lora_paths(m)
     assert paths == [
-        f"base_model.model.model.layers.{i}.{p}"
-        for i in (0, 2)
-        for p in ("self_attn.q_proj", "mlp.down_proj")
+        f"base_model.model.model.layers.{i}.{p}" for i in (0, 2) for p in ("self_attn.q_proj", "mlp.down_proj")
     ]
     m = pf.get_peft_model(tiny(), pf.LoraConfig(target_modules=r".*layers\.1\.self_attn\.(k|v)_proj"))
     assert [p.removeprefix("base_model.model.model.") for p in lora_paths(m)] == [
@@ -189,9 +185,7 @@ def test_merge_unmerge_restores_base_and_merge_and_unload(use_dora):
     model = tiny()
     base_state = {k: v.clone() for k, v in model.state_dict().items()}
     x = ids()
-    m = pf.get_peft_model(
-        model, pf.LoraConfig(target_modules=ALL, use_dora=use_dora, init_lora_weights=False)
-    )
+    m = pf.get_peft_model(model, pf.LoraConfig(target_modules=ALL, use_dora=use_dora, init_lora_weights=False))
     if use_dora:
         for n, p in m.named_parameters():
             if "magnitude" in n:
@@ -203,11 +197,7 @@ def test_merge_unmerge_restores_base_and_merge_and_unload(use_dora):
         torch.testing.assert_close(m(x).logits, adapted, rtol=1e-5, atol=1e-5)
         m.unmerge_adapter()
         torch.testing.assert_close(m(x).logits, adapted, rtol=1e-5, atol=1e-5)
-    restored = {
-        k.replace("base_layer.", ""): v
-        for k, v in m.base_model.model.state_dict().items()
-        if "lora_" not in k
-    }
+    restored = {k.replace("base_layer.", ""): v for k, v in m.base_model.model.state_dict().items() if "lora_" not in k}
     for k, v in base_state.items():
         torch.testing.assert_close(restored[k], v, rtol=0, atol=1e-6)
     merged = m.merge_and_unload()
@@ -222,9 +212,7 @@ def test_pissa_keeps_the_output_and_moves_the_top_of_w_into_the_adapter():
     with torch.no_grad():
         base = model(x).logits
     w = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
-    m = pf.get_peft_model(
-        model, pf.LoraConfig(r=4, lora_alpha=4, target_modules=ALL, init_lora_weights="pissa")
-    )
+    m = pf.get_peft_model(model, pf.LoraConfig(r=4, lora_alpha=4, target_modules=ALL, init_lora_weights="pissa"))
     layer = m.base_model.model.model.layers[0].self_attn.q_proj
     with torch.no_grad():
         torch.testing.assert_close(m(x).logits, base, rtol=1e-4, atol=1e-5)

@@ -68,9 +68,7 @@ class Checkpointed(nn.Module):
 
 @pytest.mark.parametrize("reentrant", [False, True])
 def test_torch_utils_checkpoint_gives_the_same_gradients(reentrant):
-    plain = pf.get_peft_model(
-        tiny(), pf.LoraConfig(target_modules=ALL, lora_dropout=0.2, init_lora_weights=False)
-    )
+    plain = pf.get_peft_model(tiny(), pf.LoraConfig(target_modules=ALL, lora_dropout=0.2, init_lora_weights=False))
     ckpt = copy.deepcopy(plain)
     layers = ckpt.base_model.model.model.layers
     for i in range(len(layers)):
@@ -101,9 +99,7 @@ def test_transformers_gradient_checkpointing_enable():
         max_position_embeddings=32,
     )
     base = transformers.LlamaForCausalLM(cfg)
-    plain = pf.get_peft_model(
-        base, pf.LoraConfig(target_modules=ALL, lora_dropout=0.1, init_lora_weights=False)
-    )
+    plain = pf.get_peft_model(base, pf.LoraConfig(target_modules=ALL, lora_dropout=0.1, init_lora_weights=False))
     ckpt = copy.deepcopy(plain)
     ckpt.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
     x = ids()
@@ -142,9 +138,7 @@ def test_autocast_bfloat16_on_cpu(use_dora):
 
 def test_torch_compile_fullgraph_no_graph_breaks():
     torch._dynamo.reset()
-    cfg = pf.LoraConfig(
-        target_modules=ALL, lora_dropout=0.1, init_lora_weights=False, rank_pattern={"v_proj": 2}
-    )
+    cfg = pf.LoraConfig(target_modules=ALL, lora_dropout=0.1, init_lora_weights=False, rank_pattern={"v_proj": 2})
     m = pf.get_peft_model(tiny(layers=1), cfg)
     m.add_adapter("dora", pf.LoraConfig(target_modules=["o_proj"], use_dora=True, init_lora_weights=False))
     m.eval()

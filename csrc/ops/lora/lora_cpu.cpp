@@ -89,8 +89,11 @@ void for_each_part(int64_t n_rows, int64_t n_parts, F&& fn) {
   });
 }
 
+// Row parts of the dA reduction: a function of n_rows only (never of the thread count), so the
+// summation order and hence the result are the same however many threads run it.
 inline int64_t num_parts(int64_t n_rows) {
-  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (n_rows + kRowBlock - 1) / kRowBlock));
+  constexpr int64_t kMaxParts = 64, kMinRowsPerPart = 256;
+  return std::max<int64_t>(1, std::min<int64_t>(kMaxParts, n_rows / kMinRowsPerPart));
 }
 
 // xa = drop(x)·Aᵀ: each block of rows is masked into a cache-resident buffer and multiplied there.

@@ -109,9 +109,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
   check_size(xa, "xa", 1, rank, "rank");
   const at::Tensor g2 = grad_y.reshape({-1, out_features});
   const auto [need_dx, need_dW, need_db, need_dA, need_dB] = output_mask;
-  const at::Tensor none = at::empty({0}, x.options());
+  // gradients not asked for come back as distinct empty tensors (outputs of an op must not alias)
+  const auto none = [&] { return at::empty({0}, x.options()); };
 
-  at::Tensor dB = none, dW = none, db = none, dA = none, dx = none;
+  at::Tensor dB = none(), dW = none(), db = none(), dA = none(), dx = none();
   if (need_dB) {
     // as (xaᵀ·dy)ᵀ: BLAS streams dy far faster with the long dimension as the reduction of a [r, N] row
     at::Tensor dB_t = at::empty({rank, out_features}, x.options());
@@ -128,8 +129,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     // the LoRA part of dx, drop'(u·A), and dA = uᵀ·drop(x), with one regeneration of the mask
     std::tie(dx, dA) = Backend::dropout_grads(x2, u, lora_A, dropout_p, rng_state->const_data_ptr<int64_t>(),
                                               need_dx, need_dA);
-    if (!need_dx) dx = none;
-    if (!need_dA) dA = none;
+    if (!need_dx) dx = none();
+    if (!need_dA) dA = none();
   } else {
     if (need_dx) dx = at::mm(u, lora_A);
     if (need_dA) dA = at::mm(u.t(), x2);

@@ -1,0 +1,164 @@
+"""``pyfastpeft compare``: every method on the same built-in task at several model sizes, with the same
+step budget, batch and seed, through the same code as ``finetune``.
+
+Per method and size: the task metric after training (and before, which all methods share), trainable
+parameters, how many entries of the model's effective weights differ from the pretrained ones, the
+largest rank of a changed weight matrix, peak memory and time per step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from ..nn import LoRALinear
+from ..tuners.lora_layers import LoraLinear
+from .base import SIZES
+from .bench_runner import markdown_table
+from .checkpoint import atomic_write, atomic_write_text
+from .plot import NO_MATPLOTLIB, _pyplot
+
+
+@torch.no_grad()
+def effective_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The weights the model computes with, by their names in the base model (LoRA merged in)."""
+    out = {}
+    for name, p in model.named_parameters():
+        if ".lora_" in name:
+            continue
+        out[name.replace(".base_layer.", ".")] = p.detach().double()
+    for name, m in model.named_modules():
+        if isinstance(m, LoRALinear) and not m.merged:
+            out[f"{name}.weight"] = out[f"{name}.weight"] + m.delta_weight().double()
+        elif isinstance(m, LoraLinear):  # get_peft_model's layer; Conv1D stores [in, out]
+            delta = sum(m.delta_weight(a).double() for a in m.active_adapters if a not in m.merged_adapters)
+            if isinstance(delta, torch.Tensor):
+                w = out[f"{name}.weight"]
+                out[f"{name}.weight"] = w + (delta if w.shape == delta.shape else delta.t())
+    return out
+
+
+@torch.no_grad()
+def change_report(base: dict[str, torch.Tensor], tuned: dict[str, torch.Tensor]) -> tuple[int, int]:
+    """(entries that differ from the base, largest rank of a changed matrix). Tensors the method added
+    (a BitFit bias) count against zeros. The rank is numerical at float32 resolution: singular values
+    below 1e-5 of the largest one count as zero (merging in float64 leaves ~1e-16 noise)."""
+    changed, rank = 0, 0
+    for name, w in tuned.items():
+        delta = w - base[name].double() if name in base else w
+        n = int((delta != 0).sum())
+        changed += n
+        if n and delta.dim() == 2:
+            rank = max(rank, int(torch.linalg.matrix_rank(delta, rtol=1e-5)))
+    return changed, rank
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    from ..cli import build_parser
+    from ..models import TinyLlamaConfig
+    from .finetune import run_finetune
+    from .methods import METHODS
+    from .pretrain import pretrained_builtin
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
+    for m in methods:
+        if m not in METHODS:
+            raise ValueError(f"--methods: unknown method {m!r}; known methods: {', '.join(sorted(METHODS))}")
+    for s in sizes:
+        if s not in SIZES:
+            raise ValueError(f"--sizes: unknown size {s!r}; known sizes: {', '.join(SIZES)}")
+    out = Path(args.out)
+    results: dict[str, list[dict]] = {}
+    md = [
+        f"# PEFT comparison: '{args.task}' task, {args.steps} steps, batch {args.batch_size}, lr {args.lr}, "
+        f"seed {args.seed}\n"
+    ]
+    for size in sizes:
+        results[size] = []
+        for method in methods:
+            ft = build_parser().parse_args(
+                [
+                    "finetune",
+                    "--method",
+                    method,
+                    "--size",
+                    size,
+                    "--task",
+                    args.task,
+                    "--steps",
+                    str(args.steps),
+                    "--pretrain-steps",
+                    str(args.pretrain_steps),
+                    "--batch-size",
+                    str(args.batch_size),
+                    "--lr",
+                    str(args.lr),
+                    "--seed",
+                    str(args.seed),
+                    "--out",
+                    str(out / size / method),
+                    "--log-every",
+                    str(10**9),
+                ]
+            )
+            print(f"[compare] {size} / {method}", flush=True)
+            summary = run_finetune(ft, log=lambda *a, **k: None, keep_model=True)
+            cfg = TinyLlamaConfig(max_position_embeddings=max(ft.max_length, 2 * ft.length + 3), **SIZES[size])
+            base = pretrained_builtin(
+                cfg,
+                ft.pretrain_task,
+                ft.pretrain_steps,
+                32,
+                ft.length,
+                3e-3,
+                ft.seed,
+                log=lambda *a, **k: None,
+            ).state_dict()
+            changed, rank = change_report(base, effective_weights(summary.pop("model")))
+            row = {
+                "method": method,
+                summary["metric_name"] + " before": summary["before"],
+                summary["metric_name"] + " after": summary["after"],
+                "trainable": summary["trainable_params"],
+                "changed": changed,
+                "rank of change": rank,
+                # on the CPU this is the process's RSS high-water mark, which only grows over the runs of
+                # one compare process: read it as an upper bound, not per method (CUDA peaks are reset)
+                "peak MiB": round(summary["memory"]["peak_mib"], 1),
+                "ms/step": round(1e3 * summary["step_seconds"], 2),
+            }
+            results[size].append(row)
+            print("  " + ", ".join(f"{k}: {v}" for k, v in row.items()), flush=True)
+        md.append(f"\n## {size} ({SIZES[size]})\n\n" + markdown_table(results[size], list(results[size][0])))
+    text = "".join(md)
+    print("\n" + text)
+    atomic_write_text(out / "compare.md", text)
+    atomic_write_text(out / "compare.json", json.dumps(results, indent=1) + "\n")
+    note = _chart(out / "compare.png", results, sizes, methods)
+    print(note or f"wrote {out / 'compare.md'}, {out / 'compare.json'}, {out / 'compare.png'}")
+    if note:
+        print(f"wrote {out / 'compare.md'}, {out / 'compare.json'}")
+    return 0
+
+
+def _chart(path: Path, results: dict, sizes: list[str], methods: list[str]) -> str | None:
+    plt = _pyplot()
+    if plt is None:
+        return NO_MATPLOTLIB
+    metric = [k for k in results[sizes[0]][0] if k.endswith(" after")][0]
+    fig, ax = plt.subplots(figsize=(2 + 1.4 * len(methods), 3.6))
+    width = 0.8 / len(sizes)
+    for i, size in enumerate(sizes):
+        xs = [j + i * width for j in range(len(methods))]
+        ax.bar(xs, [r[metric] for r in results[size]], width, label=size)
+    ax.set_xticks([j + width * (len(sizes) - 1) / 2 for j in range(len(methods))], methods)
+    ax.set_ylabel(metric)
+    ax.legend()
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+    return None

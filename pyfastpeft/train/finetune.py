@@ -1,0 +1,155 @@
+"""``pyfastpeft finetune``: base model → PEFT method → training → adapter, curves and a summary."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from ..tuners import PeftModel, trainable_parameters
+from .base import DTYPES, load_base, resolve_device
+from .checkpoint import CHECKPOINT_NAME, atomic_write_text, save_tensors
+from .distributed import DistInfo, barrier, init_distributed, shutdown
+from .methods import METHOD_KNOBS, METHODS, apply_method
+from .plot import write_curves
+from .trainer import TrainSettings, train
+
+INTERRUPTED = 130  # the shell's code for a Ctrl-C exit
+
+
+def run_settings(args: argparse.Namespace) -> dict:
+    """What a resumed run must share with its checkpoint (``--steps`` may grow)."""
+    keys = [
+        "method",
+        "model",
+        "data",
+        "task",
+        "size",
+        "length",
+        "max_length",
+        "pretrain_task",
+        "pretrain_steps",
+        "batch_size",
+        "lr",
+        "seed",
+        "dtype",
+        *METHOD_KNOBS,
+    ]
+    return {k: getattr(args, k) for k in keys}
+
+
+def run_finetune(args: argparse.Namespace, log=print, keep_model: bool = False) -> dict:
+    """Train and write ``args.out``; returns the summary (also written as ``summary.json``), with the
+    trained model under ``"model"`` when ``keep_model``."""
+    device = resolve_device(args.device)
+    info = init_distributed(device)
+    try:
+        summary, model = _run(args, device, info, log if info.is_main else (lambda *a, **k: None))
+        if keep_model:
+            summary["model"] = model
+        return summary
+    finally:
+        shutdown(info)
+
+
+def _run(args, device: torch.device, info: DistInfo, log) -> tuple[dict, torch.nn.Module]:
+    out = Path(args.out)
+    if args.method not in METHODS:  # before any slow work
+        raise ValueError(f"--method: unknown method {args.method!r}; known methods: {', '.join(sorted(METHODS))}")
+    resume = None
+    if args.resume is not None:
+        resume = Path(args.resume) if args.resume else out / CHECKPOINT_NAME
+        if not resume.is_file():
+            raise ValueError(f"--resume: no checkpoint at {resume}")
+    base = load_base(args, log)
+    log(base.description)
+    log(f"data: {base.source.description}")
+    model = base.model
+    torch.manual_seed(args.seed)  # the same RNG state after the base model, cached or freshly pretrained
+    adapted = apply_method(args.method, model, args)  # adapts `model` in place; a PeftModel for lora
+    model.to(device=device, dtype=DTYPES[args.dtype])
+    trainable, total = trainable_parameters(model)
+    report = f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}"
+    log(f"method: {args.method}; {report}")
+    if info.enabled:
+        how = "FSDP2, one sharded unit per decoder block" if args.fsdp else "DDP"
+        log(f"distributed: {info.world_size} processes ({how}; gradients reduced for trainable tensors only)")
+    settings = TrainSettings(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        out=out,
+        device=device,
+        eval_every=args.eval_every,
+        log_every=args.log_every,
+        stop_after=args.stop_after,
+        resume=resume,
+        fsdp=args.fsdp,
+        run=run_settings(args),
+    )
+    result = train(model, base.source, settings, info, log)
+    hist = result.history
+    metric = hist["metric_name"]
+    summary = {
+        "method": args.method,
+        "completed": result.completed,
+        "step": result.step,
+        "metric_name": metric,
+        "before": hist["before"][metric],
+        "after": hist["metric"][-1],
+        "loss_first": hist["loss"][0],
+        "loss_last": hist["loss"][-1],
+        "trainable_params": trainable,
+        "total_params": total,
+        "tokens_per_second": result.tokens_per_second,
+        "step_seconds": result.step_seconds,
+        "memory": result.memory.summary(),
+        "world_size": info.world_size,
+    }
+    if not result.completed:
+        log(
+            f"interrupted at step {result.step}/{args.steps}: checkpoint saved to {result.checkpoint}; "
+            f"continue with the same command and --resume"
+            if result.checkpoint
+            else f"interrupted at step {result.step}/{args.steps}; no checkpoint (not supported with --fsdp)"
+        )
+        summary["exit_code"] = INTERRUPTED
+        return summary, model
+    if info.is_main:
+        summary.update(_write_outputs(out, result.trainable, args, hist, metric, log, adapted))
+        atomic_write_text(out / "summary.json", json.dumps({**summary, "history": hist}, indent=1) + "\n")
+    barrier(info)
+    log(f"loss: {summary['loss_first']:.4f} -> {summary['loss_last']:.4f}")
+    log(f"{base.source.description.split(':')[0]} {metric}: {summary['before']:.3f} -> {summary['after']:.3f}")
+    log(report)
+    log(
+        f"{result.tokens_per_second:,.0f} tokens/s, {1e3 * result.step_seconds:.1f} ms/step, {result.memory.describe()}"
+    )
+    summary["exit_code"] = 0
+    return summary, model
+
+
+def _write_outputs(out: Path, trained: dict, args, hist: dict, metric: str, log, adapted=None) -> dict:
+    if isinstance(adapted, PeftModel):
+        # Hugging Face PEFT's layout: adapter_model.safetensors + adapter_config.json
+        adapted.save_pretrained(out)
+        adapter = out / "adapter_model.safetensors"
+        log(f"adapter saved to {out} (PEFT layout)")
+    else:
+        # The trainable tensors by their names in the adapted model, plus how to rebuild it.
+        adapter_config = {
+            "method": args.method,
+            "base_model": args.model or f"builtin:{args.size}",
+            **{k: getattr(args, k) for k in METHOD_KNOBS},
+        }
+        adapter = save_tensors(out / "adapter.safetensors", trained, adapter_config)
+        atomic_write_text(out / "adapter_config.json", json.dumps(adapter_config, indent=2) + "\n")
+        log(f"adapter written to {adapter} (+ adapter_config.json)")
+    paths, note = write_curves(out, hist, metric)
+    log("curves written to " + ", ".join(str(p) for p in paths))
+    if note:
+        log(note + "; the curves are in the CSV")
+    return {"adapter": str(adapter), "curves": [str(p) for p in paths]}

@@ -1,0 +1,214 @@
+"""The fine-tuning loop: AdamW over the trainable tensors, progress, evaluation, checkpoints, resume.
+
+Determinism: the data stream is a ``torch.Generator`` seeded once, dropout draws from torch's global
+generator, and a checkpoint stores both states with the trainable tensors, the optimizer state and the
+step, so on the CPU a run interrupted at step k and resumed ends bit-identical to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import (
+    CHECKPOINT_NAME,
+    load_tensors,
+    optimizer_from_flat,
+    optimizer_to_flat,
+    restore_rng,
+    rng_tensors,
+    save_tensors,
+    trainable_state,
+)
+from .data import batch_to
+from .distributed import DistInfo, all_reduce_sum, any_rank, barrier, gather_full, wrap_model
+from .progress import PeakMemory, Progress
+
+
+@dataclass
+class TrainSettings:
+    steps: int
+    batch_size: int
+    lr: float
+    seed: int
+    out: Path
+    device: torch.device
+    eval_every: int = 0  # 0: about ten evaluations per run
+    log_every: int = 0  # 0: about ten log lines per run
+    stop_after: int | None = None
+    resume: Path | None = None
+    weight_decay: float = 0.0
+    fsdp: bool = False  # FSDP2 instead of DDP when several processes run
+    run: dict = field(default_factory=dict)  # settings a resumed run must share with the checkpoint
+
+
+@dataclass
+class TrainResult:
+    completed: bool
+    step: int
+    history: dict
+    tokens_per_second: float
+    step_seconds: float
+    memory: PeakMemory
+    checkpoint: Path | None = None
+    trainable: dict | None = None  # the trained tensors, whole (gathered under FSDP2)
+
+
+def token_loss(model, batch, global_count: int, world_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss to backpropagate, this rank's share of the global mean loss).
+
+    The summed token loss over the global count of predicted tokens makes the ranks' shares add up to
+    the global mean whatever the padding; ``world_size ×`` undoes DDP's gradient averaging."""
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    total = F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+        batch.labels[:, 1:].reshape(-1),
+        ignore_index=-100,
+        reduction="sum",
+    )
+    share = total / global_count
+    return share * world_size, share.detach()
+
+
+class _InterruptFlag:
+    """SIGINT sets a flag the loop checks after each step; a second Ctrl-C aborts at once."""
+
+    def __init__(self):
+        self.set = False
+        self.previous = None
+
+    def __enter__(self):
+        try:
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread: leave the default handler
+            self.previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        if self.set:
+            raise KeyboardInterrupt
+        self.set = True
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
+def train(model: torch.nn.Module, source, s: TrainSettings, info: DistInfo, log=print) -> TrainResult:
+    """Fine-tune the trainable tensors of ``model`` (already on ``s.device``) on ``source``."""
+    if s.batch_size % info.world_size:
+        raise ValueError(
+            f"--batch-size {s.batch_size} must be divisible by the number of processes "
+            f"({info.world_size}); it is the global batch"
+        )
+    if s.steps < 1:
+        raise ValueError(f"--steps: expected a positive number, got {s.steps}")
+    sharded = s.fsdp and info.enabled
+    if sharded and (s.resume is not None or s.stop_after is not None):
+        raise ValueError("--fsdp: checkpoints (--resume, --stop-after) are not supported with FSDP2 yet")
+    if not trainable_state(model):
+        raise ValueError("the method left no trainable parameters")
+    ddp_model = wrap_model(model, info, s.device, fsdp=s.fsdp)
+    params = list(trainable_state(model).values())
+    gen = torch.Generator().manual_seed(s.seed)
+    opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
+    history = {"step": [], "loss": [], "eval_step": [], "metric": [], "metric_name": source.metric_name}
+    start = 0
+    if s.resume is not None:
+        start, history = _load_checkpoint(s.resume, model, opt, gen, s.run, log)
+    else:
+        model.eval()
+        history["before"] = source.evaluate(model, s.device)
+        history["eval_step"].append(0)
+        history["metric"].append(history["before"][source.metric_name])
+    if start >= s.steps:
+        raise ValueError(f"--steps {s.steps}: the checkpoint is already at step {start}; ask for more steps")
+    eval_every = s.eval_every or max(1, s.steps // 10)
+    progress = Progress(s.steps, start, "finetune", s.log_every or max(1, s.steps // 10), enabled=info.is_main)
+    memory = PeakMemory(s.device)
+    local = s.batch_size // info.world_size
+    rows = slice(info.rank * local, (info.rank + 1) * local)
+    step, completed, t0 = start, True, time.perf_counter()
+    model.train()
+    with _InterruptFlag() as interrupt:
+        for step in range(start + 1, s.steps + 1):
+            full = source.batch(s.batch_size, gen)
+            count = int((full.labels[:, 1:] != -100).sum())
+            batch = batch_to(type(full)(full.input_ids[rows], full.labels[rows], full.attention_mask[rows]), s.device)
+            loss, share = token_loss(ddp_model, batch, count, info.world_size)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            global_loss = all_reduce_sum(share.float(), info).item()
+            history["step"].append(step)
+            history["loss"].append(global_loss)
+            progress.update(step, global_loss, int(full.attention_mask.sum()))
+            if step % eval_every == 0 or step == s.steps:
+                model.eval()
+                metric = source.evaluate(model, s.device)[source.metric_name]
+                model.train()
+                history["eval_step"].append(step)
+                history["metric"].append(metric)
+                progress.note(f"[eval] step {step}: {source.metric_name} {metric:.3f}")
+            stop = step == s.stop_after or interrupt.set
+            if any_rank(stop, info, s.device) and step < s.steps:
+                completed = False
+                break
+    progress.close()
+    elapsed = time.perf_counter() - t0
+    model.eval()
+    ckpt = None
+    trained = gather_full(trainable_state(model))
+    if info.is_main and not sharded:
+        ckpt = save_checkpoint(s.out / CHECKPOINT_NAME, model, opt, gen, step, history, s.run)
+    barrier(info)
+    seconds = elapsed / max(1, step - start)
+    return TrainResult(completed, step, history, progress.tokens_per_second, seconds, memory, ckpt, trained)
+
+
+def save_checkpoint(path: Path, model, opt, gen, step: int, history: dict, run: dict) -> Path:
+    tensors = {f"model.{k}": v for k, v in trainable_state(model).items()}
+    opt_tensors, opt_meta = optimizer_to_flat(opt)
+    tensors.update(opt_tensors)
+    tensors.update(rng_tensors(gen))
+    return save_tensors(
+        path,
+        tensors,
+        {
+            "step": step,
+            "history": history,
+            "optimizer": opt_meta,
+            "run": run,
+            "format": "pyfastpeft-checkpoint-1",
+        },
+    )
+
+
+def _load_checkpoint(path: Path, model, opt, gen, run: dict, log) -> tuple[int, dict]:
+    if not path.is_file():
+        raise ValueError(f"--resume: no checkpoint at {path}")
+    tensors, meta = load_tensors(path)
+    if not meta or meta.get("format") != "pyfastpeft-checkpoint-1":
+        raise ValueError(f"--resume: {path} is not a pyfastpeft checkpoint")
+    differ = sorted(k for k in set(run) | set(meta["run"]) if run.get(k) != meta["run"].get(k))
+    if differ:
+        detail = ", ".join(f"{k}: checkpoint {meta['run'].get(k)!r} vs now {run.get(k)!r}" for k in differ)
+        raise ValueError(f"--resume: the checkpoint was made with other settings ({detail})")
+    state = trainable_state(model)
+    saved = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
+    if set(saved) != set(state):
+        raise ValueError(
+            f"--resume: trainable tensors differ from the checkpoint's ({sorted(set(saved) ^ set(state))[:5]} ...)"
+        )
+    with torch.no_grad():
+        for name, p in state.items():
+            p.copy_(saved[name])
+    optimizer_from_flat(opt, tensors, meta["optimizer"])
+    restore_rng(tensors, gen)
+    log(f"resumed from {path} at step {meta['step']}")
+    return meta["step"], meta["history"]
