@@ -69,7 +69,7 @@ struct MultiLoraGroupParams {
   int64_t* sorted_tokens;  // [n_rows]
   int64_t* offsets;        // [K + 1]
 };
-constexpr int64_t kMaxGroupAdapters = 8192;
+constexpr int64_t kMaxGroupAdapters = 4096;  // the histogram lives in 32 KiB of shared memory
 
 // Per-adapter sum of outer products over the adapter's tokens (the weight gradients):
 //   G[k][p, q] = scale[k] · Σ_{n: a(n)=k} P[n, p] · drop(Q)[n, q]        G [K, p_dim, q_dim]
