@@ -163,8 +163,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_lor
   const auto [need_dx, need_dW, need_db, need_dA, need_dB] = output_mask;
   const at::Tensor x2 = x.reshape({-1, s.in_features});
   const at::Tensor g2 = grad_y.reshape({-1, s.out_features});
-  const at::Tensor none = at::empty({0}, x.options());
-  at::Tensor dx = none, dW = none, db = none, dA = none, dB = none;
+  // Outputs not asked for are distinct empty tensors (outputs must not alias one another).
+  const auto none = [&] { return at::empty({0}, x.options()); };
+  at::Tensor dx = none(), dW = none(), db = none(), dA = none(), dB = none();
   if (need_dW) dW = at::mm(g2.t(), x2);
   if (need_db) db = g2.sum(0);
   if (!need_dx && !need_dA && !need_dB) return {dx, dW, db, dA, dB};
@@ -177,10 +178,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_lor
   const at::Tensor dys = g.rows(g2);
   const at::Tensor xas = need_dB ? g.rows(xa) : at::Tensor();
   const at::Tensor xds = need_dA ? g.rows(dropout_p > 0 ? dropout_copy(x2, dropout_p, *rng_state) : x2) : at::Tensor();
-  at::Tensor dA_acc = need_dA ? at::zeros({s.num_adapters, s.rank, s.in_features}, acc_options) : none;
-  at::Tensor dB_acc = need_dB ? at::zeros({s.num_adapters, s.out_features, s.rank}, acc_options) : none;
-  at::Tensor dxl_s = need_dx ? at::empty({s.n_rows, s.in_features}, acc_options) : none;
-  at::Tensor u_s = need_dx || need_dA ? at::empty({s.n_rows, s.rank}, acc_options) : none;
+  at::Tensor dA_acc = need_dA ? at::zeros({s.num_adapters, s.rank, s.in_features}, acc_options) : at::Tensor();
+  at::Tensor dB_acc = need_dB ? at::zeros({s.num_adapters, s.out_features, s.rank}, acc_options) : at::Tensor();
+  at::Tensor dxl_s = need_dx ? at::empty({s.n_rows, s.in_features}, acc_options) : at::Tensor();
+  at::Tensor u_s = need_dx || need_dA ? at::empty({s.n_rows, s.rank}, acc_options) : at::Tensor();
 
   for (const Segment& seg : g.segments) {
     const int64_t len = seg.end - seg.begin, k = seg.adapter;

@@ -104,8 +104,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_lor
   const auto [need_dx, need_dW, need_db, need_dA, need_dB] = output_mask;
   const at::Tensor x2 = x.reshape({-1, s.in_features}).contiguous();
   const at::Tensor g2 = grad_y.reshape({-1, s.out_features}).contiguous();
-  const at::Tensor none = at::empty({0}, x.options());
-  at::Tensor dx = none, dW = none, db = none, dA = none, dB = none;
+  // Outputs not asked for are distinct empty tensors (outputs must not alias one another).
+  const auto none = [&] { return at::empty({0}, x.options()); };
+  at::Tensor dx = none(), dW = none(), db = none(), dA = none(), dB = none();
   if (need_dW) dW = at::mm(g2.t(), x2);
   if (need_db) db = g2.sum(0);
   if (!need_dx && !need_dA && !need_dB) return {dx, dW, db, dA, dB};
