@@ -58,12 +58,13 @@ def adapter_indices_from_names(
         lengths = [int(n) for n in tokens_per_sequence]
         if len(lengths) != len(per_sequence):
             raise ValueError(
-                f"tokens_per_sequence: expected {len(per_sequence)} lengths (one per name), got {len(lengths)}"
+                f"tokens_per_sequence: expected {len(per_sequence)} lengths (one per name), "
+                f"got {len(lengths)}"
             )
     if any(n < 0 for n in lengths):
         raise ValueError(f"tokens_per_sequence: lengths must be non-negative, got {lengths}")
     # Built on the host from Python ints, then copied once: no device work per sequence.
-    flat = [k for k, n in zip(per_sequence, lengths) for _ in range(n)]
+    flat = [k for k, n in zip(per_sequence, lengths, strict=True) for _ in range(n)]
     return torch.tensor(flat, dtype=torch.int64, device=device)
 
 
@@ -100,10 +101,14 @@ class MultiLoRALinear(nn.Module):
         """The adapters in index order: ``adapter_names[i]`` is index ``i`` of ``adapter_indices``."""
         return list(self.lora_A.keys())
 
-    def add_adapter(self, name: str, r: int = 8, alpha: float = 8.0, dropout: float = 0.0, rslora: bool = False) -> None:
+    def add_adapter(
+        self, name: str, r: int = 8, alpha: float = 8.0, dropout: float = 0.0, rslora: bool = False
+    ) -> None:
         """Add a LoRA adapter (``A`` Kaiming-uniform, ``B`` zero, as in Hugging Face PEFT)."""
         if not isinstance(name, str) or not name or name == BASE_ADAPTER or "." in name:
-            raise ValueError(f"name: expected a non-empty str without '.', other than {BASE_ADAPTER!r}, got {name!r}")
+            raise ValueError(
+                f"name: expected a non-empty str without '.', other than {BASE_ADAPTER!r}, got {name!r}"
+            )
         if name in self.lora_A:
             raise ValueError(f"name: adapter {name!r} already exists")
         if not isinstance(r, int) or r < 1:
@@ -114,7 +119,9 @@ class MultiLoRALinear(nn.Module):
         A = nn.Parameter(torch.empty(r, self.in_features, dtype=weight.dtype, device=weight.device))
         nn.init.kaiming_uniform_(A, a=math.sqrt(5))
         self.lora_A[name] = A
-        self.lora_B[name] = nn.Parameter(torch.zeros(self.out_features, r, dtype=weight.dtype, device=weight.device))
+        self.lora_B[name] = nn.Parameter(
+            torch.zeros(self.out_features, r, dtype=weight.dtype, device=weight.device)
+        )
         self.r[name] = r
         self.lora_alpha[name] = alpha
         self.lora_dropout[name] = dropout

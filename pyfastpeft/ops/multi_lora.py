@@ -65,7 +65,7 @@ def _backward(ctx, grad_y, _grad_xa):
     grads = _OP.multi_lora_linear_backward(
         grad_y, x, weight, lora_A, lora_B, scalings, adapter_indices, xa, ctx.dropout_p, rng_state, mask
     )
-    grads = [g if m else None for g, m in zip(grads, mask)]
+    grads = [g if m else None for g, m in zip(grads, mask, strict=True)]
     return (*grads, None, None, None, None)
 
 

@@ -34,7 +34,8 @@ def multi_lora_linear(x, weight, bias, lora_A, lora_B, scalings, adapter_indices
             rows.append(torch.nn.functional.linear(xs, weight, bias))
         else:
             mk = None if mask2 is None else mask2[sel]
-            rows.append(lora_linear(xs, weight, bias, lora_A[k], lora_B[k], float(scalings[k]), mk, dropout_p))
+            s_k = float(scalings[k])
+            rows.append(lora_linear(xs, weight, bias, lora_A[k], lora_B[k], s_k, mk, dropout_p))
         order.append(sel)
     y = torch.cat(rows)[torch.argsort(torch.cat(order))]
     return y.reshape(*x.shape[:-1], weight.shape[0])

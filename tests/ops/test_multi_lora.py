@@ -40,7 +40,11 @@ def make_indices(layout: str, n_rows: int, K: int, seed: int = 0) -> torch.Tenso
 
 
 def forward_backward(fn, case, idx, dtype, device, grad_of=("x", "lora_A", "lora_B"), x_view=None):
-    t = {k: None if v is None else v.to(device=device, dtype=dtype, copy=True) for k, v in case.items() if k != "scalings"}
+    t = {
+        k: None if v is None else v.to(device=device, dtype=dtype, copy=True)
+        for k, v in case.items()
+        if k != "scalings"
+    }
     for name in grad_of:
         t[name].requires_grad_(True)
     x = t["x"] if x_view is None else x_view(t["x"])
@@ -64,11 +68,11 @@ def test_mixed_batch_equals_each_adapter_run_separately(device, dtype, layout, b
     got = forward_backward(ours, case, idx, dtype, device)
     ref64 = forward_backward(reference.multi_lora_linear, case, idx, torch.float64, "cpu")
     if dtype == torch.float32:
-        for g, r in zip(got, ref64):
+        for g, r in zip(got, ref64, strict=True):
             torch.testing.assert_close(g.double().cpu(), r, rtol=1e-5, atol=1e-5)
         return
     lowp = forward_backward(reference.multi_lora_linear, case, idx, dtype, device)
-    for name, g, t, r in zip(["y", "dx", "dA", "dB"], got, lowp, ref64):
+    for name, g, t, r in zip(["y", "dx", "dA", "dB"], got, lowp, ref64, strict=True):
         err, bound = low_precision_error_bound(g.cpu(), t.cpu(), r)
         assert err <= bound, f"{name}: error {err} > bound {bound}"
 
@@ -96,7 +100,7 @@ def test_weight_and_bias_gradients_when_requested(device):
     names = ("x", "weight", "bias", "lora_A", "lora_B")
     got = forward_backward(ours, case, idx, torch.float64, device, grad_of=names)
     ref = forward_backward(reference.multi_lora_linear, case, idx, torch.float64, "cpu", grad_of=names)
-    for g, r in zip(got, ref):
+    for g, r in zip(got, ref, strict=True):
         torch.testing.assert_close(g.cpu(), r, rtol=1e-10, atol=1e-10)
 
 
@@ -120,7 +124,7 @@ def test_non_contiguous_x_3d_x_and_int32_indices(device, layout):
         shaped_indices(reference.multi_lora_linear), case, idx, torch.float64, "cpu", x_view=as_3d_transposed
     )
     assert got[0].shape == (7, 6, 19)
-    for g, r in zip(got, ref):
+    for g, r in zip(got, ref, strict=True):
         torch.testing.assert_close(g.cpu(), r, rtol=1e-10, atol=1e-10)
 
 
@@ -144,7 +148,9 @@ def test_dropout_uses_the_philox_mask_and_backward_regenerates_it(device, layout
     case = make_case()
     idx = make_indices(layout, 37, 5)
     p, seed = 0.3, 1234
-    mask = pyfastpeft.ops.philox_dropout(torch.ones(37, 29, dtype=torch.float64, device=device), p, seed) * (1 - p)
+    mask = pyfastpeft.ops.philox_dropout(torch.ones(37, 29, dtype=torch.float64, device=device), p, seed) * (
+        1 - p
+    )
     assert 0 < mask.sum() < mask.numel()
 
     def with_dropout(*args):
@@ -155,7 +161,7 @@ def test_dropout_uses_the_philox_mask_and_backward_regenerates_it(device, layout
 
     got = forward_backward(with_dropout, case, idx, torch.float64, device)
     ref = forward_backward(ref_with_mask, case, idx, torch.float64, "cpu")
-    for g, r in zip(got, ref):
+    for g, r in zip(got, ref, strict=True):
         torch.testing.assert_close(g.cpu(), r, rtol=1e-10, atol=1e-10)
 
 
@@ -185,8 +191,14 @@ def test_opcheck(device, layout, dropout_p):
     torch.library.opcheck(OP, fwd_args)
     _, xa = OP(*fwd_args)
     grad_y = torch.randn(21, 5, dtype=torch.float64, device=device)
-    for mask in ([True, False, False, True, True], [True, True, True, True, True], [False, False, False, True, False]):
-        torch.library.opcheck(OP_BACKWARD, (grad_y, x.detach(), w, a.detach(), bb.detach(), s, idx, xa, dropout_p, rng, mask))
+    for mask in (
+        [True, False, False, True, True],
+        [True, True, True, True, True],
+        [False, False, False, True, False],
+    ):
+        torch.library.opcheck(
+            OP_BACKWARD, (grad_y, x.detach(), w, a.detach(), bb.detach(), s, idx, xa, dropout_p, rng, mask)
+        )
 
 
 def test_torch_compile_fullgraph(device):
@@ -195,7 +207,7 @@ def test_torch_compile_fullgraph(device):
     compiled = torch.compile(ours, fullgraph=True)
     got = forward_backward(compiled, case, idx, torch.float32, device)
     eager = forward_backward(ours, case, idx, torch.float32, device)
-    for g, e in zip(got, eager):
+    for g, e in zip(got, eager, strict=True):
         torch.testing.assert_close(g, e, rtol=1e-6, atol=1e-6)
 
 
@@ -204,12 +216,14 @@ def test_index_out_of_range(device):
     idx = make_indices("random", 37, 5)
     idx[11] = 5
     if device == "cpu":
-        with pytest.raises(ValueError, match=r"adapter_indices: index 5 at token 11 is out of range for 5 adapters"):
+        with pytest.raises(
+            ValueError, match=r"adapter_indices: index 5 at token 11 is out of range for 5 adapters"
+        ):
             forward_backward(ours, case, idx, torch.float64, device)
     else:  # CUDA: read as -1 (no adapter), never out of bounds
         got = forward_backward(ours, case, idx, torch.float64, device)
         ref = forward_backward(ours, case, torch.where(idx == 5, -1, idx), torch.float64, device)
-        for g, r in zip(got, ref):
+        for g, r in zip(got, ref, strict=True):
             torch.testing.assert_close(g, r, rtol=0, atol=0)
     with pytest.raises(ValueError, match="adapter_indices: index -2 at token 3"):
         bad = idx.clone()
@@ -223,7 +237,10 @@ def test_index_out_of_range(device):
         (lambda c: c.update(lora_B=c["lora_B"][:, :, :2]), "lora_B: expected size 3 in dimension 2"),
         (lambda c: c.update(lora_A=c["lora_A"][0]), "lora_A: expected a 3-D tensor"),
         (lambda c: c.update(lora_B=c["lora_B"][:4]), "lora_B: expected size 5 in dimension 0"),
-        (lambda c: c.update(scalings=c["scalings"][:4]), r"scalings: expected a float32 or float64 tensor of shape \[5\]"),
+        (
+            lambda c: c.update(scalings=c["scalings"][:4]),
+            r"scalings: expected a float32 or float64 tensor of shape \[5\]",
+        ),
         (lambda c: c.update(idx=c["idx"][:36]), r"adapter_indices: expected one index per token"),
         (lambda c: c.update(idx=c["idx"].float()), "adapter_indices: expected an int64 or int32 tensor"),
         (lambda c: c.update(lora_A=c["lora_A"].float()), "lora_A: expected dtype Double"),
@@ -235,7 +252,13 @@ def test_bad_arguments_raise_value_error_naming_them(change, message):
     change(case)
     with pytest.raises(ValueError, match=message):
         pyfastpeft.ops.multi_lora_linear(
-            case["x"], case["weight"], case["bias"], case["lora_A"], case["lora_B"], case["scalings"], case["idx"]
+            case["x"],
+            case["weight"],
+            case["bias"],
+            case["lora_A"],
+            case["lora_B"],
+            case["scalings"],
+            case["idx"],
         )
 
 
@@ -258,5 +281,5 @@ def test_random_shapes_match_reference(n_rows, in_f, out_f, r, K, seed, layout):
         idx = torch.randint(-1, K, ((n_rows + 7) // 8,), generator=g).repeat_interleave(8)[:n_rows]
     got = forward_backward(ours, case, idx, torch.float64, "cpu")
     ref = forward_backward(reference.multi_lora_linear, case, idx, torch.float64, "cpu")
-    for a, b in zip(got, ref):
+    for a, b in zip(got, ref, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
