@@ -63,9 +63,9 @@ def adapter_indices_from_names(
             )
     if any(n < 0 for n in lengths):
         raise ValueError(f"tokens_per_sequence: lengths must be non-negative, got {lengths}")
-    # Built on the host from Python ints, then copied once: no device work per sequence.
-    flat = [k for k, n in zip(per_sequence, lengths, strict=True) for _ in range(n)]
-    return torch.tensor(flat, dtype=torch.int64, device=device)
+    # Built on the host, then copied once: no device work (and no synchronisation) per sequence.
+    per_token = torch.tensor(per_sequence, dtype=torch.int64).repeat_interleave(torch.tensor(lengths, dtype=torch.int64))
+    return per_token.to(device) if device is not None else per_token
 
 
 class MultiLoRALinear(nn.Module):
@@ -95,6 +95,7 @@ class MultiLoRALinear(nn.Module):
         self.lora_dropout: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
         self.register_buffer("_scalings", torch.empty(0, dtype=torch.float64), persistent=False)
+        self._stacked_cache: tuple | None = None  # (key, (A, B)) for inference; see stacked_weights
 
     @property
     def adapter_names(self) -> list[str]:
@@ -127,6 +128,7 @@ class MultiLoRALinear(nn.Module):
         self.lora_dropout[name] = dropout
         self.scaling[name] = alpha / (math.sqrt(r) if rslora else r)
         self._refresh_scalings()
+        self._stacked_cache = None
 
     def delete_adapter(self, name: str) -> None:
         """Remove an adapter; the indices of the adapters after it shift down by one."""
@@ -137,6 +139,7 @@ class MultiLoRALinear(nn.Module):
         for table in (self.r, self.lora_alpha, self.lora_dropout, self.scaling):
             del table[name]
         self._refresh_scalings()
+        self._stacked_cache = None
 
     def adapter_index(self, name: str) -> int:
         """The index of adapter ``name`` (-1 for ``"__base__"``)."""
@@ -160,7 +163,20 @@ class MultiLoRALinear(nn.Module):
         self._scalings = torch.tensor(values, dtype=torch.float64, device=self.base_layer.weight.device)
 
     def stacked_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(A [K, r_max, in], B [K, out, r_max])``: the adapters stacked, smaller ranks zero-padded."""
+        """``(A [K, r_max, in], B [K, out, r_max])``: the adapters stacked, smaller ranks zero-padded.
+
+        With autograd off (inference) the stack is kept until an adapter changes (in-place updates
+        bump the parameters' versions), so serving does not copy every adapter on every call.
+        """
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return self._stack()
+        params = [*self.lora_A.values(), *self.lora_B.values()]
+        key = tuple((id(p), p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+        if self._stacked_cache is None or self._stacked_cache[0] != key:
+            self._stacked_cache = (key, self._stack())
+        return self._stacked_cache[1]
+
+    def _stack(self) -> tuple[torch.Tensor, torch.Tensor]:
         r_max = max(self.r.values())
         As, Bs = [], []
         for name in self.adapter_names:

@@ -177,3 +177,21 @@ def test_module_cast_to_bfloat16_keeps_float64_scalings(device):
     singles = single_adapter_layers(layer.double())
     ref = torch.stack([singles["de"](x[0].double()), singles["fr"](x[1].double())])
     assert (y.double() - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+def test_inference_stack_cache_follows_in_place_updates_and_new_adapters(device):
+    layer = make_layer(device)
+    x = torch.randn(3, 4, 13, dtype=torch.float64, device=device)
+    names = ["fr", "de", "es"]
+    with torch.no_grad():
+        first = layer(x, adapter_names=names)
+        assert torch.equal(layer(x, adapter_names=names), first)
+        layer.lora_B["de"].mul_(2.0)  # in place, as an optimizer step would
+        second = layer(x, adapter_names=names)
+        assert torch.equal(second[0], first[0]) and not torch.allclose(second[1], first[1])
+        layer.add_adapter("it", r=5)
+        layer.lora_B["it"].normal_()
+        third = layer(x, adapter_names=["it", "de", "es"])
+    singles = single_adapter_layers(layer)
+    torch.testing.assert_close(third[0], singles["it"](x[0]), rtol=1e-12, atol=1e-12)
+    assert adapter_indices_from_names([], names, 3).tolist() == []
