@@ -64,7 +64,9 @@ def adapter_indices_from_names(
     if any(n < 0 for n in lengths):
         raise ValueError(f"tokens_per_sequence: lengths must be non-negative, got {lengths}")
     # Built on the host, then copied once: no device work (and no synchronisation) per sequence.
-    per_token = torch.tensor(per_sequence, dtype=torch.int64).repeat_interleave(torch.tensor(lengths, dtype=torch.int64))
+    per_token = torch.tensor(per_sequence, dtype=torch.int64).repeat_interleave(
+        torch.tensor(lengths, dtype=torch.int64)
+    )
     return per_token.to(device) if device is not None else per_token
 
 
