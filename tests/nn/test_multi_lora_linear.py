@@ -77,12 +77,13 @@ def test_indices_from_names_per_sequence_and_ragged():
         adapter_indices_from_names(["es", "fr"], names, [3])
 
 
-def test_mixed_batch_equals_each_adapter_alone_outputs_and_gradients(device):
+@pytest.mark.parametrize("seq_len", [7, 40])  # short sequences: sorted path; long: in place (CPU)
+def test_mixed_batch_equals_each_adapter_alone_outputs_and_gradients(device, seq_len):
     layer = make_layer(device)
     singles = single_adapter_layers(layer)
     names = ["fr", BASE_ADAPTER, "de", "fr", "es"]
-    x = torch.randn(5, 7, 13, dtype=torch.float64, device=device)
-    grad_y = torch.randn(5, 7, 11, dtype=torch.float64, device=device)
+    x = torch.randn(5, seq_len, 13, dtype=torch.float64, device=device)
+    grad_y = torch.randn(5, seq_len, 11, dtype=torch.float64, device=device)
     x_mixed = x.clone().requires_grad_()
     y = layer(x_mixed, adapter_names=names)
     y.backward(grad_y)

@@ -7,6 +7,8 @@
 //   - otherwise a stable counting sort gathers the rows into adapter order once and scatters the
 //     results back once.
 // The frozen product x·Wᵀ is one BLAS call over all tokens, accumulated into y after the expand.
+#include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
@@ -91,6 +93,23 @@ Grouping group_tokens(const at::Tensor& adapter_indices, int64_t num_adapters) {
   return group_tokens_typed(idx.const_data_ptr<int64_t>(), idx.numel(), num_adapters);
 }
 
+// Runs fn(task) for every task, the tasks spread over the threads when there are several. The small
+// per-adapter products inside then run single-threaded: one parallel region for the whole loop instead
+// of one per BLAS call, which matters most when other processes hold the cores.
+template <class F>
+void for_each_task(int64_t n_tasks, const F& fn) {
+  if (n_tasks <= 1) {
+    for (int64_t t = 0; t < n_tasks; ++t) fn(t);
+    return;
+  }
+  // Worker threads inherit the caller's dispatch state (we run below autograd).
+  const at::ThreadLocalState state;
+  at::parallel_for(0, n_tasks, 1, [&](int64_t begin, int64_t end) {
+    const at::ThreadLocalStateGuard guard(state);
+    for (int64_t t = begin; t < end; ++t) fn(t);
+  });
+}
+
 std::vector<double> host_scalings(const at::Tensor& scalings) {
   const at::Tensor s = scalings.to(at::kDouble).contiguous();
   return {s.const_data_ptr<double>(), s.const_data_ptr<double>() + s.numel()};
@@ -128,14 +147,16 @@ std::tuple<at::Tensor, at::Tensor> multi_lora_linear_cpu(const at::Tensor& x, co
 
   at::Tensor xa_s = at::empty({s.n_rows, s.rank}, x.options().dtype(acc));
   at::Tensor y_s = at::empty({s.n_rows, s.out_features}, x.options());
-  for (const Segment& seg : g.segments) {
+  // Segments write disjoint rows: they run in parallel.
+  for_each_task(static_cast<int64_t>(g.segments.size()), [&](int64_t task) {
+    const Segment& seg = g.segments[task];
     const int64_t len = seg.end - seg.begin;
     at::Tensor xa_rows = xa_s.narrow(0, seg.begin, len);
     at::Tensor y_rows = y_s.narrow(0, seg.begin, len);
     if (seg.adapter < 0) {
       xa_rows.zero_();
       bias ? y_rows.copy_(bias->expand_as(y_rows)) : y_rows.zero_();
-      continue;
+      return;
     }
     const double s_k = scale[seg.adapter];
     at::mm_out(xa_rows, xs.narrow(0, seg.begin, len).to(acc), A[seg.adapter].t());
@@ -146,7 +167,7 @@ std::tuple<at::Tensor, at::Tensor> multi_lora_linear_cpu(const at::Tensor& x, co
     } else {
       y_rows.copy_(bias_acc ? at::addmm(*bias_acc, xa_rows, Bt, 1, s_k) : at::mm(xa_rows, Bt).mul_(s_k));
     }
-  }
+  });
   at::Tensor y = g.unrows(y_s);
   y.addmm_(x2, weight.t());
   return {y.view(multi_lora::with_last(x.sizes(), s.out_features)), g.unrows(xa_s)};
@@ -183,15 +204,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_lor
   at::Tensor dxl_s = need_dx ? at::empty({s.n_rows, s.in_features}, acc_options) : at::Tensor();
   at::Tensor u_s = need_dx || need_dA ? at::empty({s.n_rows, s.rank}, acc_options) : at::Tensor();
 
-  for (const Segment& seg : g.segments) {
+  const auto process = [&](const Segment& seg) {
     const int64_t len = seg.end - seg.begin, k = seg.adapter;
     if (k < 0) {
       if (need_dx) dxl_s.narrow(0, seg.begin, len).zero_();
-      continue;
+      return;
     }
     const at::Tensor dy_rows = dys.narrow(0, seg.begin, len).to(acc);
     if (need_dB) dB_acc[k].addmm_(dy_rows.t(), xas.narrow(0, seg.begin, len), 1, scale[k]);
-    if (!need_dx && !need_dA) continue;
+    if (!need_dx && !need_dA) return;
     at::Tensor u = u_s.narrow(0, seg.begin, len);
     at::addmm_out(u, u, dy_rows, B[k], 0, scale[k]);  // u = s·dy·B
     if (need_dA) dA_acc[k].addmm_(u.t(), xds.narrow(0, seg.begin, len).to(acc));
@@ -199,7 +220,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_lor
       at::Tensor dxl_rows = dxl_s.narrow(0, seg.begin, len);
       at::mm_out(dxl_rows, u, A[k]);
     }
-  }
+  };
+  // One task per adapter (its runs in order), so dA[k] and dB[k] have a single writer.
+  std::vector<std::vector<const Segment*>> by_adapter(s.num_adapters + 1);
+  for (const Segment& seg : g.segments) by_adapter[seg.adapter + 1].push_back(&seg);
+  for_each_task(s.num_adapters + 1, [&](int64_t task) {
+    for (const Segment* segment : by_adapter[task]) process(*segment);
+  });
   if (need_dx) {
     at::Tensor dxl = g.unrows(dxl_s);
     if (dropout_p > 0) dropout_inplace(dxl, dropout_p, *rng_state);  // the forward's mask, regenerated
