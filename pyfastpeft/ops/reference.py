@@ -16,7 +16,9 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling=1.0, dropout_mask=None,
     return y + (xd @ lora_A.t() @ lora_B.t()) * scaling
 
 
-def multi_lora_linear(x, weight, bias, lora_A, lora_B, scalings, adapter_indices, dropout_mask=None, dropout_p=0.0):
+def multi_lora_linear(
+    x, weight, bias, lora_A, lora_B, scalings, adapter_indices, dropout_mask=None, dropout_p=0.0
+):
     """Each adapter run separately on its own tokens with :func:`lora_linear`, the base layer alone on
     the tokens with index -1, and the rows put back in token order (what a mixed batch must equal)."""
     in_features = x.shape[-1]
