@@ -201,13 +201,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_lor
   const at::Tensor xds = need_dA ? g.rows(dropout_p > 0 ? dropout_copy(x2, dropout_p, *rng_state) : x2) : at::Tensor();
   at::Tensor dA_acc = need_dA ? at::zeros({s.num_adapters, s.rank, s.in_features}, acc_options) : at::Tensor();
   at::Tensor dB_acc = need_dB ? at::zeros({s.num_adapters, s.out_features, s.rank}, acc_options) : at::Tensor();
-  at::Tensor dxl_s = need_dx ? at::empty({s.n_rows, s.in_features}, acc_options) : at::Tensor();
+  // Runs in token order, no dropout, float32/float64: the LoRA part of dx accumulates straight into
+  // dy·W, row block by row block. Otherwise it is built apart (to be masked or scattered) and added.
+  const bool dx_in_place = need_dx && !g.perm.defined() && dropout_p == 0 && acc == x.scalar_type();
+  if (dx_in_place) dx = at::mm(g2, weight);
+  at::Tensor dxl_s = need_dx && !dx_in_place ? at::empty({s.n_rows, s.in_features}, acc_options) : at::Tensor();
   at::Tensor u_s = need_dx || need_dA ? at::empty({s.n_rows, s.rank}, acc_options) : at::Tensor();
 
   const auto process = [&](const Segment& seg) {
     const int64_t len = seg.end - seg.begin, k = seg.adapter;
     if (k < 0) {
-      if (need_dx) dxl_s.narrow(0, seg.begin, len).zero_();
+      if (need_dx && !dx_in_place) dxl_s.narrow(0, seg.begin, len).zero_();
       return;
     }
     const at::Tensor dy_rows = dys.narrow(0, seg.begin, len).to(acc);
@@ -216,7 +220,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_lor
     at::Tensor u = u_s.narrow(0, seg.begin, len);
     at::addmm_out(u, u, dy_rows, B[k], 0, scale[k]);  // u = s·dy·B
     if (need_dA) dA_acc[k].addmm_(u.t(), xds.narrow(0, seg.begin, len).to(acc));
-    if (need_dx) {
+    if (dx_in_place) {
+      dx.narrow(0, seg.begin, len).addmm_(u, A[k]);
+    } else if (need_dx) {
       at::Tensor dxl_rows = dxl_s.narrow(0, seg.begin, len);
       at::mm_out(dxl_rows, u, A[k]);
     }
@@ -227,7 +233,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_lor
   for_each_task(s.num_adapters + 1, [&](int64_t task) {
     for (const Segment* segment : by_adapter[task]) process(*segment);
   });
-  if (need_dx) {
+  if (dx_in_place) {
+    dx = dx.view(x.sizes());
+  } else if (need_dx) {
     at::Tensor dxl = g.unrows(dxl_s);
     if (dropout_p > 0) dropout_inplace(dxl, dropout_p, *rng_state);  // the forward's mask, regenerated
     dx = dxl.to(x.scalar_type());
