@@ -60,4 +60,16 @@ TORCH_LIBRARY(pyfastpeft, m) {
   m.def("fake_quantize_lsq_backward(Tensor grad_out, Tensor x, Tensor scale, Tensor? zero_point, int bits, "
         "int group_size, int axis, float grad_factor, bool need_grad_x) -> (Tensor, Tensor, Tensor)",
         pt2);
+
+  // ---- multi_lora: per-token multi-adapter LoRA linear (csrc/ops/multi_lora) ----
+  // lora_A [K, r, in], lora_B [K, out, r], scalings [K], adapter_indices: one int per token, -1 = none.
+  // Returns (y, xa) with xa = drop(x)·A[a(n)]ᵀ [N, r] in float32 (float64 for float64), saved for backward.
+  m.def("multi_lora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, Tensor scalings, "
+        "Tensor adapter_indices, float dropout_p, Tensor? rng_state) -> (Tensor, Tensor)",
+        pt2);
+  // Returns (dx, dW, db, dA, dB); entries whose output_mask is false are empty tensors.
+  m.def("multi_lora_linear_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, "
+        "Tensor scalings, Tensor adapter_indices, Tensor xa, float dropout_p, Tensor? rng_state, bool[5] output_mask) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+        pt2);
 }

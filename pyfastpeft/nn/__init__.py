@@ -2,16 +2,20 @@
 
 from .fake_quant_linear import FakeQuantLinear
 from .lora_linear import LoRALinear
+from .multi_lora_linear import BASE_ADAPTER, MultiLoRALinear, adapter_indices_from_names
 from .pruning import prune_magnitude_
 from .quantized_linear import QuantizedLinear, QuantLoRALinear
 from .sparse_delta_linear import SparseDeltaLinear, gradient_scores, select_indices
 
 __all__ = [
+    "BASE_ADAPTER",
     "FakeQuantLinear",
     "LoRALinear",
+    "MultiLoRALinear",
     "QuantLoRALinear",
     "QuantizedLinear",
     "SparseDeltaLinear",
+    "adapter_indices_from_names",
     "gradient_scores",
     "prune_magnitude_",
     "select_indices",

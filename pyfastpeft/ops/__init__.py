@@ -2,15 +2,18 @@
 
 from .. import _extension  # noqa: F401, I001  (loads the compiled operators first)
 from .lora import lora_linear, philox_dropout
+from .multi_lora import check_adapter_indices, multi_lora_linear
 from .optim import fused_adamw_, multi_tensor_l2_norm
 from .quant import fake_quantize, fake_quantize_lsq
 from .sparse import sampled_weight_grad, sparse_delta_linear
 
 __all__ = [
+    "check_adapter_indices",
     "fake_quantize",
     "fake_quantize_lsq",
     "fused_adamw_",
     "lora_linear",
+    "multi_lora_linear",
     "multi_tensor_l2_norm",
     "philox_dropout",
     "sampled_weight_grad",

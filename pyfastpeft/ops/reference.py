@@ -170,3 +170,28 @@ def fake_quantize_lsq(x, scale, zero_point=None, bits=8, group_size=-1, axis=0, 
     t = t + (t_value - t).detach()
     rounded = t + (torch.round(t_value) - t).detach()
     return s * (torch.clamp(rounded + z, qmin, qmax) - z)
+
+
+def multi_lora_linear(x, weight, bias, lora_A, lora_B, scalings, adapter_indices, dropout_mask=None, dropout_p=0.0):
+    """Each adapter run separately on its own tokens with :func:`lora_linear`, the base layer alone on
+    the tokens with index -1, and the rows put back in token order (what a mixed batch must equal)."""
+    in_features = x.shape[-1]
+    x2 = x.reshape(-1, in_features)
+    idx = adapter_indices.reshape(-1).long()
+    mask2 = None if dropout_mask is None else dropout_mask.reshape(-1, in_features)
+    rows = []
+    order = []
+    for k in [-1, *range(lora_A.shape[0])]:
+        sel = (idx == k).nonzero().flatten()
+        if sel.numel() == 0:
+            continue
+        xs = x2[sel]
+        if k < 0:
+            rows.append(torch.nn.functional.linear(xs, weight, bias))
+        else:
+            mk = None if mask2 is None else mask2[sel]
+            s_k = float(scalings[k])
+            rows.append(lora_linear(xs, weight, bias, lora_A[k], lora_B[k], s_k, mk, dropout_p))
+        order.append(sel)
+    y = torch.cat(rows)[torch.argsort(torch.cat(order))]
+    return y.reshape(*x.shape[:-1], weight.shape[0])

@@ -1,0 +1,92 @@
+// Argument checks and shapes shared by the CPU and CUDA registrations of the multi-adapter LoRA op.
+#pragma once
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+#include <vector>
+
+#include "pyfastpeft/checks.h"
+
+namespace pyfastpeft::multi_lora {
+
+struct Shapes {
+  int64_t n_rows, in_features, out_features, num_adapters, rank;
+};
+
+// float32 for the 16-bit types and float32, float64 for float64. Not inline: g++ 12.2 at -O3
+// -march=native miscompiled the inlined ternary (a cmov read the flags of an unrelated add).
+[[gnu::noinline]] inline at::ScalarType acc_scalar_type(at::ScalarType t) {
+  return t == at::ScalarType::Double ? at::ScalarType::Double : at::ScalarType::Float;
+}
+
+inline std::vector<int64_t> with_last(at::IntArrayRef sizes, int64_t last) {
+  std::vector<int64_t> out(sizes.begin(), sizes.end());
+  out.back() = last;
+  return out;
+}
+
+inline Shapes check_inputs(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                           const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& scalings,
+                           const at::Tensor& adapter_indices, double dropout_p,
+                           const std::optional<at::Tensor>& rng_state) {
+  check_min_dim(x, "x", 1);
+  check_float(x, "x");
+  check_dim(weight, "weight", 2);
+  check_dim(lora_A, "lora_A", 3);
+  check_dim(lora_B, "lora_B", 3);
+  const int64_t out_features = weight.size(0), in_features = weight.size(1);
+  const int64_t num_adapters = lora_A.size(0), rank = lora_A.size(1);
+  check_size(x, "x", x.dim() - 1, in_features, "in_features, from weight [out, in]");
+  check_size(lora_A, "lora_A", 2, in_features, "in_features, from weight [out, in]");
+  check_size(lora_B, "lora_B", 0, num_adapters, "the number of adapters K, from lora_A [K, r, in]");
+  check_size(lora_B, "lora_B", 1, out_features, "out_features, from weight [out, in]");
+  check_size(lora_B, "lora_B", 2, rank, "the rank r, from lora_A [K, r, in]");
+  TORCH_CHECK_VALUE(num_adapters >= 1 && rank >= 1, "lora_A: expected at least one adapter and rank r >= 1, got shape ",
+                    lora_A.sizes());
+  for (auto [t, name] : {std::pair{&weight, "weight"}, {&lora_A, "lora_A"}, {&lora_B, "lora_B"}}) {
+    check_same_dtype(*t, name, x, "x");
+    check_same_device(*t, name, x, "x");
+  }
+  if (bias) {
+    check_dim(*bias, "bias", 1);
+    check_size(*bias, "bias", 0, out_features, "out_features, from weight [out, in]");
+    check_same_dtype(*bias, "bias", x, "x");
+    check_same_device(*bias, "bias", x, "x");
+  }
+  TORCH_CHECK_VALUE(scalings.dim() == 1 && scalings.size(0) == num_adapters &&
+                        (scalings.scalar_type() == at::kFloat || scalings.scalar_type() == at::kDouble),
+                    "scalings: expected a float32 or float64 tensor of shape [", num_adapters,
+                    "] (one per adapter), got dtype ", scalings.scalar_type(), " and shape ", scalings.sizes());
+  check_same_device(scalings, "scalings", x, "x");
+  const int64_t n_rows = x.numel() / in_features;
+  TORCH_CHECK_VALUE(adapter_indices.scalar_type() == at::kLong || adapter_indices.scalar_type() == at::kInt,
+                    "adapter_indices: expected an int64 or int32 tensor, got ", adapter_indices.scalar_type());
+  const auto token_shape = x.sizes().slice(0, x.dim() - 1);
+  TORCH_CHECK_VALUE((adapter_indices.dim() == 1 && adapter_indices.size(0) == n_rows) ||
+                        adapter_indices.sizes() == token_shape,
+                    "adapter_indices: expected one index per token, shape [", n_rows, "] or ", token_shape, ", got ",
+                    adapter_indices.sizes());
+  check_same_device(adapter_indices, "adapter_indices", x, "x");
+  check_dropout_p(dropout_p);
+  if (dropout_p > 0) {
+    TORCH_CHECK_VALUE(rng_state.has_value(), "rng_state: required when dropout_p > 0");
+    check_rng_state(*rng_state, x, "x");
+  }
+  return {n_rows, in_features, out_features, num_adapters, rank};
+}
+
+inline void check_backward_inputs(const Shapes& s, const at::Tensor& grad_y, const at::Tensor& x,
+                                  const at::Tensor& xa) {
+  TORCH_CHECK_VALUE(grad_y.sizes() == at::IntArrayRef(with_last(x.sizes(), s.out_features)), "grad_y: expected shape ",
+                    with_last(x.sizes(), s.out_features), ", got ", grad_y.sizes());
+  check_same_dtype(grad_y, "grad_y", x, "x");
+  check_same_device(grad_y, "grad_y", x, "x");
+  check_dim(xa, "xa", 2);
+  check_size(xa, "xa", 0, s.n_rows, "tokens");
+  check_size(xa, "xa", 1, s.rank, "rank");
+  TORCH_CHECK_VALUE(xa.scalar_type() == acc_scalar_type(x.scalar_type()), "xa: expected dtype ",
+                    acc_scalar_type(x.scalar_type()), ", got ", xa.scalar_type());
+  check_same_device(xa, "xa", x, "x");
+}
+
+}  // namespace pyfastpeft::multi_lora

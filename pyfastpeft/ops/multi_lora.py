@@ -1,0 +1,124 @@
+"""Per-token multi-adapter LoRA linear: one frozen base layer, K adapters, one mixed batch.
+
+Token ``n`` uses adapter ``a(n)`` (``-1``: the base layer alone)::
+
+    y[n] = x[n]·Wᵀ + b + s[a(n)]·(dropout(x)[n]·A[a(n)]ᵀ)·B[a(n)]ᵀ
+
+The op saves x and the rank-r product ``xa`` (float32, float64 for float64 inputs) and regenerates the
+dropout mask in the backward, which returns dx, dA [K, r, in] and dB [K, out, r] (dW and db only when
+they require grad), so several adapters train together in one batch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from . import _rng
+
+_OP = torch.ops.pyfastpeft
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.register_fake("pyfastpeft::multi_lora_linear")
+def _multi_lora_linear_fake(x, weight, bias, lora_A, lora_B, scalings, adapter_indices, dropout_p, rng_state):
+    n_rows = math.prod(x.shape[:-1])
+    y = x.new_empty((*x.shape[:-1], weight.shape[0]))
+    xa = x.new_empty((n_rows, lora_A.shape[1]), dtype=_acc_dtype(x.dtype))
+    return y, xa
+
+
+@torch.library.register_fake("pyfastpeft::multi_lora_linear_backward")
+def _multi_lora_linear_backward_fake(
+    grad_y, x, weight, lora_A, lora_B, scalings, adapter_indices, xa, dropout_p, rng_state, output_mask
+):
+    def grad(mask: bool, shape) -> torch.Tensor:
+        return x.new_empty(shape) if mask else x.new_empty((0,))
+
+    need_dx, need_dW, need_db, need_dA, need_dB = output_mask
+    return (
+        grad(need_dx, x.shape),
+        grad(need_dW, weight.shape),
+        grad(need_db, (weight.shape[0],)),
+        grad(need_dA, lora_A.shape),
+        grad(need_dB, lora_B.shape),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, lora_A, lora_B, scalings, adapter_indices, dropout_p, rng_state = inputs
+    _, xa = output
+    ctx.save_for_backward(x, weight, lora_A, lora_B, scalings, adapter_indices, xa, rng_state)
+    ctx.dropout_p = dropout_p
+    ctx.mark_non_differentiable(xa)
+
+
+def _backward(ctx, grad_y, _grad_xa):
+    x, weight, lora_A, lora_B, scalings, adapter_indices, xa, rng_state = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    mask = [need[0], need[1], need[2], need[3], need[4]]
+    grads = _OP.multi_lora_linear_backward(
+        grad_y, x, weight, lora_A, lora_B, scalings, adapter_indices, xa, ctx.dropout_p, rng_state, mask
+    )
+    grads = [g if m else None for g, m in zip(grads, mask, strict=True)]
+    return (*grads, None, None, None, None)
+
+
+torch.library.register_autograd("pyfastpeft::multi_lora_linear", _backward, setup_context=_setup_context)
+
+
+def multi_lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scalings: torch.Tensor | Sequence[float],
+    adapter_indices: torch.Tensor,
+    dropout_p: float = 0.0,
+    seed: int | None = None,
+) -> torch.Tensor:
+    """``x·Wᵀ + b + s[a]·(dropout(x)·A[a]ᵀ)·B[a]ᵀ`` with a per-token adapter ``a``, in one op.
+
+    Tokens are grouped by adapter on their own device, with no host synchronisation on CUDA.
+
+    Args:
+        x: ``[..., in]`` input, any leading dimensions, any strides.
+        weight: ``[out, in]`` frozen base weight (its gradient is computed only when it requires grad).
+        bias: ``[out]`` or None.
+        lora_A: ``[K, r, in]`` stacked adapters; lora_B: ``[K, out, r]``. Adapters of smaller rank are
+            zero-padded to ``r`` (the padding receives zero gradients, so it stays zero).
+        scalings: ``[K]`` per-adapter scaling (``alpha / r``), a float32/float64 tensor or a sequence.
+        adapter_indices: int64/int32, one index per token (shape ``[N]`` or ``x.shape[:-1]``); ``-1``
+            means no adapter. On the CPU an index outside ``[-1, K)`` raises ValueError; on CUDA it is
+            treated as ``-1`` (checking it would synchronise with the host; see
+            :func:`check_adapter_indices`).
+        dropout_p: dropout on the adapters' input, one rate for the whole batch.
+        seed: dropout seed (None: drawn from torch's generator); same seed, same mask on every device.
+    """
+    if not isinstance(scalings, torch.Tensor):
+        scalings = torch.tensor([float(s) for s in scalings], dtype=torch.float64, device=x.device)
+    rng = _rng.rng_state(seed, x.device) if dropout_p > 0 else None
+    y, _ = _OP.multi_lora_linear(x, weight, bias, lora_A, lora_B, scalings, adapter_indices, float(dropout_p), rng)
+    return y
+
+
+def check_adapter_indices(adapter_indices: torch.Tensor, num_adapters: int) -> None:
+    """Raise ValueError if any index lies outside ``[-1, num_adapters)``.
+
+    The CPU op checks this itself; on CUDA this check reads a flag back from the device (one host
+    synchronisation), so call it where indices come from untrusted code, not in the hot loop.
+    """
+    bad = (adapter_indices < -1) | (adapter_indices >= num_adapters)
+    if bool(bad.any()):
+        first = int(bad.flatten().nonzero()[0])
+        value = int(adapter_indices.flatten()[first])
+        raise ValueError(
+            f"adapter_indices: index {value} at token {first} is out of range for {num_adapters} adapters "
+            f"(expected -1 for no adapter, or 0..{num_adapters - 1})"
+        )

@@ -1,0 +1,294 @@
+"""pyfastpeft.ops.multi_lora_linear against running every adapter separately, in float64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import pyfastpeft
+from pyfastpeft.ops import reference
+from tests.conftest import FLOAT_DTYPES, low_precision_error_bound
+
+OP = torch.ops.pyfastpeft.multi_lora_linear.default
+OP_BACKWARD = torch.ops.pyfastpeft.multi_lora_linear_backward.default
+
+
+def make_case(n_rows=37, in_f=29, out_f=19, r=3, K=5, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "x": torch.randn(n_rows, in_f, generator=g, dtype=torch.float64),
+        "weight": torch.randn(out_f, in_f, generator=g, dtype=torch.float64) / in_f**0.5,
+        "bias": torch.randn(out_f, generator=g, dtype=torch.float64) if bias else None,
+        "lora_A": torch.randn(K, r, in_f, generator=g, dtype=torch.float64) / in_f**0.5,
+        "lora_B": torch.randn(K, out_f, r, generator=g, dtype=torch.float64) / r**0.5,
+        "scalings": torch.rand(K, generator=g, dtype=torch.float64) + 0.5,
+    }
+
+
+def make_indices(layout: str, n_rows: int, K: int, seed: int = 0) -> torch.Tensor:
+    """'random': every token its own adapter (the sorted path); 'runs': one adapter per sequence of
+    RUN tokens, long enough for the in-place path, with adapter 0 in two separate runs. Both leave
+    adapter 1 without tokens and include tokens with -1."""
+    if layout == "random":
+        g = torch.Generator().manual_seed(seed)
+        choices = torch.tensor([-1, 0, *range(2, K)])
+        return choices[torch.randint(0, len(choices), (n_rows,), generator=g)]
+    n_sequences = -(-n_rows // RUN)
+    per_sequence = torch.tensor([0, K - 1 if K > 2 else -1, -1, 0]).repeat(n_sequences)[:n_sequences]
+    return per_sequence.repeat_interleave(RUN)[:n_rows]
+
+
+RUN = 40  # tokens per sequence in the 'runs' layout (the CPU op works in place from 32 on average)
+
+
+def forward_backward(fn, case, idx, dtype, device, grad_of=("x", "lora_A", "lora_B"), x_view=None):
+    t = {
+        k: None if v is None else v.to(device=device, dtype=dtype, copy=True)
+        for k, v in case.items()
+        if k != "scalings"
+    }
+    for name in grad_of:
+        t[name].requires_grad_(True)
+    x = t["x"] if x_view is None else x_view(t["x"])
+    y = fn(x, t["weight"], t["bias"], t["lora_A"], t["lora_B"], case["scalings"].to(device), idx.to(device))
+    grad_y = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    y.backward(grad_y.to(device=device, dtype=dtype))
+    # A reference that never touches an adapter leaves its .grad None: that is a zero gradient.
+    return [y.detach()] + [torch.zeros_like(t[n]) if t[n].grad is None else t[n].grad for n in grad_of]
+
+
+def ours(x, weight, bias, lora_A, lora_B, scalings, idx):
+    return pyfastpeft.ops.multi_lora_linear(x, weight, bias, lora_A, lora_B, scalings, idx)
+
+
+@pytest.mark.parametrize("layout", ["random", "runs"])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_mixed_batch_equals_each_adapter_run_separately(device, dtype, layout, bias):
+    case = make_case(n_rows=130, bias=bias)
+    idx = make_indices(layout, 130, 5)
+    got = forward_backward(ours, case, idx, dtype, device)
+    ref64 = forward_backward(reference.multi_lora_linear, case, idx, torch.float64, "cpu")
+    if dtype == torch.float32:
+        for g, r in zip(got, ref64, strict=True):
+            torch.testing.assert_close(g.double().cpu(), r, rtol=1e-5, atol=1e-5)
+        return
+    lowp = forward_backward(reference.multi_lora_linear, case, idx, dtype, device)
+    for name, g, t, r in zip(["y", "dx", "dA", "dB"], got, lowp, ref64, strict=True):
+        err, bound = low_precision_error_bound(g.cpu(), t.cpu(), r)
+        assert err <= bound, f"{name}: error {err} > bound {bound}"
+
+
+def test_adapter_without_tokens_gets_exact_zero_gradients(device):
+    case = make_case()
+    idx = make_indices("random", 37, 5)
+    _, _, dA, dB = forward_backward(ours, case, idx, torch.float64, device)
+    assert (dA[1] == 0).all() and (dB[1] == 0).all()
+    assert dA[0].abs().sum() > 0 and dB[0].abs().sum() > 0
+
+
+def test_all_tokens_without_adapter_is_the_base_linear(device):
+    case = make_case()
+    idx = torch.full((37,), -1)
+    y, dx, dA, dB = forward_backward(ours, case, idx, torch.float64, device)
+    x, w, b = (case[k].to(device) for k in ("x", "weight", "bias"))
+    torch.testing.assert_close(y, torch.nn.functional.linear(x, w, b), rtol=1e-12, atol=1e-12)
+    assert (dA == 0).all() and (dB == 0).all()
+
+
+def test_weight_and_bias_gradients_when_requested(device):
+    case = make_case(n_rows=130)
+    idx = make_indices("runs", 130, 5)
+    names = ("x", "weight", "bias", "lora_A", "lora_B")
+    got = forward_backward(ours, case, idx, torch.float64, device, grad_of=names)
+    ref = forward_backward(reference.multi_lora_linear, case, idx, torch.float64, "cpu", grad_of=names)
+    for g, r in zip(got, ref, strict=True):
+        torch.testing.assert_close(g.cpu(), r, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("layout", ["random", "runs"])
+def test_non_contiguous_x_3d_x_and_int32_indices(device, layout):
+    case = make_case(n_rows=6 * 7)
+    idx = make_indices(layout, 42, 5).to(torch.int32)
+
+    def as_3d_transposed(x):  # [6, 7, in] viewed as [7, 6, in]: not contiguous
+        return x.reshape(6, 7, -1).transpose(0, 1)
+
+    def shaped_indices(fn):
+        def run(x, *args):
+            *rest, i = args
+            return fn(x, *rest, i.reshape(6, 7).t())
+
+        return run
+
+    got = forward_backward(shaped_indices(ours), case, idx, torch.float64, device, x_view=as_3d_transposed)
+    ref = forward_backward(
+        shaped_indices(reference.multi_lora_linear), case, idx, torch.float64, "cpu", x_view=as_3d_transposed
+    )
+    assert got[0].shape == (7, 6, 19)
+    for g, r in zip(got, ref, strict=True):
+        torch.testing.assert_close(g.cpu(), r, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("layout", ["random", "runs"])
+def test_zero_padded_smaller_rank_equals_that_rank(device, layout):
+    case = make_case(n_rows=130, r=4, K=2)
+    case["lora_A"][1, 2:] = 0  # adapter 1 has rank 2, padded to 4
+    case["lora_B"][1, :, 2:] = 0
+    if layout == "runs":
+        idx = torch.tensor([1] * 40 + [0] * 40 + [1] * 50)
+    else:
+        idx = torch.randint(-1, 2, (130,), generator=torch.Generator().manual_seed(3))
+    rows = (idx == 1).to(device)
+    assert rows.any()
+    y, _, dA, dB = forward_backward(ours, case, idx, torch.float64, device)
+    small = dict(case, lora_A=case["lora_A"][1:, :2].clone(), lora_B=case["lora_B"][1:, :, :2].clone())
+    small["scalings"] = case["scalings"][1:]
+    y_small, _, dA_small, dB_small = forward_backward(ours, small, torch.where(idx == 1, 0, -1), torch.float64, device)
+    torch.testing.assert_close(y[rows], y_small[rows], rtol=1e-12, atol=1e-12)
+    # Same tokens, same output gradient: the padded adapter's real block gets the rank-2 adapter's
+    # gradients, and the padding gets exactly zero.
+    torch.testing.assert_close(dA[1, :2], dA_small[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(dB[1, :, :2], dB_small[0], rtol=1e-12, atol=1e-12)
+    assert (dA[1, 2:] == 0).all() and (dB[1, :, 2:] == 0).all()
+
+
+@pytest.mark.parametrize("layout", ["random", "runs"])
+def test_dropout_uses_the_philox_mask_and_backward_regenerates_it(device, layout):
+    case = make_case(n_rows=130)
+    idx = make_indices(layout, 130, 5)
+    p, seed = 0.3, 1234
+    mask = pyfastpeft.ops.philox_dropout(torch.ones(130, 29, dtype=torch.float64, device=device), p, seed) * (1 - p)
+    assert 0 < mask.sum() < mask.numel()
+
+    def with_dropout(*args):
+        return pyfastpeft.ops.multi_lora_linear(*args, dropout_p=p, seed=seed)
+
+    def ref_with_mask(*args):
+        return reference.multi_lora_linear(*args, dropout_mask=mask.cpu(), dropout_p=p)
+
+    got = forward_backward(with_dropout, case, idx, torch.float64, device)
+    ref = forward_backward(ref_with_mask, case, idx, torch.float64, "cpu")
+    for g, r in zip(got, ref, strict=True):
+        torch.testing.assert_close(g.cpu(), r, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("layout", ["random", "runs"])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.25])
+def test_gradcheck(device, layout, dropout_p):
+    case = make_case(n_rows=130, in_f=6, out_f=5, r=2, K=3)
+    idx = make_indices(layout, 130, 3).to(device)
+    args = [case[k].to(device).requires_grad_() for k in ("x", "weight", "bias", "lora_A", "lora_B")]
+    s = case["scalings"].to(device)
+
+    def fn(x, w, b, a, bb):
+        return pyfastpeft.ops.multi_lora_linear(x, w, b, a, bb, s, idx, dropout_p=dropout_p, seed=5)
+
+    assert torch.autograd.gradcheck(fn, args)
+
+
+@pytest.mark.parametrize("layout", ["random", "runs"])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.25])
+def test_opcheck(device, layout, dropout_p):
+    case = make_case(n_rows=21, in_f=6, out_f=5, r=2, K=3)
+    idx = make_indices(layout, 21, 3).to(device)
+    x, w, b, a, bb = (case[k].to(device) for k in ("x", "weight", "bias", "lora_A", "lora_B"))
+    s = case["scalings"].to(device)
+    rng = torch.tensor([7, 0], dtype=torch.int64, device=device) if dropout_p else None
+    fwd_args = (x.requires_grad_(), w, b, a.requires_grad_(), bb.requires_grad_(), s, idx, dropout_p, rng)
+    torch.library.opcheck(OP, fwd_args)
+    _, xa = OP(*fwd_args)
+    grad_y = torch.randn(21, 5, dtype=torch.float64, device=device)
+    for mask in (
+        [True, False, False, True, True],
+        [True, True, True, True, True],
+        [False, False, False, True, False],
+    ):
+        torch.library.opcheck(
+            OP_BACKWARD, (grad_y, x.detach(), w, a.detach(), bb.detach(), s, idx, xa, dropout_p, rng, mask)
+        )
+
+
+def test_torch_compile_fullgraph(device):
+    case = make_case()
+    idx = make_indices("random", 37, 5)
+    compiled = torch.compile(ours, fullgraph=True)
+    got = forward_backward(compiled, case, idx, torch.float32, device)
+    eager = forward_backward(ours, case, idx, torch.float32, device)
+    for g, e in zip(got, eager, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-6, atol=1e-6)
+
+
+def test_index_out_of_range(device):
+    case = make_case()
+    idx = make_indices("random", 37, 5)
+    idx[11] = 5
+    if device == "cpu":
+        with pytest.raises(ValueError, match=r"adapter_indices: index 5 at token 11 is out of range for 5 adapters"):
+            forward_backward(ours, case, idx, torch.float64, device)
+    else:  # CUDA: read as -1 (no adapter), never out of bounds
+        got = forward_backward(ours, case, idx, torch.float64, device)
+        ref = forward_backward(ours, case, torch.where(idx == 5, -1, idx), torch.float64, device)
+        for g, r in zip(got, ref, strict=True):
+            torch.testing.assert_close(g, r, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="adapter_indices: index -2 at token 3"):
+        bad = idx.clone()
+        bad[3] = -2
+        pyfastpeft.ops.check_adapter_indices(bad.to(device), 5)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda c: c.update(lora_B=c["lora_B"][:, :, :2]), "lora_B: expected size 3 in dimension 2"),
+        (lambda c: c.update(lora_A=c["lora_A"][0]), "lora_A: expected a 3-D tensor"),
+        (lambda c: c.update(lora_B=c["lora_B"][:4]), "lora_B: expected size 5 in dimension 0"),
+        (
+            lambda c: c.update(scalings=c["scalings"][:4]),
+            r"scalings: expected a float32 or float64 tensor of shape \[5\]",
+        ),
+        (lambda c: c.update(idx=c["idx"][:36]), r"adapter_indices: expected one index per token"),
+        (lambda c: c.update(idx=c["idx"].float()), "adapter_indices: expected an int64 or int32 tensor"),
+        (lambda c: c.update(lora_A=c["lora_A"].float()), "lora_A: expected dtype Double"),
+    ],
+)
+def test_bad_arguments_raise_value_error_naming_them(change, message):
+    case = make_case()
+    case["idx"] = make_indices("random", 37, 5)
+    change(case)
+    with pytest.raises(ValueError, match=message):
+        pyfastpeft.ops.multi_lora_linear(
+            case["x"],
+            case["weight"],
+            case["bias"],
+            case["lora_A"],
+            case["lora_B"],
+            case["scalings"],
+            case["idx"],
+        )
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    n_rows=st.integers(1, 200),
+    in_f=st.integers(1, 20),
+    out_f=st.integers(1, 20),
+    r=st.integers(1, 5),
+    K=st.integers(1, 6),
+    seed=st.integers(0, 2**16),
+    layout=st.sampled_from(["random", "runs"]),
+)
+def test_random_shapes_match_reference(n_rows, in_f, out_f, r, K, seed, layout):
+    case = make_case(n_rows, in_f, out_f, r, K, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    if layout == "random":
+        idx = torch.randint(-1, K, (n_rows,), generator=g)
+    else:
+        n_sequences = -(-n_rows // RUN)
+        idx = torch.randint(-1, K, (n_sequences,), generator=g).repeat_interleave(RUN)[:n_rows]
+    got = forward_backward(ours, case, idx, torch.float64, "cpu")
+    ref = forward_backward(reference.multi_lora_linear, case, idx, torch.float64, "cpu")
+    for a, b in zip(got, ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
