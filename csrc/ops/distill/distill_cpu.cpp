@@ -5,7 +5,6 @@
 
 #include <algorithm>
 #include <atomic>
-#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -13,92 +12,18 @@
 
 #include "distill.h"
 #include "distill_impl.h"
+#include "distill_simd.h"
 #include "pyfastpeft/dispatch.h"
 
 namespace pyfastpeft {
 namespace {
-
-// exp and log the compiler can vectorise (std::exp/std::log calls block auto-vectorisation); Cephes'
-// single-precision polynomials, within 2 ulp on the ranges a softmax sees. float64 keeps std::exp/log.
-inline float vec_exp(float x) {
-  // exp(x) = 2^n · e^r with n = round(x·log2 e), |r| <= ln2/2; below -87 the result is 0 (underflow).
-  const float xc = std::min(std::max(x, -87.0f), 88.0f);
-  const float n = std::floor(xc * 1.44269504088896341f + 0.5f);
-  const float r = xc - n * 0.693359375f + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const float scale = std::bit_cast<float>((static_cast<int32_t>(n) + 127) << 23);
-  return x < -87.0f ? 0.0f : p * scale;
-}
-
-inline float vec_log(float x) {
-  // x = m·2^e with m in [sqrt(1/2), sqrt(2)); log x = log m + e·ln2. x <= 0 is not expected (a mean of
-  // two probabilities); 0 and subnormals come out near log(FLT_MIN), which only ever multiplies a 0.
-  const int32_t bits = std::bit_cast<int32_t>(x);
-  float e = static_cast<float>(((bits >> 23) & 0xff) - 126);
-  float m = std::bit_cast<float>((bits & 0x007fffff) | 0x3f000000);  // [0.5, 1)
-  const bool small = m < 0.707106781186547524f;
-  e = small ? e - 1.0f : e;
-  m = small ? m + m - 1.0f : m - 1.0f;
-  const float z = m * m;
-  float y = 7.0376836292e-2f;
-  y = y * m - 1.1514610310e-1f;
-  y = y * m + 1.1676998740e-1f;
-  y = y * m - 1.2420140846e-1f;
-  y = y * m + 1.4249322787e-1f;
-  y = y * m - 1.6668057665e-1f;
-  y = y * m + 2.0000714765e-1f;
-  y = y * m - 2.4999993993e-1f;
-  y = y * m + 3.3333331174e-1f;
-  y = y * m * z;
-  y += -2.12194440e-4f * e;
-  y += -0.5f * z;
-  return m + y + 0.693359375f * e;
-}
-
-inline double vec_exp(double x) { return std::exp(x); }
-inline double vec_log(double x) { return std::log(x); }
-
-// Sum over i < n of f(i), in kLanes independent partial sums so the loop vectorises.
-constexpr int64_t kLanes = 16;
-template <typename A, class F>
-inline A lane_sum(int64_t n, F&& f) {
-  A acc[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int64_t l = 0; l < kLanes; ++l) acc[l] += f(i + l);
-  }
-  A total = 0;
-  for (; i < n; ++i) total += f(i);
-  for (int64_t l = 0; l < kLanes; ++l) total += acc[l];
-  return total;
-}
-
-template <typename A>
-inline A lane_max(const A* x, int64_t n) {
-  A acc[kLanes];
-  for (int64_t l = 0; l < kLanes; ++l) acc[l] = -std::numeric_limits<A>::infinity();
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int64_t l = 0; l < kLanes; ++l) acc[l] = x[i + l] > acc[l] ? x[i + l] : acc[l];
-  }
-  A m = -std::numeric_limits<A>::infinity();
-  for (; i < n; ++i) m = x[i] > m ? x[i] : m;
-  for (int64_t l = 0; l < kLanes; ++l) m = acc[l] > m ? acc[l] : m;
-  return m;
-}
 
 // Running (max, Σ exp(x − max)) of an online softmax, merged one tile at a time.
 template <typename A>
 struct OnlineSoftmax {
   A max = -std::numeric_limits<A>::infinity();
   A sum = 0;
-  // Moves to the new max `m` (rescaling the sum) and returns it.
+  // Moves to max(max, tile_max), rescaling the sum, and returns the new max.
   A rebase(A tile_max) {
     if (tile_max > max) {
       sum = max == -std::numeric_limits<A>::infinity() ? A(0) : sum * std::exp(max - tile_max);
@@ -109,20 +34,30 @@ struct OnlineSoftmax {
   A logsumexp() const { return max + std::log(sum); }
 };
 
-// One row of the loss (see distill.h). The row is read from memory once, as 512-element tiles: each
-// tile is converted into the float scratch rows z = s/T, u = t/T and folded into the online softmax
-// statistics. The later sweeps (log-probabilities, the divergence, the gradient) run over the scratch
-// rows, which stay in cache.
+// Per-thread scratch rows (float32, float64 for float64 inputs): z = s/T, u = t/T and, when the
+// cross-entropy needs softmax(s) at T != 1, w = s.
+template <typename A>
+struct RowScratch {
+  std::vector<A> z, u, w;
+  explicit RowScratch(int64_t vocab) : z(vocab), u(vocab), w(vocab) {}
+};
+
+// One row of the loss (see distill.h). The row is read from memory once, in 512-element tiles: each
+// tile is converted into the scratch rows and folded into the online-softmax statistics (sweep 1).
+// The later sweeps (the divergence and the gradient) run over the scratch rows, which stay in cache.
 constexpr int64_t kTile = 512;
 
 template <typename T>
-void kd_loss_row(const KdLossParams& p, int64_t row, int64_t n_valid, acc_type<T>* z, acc_type<T>* u) {
+void kd_loss_row(const KdLossParams& p, int64_t row, int64_t n_valid, RowScratch<acc_type<T>>& scratch) {
   using A = acc_type<T>;
   const int64_t V = p.vocab;
   const T* s = static_cast<const T*>(p.student) + row * p.student_stride;
   const T* t = static_cast<const T*>(p.teacher) + row * p.teacher_stride;
   T* grad = p.grad == nullptr ? nullptr : static_cast<T*>(p.grad) + row * V;
   A* row_loss = static_cast<A*>(p.row_loss) + row;
+  A* z = scratch.z.data();
+  A* u = scratch.u.data();
+  A* w = scratch.w.data();
 
   int64_t label = -1;
   if (p.labels != nullptr) {
@@ -133,115 +68,107 @@ void kd_loss_row(const KdLossParams& p, int64_t row, int64_t n_valid, acc_type<T
       return;
     }
     if (label < 0 || label >= V) {
-      std::atomic_ref<int32_t>(*p.bad_label).store(1, std::memory_order_relaxed);  // reported as a ValueError by the caller; never used as an index
+      // Reported as a ValueError by the caller; never used as an index.
+      std::atomic_ref<int32_t>(*p.bad_label).store(1, std::memory_order_relaxed);
       *row_loss = std::numeric_limits<A>::quiet_NaN();
       if (grad != nullptr) std::fill(grad, grad + V, T(0));
       return;
     }
   }
-  const A inv_T = A(1) / static_cast<A>(p.temperature);
+  const A temperature = static_cast<A>(p.temperature);
+  const A inv_T = A(1) / temperature;
   const A alpha = static_cast<A>(p.alpha);
   const bool with_ce = alpha != A(0);
-  const bool ce_on_z = p.temperature == 1.0;  // then softmax(s) = softmax(z) and one set of statistics serves both
+  const bool ce_on_z = p.temperature == 1.0;  // softmax(s) = softmax(z): one set of statistics serves both
+  const bool keep_w = with_ce && !ce_on_z;
 
-  // Sweep 1: online softmax statistics of z, u and (when T != 1) of s itself for the cross-entropy.
+  // Sweep 1: online softmax statistics of z, u and (keep_w) of s itself, tile by tile.
   OnlineSoftmax<A> sz, su, ss;
   for (int64_t j0 = 0; j0 < V; j0 += kTile) {
     const int64_t n = std::min(kTile, V - j0);
     A* zt = z + j0;
     A* ut = u + j0;
+    A* wt = w + j0;
     for (int64_t j = 0; j < n; ++j) {
       zt[j] = static_cast<A>(s[j0 + j]) * inv_T;
       ut[j] = static_cast<A>(t[j0 + j]) * inv_T;
     }
-    const A tile_max_z = lane_max(zt, n);
-    const A mz = sz.rebase(tile_max_z);
-    const A mu = su.rebase(lane_max(ut, n));
-    sz.sum += lane_sum<A>(n, [&](int64_t j) { return vec_exp(zt[j] - mz); });
-    su.sum += lane_sum<A>(n, [&](int64_t j) { return vec_exp(ut[j] - mu); });
-    if (with_ce && !ce_on_z) {
-      // max(s) = T·max(z) up to rounding; any upper bound near the max keeps the sum well scaled.
-      const A ms = ss.rebase(tile_max_z * static_cast<A>(p.temperature));
-      ss.sum += lane_sum<A>(n, [&](int64_t j) { return vec_exp(static_cast<A>(s[j0 + j]) - ms); });
+    const A mz = sz.rebase(simd::max_of(zt, n));
+    const A mu = su.rebase(simd::max_of(ut, n));
+    sz.sum += simd::sweep_sum<A>(n, [&](int64_t j, auto tag) { return simd::exp(simd::load(tag, zt + j) - mz); });
+    su.sum += simd::sweep_sum<A>(n, [&](int64_t j, auto tag) { return simd::exp(simd::load(tag, ut + j) - mu); });
+    if (keep_w) {
+      for (int64_t j = 0; j < n; ++j) wt[j] = static_cast<A>(s[j0 + j]);
+      const A ms = ss.rebase(simd::max_of(wt, n));
+      ss.sum += simd::sweep_sum<A>(n, [&](int64_t j, auto tag) { return simd::exp(simd::load(tag, wt + j) - ms); });
     }
   }
   const A lse_z = sz.logsumexp(), lse_u = su.logsumexp();
-  const A lse_s = ce_on_z ? lse_z * static_cast<A>(p.temperature) : ss.logsumexp();
-  const A ce = with_ce ? (ce_on_z ? (lse_z - z[label]) : (lse_s - static_cast<A>(s[label]))) : A(0);
+  const A lse_s = keep_w ? ss.logsumexp() : lse_z * temperature;
+  const A ce = !with_ce ? A(0) : (ce_on_z ? lse_z - z[label] : lse_s - w[label]);
 
-  // Sweep 2: the divergence (and, for the forward KL, the gradient as well).
   const A scale = A(1) / static_cast<A>(std::max<int64_t>(n_valid, 1));
-  const A c_ce = alpha * scale;                                               // on softmax(s) − onehot
-  const A c_kd = (A(1) - alpha) * static_cast<A>(p.temperature) * scale;   // on ∂D/∂z
-  // softmax(s)_j, recomputed from the input row when T != 1 (the row is still in cache).
-  auto q = [&](int64_t j, A ps) {
-    return ce_on_z ? ps : vec_exp(static_cast<A>(s[j]) - lse_s);
+  const A c_ce = alpha * scale;                          // on softmax(s) − onehot(label)
+  const A c_kd = (A(1) - alpha) * temperature * scale;   // on ∂D/∂z
+  // c_ce·softmax(s)_j given ps_j = softmax(z)_j (w is still in cache when T != 1).
+  auto ce_grad = [&](int64_t j, auto tag, auto ps) {
+    if (!with_ce) return decltype(ps){} * A(0);
+    if (ce_on_z) return ps * c_ce;
+    return simd::exp(simd::load(tag, w + j) - lse_s) * c_ce;
   };
+
+  // Sweep 2: the divergence D. The forward KL also writes the gradient here (ps − pt needs nothing
+  // beyond the row's statistics); reverse KL and JS leave ps in z and their per-element factor in u.
   A D = 0;
-  if (p.divergence == Divergence::ForwardKL) {
-    if (grad == nullptr) {
-      D = lane_sum<A>(V, [&](int64_t j) {
-        const A lz = z[j] - lse_z, lu = u[j] - lse_u;
-        return vec_exp(lu) * (lu - lz);
-      });
-    } else {
-      // ∂D/∂z = ps − pt needs nothing beyond the row's statistics: loss and gradient in one sweep.
-      D = lane_sum<A>(V, [&](int64_t j) {
-        const A lz = z[j] - lse_z, lu = u[j] - lse_u;
-        const A ps = vec_exp(lz), pt = vec_exp(lu);
-        const A g = c_kd * (ps - pt);
-        grad[j] = static_cast<T>(with_ce ? g + c_ce * q(j, ps) : g);
-        return pt * (lu - lz);
-      });
-    }
+  A centre = 0;
+  if (p.divergence == Divergence::ForwardKL && grad == nullptr) {
+    D = simd::sweep_sum<A>(V, [&](int64_t j, auto tag) {
+      const auto lu = simd::load(tag, u + j) - lse_u;
+      return simd::exp(lu) * (lu - (simd::load(tag, z + j) - lse_z));
+    });
+  } else if (p.divergence == Divergence::ForwardKL) {
+    D = simd::sweep_sum<A>(V, [&](int64_t j, auto tag) {
+      const auto lz = simd::load(tag, z + j) - lse_z;
+      const auto lu = simd::load(tag, u + j) - lse_u;
+      const auto ps = simd::exp(lz), pt = simd::exp(lu);
+      simd::store_as(tag, grad + j, (ps - pt) * c_kd + ce_grad(j, tag, ps));
+      return pt * (lu - lz);
+    });
   } else if (p.divergence == Divergence::ReverseKL) {
-    // Keeps ps in z and ls − lt in u for the gradient sweep.
-    D = lane_sum<A>(V, [&](int64_t j) {
-      const A lz = z[j] - lse_z;
-      const A d = lz - (u[j] - lse_u);
-      const A ps = vec_exp(lz);
-      z[j] = ps;
-      u[j] = d;
+    D = simd::sweep_sum<A>(V, [&](int64_t j, auto tag) {
+      const auto lz = simd::load(tag, z + j) - lse_z;
+      const auto d = lz - (simd::load(tag, u + j) - lse_u);
+      const auto ps = simd::exp(lz);
+      simd::store(tag, z + j, ps);
+      simd::store(tag, u + j, d);
       return ps * d;
     });
+    centre = D;  // ∂D/∂z = ps ⊙ ((ls − lt) − D)
   } else {
-    // JS: keeps ps in z and g = ½(ls − log m) in u; G = Σ ps·g centres the gradient.
-    A G = 0;
-    A acc_d[kLanes] = {}, acc_g[kLanes] = {};
-    auto js_term = [&](int64_t j, A& d_acc, A& g_acc) {
-      const A lz = z[j] - lse_z, lu = u[j] - lse_u;
-      const A ps = vec_exp(lz), pt = vec_exp(lu);
-      const A lm = vec_log(A(0.5) * (ps + pt));
-      const A g = A(0.5) * (lz - lm);
-      d_acc += ps * g + A(0.5) * pt * (lu - lm);
-      g_acc += ps * g;
-      z[j] = ps;
-      u[j] = g;
-    };
-    int64_t j = 0;
-    for (; j + kLanes <= V; j += kLanes) {
-      for (int64_t l = 0; l < kLanes; ++l) js_term(j + l, acc_d[l], acc_g[l]);
-    }
-    for (; j < V; ++j) js_term(j, D, G);
-    for (int64_t l = 0; l < kLanes; ++l) {
-      D += acc_d[l];
-      G += acc_g[l];
-    }
+    // JS with m = ½(ps + pt): D = Σ ps·g + ½pt·(lt − log m), g = ½(ls − log m); ∂D/∂z = ps ⊙ (g − Σ ps·g).
+    D = simd::sweep_sum<A>(V, [&](int64_t j, auto tag) {
+      const auto lz = simd::load(tag, z + j) - lse_z;
+      const auto lu = simd::load(tag, u + j) - lse_u;
+      const auto ps = simd::exp(lz), pt = simd::exp(lu);
+      const auto lm = simd::log((ps + pt) * A(0.5));
+      const auto g = (lz - lm) * A(0.5);
+      simd::store(tag, z + j, ps);
+      simd::store(tag, u + j, g);
+      return ps * g + pt * (lu - lm) * A(0.5);
+    });
     if (grad != nullptr) {
-      for (int64_t k = 0; k < V; ++k) u[k] -= G;
+      centre = simd::sweep_sum<A>(V, [&](int64_t j, auto tag) { return simd::load(tag, z + j) * simd::load(tag, u + j); });
     }
   }
   if (grad != nullptr && p.divergence != Divergence::ForwardKL) {
-    // Sweep 3: ∂D/∂z = ps ⊙ (u − centre), with the centre D for reverse KL (already folded into u for JS).
-    const A centre = p.divergence == Divergence::ReverseKL ? D : A(0);
-    for (int64_t j = 0; j < V; ++j) {
-      const A g = c_kd * z[j] * (u[j] - centre);
-      grad[j] = static_cast<T>(with_ce ? g + c_ce * q(j, z[j]) : g);
-    }
+    // Sweep 3: the gradient from ps (in z) and the per-element factor (in u).
+    simd::sweep<A>(V, [&](int64_t j, auto tag) {
+      const auto ps = simd::load(tag, z + j);
+      simd::store_as(tag, grad + j, ps * (simd::load(tag, u + j) - centre) * c_kd + ce_grad(j, tag, ps));
+    });
   }
   if (grad != nullptr && with_ce) grad[label] = static_cast<T>(static_cast<A>(grad[label]) - c_ce);
-  const A T2 = static_cast<A>(p.temperature * p.temperature);
-  *row_loss = (alpha * ce + (A(1) - alpha) * T2 * D) * scale;
+  *row_loss = (alpha * ce + (A(1) - alpha) * temperature * temperature * D) * scale;
 }
 
 template <typename T>
@@ -250,8 +177,8 @@ void kd_loss_rows_kernel(const KdLossParams& p) {
   const int64_t n_valid = *p.n_valid;
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(p.vocab, 1));
   at::parallel_for(0, p.n_rows, grain, [&](int64_t begin, int64_t end) {
-    std::vector<A> z(p.vocab), u(p.vocab);
-    for (int64_t row = begin; row < end; ++row) kd_loss_row<T>(p, row, n_valid, z.data(), u.data());
+    RowScratch<A> scratch(p.vocab);
+    for (int64_t row = begin; row < end; ++row) kd_loss_row<T>(p, row, n_valid, scratch);
   });
 }
 
