@@ -40,7 +40,14 @@ def _fused_linear_kd_loss_fake(
 
 
 def _is_traced(t: torch.Tensor) -> bool:
-    return torch.compiler.is_compiling() or isinstance(t, torch._subclasses.FakeTensor) or torch._is_functional_tensor(t)
+    """True under torch.compile/export/AOT tracing (an active dispatch mode, or a fake/functional/proxy
+    tensor subclass), where a tensor's value cannot be read."""
+    return (
+        torch.compiler.is_compiling()
+        or type(t) is not torch.Tensor
+        or torch._C._len_torch_dispatch_stack() > 0
+        or torch._is_functional_tensor(t)
+    )
 
 
 def _scale(saved: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
@@ -96,13 +103,17 @@ def _fused_backward(ctx, grad_loss, _grad_dh, _grad_dw):
 torch.library.register_autograd("pyfastpeft::fused_linear_kd_loss", _fused_backward, setup_context=_fused_setup_context)
 
 
-def _check_common(divergence: str, temperature: float, alpha: float, labels: torch.Tensor | None) -> None:
+def _check_options(divergence: str, temperature: float, alpha: float) -> None:
     if divergence not in DIVERGENCES:
         raise ValueError(f"divergence: expected one of {DIVERGENCES}, got {divergence!r}")
     if not temperature > 0:
         raise ValueError(f"temperature: expected a value > 0, got {temperature}")
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha: expected a weight in [0, 1], got {alpha}")
+
+
+def _check_common(divergence: str, temperature: float, alpha: float, labels: torch.Tensor | None) -> None:
+    _check_options(divergence, temperature, alpha)
     if labels is None and alpha > 0:
         raise ValueError(f"labels: required when alpha > 0 (the cross-entropy term needs them), got None with alpha={alpha}")
 

@@ -62,7 +62,8 @@ inline at::Tensor count_valid(const std::optional<at::Tensor>& labels, int64_t n
   return at::sum(at::ne(*labels, ignore_index), at::kLong);
 }
 
-inline at::ScalarType row_loss_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+// float32 for the 16-bit types and float32, float64 for float64: per-row losses and the dW accumulator.
+inline at::ScalarType accumulate_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 inline KdLossParams make_params(const at::Tensor& s, const at::Tensor& t, const std::optional<at::Tensor>& labels,
                                 void* grad, at::Tensor& row_loss, const at::Tensor& n_valid, at::Tensor& bad,
@@ -117,7 +118,7 @@ std::tuple<at::Tensor, at::Tensor> kd_loss(const at::Tensor& student_logits, con
   const std::optional<at::Tensor> l = labels.has_value() ? std::optional(labels->contiguous()) : std::nullopt;
   const at::Tensor n_valid = count_valid(l, n_rows, ignore_index, s);
   at::Tensor grad = compute_grad ? at::empty({n_rows, vocab}, s.options()) : at::empty({0}, s.options());
-  at::Tensor row_loss = at::empty({n_rows}, s.options().dtype(row_loss_dtype(s.scalar_type())));
+  at::Tensor row_loss = at::empty({n_rows}, s.options().dtype(accumulate_dtype(s.scalar_type())));
   at::Tensor bad = at::zeros({1}, s.options().dtype(at::kInt));
   Backend::rows(make_params(s, t, l, compute_grad ? grad.mutable_data_ptr() : nullptr, row_loss, n_valid, bad,
                             ignore_index, temperature, alpha, div));
@@ -164,13 +165,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_kd_loss(
   const bool need_grad = need_dh || need_dw;
   const at::ScalarType dtype = student_hidden.scalar_type();
   // dW accumulates over chunks: in float32 for 16-bit weights, so the sum is rounded once, at the end.
-  const at::ScalarType dw_dtype = dtype == at::kDouble ? at::kDouble : at::kFloat;
+  const at::ScalarType dw_dtype = accumulate_dtype(dtype);
   const std::optional<at::Tensor> l = labels.has_value() ? std::optional(labels->contiguous()) : std::nullopt;
   const at::Tensor n_valid = count_valid(l, n_rows, ignore_index, student_hidden);
   at::Tensor dh = need_dh ? at::empty({n_rows, hidden}, student_hidden.options()) : at::empty({0}, student_hidden.options());
   at::Tensor dw_acc = need_dw ? at::zeros({vocab, hidden}, student_weight.options().dtype(dw_dtype))
                               : at::empty({0}, student_weight.options());
-  at::Tensor row_loss = at::empty({n_rows}, student_hidden.options().dtype(row_loss_dtype(dtype)));
+  at::Tensor row_loss = at::empty({n_rows}, student_hidden.options().dtype(accumulate_dtype(dtype)));
   at::Tensor bad = at::zeros({1}, student_hidden.options().dtype(at::kInt));
   const at::Tensor ws_t = student_weight.t(), wt_t = teacher_weight.t();
 
@@ -188,11 +189,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_kd_loss(
       at::mm_out(dh_chunk, s, student_weight);
     }
     if (need_dw) {
-      if (dw_dtype == dtype) {
-        dw_acc.addmm_(s.t(), hs);
-      } else {
-        dw_acc.addmm_(s.t().to(dw_dtype), hs.to(dw_dtype));
-      }
+      // .to() is a no-op for float32/float64; 16-bit chunks are widened for the float32 accumulator.
+      const at::ScalarType acc = dw_acc.scalar_type();
+      dw_acc.addmm_(s.t().to(acc), hs.to(acc));
     }
   }
   raise_on_bad_label<Backend>(bad, vocab, ignore_index);
