@@ -22,6 +22,7 @@ so the resident set follows live memory. On CUDA the child uses torch.cuda.max_m
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import subprocess
@@ -103,10 +104,50 @@ def measure_peak_child(variant: str, n: int, v: int, h: int, device: str) -> Non
 
 
 def measure_peak(variant: str, n: int, v: int, h: int, device: str) -> dict:
-    cmd = [sys.executable, __file__, "--child", variant, "--n", str(n), "--v", str(v), "--h", str(h),
-           "--device", device]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        variant,
+        "--n",
+        str(n),
+        "--v",
+        str(v),
+        "--h",
+        str(h),
+        "--device",
+        device,
+    ]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
     return json.loads(out)
+
+
+def run_family(family: str, a: argparse.Namespace) -> list[dict]:
+    """Times the eager and fused variants of one family against each other and measures their peaks."""
+    names = [f"{family}_eager", f"{family}_fused"]
+    inputs = {name: make_inputs(name, a.n, a.v, a.h, a.device) for name in names}
+    fns = {name: functools.partial(step, name, *inputs[name]) for name in names}
+    times = time_interleaved(fns, device=a.device, warmup=1, rounds=a.rounds)
+    rows = []
+    for name in names:
+        args, params = inputs[name]
+        saved = saved_activation_bytes(functools.partial(FNS[name], args), exclude=tuple(params))
+        peak = measure_peak(name, a.n, a.v, a.h, a.device)
+        rows.append(
+            {
+                "variant": name,
+                "N": a.n,
+                "V": a.v,
+                "H": a.h if family == "linear" else None,
+                "fwd_bwd_ms": times[name],
+                "saved_MiB": saved / MIB,
+                "peak_extra_MiB": peak["peak_extra"] / MIB,
+            }
+        )
+    eager, fused = rows
+    fused["speedup"] = eager["fwd_bwd_ms"] / fused["fwd_bwd_ms"]
+    fused["peak_vs_eager"] = fused["peak_extra_MiB"] / eager["peak_extra_MiB"]
+    return rows
 
 
 def main() -> None:
@@ -127,40 +168,50 @@ def main() -> None:
 
     rows = []
     for family in ("kd", "linear"):
-        names = [f"{family}_eager", f"{family}_fused"]
-        inputs = {name: make_inputs(name, a.n, a.v, a.h, a.device) for name in names}
-        times = time_interleaved({name: (lambda name=name: step(name, *inputs[name])) for name in names},
-                                 device=a.device, warmup=1, rounds=a.rounds)
-        for name in names:
-            args, params = inputs[name]
-            saved = saved_activation_bytes(lambda: FNS[name](args), exclude=tuple(params))
-            peak = measure_peak(name, a.n, a.v, a.h, a.device)
-            rows.append({"variant": name, "N": a.n, "V": a.v, "H": a.h if family == "linear" else None,
-                         "fwd_bwd_ms": times[name], "saved_MiB": saved / MIB, "peak_extra_MiB": peak["peak_extra"] / MIB})
-        del inputs
-        eager, fused = rows[-2], rows[-1]
-        fused["speedup"] = eager["fwd_bwd_ms"] / fused["fwd_bwd_ms"]
-        fused["peak_vs_eager"] = fused["peak_extra_MiB"] / eager["peak_extra_MiB"]
+        rows += run_family(family, a)
 
     # The fused linear loss at twice the vocabulary: its peak should grow only by the weight-sized
     # buffers (the dW output, V·H floats), not by anything N×V.
     for v in (a.v, 2 * a.v):
         peak = measure_peak("linear_fused", a.n, v, a.h, a.device)
         weight_bytes = v * a.h * 4
-        rows.append({"variant": "linear_fused (V sweep)", "N": a.n, "V": v, "H": a.h,
-                     "peak_extra_MiB": peak["peak_extra"] / MIB,
-                     "peak_minus_dW_MiB": (peak["peak_extra"] - weight_bytes) / MIB})
+        rows.append(
+            {
+                "variant": "linear_fused (V sweep)",
+                "N": a.n,
+                "V": v,
+                "H": a.h,
+                "peak_extra_MiB": peak["peak_extra"] / MIB,
+                "peak_minus_dW_MiB": (peak["peak_extra"] - weight_bytes) / MIB,
+            }
+        )
 
-    columns = ["variant", "N", "V", "H", "fwd_bwd_ms", "speedup", "saved_MiB", "peak_extra_MiB", "peak_vs_eager",
-               "peak_minus_dW_MiB"]
+    columns = [
+        "variant",
+        "N",
+        "V",
+        "H",
+        "fwd_bwd_ms",
+        "speedup",
+        "saved_MiB",
+        "peak_extra_MiB",
+        "peak_vs_eager",
+        "peak_minus_dW_MiB",
+    ]
     print_table(rows, columns)
     name = "distill_quick" if a.quick else "distill"
     command = "python bench/bench_distill.py" + (" --quick" if a.quick else "")
-    path = write_results(name, rows, command, extra={
-        "peak_method": "CPU: fresh subprocess per variant; VmHWM reset via /proc/self/clear_refs, then VmHWM after one "
-                       "forward+backward minus VmRSS just before it; CUDA: max_memory_allocated minus allocated",
-        "settings": {**KW, "dtype": "float32", "ignored_labels": "1 in 8"},
-    })
+    path = write_results(
+        name,
+        rows,
+        command,
+        extra={
+            "peak_method": "CPU: fresh subprocess per variant; VmHWM reset via /proc/self/clear_refs, "
+            "then VmHWM after one "
+            "forward+backward minus VmRSS just before it; CUDA: max_memory_allocated minus allocated",
+            "settings": {**KW, "dtype": "float32", "ignored_labels": "1 in 8"},
+        },
+    )
     print(f"wrote {path}")
 
 

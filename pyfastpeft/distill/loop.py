@@ -24,7 +24,9 @@ def _logits(output: Any) -> torch.Tensor:
         return output["logits"]
     if hasattr(output, "logits"):
         return output.logits
-    raise ValueError(f"model output: expected a logits tensor or an object with .logits, got {type(output).__name__}")
+    raise ValueError(
+        f"model output: expected a logits tensor or an object with .logits, got {type(output).__name__}"
+    )
 
 
 def _split_batch(batch: Any) -> tuple[tuple, dict, torch.Tensor | None]:
@@ -37,7 +39,10 @@ def _split_batch(batch: Any) -> tuple[tuple, dict, torch.Tensor | None]:
         return (batch[0],), {}, batch[1]
     if isinstance(batch, torch.Tensor):
         return (batch,), {}, None
-    raise ValueError(f"data: expected batches that are dicts, (inputs, labels) pairs or tensors, got {type(batch).__name__}")
+    raise ValueError(
+        "data: expected batches that are dicts, (inputs, labels) pairs or tensors, "
+        f"got {type(batch).__name__}"
+    )
 
 
 @contextlib.contextmanager
@@ -83,7 +88,9 @@ def distill(
     """
     loss_fn = loss if loss is not None else DistillationLoss()
     if teacher is None and not hasattr(student, "disable_adapter"):
-        raise ValueError("teacher: None needs a student with a disable_adapter() context manager (a PEFT model)")
+        raise ValueError(
+            "teacher: None needs a student with a disable_adapter() context manager (a PEFT model)"
+        )
     if teacher is student:
         raise ValueError("teacher: pass None to use the student's base model with its adapters disabled")
     params = [p for p in student.parameters() if p.requires_grad]

@@ -30,7 +30,9 @@ class DistillationLoss(torch.nn.Module):
         super().__init__()
         _ops._check_options(divergence, temperature, alpha)
         if chunk_size < 0:
-            raise ValueError(f"chunk_size: expected 0 (automatic) or a positive number of rows, got {chunk_size}")
+            raise ValueError(
+                f"chunk_size: expected 0 (automatic) or a positive number of rows, got {chunk_size}"
+            )
         self.temperature = float(temperature)
         self.alpha = float(alpha)
         self.divergence = divergence
@@ -41,8 +43,15 @@ class DistillationLoss(torch.nn.Module):
         self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Loss from logits ``[..., V]`` (labels ``[...]``); the teacher logits get no gradient."""
-        return _ops.kd_loss(student_logits, teacher_logits, labels, self.temperature, self.alpha, self.ignore_index,
-                            self.divergence)
+        return _ops.kd_loss(
+            student_logits,
+            teacher_logits,
+            labels,
+            self.temperature,
+            self.alpha,
+            self.ignore_index,
+            self.divergence,
+        )
 
     def from_hidden(
         self,
@@ -53,10 +62,21 @@ class DistillationLoss(torch.nn.Module):
         labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Loss straight from the last hidden states and the output heads, never holding the full logits."""
-        return _ops.fused_linear_kd_loss(student_hidden, student_head_weight, teacher_hidden, teacher_head_weight,
-                                         labels, self.temperature, self.alpha, self.ignore_index, self.divergence,
-                                         self.chunk_size)
+        return _ops.fused_linear_kd_loss(
+            student_hidden,
+            student_head_weight,
+            teacher_hidden,
+            teacher_head_weight,
+            labels,
+            self.temperature,
+            self.alpha,
+            self.ignore_index,
+            self.divergence,
+            self.chunk_size,
+        )
 
     def extra_repr(self) -> str:
-        return (f"temperature={self.temperature}, alpha={self.alpha}, divergence={self.divergence!r}, "
-                f"ignore_index={self.ignore_index}")
+        return (
+            f"temperature={self.temperature}, alpha={self.alpha}, divergence={self.divergence!r}, "
+            f"ignore_index={self.ignore_index}"
+        )

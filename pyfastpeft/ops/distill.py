@@ -23,15 +23,26 @@ DIVERGENCES = ("forward_kl", "reverse_kl", "js")
 
 
 @torch.library.register_fake("pyfastpeft::kd_loss")
-def _kd_loss_fake(student_logits, teacher_logits, labels, temperature, alpha, ignore_index, divergence, compute_grad):
+def _kd_loss_fake(
+    student_logits, teacher_logits, labels, temperature, alpha, ignore_index, divergence, compute_grad
+):
     grad_shape = student_logits.shape if compute_grad else (0,)
     return student_logits.new_empty(()), student_logits.new_empty(grad_shape)
 
 
 @torch.library.register_fake("pyfastpeft::fused_linear_kd_loss")
 def _fused_linear_kd_loss_fake(
-    student_hidden, student_weight, teacher_hidden, teacher_weight, labels, temperature, alpha, ignore_index,
-    divergence, chunk_size, output_mask,
+    student_hidden,
+    student_weight,
+    teacher_hidden,
+    teacher_weight,
+    labels,
+    temperature,
+    alpha,
+    ignore_index,
+    divergence,
+    chunk_size,
+    output_mask,
 ):
     need_dh, need_dw = output_mask
     dh = student_hidden.new_empty(student_hidden.shape if need_dh else (0,))
@@ -68,13 +79,16 @@ def _kd_setup_context(ctx, inputs, output):
     ctx.compute_grad = compute_grad
     ctx.save_for_backward(grad)
     ctx.mark_non_differentiable(grad)
+    # Otherwise autograd would build a zero N×V gradient for the non-differentiable second output.
+    ctx.set_materialize_grads(False)
 
 
 def _kd_backward(ctx, grad_loss, _grad_grad):
     if not ctx.compute_grad:
         raise RuntimeError("kd_loss: called with compute_grad=False, so there is no gradient to propagate")
     (grad,) = ctx.saved_tensors
-    return _scale(grad, grad_loss), None, None, None, None, None, None, None
+    grad_student = None if grad_loss is None else _scale(grad, grad_loss)
+    return grad_student, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("pyfastpeft::kd_loss", _kd_backward, setup_context=_kd_setup_context)
@@ -85,6 +99,7 @@ def _fused_setup_context(ctx, inputs, output):
     _, dh, dw = output
     ctx.save_for_backward(dh, dw)
     ctx.mark_non_differentiable(dh, dw)
+    ctx.set_materialize_grads(False)  # no zero gradients for the non-differentiable dh and dW
 
 
 def _fused_backward(ctx, grad_loss, _grad_dh, _grad_dw):
@@ -94,13 +109,17 @@ def _fused_backward(ctx, grad_loss, _grad_dh, _grad_dw):
     if (needs[0] and not need_dh) or (needs[1] and not need_dw):
         raise RuntimeError("fused_linear_kd_loss: a gradient was requested that output_mask did not compute")
     if needs[2] or needs[3]:
-        raise RuntimeError("fused_linear_kd_loss: the teacher gets no gradient; pass detached teacher tensors")
-    grad_h = _scale(dh, grad_loss) if needs[0] else None
-    grad_w = _scale(dw, grad_loss) if needs[1] else None
+        raise RuntimeError(
+            "fused_linear_kd_loss: the teacher gets no gradient; pass detached teacher tensors"
+        )
+    grad_h = _scale(dh, grad_loss) if needs[0] and grad_loss is not None else None
+    grad_w = _scale(dw, grad_loss) if needs[1] and grad_loss is not None else None
     return grad_h, grad_w, None, None, None, None, None, None, None, None, None
 
 
-torch.library.register_autograd("pyfastpeft::fused_linear_kd_loss", _fused_backward, setup_context=_fused_setup_context)
+torch.library.register_autograd(
+    "pyfastpeft::fused_linear_kd_loss", _fused_backward, setup_context=_fused_setup_context
+)
 
 
 def _check_options(divergence: str, temperature: float, alpha: float) -> None:
@@ -115,15 +134,20 @@ def _check_options(divergence: str, temperature: float, alpha: float) -> None:
 def _check_common(divergence: str, temperature: float, alpha: float, labels: torch.Tensor | None) -> None:
     _check_options(divergence, temperature, alpha)
     if labels is None and alpha > 0:
-        raise ValueError(f"labels: required when alpha > 0 (the cross-entropy term needs them), got None with alpha={alpha}")
+        raise ValueError(
+            "labels: required when alpha > 0 (the cross-entropy term needs them), "
+            f"got None with alpha={alpha}"
+        )
 
 
 def _flat_labels(labels: torch.Tensor | None, lead_shape: torch.Size, what: str) -> torch.Tensor | None:
     if labels is None:
         return None
     if labels.shape != lead_shape:
-        raise ValueError(f"labels: expected shape {tuple(lead_shape)} (the leading dimensions of {what}), "
-                         f"got {tuple(labels.shape)}")
+        raise ValueError(
+            f"labels: expected shape {tuple(lead_shape)} (the leading dimensions of {what}), "
+            f"got {tuple(labels.shape)}"
+        )
     return labels.reshape(-1)
 
 
@@ -150,22 +174,28 @@ def kd_loss(
         divergence: ``"forward_kl"`` KL(teacher‖student), ``"reverse_kl"`` KL(student‖teacher) or
             ``"js"`` Jensen-Shannon with the mixture ½(student + teacher).
 
-    Returns a 0-d tensor of the logits' dtype. With every token ignored the loss is 0 (and so is its gradient).
+    Returns a 0-d tensor of the logits' dtype. With every token ignored the loss is 0 (and so is its
+    gradient).
     """
     _check_common(divergence, temperature, alpha, labels)
     if student_logits.dim() < 1 or teacher_logits.shape != student_logits.shape:
         if student_logits.dim() >= 1 and teacher_logits.shape[-1:] != student_logits.shape[-1:]:
-            raise ValueError(f"teacher_logits: vocabulary size {teacher_logits.shape[-1]} does not match "
-                             f"student_logits' vocabulary size {student_logits.shape[-1]}")
-        raise ValueError(f"teacher_logits: expected the shape of student_logits {tuple(student_logits.shape)}, "
-                         f"got {tuple(teacher_logits.shape)}")
+            raise ValueError(
+                f"teacher_logits: vocabulary size {teacher_logits.shape[-1]} does not match "
+                f"student_logits' vocabulary size {student_logits.shape[-1]}"
+            )
+        raise ValueError(
+            f"teacher_logits: expected the shape of student_logits {tuple(student_logits.shape)}, "
+            f"got {tuple(teacher_logits.shape)}"
+        )
     vocab = student_logits.shape[-1]
     s = student_logits.reshape(-1, vocab)
     t = teacher_logits.detach().reshape(-1, vocab)
     flat_labels = _flat_labels(labels, student_logits.shape[:-1], "student_logits")
     compute_grad = torch.is_grad_enabled() and s.requires_grad
-    loss, _ = _OP.kd_loss(s, t, flat_labels, float(temperature), float(alpha), int(ignore_index), divergence,
-                          compute_grad)
+    loss, _ = _OP.kd_loss(
+        s, t, flat_labels, float(temperature), float(alpha), int(ignore_index), divergence, compute_grad
+    )
     return loss
 
 
@@ -192,9 +222,15 @@ def fused_linear_kd_loss(
         Other arguments: as in :func:`kd_loss`.
     """
     _check_common(divergence, temperature, alpha, labels)
-    if student_hidden.dim() < 1 or teacher_hidden.dim() < 1 or student_hidden.shape[:-1] != teacher_hidden.shape[:-1]:
-        raise ValueError(f"teacher_hidden: expected the leading dimensions of student_hidden "
-                         f"{tuple(student_hidden.shape[:-1])}, got shape {tuple(teacher_hidden.shape)}")
+    if (
+        student_hidden.dim() < 1
+        or teacher_hidden.dim() < 1
+        or student_hidden.shape[:-1] != teacher_hidden.shape[:-1]
+    ):
+        raise ValueError(
+            f"teacher_hidden: expected the leading dimensions of student_hidden "
+            f"{tuple(student_hidden.shape[:-1])}, got shape {tuple(teacher_hidden.shape)}"
+        )
     if chunk_size < 0:
         raise ValueError(f"chunk_size: expected 0 (automatic) or a positive number of rows, got {chunk_size}")
     hs = student_hidden.reshape(-1, student_hidden.shape[-1])
@@ -203,7 +239,16 @@ def fused_linear_kd_loss(
     grad_on = torch.is_grad_enabled()
     mask = [grad_on and hs.requires_grad, grad_on and student_head_weight.requires_grad]
     loss, _, _ = _OP.fused_linear_kd_loss(
-        hs, student_head_weight, ht, teacher_head_weight.detach(), flat_labels, float(temperature), float(alpha),
-        int(ignore_index), divergence, int(chunk_size), mask,
+        hs,
+        student_head_weight,
+        ht,
+        teacher_head_weight.detach(),
+        flat_labels,
+        float(temperature),
+        float(alpha),
+        int(ignore_index),
+        divergence,
+        int(chunk_size),
+        mask,
     )
     return loss

@@ -71,8 +71,9 @@ def test_distillation_loss_module_matches_reference():
     labels = torch.randint(0, VOCAB, (3, 5))
     labels[0] = -100
     module = DistillationLoss(temperature=2.0, alpha=0.25, divergence="reverse_kl")
-    torch.testing.assert_close(module(s, t, labels),
-                               reference.kd_loss(s, t, labels, 2.0, 0.25, divergence="reverse_kl"))
+    torch.testing.assert_close(
+        module(s, t, labels), reference.kd_loss(s, t, labels, 2.0, 0.25, divergence="reverse_kl")
+    )
     assert "reverse_kl" in repr(module)
 
 
@@ -83,16 +84,21 @@ def test_distillation_loss_from_hidden():
     wt = torch.randn(VOCAB, 8, dtype=torch.float64)
     labels = torch.randint(0, VOCAB, (10,))
     module = DistillationLoss(temperature=1.5, alpha=0.5, divergence="js", chunk_size=3)
-    torch.testing.assert_close(module.from_hidden(hs, ws, ht, wt, labels),
-                               reference.fused_linear_kd_loss(hs, ws, ht, wt, labels, 1.5, 0.5, divergence="js"))
+    torch.testing.assert_close(
+        module.from_hidden(hs, ws, ht, wt, labels),
+        reference.fused_linear_kd_loss(hs, ws, ht, wt, labels, 1.5, 0.5, divergence="js"),
+    )
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(divergence="kl"), "divergence"),
-    (dict(temperature=0.0), "temperature"),
-    (dict(alpha=-0.1), "alpha"),
-    (dict(chunk_size=-2), "chunk_size"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(divergence="kl"), "divergence"),
+        (dict(temperature=0.0), "temperature"),
+        (dict(alpha=-0.1), "alpha"),
+        (dict(chunk_size=-2), "chunk_size"),
+    ],
+)
 def test_distillation_loss_bad_options(kwargs, match):
     with pytest.raises(ValueError, match=match):
         DistillationLoss(**kwargs)
@@ -154,8 +160,14 @@ def test_distill_with_hugging_face_style_outputs_and_shifted_labels():
     teacher, student = Wrapped(TinyLM(seed=5)), Wrapped(TinyLM(seed=6))
     pairs = [(b["input_ids"], b["labels"]) for b in batches(2)]
     steps = []
-    losses = distill(teacher, student, pairs, loss=DistillationLoss(alpha=0.3, divergence="js"), shift_labels=True,
-                     on_step=lambda step, value: steps.append(step))
+    losses = distill(
+        teacher,
+        student,
+        pairs,
+        loss=DistillationLoss(alpha=0.3, divergence="js"),
+        shift_labels=True,
+        on_step=lambda step, value: steps.append(step),
+    )
     assert steps == [1, 2] and all(torch.isfinite(torch.tensor(losses)))
 
 

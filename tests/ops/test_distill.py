@@ -56,7 +56,9 @@ def test_kd_loss_matches_reference_float64(device, divergence, temperature, alph
 def test_kd_loss_without_labels(device, divergence):
     s, t = make_logits(5, 300, device)
     loss, grad = loss_and_grad(pf.ops.kd_loss, s, t, None, alpha=0.0, temperature=2.0, divergence=divergence)
-    ref_loss, ref_grad = loss_and_grad(reference.kd_loss, s, t, None, alpha=0.0, temperature=2.0, divergence=divergence)
+    ref_loss, ref_grad = loss_and_grad(
+        reference.kd_loss, s, t, None, alpha=0.0, temperature=2.0, divergence=divergence
+    )
     torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(grad, ref_grad, rtol=1e-10, atol=1e-13)
 
@@ -192,7 +194,9 @@ def test_teacher_gets_no_gradient(device):
 def test_torch_compile_fullgraph():
     s, t = make_logits(4, 64, "cpu", dtype=torch.float32)
     labels = make_labels(4, 64, "cpu")
-    compiled = torch.compile(lambda a, b, c: pf.ops.kd_loss(a, b, c, temperature=2.0), fullgraph=True, backend="eager")
+    compiled = torch.compile(
+        lambda a, b, c: pf.ops.kd_loss(a, b, c, temperature=2.0), fullgraph=True, backend="aot_eager"
+    )
     sv = s.clone().requires_grad_()
     loss = compiled(sv, t, labels)
     loss.backward()
@@ -206,7 +210,9 @@ def test_torch_compile_fullgraph():
 
 def make_hidden(n, h, ht, v, device, dtype=torch.float64, generator=None):
     def r(*shape, scale):
-        return (torch.randn(*shape, dtype=torch.float64, generator=generator) * scale).to(device=device, dtype=dtype)
+        return (torch.randn(*shape, dtype=torch.float64, generator=generator) * scale).to(
+            device=device, dtype=dtype
+        )
 
     return r(n, h, scale=1.0), r(v, h, scale=h**-0.5 * 3), r(n, ht, scale=1.0), r(v, ht, scale=ht**-0.5 * 3)
 
@@ -225,7 +231,9 @@ def test_fused_linear_matches_reference_float64(device, divergence, chunk_size):
     hs, ws, ht, wt = make_hidden(10, 24, 40, 333, device)
     labels = make_labels(10, 333, device, ignore_every=3)
     kw = dict(temperature=2.0, alpha=0.3, divergence=divergence)
-    loss, dh, dw = fused_grads(pf.ops.fused_linear_kd_loss, hs, ws, ht, wt, labels, chunk_size=chunk_size, **kw)
+    loss, dh, dw = fused_grads(
+        pf.ops.fused_linear_kd_loss, hs, ws, ht, wt, labels, chunk_size=chunk_size, **kw
+    )
     ref_loss, ref_dh, ref_dw = fused_grads(reference.fused_linear_kd_loss, hs, ws, ht, wt, labels, **kw)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(dh, ref_dh, rtol=1e-10, atol=1e-12)
@@ -236,9 +244,19 @@ def test_fused_linear_frozen_head_and_leading_dims(device):
     hs, ws, ht, wt = make_hidden(12, 16, 16, 101, device)
     labels = make_labels(12, 101, device)
     shape3 = lambda x: x.reshape(3, 4, x.shape[-1])  # noqa: E731
-    loss, dh, dw = fused_grads(pf.ops.fused_linear_kd_loss, shape3(hs), ws, shape3(ht), wt, labels.reshape(3, 4),
-                               train_weight=False, chunk_size=5)
-    ref_loss, ref_dh, _ = fused_grads(reference.fused_linear_kd_loss, hs, ws, ht, wt, labels, train_weight=False)
+    loss, dh, dw = fused_grads(
+        pf.ops.fused_linear_kd_loss,
+        shape3(hs),
+        ws,
+        shape3(ht),
+        wt,
+        labels.reshape(3, 4),
+        train_weight=False,
+        chunk_size=5,
+    )
+    ref_loss, ref_dh, _ = fused_grads(
+        reference.fused_linear_kd_loss, hs, ws, ht, wt, labels, train_weight=False
+    )
     assert dw is None and dh.shape == (3, 4, 16)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(dh.reshape(12, 16), ref_dh, rtol=1e-10, atol=1e-12)
@@ -252,8 +270,10 @@ def test_fused_linear_low_precision(device, dtype):
     kw = dict(temperature=2.0, alpha=0.5)
     ours = fused_grads(pf.ops.fused_linear_kd_loss, hs, ws, ht, wt, labels, chunk_size=24, **kw)
     eager = fused_grads(reference.fused_linear_kd_loss, hs, ws, ht, wt, labels, **kw)
-    ref = fused_grads(reference.fused_linear_kd_loss, hs.double(), ws.double(), ht.double(), wt.double(), labels, **kw)
-    for name, a, e, r in zip(("loss", "dh", "dw"), ours, eager, ref):
+    ref = fused_grads(
+        reference.fused_linear_kd_loss, hs.double(), ws.double(), ht.double(), wt.double(), labels, **kw
+    )
+    for name, a, e, r in zip(("loss", "dh", "dw"), ours, eager, ref, strict=True):
         assert a.dtype == dtype
         err, bound = low_precision_error_bound(a, e, r)
         assert err <= bound, f"{name} error {err:.3e} > {bound:.3e}"
@@ -264,8 +284,12 @@ def test_fused_linear_gradcheck(device):
     labels = torch.tensor([1, -100, 18, 0, 5], device=device)
     hs.requires_grad_()
     ws.requires_grad_()
-    fn = lambda h, w: pf.ops.fused_linear_kd_loss(h, w, ht, wt, labels, temperature=1.5, alpha=0.2,  # noqa: E731
-                                                  divergence="js", chunk_size=2)
+
+    def fn(h, w):
+        return pf.ops.fused_linear_kd_loss(
+            h, w, ht, wt, labels, temperature=1.5, alpha=0.2, divergence="js", chunk_size=2
+        )
+
     assert torch.autograd.gradcheck(fn, (hs, ws), eps=1e-6, atol=1e-8)
 
 
@@ -278,14 +302,20 @@ def test_opcheck(device, divergence):
     labels = make_labels(5, 37, device)
     s.requires_grad_()
     torch.library.opcheck(torch.ops.pyfastpeft.kd_loss, (s, t, labels, 2.0, 0.5, -100, divergence, True))
-    torch.library.opcheck(torch.ops.pyfastpeft.kd_loss, (s.detach(), t, None, 1.0, 0.0, -100, divergence, False))
+    torch.library.opcheck(
+        torch.ops.pyfastpeft.kd_loss, (s.detach(), t, None, 1.0, 0.0, -100, divergence, False)
+    )
     hs, ws, ht, wt = make_hidden(6, 8, 8, 37, device, dtype=torch.float32)
     hs.requires_grad_()
     ws.requires_grad_()
-    torch.library.opcheck(torch.ops.pyfastpeft.fused_linear_kd_loss,
-                          (hs, ws, ht, wt, labels.repeat(2)[:6], 1.5, 0.5, -100, divergence, 4, [True, True]))
-    torch.library.opcheck(torch.ops.pyfastpeft.fused_linear_kd_loss,
-                          (hs, ws.detach(), ht, wt, None, 1.0, 0.0, -100, divergence, 0, [True, False]))
+    torch.library.opcheck(
+        torch.ops.pyfastpeft.fused_linear_kd_loss,
+        (hs, ws, ht, wt, labels.repeat(2)[:6], 1.5, 0.5, -100, divergence, 4, [True, True]),
+    )
+    torch.library.opcheck(
+        torch.ops.pyfastpeft.fused_linear_kd_loss,
+        (hs, ws.detach(), ht, wt, None, 1.0, 0.0, -100, divergence, 0, [True, False]),
+    )
 
 
 # ---- bad input -------------------------------------------------------------------------------------------
@@ -307,7 +337,10 @@ def test_bad_input(device):
         (lambda: pf.ops.kd_loss(s, t, labels, alpha=1.5), "alpha"),
         (lambda: pf.ops.kd_loss(s, t, labels, divergence="kl"), "divergence"),
         (lambda: pf.ops.kd_loss(s.int(), t.int(), labels), "student_logits"),
-        (lambda: torch.ops.pyfastpeft.kd_loss(s[0], t[0], None, 1.0, 0.0, -100, "js", False), "student_logits"),
+        (
+            lambda: torch.ops.pyfastpeft.kd_loss(s[0], t[0], None, 1.0, 0.0, -100, "js", False),
+            "student_logits",
+        ),
         (lambda: torch.ops.pyfastpeft.kd_loss(s, t, labels, 1.0, 0.5, -100, "xx", False), "divergence"),
     ]
     hs, ws, ht, wt = make_hidden(4, 8, 6, 10, device, dtype=torch.float32)
@@ -316,7 +349,10 @@ def test_bad_input(device):
         (lambda: pf.ops.fused_linear_kd_loss(hs, ws[:, :7], ht, wt, labels), "student_weight"),
         (lambda: pf.ops.fused_linear_kd_loss(hs, ws, ht, wt[:, :5], labels), "teacher_weight"),
         (lambda: pf.ops.fused_linear_kd_loss(hs, ws, ht[:3], wt, labels), "teacher_hidden"),
-        (lambda: pf.ops.fused_linear_kd_loss(hs, ws.half(), ht, wt, labels), "student_weight: expected dtype"),
+        (
+            lambda: pf.ops.fused_linear_kd_loss(hs, ws.half(), ht, wt, labels),
+            "student_weight: expected dtype",
+        ),
         (lambda: pf.ops.fused_linear_kd_loss(hs, ws, ht, wt, labels + 20), "labels: every label"),
         (lambda: pf.ops.fused_linear_kd_loss(hs, ws, ht, wt, labels, chunk_size=-1), "chunk_size"),
     ]
