@@ -12,8 +12,10 @@ Peak memory on the CPU: each variant runs once in a fresh subprocess. After the 
 tiny warm-up has loaded every library, the process resets the kernel's resident-set high-water mark
 (`echo 5 > /proc/self/clear_refs`), records its resident set (VmRSS), runs forward + backward once and
 reads the high-water mark (VmHWM). The difference is the extra memory the step touched at its peak,
-input gradients included. Tensors this large are mmap-backed and given back to the kernel when freed,
-so the resident set follows live memory. On CUDA the child uses torch.cuda.max_memory_allocated.
+input gradients included. The child runs with MALLOC_MMAP_THRESHOLD_=65536, so every block of 64 KiB or
+more is its own mapping, given back to the kernel when freed, and the resident set follows live memory
+(with glibc's default dynamic threshold, freed chunk buffers stay resident and the figure varies by tens
+of MiB between runs). On CUDA the child uses torch.cuda.max_memory_allocated.
 
     python bench/bench_distill.py            # N=4096, V=32000 (H=256 for the linear variants)
     python bench/bench_distill.py --quick    # small smoke size
@@ -25,6 +27,7 @@ import argparse
 import functools
 import gc
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -118,7 +121,15 @@ def measure_peak(variant: str, n: int, v: int, h: int, device: str) -> dict:
         "--device",
         device,
     ]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+    # A fixed mmap threshold makes glibc serve every block of 64 KiB or more with its own mapping and
+    # unmap it on free; with the default (dynamic) threshold, freed chunk buffers stay resident in the
+    # heap arenas and the measured peak varies by tens of MiB from run to run.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    out = (
+        subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
+        .stdout.strip()
+        .splitlines()[-1]
+    )
     return json.loads(out)
 
 
@@ -206,9 +217,9 @@ def main() -> None:
         rows,
         command,
         extra={
-            "peak_method": "CPU: fresh subprocess per variant; VmHWM reset via /proc/self/clear_refs, "
-            "then VmHWM after one "
-            "forward+backward minus VmRSS just before it; CUDA: max_memory_allocated minus allocated",
+            "peak_method": "CPU: fresh subprocess per variant with MALLOC_MMAP_THRESHOLD_=65536; VmHWM "
+            "reset via /proc/self/clear_refs, then VmHWM after one forward+backward minus VmRSS just before "
+            "it; CUDA: max_memory_allocated minus allocated",
             "settings": {**KW, "dtype": "float32", "ignored_labels": "1 in 8"},
         },
     )
