@@ -1,6 +1,6 @@
 """Distillation loss: pyfastpeft's fused kernels against the eager PyTorch composition.
 
-Variants (forward + backward, float32, T = 2, α = 0.5, forward KL, 1/8 of the labels ignored):
+Variants (forward + backward, float32 unless --dtype, T = 2, α = 0.5, forward KL, 1/8 of the labels ignored):
   kd_eager    reference.kd_loss on given logits [N, V]          (log_softmax/kl_div/cross_entropy)
   kd_fused    pyfastpeft.ops.kd_loss on the same logits
   linear_eager reference.fused_linear_kd_loss: h·Wᵀ for student and teacher, then the eager loss
@@ -19,6 +19,7 @@ of MiB between runs). On CUDA the child uses torch.cuda.max_memory_allocated.
 
     python bench/bench_distill.py            # N=4096, V=32000 (H=256 for the linear variants)
     python bench/bench_distill.py --quick    # small smoke size
+    python bench/bench_distill.py --dtype bfloat16
 """
 
 from __future__ import annotations
@@ -44,7 +45,10 @@ KW = dict(temperature=2.0, alpha=0.5, divergence="forward_kl")
 MIB = 2**20
 
 
-def make_inputs(variant: str, n: int, v: int, h: int, device: str, dtype=torch.float32):
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def make_inputs(variant: str, n: int, v: int, h: int, device: str, dtype: torch.dtype = torch.float32):
     g = torch.Generator().manual_seed(0)
     labels = torch.randint(0, v, (n,), generator=g)
     labels[::8] = -100
@@ -82,11 +86,11 @@ def _status_bytes(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
-def measure_peak_child(variant: str, n: int, v: int, h: int, device: str) -> None:
+def measure_peak_child(variant: str, n: int, v: int, h: int, device: str, dtype: torch.dtype) -> None:
     """Runs in a fresh process: prints the step's peak extra bytes as JSON."""
-    small_args, small_params = make_inputs(variant, 16, 64, 8, device)
+    small_args, small_params = make_inputs(variant, 16, 64, 8, device, dtype)
     step(variant, small_args, small_params)  # loads and initialises every library the step uses
-    args, params = make_inputs(variant, n, v, h, device)
+    args, params = make_inputs(variant, n, v, h, device, dtype)
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -106,7 +110,7 @@ def measure_peak_child(variant: str, n: int, v: int, h: int, device: str) -> Non
     print(json.dumps({"peak_extra": peak - base}))
 
 
-def measure_peak(variant: str, n: int, v: int, h: int, device: str) -> dict:
+def measure_peak(variant: str, n: int, v: int, h: int, device: str, dtype: str) -> dict:
     cmd = [
         sys.executable,
         __file__,
@@ -120,6 +124,8 @@ def measure_peak(variant: str, n: int, v: int, h: int, device: str) -> dict:
         str(h),
         "--device",
         device,
+        "--dtype",
+        dtype,
     ]
     # A fixed mmap threshold makes glibc serve every block of 64 KiB or more with its own mapping and
     # unmap it on free; with the default (dynamic) threshold, freed chunk buffers stay resident in the
@@ -136,14 +142,14 @@ def measure_peak(variant: str, n: int, v: int, h: int, device: str) -> dict:
 def run_family(family: str, a: argparse.Namespace) -> list[dict]:
     """Times the eager and fused variants of one family against each other and measures their peaks."""
     names = [f"{family}_eager", f"{family}_fused"]
-    inputs = {name: make_inputs(name, a.n, a.v, a.h, a.device) for name in names}
+    inputs = {name: make_inputs(name, a.n, a.v, a.h, a.device, DTYPES[a.dtype]) for name in names}
     fns = {name: functools.partial(step, name, *inputs[name]) for name in names}
     times = time_interleaved(fns, device=a.device, warmup=1, rounds=a.rounds)
     rows = []
     for name in names:
         args, params = inputs[name]
         saved = saved_activation_bytes(functools.partial(FNS[name], args), exclude=tuple(params))
-        peak = measure_peak(name, a.n, a.v, a.h, a.device)
+        peak = measure_peak(name, a.n, a.v, a.h, a.device, a.dtype)
         rows.append(
             {
                 "variant": name,
@@ -169,10 +175,11 @@ def main() -> None:
     ap.add_argument("--h", type=int, default=256, help="hidden size of the linear variants")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--device", default="cuda" if pf.cuda_available() else "cpu")
+    ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
-        measure_peak_child(a.child, a.n, a.v, a.h, a.device)
+        measure_peak_child(a.child, a.n, a.v, a.h, a.device, DTYPES[a.dtype])
         return
     if a.quick:
         a.n, a.v, a.h, a.rounds = 256, 2000, 64, 3
@@ -184,8 +191,9 @@ def main() -> None:
     # The fused linear loss at twice the vocabulary: its peak should grow only by the weight-sized
     # buffers (the dW output, V·H floats), not by anything N×V.
     for v in (a.v, 2 * a.v):
-        peak = measure_peak("linear_fused", a.n, v, a.h, a.device)
-        weight_bytes = v * a.h * 4
+        peak = measure_peak("linear_fused", a.n, v, a.h, a.device, a.dtype)
+        # dW: float32 (4 bytes); 16-bit weights also hold the float32 accumulator until the cast (4 + 2).
+        weight_bytes = v * a.h * (4 if a.dtype == "float32" else 6)
         rows.append(
             {
                 "variant": "linear_fused (V sweep)",
@@ -210,8 +218,8 @@ def main() -> None:
         "peak_minus_dW_MiB",
     ]
     print_table(rows, columns)
-    name = "distill_quick" if a.quick else "distill"
-    command = "python bench/bench_distill.py" + (" --quick" if a.quick else "")
+    name = ("distill_quick" if a.quick else "distill") + ("" if a.dtype == "float32" else f"_{a.dtype}")
+    command = " ".join(["python bench/bench_distill.py", *sys.argv[1:]])
     path = write_results(
         name,
         rows,
@@ -220,7 +228,7 @@ def main() -> None:
             "peak_method": "CPU: fresh subprocess per variant with MALLOC_MMAP_THRESHOLD_=65536; VmHWM "
             "reset via /proc/self/clear_refs, then VmHWM after one forward+backward minus VmRSS just before "
             "it; CUDA: max_memory_allocated minus allocated",
-            "settings": {**KW, "dtype": "float32", "ignored_labels": "1 in 8"},
+            "settings": {**KW, "dtype": a.dtype, "ignored_labels": "1 in 8"},
         },
     )
     print(f"wrote {path}")
