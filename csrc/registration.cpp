@@ -72,4 +72,17 @@ TORCH_LIBRARY(pyfastpeft, m) {
         "Tensor scalings, Tensor adapter_indices, Tensor xa, float dropout_p, Tensor? rng_state, bool[5] output_mask) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
         pt2);
+
+  // ---- distill: knowledge-distillation loss (csrc/ops/distill) ----
+  // Returns (loss, grad_student): the mean loss and, when compute_grad, d loss / d student_logits made in
+  // the same row pass (an empty tensor otherwise). divergence: 'forward_kl', 'reverse_kl' or 'js'.
+  m.def("kd_loss(Tensor student_logits, Tensor teacher_logits, Tensor? labels, float temperature, float alpha, "
+        "int ignore_index, str divergence, bool compute_grad) -> (Tensor, Tensor)",
+        pt2);
+  // The same loss from the last hidden states, chunked over rows so the logits are never whole. Returns
+  // (loss, grad_student_hidden, grad_student_weight); entries whose output_mask is false are empty.
+  m.def("fused_linear_kd_loss(Tensor student_hidden, Tensor student_weight, Tensor teacher_hidden, "
+        "Tensor teacher_weight, Tensor? labels, float temperature, float alpha, int ignore_index, str divergence, "
+        "int chunk_size, bool[2] output_mask) -> (Tensor, Tensor, Tensor)",
+        pt2);
 }

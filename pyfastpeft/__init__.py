@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch  # noqa: F401  (must be imported before the extension)
 
-from . import io, nn, ops, optim, quant, tuners
+from . import distill, io, nn, ops, optim, quant, tuners
 from ._extension import build_info, cuda_available
 from .report import Report, report
 from .tuners import LoraConfig, PeftModel, get_peft_model
@@ -18,6 +18,7 @@ __all__ = [
     "__version__",
     "build_info",
     "cuda_available",
+    "distill",
     "get_peft_model",
     "io",
     "nn",

@@ -1,6 +1,7 @@
 """Functional ops: thin wrappers over ``torch.ops.pyfastpeft.*`` with autograd and fake kernels."""
 
 from .. import _extension  # noqa: F401, I001  (loads the compiled operators first)
+from .distill import fused_linear_kd_loss, kd_loss
 from .lora import lora_linear, philox_dropout
 from .multi_lora import check_adapter_indices, multi_lora_linear
 from .optim import fused_adamw_, multi_tensor_l2_norm
@@ -12,6 +13,8 @@ __all__ = [
     "fake_quantize",
     "fake_quantize_lsq",
     "fused_adamw_",
+    "fused_linear_kd_loss",
+    "kd_loss",
     "lora_linear",
     "multi_lora_linear",
     "multi_tensor_l2_norm",
