@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from torch import nn
 
 from .config import LoraConfig
-from .lora_layers import LoraEmbedding, LoraLayer, LoraLinear, ModulesToSaveWrapper, is_conv1d
+from .lora_layers import QUANTIZED_BASES, LoraEmbedding, LoraLayer, LoraLinear, ModulesToSaveWrapper, is_conv1d
 
 _LAYER_LISTS = ("layers", "h", "blocks", "layer")
 
@@ -25,7 +25,7 @@ def walk(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]
 
 
 def _adaptable(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Linear, nn.Embedding, LoraLayer)) or is_conv1d(module)
+    return isinstance(module, (nn.Linear, nn.Embedding, LoraLayer, *QUANTIZED_BASES)) or is_conv1d(module)
 
 
 def _matches(path: str, patterns: list[str] | str) -> bool:

@@ -17,6 +17,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
+from ..nn.fake_quant_linear import FakeQuantLinear
+from ..nn.quantized_linear import QuantizedLinear
+
+QUANTIZED_BASES = (FakeQuantLinear, QuantizedLinear)
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -130,9 +134,12 @@ class LoraLinear(LoraLayer):
     def __init__(self, base_layer: nn.Module):
         super().__init__(base_layer)
         self.fan_in_fan_out = is_conv1d(base_layer)
+        # A frozen (fake-)quantized base (QLoRA / QA-LoRA style): the op sees its quantized weight and
+        # quantized activations; the adapter trains in the base's float dtype and is never merged into it.
+        self.quantized_base = isinstance(base_layer, QUANTIZED_BASES)
         if self.fan_in_fan_out:
             self.in_features, self.out_features = base_layer.weight.shape
-        elif isinstance(base_layer, nn.Linear):
+        elif isinstance(base_layer, nn.Linear) or self.quantized_base:
             self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         else:
             raise ValueError(f"base_layer: expected nn.Linear or Conv1D, got {type(base_layer).__name__}")
@@ -142,9 +149,18 @@ class LoraLinear(LoraLayer):
         self._dora_merge_norm: dict[str, torch.Tensor] = {}
 
     def weight_oi(self) -> torch.Tensor:
-        """The base weight as [out, in] (a transposed view for Conv1D)."""
+        """The base weight as [out, in] (a transposed view for Conv1D; the dequantized or fake-quantized
+        weight, without gradient, for a quantized base)."""
+        if self.quantized_base:
+            with torch.no_grad():
+                return self.base_layer.quantized_weight()
         w = self.base_layer.weight
         return w.t() if self.fan_in_fan_out else w
+
+    def base_weight_dtype(self) -> torch.dtype:
+        if isinstance(self.base_layer, QuantizedLinear):
+            return self.base_layer.dtype
+        return self.base_layer.weight.dtype
 
     def update_layer(
         self,
@@ -156,7 +172,12 @@ class LoraLinear(LoraLayer):
         use_dora: bool,
         init: bool | str,
     ) -> None:
-        w = self.base_layer.weight
+        if self.quantized_base and (use_dora or init == "pissa"):
+            raise ValueError(
+                f"adapter {name!r}: DoRA and PiSSA need a float base weight; "
+                f"{type(self.base_layer).__name__} is quantized (use plain LoRA over it)"
+            )
+        w = self.weight_oi()
         self.r[name], self.lora_alpha[name], self.dropout_p[name] = r, alpha, float(dropout)
         self.scaling[name] = alpha / (math.sqrt(r) if use_rslora else r)
         self.use_dora[name] = use_dora
@@ -220,6 +241,12 @@ class LoraLinear(LoraLayer):
 
     @torch.no_grad()
     def merge(self, names: list[str] | None = None) -> None:
+        if self.quantized_base:
+            raise ValueError(
+                f"merge: the base is a {type(self.base_layer).__name__}; merging a float update into quantized "
+                "weights would requantize them. Keep the adapter separate, or merge into the float model "
+                "before pyfastpeft.quant.convert"
+            )
         for name in names if names is not None else self.active_adapters:
             if name in self.merged_adapters or name not in self.r:
                 continue
@@ -260,6 +287,8 @@ class LoraLinear(LoraLayer):
         active = [n for n in self.active_adapters if n not in self.merged_adapters]
         if not active:
             return self.base_layer(x, *args, **kwargs)
+        if self.quantized_base:
+            x = self.base_layer.quantize_input(x)
         dtype = self._compute_dtype(x)
         weight = self.weight_oi().to(dtype)
         bias = self.base_layer.bias
