@@ -54,6 +54,8 @@ class LoraLayer(nn.Module):
         self.use_dora: dict[str, bool] = {}
         self.active_adapters: list[str] = []
         self.disable_adapters = False
+        # (adapter names of the model, adapter index per sequence) while PeftModel runs a mixed batch
+        self.mixed_batch: tuple[list[str], list[int]] | None = None
         self.merged_adapters: list[str] = []
 
     @property
@@ -284,6 +286,8 @@ class LoraLinear(LoraLayer):
             if self.merged_adapters:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
+        if self.mixed_batch is not None:
+            return self._mixed_forward(x)
         active = [n for n in self.active_adapters if n not in self.merged_adapters]
         if not active:
             return self.base_layer(x, *args, **kwargs)
@@ -301,6 +305,41 @@ class LoraLinear(LoraLayer):
         for name in active:
             y = y + self._fused(x, weight, None, name) - F.linear(x, weight)
         return y
+
+    def _mixed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Every sequence through its own adapter (index -1: the base alone) with the multi-adapter op.
+        The stacked A and B are built from this layer's adapters with torch.stack, so gradients reach
+        each adapter's own parameters."""
+        names, seq_indices = self.mixed_batch
+        if x.dim() < 2 or x.shape[0] != len(seq_indices):
+            raise ValueError(
+                f"adapter_names: {len(seq_indices)} names for a batch of shape {tuple(x.shape)} "
+                "(expected one name per sequence, the first dimension)"
+            )
+        present = [n for n in names if n in self.r]
+        if any(self.use_dora[n] for n in present):
+            raise ValueError("adapter_names: mixed-adapter batches do not support DoRA adapters yet")
+        if self.quantized_base:
+            x = self.base_layer.quantize_input(x)
+        dtype = self._compute_dtype(x)
+        x = x.to(dtype)
+        weight = self.weight_oi().to(dtype)
+        bias = self.base_layer.bias
+        bias = None if bias is None else bias.to(dtype)
+        if not present:
+            return F.linear(x, weight, bias)
+        rates = {self.dropout_p[n] for n in present} if self.training else {0.0}
+        if len(rates) > 1:
+            raise ValueError(f"adapter_names: adapters of one mixed batch must share lora_dropout, got {sorted(rates)}")
+        r_max = max(self.r[n] for n in present)
+        a = torch.stack([F.pad(self.lora_A[n].weight, (0, 0, 0, r_max - self.r[n])) for n in present]).to(dtype)
+        b = torch.stack([F.pad(self.lora_B[n].weight, (0, r_max - self.r[n])) for n in present]).to(dtype)
+        scalings = torch.tensor([self.scaling[n] for n in present], dtype=torch.float64, device=x.device)
+        local = {n: i for i, n in enumerate(present)}
+        to_local = [local.get(names[i], -1) if i >= 0 else -1 for i in seq_indices]
+        per_seq = torch.tensor(to_local, dtype=torch.int64, device=x.device)
+        per_token = per_seq.view(-1, *([1] * (x.dim() - 2))).expand(x.shape[:-1]).contiguous()
+        return ops.multi_lora_linear(x, weight, bias, a, b, scalings, per_token, dropout_p=rates.pop())
 
     def _fused(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, name: str) -> torch.Tensor:
         a = self.lora_A[name].weight.to(x.dtype)

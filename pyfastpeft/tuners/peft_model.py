@@ -11,7 +11,7 @@ from torch import nn
 
 from .config import LoraConfig
 from .inject import inject_adapter, lora_layers, save_wrappers
-from .lora_layers import LoraLayer, ModulesToSaveWrapper
+from .lora_layers import LoraLayer, LoraLinear, ModulesToSaveWrapper
 
 BASE_ADAPTER = "__base__"
 
@@ -83,12 +83,33 @@ class PeftModel(nn.Module):
         return self.base_model.model(*args, **kwargs)
 
     def _mixed_batch_forward(self, *args, adapter_names: list[str], **kwargs):
-        # The seam for per-sequence adapters (one name per sequence, "__base__" for none): served by the
-        # multi-adapter op once its module is available; refused clearly until then.
-        raise NotImplementedError(
-            "adapter_names: per-sequence mixed-adapter batches need the multi-adapter LoRA op, which this "
-            "build does not include; run one adapter at a time with set_adapter()"
-        )
+        """One adapter per sequence (``"__base__"`` for none) in one batch, forward and backward: every
+        LoRA linear runs the multi-adapter op over the tokens of all adapters at once, so several
+        adapters can be trained together in one mixed batch."""
+        if isinstance(adapter_names, str) or not all(isinstance(n, str) for n in adapter_names):
+            raise ValueError(
+                f"adapter_names: expected a list of adapter names, one per sequence, got {adapter_names!r}"
+            )
+        known = list(self.peft_config)
+        unknown = sorted({n for n in adapter_names if n != BASE_ADAPTER and n not in known})
+        if unknown:
+            raise ValueError(f"adapter_names: unknown adapter(s) {unknown}; adapters: {known} (or {BASE_ADAPTER!r})")
+        if any(True for _ in save_wrappers(self.base_model.model)):
+            raise ValueError("adapter_names: mixed-adapter batches do not support modules_to_save yet")
+        if any(not isinstance(layer, LoraLinear) for _, layer in lora_layers(self.base_model.model)):
+            raise ValueError("adapter_names: mixed-adapter batches support LoRA on linear layers only (not embeddings)")
+        if any(layer.merged_adapters for _, layer in lora_layers(self.base_model.model)):
+            raise ValueError("adapter_names: unmerge the adapters first (unmerge_adapter())")
+        index = {n: i for i, n in enumerate(known)}
+        seq_indices = [index.get(n, -1) for n in adapter_names]
+        layers = [layer for _, layer in lora_layers(self.base_model.model)]
+        for layer in layers:
+            layer.mixed_batch = (known, seq_indices)
+        try:
+            return self.base_model.model(*args, **kwargs)
+        finally:
+            for layer in layers:
+                layer.mixed_batch = None
 
     # ---- adapters ---------------------------------------------------------------------------------
     def add_adapter(self, adapter_name: str, config: LoraConfig) -> None:

@@ -1,0 +1,108 @@
+"""model(..., adapter_names=[...]): one adapter per sequence in one batch, forward and backward, equal to
+running each adapter on its own sequences."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import pyfastpeft as pf
+from pyfastpeft.models import TinyLlamaConfig, TinyLlamaForCausalLM
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def two_adapter_model(second_targets=TARGETS, second_r=2):
+    torch.manual_seed(0)
+    cfg = TinyLlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2)
+    model = pf.get_peft_model(TinyLlamaForCausalLM(cfg), pf.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS), "a")
+    model.add_adapter("b", pf.LoraConfig(r=second_r, lora_alpha=3, target_modules=second_targets))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)
+    # train both adapters: PEFT leaves only the active one trainable
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            p.requires_grad_(True)
+    return model
+
+
+def separate(model, ids, names):
+    """Each sequence through its own adapter, one at a time; losses summed."""
+    outs, total = [], 0.0
+    for i, name in enumerate(names):
+        seq = ids[i : i + 1]
+        if name == "__base__":
+            with model.disable_adapter():
+                out = model(input_ids=seq, labels=seq)
+        else:
+            model.set_adapter(name)
+            for n, p in model.named_parameters():  # set_adapter may freeze the other adapter
+                if "lora_" in n:
+                    p.requires_grad_(True)
+            out = model(input_ids=seq, labels=seq)
+        outs.append(out.logits)
+        total = total + out.loss
+    return torch.cat(outs), total
+
+
+@pytest.mark.parametrize("second_targets", [TARGETS, ["q_proj", "v_proj"]])
+def test_mixed_batch_equals_separate_runs(second_targets):
+    model = two_adapter_model(second_targets)
+    model.eval()
+    ids = torch.randint(0, 64, (4, 9))
+    names = ["a", "b", "__base__", "b"]
+    mixed_logits = model(input_ids=ids, adapter_names=names).logits
+    # labels make a per-sequence mean loss; sum them to compare gradients with the separate runs
+    mixed_loss = sum(
+        model(input_ids=ids[i : i + 1], labels=ids[i : i + 1], adapter_names=[names[i]]).loss for i in range(4)
+    )
+    mixed_grads = torch.autograd.grad(
+        model(input_ids=ids, adapter_names=names).logits.square().sum(), [p for _, p in lora_params(model)]
+    )
+    sep_logits, _ = separate(model, ids, names)
+    torch.testing.assert_close(mixed_logits, sep_logits, rtol=1e-5, atol=1e-5)
+    _, sep_loss = separate(model, ids, names)
+    torch.testing.assert_close(mixed_loss, sep_loss, rtol=1e-5, atol=1e-6)
+    sep_grads = torch.autograd.grad(separate(model, ids, names)[0].square().sum(), [p for _, p in lora_params(model)])
+    for (name, _), g_mixed, g_sep in zip(lora_params(model), mixed_grads, sep_grads, strict=True):
+        torch.testing.assert_close(g_mixed, g_sep, rtol=1e-4, atol=1e-5, msg=name)
+    # both adapters really received gradient from the one mixed batch
+    assert any(g.abs().sum() > 0 for (n, _), g in zip(lora_params(model), mixed_grads, strict=True) if ".a." in n)
+    assert any(g.abs().sum() > 0 for (n, _), g in zip(lora_params(model), mixed_grads, strict=True) if ".b." in n)
+
+
+def lora_params(model):
+    return [(n, p) for n, p in model.named_parameters() if "lora_" in n]
+
+
+def test_two_adapters_train_together_in_one_batch():
+    model = two_adapter_model()
+    model.train()
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n}
+    before = {n: p.detach().clone() for n, p in lora_params(model)}
+    opt = torch.optim.AdamW([p for _, p in lora_params(model)], lr=1e-2)
+    ids = torch.randint(0, 64, (4, 9))
+    for _ in range(3):
+        loss = model(input_ids=ids, labels=ids, adapter_names=["a", "b", "a", "b"]).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    for n, p in model.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), n
+    for adapter in ("a", "b"):
+        assert any(not torch.equal(p, before[n]) for n, p in lora_params(model) if f".{adapter}." in n)
+
+
+def test_mixed_batch_errors():
+    model = two_adapter_model()
+    ids = torch.randint(0, 64, (2, 5))
+    with pytest.raises(ValueError, match=r"unknown adapter\(s\) \['zz'\]"):
+        model(input_ids=ids, adapter_names=["a", "zz"])
+    with pytest.raises(ValueError, match="2 names for a batch of shape"):
+        model(input_ids=torch.randint(0, 64, (3, 5)), adapter_names=["a", "b"])
+    model.train()
+    model.base_model.model.model.layers[0].self_attn.q_proj.dropout_p["b"] = 0.3
+    with pytest.raises(ValueError, match="must share lora_dropout"):
+        model(input_ids=ids, adapter_names=["a", "b"])
