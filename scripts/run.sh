@@ -52,6 +52,7 @@ if [ "$cmd" = test ]; then
   need hypothesis hypothesis
   need transformers transformers
   need peft peft
+  need matplotlib matplotlib  # the loss-curve picture test
 fi
 if [ ${#missing[@]} -gt 0 ]; then
   log "installing ${missing[*]}"

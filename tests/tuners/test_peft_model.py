@@ -249,12 +249,6 @@ def test_modules_to_save_trains_a_copy():
     assert wrapper.modules_to_save["default"].weight.grad is not None
 
 
-def test_mixed_batch_seam_refuses_clearly():
-    m = pf.get_peft_model(tiny(), pf.LoraConfig(target_modules=["q_proj"]))
-    with pytest.raises(NotImplementedError, match="adapter_names"):
-        m(ids(), adapter_names=["default", "__base__"])
-
-
 def test_print_trainable_parameters(capsys):
     m = pf.get_peft_model(tiny(), pf.LoraConfig(r=2, target_modules=["q_proj"]))
     m.print_trainable_parameters()
