@@ -52,8 +52,8 @@ if [ "$cmd" = test ]; then
   need hypothesis hypothesis
   need transformers transformers
   need peft peft
-  need matplotlib matplotlib  # the loss-curve picture test
 fi
+case "$cmd" in test|finetune|compare|bench) need matplotlib matplotlib ;; esac  # loss curves and charts
 if [ ${#missing[@]} -gt 0 ]; then
   log "installing ${missing[*]}"
   pip_install "${missing[@]}"
