@@ -106,3 +106,13 @@ def test_mixed_batch_errors():
     model.base_model.model.model.layers[0].self_attn.q_proj.dropout_p["b"] = 0.3
     with pytest.raises(ValueError, match="must share lora_dropout"):
         model(input_ids=ids, adapter_names=["a", "b"])
+
+
+def test_mixed_batch_compiles_without_graph_breaks():
+    model = two_adapter_model()
+    model.eval()
+    ids = torch.randint(0, 64, (4, 9))
+    names = ["a", "b", "__base__", "b"]
+    expected = model(input_ids=ids, adapter_names=names).logits
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(input_ids=ids, adapter_names=names).logits, expected)
