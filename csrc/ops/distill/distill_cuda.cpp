@@ -6,6 +6,7 @@
 
 #include <stdexcept>
 
+#include "pyfastpeft/cuda_glue.h"
 #include "distill.h"
 #include "distill_impl.h"
 
@@ -14,11 +15,7 @@ namespace {
 
 struct CudaBackend {
   static void rows(const KdLossParams& params) {
-    try {
-      kd_loss_rows_cuda(params, c10::cuda::getCurrentCUDAStream().stream());
-    } catch (const std::runtime_error& e) {
-      TORCH_CHECK(false, "kd_loss: ", e.what());
-    }
+    launch("kd_loss", [&] { kd_loss_rows_cuda(params, current_stream()); });
   }
   // One device-to-host read per call: the price of reporting a bad label as a ValueError.
   static bool any_bad_label(const at::Tensor& bad_label) { return bad_label.item<int32_t>() != 0; }

@@ -6,24 +6,13 @@
 
 #include <stdexcept>
 
+#include "pyfastpeft/cuda_glue.h"
 #include "lora.h"
 #include "lora_impl.h"
 #include "pyfastpeft/checks.h"
 
 namespace pyfastpeft {
 namespace {
-
-cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
-
-// Kernel launchers throw std::runtime_error; surface them as c10 errors with the op's context.
-template <class F>
-void launch(const char* what, F&& f) {
-  try {
-    f();
-  } catch (const std::runtime_error& e) {
-    TORCH_CHECK(false, what, ": ", e.what());
-  }
-}
 
 struct CudaBackend {
   static void dropout(const DropoutParams& params) {

@@ -15,6 +15,7 @@
 #include <tuple>
 
 #include "../lora/lora.h"
+#include "pyfastpeft/cuda_glue.h"
 #include "multi_lora.h"
 #include "multi_lora_impl.h"
 
@@ -23,17 +24,6 @@ namespace {
 
 using multi_lora::acc_scalar_type;
 using multi_lora::Shapes;
-
-cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
-
-template <class F>
-void launch(const char* what, F&& f) {
-  try {
-    f();
-  } catch (const std::runtime_error& e) {
-    TORCH_CHECK(false, what, ": ", e.what());
-  }
-}
 
 AdapterIndices indices_of(const at::Tensor& idx, int64_t num_adapters) {
   return {idx.const_data_ptr(), idx.scalar_type() == at::kInt, num_adapters};

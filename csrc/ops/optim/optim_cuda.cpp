@@ -8,22 +8,12 @@
 #include <stdexcept>
 #include <vector>
 
+#include "pyfastpeft/cuda_glue.h"
 #include "optim.h"
 #include "optim_impl.h"
 
 namespace pyfastpeft {
 namespace {
-
-cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
-
-template <class F>
-void launch(const char* what, F&& f) {
-  try {
-    f();
-  } catch (const std::runtime_error& e) {
-    TORCH_CHECK(false, what, ": ", e.what());
-  }
-}
 
 void fused_adamw_cuda_op(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                          at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList masters,

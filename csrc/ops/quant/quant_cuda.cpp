@@ -8,22 +8,12 @@
 
 #include <stdexcept>
 
+#include "pyfastpeft/cuda_glue.h"
 #include "quant.h"
 #include "quant_impl.h"
 
 namespace pyfastpeft {
 namespace {
-
-cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
-
-template <class F>
-void launch(const char* what, F&& f) {
-  try {
-    f();
-  } catch (const std::runtime_error& e) {
-    TORCH_CHECK(false, what, ": ", e.what());
-  }
-}
 
 at::ScalarType acc_scalar_type(DType dtype) { return dtype == DType::Float64 ? at::kDouble : at::kFloat; }
 

@@ -9,13 +9,12 @@
 #include <stdexcept>
 
 #include "pyfastpeft/checks.h"
+#include "pyfastpeft/cuda_glue.h"
 #include "sparse.h"
 #include "sparse_impl.h"
 
 namespace pyfastpeft {
 namespace {
-
-cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
 struct CudaBackend {
   // One device reduction and one flag read back; only a failure copies the indices to the host, to
@@ -39,11 +38,7 @@ struct CudaBackend {
     const SampledGradParams params{gy_t.const_data_ptr(), x_t.const_data_ptr(), idx.const_data_ptr(),
                                    idx.scalar_type() == at::kInt, out.mutable_data_ptr(), x2.size(0),
                                    in_features, gy2.size(1), idx.numel(), to_dtype(x2.scalar_type())};
-    try {
-      sampled_weight_grad_cuda(params, current_stream());
-    } catch (const std::runtime_error& e) {
-      TORCH_CHECK(false, "sampled_weight_grad: ", e.what());
-    }
+    launch("sampled_weight_grad", [&] { sampled_weight_grad_cuda(params, current_stream()); });
     return out;
   }
 };
