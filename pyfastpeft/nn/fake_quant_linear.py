@@ -27,7 +27,9 @@ def _check_bits(name: str, bits: int | None, allow_none: bool = False) -> None:
 
 
 class _ActivationQuant:
-    """Mixin: ``aq(x)``, dynamic per-token fake quantization of the input (one group per row)."""
+    """What FakeQuantLinear and QuantizedLinear share: ``aq(x)``, dynamic per-token fake quantization
+    of the input (one group per row), ``y = aq(x)·wqᵀ + b`` with the layer's ``quantized_weight()``,
+    and the scheme as a dict."""
 
     activation_bits: int | None
     activation_symmetric: bool
@@ -36,6 +38,18 @@ class _ActivationQuant:
         if self.activation_bits is None:
             return x
         return ops.fake_quantize(x, self.activation_bits, x.shape[-1], self.activation_symmetric)[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.quantize_input(x), self.quantized_weight(), self.bias)
+
+    def scheme(self) -> dict:
+        return {
+            "weight_bits": self.weight_bits,
+            "weight_group_size": self.weight_group_size,
+            "weight_symmetric": self.weight_symmetric,
+            "activation_bits": self.activation_bits,
+            "activation_symmetric": self.activation_symmetric,
+        }
 
 
 class FakeQuantLinear(_ActivationQuant, nn.Module):
@@ -155,18 +169,6 @@ class FakeQuantLinear(_ActivationQuant, nn.Module):
             self.weight.detach(), self.weight_bits, self.weight_group_size, self.weight_symmetric, 0
         )
         return scale, zero_point
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.quantize_input(x), self.quantized_weight(), self.bias)
-
-    def scheme(self) -> dict:
-        return {
-            "weight_bits": self.weight_bits,
-            "weight_group_size": self.weight_group_size,
-            "weight_symmetric": self.weight_symmetric,
-            "activation_bits": self.activation_bits,
-            "activation_symmetric": self.activation_symmetric,
-        }
 
     def extra_repr(self) -> str:
         scheme = ", ".join(f"{k}={v}" for k, v in self.scheme().items())

@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
@@ -159,18 +158,6 @@ class QuantizedLinear(_ActivationQuant, nn.Module):
 
     def quantized_weight(self) -> torch.Tensor:
         return self.dequantized_weight()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.quantize_input(x), self.dequantized_weight(), self.bias)
-
-    def scheme(self) -> dict:
-        return {
-            "weight_bits": self.weight_bits,
-            "weight_group_size": self.weight_group_size,
-            "weight_symmetric": self.weight_symmetric,
-            "activation_bits": self.activation_bits,
-            "activation_symmetric": self.activation_symmetric,
-        }
 
     def extra_repr(self) -> str:
         scheme = ", ".join(f"{k}={v}" for k, v in self.scheme().items())
