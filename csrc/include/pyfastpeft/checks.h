@@ -4,6 +4,10 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <initializer_list>
+#include <optional>
+#include <utility>
+
 #include "pyfastpeft/dtype.h"
 
 namespace pyfastpeft {
@@ -48,6 +52,23 @@ inline void check_same_dtype(const at::Tensor& t, const char* name, const at::Te
 inline void check_same_device(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name) {
   TORCH_CHECK_VALUE(t.device() == ref.device(), name, ": expected device ", ref.device(), " (the device of ", ref_name,
                     "), got ", t.device());
+}
+
+// Each of `tensors` (pointer, argument name) has the dtype and device of `ref`.
+inline void check_like(std::initializer_list<std::pair<const at::Tensor*, const char*>> tensors, const at::Tensor& ref,
+                       const char* ref_name) {
+  for (const auto& [t, name] : tensors) {
+    check_same_dtype(*t, name, ref, ref_name);
+    check_same_device(*t, name, ref, ref_name);
+  }
+}
+
+// An optional linear bias: 1-D [out_features] with x's dtype and device.
+inline void check_bias(const std::optional<at::Tensor>& bias, int64_t out_features, const at::Tensor& x) {
+  if (!bias) return;
+  check_dim(*bias, "bias", 1);
+  check_size(*bias, "bias", 0, out_features, "out_features, from weight [out, in]");
+  check_like({{&*bias, "bias"}}, x, "x");
 }
 
 // rng_state is an int64 tensor [seed, offset] on the device of the data it masks.

@@ -35,16 +35,8 @@ inline void check_inputs(const at::Tensor& x, const at::Tensor& weight, const st
   check_size(lora_B, "lora_B", 0, out_features, "out_features, from weight [out, in]");
   check_size(lora_B, "lora_B", 1, rank, "the rank r, from lora_A [r, in]");
   TORCH_CHECK_VALUE(rank >= 1, "lora_A: expected rank r >= 1, got shape ", lora_A.sizes());
-  for (auto [t, name] : {std::pair{&weight, "weight"}, {&lora_A, "lora_A"}, {&lora_B, "lora_B"}}) {
-    check_same_dtype(*t, name, x, "x");
-    check_same_device(*t, name, x, "x");
-  }
-  if (bias) {
-    check_dim(*bias, "bias", 1);
-    check_size(*bias, "bias", 0, out_features, "out_features, from weight [out, in]");
-    check_same_dtype(*bias, "bias", x, "x");
-    check_same_device(*bias, "bias", x, "x");
-  }
+  check_like({{&weight, "weight"}, {&lora_A, "lora_A"}, {&lora_B, "lora_B"}}, x, "x");
+  check_bias(bias, out_features, x);
   check_dropout_p(dropout_p);
   if (dropout_p > 0) {
     TORCH_CHECK_VALUE(rng_state.has_value(), "rng_state: required when dropout_p > 0");

@@ -43,16 +43,8 @@ inline Shapes check_inputs(const at::Tensor& x, const at::Tensor& weight, const 
   check_size(lora_B, "lora_B", 2, rank, "the rank r, from lora_A [K, r, in]");
   TORCH_CHECK_VALUE(num_adapters >= 1 && rank >= 1, "lora_A: expected at least one adapter and rank r >= 1, got shape ",
                     lora_A.sizes());
-  for (auto [t, name] : {std::pair{&weight, "weight"}, {&lora_A, "lora_A"}, {&lora_B, "lora_B"}}) {
-    check_same_dtype(*t, name, x, "x");
-    check_same_device(*t, name, x, "x");
-  }
-  if (bias) {
-    check_dim(*bias, "bias", 1);
-    check_size(*bias, "bias", 0, out_features, "out_features, from weight [out, in]");
-    check_same_dtype(*bias, "bias", x, "x");
-    check_same_device(*bias, "bias", x, "x");
-  }
+  check_like({{&weight, "weight"}, {&lora_A, "lora_A"}, {&lora_B, "lora_B"}}, x, "x");
+  check_bias(bias, out_features, x);
   TORCH_CHECK_VALUE(scalings.dim() == 1 && scalings.size(0) == num_adapters &&
                         (scalings.scalar_type() == at::kFloat || scalings.scalar_type() == at::kDouble),
                     "scalings: expected a float32 or float64 tensor of shape [", num_adapters,

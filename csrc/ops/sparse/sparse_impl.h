@@ -69,12 +69,7 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& weight, const std::opt
   check_x(x, weight);
   check_index_tensor(indices);
   check_delta(delta, indices, weight);
-  if (bias) {
-    check_dim(*bias, "bias", 1);
-    check_size(*bias, "bias", 0, weight.size(0), "out_features, from weight [out, in]");
-    check_same_dtype(*bias, "bias", x, "x");
-    check_same_device(*bias, "bias", x, "x");
-  }
+  check_bias(bias, weight.size(0), x);
   Backend::check_indices(indices, weight.numel());
   return at::linear(x, effective_weight(weight, delta, indices), bias);
 }
