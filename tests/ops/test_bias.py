@@ -51,15 +51,16 @@ def test_matches_reference_float64(lead, n, in_f, out_f, seed):
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 def test_every_dtype_batched_non_contiguous(device, dtype):
     in_f, out_f = 67, 45
-    # x and dy are strided views with two leading dims; 3·70 = 210 rows spans two CPU slabs
-    x64 = randn(3, 140, in_f + 5, device=device)[:, ::2, 3 : 3 + in_f]
-    gy64 = randn(3, 70, out_f * 2, device=device, seed=1)[..., ::2]
+    # x and dy are strided views with two leading dims; 3·350 = 1050 rows: the CPU backward's per-thread
+    # GEMM blocks, with a partial last slab
+    x64 = randn(3, 700, in_f + 5, device=device)[:, ::2, 3 : 3 + in_f]
+    gy64 = randn(3, 350, out_f * 2, device=device, seed=1)[..., ::2]
     w64, b64 = randn(out_f, in_f, device=device, seed=2) * 0.1, randn(out_f, device=device, seed=3)
     assert not x64.is_contiguous() and not gy64.is_contiguous()
     x, gy, w, b = (t.to(dtype) for t in (x64, gy64, w64, b64))
     y, dx, db = run(bias_only_linear, x, w, b, gy)
     assert y.dtype == dx.dtype == db.dtype == dtype
-    assert y.shape == (3, 70, out_f) and dx.shape == x.shape and db.shape == (out_f,)
+    assert y.shape == (3, 350, out_f) and dx.shape == x.shape and db.shape == (out_f,)
     refs = run(reference.bias_only_linear, x.double(), w.double(), b.double(), gy.double())
     lowp = run(reference.bias_only_linear, x, w, b, gy)
     for ours, torch_lowp, ref in zip((y, dx, db), lowp, refs):

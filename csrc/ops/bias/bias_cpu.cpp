@@ -2,16 +2,17 @@
 //
 // forward:  y = x·Wᵀ + b                           (one addmm; nothing of x is kept for the backward)
 // backward: dx = dy·W, db[o] = Σ_n dy[n, o]        (bias.h)
-// The backward walks dy once in fixed slabs of kRows rows: each slab's GEMM dx[slab] = dy[slab]·W runs on
-// the thread that then sums the same, cache-hot dy[slab] into its own float partial row. The partials
-// are added in slab order, so db does not depend on the number of threads.
+// dx is one multithreaded ATen GEMM. db sums dy in fixed slabs of kRows rows, in parallel, each slab into
+// its own float partial row; the partials are added in slab order, so db does not depend on the number
+// of threads. Fusing the two (each thread running the GEMM of its rows, then summing the same cache-warm
+// rows) was measured 2-7 % slower at N = 2048, in = out = 1024 on 2 threads than one GEMM plus this
+// column sum, which costs ~3 % of the GEMM (bench/bench_bias.py).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <ATen/ops/mm.h>
-#include <ATen/ops/mm_cpu_dispatch.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -24,7 +25,7 @@
 namespace pyfastpeft {
 namespace {
 
-// Rows per slab: a slab of dy (128 × out) stays in L2 between its GEMM and its column sum.
+// Rows per column-sum slab: fixes the summation order of db.
 constexpr int64_t kRows = 128;
 
 // acc[o] += Σ_{n < rows} dy[n·row_stride + o]; the inner loop over o is independent per o, so it vectorizes.
@@ -52,38 +53,29 @@ std::tuple<at::Tensor, at::Tensor> bias_only_linear_backward_cpu(const at::Tenso
   const int64_t n_rows = dy2.size(0), out = dy2.size(1), in = weight.size(1);
   at::Tensor dx = need_dx ? at::empty({n_rows, in}, dy2.options()) : at::empty({0}, dy2.options());
   at::Tensor db = need_db ? at::empty({out}, dy2.options()) : at::empty({0}, dy2.options());
-  const int64_t n_slabs = (n_rows + kRows - 1) / kRows;
-  // Too few slabs to keep every thread busy: one multithreaded GEMM does better than per-slab ones.
-  const bool gemm_per_slab = need_dx && n_slabs >= at::get_num_threads();
-  if (need_dx && !gemm_per_slab) at::mm_out(dx, dy2, weight);
-  if (need_db || gemm_per_slab) {
+  if (need_dx) at::mm_out(dx, dy2, weight);
+  if (need_db) {
+    const int64_t n_slabs = (n_rows + kRows - 1) / kRows;
     PFP_DISPATCH_FLOATING(dy2.scalar_type(), "bias_only_linear_backward", [&] {
       using acc_t = acc_type<scalar_t>;
-      at::Tensor partial = at::zeros({need_db ? n_slabs : 0, out}, dy2.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+      at::Tensor partial = at::zeros({n_slabs, out}, dy2.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
       const scalar_t* dy_ptr = dy2.const_data_ptr<scalar_t>();
       acc_t* partial_ptr = partial.mutable_data_ptr<acc_t>();
       const int64_t row_stride = dy2.stride(0);
       at::parallel_for(0, n_slabs, 1, [&](int64_t begin, int64_t end) {
         for (int64_t s = begin; s < end; ++s) {
           const int64_t r0 = s * kRows, rows = std::min(kRows, n_rows - r0);
-          // at::cpu:: calls the CPU kernel directly: worker threads do not carry the dispatcher's state.
-          if (gemm_per_slab) {
-            at::Tensor dx_slab = dx.narrow(0, r0, rows);
-            at::cpu::mm_out(dx_slab, dy2.narrow(0, r0, rows), weight);
-          }
-          if (need_db) add_column_sums(dy_ptr + r0 * row_stride, rows, out, row_stride, partial_ptr + s * out);
+          add_column_sums(dy_ptr + r0 * row_stride, rows, out, row_stride, partial_ptr + s * out);
         }
       });
-      if (need_db) {
-        scalar_t* db_ptr = db.mutable_data_ptr<scalar_t>();
-        at::parallel_for(0, out, 1024, [&](int64_t begin, int64_t end) {
-          for (int64_t o = begin; o < end; ++o) {
-            acc_t total = 0;
-            for (int64_t s = 0; s < n_slabs; ++s) total += partial_ptr[s * out + o];
-            db_ptr[o] = static_cast<scalar_t>(total);
-          }
-        });
-      }
+      scalar_t* db_ptr = db.mutable_data_ptr<scalar_t>();
+      at::parallel_for(0, out, 1024, [&](int64_t begin, int64_t end) {
+        for (int64_t o = begin; o < end; ++o) {
+          acc_t total = 0;
+          for (int64_t s = 0; s < n_slabs; ++s) total += partial_ptr[s * out + o];
+          db_ptr[o] = static_cast<scalar_t>(total);
+        }
+      });
     });
   }
   if (need_dx) dx = dx.view(bias::dx_shape(grad_y, weight));
