@@ -87,16 +87,23 @@ def main() -> None:
             if not name.startswith("kernels"):
                 row["saved_activation_bytes"] = saved[module]
             rows.append(row)
-    print(f"BitFit linear: N = {n}, in = {in_f}, out = {out_f}, {args.dtype}, device {dev}, torch threads "
-          f"{torch.get_num_threads()}; input activation x = {x.numel() * x.element_size()} bytes")
+    print(
+        f"BitFit linear: N = {n}, in = {in_f}, out = {out_f}, {args.dtype}, device {dev}, torch threads "
+        f"{torch.get_num_threads()}; input activation x = {x.numel() * x.element_size()} bytes"
+    )
     print_table(rows, ["case", "ms", "ratio_to_torch", "saved_activation_bytes"])
     name = f"bias_{dev}_{args.dtype}" + ("_quick" if args.quick else "")
     path = write_results(
         name,
         rows,
         "python -m bench.bench_bias " + " ".join(sys.argv[1:]),
-        {"n_rows": n, "in_features": in_f, "out_features": out_f, "dtype": args.dtype,
-         "load_average_1_5_15": os.getloadavg()},
+        {
+            "n_rows": n,
+            "in_features": in_f,
+            "out_features": out_f,
+            "dtype": args.dtype,
+            "load_average_1_5_15": os.getloadavg(),
+        },
     )
     print(f"wrote {path}")
 

@@ -63,7 +63,7 @@ def test_every_dtype_batched_non_contiguous(device, dtype):
     assert y.shape == (3, 350, out_f) and dx.shape == x.shape and db.shape == (out_f,)
     refs = run(reference.bias_only_linear, x.double(), w.double(), b.double(), gy.double())
     lowp = run(reference.bias_only_linear, x, w, b, gy)
-    for ours, torch_lowp, ref in zip((y, dx, db), lowp, refs):
+    for ours, torch_lowp, ref in zip((y, dx, db), lowp, refs, strict=True):
         if dtype == torch.float32:
             torch.testing.assert_close(ours.double(), ref, rtol=1e-5, atol=1e-4)
         else:
@@ -128,7 +128,9 @@ def test_torch_compile_fullgraph(device):
     w, b = randn(6, 8, device=device, dtype=torch.float32, seed=1), randn(6, device=device, dtype=torch.float32, seed=2)
     compiled = torch.compile(lambda x, b: bias_only_linear(x, w, b).square().sum(), fullgraph=True, backend="aot_eager")
     y, dx, db = run(lambda x, w, b: compiled(x, b), x, w, b, torch.tensor(1.0, device=device))
-    y_ref, dx_ref, db_ref = run(lambda x, w, b: F.linear(x, w, b).square().sum(), x, w, b, torch.tensor(1.0, device=device))
+    y_ref, dx_ref, db_ref = run(
+        lambda x, w, b: F.linear(x, w, b).square().sum(), x, w, b, torch.tensor(1.0, device=device)
+    )
     torch.testing.assert_close(y, y_ref)
     torch.testing.assert_close(dx, dx_ref)
     torch.testing.assert_close(db, db_ref)
