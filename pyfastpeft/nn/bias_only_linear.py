@@ -64,6 +64,8 @@ def bitfit_(model: nn.Module) -> list[str]:
     is added where there was none); layer-norm and RMSNorm biases, where a norm has one, stay trainable;
     every other parameter is frozen.
     """
+    if isinstance(model, nn.Linear):
+        raise ValueError("model: a bare nn.Linear cannot be replaced in place; use BiasOnlyLinear.from_linear")
     for param in model.parameters():
         param.requires_grad_(False)
     targets = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
@@ -72,6 +74,7 @@ def bitfit_(model: nn.Module) -> list[str]:
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, BiasOnlyLinear.from_linear(linear))
     for module in model.modules():
-        if _is_norm(module) and isinstance(getattr(module, "bias", None), nn.Parameter):
+        is_bitfit_linear = isinstance(module, BiasOnlyLinear)  # also those made by an earlier call
+        if (is_bitfit_linear or _is_norm(module)) and isinstance(getattr(module, "bias", None), nn.Parameter):
             module.bias.requires_grad_(True)
     return [name for name, p in model.named_parameters() if p.requires_grad]

@@ -50,6 +50,9 @@ def test_bitfit_keeps_layer_norm_bias_trainable():
     assert sorted(names) == ["0.bias", "1.bias", "2.bias"]
     assert isinstance(model[0], BiasOnlyLinear) and isinstance(model[2], BiasOnlyLinear)
     assert not model[1].weight.requires_grad and not model[3].weight.requires_grad
+    assert sorted(bitfit_(model)) == sorted(names)  # a second call changes nothing
+    with pytest.raises(ValueError, match="model: a bare nn.Linear"):
+        bitfit_(nn.Linear(2, 2))
 
 
 def test_bitfit_trains_tiny_llama_and_leaves_frozen_parameters_bit_identical():
