@@ -24,22 +24,8 @@ def _bias_only_linear_backward_fake(grad_y, weight, output_mask):
     return dx, db
 
 
-# Autograd in Python (register_autograd): one small formula per layer call; W gets no gradient.
-def _setup_context(ctx, inputs, output):
-    x, weight, bias = inputs
-    ctx.save_for_backward(weight)  # never x: the backward does not need it
-
-
-def _backward(ctx, grad_y):
-    (weight,) = ctx.saved_tensors
-    need_dx, _, need_db = ctx.needs_input_grad
-    if not (need_dx or need_db):
-        return None, None, None
-    dx, db = _OP.bias_only_linear_backward(grad_y, weight, [need_dx, need_db])
-    return (dx if need_dx else None), None, (db if need_db else None)
-
-
-torch.library.register_autograd("pyfastpeft::bias_only_linear", _backward, setup_context=_setup_context)
+# Autograd is registered in C++ (csrc/ops/bias/bias_autograd.cpp): a Python formula adds interpreter
+# time to every layer call. The forward saves only W; the backward op makes dx and db.
 
 
 def bias_only_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
