@@ -85,4 +85,10 @@ TORCH_LIBRARY(pyfastpeft, m) {
         "Tensor teacher_weight, Tensor? labels, float temperature, float alpha, int ignore_index, str divergence, "
         "int chunk_size, bool[2] output_mask) -> (Tensor, Tensor, Tensor)",
         pt2);
+
+  // ---- bias: BitFit linear, W frozen and only b trained (csrc/ops/bias) ----
+  // y = x·Wᵀ + b; saves nothing of x (the backward needs only W).
+  m.def("bias_only_linear(Tensor x, Tensor weight, Tensor bias) -> Tensor", pt2);
+  // Returns (dx, db) = (dy·W, Σ_n dy[n, :]); entries whose output_mask is false are empty tensors.
+  m.def("bias_only_linear_backward(Tensor grad_y, Tensor weight, bool[2] output_mask) -> (Tensor, Tensor)", pt2);
 }

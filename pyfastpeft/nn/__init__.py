@@ -1,5 +1,6 @@
 """PEFT modules."""
 
+from .bias_only_linear import BiasOnlyLinear, bitfit_
 from .fake_quant_linear import FakeQuantLinear
 from .lora_linear import LoRALinear
 from .multi_lora_linear import BASE_ADAPTER, MultiLoRALinear, adapter_indices_from_names
@@ -9,6 +10,7 @@ from .sparse_delta_linear import SparseDeltaLinear, gradient_scores, select_indi
 
 __all__ = [
     "BASE_ADAPTER",
+    "BiasOnlyLinear",
     "FakeQuantLinear",
     "LoRALinear",
     "MultiLoRALinear",
@@ -16,6 +18,7 @@ __all__ = [
     "QuantizedLinear",
     "SparseDeltaLinear",
     "adapter_indices_from_names",
+    "bitfit_",
     "gradient_scores",
     "prune_magnitude_",
     "select_indices",

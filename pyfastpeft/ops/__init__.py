@@ -1,6 +1,7 @@
 """Functional ops: thin wrappers over ``torch.ops.pyfastpeft.*`` with autograd and fake kernels."""
 
 from .. import _extension  # noqa: F401, I001  (loads the compiled operators first)
+from .bias import bias_only_linear
 from .distill import fused_linear_kd_loss, kd_loss
 from .lora import lora_linear, philox_dropout
 from .multi_lora import check_adapter_indices, multi_lora_linear
@@ -9,6 +10,7 @@ from .quant import fake_quantize, fake_quantize_lsq
 from .sparse import sampled_weight_grad, sparse_delta_linear
 
 __all__ = [
+    "bias_only_linear",
     "check_adapter_indices",
     "fake_quantize",
     "fake_quantize_lsq",

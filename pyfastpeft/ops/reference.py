@@ -249,3 +249,8 @@ def fused_linear_kd_loss(
     with torch.no_grad():
         t = teacher_hidden @ teacher_head_weight.t()
     return kd_loss(s, t, labels, temperature, alpha, ignore_index, divergence)
+
+
+def bias_only_linear(x, weight, bias):
+    """BitFit linear: ``x·Wᵀ + b`` (W frozen; its gradient is never taken)."""
+    return torch.nn.functional.linear(x, weight.detach(), bias)

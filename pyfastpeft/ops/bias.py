@@ -1,0 +1,41 @@
+"""BitFit linear: ``y = x·Wᵀ + b`` with ``W`` frozen and only ``b`` trained.
+
+The forward saves only ``W`` (a parameter, not an activation): ``dx = dy·W`` and ``db = Σ_n dy[n, :]``
+need nothing of ``x``. The backward op makes both in one pass over ``dy``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_OP = torch.ops.pyfastpeft
+
+
+@torch.library.register_fake("pyfastpeft::bias_only_linear")
+def _bias_only_linear_fake(x, weight, bias):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+@torch.library.register_fake("pyfastpeft::bias_only_linear_backward")
+def _bias_only_linear_backward_fake(grad_y, weight, output_mask):
+    need_dx, need_db = output_mask
+    dx = grad_y.new_empty((*grad_y.shape[:-1], weight.shape[1])) if need_dx else grad_y.new_empty((0,))
+    db = grad_y.new_empty((weight.shape[0],)) if need_db else grad_y.new_empty((0,))
+    return dx, db
+
+
+# Autograd is registered in C++ (csrc/ops/bias/bias_autograd.cpp): a Python formula adds interpreter
+# time to every layer call. The forward saves only W; the backward op makes dx and db.
+
+
+def bias_only_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``x·Wᵀ + b`` whose backward saves no input activation.
+
+    Args:
+        x: ``[..., in]`` input, any leading dimensions, any strides.
+        weight: ``[out, in]`` frozen weight (``requires_grad`` must be False).
+        bias: ``[out]`` trainable bias.
+    """
+    if weight.requires_grad:
+        raise ValueError("weight: bias_only_linear keeps W frozen; pass a weight with requires_grad=False")
+    return _OP.bias_only_linear(x, weight, bias)
