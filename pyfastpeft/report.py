@@ -21,14 +21,14 @@ from .tuners.lora_layers import LoraEmbedding, LoraLinear
 @dataclass
 class MatrixReport:
     name: str
-    shape: tuple[int, int]
+    shape: tuple[int, ...]
     r: int
     delta_rank: int
     changed_entries: int
 
     @property
     def entries(self) -> int:
-        return self.shape[0] * self.shape[1]
+        return int(torch.tensor(self.shape).prod().item()) if self.shape else 1
 
 
 @dataclass
@@ -70,9 +70,10 @@ class Report:
             lines.append("")
             lines.append(f"{'matrix'.ljust(width)}  {'shape':>12}  {'r':>4}  {'rank ΔW':>7}  {'changed':>10}")
             for m in self.matrices:
-                shape = f"{m.shape[0]}x{m.shape[1]}"
+                shape = "x".join(str(d) for d in m.shape)
+                r = str(m.r) if m.r else "-"  # methods other than LoRA have no rank parameter
                 lines.append(
-                    f"{m.name.ljust(width)}  {shape:>12}  {m.r:>4}  {m.delta_rank:>7}  {m.changed_entries:>10,d}"
+                    f"{m.name.ljust(width)}  {shape:>12}  {r:>4}  {m.delta_rank:>7}  {m.changed_entries:>10,d}"
                 )
         return "\n".join(lines)
 
@@ -122,6 +123,11 @@ def report(model: nn.Module, adapter_name: str | None = None, with_disk_size: bo
         delta = layer.delta_weight(name)
         rank = _delta_rank(layer, name, delta) if delta.abs().max() > 0 else 0
         matrices.append(MatrixReport(path, tuple(delta.shape), layer.r[name], rank, int(torch.count_nonzero(delta))))
+    delta_weights = getattr(model, "delta_weights", None)  # methods other than LoRA (TunerModel)
+    if callable(delta_weights) and name is not None:
+        for path, delta in delta_weights(name).items():
+            rank = int(torch.linalg.matrix_rank(delta.double()).item()) if delta.abs().max() > 0 else 0
+            matrices.append(MatrixReport(path, tuple(delta.shape), 0, rank, int(torch.count_nonzero(delta))))
     changed = sum(m.changed_entries for m in matrices)
     for _, wrapper in save_wrappers(model):
         if name in wrapper.modules_to_save:

@@ -15,6 +15,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load as load_safetensors_bytes
@@ -24,6 +25,7 @@ from torch import nn
 from ..tuners.config import LoraConfig
 from ..tuners.inject import lora_layers, save_wrappers
 from ..tuners.lora_layers import LoraEmbedding, LoraLinear
+from ..tuners.registry import config_from_dict
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -32,7 +34,13 @@ PREFIX = "base_model.model."
 
 
 def adapter_tensors(peft_model, adapter_name: str) -> dict[str, nn.Parameter | torch.Tensor]:
-    """The adapter's tensors under their file keys (the live parameters, not copies)."""
+    """The adapter's tensors under their file keys (the live parameters, not copies); every PEFT model
+    class says which through its ``adapter_tensors`` method."""
+    return peft_model.adapter_tensors(adapter_name)
+
+
+def lora_adapter_tensors(peft_model, adapter_name: str) -> dict[str, nn.Parameter | torch.Tensor]:
+    """A LoRA PeftModel's tensors under PEFT's file keys."""
     config = peft_model.peft_config[adapter_name]
     model = peft_model.base_model.model
     out: dict[str, torch.Tensor] = {}
@@ -67,6 +75,10 @@ def adapter_state_dict(peft_model, adapter_name: str = "default") -> dict[str, t
 
 
 def config_json(peft_model, adapter_name: str) -> dict:
+    return peft_model.config_json(adapter_name)
+
+
+def lora_config_json(peft_model, adapter_name: str) -> dict:
     d = peft_model.peft_config[adapter_name].to_dict()
     d["inference_mode"] = True  # as PEFT writes it: the file describes a trained adapter
     base_config = getattr(peft_model.base_model.model, "config", None)
@@ -160,7 +172,7 @@ class _suppress_oserror:
 
 
 # ---- loading --------------------------------------------------------------------------------------
-def read_adapter(directory: str | os.PathLike) -> tuple[LoraConfig, dict[str, torch.Tensor], Path]:
+def read_adapter(directory: str | os.PathLike) -> tuple[Any, dict[str, torch.Tensor], Path]:
     """(config, tensors, weights path) of the adapter saved in ``directory``; refuses pickle files."""
     path = Path(directory)
     if path.is_file():
@@ -190,7 +202,7 @@ def read_adapter(directory: str | os.PathLike) -> tuple[LoraConfig, dict[str, to
         raise ValueError(f"{config_path}: not valid JSON ({err})") from None
     if not isinstance(raw, dict):
         raise ValueError(f"{config_path}: expected a JSON object")
-    config = LoraConfig.from_dict(raw)
+    config = config_from_dict(raw, str(config_path))
     try:
         tensors = load_safetensors_bytes(weights.read_bytes())
     except Exception as err:  # safetensors raises its own error types for corrupt headers
@@ -202,7 +214,8 @@ def copy_into(peft_model, adapter_name: str, tensors: dict[str, torch.Tensor], s
     """Validate every key and shape of ``tensors`` against the model's adapter, then copy them in."""
     expected = adapter_tensors(peft_model, adapter_name)
     # PEFT also saves whole embedding matrices when embeddings are targeted or resized; they load too.
-    extras = _also_loadable(peft_model, adapter_name)
+    is_lora = isinstance(peft_model.peft_config[adapter_name], LoraConfig)
+    extras = _also_loadable(peft_model, adapter_name) if is_lora else {}
     expected.update({k: extras[k] for k in tensors if k not in expected and k in extras})
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
@@ -305,3 +318,13 @@ def _find_dir(directory, adapter_name: str) -> Path:
     if adapter_name != "default" and (root / adapter_name / WEIGHTS_NAME).is_file():
         return root / adapter_name
     return root
+
+
+def peek_peft_type(directory: Path) -> Any:
+    """The ``peft_type`` in ``directory``'s adapter_config.json ("LORA" when the file cannot say; reading
+    it properly then reports the problem)."""
+    try:
+        raw = json.loads((Path(directory) / CONFIG_NAME).read_text())
+    except (OSError, json.JSONDecodeError):
+        return "LORA"
+    return raw.get("peft_type", "LORA") if isinstance(raw, dict) else "LORA"

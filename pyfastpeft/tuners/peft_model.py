@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -12,6 +13,7 @@ from torch import nn
 from .config import LoraConfig
 from .inject import inject_adapter, lora_layers, save_wrappers
 from .lora_layers import LoraLayer, LoraLinear, ModulesToSaveWrapper
+from .registry import model_class_for, register_peft_type
 
 BASE_ADAPTER = "__base__"
 
@@ -287,6 +289,17 @@ class PeftModel(nn.Module):
             f"max {r.max_delta_rank}, over {len(r.matrices)} matrices"
         )
 
+    def adapter_tensors(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        """The adapter's live tensors under Hugging Face PEFT's file keys."""
+        from ..io.adapter_files import lora_adapter_tensors
+
+        return lora_adapter_tensors(self, adapter_name)
+
+    def config_json(self, adapter_name: str) -> dict:
+        from ..io.adapter_files import lora_config_json
+
+        return lora_config_json(self, adapter_name)
+
     def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None) -> None:
         """Write every adapter (or ``selected_adapters``) in PEFT's layout: "default" at the top of
         ``save_directory``, any other in a subfolder named after it. Atomic: all or nothing."""
@@ -302,8 +315,15 @@ class PeftModel(nn.Module):
         adapter_name: str = "default",
         is_trainable: bool = False,
     ) -> PeftModel:
-        """Wrap ``model`` and load the adapter saved in ``model_id`` (ours or Hugging Face PEFT's)."""
+        """Wrap ``model`` and load the adapter saved in ``model_id`` (ours or Hugging Face PEFT's); an
+        adapter of another method (its ``peft_type`` in adapter_config.json) comes back as that method's
+        model class."""
         from ..io import load_into_new_model
+        from ..io.adapter_files import _find_dir, peek_peft_type
+        from .base import TunerModel
+
+        if peek_peft_type(_find_dir(model_id, adapter_name)) != "LORA":
+            return TunerModel.from_pretrained(model, model_id, adapter_name, is_trainable)
 
         return load_into_new_model(cls, model, model_id, adapter_name, is_trainable)
 
@@ -314,7 +334,11 @@ class PeftModel(nn.Module):
         load_adapter(self, model_id, adapter_name, is_trainable)
 
 
-def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default") -> PeftModel:
-    """Freeze ``model``, add LoRA adapter ``adapter_name`` to the modules ``peft_config`` targets, and return
-    the :class:`PeftModel` wrapping it (the model is modified in place)."""
-    return PeftModel(model, peft_config, adapter_name)
+register_peft_type("LORA", LoraConfig, PeftModel)
+
+
+def get_peft_model(model: nn.Module, peft_config: Any, adapter_name: str = "default") -> nn.Module:
+    """Freeze ``model``, add adapter ``adapter_name`` of the method ``peft_config`` configures, and return
+    the PEFT model wrapping it (the model is modified in place): a :class:`PeftModel` for a LoraConfig,
+    the method's :class:`~pyfastpeft.tuners.base.TunerModel` subclass otherwise."""
+    return model_class_for(peft_config)(model, peft_config, adapter_name)

@@ -1,0 +1,257 @@
+"""TunerModel: the common frame of every PEFT method other than LoRA.
+
+A method subclasses :class:`TunerModel`, defines the hooks below, and registers its config and model
+class with :func:`~pyfastpeft.tuners.registry.register_peft_type`; it then works through
+``get_peft_model``, ``PeftModel.from_pretrained``, ``save_pretrained`` (safetensors + adapter_config.json,
+atomic), ``pyfastpeft.report`` and the command line like LoRA does.
+
+Hooks (``name`` is an adapter name):
+    _inject(name, config)      add the adapter's modules/parameters; validate everything before changing
+                               the model, so a bad config leaves it untouched
+    _remove(name)              take the adapter out again
+    _activate(names)           make forward use ``names`` (empty: the base model alone)
+    adapter_tensors(name)      the adapter's live tensors under their file keys (what is saved/loaded)
+optional:
+    adapter_parameters(name)   what trains (default: the Parameters among adapter_tensors)
+    _merge(names) / _unmerge() / _unload()   for methods that fold into the base weights
+    delta_weights(name)        ``{path: ΔW}`` per base matrix that merging changes, for the report
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+BASE_ADAPTER = "__base__"
+
+
+class BaseModelHolder(nn.Module):
+    """Holds the user's model as ``.model``, so parameter paths read ``base_model.model.<path>`` as in
+    Hugging Face PEFT."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+
+class TunerModel(nn.Module):
+    """``model`` with every base parameter frozen and named adapters of one method added. Calls pass
+    through to the model; attributes the wrapper lacks are the model's."""
+
+    def __init__(self, model: nn.Module, config: Any, adapter_name: str = "default"):
+        super().__init__()
+        if isinstance(model, TunerModel) or hasattr(model, "peft_config"):
+            raise ValueError("model: already a PEFT model; use add_adapter to add another adapter")
+        requires_grad = {p: p.requires_grad for p in model.parameters()}
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.base_model = BaseModelHolder(model)
+        self.peft_config: dict[str, Any] = {}
+        self.active_adapter: str | None = None
+        try:
+            self.add_adapter(adapter_name, config)
+        except BaseException:
+            for p, flag in requires_grad.items():
+                p.requires_grad_(flag)
+            raise
+
+    # ---- hooks ------------------------------------------------------------------------------------
+    def _inject(self, name: str, config: Any) -> None:
+        raise NotImplementedError
+
+    def _remove(self, name: str) -> None:
+        raise NotImplementedError
+
+    def _activate(self, names: list[str]) -> None:
+        raise NotImplementedError
+
+    def adapter_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def adapter_parameters(self, name: str) -> Iterable[nn.Parameter]:
+        return [t for t in self.adapter_tensors(name).values() if isinstance(t, nn.Parameter)]
+
+    def delta_weights(self, name: str) -> dict[str, torch.Tensor]:
+        return {}
+
+    def _merge(self, names: list[str]) -> None:
+        raise ValueError(f"{type(self).__name__}: this method cannot be merged into the base weights")
+
+    def _unmerge(self) -> None:
+        pass
+
+    def _unload(self) -> nn.Module:
+        for n in list(self.peft_config):
+            self._remove(n)
+        return self.base_model.model
+
+    # ---- attribute passthrough --------------------------------------------------------------------
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("base_model", "_modules", "_parameters", "_buffers"):
+                raise
+            return getattr(self.base_model.model, name)
+
+    def get_base_model(self) -> nn.Module:
+        return self.base_model.model
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return [] if self.active_adapter is None else [self.active_adapter]
+
+    @property
+    def active_peft_config(self) -> Any:
+        return self.peft_config[self.active_adapter]
+
+    def forward(self, *args, **kwargs):
+        return self.base_model.model(*args, **kwargs)
+
+    # ---- adapters ---------------------------------------------------------------------------------
+    def add_adapter(self, adapter_name: str, config: Any) -> None:
+        """Add adapter ``adapter_name`` (inactive unless it is the first) configured by ``config``."""
+        if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name or "/" in adapter_name:
+            raise ValueError(f"adapter_name: expected a non-empty name without '.' or '/', got {adapter_name!r}")
+        if adapter_name == BASE_ADAPTER:
+            raise ValueError(f"adapter_name: {BASE_ADAPTER!r} is reserved for 'no adapter'")
+        if adapter_name in self.peft_config:
+            raise ValueError(f"adapter_name: an adapter named {adapter_name!r} already exists")
+        if self.peft_config:
+            kind = type(next(iter(self.peft_config.values())))
+            if type(config) is not kind:
+                raise ValueError(f"config: this model holds {kind.__name__} adapters, got {type(config).__name__}")
+        config.validate()
+        self._inject(adapter_name, config)
+        self.peft_config[adapter_name] = config
+        if self.active_adapter is None:
+            self.active_adapter = adapter_name
+        self._mark_trainable()
+
+    def set_adapter(self, adapter_name: str) -> None:
+        """Make ``adapter_name`` the active adapter: forward uses it and only its parameters train."""
+        self._check_name(adapter_name)
+        self.active_adapter = adapter_name
+        self._mark_trainable()
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self._check_name(adapter_name)
+        self._remove(adapter_name)
+        del self.peft_config[adapter_name]
+        if self.active_adapter == adapter_name:
+            self.active_adapter = next(iter(self.peft_config), None)
+        self._mark_trainable()
+
+    def _check_name(self, adapter_name: str) -> None:
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"adapter_name: no adapter named {adapter_name!r}; adapters: {list(self.peft_config)}")
+
+    def _mark_trainable(self) -> None:
+        for p in self.parameters():
+            p.requires_grad_(False)
+        self._activate(self.active_adapters)
+        if self.active_adapter is None or getattr(self.active_peft_config, "inference_mode", False):
+            return
+        for p in self.adapter_parameters(self.active_adapter):
+            p.requires_grad_(True)
+
+    @contextlib.contextmanager
+    def disable_adapter(self):
+        """Run the base model alone inside the block."""
+        self._unmerge()
+        self._activate([])
+        try:
+            yield
+        finally:
+            self._activate(self.active_adapters)
+
+    # ---- merging ----------------------------------------------------------------------------------
+    def merge_adapter(self, adapter_names: list[str] | None = None) -> None:
+        names = adapter_names if adapter_names is not None else self.active_adapters
+        for n in names:
+            self._check_name(n)
+        self._merge(names)
+
+    def unmerge_adapter(self) -> None:
+        self._unmerge()
+
+    def merge_and_unload(self, adapter_names: list[str] | None = None) -> nn.Module:
+        self.merge_adapter(adapter_names)
+        return self._unload()
+
+    def unload(self) -> nn.Module:
+        self._unmerge()
+        return self._unload()
+
+    # ---- accounting -------------------------------------------------------------------------------
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        from .inject import trainable_parameters
+
+        return trainable_parameters(self)
+
+    def print_trainable_parameters(self) -> None:
+        from ..report import report
+
+        r = report(self, with_disk_size=False)
+        print(
+            f"trainable params: {r.trainable:,d} || all params: {r.total:,d} || trainable%: {r.trainable_percent:.4f}"
+        )
+
+    # ---- files ------------------------------------------------------------------------------------
+    def config_json(self, adapter_name: str) -> dict:
+        d = self.peft_config[adapter_name].to_dict()
+        d["inference_mode"] = True
+        return d
+
+    def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None) -> None:
+        """Every adapter (or ``selected_adapters``): "default" in ``save_directory``, any other in a
+        subfolder named after it. Atomic: all files or none."""
+        from ..io import save_adapters
+
+        save_adapters(self, save_directory, selected_adapters)
+
+    @classmethod
+    def from_pretrained(
+        cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False
+    ) -> TunerModel:
+        from ..io.adapter_files import _find_dir, copy_into, read_adapter
+        from .registry import model_class_for
+
+        config, tensors, source = read_adapter(_find_dir(model_id, adapter_name))
+        model_cls = model_class_for(config)
+        if cls is not TunerModel and not issubclass(model_cls, cls):
+            raise ValueError(f"{source}: holds a {type(config).__name__} adapter, not one {cls.__name__} loads")
+        config.inference_mode = not is_trainable
+        requires_grad = {p: p.requires_grad for p in model.parameters()}
+        peft_model = model_cls(model, config, adapter_name)
+        try:
+            copy_into(peft_model, adapter_name, tensors, source)
+        except BaseException:
+            peft_model.unload()
+            for p, flag in requires_grad.items():
+                p.requires_grad_(flag)
+            raise
+        if not is_trainable:
+            peft_model.eval()
+        return peft_model
+
+    def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False) -> None:
+        """Add the adapter saved in ``model_id`` under ``adapter_name`` (not made active)."""
+        from ..io.adapter_files import _find_dir, copy_into, read_adapter
+
+        config, tensors, source = read_adapter(_find_dir(model_id, adapter_name))
+        config.inference_mode = not is_trainable
+        self.add_adapter(adapter_name, config)
+        try:
+            copy_into(self, adapter_name, tensors, source)
+        except BaseException:
+            self.delete_adapter(adapter_name)
+            raise
