@@ -1,5 +1,6 @@
 """PEFT modules."""
 
+from .bottleneck_adapter import BottleneckAdapter
 from .bias_only_linear import BiasOnlyLinear, bitfit_
 from .fake_quant_linear import FakeQuantLinear
 from .lora_linear import LoRALinear
@@ -11,6 +12,7 @@ from .sparse_delta_linear import SparseDeltaLinear, gradient_scores, select_indi
 __all__ = [
     "BASE_ADAPTER",
     "BiasOnlyLinear",
+    "BottleneckAdapter",
     "FakeQuantLinear",
     "LoRALinear",
     "MultiLoRALinear",
