@@ -235,11 +235,19 @@ def test_no_matching_module_names_near_ones():
 peft = pytest.importorskip("peft")
 
 
-@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def compat_kwargs(kind: str) -> dict:
+    # BERT: also a classification head trained in full (modules_to_save)
+    return dict(init_ia3_weights=False, modules_to_save=["classifier"] if kind == "bert" else None)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "bert"])
 def test_peft_adapter_loads_here(kind, tmp_path):
     ours_base, theirs_base = twin_models(kind)
     torch.manual_seed(2)
-    theirs = peft.get_peft_model(theirs_base, peft.IA3Config(init_ia3_weights=False)).eval()
+    theirs = peft.get_peft_model(theirs_base, peft.IA3Config(**compat_kwargs(kind)))
+    if kind == "bert":
+        randomize_head(theirs)
+    theirs.eval()
     theirs.save_pretrained(str(tmp_path))
     ours = pf.PeftModel.from_pretrained(ours_base, tmp_path)
     x = torch.randint(0, VOCAB, (2, 11), generator=torch.Generator().manual_seed(1))
@@ -250,11 +258,21 @@ def test_peft_adapter_loads_here(kind, tmp_path):
             assert (outputs(ours, x) - expected).abs().max() > 1e-3  # the adapter matters
 
 
-@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def randomize_head(model) -> None:
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad and "classifier" in n:
+                p.add_(0.5 * torch.randn_like(p))
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "bert"])
 def test_ours_loads_in_peft(kind, tmp_path):
     ours_base, theirs_base = twin_models(kind)
     torch.manual_seed(2)
-    ours = pf.get_peft_model(ours_base, pf.IA3Config(init_ia3_weights=False)).eval()
+    ours = pf.get_peft_model(ours_base, pf.IA3Config(**compat_kwargs(kind)))
+    if kind == "bert":
+        randomize_head(ours)
+    ours.eval()
     ours.save_pretrained(tmp_path)
     theirs = peft.PeftModel.from_pretrained(theirs_base, str(tmp_path)).eval()
     x = torch.randint(0, VOCAB, (2, 11), generator=torch.Generator().manual_seed(1))
