@@ -52,7 +52,7 @@ def layer_rows(n: int, d_in: int, d_out: int, dev: str, rounds: int, clock) -> l
                 theirs.ia3_l["default"].copy_(ours.ia3_l["default"])
             fns["PEFT ia3.Linear"] = theirs
 
-        def step(module):
+        def step(module, gy=gy):
             def run():
                 x.grad = None
                 for p in module.parameters():
@@ -71,7 +71,8 @@ def layer_rows(n: int, d_in: int, d_out: int, dev: str, rounds: int, clock) -> l
                     "shape": f"{n}x{d_in}->{d_out}",
                     "fwd+bwd ms": times[name],
                     "x frozen linear": times[name] / floor,
-                    "saved MB": saved_activation_bytes(lambda m=module: m(x), exclude=(x, *module.parameters())) / 2**20,
+                    "saved MB": saved_activation_bytes(lambda m=module: m(x), exclude=(x, *module.parameters()))
+                    / 2**20,
                 }
             )
     return rows

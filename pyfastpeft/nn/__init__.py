@@ -1,7 +1,7 @@
 """PEFT modules."""
 
-from .bottleneck_adapter import BottleneckAdapter
 from .bias_only_linear import BiasOnlyLinear, bitfit_
+from .bottleneck_adapter import BottleneckAdapter
 from .fake_quant_linear import FakeQuantLinear
 from .lora_linear import LoRALinear
 from .multi_lora_linear import BASE_ADAPTER, MultiLoRALinear, adapter_indices_from_names

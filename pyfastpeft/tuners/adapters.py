@@ -378,4 +378,3 @@ class AdapterModel(TunerModel):
 
 
 register_peft_type("BOTTLENECK", AdapterConfig, AdapterModel)
-

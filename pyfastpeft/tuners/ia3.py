@@ -380,7 +380,9 @@ class IA3Model(TunerModel):
             set_submodule(model, path, layer.base_layer)
         for path, wrapper in list(self._saves()):
             keep = keep_trained_copies and wrapper.active_adapter is not None
-            set_submodule(model, path, wrapper.modules_to_save[wrapper.active_adapter] if keep else wrapper.original_module)
+            set_submodule(
+                model, path, wrapper.modules_to_save[wrapper.active_adapter] if keep else wrapper.original_module
+            )
         return model
 
     def config_json(self, adapter_name: str) -> dict:

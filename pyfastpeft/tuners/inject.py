@@ -167,7 +167,9 @@ def _check_tied_shapes(model: nn.Module, config: LoraConfig, targets: list[str])
             module = model.get_submodule(path)
             base = module.base_layer if isinstance(module, LoraLayer) else module
             if isinstance(base, nn.Embedding):
-                raise ValueError(f"tie_lora_A/tie_lora_B: {path} is an nn.Embedding; tied factors take linear layers only")
+                raise ValueError(
+                    f"tie_lora_A/tie_lora_B: {path} is an nn.Embedding; tied factors take linear layers only"
+                )
             if is_conv1d(base):
                 d_in, d_out = base.weight.shape
             else:

@@ -74,7 +74,7 @@ def test_wrapper_gradcheck_float64():
     values = tuple(p.detach().clone().requires_grad_(True) for p in adapter.parameters())
 
     def f(x, *values):
-        return torch.func.functional_call(wrapper, dict(zip(names, values)), (x,))
+        return torch.func.functional_call(wrapper, dict(zip(names, values, strict=True)), (x,))
 
     assert torch.autograd.gradcheck(f, (x, *values))
 
@@ -100,8 +100,9 @@ def test_identity_at_init_and_slot_count(kind, config, location):
 
 @pytest.mark.parametrize("config,location", CONFIGS)
 def test_loss_falls_and_only_adapters_change(config, location):
-    model = pf.get_peft_model(spread(tiny()), pf.AdapterConfig(config=config, parallel_location=location,
-                                                                reduction_factor=4))
+    model = pf.get_peft_model(
+        spread(tiny()), pf.AdapterConfig(config=config, parallel_location=location, reduction_factor=4)
+    )
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".adapters.default.adapter_" in n for n in trainable)
@@ -125,14 +126,17 @@ def test_loss_falls_and_only_adapters_change(config, location):
 
 @pytest.mark.parametrize("config,location", CONFIGS)
 def test_save_load_identical_outputs(config, location, tmp_path):
-    cfg = pf.AdapterConfig(config=config, parallel_location=location, init_adapter_weights=False,
-                           non_linearity="gelu", scaling=0.5)
+    cfg = pf.AdapterConfig(
+        config=config, parallel_location=location, init_adapter_weights=False, non_linearity="gelu", scaling=0.5
+    )
     model = pf.get_peft_model(tiny(), cfg).eval()
     model.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "adapter_config.json").read_text())
     assert saved["peft_type"] == "BOTTLENECK" and saved["config"] == config and saved["non_linearity"] == "gelu"
     keys = set(load_file(tmp_path / "adapter_model.safetensors"))
-    slot = {"houlsby": "self_attn.o_proj", "pfeiffer": "mlp.down_proj"}.get(config, "mlp" if location == "ffn" else "self_attn")
+    slot = {"houlsby": "self_attn.o_proj", "pfeiffer": "mlp.down_proj"}.get(
+        config, "mlp" if location == "ffn" else "self_attn"
+    )
     assert f"base_model.model.model.layers.1.{slot}.adapter_up.weight" in keys
     assert len(keys) == 4 * (4 if config == "houlsby" else 2)
     loaded = pf.PeftModel.from_pretrained(tiny(), tmp_path)
@@ -197,8 +201,9 @@ def test_model_without_the_slot_names_near_modules():
 
 def test_override_slots_on_a_custom_model():
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
-    peft_model = pf.get_peft_model(model, pf.AdapterConfig(ffn_modules=["2"], reduction_factor=4,
-                                                           init_adapter_weights=False))
+    peft_model = pf.get_peft_model(
+        model, pf.AdapterConfig(ffn_modules=["2"], reduction_factor=4, init_adapter_weights=False)
+    )
     assert isinstance(model[2], AdapterWrapper) and model[2].adapters["default"].bottleneck == 2
     x = torch.randn(3, 8)
     with torch.no_grad():

@@ -135,7 +135,9 @@ def spread(model: nn.Module, std: float = 0.2) -> nn.Module:
 
 
 def test_loss_falls_and_only_the_vectors_change():
-    config = pf.IA3Config(target_modules=["k_proj", "v_proj", "up_proj", "down_proj"], feedforward_modules=["down_proj"])
+    config = pf.IA3Config(
+        target_modules=["k_proj", "v_proj", "up_proj", "down_proj"], feedforward_modules=["down_proj"]
+    )
     model = pf.get_peft_model(spread(tiny()), config)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}

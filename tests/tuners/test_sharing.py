@@ -18,8 +18,9 @@ QV = ["q_proj", "v_proj"]
 
 # ---- one bottleneck adapter shared by every layer ------------------------------------------------------
 def test_shared_adapter_is_one_module_and_trains():
-    model = pf.get_peft_model(spread(tiny()), pf.AdapterConfig(config="houlsby", share_across_layers=True,
-                                                                reduction_factor=4))
+    model = pf.get_peft_model(
+        spread(tiny()), pf.AdapterConfig(config="houlsby", share_across_layers=True, reduction_factor=4)
+    )
     wrappers = {p: m for p, m in model.get_base_model().named_modules() if isinstance(m, AdapterWrapper)}
     attn = {id(m.adapters["default"]) for p, m in wrappers.items() if p.endswith("o_proj")}
     ffn = {id(m.adapters["default"]) for p, m in wrappers.items() if p.endswith("down_proj")}
@@ -60,8 +61,9 @@ def test_shared_adapter_gradient_is_the_sum_over_layers():
 
 
 def test_shared_adapter_saves_once_and_loads(tmp_path):
-    model = pf.get_peft_model(tiny(), pf.AdapterConfig(config="houlsby", share_across_layers=True,
-                                                       init_adapter_weights=False)).eval()
+    model = pf.get_peft_model(
+        tiny(), pf.AdapterConfig(config="houlsby", share_across_layers=True, init_adapter_weights=False)
+    ).eval()
     model.save_pretrained(tmp_path)
     keys = sorted(load_file(tmp_path / "adapter_model.safetensors"))
     assert keys == sorted(
@@ -81,7 +83,7 @@ class Uneven(nn.Module):
     def __init__(self):
         super().__init__()
         self.layers = nn.ModuleList(nn.Module() for _ in range(2))
-        for block, width in zip(self.layers, (8, 12)):
+        for block, width in zip(self.layers, (8, 12), strict=True):
             block.mlp = nn.Module()
             block.mlp.down_proj = nn.Linear(8, width)
 
@@ -90,7 +92,9 @@ class Uneven(nn.Module):
 
 
 def test_shared_adapter_with_differing_shapes_names_the_layers():
-    with pytest.raises(ValueError, match=r"share_across_layers.*layers\.0\.mlp\.down_proj: 8->8.*layers\.1\.mlp\.down_proj: 12->12"):
+    with pytest.raises(
+        ValueError, match=r"share_across_layers.*layers\.0\.mlp\.down_proj: 8->8.*layers\.1\.mlp\.down_proj: 12->12"
+    ):
         pf.get_peft_model(Uneven(), pf.AdapterConfig(share_across_layers=True))
     pf.get_peft_model(Uneven(), pf.AdapterConfig())  # unshared: each layer its own size
 
@@ -152,7 +156,11 @@ def test_tied_lora_saves_once_loads_and_refuses_peft_layout(tmp_path):
     # a file in PEFT's layout (one A per layer) under a config that ties A: refused, saying why
     untied = tied()
     untied.save_pretrained(tmp_path / "peft")
-    cfg = (tmp_path / "peft" / "adapter_config.json").read_text().replace('"peft_type"', '"tie_lora_A": true, "peft_type"')
+    cfg = (
+        (tmp_path / "peft" / "adapter_config.json")
+        .read_text()
+        .replace('"peft_type"', '"tie_lora_A": true, "peft_type"')
+    )
     (tmp_path / "peft" / "adapter_config.json").write_text(cfg)
     with pytest.raises(ValueError, match=r"ties lora_A across layers.*one lora_A per layer \(PEFT's layout"):
         pf.PeftModel.from_pretrained(tiny(), tmp_path / "peft")
@@ -170,9 +178,13 @@ def test_tied_lora_bad_configs():
         pf.LoraConfig(target_modules=QV, tie_lora_A="yes")
     with pytest.raises(ValueError, match="pissa"):
         pf.LoraConfig(target_modules=QV, tie_lora_A=True, init_lora_weights="pissa")
-    with pytest.raises(ValueError, match=r"'q_proj' layers cannot share factors.*layers\.0\.self_attn\.q_proj: A \(4, 32\)"):
-        pf.get_peft_model(tiny(), pf.LoraConfig(target_modules=QV, r=4, rank_pattern={"layers.1.self_attn.q_proj": 2},
-                                                tie_lora_A=True))
+    with pytest.raises(
+        ValueError, match=r"'q_proj' layers cannot share factors.*layers\.0\.self_attn\.q_proj: A \(4, 32\)"
+    ):
+        pf.get_peft_model(
+            tiny(),
+            pf.LoraConfig(target_modules=QV, r=4, rank_pattern={"layers.1.self_attn.q_proj": 2}, tie_lora_A=True),
+        )
 
 
 def test_untied_lora_config_file_has_no_tie_fields(tmp_path):
@@ -214,4 +226,3 @@ def test_switching_task_adapters_on_one_base(method):
         if live is None:  # wrapped modules: the frozen tensor now sits one level down
             live = next(t for k, t in current.items() if k.replace(".base_layer", "").replace(".base_module", "") == n)
         assert torch.equal(live, p), n
-
