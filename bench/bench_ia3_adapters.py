@@ -78,6 +78,28 @@ def layer_rows(n: int, d_in: int, d_out: int, dev: str, rounds: int, clock) -> l
     return rows
 
 
+def kernel_rows(n: int, d: int, dev: str, rounds: int, clock) -> list[dict]:
+    """The scaling's backward alone: the fused op against what autograd's multiply does."""
+    torch.manual_seed(0)
+    x, gy, scale = (torch.randn(n, d, device=dev), torch.randn(n, d, device=dev), torch.randn(d, device=dev))
+    fns = {
+        "pyfastpeft ia3_scale_backward": lambda: torch.ops.pyfastpeft.ia3_scale_backward(gy, x, scale, [True, True]),
+        "torch: dy*l, (dy*x).sum(0)": lambda: (gy * scale, (gy * x).sum(0)),
+    }
+    times = time_interleaved(fns, device=dev, rounds=rounds, clock=clock)
+    base = times["torch: dy*l, (dy*x).sum(0)"]
+    return [
+        {
+            "case": "backward of the scaling",
+            "impl": k,
+            "shape": f"{n}x{d}",
+            "bwd ms": v,
+            "vs torch": v / base,
+        }
+        for k, v in times.items()
+    ]
+
+
 def tiny_model(cfg: TinyLlamaConfig) -> TinyLlamaForCausalLM:
     torch.manual_seed(0)
     return TinyLlamaForCausalLM(cfg)
@@ -146,7 +168,8 @@ def main() -> None:
     clock = time.process_time if args.cpu_time else time.perf_counter
     n, d_in, d_out = (256, 256, 256) if args.quick else (2048, 1024, 1024)
     layers = layer_rows(n, d_in, d_out, args.device, args.rounds, clock)
-    print_table(layers, ["case", "impl", "shape", "fwd+bwd ms", "x frozen linear", "saved MB"])
+    layers += kernel_rows(n, d_out, args.device, args.rounds, clock)
+    print_table(layers, ["case", "impl", "shape", "fwd+bwd ms", "bwd ms", "x frozen linear", "vs torch", "saved MB"])
     print()
     steps = model_rows(4 if args.quick else 16, args.device, args.rounds, clock)
     print_table(steps, ["method", "step ms", "trainable", "trainable %", "saved MB"])

@@ -7,8 +7,9 @@ exactly as Hugging Face PEFT does (the output scaling also scales the bias). Mer
 W's rows (output) or columns (input), and into b for the output case.
 
 Cost over the base linear: the feed-forward case scales the matmul's input (an input-sized temporary,
-nothing weight-sized); the output case is one elementwise multiply of the matmul's output. Backward
-saves what PEFT's saves: the scaled input's source x (feed-forward) or the pre-scaling output (else).
+nothing weight-sized); the output case is one elementwise multiply of the matmul's output. Both go
+through the op :func:`pyfastpeft.ops.ia3_scale`, whose backward makes ``dx`` and ``dl`` in one pass over
+the activations. Backward keeps what PEFT's keeps: the input x (feed-forward) or the pre-scaling output.
 
 Files: ``base_model.model.<path>.ia3_l`` per adapted module, PEFT's exact keys and shapes, plus
 modules_to_save as ``base_model.model.<path>.<param>``.
@@ -23,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import ops
 from .base import TunerModel
 from .config import _check_patterns
 from .lora_layers import ModulesToSaveWrapper, is_conv1d
@@ -224,10 +226,11 @@ class IA3Linear(nn.Module):
         scale = self.ia3_l[active[0]].flatten()
         for name in active[1:]:
             scale = scale * self.ia3_l[name].flatten()
+        # pyfastpeft.ops.ia3_scale: x ⊙ l whose backward makes dx and dl in one pass
         if self.is_feedforward:
-            return self.base_layer(x * scale.to(x.dtype), *args, **kwargs)
+            return self.base_layer(ops.ia3_scale(x, scale.to(x.dtype)), *args, **kwargs)
         y = self.base_layer(x, *args, **kwargs)
-        return y * scale.to(y.dtype)
+        return ops.ia3_scale(y, scale.to(y.dtype))
 
     def extra_repr(self) -> str:
         kind = "input" if self.is_feedforward else "output"
