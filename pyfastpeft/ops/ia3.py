@@ -25,21 +25,8 @@ def _ia3_scale_backward_fake(grad_y, x, scale, output_mask):
     return dx, dl
 
 
-def _setup_context(ctx, inputs, output):
-    x, scale = inputs
-    ctx.needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1])
-    # x is needed only for dl; without it nothing of x is kept
-    ctx.save_for_backward(x if ctx.needs[1] else None, scale)
-
-
-def _backward(ctx, grad_y):
-    x, scale = ctx.saved_tensors
-    need_dx, need_dl = ctx.needs
-    dx, dl = _OP.ia3_scale_backward(grad_y, x if x is not None else grad_y, scale, [need_dx, need_dl])
-    return (dx if need_dx else None), (dl if need_dl else None)
-
-
-torch.library.register_autograd("pyfastpeft::ia3_scale", _backward, setup_context=_setup_context)
+# Autograd is registered in C++ (csrc/ops/ia3/ia3_autograd.cpp): a Python formula adds interpreter time to
+# every layer call. The forward keeps x only when the scale trains; the backward op makes dx and dl.
 
 
 def ia3_scale(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

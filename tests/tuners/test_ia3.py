@@ -146,7 +146,7 @@ def test_loss_falls_and_only_the_vectors_change():
     g = torch.Generator().manual_seed(0)
     losses = []
     for _ in range(30):
-        batch = make_batch("copy", 16, 4, 32, g)
+        batch = make_batch("copy", 8, 4, 32, g)
         loss = model(batch.input_ids, labels=batch.labels).loss
         opt.zero_grad()
         loss.backward()
