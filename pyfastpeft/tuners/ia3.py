@@ -159,6 +159,15 @@ class IA3Linear(nn.Module):
     def bias(self) -> torch.Tensor | None:
         return getattr(self.base_layer, "bias", None)
 
+    # Code that reads the wrapped layer's attributes (``k_proj.in_features``, ``c_attn.nf``) keeps working.
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_layer" or "base_layer" not in self.__dict__.get("_modules", {}):
+                raise
+            return getattr(self._modules["base_layer"], name)
+
     def update_layer(self, name: str, init: bool) -> None:
         w = self.base_layer.weight
         shape = (1, self.in_features) if self.is_feedforward else (self.out_features, 1)

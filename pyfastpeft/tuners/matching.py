@@ -8,7 +8,6 @@ modules inside the listed layer indices.
 from __future__ import annotations
 
 import difflib
-import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,13 +16,7 @@ from torch import nn
 from .inject import _layer_index, _matches, _set_submodule
 from .lora_layers import ModulesToSaveWrapper
 
-__all__ = [
-    "check_layers",
-    "matches",
-    "near_names",
-    "set_submodule",
-    "walk_unwrapped",
-]
+__all__ = ["check_layers", "in_layers", "matches", "near_names", "set_submodule", "walk_unwrapped"]
 
 matches = _matches
 set_submodule = _set_submodule
@@ -57,11 +50,3 @@ def check_layers(name: str, value: Any) -> None:
         return
     if not isinstance(value, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value):
         raise ValueError(f"{name}: expected a non-negative int or a list of them, got {value!r}")
-
-
-def regex_ok(pattern: str) -> bool:
-    try:
-        re.compile(pattern)
-    except re.error:
-        return False
-    return True

@@ -160,6 +160,21 @@ def test_loss_falls_and_only_the_vectors_change():
             assert not torch.equal(p, trainable[n]), n
 
 
+def test_compiles_fullgraph_and_reads_base_attributes():
+    model = pf.get_peft_model(tiny(), pf.IA3Config(init_ia3_weights=False))
+    k_proj = model.get_base_model().model.layers[0].self_attn.k_proj
+    assert isinstance(k_proj, IA3Linear) and k_proj.in_features == 32
+    x = ids()
+    compiled = torch.compile(model.get_base_model(), fullgraph=True, backend="aot_eager")
+    compiled(x, labels=x).loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    model(x, labels=x).loss.backward()
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(grads[n], p.grad, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_merge_unmerge_and_merge_and_unload(kind):
     base, _ = twin_models(kind)
