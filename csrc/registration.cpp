@@ -91,4 +91,11 @@ TORCH_LIBRARY(pyfastpeft, m) {
   m.def("bias_only_linear(Tensor x, Tensor weight, Tensor bias) -> Tensor", pt2);
   // Returns (dx, db) = (dy·W, Σ_n dy[n, :]); entries whose output_mask is false are empty tensors.
   m.def("bias_only_linear_backward(Tensor grad_y, Tensor weight, bool[2] output_mask) -> (Tensor, Tensor)", pt2);
+
+  // ---- ia3: (IA)³ feature scaling (csrc/ops/ia3) ----
+  // y = x ⊙ scale over the last dimension (the input of a feed-forward linear or the output of a k/v one).
+  m.def("ia3_scale(Tensor x, Tensor scale) -> Tensor", pt2);
+  // Returns (dx, dscale) = (dy ⊙ scale, Σ_rows dy ⊙ x) in one pass; entries whose output_mask is false are
+  // empty tensors.
+  m.def("ia3_scale_backward(Tensor grad_y, Tensor x, Tensor scale, bool[2] output_mask) -> (Tensor, Tensor)", pt2);
 }

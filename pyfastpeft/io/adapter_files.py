@@ -5,6 +5,8 @@ in the user's model):
     P.lora_A.weight [r, in]   P.lora_B.weight [out, r]   P.lora_magnitude_vector [out] (DoRA)
     P.lora_embedding_A [r, num_embeddings]   P.lora_embedding_B [dim, r]   (nn.Embedding)
     P.base_layer.bias (bias='lora_only'), every bias (bias='all'), and modules_to_save as P.<param>;
+    with tie_lora_A / tie_lora_B (not in PEFT): each shared factor once, as
+    base_model.model.tied_lora_A.<module name>.weight / tied_lora_B.<module name>.weight;
 ``<dir>/adapter_config.json`` the LoraConfig with ``peft_type: "LORA"``. The adapter named "default" lives
 in ``<dir>``, any other in ``<dir>/<name>``. Pickle files (.bin, .pt) are never read.
 """
@@ -49,8 +51,12 @@ def lora_adapter_tensors(peft_model, adapter_name: str) -> dict[str, nn.Paramete
             continue
         key = PREFIX + path
         if isinstance(layer, LoraLinear):
-            out[f"{key}.lora_A.weight"] = layer.lora_A[adapter_name].weight
-            out[f"{key}.lora_B.weight"] = layer.lora_B[adapter_name].weight
+            # a tied factor is one tensor for every layer of that module name: written once
+            group = path.rsplit(".", 1)[-1]
+            a_key = f"{PREFIX}tied_lora_A.{group}.weight" if config.tie_lora_A else f"{key}.lora_A.weight"
+            b_key = f"{PREFIX}tied_lora_B.{group}.weight" if config.tie_lora_B else f"{key}.lora_B.weight"
+            out[a_key] = layer.lora_A[adapter_name].weight
+            out[b_key] = layer.lora_B[adapter_name].weight
             if layer.use_dora[adapter_name]:
                 out[f"{key}.lora_magnitude_vector"] = layer.lora_magnitude_vector[adapter_name].weight
         elif isinstance(layer, LoraEmbedding):
@@ -280,8 +286,20 @@ def _config_for_injection(config: LoraConfig) -> LoraConfig:
     return LoraConfig.from_dict(d)
 
 
+def _check_tied_layout(config: LoraConfig, tensors: dict[str, torch.Tensor], source: Path) -> None:
+    for flag, factor in (("tie_lora_A", "lora_A"), ("tie_lora_B", "lora_B")):
+        per_layer = [k for k in tensors if k.endswith(f".{factor}.weight")]
+        if getattr(config, flag) and per_layer:
+            raise ValueError(
+                f"{source}: the config ties {factor} across layers ({flag}=True), but the file holds one {factor} "
+                f"per layer (PEFT's layout, e.g. {per_layer[0]}); a tied adapter stores each shared factor once "
+                f"as base_model.model.tied_{factor}.<module name>.weight. Load it with {flag}=False instead"
+            )
+
+
 def load_into_new_model(cls, model: nn.Module, directory, adapter_name: str, is_trainable: bool):
     config, tensors, source = read_adapter(_find_dir(directory, adapter_name))
+    _check_tied_layout(config, tensors, source)
     inject_config = _config_for_injection(config)
     inject_config.inference_mode = not is_trainable
     requires_grad = {p: p.requires_grad for p in model.parameters()}
@@ -301,6 +319,7 @@ def load_into_new_model(cls, model: nn.Module, directory, adapter_name: str, is_
 
 def load_adapter(peft_model, directory, adapter_name: str, is_trainable: bool) -> None:
     config, tensors, source = read_adapter(_find_dir(directory, adapter_name))
+    _check_tied_layout(config, tensors, source)
     inject_config = _config_for_injection(config)
     inject_config.inference_mode = not is_trainable
     peft_model.add_adapter(adapter_name, inject_config)

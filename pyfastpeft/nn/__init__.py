@@ -1,6 +1,7 @@
 """PEFT modules."""
 
 from .bias_only_linear import BiasOnlyLinear, bitfit_
+from .bottleneck_adapter import BottleneckAdapter
 from .fake_quant_linear import FakeQuantLinear
 from .lora_linear import LoRALinear
 from .multi_lora_linear import BASE_ADAPTER, MultiLoRALinear, adapter_indices_from_names
@@ -11,6 +12,7 @@ from .sparse_delta_linear import SparseDeltaLinear, gradient_scores, select_indi
 __all__ = [
     "BASE_ADAPTER",
     "BiasOnlyLinear",
+    "BottleneckAdapter",
     "FakeQuantLinear",
     "LoRALinear",
     "MultiLoRALinear",

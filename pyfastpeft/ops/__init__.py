@@ -2,6 +2,7 @@
 
 from .. import _extension  # noqa: F401, I001  (loads the compiled operators first)
 from .bias import bias_only_linear
+from .ia3 import ia3_scale
 from .distill import fused_linear_kd_loss, kd_loss
 from .lora import lora_linear, philox_dropout
 from .multi_lora import check_adapter_indices, multi_lora_linear
@@ -16,6 +17,7 @@ __all__ = [
     "fake_quantize_lsq",
     "fused_adamw_",
     "fused_linear_kd_loss",
+    "ia3_scale",
     "kd_loss",
     "lora_linear",
     "multi_lora_linear",

@@ -254,3 +254,8 @@ def fused_linear_kd_loss(
 def bias_only_linear(x, weight, bias):
     """BitFit linear: ``x·Wᵀ + b`` (W frozen; its gradient is never taken)."""
     return torch.nn.functional.linear(x, weight.detach(), bias)
+
+
+def ia3_scale(x, scale):
+    """(IA)³ scaling: y[..., j] = x[..., j]·scale[j]."""
+    return x * scale

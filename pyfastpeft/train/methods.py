@@ -20,6 +20,7 @@ LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
 
 # the flags add_method_arguments defines; a checkpoint records them so --resume can check them
 METHOD_KNOBS = ["target_modules", "r", "alpha", "dropout", "rslora", "train_last_layers"]
+METHOD_KNOBS += ["adapter_config", "reduction_factor"]
 
 MethodFn = Callable[[nn.Module, argparse.Namespace], nn.Module]
 METHODS: dict[str, MethodFn] = {}
@@ -57,6 +58,18 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=1,
         help="freeze: how many of the last decoder blocks train (default: %(default)s)",
+    )
+    g.add_argument(
+        "--adapter-config",
+        choices=["houlsby", "pfeiffer", "parallel"],
+        default="pfeiffer",
+        help="adapter: where the bottleneck adapters sit (default: %(default)s)",
+    )
+    g.add_argument(
+        "--reduction-factor",
+        type=int,
+        default=16,
+        help="adapter: bottleneck = hidden size / this (default: %(default)s)",
     )
 
 
@@ -131,3 +144,18 @@ def apply_freeze(model: nn.Module, args: argparse.Namespace) -> nn.Module:
         for p in block.parameters():
             p.requires_grad_(True)
     return model
+
+
+# ---- (IA)³ and bottleneck adapters --------------------------------------------------------------------
+@register("ia3", "(IA)³: learned scales of keys, values and the feed-forward input (PEFT's IA3 defaults)")
+def apply_ia3(model: nn.Module, args: argparse.Namespace) -> nn.Module:
+    from ..tuners import IA3Config
+
+    return get_peft_model(model, IA3Config())
+
+
+@register("adapter", "bottleneck adapters (--adapter-config houlsby|pfeiffer|parallel, --reduction-factor)")
+def apply_adapter(model: nn.Module, args: argparse.Namespace) -> nn.Module:
+    from ..tuners import AdapterConfig
+
+    return get_peft_model(model, AdapterConfig(config=args.adapter_config, reduction_factor=args.reduction_factor))

@@ -1,13 +1,21 @@
 """PEFT configs, injection by module-name pattern, named adapters, merging."""
 
+from .adapters import AdapterConfig, AdapterModel, AdapterWrapper
 from .base import TunerModel
 from .config import LoraConfig
+from .ia3 import IA3Config, IA3Linear, IA3Model
 from .inject import find_targets, inject_lora, trainable_parameters
 from .lora_layers import LoraEmbedding, LoraLayer, LoraLinear, ModulesToSaveWrapper
 from .peft_model import PeftModel, get_peft_model
 from .registry import config_from_dict, peft_types, register_peft_type
 
 __all__ = [
+    "AdapterConfig",
+    "AdapterModel",
+    "AdapterWrapper",
+    "IA3Config",
+    "IA3Linear",
+    "IA3Model",
     "LoraConfig",
     "LoraEmbedding",
     "LoraLayer",

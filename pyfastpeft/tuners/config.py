@@ -55,6 +55,10 @@ class LoraConfig:
             W replaced by its residual).
         fan_in_fan_out: the base weight is stored [in, out] (transformers' Conv1D); set automatically when
             such a layer is adapted.
+        tie_lora_A: one A per module name shared by every layer (all ``q_proj`` share one A, all
+            ``v_proj`` another), each layer keeping its own B; the A's gradient sums over the layers. Not a
+            PEFT field: saved once per module name as ``base_model.model.tied_lora_A.<name>.weight``.
+        tie_lora_B: the same for B (with tie_lora_A: one LoRA shared by every layer).
     """
 
     r: int = 8
@@ -72,6 +76,8 @@ class LoraConfig:
     modules_to_save: list[str] | None = None
     init_lora_weights: bool | Literal["gaussian", "pissa"] = True
     fan_in_fan_out: bool = False
+    tie_lora_A: bool = False
+    tie_lora_B: bool = False
     task_type: str | None = None
     base_model_name_or_path: str | None = None
     revision: str | None = None
@@ -138,7 +144,9 @@ class LoraConfig:
             raise ValueError(f"init_lora_weights: expected True, False, 'gaussian' or 'pissa', got {init!r}")
         if init == "pissa" and self.use_dora:
             raise ValueError("init_lora_weights: 'pissa' cannot be combined with use_dora=True")
-        for flag in ("use_rslora", "use_dora", "fan_in_fan_out", "inference_mode"):
+        if init == "pissa" and (self.tie_lora_A or self.tie_lora_B):
+            raise ValueError("init_lora_weights: 'pissa' derives A and B from each layer's W; it cannot tie them")
+        for flag in ("use_rslora", "use_dora", "fan_in_fan_out", "inference_mode", "tie_lora_A", "tie_lora_B"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"{flag}: expected a bool, got {getattr(self, flag)!r}")
 
@@ -147,6 +155,9 @@ class LoraConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        for name in ("tie_lora_A", "tie_lora_B"):  # not PEFT fields: written only when set
+            if not d[name]:
+                del d[name]
         if isinstance(d["target_modules"], list):
             d["target_modules"] = sorted(d["target_modules"])
         return d

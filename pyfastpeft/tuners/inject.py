@@ -129,6 +129,7 @@ def inject_adapter(model: nn.Module, config: LoraConfig, name: str) -> list[str]
             )
         if is_conv1d(base):
             config.fan_in_fan_out = True
+    _check_tied_shapes(model, config, targets)
     for path in targets:
         module = model.get_submodule(path)
         if not isinstance(module, LoraLayer):
@@ -139,6 +140,7 @@ def inject_adapter(model: nn.Module, config: LoraConfig, name: str) -> list[str]
         module.update_layer(
             name, r, alpha, config.lora_dropout, config.use_rslora, config.use_dora, config.init_lora_weights
         )
+    _tie(model, config, name, targets)
     for path in saves:
         module = model.get_submodule(path)
         if not isinstance(module, ModulesToSaveWrapper):
@@ -146,6 +148,50 @@ def inject_adapter(model: nn.Module, config: LoraConfig, name: str) -> list[str]
             _set_submodule(model, path, module)
         module.add(name)
     return targets
+
+
+def tie_groups(targets: list[str]) -> dict[str, list[str]]:
+    """Tied LoRA factors are shared by the modules of one name: {last path component: paths}."""
+    groups: dict[str, list[str]] = {}
+    for path in targets:
+        groups.setdefault(path.rsplit(".", 1)[-1], []).append(path)
+    return groups
+
+
+def _check_tied_shapes(model: nn.Module, config: LoraConfig, targets: list[str]) -> None:
+    if not (config.tie_lora_A or config.tie_lora_B):
+        return
+    for group, paths in tie_groups(targets).items():
+        shapes = {}
+        for path in paths:
+            module = model.get_submodule(path)
+            base = module.base_layer if isinstance(module, LoraLayer) else module
+            if isinstance(base, nn.Embedding):
+                raise ValueError(
+                    f"tie_lora_A/tie_lora_B: {path} is an nn.Embedding; tied factors take linear layers only"
+                )
+            if is_conv1d(base):
+                d_in, d_out = base.weight.shape
+            else:
+                d_in, d_out = base.in_features, base.out_features
+            r = pattern_value(path, config.rank_pattern, config.r)
+            shapes[path] = ((r, d_in) if config.tie_lora_A else None, (d_out, r) if config.tie_lora_B else None)
+        if len(set(shapes.values())) > 1:
+            per = ", ".join(f"{p}: A {a} B {b}" for p, (a, b) in shapes.items())
+            raise ValueError(f"tie_lora_A/tie_lora_B: the {group!r} layers cannot share factors, shapes differ ({per})")
+
+
+def _tie(model: nn.Module, config: LoraConfig, name: str, targets: list[str]) -> None:
+    """Point every layer of a group at the first layer's factor module: one Parameter, used (and
+    receiving gradient) in every layer."""
+    for paths in tie_groups(targets).values() if (config.tie_lora_A or config.tie_lora_B) else ():
+        first = model.get_submodule(paths[0])
+        for path in paths[1:]:
+            layer = model.get_submodule(path)
+            if config.tie_lora_A:
+                layer.lora_A[name] = first.lora_A[name]
+            if config.tie_lora_B:
+                layer.lora_B[name] = first.lora_B[name]
 
 
 def _find_modules_to_save(model: nn.Module, config: LoraConfig) -> list[str]:

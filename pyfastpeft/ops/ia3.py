@@ -1,0 +1,39 @@
+"""(IA)³ feature scaling: ``y = x ⊙ l`` over the last dimension, with a fused backward.
+
+``dx = dy ⊙ l`` and ``dl = Σ_rows dy ⊙ x`` come from one pass over ``dy`` and ``x`` (autograd's multiply
+would make ``dy ⊙ l``, then ``dy ⊙ x`` as a full-size temporary, then its column sum).
+"""
+
+from __future__ import annotations
+
+import torch
+
+_OP = torch.ops.pyfastpeft
+
+
+@torch.library.register_fake("pyfastpeft::ia3_scale")
+def _ia3_scale_fake(x, scale):
+    torch._check(scale.dim() == 1 and scale.shape[0] == x.shape[-1], lambda: "scale: expected [x.shape[-1]]")
+    return torch.empty_like(x)
+
+
+@torch.library.register_fake("pyfastpeft::ia3_scale_backward")
+def _ia3_scale_backward_fake(grad_y, x, scale, output_mask):
+    need_dx, need_dl = output_mask
+    dx = grad_y.new_empty(grad_y.shape) if need_dx else grad_y.new_empty((0,))
+    dl = grad_y.new_empty(scale.shape) if need_dl else grad_y.new_empty((0,))
+    return dx, dl
+
+
+# Autograd is registered in C++ (csrc/ops/ia3/ia3_autograd.cpp): a Python formula adds interpreter time to
+# every layer call. The forward keeps x only when the scale trains; the backward op makes dx and dl.
+
+
+def ia3_scale(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``x ⊙ scale`` over the last dimension of ``x`` (any leading dimensions, any strides).
+
+    Args:
+        x: ``[..., d]`` float tensor.
+        scale: ``[d]`` vector of x's dtype and device.
+    """
+    return _OP.ia3_scale(x, scale)

@@ -1,0 +1,134 @@
+"""(IA)³ scaling op (y = x ⊙ l over the last dimension) against float64 references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import pyfastpeft  # noqa: F401
+from pyfastpeft.ops import ia3_scale, reference
+from tests.conftest import FLOAT_DTYPES, low_precision_error_bound
+
+_OP = torch.ops.pyfastpeft
+
+
+def randn(*shape, device="cpu", dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g, dtype=torch.float64).to(device, dtype)
+
+
+def run(fn, x, scale, grad_y):
+    """Output and (dx, dl) of fn for the given upstream gradient."""
+    x = x.detach().requires_grad_(True)
+    scale = scale.detach().requires_grad_(True)
+    y = fn(x, scale)
+    dx, dl = torch.autograd.grad(y, (x, scale), grad_y)
+    return y, dx, dl
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    lead=st.lists(st.integers(1, 7), min_size=0, max_size=2),
+    n=st.integers(1, 300),  # past several 64-row slabs of the CPU backward
+    d=st.integers(1, 70),
+    seed=st.integers(0, 2**16),
+)
+def test_matches_reference_float64(lead, n, d, seed):
+    shape = (*lead, n, d)
+    x, scale, gy = randn(*shape, seed=seed), randn(d, seed=seed + 1), randn(*shape, seed=seed + 2)
+    y, dx, dl = run(ia3_scale, x, scale, gy)
+    y_ref, dx_ref, dl_ref = run(reference.ia3_scale, x, scale, gy)
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(dx, dx_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(dl, dl_ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_every_dtype_batched_non_contiguous(device, dtype):
+    d = 45
+    # strided views with two leading dims; 3·350 = 1050 rows: several slabs, a partial last one
+    x64 = randn(3, 700, d + 5, device=device)[:, ::2, 3 : 3 + d]
+    gy64 = randn(3, 350, d * 2, device=device, seed=1)[..., ::2]
+    l64 = 0.5 + randn(d, device=device, seed=2).abs()
+    assert not x64.is_contiguous() and not gy64.is_contiguous()
+    x, gy, scale = (t.to(dtype) for t in (x64, gy64, l64))
+    ours = run(ia3_scale, x, scale, gy)
+    ref = run(reference.ia3_scale, x64, l64, gy64)
+    plain = run(reference.ia3_scale, x, scale, gy)  # plain PyTorch in this dtype
+    for o, p, r in zip(ours, plain, ref, strict=True):
+        assert o.dtype == dtype
+        if dtype == torch.float32:
+            torch.testing.assert_close(o.double(), r, rtol=1e-5, atol=1e-5)
+        else:
+            err, bound = low_precision_error_bound(o, p, r)
+            assert err <= bound
+
+
+def test_gradcheck_float64(device):
+    x = randn(2, 5, 7, device=device).requires_grad_(True)
+    scale = randn(7, device=device, seed=1).requires_grad_(True)
+    assert torch.autograd.gradcheck(ia3_scale, (x, scale))
+
+
+def test_only_the_needed_gradient(device):
+    x = randn(4, 6, device=device)
+    scale = randn(6, device=device, seed=1).requires_grad_(True)
+    gy = randn(4, 6, device=device, seed=2)
+    (dl,) = torch.autograd.grad(ia3_scale(x, scale), (scale,), gy)
+    torch.testing.assert_close(dl, (gy * x).sum(0), rtol=1e-12, atol=1e-12)
+    dx, dl_empty = _OP.ia3_scale_backward(gy, x, scale.detach(), [True, False])
+    torch.testing.assert_close(dx, gy * scale.detach(), rtol=1e-12, atol=1e-12)
+    assert dl_empty.numel() == 0
+
+
+def test_saves_x_only_when_the_scale_trains(device):
+    saved = []
+
+    def pack(t):
+        saved.append(t.shape)
+        return t
+
+    x = randn(8, 6, device=device).requires_grad_(True)
+    frozen = randn(6, device=device, seed=1)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        ia3_scale(x, frozen)
+    assert saved == [torch.Size([6])]  # the scale only
+
+
+def test_opcheck(device):
+    x = randn(3, 5, 7, device=device).requires_grad_(True)
+    scale = randn(7, device=device, seed=1).requires_grad_(True)
+    torch.library.opcheck(_OP.ia3_scale, (x, scale))
+    gy = randn(3, 5, 7, device=device, seed=2)
+    torch.library.opcheck(_OP.ia3_scale_backward, (gy, x.detach(), scale.detach(), [True, True]))
+
+
+def test_compiles_fullgraph(device):
+    x = randn(3, 7, device=device, dtype=torch.float32).requires_grad_(True)
+    scale = randn(7, device=device, seed=1, dtype=torch.float32).requires_grad_(True)
+    compiled = torch.compile(ia3_scale, fullgraph=True, backend="aot_eager")
+    compiled(x, scale).sum().backward()
+    torch.testing.assert_close(scale.grad, x.detach().sum(0))
+
+
+@pytest.mark.parametrize(
+    "make,match",
+    [
+        (lambda d: (randn(3, 4, device=d), randn(5, device=d)), "scale: expected size 4"),
+        (lambda d: (randn(3, 4, device=d), randn(1, 4, device=d)), "scale: expected a 1-D tensor"),
+        (lambda d: (randn(3, 4, device=d), randn(4, device=d, dtype=torch.float32)), "scale: expected dtype"),
+        (lambda d: (torch.ones(3, 4, dtype=torch.int64, device=d), torch.ones(4, dtype=torch.int64, device=d)), "x:"),
+    ],
+)
+def test_bad_input_names_the_argument(device, make, match):
+    x, scale = make(device)
+    with pytest.raises(ValueError, match=match):
+        _OP.ia3_scale(x, scale)
+
+
+def test_bad_backward_input(device):
+    x, scale = randn(3, 4, device=device), randn(4, device=device)
+    with pytest.raises(ValueError, match="grad_y: expected the shape of x"):
+        _OP.ia3_scale_backward(randn(4, 4, device=device), x, scale, [True, True])
