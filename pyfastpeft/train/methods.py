@@ -89,7 +89,7 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--target-modules",
         default=",".join(LLAMA_TARGETS),
-        help="comma-separated module-name suffixes (lora, bitfit) (default: %(default)s)",
+        help="comma-separated module-name suffixes (the LoRA family, sparse, bitfit) (default: %(default)s)",
     )
     g.add_argument("--r", type=int, default=8, help="LoRA rank (default: %(default)s)")
     g.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha; scaling = alpha / r (default: %(default)s)")
@@ -226,7 +226,7 @@ def _more_knobs(g: argparse._ArgumentGroup) -> None:
     g.add_argument(
         "--distill-teacher-steps",
         type=int,
-        default=300,
+        default=200,
         help="distill: full fine-tuning steps that make the teacher (cached for the built-in model) "
         "(default: %(default)s)",
     )

@@ -26,7 +26,7 @@ def _quiet(*args, **kwargs) -> None:
     pass
 
 
-def teacher_cache_path(args: argparse.Namespace):
+def teacher_cache_path(args: argparse.Namespace, steps: int):
     if args.model or args.data:
         return None
     spec = {
@@ -34,7 +34,7 @@ def teacher_cache_path(args: argparse.Namespace):
             builtin_config(args), args.pretrain_task, args.pretrain_steps, 32, args.length, 3e-3, args.seed
         ),
         "task": args.task,
-        "steps": args.distill_teacher_steps,
+        "steps": steps,
         "batch_size": args.batch_size,
         "lr": args.lr,
         "version": 1,
@@ -68,7 +68,8 @@ def fine_tuned_teacher(
     was, so a run with a teacher draws the same dropout masks whether it was cached or not."""
     if args.distill_teacher_steps < 1:
         raise ValueError(f"--distill-teacher-steps: expected a positive number, got {args.distill_teacher_steps}")
-    path = teacher_cache_path(args)
+    steps = args.distill_teacher_steps
+    path = teacher_cache_path(args, steps)
     with torch.random.fork_rng(devices=[]):
         model = hf_model(args.model, args.seed) if args.model else builtin_model(args, _quiet)
         cached = False
@@ -80,16 +81,16 @@ def fine_tuned_teacher(
                 log(f"ignoring unreadable cache file {path} ({err})")
         model.to(device=device, dtype=torch.float32)
         if not cached:
-            fine_tune_fully(model, source, args.distill_teacher_steps, args.batch_size, args.lr, args.seed, device)
+            fine_tune_fully(model, source, steps, args.batch_size, args.lr, args.seed, device)
             if path is not None:
-                save_tensors(path, model.state_dict(), {"task": args.task, "steps": args.distill_teacher_steps})
+                save_tensors(path, model.state_dict(), {"task": args.task, "steps": steps})
     model.to(dtype=dtype).eval()
     for p in model.parameters():
         p.requires_grad_(False)
     metric = source.evaluate(model, device)[source.metric_name]
     where = f"read from {path}" if cached else ("cached in " + str(path) if path is not None else "not cached")
     log(
-        f"distill: teacher = the base model fully fine-tuned for {args.distill_teacher_steps} steps ({where}); "
+        f"distill: teacher = the base model fully fine-tuned for {steps} steps ({where}); "
         f"its {source.metric_name}: {metric:.3f}"
     )
     return model
