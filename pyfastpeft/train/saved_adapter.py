@@ -143,7 +143,10 @@ def load_base_model(base: str | None, saved: SavedAdapter, log=print) -> tuple[n
             where = f"was trained on {run['base_model']}" if run else "does not say which base it was trained on"
             if base is None:
                 raise ValueError(f"{saved.directory}: the adapter {where}; pass --base <model folder>")
-            raise ValueError(f"base builtin: the adapter in {saved.directory} {where}, not the built-in model")
+            raise ValueError(
+                f"base builtin: the adapter in {saved.directory} {where}; only adapters trained on the built-in "
+                "model fit it"
+            )
         args = run_arguments(run)
         return builtin_model(args, log), f"built-in model ({run['base_model']})"
     folder = Path(base)

@@ -154,6 +154,8 @@ def test_merge_into_a_hugging_face_folder(tmp_path, lora_dir, capsys):
     assert "does not match the model" in err and "shape mismatches" in err
     assert "self_attn.k_proj.lora_B.weight: file [64, 4] vs model [16, 4]" in err
     assert not (tmp_path / "nope").exists()
+    assert run_cli("merge", "builtin", run, tmp_path / "nope") == 2
+    assert f"was trained on {hf}; only adapters trained on the built-in model fit it" in capsys.readouterr().err
 
 
 def test_report_and_merge_errors(tmp_path, lora_dir, capsys):
