@@ -6,11 +6,11 @@ registered method runs on the same pretrained base, batch and seed, in interleav
 gives the median step time, its ratio to full fine-tuning (``full``) and to ``lora``, the trainable
 parameters and the bytes autograd saves for backward.
 
-    python -m bench.bench_methods [--quick] [--threads 1] [--size medium] [--batch-size 32]
+    python -m bench.bench_methods [--device cpu] [--quick] [--threads 1] [--size medium] [--batch-size 32]
 
 The distillation teacher is made with 1 full fine-tuning step here: its quality does not change the
-step's cost. Times are CPU time of this process (``time.process_time``) with ``--threads`` threads,
-steadier than wall time on a shared machine.
+step's cost. On the CPU, times are CPU time of this process (``time.process_time``) with ``--threads``
+threads, steadier than wall time on a shared machine; on a GPU, wall time.
 """
 
 from __future__ import annotations
@@ -34,15 +34,16 @@ def _quiet(*args, **kwargs) -> None:
     pass
 
 
-def make_step(method: str, argv: list[str]):
+def make_step(method: str, argv: list[str], device: torch.device):
     args = build_parser().parse_args(["finetune", "--method", method, "--distill-teacher-steps", "1", *argv])
     base = load_base(args, _quiet)
     torch.manual_seed(args.seed)
     adapted = apply_method(method, base.model, args)
-    parts = training_parts(method, adapted, args, base.source, torch.device("cpu"), _quiet)
+    base.model.to(device)
+    parts = training_parts(method, adapted, args, base.source, device, _quiet)
     params = list(trainable_state(base.model).values())
     opt = (parts.optimizer or (lambda ps, lr, wd: torch.optim.AdamW(ps, lr=lr, weight_decay=wd)))(params, args.lr, 0.0)
-    batch = batch_to(base.source.batch(args.batch_size, torch.Generator().manual_seed(0)), "cpu")
+    batch = batch_to(base.source.batch(args.batch_size, torch.Generator().manual_seed(0)), device)
     count = int((batch.labels[:, 1:] != -100).sum())
     adapted.train()
 
@@ -60,6 +61,7 @@ def make_step(method: str, argv: list[str]):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu")
     ap.add_argument("--quick", action="store_true", help="small model, small batch, few rounds")
     ap.add_argument("--size", default="medium")
     ap.add_argument("--batch-size", type=int, default=32)
@@ -73,10 +75,12 @@ def main() -> None:
     methods = [m for m in args.methods.split(",") if m]
     steps, trainable, saved = {}, {}, {}
     for m in methods:
-        step, loss, trainable[m] = make_step(m, argv)
+        step, loss, trainable[m] = make_step(m, argv, torch.device(args.device))
         steps[m] = step
         saved[m] = saved_activation_bytes(loss)
-    times = time_interleaved(steps, warmup=2, rounds=rounds, clock=time.process_time)
+    # CPU time of this process on the CPU (steady on a shared machine); wall time with a GPU
+    clock = time.process_time if args.device == "cpu" else time.perf_counter
+    times = time_interleaved(steps, device=args.device, warmup=2, rounds=rounds, clock=clock)
     rows = [
         {
             "method": m,
@@ -94,7 +98,7 @@ def main() -> None:
         "methods_quick" if args.quick else "methods",
         rows,
         command,
-        {"size": size, "batch_size": batch, "threads": args.threads, "clock": "process_time", "rounds": rounds},
+        {"size": size, "batch_size": batch, "threads": args.threads, "clock": clock.__name__, "rounds": rounds},
     )
     print(f"wrote {path}")
 
