@@ -82,7 +82,7 @@ def _changed_matrices(base_state: dict, adapted) -> list[dict]:
         rep = report(adapted, with_disk_size=False)
         return [
             {
-                "name": m.name,
+                "name": m.name.removeprefix("base_model.model."),
                 "shape": list(m.shape),
                 "r": m.r or None,
                 "delta_rank": m.delta_rank,
