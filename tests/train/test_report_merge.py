@@ -199,3 +199,11 @@ def test_python_m_report_and_merge(tmp_path, lora_dir):
     assert (tmp_path / "m" / "model.safetensors").is_file()
     out = subprocess.run([sys.executable, "-m", "pyfastpeft", "report"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "adapter" in out.stderr
+
+
+def test_compare_defaults_to_every_registered_method():
+    from pyfastpeft.cli import build_parser
+    from pyfastpeft.train import METHODS
+
+    assert {"dora", "sparse", "qat-lora", "distill"} <= set(METHODS)
+    assert build_parser().parse_args(["compare"]).methods.split(",") == sorted(METHODS)
