@@ -1,4 +1,4 @@
-"""The ``pyfastpeft`` command (also ``python -m pyfastpeft``): finetune, bench, compare."""
+"""The ``pyfastpeft`` command (also ``python -m pyfastpeft``): finetune, bench, compare, report, merge."""
 
 from __future__ import annotations
 
@@ -67,6 +67,18 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return run_compare(args)
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from .train.adapter_report import run_report
+
+    return run_report(args)
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from .train.merge import run_merge
+
+    return run_merge(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pyfastpeft", description="Fast parameter-efficient fine-tuning.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -118,6 +130,23 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--seed", type=int, default=0)
     cmp.add_argument("--out", default="pyfastpeft_out/compare")
     cmp.set_defaults(func=cmd_compare)
+
+    rep = sub.add_parser("report", help="the parameter report of a saved adapter")
+    rep.add_argument("adapter", help="adapter folder (written by finetune or save_pretrained)")
+    rep.add_argument(
+        "--base",
+        default=None,
+        help="the base model: a Hugging Face folder or 'builtin' (default: the built-in model when the "
+        "adapter was trained on it, else none: no totals)",
+    )
+    rep.add_argument("--json", action="store_true", help="print a JSON object instead of the table")
+    rep.set_defaults(func=cmd_report)
+
+    mrg = sub.add_parser("merge", help="fold an adapter into its base model's weights (safetensors)")
+    mrg.add_argument("base", help="a local Hugging Face model folder, or 'builtin' (the cached built-in model)")
+    mrg.add_argument("adapter", help="adapter folder")
+    mrg.add_argument("out", help="new folder for the merged model")
+    mrg.set_defaults(func=cmd_merge)
     return parser
 
 

@@ -44,16 +44,42 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def load_base(args: argparse.Namespace, log=print) -> Base:
-    if args.model:
-        return _load_hf(args, log)
+def builtin_config(args: argparse.Namespace) -> TinyLlamaConfig:
+    """The built-in model's config for these settings (bytes as the vocabulary with ``--data``)."""
     vocab = ByteTokenizer.vocab_size if args.data else TinyLlamaConfig.vocab_size
-    cfg = TinyLlamaConfig(
+    return TinyLlamaConfig(
         vocab_size=vocab,
         max_position_embeddings=max(args.max_length, 2 * args.length + 3),
         **SIZES[args.size],
     )
-    model = pretrained_builtin(cfg, args.pretrain_task, args.pretrain_steps, 32, args.length, 3e-3, args.seed, log)
+
+
+def builtin_model(args: argparse.Namespace, log=print) -> torch.nn.Module:
+    """The pretrained built-in model (from the cache, or pretrained and cached)."""
+    cfg = builtin_config(args)
+    return pretrained_builtin(cfg, args.pretrain_task, args.pretrain_steps, 32, args.length, 3e-3, args.seed, log)
+
+
+def hf_model(folder: str | Path, seed: int = 0) -> torch.nn.Module:
+    """A local Hugging Face causal LM folder, in float32, without downloads."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"--model: no such folder: {folder}")
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"--model: {folder} is not a Hugging Face model folder (no config.json)")
+    try:
+        from transformers import AutoModelForCausalLM
+    except ImportError:
+        raise ValueError("--model needs transformers: pip install 'pyfastpeft[hf]'") from None
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True, torch_dtype=torch.float32)
+
+
+def load_base(args: argparse.Namespace, log=print) -> Base:
+    if args.model:
+        return _load_hf(args, log)
+    cfg = builtin_config(args)
+    model = builtin_model(args, log)
     n = sum(p.numel() for p in model.parameters())
     desc = (
         f"built-in model: TinyLlama ({args.size}), {n:,} parameters, {cfg.num_hidden_layers} layers, "
@@ -68,16 +94,9 @@ def load_base(args: argparse.Namespace, log=print) -> Base:
 
 def _load_hf(args: argparse.Namespace, log) -> Base:
     folder = Path(args.model)
-    if not folder.is_dir():
-        raise ValueError(f"--model: no such folder: {folder}")
-    if not (folder / "config.json").is_file():
-        raise ValueError(f"--model: {folder} is not a Hugging Face model folder (no config.json)")
-    try:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-    except ImportError:
-        raise ValueError("--model needs transformers: pip install 'pyfastpeft[hf]'") from None
-    torch.manual_seed(args.seed)
-    model = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True, torch_dtype=torch.float32)
+    model = hf_model(folder, args.seed)
+    from transformers import AutoTokenizer
+
     vocab = model.config.vocab_size
     n = sum(p.numel() for p in model.parameters())
     desc = f"Hugging Face model {folder} ({type(model).__name__}), {n:,} parameters"

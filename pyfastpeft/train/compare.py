@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..nn import LoRALinear
+from ..nn import FakeQuantLinear, LoRALinear, SparseDeltaLinear
 from ..tuners.lora_layers import LoraLinear
 from .base import SIZES
 from .bench_runner import markdown_table
@@ -24,12 +24,21 @@ from .plot import NO_MATPLOTLIB, _pyplot
 
 @torch.no_grad()
 def effective_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The weights the model computes with, by their names in the base model (LoRA merged in)."""
+    """The weights the model computes with, by their names in the base model: LoRA (and DoRA) merged
+    in, a sparse delta added, a fake-quantized weight as it is quantized."""
+    skip = {id(m.delta) for m in model.modules() if isinstance(m, SparseDeltaLinear)}
     out = {}
     for name, p in model.named_parameters():
-        if ".lora_" in name:
+        if ".lora_" in name or id(p) in skip:
             continue
         out[name.replace(".base_layer.", ".")] = p.detach().double()
+    # the base layers first (a LoRA layer's base may be fake-quantized), then the LoRA updates
+    for name, m in model.named_modules():
+        key = f"{name}.weight".replace(".base_layer.", ".")
+        if isinstance(m, FakeQuantLinear):
+            out[key] = m.quantized_weight().detach().double()
+        elif isinstance(m, SparseDeltaLinear):
+            out[key] = out[key] + m.delta_weight().double()
     for name, m in model.named_modules():
         if isinstance(m, LoRALinear) and not m.merged:
             out[f"{name}.weight"] = out[f"{name}.weight"] + m.delta_weight().double()

@@ -8,15 +8,18 @@ from pathlib import Path
 
 import torch
 
-from ..tuners import PeftModel, trainable_parameters
+from ..tuners import trainable_parameters
 from .base import DTYPES, load_base, resolve_device
 from .checkpoint import CHECKPOINT_NAME, atomic_write_text, save_tensors
 from .distributed import DistInfo, barrier, init_distributed, shutdown
-from .methods import METHOD_KNOBS, METHODS, apply_method
+from .methods import METHOD_KNOBS, METHODS, apply_method, training_parts
 from .plot import write_curves
 from .trainer import TrainSettings, train
 
 INTERRUPTED = 130  # the shell's code for a Ctrl-C exit
+RUN_INFO_NAME = "pyfastpeft_run.json"  # next to a PEFT-layout adapter: how to rebuild the adapted model
+# the settings that determine the built-in base model (see base.builtin_config / builtin_model)
+BUILTIN_KEYS = ["size", "length", "max_length", "pretrain_task", "pretrain_steps", "data"]
 
 
 def run_settings(args: argparse.Namespace) -> dict:
@@ -38,6 +41,18 @@ def run_settings(args: argparse.Namespace) -> dict:
         *METHOD_KNOBS,
     ]
     return {k: getattr(args, k) for k in keys}
+
+
+def run_info(args: argparse.Namespace) -> dict:
+    """What rebuilds the adapted model from its base: the method, its knobs, the seed, and the base
+    (a Hugging Face folder, or the built-in model's settings)."""
+    return {
+        "method": args.method,
+        "base_model": args.model or f"builtin:{args.size}",
+        "builtin": None if args.model else {k: getattr(args, k) for k in BUILTIN_KEYS},
+        "seed": args.seed,
+        **{k: getattr(args, k) for k in METHOD_KNOBS},
+    }
 
 
 def run_finetune(args: argparse.Namespace, log=print, keep_model: bool = False) -> dict:
@@ -68,8 +83,10 @@ def _run(args, device: torch.device, info: DistInfo, log) -> tuple[dict, torch.n
     log(f"data: {base.source.description}")
     model = base.model
     torch.manual_seed(args.seed)  # the same RNG state after the base model, cached or freshly pretrained
+    base_keys = set(model.state_dict())
     adapted = apply_method(args.method, model, args)  # adapts `model` in place; a PeftModel for lora
     model.to(device=device, dtype=DTYPES[args.dtype])
+    parts = training_parts(args.method, adapted, args, base.source, device, log)
     trainable, total = trainable_parameters(model)
     report = f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}"
     log(f"method: {args.method}; {report}")
@@ -89,6 +106,8 @@ def _run(args, device: torch.device, info: DistInfo, log) -> tuple[dict, torch.n
         resume=resume,
         fsdp=args.fsdp,
         run=run_settings(args),
+        summed_loss=parts.summed_loss,
+        make_optimizer=parts.optimizer,
     )
     result = train(model, base.source, settings, info, log)
     hist = result.history
@@ -119,7 +138,11 @@ def _run(args, device: torch.device, info: DistInfo, log) -> tuple[dict, torch.n
         summary["exit_code"] = INTERRUPTED
         return summary, model
     if info.is_main:
-        summary.update(_write_outputs(out, result.trainable, args, hist, metric, log, adapted))
+        # tensors the method added that do not train (a sparse delta's indices) are part of the adapter
+        added = {k: v for k, v in model.state_dict().items() if k not in base_keys and k not in result.trainable}
+        summary.update(
+            _write_outputs(out, {**result.trainable, **added}, sorted(added), args, hist, metric, log, adapted)
+        )
         atomic_write_text(out / "summary.json", json.dumps({**summary, "history": hist}, indent=1) + "\n")
     barrier(info)
     log(f"loss: {summary['loss_first']:.4f} -> {summary['loss_last']:.4f}")
@@ -132,20 +155,18 @@ def _run(args, device: torch.device, info: DistInfo, log) -> tuple[dict, torch.n
     return summary, model
 
 
-def _write_outputs(out: Path, trained: dict, args, hist: dict, metric: str, log, adapted=None) -> dict:
-    if isinstance(adapted, PeftModel):
+def _write_outputs(out: Path, tensors: dict, buffers: list, args, hist: dict, metric: str, log, adapted) -> dict:
+    info = run_info(args)
+    if hasattr(adapted, "save_pretrained") and hasattr(adapted, "peft_config"):
         # Hugging Face PEFT's layout: adapter_model.safetensors + adapter_config.json
         adapted.save_pretrained(out)
+        atomic_write_text(out / RUN_INFO_NAME, json.dumps(info, indent=2) + "\n")
         adapter = out / "adapter_model.safetensors"
         log(f"adapter saved to {out} (PEFT layout)")
     else:
-        # The trainable tensors by their names in the adapted model, plus how to rebuild it.
-        adapter_config = {
-            "method": args.method,
-            "base_model": args.model or f"builtin:{args.size}",
-            **{k: getattr(args, k) for k in METHOD_KNOBS},
-        }
-        adapter = save_tensors(out / "adapter.safetensors", trained, adapter_config)
+        # The method's tensors by their names in the adapted model, plus how to rebuild it.
+        adapter_config = {**info, "buffers": buffers}
+        adapter = save_tensors(out / "adapter.safetensors", tensors, adapter_config)
         atomic_write_text(out / "adapter_config.json", json.dumps(adapter_config, indent=2) + "\n")
         log(f"adapter written to {adapter} (+ adapter_config.json)")
     paths, note = write_curves(out, hist, metric)

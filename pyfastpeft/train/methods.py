@@ -3,15 +3,26 @@
 Each method is ``apply(model, args) -> model``: it decides which tensors train (freezing the rest) and
 may replace modules. ``args`` is the parsed command line, so a method reads its own knobs from it
 (``args.r``, ``args.alpha``, ``args.target_modules``, ``args.train_last_layers``, ...). A new method
-registers itself with :func:`register` and its knobs with ``add_method_arguments``.
+registers itself with :func:`register` and its knobs with ``add_method_arguments`` (or a function appended
+to ``KNOB_ARGUMENTS``), listing them in ``METHOD_KNOBS``.
+
+``apply`` must be deterministic given the seed and the knobs: ``--resume``, ``pyfastpeft report`` and
+``pyfastpeft merge`` rebuild the adapted model by calling it again and then load the saved tensors.
+
+A method that changes the training loop itself (its loss, its optimizer, or a data-dependent set-up
+such as gradient-based selection) registers ``parts(model, args, source, device, log) -> TrainingParts``
+with :func:`register_training_parts`; it runs after ``apply`` and the move to the device, and only
+when training.
 """
 
 from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..tuners import LoraConfig, get_peft_model
@@ -25,6 +36,38 @@ METHOD_KNOBS += ["adapter_config", "reduction_factor"]
 MethodFn = Callable[[nn.Module, argparse.Namespace], nn.Module]
 METHODS: dict[str, MethodFn] = {}
 DESCRIPTIONS: dict[str, str] = {}
+
+
+@dataclass
+class TrainingParts:
+    """What a method changes in the training loop beyond which tensors train (None: the default).
+
+    ``summed_loss(model, logits, batch)``: the loss summed over the batch's predicted tokens (labels
+    != -100, shifted by one as in causal LM), in place of the cross-entropy sum.
+    ``optimizer(params, lr, weight_decay)``: in place of ``torch.optim.AdamW``; its ``state_dict`` must
+    round-trip through the checkpoint like AdamW's."""
+
+    summed_loss: Callable | None = None
+    optimizer: Callable | None = None
+
+
+PartsFn = Callable[..., TrainingParts]
+TRAINING_PARTS: dict[str, PartsFn] = {}
+# functions adding a method's knobs to the "method knobs" argument group
+KNOB_ARGUMENTS: list[Callable[[argparse._ArgumentGroup], None]] = []
+
+
+def register_training_parts(name: str) -> Callable[[PartsFn], PartsFn]:
+    def wrap(fn: PartsFn) -> PartsFn:
+        TRAINING_PARTS[name] = fn
+        return fn
+
+    return wrap
+
+
+def training_parts(name: str, model: nn.Module, args: argparse.Namespace, source, device, log=print) -> TrainingParts:
+    fn = TRAINING_PARTS.get(name)
+    return fn(model, args, source, device, log) if fn is not None else TrainingParts()
 
 
 def register(name: str, description: str) -> Callable[[MethodFn], MethodFn]:
@@ -47,7 +90,7 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--target-modules",
         default=",".join(LLAMA_TARGETS),
-        help="comma-separated module-name suffixes (lora, bitfit) (default: %(default)s)",
+        help="comma-separated module-name suffixes (the LoRA family, sparse, bitfit) (default: %(default)s)",
     )
     g.add_argument("--r", type=int, default=8, help="LoRA rank (default: %(default)s)")
     g.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha; scaling = alpha / r (default: %(default)s)")
@@ -71,6 +114,8 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> None:
         default=16,
         help="adapter: bottleneck = hidden size / this (default: %(default)s)",
     )
+    for add in KNOB_ARGUMENTS:
+        add(g)
 
 
 def _targets(args: argparse.Namespace) -> list[str]:
@@ -159,3 +204,188 @@ def apply_adapter(model: nn.Module, args: argparse.Namespace) -> nn.Module:
     from ..tuners import AdapterConfig
 
     return get_peft_model(model, AdapterConfig(config=args.adapter_config, reduction_factor=args.reduction_factor))
+
+
+# ---- dora, sparse, qat-lora, distill ---------------------------------------------------------------
+METHOD_KNOBS.extend(
+    [
+        "sparse_density",
+        "sparse_selection",
+        "qat_bits",
+        "qat_group_size",
+        "distill_alpha",
+        "distill_temperature",
+        "distill_teacher_steps",
+    ]
+)
+
+
+def _more_knobs(g: argparse._ArgumentGroup) -> None:
+    g.add_argument(
+        "--sparse-density",
+        type=float,
+        default=0.02,
+        help="sparse: fraction of each target weight matrix that trains (default: %(default)s)",
+    )
+    g.add_argument(
+        "--sparse-selection",
+        choices=("magnitude", "gradient", "fisher", "random"),
+        default="gradient",
+        help="sparse: which entries train: largest |W|, largest summed |grad| or grad² over 4 batches, "
+        "or random (default: %(default)s)",
+    )
+    g.add_argument("--qat-bits", type=int, default=4, help="qat-lora: weight bits, 2..8 (default: %(default)s)")
+    g.add_argument(
+        "--qat-group-size",
+        type=int,
+        default=32,
+        help="qat-lora: input features per weight scale; -1 per row, 0 per tensor (default: %(default)s)",
+    )
+    g.add_argument(
+        "--distill-alpha",
+        type=float,
+        default=0.5,
+        help="distill: weight of the cross-entropy on the labels; 1 - alpha weighs the teacher term "
+        "(default: %(default)s)",
+    )
+    g.add_argument(
+        "--distill-temperature", type=float, default=2.0, help="distill: softmax temperature (default: %(default)s)"
+    )
+    g.add_argument(
+        "--distill-teacher-steps",
+        type=int,
+        default=200,
+        help="distill: full fine-tuning steps that make the teacher (cached for the built-in model) "
+        "(default: %(default)s)",
+    )
+
+
+KNOB_ARGUMENTS.append(_more_knobs)
+
+
+def _lora_config(args: argparse.Namespace, **extra) -> LoraConfig:
+    return LoraConfig(
+        r=args.r,
+        lora_alpha=args.alpha,
+        lora_dropout=args.dropout,
+        use_rslora=args.rslora,
+        target_modules=_targets(args),
+        **extra,
+    )
+
+
+@register("dora", "LoRA with a trained magnitude per output row (weight-decomposed LoRA, use_dora)")
+def apply_dora(model: nn.Module, args: argparse.Namespace) -> nn.Module:
+    return get_peft_model(model, _lora_config(args, use_dora=True))
+
+
+@register("sparse", "a sparse delta on the target linears: --sparse-density of the entries train (SparseAdamW)")
+def apply_sparse(model: nn.Module, args: argparse.Namespace) -> nn.Module:
+    # Entries are chosen here by magnitude (or at random); for gradient/fisher selection the training
+    # parts below re-select them from scores on the training data before the first step.
+    from ..nn import SparseDeltaLinear
+
+    if not 0.0 < args.sparse_density <= 1.0:
+        raise ValueError(f"--sparse-density: expected a fraction in (0, 1], got {args.sparse_density}")
+    _freeze(model)
+    targets = _targets(args)
+    chosen = [
+        (n, m)
+        for n, m in model.named_modules()
+        if type(m) is nn.Linear and any(n == t or n.endswith("." + t) for t in targets)
+    ]
+    if not chosen:
+        raise ValueError(f"--target-modules {targets} matched no nn.Linear in {type(model).__name__}")
+    gen = torch.Generator().manual_seed(args.seed)
+    strategy = "random" if args.sparse_selection == "random" else "magnitude"
+    for name, linear in chosen:
+        parent, _, child = name.rpartition(".")
+        layer = SparseDeltaLinear.from_linear(linear, density=args.sparse_density, strategy=strategy, generator=gen)
+        setattr(model.get_submodule(parent) if parent else model, child, layer)
+    return model
+
+
+@register_training_parts("sparse")
+def sparse_parts(model: nn.Module, args: argparse.Namespace, source, device, log) -> TrainingParts:
+    from ..nn import SparseDeltaLinear
+    from ..nn.sparse_delta_linear import gradient_scores, select_indices
+    from ..optim import SparseAdamW
+    from .data import batch_to
+
+    if args.sparse_selection in ("gradient", "fisher"):
+        # Dense weight gradients need plain linears: while delta is still zero, each SparseDeltaLinear is
+        # swapped for an nn.Linear sharing its weight and bias (the same function), scored, swapped back.
+        swaps = []
+        for name, layer in list(model.named_modules()):
+            if isinstance(layer, SparseDeltaLinear):
+                linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+                linear.weight, linear.bias = layer.weight, layer.bias
+                parent, _, child = name.rpartition(".")
+                owner = model.get_submodule(parent) if parent else model
+                setattr(owner, child, linear)
+                swaps.append((owner, child, layer, linear))
+        gen = torch.Generator().manual_seed(args.seed + 2)  # its own stream: the training data stays the same
+        batches = [batch_to(source.batch(args.batch_size, gen), device) for _ in range(4)]
+
+        def loss_fn(batch):
+            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+            return F.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]).float(), batch.labels[:, 1:].reshape(-1), ignore_index=-100
+            )
+
+        try:
+            scores = gradient_scores([s[3] for s in swaps], loss_fn, batches, kind=args.sparse_selection)
+        finally:
+            for owner, child, layer, _ in swaps:
+                setattr(owner, child, layer)
+        with torch.no_grad():
+            for (_, _, layer, _), score in zip(swaps, scores, strict=True):
+                layer.indices = select_indices(layer.weight, layer.delta.numel(), args.sparse_selection, score)
+        log(f"sparse: {args.sparse_selection} selection from 4 batches of the training data")
+    return TrainingParts(optimizer=lambda params, lr, wd: SparseAdamW(params, lr=lr, weight_decay=wd))
+
+
+@register("qat-lora", "LoRA over a fake-quantized base (weight-only, --qat-bits, --qat-group-size)")
+def apply_qat_lora(model: nn.Module, args: argparse.Namespace) -> nn.Module:
+    # Weight-only fake quantization keeps the merged model exact: y = fq(W)·x + s·B·A·x folds into one
+    # float matrix fq(W) + s·B·A, which `pyfastpeft merge` writes.
+    from ..quant import QATConfig, prepare_qat
+
+    if not 2 <= args.qat_bits <= 8:
+        raise ValueError(f"--qat-bits: expected 2..8, got {args.qat_bits}")
+    config = QATConfig.weight_only(bits=args.qat_bits, group_size=args.qat_group_size, target_modules=_targets(args))
+    try:
+        prepare_qat(model, config)
+    except ValueError as err:
+        raise ValueError(f"qat-lora (--target-modules, --qat-group-size): {err}") from None
+    return get_peft_model(model, _lora_config(args))
+
+
+@register("distill", "LoRA trained to match a fully fine-tuned teacher (--distill-alpha, --distill-temperature)")
+def apply_distill(model: nn.Module, args: argparse.Namespace) -> nn.Module:
+    if not 0.0 <= args.distill_alpha <= 1.0:
+        raise ValueError(f"--distill-alpha: expected a weight in [0, 1], got {args.distill_alpha}")
+    if not args.distill_temperature > 0:
+        raise ValueError(f"--distill-temperature: expected a positive number, got {args.distill_temperature}")
+    return get_peft_model(model, _lora_config(args))
+
+
+@register_training_parts("distill")
+def distill_parts(model: nn.Module, args: argparse.Namespace, source, device, log) -> TrainingParts:
+    from ..distill import DistillationLoss
+    from .teacher import fine_tuned_teacher
+
+    teacher = fine_tuned_teacher(args, source, device, next(model.parameters()).dtype, log)
+    loss = DistillationLoss(temperature=args.distill_temperature, alpha=args.distill_alpha)
+
+    def summed_loss(student: nn.Module, logits: torch.Tensor, batch) -> torch.Tensor:
+        with torch.no_grad():
+            teacher_logits = teacher(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        vocab = logits.shape[-1]
+        labels = batch.labels[:, 1:].reshape(-1)
+        mean = loss(
+            logits[:, :-1].reshape(-1, vocab).float(), teacher_logits[:, :-1].reshape(-1, vocab).float(), labels
+        )
+        return mean * (labels != -100).sum()
+
+    return TrainingParts(summed_loss=summed_loss)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,6 +46,8 @@ class TrainSettings:
     weight_decay: float = 0.0
     fsdp: bool = False  # FSDP2 instead of DDP when several processes run
     run: dict = field(default_factory=dict)  # settings a resumed run must share with the checkpoint
+    summed_loss: Callable | None = None  # (model, logits, batch) -> summed token loss; None: cross-entropy
+    make_optimizer: Callable | None = None  # (params, lr, weight_decay) -> optimizer; None: torch AdamW
 
 
 @dataclass
@@ -59,18 +62,24 @@ class TrainResult:
     trainable: dict | None = None  # the trained tensors, whole (gathered under FSDP2)
 
 
-def token_loss(model, batch, global_count: int, world_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def token_loss(
+    model, batch, global_count: int, world_size: int, summed_loss: Callable | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss to backpropagate, this rank's share of the global mean loss).
 
     The summed token loss over the global count of predicted tokens makes the ranks' shares add up to
-    the global mean whatever the padding; ``world_size ×`` undoes DDP's gradient averaging."""
+    the global mean whatever the padding; ``world_size ×`` undoes DDP's gradient averaging. A method's
+    ``summed_loss(model, logits, batch)`` replaces the cross-entropy sum (distillation)."""
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-    total = F.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-        batch.labels[:, 1:].reshape(-1),
-        ignore_index=-100,
-        reduction="sum",
-    )
+    if summed_loss is not None:
+        total = summed_loss(model, logits, batch)
+    else:
+        total = F.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+            batch.labels[:, 1:].reshape(-1),
+            ignore_index=-100,
+            reduction="sum",
+        )
     share = total / global_count
     return share * world_size, share.detach()
 
@@ -116,7 +125,8 @@ def train(model: torch.nn.Module, source, s: TrainSettings, info: DistInfo, log=
     ddp_model = wrap_model(model, info, s.device, fsdp=s.fsdp)
     params = list(trainable_state(model).values())
     gen = torch.Generator().manual_seed(s.seed)
-    opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
+    make = s.make_optimizer or (lambda ps, lr, wd: torch.optim.AdamW(ps, lr=lr, weight_decay=wd))
+    opt = make(params, s.lr, s.weight_decay)
     history = {"step": [], "loss": [], "eval_step": [], "metric": [], "metric_name": source.metric_name}
     start = 0
     if s.resume is not None:
@@ -140,7 +150,7 @@ def train(model: torch.nn.Module, source, s: TrainSettings, info: DistInfo, log=
             full = source.batch(s.batch_size, gen)
             count = int((full.labels[:, 1:] != -100).sum())
             batch = batch_to(type(full)(full.input_ids[rows], full.labels[rows], full.attention_mask[rows]), s.device)
-            loss, share = token_loss(ddp_model, batch, count, info.world_size)
+            loss, share = token_loss(ddp_model, batch, count, info.world_size, s.summed_loss)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -18,12 +18,17 @@ def _trained(tmp_path, method: str, *extra: str) -> tuple[dict, dict]:
     return adapter(out), json.loads((out / "summary.json").read_text())
 
 
+# knobs that keep a method's set-up as short as its 4 training steps
+SHORT_SETUP = {"distill": ["--distill-teacher-steps", "4"]}
+
+
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_method_trains_only_its_tensors(tmp_path, method):
-    tensors, summary = _trained(tmp_path, method)
+    tensors, summary = _trained(tmp_path, method, *SHORT_SETUP.get(method, []))
     names = set(tensors)
     assert summary["completed"] and summary["step"] == 4
-    assert summary["trainable_params"] == sum(t.numel() for t in tensors.values())
+    if method != "sparse":  # sparse also saves the indices of its entries
+        assert summary["trainable_params"] == sum(t.numel() for t in tensors.values())
     if method == "lora":
         assert names and all(".lora_A" in n or ".lora_B" in n for n in names)
         # B starts at zero: after 4 AdamW steps it must have moved
@@ -35,6 +40,22 @@ def test_method_trains_only_its_tensors(tmp_path, method):
         assert summary["trainable_params"] == summary["total_params"]
     elif method == "freeze":
         assert names and all(n.startswith("model.layers.1.") for n in names)
+    elif method == "dora":
+        assert {n.rsplit(".", 2)[-2] if n.endswith(".weight") else n.rsplit(".", 1)[-1] for n in names} == {
+            "lora_A",
+            "lora_B",
+            "lora_magnitude_vector",
+        }
+    elif method in ("qat-lora", "distill"):
+        assert names and all(".lora_A" in n or ".lora_B" in n for n in names)
+        assert any(t.abs().sum() > 0 for n, t in tensors.items() if ".lora_B" in n)
+    elif method == "sparse":
+        deltas = {n for n in names if n.endswith(".delta")}
+        assert len(deltas) == 2 * 7 and names == deltas | {n[: -len("delta")] + "indices" for n in deltas}
+        config = json.loads((tmp_path / method / "adapter_config.json").read_text())
+        assert sorted(config["buffers"]) == sorted(names - deltas)
+        assert summary["trainable_params"] == sum(tensors[n].numel() for n in deltas)
+        assert any(tensors[n].abs().sum() > 0 for n in deltas)
     assert len(summary["history"]["loss"]) == 4
     assert all(torch.isfinite(torch.tensor(summary["history"]["loss"])))
 
@@ -69,3 +90,27 @@ def test_targets_that_match_nothing(tmp_path, capsys):
 def test_freeze_knob_out_of_range(tmp_path, capsys):
     assert run_cli("finetune", "--method", "freeze", "--train-last-layers", "5", "--out", tmp_path / "x", *TINY) == 2
     assert "--train-last-layers: expected 1..2" in capsys.readouterr().err
+
+
+def test_sparse_density_and_selection_knobs(tmp_path):
+    dense = _trained(tmp_path, "sparse", "--sparse-density", "0.1", "--sparse-selection", "magnitude")[0]
+    # magnitude: the chosen entries are the largest |W| of each matrix
+    from pyfastpeft.cli import build_parser
+    from pyfastpeft.train.base import builtin_model
+
+    args = build_parser().parse_args(["finetune", *TINY])
+    base = builtin_model(args, lambda *a: None).state_dict()
+    for name, idx in dense.items():
+        if name.endswith(".indices"):
+            w = base[name[: -len("indices")] + "weight"].flatten().abs()
+            assert idx.numel() == round(0.1 * w.numel())
+            assert w[idx].min() >= w.topk(idx.numel()).values.min()
+    assert run_cli("finetune", "--method", "sparse", "--sparse-density", "0", "--out", tmp_path / "x", *TINY) == 2
+
+
+def test_qat_and_distill_knobs_are_checked(tmp_path, capsys):
+    assert run_cli("finetune", "--method", "qat-lora", "--qat-group-size", "5", "--out", tmp_path / "x", *TINY) == 2
+    assert "qat-lora" in capsys.readouterr().err
+    assert run_cli("finetune", "--method", "distill", "--distill-alpha", "2", "--out", tmp_path / "x", *TINY) == 2
+    assert "--distill-alpha: expected a weight in [0, 1]" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

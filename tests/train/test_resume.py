@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 from safetensors import safe_open
 
@@ -22,14 +23,17 @@ def _history(out):
     return json.loads((out / "summary.json").read_text())["history"]
 
 
-def test_stop_and_resume_is_bit_identical(tmp_path):
+@pytest.mark.parametrize("method", ["lora", "sparse"])
+def test_stop_and_resume_is_bit_identical(tmp_path, method):
+    # sparse: its own optimizer (SparseAdamW) and data-dependent (gradient) selection of its entries
+    common = [*COMMON, "--method", method]
     full, part = tmp_path / "full", tmp_path / "part"
-    assert run_cli("finetune", "--steps", "7", "--out", full, *COMMON) == 0
-    assert run_cli("finetune", "--steps", "7", "--stop-after", "3", "--out", part, *COMMON) == 130
+    assert run_cli("finetune", "--steps", "7", "--out", full, *common) == 0
+    assert run_cli("finetune", "--steps", "7", "--stop-after", "3", "--out", part, *common) == 130
     assert (part / "checkpoint.safetensors").is_file()
     # nothing final is written by an interrupted run
     assert not (part / "adapter.safetensors").exists() and not (part / "adapter_model.safetensors").exists()
-    assert run_cli("finetune", "--steps", "7", "--resume", "--out", part, *COMMON) == 0
+    assert run_cli("finetune", "--steps", "7", "--resume", "--out", part, *common) == 0
     a, b = adapter(full), adapter(part)
     assert a.keys() == b.keys()
     for name in a:

@@ -1,0 +1,202 @@
+"""A saved adapter folder, read back: its files checked, its method identified, the adapted model rebuilt.
+
+Two layouts exist:
+  - Hugging Face PEFT's (``adapter_model.safetensors`` + ``adapter_config.json`` with a ``peft_type``),
+    written by every method whose model has ``save_pretrained`` (lora, dora, qat-lora, distill, and
+    the TunerModel methods); ``finetune`` adds ``pyfastpeft_run.json`` saying which method and base.
+  - pyfastpeft's own (``adapter.safetensors`` + ``adapter_config.json`` with a ``method``): the
+    trainable tensors by their names in the adapted model, plus the tensors the method added that do
+    not train (``buffers``: a sparse delta's indices).
+
+Rebuilding always goes the same way: the base model, then the method's ``apply`` with the saved knobs
+and seed, then the saved tensors copied in after every key and shape was checked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load as load_safetensors_bytes
+from torch import nn
+
+from ..io.adapter_files import CONFIG_NAME, PICKLE_NAMES, WEIGHTS_NAME, _short, copy_into
+from .base import builtin_model, hf_model
+from .checkpoint import trainable_state
+from .finetune import RUN_INFO_NAME
+from .methods import apply_method
+
+OWN_WEIGHTS_NAME = "adapter.safetensors"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+
+
+@dataclass
+class SavedAdapter:
+    directory: Path
+    layout: str  # "peft" or "pyfastpeft"
+    config: dict  # adapter_config.json
+    run: dict | None  # method, knobs, seed, base (None for an adapter finetune did not write)
+    tensors: dict[str, torch.Tensor]
+    weights: Path
+
+    @property
+    def method(self) -> str | None:
+        return self.run["method"] if self.run else None
+
+    @property
+    def peft_type(self) -> str | None:
+        return self.config.get("peft_type") if self.layout == "peft" else None
+
+    @property
+    def bytes_on_disk(self) -> int:
+        names = [self.weights.name, CONFIG_NAME] + (
+            [RUN_INFO_NAME] if (self.directory / RUN_INFO_NAME).is_file() else []
+        )
+        return sum((self.directory / n).stat().st_size for n in names if (self.directory / n).is_file())
+
+    @property
+    def buffers(self) -> list[str]:
+        return list(self.config.get("buffers", [])) if self.layout == "pyfastpeft" else []
+
+    def trainable_tensors(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in self.tensors.items() if k not in set(self.buffers)}
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return value
+
+
+def read_saved_adapter(directory: str | Path) -> SavedAdapter:
+    """Check and read an adapter folder; every problem is a ValueError naming the file."""
+    path = Path(directory)
+    if path.is_file():
+        if path.suffix.lower() in PICKLE_SUFFIXES:
+            raise ValueError(
+                f"{path}: refusing to read a pickle file (loading it could run arbitrary code); "
+                "give an adapter folder with safetensors weights"
+            )
+        raise ValueError(f"{path}: expected an adapter folder, not a file")
+    if not path.is_dir():
+        raise ValueError(f"{path}: no such adapter folder")
+    if (path / WEIGHTS_NAME).is_file():
+        weights, layout = path / WEIGHTS_NAME, "peft"
+    elif (path / OWN_WEIGHTS_NAME).is_file():
+        weights, layout = path / OWN_WEIGHTS_NAME, "pyfastpeft"
+    else:
+        pickles = [n for n in PICKLE_NAMES if (path / n).exists()]
+        if pickles:
+            raise ValueError(
+                f"{path}: found {pickles[0]} but no {WEIGHTS_NAME}; refusing to read a pickle file "
+                "(loading it could run arbitrary code): convert it to safetensors"
+            )
+        raise ValueError(f"{path}: no {WEIGHTS_NAME} or {OWN_WEIGHTS_NAME} (not an adapter folder)")
+    if not (path / CONFIG_NAME).is_file():
+        raise ValueError(f"{path}: no {CONFIG_NAME}")
+    config = _read_json(path / CONFIG_NAME)
+    if layout == "peft":
+        if "peft_type" not in config:
+            raise ValueError(f"{path / CONFIG_NAME}: no peft_type (expected Hugging Face PEFT's layout)")
+        run = _read_json(path / RUN_INFO_NAME) if (path / RUN_INFO_NAME).is_file() else None
+    else:
+        if "method" not in config:
+            raise ValueError(f"{path / CONFIG_NAME}: no method (expected pyfastpeft's adapter layout)")
+        run = config
+    try:
+        tensors = load_safetensors_bytes(weights.read_bytes())
+    except Exception as err:  # safetensors raises its own error types for corrupt headers
+        raise ValueError(f"{weights}: not a valid safetensors file ({err})") from None
+    if not tensors:
+        raise ValueError(f"{weights}: holds no tensors")
+    return SavedAdapter(path, layout, config, run, tensors, weights)
+
+
+def run_arguments(run: dict) -> argparse.Namespace:
+    """The finetune arguments the adapter was made with: the command's defaults, then the saved values
+    (knobs a newer method added and an older file lacks keep their defaults)."""
+    from ..cli import build_parser
+
+    args = build_parser().parse_args(["finetune"])
+    for key, value in run.items():
+        if key not in ("builtin", "base_model", "buffers"):
+            setattr(args, key, value)
+    for key, value in (run.get("builtin") or {}).items():
+        setattr(args, key, value)
+    return args
+
+
+def load_base_model(base: str | None, saved: SavedAdapter, log=print) -> tuple[nn.Module, str]:
+    """(model, description): ``base`` a Hugging Face folder, ``"builtin"``, or None for the base the
+    adapter names (the built-in model only: a folder must be given, it may have moved)."""
+    run = saved.run
+    if base in (None, "builtin"):
+        builtin = run.get("builtin") if run else None
+        if not builtin:
+            where = f"was trained on {run['base_model']}" if run else "does not say which base it was trained on"
+            if base is None:
+                raise ValueError(f"{saved.directory}: the adapter {where}; pass --base <model folder>")
+            raise ValueError(
+                f"base builtin: the adapter in {saved.directory} {where}; only adapters trained on the built-in "
+                "model fit it"
+            )
+        args = run_arguments(run)
+        return builtin_model(args, log), f"built-in model ({run['base_model']})"
+    folder = Path(base)
+    try:
+        model = hf_model(folder, run.get("seed", 0) if run else 0)
+    except ValueError as err:
+        raise ValueError(str(err).replace("--model", "base")) from None
+    return model, f"Hugging Face model {folder} ({type(model).__name__})"
+
+
+def rebuild(base_model: nn.Module, saved: SavedAdapter) -> nn.Module:
+    """The adapted model (in eval mode) with the saved tensors in it. A file that does not fit the base
+    raises a ValueError listing the missing, unexpected and mis-shaped keys."""
+    if saved.run is None:  # a PEFT adapter from elsewhere: its peft_type picks the class
+        from ..tuners import PeftModel
+
+        return PeftModel.from_pretrained(base_model, saved.directory).eval()
+    args = run_arguments(saved.run)
+    torch.manual_seed(args.seed)
+    try:
+        adapted = apply_method(args.method, base_model, args)
+    except ValueError as err:
+        raise ValueError(f"{saved.directory} does not fit the base: method {args.method}: {err}") from None
+    if saved.layout == "peft":
+        copy_into(adapted, "default", saved.tensors, saved.weights)
+    else:
+        expected = dict(trainable_state(adapted))
+        buffers = dict(adapted.named_buffers())
+        expected.update({k: buffers[k] for k in saved.buffers if k in buffers})
+        _check_and_copy(expected, saved.tensors, saved.weights)
+    return adapted.eval()
+
+
+def _check_and_copy(expected: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], source: Path) -> None:
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    mismatched = [
+        f"{k}: file {list(tensors[k].shape)} vs model {list(expected[k].shape)}"
+        for k in sorted(set(expected) & set(tensors))
+        if tensors[k].shape != expected[k].shape
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing keys ({len(missing)}): {_short(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys ({len(unexpected)}): {_short(unexpected)}")
+    if mismatched:
+        problems.append(f"shape mismatches ({len(mismatched)}): {_short(mismatched)}")
+    if problems:
+        raise ValueError(f"{source} does not match the model: " + "; ".join(problems))
+    with torch.no_grad():
+        for k, target in expected.items():
+            target.copy_(tensors[k].to(dtype=target.dtype, device=target.device))
