@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import torch  # noqa: F401  (must be imported before the extension)
 
-from . import distill, io, nn, ops, optim, quant, tuners
+from . import distill, heads, io, nn, ops, optim, quant, tuners
 from ._extension import build_info, cuda_available
 from .report import Report, report
-from .tuners import LoraConfig, PeftModel, get_peft_model
+from .heads import with_task_head
+from .tuners import BitFitConfig, LayerFreezeConfig, LoraConfig, PeftModel, get_peft_model
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BitFitConfig",
+    "LayerFreezeConfig",
     "LoraConfig",
     "PeftModel",
     "Report",
@@ -20,6 +23,7 @@ __all__ = [
     "cuda_available",
     "distill",
     "get_peft_model",
+    "heads",
     "io",
     "nn",
     "ops",
@@ -27,4 +31,5 @@ __all__ = [
     "quant",
     "report",
     "tuners",
+    "with_task_head",
 ]

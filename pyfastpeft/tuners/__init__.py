@@ -1,13 +1,19 @@
 """PEFT configs, injection by module-name pattern, named adapters, merging."""
 
 from .base import TunerModel
+from .bitfit import BitFitConfig, BitFitModel
 from .config import LoraConfig
 from .inject import find_targets, inject_lora, trainable_parameters
+from .layer_freeze import LayerFreezeConfig, LayerFreezeModel
 from .lora_layers import LoraEmbedding, LoraLayer, LoraLinear, ModulesToSaveWrapper
 from .peft_model import PeftModel, get_peft_model
 from .registry import config_from_dict, peft_types, register_peft_type
 
 __all__ = [
+    "BitFitConfig",
+    "BitFitModel",
+    "LayerFreezeConfig",
+    "LayerFreezeModel",
     "LoraConfig",
     "LoraEmbedding",
     "LoraLayer",
