@@ -6,8 +6,8 @@ import torch  # noqa: F401  (must be imported before the extension)
 
 from . import distill, heads, io, nn, ops, optim, quant, tuners
 from ._extension import build_info, cuda_available
-from .report import Report, report
 from .heads import with_task_head
+from .report import Report, report
 from .tuners import BitFitConfig, LayerFreezeConfig, LoraConfig, PeftModel, get_peft_model
 
 __version__ = "0.1.0"

@@ -65,11 +65,28 @@ class TokenClassificationHead(_Head):
     """Token classification: each hidden state → ``num_labels`` logits (cross-entropy, -100 ignored)."""
 
 
-HEADS = {"classification": ClassificationHead, "regression": RegressionHead, "token_classification": TokenClassificationHead}
+HEADS = {
+    "classification": ClassificationHead,
+    "regression": RegressionHead,
+    "token_classification": TokenClassificationHead,
+}
 
 
 def _is_hf(model: nn.Module) -> bool:
     return hasattr(model, "config") and hasattr(model, "base_model_prefix") and hasattr(model, "base_model")
+
+
+def _output_layer(backbone: nn.Module) -> nn.Module:
+    get = getattr(backbone, "get_output_embeddings", None)
+    out = get() if callable(get) else None
+    if isinstance(out, nn.Module):
+        return out
+    if isinstance(getattr(backbone, "lm_head", None), nn.Module):
+        return backbone.lm_head
+    raise ValueError(
+        f"backbone: {type(backbone).__name__} is neither a Hugging Face model nor has an output layer "
+        f"(get_output_embeddings() or lm_head); cannot find its last hidden states"
+    )
 
 
 def hidden_size_of(backbone: nn.Module) -> int:
@@ -85,7 +102,7 @@ class TaskModel(nn.Module):
 
     Hidden states come from a Hugging Face model's bare transformer (``backbone.base_model``, e.g.
     BertModel, LlamaModel: no LM head is computed), or, for other models such as the built-in TinyLlama,
-    from the input of the output layer (``get_output_embeddings()``) captured by a forward pre-hook; the
+    from the input of the output layer (``get_output_embeddings()`` or ``lm_head``) captured by a forward pre-hook; the
     backbone's own logits are then computed and dropped.
     """
 
@@ -103,12 +120,7 @@ class TaskModel(nn.Module):
         self.pooling = pooling
         self.num_labels = head.num_labels
         if not _is_hf(backbone):
-            get = getattr(backbone, "get_output_embeddings", None)
-            if not callable(get) or not isinstance(get(), nn.Module):
-                raise ValueError(
-                    f"backbone: {type(backbone).__name__} is neither a Hugging Face model nor has "
-                    f"get_output_embeddings(); cannot find its last hidden states"
-                )
+            _output_layer(backbone)  # fails now, not at the first forward
 
     def hidden_states(self, input_ids=None, attention_mask=None, inputs_embeds=None, **kwargs) -> torch.Tensor:
         if _is_hf(self.backbone):
@@ -117,7 +129,8 @@ class TaskModel(nn.Module):
             )
             return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
         captured = []
-        hook = self.backbone.get_output_embeddings().register_forward_pre_hook(lambda m, a: captured.append(a[0]))
+        # looked up per call: a PEFT method may have replaced the module since
+        hook = _output_layer(self.backbone).register_forward_pre_hook(lambda m, a: captured.append(a[0]))
         try:
             self.backbone(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, **kwargs)
         finally:
@@ -146,7 +159,9 @@ class TaskModel(nn.Module):
         inputs_embeds: torch.Tensor | None = None,
         **kwargs,
     ) -> TaskOutput:
-        h = self.hidden_states(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, **kwargs)
+        h = self.hidden_states(
+            input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, **kwargs
+        )
         logits = self.score(h if self.kind == "token_classification" else self.pool(h, attention_mask))
         loss = None
         if labels is not None:
@@ -159,14 +174,20 @@ class TaskModel(nn.Module):
             if self.num_labels == 1 and target.dim() == 1:
                 target = target[:, None]
             if target.shape != logits.shape:
-                raise ValueError(f"labels: expected shape {list(logits.shape)} for regression, got {list(labels.shape)}")
+                raise ValueError(
+                    f"labels: expected shape {list(logits.shape)} for regression, got {list(labels.shape)}"
+                )
             return F.mse_loss(logits.float(), target.float())
         if self.kind == "token_classification":
             if labels.shape != logits.shape[:2]:
-                raise ValueError(f"labels: expected shape {list(logits.shape[:2])} (one per token), got {list(labels.shape)}")
+                raise ValueError(
+                    f"labels: expected shape {list(logits.shape[:2])} (one per token), got {list(labels.shape)}"
+                )
             return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
         if labels.shape != logits.shape[:1]:
-            raise ValueError(f"labels: expected shape {list(logits.shape[:1])} (one per sequence), got {list(labels.shape)}")
+            raise ValueError(
+                f"labels: expected shape {list(logits.shape[:1])} (one per sequence), got {list(labels.shape)}"
+            )
         return F.cross_entropy(logits.float(), labels)
 
 

@@ -122,7 +122,7 @@ def apply_bitfit(model: nn.Module, args: argparse.Namespace) -> nn.Module:
         raise ValueError(f"--target-modules: {err}") from None
 
 
-@register("freeze", "layer freezing (LayerFreezeConfig): the last --train-last-layers blocks, or --freeze-first / --train-regex")
+@register("freeze", "layer freezing (LayerFreezeConfig): --train-last-layers, --freeze-first or --train-regex")
 def apply_freeze(model: nn.Module, args: argparse.Namespace) -> nn.Module:
     from ..tuners import LayerFreezeConfig
 

@@ -92,7 +92,9 @@ class BitFitModel(InPlaceTunerModel):
         linear = lambda m: isinstance(m, (nn.Linear, BiasOnlyLinear))  # noqa: E731
         if config.target_modules == "all-linear":
             out_names = _output_layer_names(model)
-            chosen = [p for p, m in entries if linear(m) and p not in out_names and p.rsplit(".", 1)[-1] not in out_names]
+            chosen = [
+                p for p, m in entries if linear(m) and p not in out_names and p.rsplit(".", 1)[-1] not in out_names
+            ]
         else:
             matched = [(p, m) for p, m in entries if _matches(p, config.target_modules)]
             wrong = [f"{p} ({type(m).__name__})" for p, m in matched if not linear(m)]

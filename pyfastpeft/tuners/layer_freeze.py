@@ -33,7 +33,14 @@ from .in_place import InPlaceTunerModel
 from .registry import register_peft_type
 
 PREFIX = "base_model.model."
-SELECTORS = ("layers_to_transform", "layer_range", "first_layers", "last_layers", "trainable_regex", "trainable_parameters")
+SELECTORS = (
+    "layers_to_transform",
+    "layer_range",
+    "first_layers",
+    "last_layers",
+    "trainable_regex",
+    "trainable_parameters",
+)
 
 
 def _is_index(v: Any) -> bool:
@@ -50,7 +57,9 @@ def _check_selection(d: dict[str, Any], where: str) -> None:
         ok = isinstance(lr, (list, tuple)) and len(lr) == 2 and _is_index(lr[0]) and lr[0] >= 0
         ok = ok and (lr[1] is None or (_is_index(lr[1]) and lr[1] > lr[0]))
         if not ok:
-            raise ValueError(f"{where}layer_range: expected [start, stop) with 0 <= start < stop (stop may be None), got {lr!r}")
+            raise ValueError(
+                f"{where}layer_range: expected [start, stop) with 0 <= start < stop (stop may be None), got {lr!r}"
+            )
     for k in ("first_layers", "last_layers"):
         v = d.get(k)
         if v is not None and not (_is_index(v) and v >= 1):
@@ -126,7 +135,8 @@ class LayerFreezeConfig:
                     raise ValueError(f"unfreeze_schedule: steps must be integers >= 0, got {step!r}")
                 if not isinstance(spec, dict) or not spec or set(spec) - set(SELECTORS):
                     raise ValueError(
-                        f"unfreeze_schedule[{step}]: expected a non-empty dict with keys among {SELECTORS}, got {spec!r}"
+                        f"unfreeze_schedule[{step}]: expected a non-empty dict with keys among {SELECTORS}, "
+                        f"got {spec!r}"
                     )
                 _check_selection(spec, f"unfreeze_schedule[{step}].")
         if not self.selection() and not schedule:
@@ -223,9 +233,7 @@ class LayerFreezeModel(InPlaceTunerModel):
         self._check_single(name)
         model = self.base_model.model
         saved = self._modules_to_save_paths(config)
-        names = [
-            p for p, _ in model.named_parameters() if not any(p == s or p.startswith(s + ".") for s in saved)
-        ]
+        names = [p for p, _ in model.named_parameters() if not any(p == s or p.startswith(s + ".") for s in saved)]
         blocks = block_list(model, config.layers_pattern)
         base = select_parameters(names, config.selection(), blocks) if config.selection() else []
         stages = {}

@@ -63,7 +63,9 @@ def test_targets_become_bias_only_linear_and_start_as_the_identity():
     inner = m.base_model.model
     for layer in inner.model.layers:
         for name in LINEARS:
-            module = layer.get_submodule({"gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}.get(name, "self_attn"))
+            module = layer.get_submodule(
+                {"gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}.get(name, "self_attn")
+            )
             lin = getattr(module, name)
             assert isinstance(lin, BiasOnlyLinear) and torch.equal(lin.bias, torch.zeros_like(lin.bias))
     assert type(inner.lm_head) is nn.Linear  # all-linear leaves the output head alone
@@ -184,7 +186,10 @@ def test_disable_adapter_and_delete_restore_the_base():
     assert torch.equal(m(input_ids=x).logits, trained)
     m.delete_adapter("default")
     plain = m.base_model.model
-    assert type(plain.model.layers[0].self_attn.q_proj) is nn.Linear and plain.model.layers[0].self_attn.q_proj.bias is None
+    assert (
+        type(plain.model.layers[0].self_attn.q_proj) is nn.Linear
+        and plain.model.layers[0].self_attn.q_proj.bias is None
+    )
     torch.testing.assert_close(plain(input_ids=x).logits, expected, rtol=1e-5, atol=1e-6)
 
 

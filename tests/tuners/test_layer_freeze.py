@@ -91,7 +91,10 @@ def test_block_selectors():
 def test_parameter_selectors_and_their_intersection_with_blocks():
     down = {f"model.layers.{i}.mlp.down_proj.weight" for i in range(3)}
     assert trainable(freeze(trainable_parameters=["*.mlp.down_proj.weight"])) == down
-    assert trainable(freeze(trainable_regex=r"lm_head\.weight|model\.norm\.weight")) == {"lm_head.weight", "model.norm.weight"}
+    assert trainable(freeze(trainable_regex=r"lm_head\.weight|model\.norm\.weight")) == {
+        "lm_head.weight",
+        "model.norm.weight",
+    }
     both = freeze(last_layers=2, trainable_parameters=["*.down_proj.weight"])
     assert trainable(both) == {"model.layers.1.mlp.down_proj.weight", "model.layers.2.mlp.down_proj.weight"}
 
