@@ -29,7 +29,7 @@ def held_out_loss(model) -> float:
     return model(input_ids=ids, attention_mask=mask, labels=labels).loss.item()
 
 
-def train_head(model, steps: int = 40, lr: float = 3e-2) -> list[float]:
+def train_head(model, steps: int = 60, lr: float = 1e-2) -> list[float]:
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     losses = []
     for step in range(steps):
@@ -129,6 +129,7 @@ CONFIGS = {
 
 @pytest.mark.parametrize("method", sorted(CONFIGS))
 def test_head_trains_and_is_saved_with_every_method(method, tmp_path):
+    torch.manual_seed(0)  # the head's and LoRA's initialisation: the test does not depend on test order
     task = pf.with_task_head(pretrained_tiny(), "classification", 2, pooling="mean")
     m = pf.get_peft_model(task, CONFIGS[method]())
     head = {n for n, p in m.named_parameters() if p.requires_grad and ".score." in n}
@@ -136,7 +137,7 @@ def test_head_trains_and_is_saved_with_every_method(method, tmp_path):
     before = snapshot(m)
     loss_before = held_out_loss(m)
     train_head(m)
-    assert held_out_loss(m) < 0.9 * loss_before
+    assert held_out_loss(m) < 0.8 * loss_before  # 0.06-0.63 of it over four seeds, with every method
     now = dict(m.named_parameters())
     assert all(not torch.equal(now[n], before[n]) for n in head)
     frozen = [n for n, p in m.named_parameters() if not p.requires_grad]
