@@ -85,7 +85,11 @@ class InPlaceTunerModel(TunerModel):
         if name not in self.peft_config:
             return {}
         prefix = "base_model.model."
-        return {k[len(prefix) :]: t.detach() - self.initial_values.get(k) for k, t in self._live.items()}
+        out = {}
+        for k, t in self._live.items():
+            # the model may have been cast after injection (the command line does); compare like with like
+            out[k[len(prefix) :]] = t.detach() - self.initial_values.get(k).to(device=t.device, dtype=t.dtype)
+        return out
 
     def adapter_tensors(self, name: str) -> dict[str, torch.Tensor]:
         return dict(self._live) if name in self.peft_config else {}

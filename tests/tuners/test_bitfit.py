@@ -114,6 +114,21 @@ def test_layer_norm_biases_on_a_hf_model():
     assert not norms & set(only_linear.named_trained_biases())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_dtypes_and_devices(device, dtype):
+    base = tiny_llama().to(device=device, dtype=dtype)
+    x = eval_ids().to(device)
+    expected = base(input_ids=x).logits
+    m = bitfit(base)
+    out = m(input_ids=x).logits
+    assert out.dtype == dtype
+    torch.testing.assert_close(out, expected)  # zero biases: the same function, to the dtype's tolerance
+    m(input_ids=x, labels=x).loss.backward()
+    grads = {n for n, p in m.named_parameters() if p.grad is not None}
+    assert grads == {n for n, p in m.named_parameters() if n.endswith(".bias")}
+    assert all(p.grad.dtype == dtype and torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
+
+
 # ---- training, report, files ------------------------------------------------------------------------
 def test_loss_falls_and_only_biases_change():
     m = bitfit(pretrained_tiny())

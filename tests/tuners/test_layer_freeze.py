@@ -130,6 +130,15 @@ def test_report_counts_trained_tensors_and_changed_entries():
     assert set(m.delta_weights("default")) == set(rows)
 
 
+def test_report_after_a_cast(device):
+    m = freeze(trainable_parameters=["*.mlp.up_proj.weight"])
+    m.base_model.model.to(device=device, dtype=torch.bfloat16)  # as the command line does after injection
+    assert pf.report(m).changed_entries == 0
+    with torch.no_grad():
+        m.base_model.model.model.layers[0].mlp.up_proj.weight[1, :3] = 7.0
+    assert pf.report(m).changed_entries == 3
+
+
 # ---- schedule ---------------------------------------------------------------------------------------
 def test_unfreeze_schedule_widens_the_trained_set():
     m = freeze(last_layers=1, unfreeze_schedule={3: {"last_layers": 2}, 6: {"trainable_regex": r"lm_head\.weight"}})
@@ -211,3 +220,45 @@ def test_disable_adapter_delete_and_unload():
     assert torch.equal(plain(input_ids=x).logits, trained)
     m.delete_adapter("default")
     assert torch.equal(m.base_model.model(input_ids=x).logits, expected)
+
+
+def test_on_a_hugging_face_model(tmp_path):
+    pytest.importorskip("transformers")
+    from .hf_tiny_models import outputs, twin_models
+
+    model, twin = twin_models("llama")
+    x = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(0))
+    m = freeze(model, last_layers=1, trainable_parameters=["*.mlp.*_proj.weight"])
+    assert trainable(m) == {f"model.layers.1.mlp.{p}_proj.weight" for p in ("gate", "up", "down")}
+    train_steps(m, m.schedule_parameters(), steps=2, lr=1e-2, loss_fn=lambda mm, b: mm(input_ids=x, labels=x).loss)
+    assert not torch.equal(outputs(m, x), outputs(twin, x))
+    m.save_pretrained(tmp_path)
+    loaded = pf.PeftModel.from_pretrained(twin, tmp_path)
+    assert torch.equal(outputs(loaded, x), outputs(m, x))
+
+
+def _cli(method: str, *flags: str):
+    import argparse
+
+    from pyfastpeft.train.methods import add_method_arguments, apply_method
+
+    parser = argparse.ArgumentParser()
+    add_method_arguments(parser)
+    return apply_method(method, tiny_llama(), parser.parse_args(list(flags)))
+
+
+def test_command_line_knobs():
+    assert trainable(_cli("freeze")) == block_params(2)  # --train-last-layers 1, the default
+    assert trainable(_cli("freeze", "--freeze-first", "1")) == block_params(1) | block_params(2)
+    down = {f"model.layers.{i}.mlp.down_proj.weight" for i in range(3)}
+    assert trainable(_cli("freeze", "--train-regex", r".*down_proj\.weight")) == down
+    both = _cli("freeze", "--freeze-first", "2", "--train-regex", r".*down_proj\.weight")
+    assert trainable(both) == {"model.layers.2.mlp.down_proj.weight"}
+    with pytest.raises(ValueError, match=r"--freeze-first: expected 0\.\.2"):
+        _cli("freeze", "--freeze-first", "3")
+    with pytest.raises(ValueError, match="--train-regex: trainable_regex: 'nothing' matches no parameter"):
+        _cli("freeze", "--train-regex", "nothing")
+    bitfit = _cli("bitfit", "--target-modules", "q_proj,v_proj")
+    assert isinstance(bitfit, pf.tuners.BitFitModel) and len(bitfit.named_trained_biases()) == 2 * 3
+    with pytest.raises(ValueError, match="--target-modules: target_modules .* matched no nn.Linear"):
+        _cli("bitfit", "--target-modules", "c_attn")
