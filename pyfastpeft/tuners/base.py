@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterable
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -219,11 +220,7 @@ class TunerModel(nn.Module):
         names += [n for n in getattr(self.base_model.model, "task_head_names", ()) if n not in names]
         if not names:
             return []
-
-        class _Names:  # _find_modules_to_save reads only this field
-            modules_to_save = names
-
-        return _find_modules_to_save(self.base_model.model, _Names)
+        return _find_modules_to_save(self.base_model.model, SimpleNamespace(modules_to_save=names))
 
     def _save_wrappers(self):
         from .inject import save_wrappers
