@@ -4,7 +4,9 @@ A step is what the command's training loop does: forward, the method's loss (cro
 distillation loss with the teacher's forward), backward, and the method's optimizer step. Every
 registered method runs on the same pretrained base, batch and seed, in interleaved rounds; the table
 gives the median step time, its ratio to full fine-tuning (``full``) and to ``lora``, the trainable
-parameters and the bytes autograd saves for backward.
+parameters, the bytes autograd saves for backward, and the peak memory of one step (see
+``peak_step_bytes``: activations, gradients and temporaries; weights and optimizer state live across
+steps and are not in it).
 
     python -m bench.bench_methods [--device cpu] [--quick] [--threads 1] [--size medium] [--batch-size 32]
 
@@ -20,6 +22,7 @@ import sys
 import time
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 from bench._timing import print_table, saved_activation_bytes, time_interleaved, write_results
 from pyfastpeft.cli import build_parser
@@ -59,6 +62,29 @@ def make_step(method: str, argv: list[str], device: torch.device):
     return step, loss, sum(p.numel() for p in params)
 
 
+def peak_step_bytes(step, device: str) -> int:
+    """Peak bytes a step allocates beyond what was live when it started. CUDA: the allocator's peak. CPU:
+    the torch profiler's memory events (allocations minus frees, in time order); frees of blocks allocated
+    before the step (last step's gradients) are invisible to it and not subtracted."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        start = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - start
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    events.sort(key=lambda e: e.start_ns())
+    running = peak = 0
+    for e in events:
+        if str(e.device_type()).endswith("CPU"):
+            running += e.nbytes()
+            peak = max(peak, running)
+    return peak
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
@@ -73,13 +99,15 @@ def main() -> None:
     size, batch, rounds = ("small", 8, 3) if args.quick else (args.size, args.batch_size, args.rounds)
     argv = ["--size", size, "--batch-size", str(batch)] + (["--pretrain-steps", "20"] if args.quick else [])
     methods = [m for m in args.methods.split(",") if m]
-    steps, trainable, saved = {}, {}, {}
+    steps, trainable, saved, peak = {}, {}, {}, {}
     for m in methods:
         step, loss, trainable[m] = make_step(m, argv, torch.device(args.device))
         steps[m] = step
         saved[m] = saved_activation_bytes(loss)
     # CPU time of this process on the CPU (steady on a shared machine); wall time with a GPU
     clock = time.process_time if args.device == "cpu" else time.perf_counter
+    for m in methods:
+        peak[m] = peak_step_bytes(steps[m], args.device)
     times = time_interleaved(steps, device=args.device, warmup=2, rounds=rounds, clock=clock)
     rows = [
         {
@@ -89,10 +117,12 @@ def main() -> None:
             "x lora": times[m] / times["lora"] if "lora" in times else None,
             "trainable": trainable[m],
             "saved MiB": saved[m] / 2**20,
+            "peak MiB": peak[m] / 2**20,
+            "peak x full": peak[m] / peak["full"] if "full" in peak else None,
         }
         for m in methods
     ]
-    print_table(rows, ["method", "ms/step", "x full", "x lora", "trainable", "saved MiB"])
+    print_table(rows, ["method", "ms/step", "x full", "x lora", "trainable", "saved MiB", "peak MiB", "peak x full"])
     command = "python -m bench.bench_methods " + " ".join(sys.argv[1:])
     path = write_results(
         "methods_quick" if args.quick else "methods",

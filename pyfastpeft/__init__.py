@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import torch  # noqa: F401  (must be imported before the extension)
 
-from . import distill, io, nn, ops, optim, quant, tuners
+from . import distill, heads, io, nn, ops, optim, quant, tuners
 from ._extension import build_info, cuda_available
+from .heads import with_task_head
 from .report import Report, report
-from .tuners import AdapterConfig, IA3Config, LoraConfig, PeftModel, get_peft_model
+from .tuners import AdapterConfig, BitFitConfig, IA3Config, LayerFreezeConfig, LoraConfig, PeftModel, get_peft_model
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AdapterConfig",
     "IA3Config",
+    "BitFitConfig",
+    "LayerFreezeConfig",
     "LoraConfig",
     "PeftModel",
     "Report",
@@ -22,6 +25,7 @@ __all__ = [
     "cuda_available",
     "distill",
     "get_peft_model",
+    "heads",
     "io",
     "nn",
     "ops",
@@ -29,4 +33,5 @@ __all__ = [
     "quant",
     "report",
     "tuners",
+    "with_task_head",
 ]

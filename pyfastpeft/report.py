@@ -126,7 +126,9 @@ def report(model: nn.Module, adapter_name: str | None = None, with_disk_size: bo
     delta_weights = getattr(model, "delta_weights", None)  # methods other than LoRA (TunerModel)
     if callable(delta_weights) and name is not None:
         for path, delta in delta_weights(name).items():
-            rank = int(torch.linalg.matrix_rank(delta.double()).item()) if delta.abs().max() > 0 else 0
+            # a vector (a norm's weight, a bias) counts as a 1×n matrix, a conv kernel as out × rest
+            as_matrix = delta.double().reshape(delta.shape[0], -1) if delta.dim() >= 2 else delta.double()[None]
+            rank = int(torch.linalg.matrix_rank(as_matrix).item()) if delta.abs().max() > 0 else 0
             matrices.append(MatrixReport(path, tuple(delta.shape), 0, rank, int(torch.count_nonzero(delta))))
     changed = sum(m.changed_entries for m in matrices)
     for _, wrapper in save_wrappers(model):

@@ -37,8 +37,14 @@ PREFIX = "base_model.model."
 
 def adapter_tensors(peft_model, adapter_name: str) -> dict[str, nn.Parameter | torch.Tensor]:
     """The adapter's tensors under their file keys (the live parameters, not copies); every PEFT model
-    class says which through its ``adapter_tensors`` method."""
-    return peft_model.adapter_tensors(adapter_name)
+    class says which through its ``adapter_tensors`` method (a TunerModel adds its modules_to_save
+    copies)."""
+    from ..tuners.base import TunerModel
+
+    out = dict(peft_model.adapter_tensors(adapter_name))
+    if isinstance(peft_model, TunerModel):
+        out.update(peft_model.modules_to_save_tensors(adapter_name))
+    return out
 
 
 def lora_adapter_tensors(peft_model, adapter_name: str) -> dict[str, nn.Parameter | torch.Tensor]:

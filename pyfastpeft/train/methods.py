@@ -30,7 +30,7 @@ from ..tuners import LoraConfig, get_peft_model
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 # the flags add_method_arguments defines; a checkpoint records them so --resume can check them
-METHOD_KNOBS = ["target_modules", "r", "alpha", "dropout", "rslora", "train_last_layers"]
+METHOD_KNOBS = ["target_modules", "r", "alpha", "dropout", "rslora", "train_last_layers", "freeze_first", "train_regex"]
 METHOD_KNOBS += ["adapter_config", "reduction_factor"]
 
 MethodFn = Callable[[nn.Module, argparse.Namespace], nn.Module]
@@ -103,6 +103,18 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> None:
         help="freeze: how many of the last decoder blocks train (default: %(default)s)",
     )
     g.add_argument(
+        "--freeze-first",
+        type=int,
+        default=None,
+        help="freeze: freeze the first N decoder blocks and train the others (replaces --train-last-layers)",
+    )
+    g.add_argument(
+        "--train-regex",
+        default=None,
+        help="freeze: train the parameters whose full name matches this regex (within the blocks "
+        "--freeze-first trains, if given; replaces --train-last-layers)",
+    )
+    g.add_argument(
         "--adapter-config",
         choices=["houlsby", "pfeiffer", "parallel"],
         default="pfeiffer",
@@ -141,28 +153,6 @@ def apply_lora(model: nn.Module, args: argparse.Namespace) -> nn.Module:
     return get_peft_model(model, config)
 
 
-@register("bitfit", "biases only; target linears without a bias get a zero-initialised one")
-def apply_bitfit(model: nn.Module, args: argparse.Namespace) -> nn.Module:
-    # Llama-shaped models have no biases at all; a zero bias keeps the model's function unchanged at
-    # the start and gives BitFit its usual parameters (one vector per linear layer).
-    _freeze(model)
-    targets = _targets(args)
-    chosen = [
-        (n, m)
-        for n, m in model.named_modules()
-        if isinstance(m, nn.Linear) and any(n == t or n.endswith("." + t) for t in targets)
-    ]
-    if not chosen:
-        raise ValueError(f"--target-modules {targets} matched no nn.Linear in {type(model).__name__}")
-    for _, m in chosen:
-        if m.bias is None:
-            m.bias = nn.Parameter(torch.zeros(m.out_features, dtype=m.weight.dtype, device=m.weight.device))
-    for name, p in model.named_parameters():
-        if name.endswith(".bias"):
-            p.requires_grad_(True)
-    return model
-
-
 @register("full", "every parameter trains (the baseline PEFT is measured against)")
 def apply_full(model: nn.Module, args: argparse.Namespace) -> nn.Module:
     for p in model.parameters():
@@ -178,7 +168,20 @@ def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return max(lists, key=lambda nm: len(nm[1]))
 
 
-@register("freeze", "layer freezing: only the last --train-last-layers decoder blocks train")
+# ---- BitFit and layer freezing, through their PEFT configs ------------------------------------------
+@register("bitfit", "biases only (BitFitConfig); target linears without a bias get a zero-initialised one")
+def apply_bitfit(model: nn.Module, args: argparse.Namespace) -> nn.Module:
+    """The target linears become BiasOnlyLinear (the bias-gradient op saves no input activation); layer
+    norm biases train too (Llama's RMSNorm has none). Returns the BitFitModel."""
+    from ..tuners import BitFitConfig
+
+    try:
+        return get_peft_model(model, BitFitConfig(target_modules=_targets(args)))
+    except ValueError as err:
+        raise ValueError(f"--target-modules: {err}") from None
+
+
+@register("freeze", "layer freezing (LayerFreezeConfig): --train-last-layers, --freeze-first or --train-regex")
 def apply_freeze(model: nn.Module, args: argparse.Namespace) -> nn.Module:
     _freeze(model)
     name, blocks = decoder_blocks(model)
@@ -389,3 +392,27 @@ def distill_parts(model: nn.Module, args: argparse.Namespace, source, device, lo
         return mean * (labels != -100).sum()
 
     return TrainingParts(summed_loss=summed_loss)
+
+
+    from ..tuners import LayerFreezeConfig
+
+    path, blocks = decoder_blocks(model)
+    n = len(blocks)
+    if args.freeze_first is not None:
+        if not 0 <= args.freeze_first < n:
+            raise ValueError(f"--freeze-first: expected 0..{n - 1} (blocks in {path}), got {args.freeze_first}")
+        selection = {"layer_range": [args.freeze_first, None]}
+    elif args.train_regex is None:
+        if not 1 <= args.train_last_layers <= n:
+            raise ValueError(f"--train-last-layers: expected 1..{n} (blocks in {path}), got {args.train_last_layers}")
+        selection = {"last_layers": args.train_last_layers}
+    else:
+        selection = {}
+    if args.train_regex is not None:
+        selection["trainable_regex"] = args.train_regex
+    try:
+        config = LayerFreezeConfig(layers_pattern=path, **selection)
+        return get_peft_model(model, config)
+    except ValueError as err:
+        flag = "--train-regex" if "trainable_regex" in str(err) else "--method freeze"
+        raise ValueError(f"{flag}: {err}") from None

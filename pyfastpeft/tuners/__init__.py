@@ -2,9 +2,11 @@
 
 from .adapters import AdapterConfig, AdapterModel, AdapterWrapper
 from .base import TunerModel
+from .bitfit import BitFitConfig, BitFitModel
 from .config import LoraConfig
 from .ia3 import IA3Config, IA3Linear, IA3Model
 from .inject import find_targets, inject_lora, trainable_parameters
+from .layer_freeze import LayerFreezeConfig, LayerFreezeModel
 from .lora_layers import LoraEmbedding, LoraLayer, LoraLinear, ModulesToSaveWrapper
 from .peft_model import PeftModel, get_peft_model
 from .registry import config_from_dict, peft_types, register_peft_type
@@ -16,6 +18,10 @@ __all__ = [
     "IA3Config",
     "IA3Linear",
     "IA3Model",
+    "BitFitConfig",
+    "BitFitModel",
+    "LayerFreezeConfig",
+    "LayerFreezeModel",
     "LoraConfig",
     "LoraEmbedding",
     "LoraLayer",

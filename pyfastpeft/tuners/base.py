@@ -15,6 +15,10 @@ optional:
     adapter_parameters(name)   what trains (default: the Parameters among adapter_tensors)
     _merge(names) / _unmerge() / _unload()   for methods that fold into the base weights
     delta_weights(name)        ``{path: ΔW}`` per base matrix that merging changes, for the report
+
+modules_to_save: the frame itself wraps the modules a config's ``modules_to_save`` names (and a task
+model's head, see :mod:`pyfastpeft.heads`) in PEFT's ModulesToSaveWrapper, so a full trainable copy per
+adapter trains and is saved under ``base_model.model.<path>.<param>`` with every method.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterable
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -130,7 +135,9 @@ class TunerModel(nn.Module):
             if type(config) is not kind:
                 raise ValueError(f"config: this model holds {kind.__name__} adapters, got {type(config).__name__}")
         config.validate()
+        saves = self._modules_to_save_paths(config)  # validated before the model changes
         self._inject(adapter_name, config)
+        self._wrap_modules_to_save(adapter_name, saves)
         self.peft_config[adapter_name] = config
         if self.active_adapter is None:
             self.active_adapter = adapter_name
@@ -145,6 +152,7 @@ class TunerModel(nn.Module):
     def delete_adapter(self, adapter_name: str) -> None:
         self._check_name(adapter_name)
         self._remove(adapter_name)
+        self._unwrap_modules_to_save(adapter_name)
         del self.peft_config[adapter_name]
         if self.active_adapter == adapter_name:
             self.active_adapter = next(iter(self.peft_config), None)
@@ -158,7 +166,11 @@ class TunerModel(nn.Module):
         for p in self.parameters():
             p.requires_grad_(False)
         self._activate(self.active_adapters)
+        for _, wrapper in self._save_wrappers():
+            wrapper.set_adapter(self.active_adapters)  # makes the active copy trainable
         if self.active_adapter is None or getattr(self.active_peft_config, "inference_mode", False):
+            for p in self.parameters():
+                p.requires_grad_(False)
             return
         for p in self.adapter_parameters(self.active_adapter):
             p.requires_grad_(True)
@@ -168,9 +180,14 @@ class TunerModel(nn.Module):
         """Run the base model alone inside the block."""
         self._unmerge()
         self._activate([])
+        wrappers = [w for _, w in self._save_wrappers()]
+        for w in wrappers:
+            w.disable_adapters = True
         try:
             yield
         finally:
+            for w in wrappers:
+                w.disable_adapters = False
             self._activate(self.active_adapters)
 
     # ---- merging ----------------------------------------------------------------------------------
@@ -185,11 +202,67 @@ class TunerModel(nn.Module):
 
     def merge_and_unload(self, adapter_names: list[str] | None = None) -> nn.Module:
         self.merge_adapter(adapter_names)
+        self._unwrap_modules_to_save(None, keep_trained_copy=True)
         return self._unload()
 
     def unload(self) -> nn.Module:
         self._unmerge()
+        self._unwrap_modules_to_save(None, keep_trained_copy=False)
         return self._unload()
+
+    # ---- modules_to_save --------------------------------------------------------------------------
+    def _modules_to_save_paths(self, config: Any) -> list[str]:
+        """Paths of the modules ``config.modules_to_save`` names, plus the head of a task model
+        (``with_task_head``), which trains with every method."""
+        from .inject import _find_modules_to_save
+
+        names = list(getattr(config, "modules_to_save", None) or [])
+        names += [n for n in getattr(self.base_model.model, "task_head_names", ()) if n not in names]
+        if not names:
+            return []
+        return _find_modules_to_save(self.base_model.model, SimpleNamespace(modules_to_save=names))
+
+    def _save_wrappers(self):
+        from .inject import save_wrappers
+
+        return list(save_wrappers(self.base_model.model))
+
+    def _wrap_modules_to_save(self, adapter_name: str, paths: list[str]) -> None:
+        from .inject import _set_submodule
+        from .lora_layers import ModulesToSaveWrapper
+
+        model = self.base_model.model
+        for path in paths:
+            module = model.get_submodule(path)
+            if not isinstance(module, ModulesToSaveWrapper):
+                module = ModulesToSaveWrapper(module)
+                _set_submodule(model, path, module)
+            module.add(adapter_name)
+
+    def _unwrap_modules_to_save(self, adapter_name: str | None, keep_trained_copy: bool = False) -> None:
+        """Drop ``adapter_name``'s copies (``None``: put every wrapper's module back: the active adapter's
+        trained copy when ``keep_trained_copy``, else the original)."""
+        from .inject import _set_submodule
+
+        model = self.base_model.model
+        for path, wrapper in self._save_wrappers():
+            if adapter_name is not None:
+                wrapper.delete_adapter(adapter_name)
+                if len(wrapper.modules_to_save):
+                    continue
+            active = wrapper.active_adapter
+            keep = keep_trained_copy and active is not None and active in wrapper.modules_to_save
+            _set_submodule(model, path, wrapper.modules_to_save[active] if keep else wrapper.original_module)
+
+    def modules_to_save_tensors(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        """The adapter's modules_to_save copies under PEFT's keys ``base_model.model.<path>.<param>``
+        (saved and loaded with the method's own tensors)."""
+        out = {}
+        for path, wrapper in self._save_wrappers():
+            if adapter_name in wrapper.modules_to_save:
+                for name, t in wrapper.modules_to_save[adapter_name].state_dict(keep_vars=True).items():
+                    out[f"base_model.model.{path}.{name}"] = t
+        return out
 
     # ---- accounting -------------------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
