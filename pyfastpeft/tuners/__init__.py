@@ -3,7 +3,8 @@
 from .base import TunerModel
 from .config import LoraConfig
 from .inject import find_targets, inject_lora, trainable_parameters
-from .lora_layers import LoraEmbedding, LoraLayer, LoraLinear, ModulesToSaveWrapper
+from .lora_layers import LoraEmbedding, LoraLayer, LoraLinear
+from .modules_to_save import ModulesToSaveWrapper
 from .peft_model import PeftModel, get_peft_model
 from .registry import config_from_dict, peft_types, register_peft_type
 
