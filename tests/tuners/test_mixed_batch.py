@@ -211,3 +211,21 @@ def test_mixed_batch_with_modules_to_save_equals_separate_runs():
     # the original module stays frozen: no gradient reaches it from the __base__ and c sequences
     original = model.base_model.model.lm_head.original_module.weight
     assert not original.requires_grad
+
+
+def test_mixed_batch_with_dora_embedding_and_modules_to_save_compiles_without_graph_breaks():
+    # a: LoRA on the embedding; b: DoRA on the linears and its own lm_head copy
+    model = pf.get_peft_model(tiny_llama(), pf.LoraConfig(r=4, lora_alpha=8, target_modules=["embed_tokens"]), "a")
+    model.add_adapter(
+        "b", pf.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, use_dora=True, modules_to_save=["lm_head"])
+    )
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_embedding_A" in name or "lora_B" in name:
+                p.normal_(std=0.5)
+    model.eval()
+    ids = torch.randint(0, 64, (3, 5))
+    names = ["b", "a", "__base__"]
+    expected = model(input_ids=ids, adapter_names=names).logits
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(input_ids=ids, adapter_names=names).logits, expected)
