@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -52,7 +53,7 @@ def build_peft(base: nn.Linear, layer: MultiLoRALinear, r: int, alpha: float):
     return peft_model.eval()
 
 
-def run(n_tokens: int, features: int, r: int, num_adapters: int, rounds: int) -> list[dict]:
+def run(n_tokens: int, features: int, r: int, num_adapters: int, rounds: int, clock=time.perf_counter) -> list[dict]:
     torch.manual_seed(0)
     base = nn.Linear(features, features)
     layer = MultiLoRALinear(base)
@@ -82,6 +83,7 @@ def run(n_tokens: int, features: int, r: int, num_adapters: int, rounds: int) ->
                 "torch": lambda: reference.multi_lora_linear(x, base.weight, base.bias, A, B, scalings, idx),
             },
             rounds=rounds,
+            clock=clock,
         )
     rows.append(_row("forward", num_adapters, n_tokens, features, r, times))
 
@@ -99,7 +101,7 @@ def run(n_tokens: int, features: int, r: int, num_adapters: int, rounds: int) ->
     def torch_step():
         reference.multi_lora_linear(xg, base.weight, base.bias, A_t, B_t, scalings, idx).backward(grad)
 
-    times = time_interleaved({"base": base_step, "ours": ours_step, "torch": torch_step}, rounds=rounds)
+    times = time_interleaved({"base": base_step, "ours": ours_step, "torch": torch_step}, rounds=rounds, clock=clock)
     row = _row("forward+backward", num_adapters, n_tokens, features, r, times)
     row["saved_MiB_ours"] = saved_activation_bytes(lambda: layer(xg, adapter_names=names)) / 2**20
     row["saved_MiB_torch"] = (
@@ -120,6 +122,7 @@ def run(n_tokens: int, features: int, r: int, num_adapters: int, rounds: int) ->
                 "ours": lambda: layer(x, adapter_indices=idx_random.view(x.shape[:-1])),
             },
             rounds=rounds,
+            clock=clock,
         )
     rows.append(_row("forward, random per token", num_adapters, n_tokens, features, r, times))
     return rows
@@ -142,14 +145,20 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small smoke size")
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument(
+        "--cpu-time",
+        action="store_true",
+        help="time with this process's CPU time (use with --threads 1 on a shared machine)",
+    )
     args = parser.parse_args()
+    clock = time.process_time if args.cpu_time else time.perf_counter
     if args.threads:
         torch.set_num_threads(args.threads)
     n_tokens, features, r = (256, 128, 8) if args.quick else (2048, 1024, 16)
     rounds = args.rounds or (5 if args.quick else 30)
     rows = []
     for num_adapters in (8, 32):
-        rows += run(n_tokens, features, r, num_adapters, rounds)
+        rows += run(n_tokens, features, r, num_adapters, rounds, clock)
     columns = [
         "mode",
         "adapters",
@@ -165,9 +174,18 @@ def main() -> None:
         "saved_MiB_torch",
     ]
     print_table(rows, columns)
-    name = "bench_multi_lora" + ("_quick" if args.quick else "") + (f"_t{args.threads}" if args.threads else "")
+    name = (
+        "bench_multi_lora"
+        + ("_quick" if args.quick else "")
+        + (f"_t{args.threads}" if args.threads else "")
+        + ("_cpu_time" if args.cpu_time else "")
+    )
     # A shared machine's load moves absolute times a lot; the ratios come from interleaved rounds.
-    extra = {"load_average": os.getloadavg(), "threads": torch.get_num_threads()}
+    extra = {
+        "load_average": os.getloadavg(),
+        "threads": torch.get_num_threads(),
+        "clock": "process_time" if args.cpu_time else "perf_counter",
+    }
     path = write_results(name, rows, "python bench/bench_multi_lora.py " + " ".join(sys.argv[1:]), extra)
     print(f"wrote {path}")
 

@@ -97,6 +97,7 @@ class MultiLoRALinear(nn.Module):
         self.scaling: dict[str, float] = {}
         self.register_buffer("_scalings", torch.empty(0, dtype=torch.float64), persistent=False)
         self._stacked_cache: tuple | None = None  # (key, (A, B)) for inference; see stacked_weights
+        self._indices_cache: tuple | None = None  # (key, per-token indices) of the last adapter_names call
 
     @property
     def adapter_names(self) -> list[str]:
@@ -148,10 +149,19 @@ class MultiLoRALinear(nn.Module):
             raise ValueError(f"name: no adapter {name!r}; adapters: {self.adapter_names}") from None
 
     def indices_for(self, names_per_sequence: Sequence[str], tokens_per_sequence: int | Sequence[int]) -> torch.Tensor:
-        """Per-token indices for one adapter name per sequence (see :func:`adapter_indices_from_names`)."""
-        return adapter_indices_from_names(
-            names_per_sequence, self.adapter_names, tokens_per_sequence, self.base_layer.weight.device
-        )
+        """Per-token indices for one adapter name per sequence (see :func:`adapter_indices_from_names`).
+
+        The last result is kept: a loop that sends the same names batch after batch builds (and, on a
+        GPU, copies) the index tensor once."""
+        device = self.base_layer.weight.device
+        lengths = tokens_per_sequence if isinstance(tokens_per_sequence, int) else tuple(tokens_per_sequence)
+        key = (tuple(names_per_sequence), lengths, tuple(self.lora_A.keys()), device)
+        if self._indices_cache is not None and self._indices_cache[0] == key:
+            return self._indices_cache[1]
+        indices = adapter_indices_from_names(names_per_sequence, self.adapter_names, tokens_per_sequence, device)
+        if not torch.compiler.is_compiling():
+            self._indices_cache = (key, indices)
+        return indices
 
     def _refresh_scalings(self) -> None:
         values = [self.scaling[n] for n in self.adapter_names]
@@ -165,8 +175,11 @@ class MultiLoRALinear(nn.Module):
         """
         if torch.is_grad_enabled() or torch.compiler.is_compiling():
             return self._stack()
-        params = [*self.lora_A.values(), *self.lora_B.values()]
-        key = tuple((id(p), p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+        # The containers' own parameter tables: ParameterDict.values() costs a getattr per adapter, which
+        # with 32 adapters took longer than the op. A new tensor (another dtype or device, or a replaced
+        # parameter) has another data pointer; an in-place update bumps the version.
+        params = [*self.lora_A._parameters.values(), *self.lora_B._parameters.values()]
+        key = tuple((id(p), p.data_ptr(), p._version) for p in params)
         if self._stacked_cache is None or self._stacked_cache[0] != key:
             self._stacked_cache = (key, self._stack())
         return self._stacked_cache[1]

@@ -393,7 +393,6 @@ def distill_parts(model: nn.Module, args: argparse.Namespace, source, device, lo
 
     return TrainingParts(summed_loss=summed_loss)
 
-
     from ..tuners import LayerFreezeConfig
 
     path, blocks = decoder_blocks(model)

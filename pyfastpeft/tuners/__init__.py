@@ -7,7 +7,8 @@ from .config import LoraConfig
 from .ia3 import IA3Config, IA3Linear, IA3Model
 from .inject import find_targets, inject_lora, trainable_parameters
 from .layer_freeze import LayerFreezeConfig, LayerFreezeModel
-from .lora_layers import LoraEmbedding, LoraLayer, LoraLinear, ModulesToSaveWrapper
+from .lora_layers import LoraEmbedding, LoraLayer, LoraLinear
+from .modules_to_save import ModulesToSaveWrapper
 from .peft_model import PeftModel, get_peft_model
 from .registry import config_from_dict, peft_types, register_peft_type
 

@@ -229,7 +229,7 @@ class TunerModel(nn.Module):
 
     def _wrap_modules_to_save(self, adapter_name: str, paths: list[str]) -> None:
         from .inject import _set_submodule
-        from .lora_layers import ModulesToSaveWrapper
+        from .modules_to_save import ModulesToSaveWrapper
 
         model = self.base_model.model
         for path in paths:

@@ -27,8 +27,9 @@ from torch import nn
 from .. import ops
 from .base import TunerModel
 from .config import _check_patterns
-from .lora_layers import ModulesToSaveWrapper, is_conv1d
+from .lora_layers import is_conv1d
 from .matching import check_layers, in_layers, matches, near_names, set_submodule, walk_unwrapped
+from .modules_to_save import ModulesToSaveWrapper
 from .registry import register_peft_type
 
 PREFIX = "base_model.model."

@@ -9,7 +9,8 @@ from collections.abc import Iterator
 from torch import nn
 
 from .config import LoraConfig
-from .lora_layers import QUANTIZED_BASES, LoraEmbedding, LoraLayer, LoraLinear, ModulesToSaveWrapper, is_conv1d
+from .lora_layers import QUANTIZED_BASES, LoraEmbedding, LoraLayer, LoraLinear, is_conv1d
+from .modules_to_save import ModulesToSaveWrapper
 
 _LAYER_LISTS = ("layers", "h", "blocks", "layer")
 

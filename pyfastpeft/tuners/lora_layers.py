@@ -317,8 +317,6 @@ class LoraLinear(LoraLayer):
                 "(expected one name per sequence, the first dimension)"
             )
         present = [n for n in names if n in self.r]
-        if any(self.use_dora[n] for n in present):
-            raise ValueError("adapter_names: mixed-adapter batches do not support DoRA adapters yet")
         if self.quantized_base:
             x = self.base_layer.quantize_input(x)
         dtype = self._compute_dtype(x)
@@ -339,7 +337,25 @@ class LoraLinear(LoraLayer):
         to_local = [local.get(names[i], -1) if i >= 0 else -1 for i in seq_indices]
         per_seq = torch.tensor(to_local, dtype=torch.int64, device=x.device)
         per_token = per_seq.view(-1, *([1] * (x.dim() - 2))).expand(x.shape[:-1]).contiguous()
-        return ops.multi_lora_linear(x, weight, bias, a, b, scalings, per_token, dropout_p=rates.pop())
+        dora = [n for n in present if self.use_dora[n]]
+        if not dora:
+            return ops.multi_lora_linear(x, weight, bias, a, b, scalings, per_token, dropout_p=rates.pop())
+        # DoRA: each sequence's output rows scaled by its adapter's m / ‖W + s·B·A‖ (the norm detached, as
+        # in PEFT and in the single-adapter path), 1 for plain LoRA adapters and the base; bias after.
+        z = ops.multi_lora_linear(x, weight, None, a, b, scalings, per_token, dropout_p=rates.pop())
+        ones = torch.ones(self.out_features, dtype=dtype, device=x.device)
+        rows = [self._dora_scale(n, weight, dtype) if self.use_dora[n] else ones for n in present]
+        table = torch.stack([*rows, ones])  # the last row serves the sequences with no adapter (-1)
+        per_seq_scale = table[per_seq]  # [batch, out]: -1 indexes the last row
+        y = z * per_seq_scale.view(x.shape[0], *([1] * (x.dim() - 2)), self.out_features)
+        return y if bias is None else y + bias
+
+    def _dora_scale(self, name: str, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """DoRA's per-output-row factor m / ‖W + s·B·A‖, the norm detached (PEFT's choice)."""
+        a = self.lora_A[name].weight.to(dtype)
+        b = self.lora_B[name].weight.to(dtype)
+        norm = torch.linalg.norm(weight.detach() + self.scaling[name] * (b.detach() @ a.detach()), dim=1)
+        return self.lora_magnitude_vector[name].weight.to(dtype) / norm
 
     def _fused(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, name: str) -> torch.Tensor:
         a = self.lora_A[name].weight.to(x.dtype)
@@ -348,9 +364,7 @@ class LoraLinear(LoraLayer):
         if not self.use_dora[name]:
             return ops.lora_linear(x, weight, bias, a, b, self.scaling[name], p)
         z = ops.lora_linear(x, weight, None, a, b, self.scaling[name], p)
-        norm = torch.linalg.norm(weight.detach() + self.scaling[name] * (b.detach() @ a.detach()), dim=1)
-        scale = self.lora_magnitude_vector[name].weight.to(x.dtype) / norm
-        y = z * scale
+        y = z * self._dora_scale(name, weight, x.dtype)
         return y if bias is None else y + bias
 
     def extra_repr(self) -> str:
@@ -432,21 +446,47 @@ class LoraEmbedding(LoraLayer):
                 self.unmerge()
                 y = self.base_layer(x, *args, **kwargs)
             return y
-        base = self.base_layer
+        if self.mixed_batch is not None:
+            return self._mixed_forward(x, y)
         for name in self.active_adapters:
             if name in self.merged_adapters:
                 continue
-            a = self.lora_embedding_A[name]
-            after_a = F.embedding(
-                x,
-                a.t(),
-                base.padding_idx,
-                base.max_norm,
-                base.norm_type,
-                base.scale_grad_by_freq,
-                base.sparse,
+            y = y + self._delta(name, x, y.dtype)
+        return y
+
+    def _delta(self, name: str, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``s·(Aᵀ[ids])·Bᵀ``: the adapter's rows of A gathered with the base embedding's options."""
+        base = self.base_layer
+        after_a = F.embedding(
+            ids,
+            self.lora_embedding_A[name].t(),
+            base.padding_idx,
+            base.max_norm,
+            base.norm_type,
+            base.scale_grad_by_freq,
+            base.sparse,
+        )
+        return (after_a @ self.lora_embedding_B[name].t().to(after_a.dtype)).to(dtype) * self.scaling[name]
+
+    def _mixed_forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """One adapter per sequence: each adapter's rows of A are gathered for its own sequences only, and
+        the update is added to those sequences' rows of the base embedding (index -1: the base alone)."""
+        names, seq_indices = self.mixed_batch
+        if x.dim() < 1 or x.shape[0] != len(seq_indices):
+            raise ValueError(
+                f"adapter_names: {len(seq_indices)} names for a batch of shape {tuple(x.shape)} "
+                "(expected one name per sequence, the first dimension)"
             )
-            y = y + (after_a @ self.lora_embedding_B[name].t().to(after_a.dtype)).to(y.dtype) * self.scaling[name]
+        if self.merged_adapters:
+            raise ValueError("adapter_names: unmerge the adapters first (unmerge_adapter())")
+        for k, name in enumerate(names):
+            if name not in self.r:
+                continue
+            seqs = [i for i, j in enumerate(seq_indices) if j == k]
+            if not seqs:
+                continue
+            rows = torch.tensor(seqs, dtype=torch.int64, device=x.device)
+            y = y.index_add(0, rows, self._delta(name, x.index_select(0, rows), y.dtype))
         return y
 
     def extra_repr(self) -> str:
@@ -455,51 +495,3 @@ class LoraEmbedding(LoraLayer):
             f"adapters={self.adapters}, "
             f"active={self.active_adapters}, merged={self.merged_adapters}"
         )
-
-
-class ModulesToSaveWrapper(nn.Module):
-    """A module trained in full: a frozen ``original_module`` plus a trainable copy per adapter
-    (``modules_to_save.<adapter>``), as in PEFT."""
-
-    def __init__(self, module: nn.Module):
-        super().__init__()
-        self.original_module = module
-        self.modules_to_save = nn.ModuleDict()
-        self.active_adapter: str | None = None
-        self.disable_adapters = False
-        for p in module.parameters():
-            p.requires_grad_(False)
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            modules = self.__dict__.get("_modules", {})
-            if name in ("original_module", "modules_to_save") or "original_module" not in modules:
-                raise
-            active = self.__dict__.get("active_adapter")
-            copies = modules.get("modules_to_save")
-            target = copies[active] if copies is not None and active in copies else modules["original_module"]
-            return getattr(target, name)
-
-    def add(self, name: str) -> None:
-        import copy
-
-        self.modules_to_save[name] = copy.deepcopy(self.original_module)
-
-    def set_adapter(self, names: list[str]) -> None:
-        self.active_adapter = next((n for n in names if n in self.modules_to_save), None)
-        for name, module in self.modules_to_save.items():
-            for p in module.parameters():
-                p.requires_grad_(name == self.active_adapter)
-
-    def delete_adapter(self, name: str) -> None:
-        if name in self.modules_to_save:
-            del self.modules_to_save[name]
-        if self.active_adapter == name:
-            self.active_adapter = None
-
-    def forward(self, *args, **kwargs):
-        if self.disable_adapters or self.active_adapter is None:
-            return self.original_module(*args, **kwargs)
-        return self.modules_to_save[self.active_adapter](*args, **kwargs)

@@ -14,7 +14,7 @@ from typing import Any
 from torch import nn
 
 from .inject import _layer_index, _matches, _set_submodule
-from .lora_layers import ModulesToSaveWrapper
+from .modules_to_save import ModulesToSaveWrapper
 
 __all__ = ["check_layers", "in_layers", "matches", "near_names", "set_submodule", "walk_unwrapped"]
 

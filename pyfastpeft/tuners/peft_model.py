@@ -12,7 +12,8 @@ from torch import nn
 
 from .config import LoraConfig
 from .inject import inject_adapter, lora_layers, save_wrappers
-from .lora_layers import LoraLayer, LoraLinear, ModulesToSaveWrapper
+from .lora_layers import LoraLayer
+from .modules_to_save import ModulesToSaveWrapper
 from .registry import model_class_for, register_peft_type
 
 BASE_ADAPTER = "__base__"
@@ -96,15 +97,13 @@ class PeftModel(nn.Module):
         unknown = sorted({n for n in adapter_names if n != BASE_ADAPTER and n not in known})
         if unknown:
             raise ValueError(f"adapter_names: unknown adapter(s) {unknown}; adapters: {known} (or {BASE_ADAPTER!r})")
-        if any(True for _ in save_wrappers(self.base_model.model)):
-            raise ValueError("adapter_names: mixed-adapter batches do not support modules_to_save yet")
-        if any(not isinstance(layer, LoraLinear) for _, layer in lora_layers(self.base_model.model)):
-            raise ValueError("adapter_names: mixed-adapter batches support LoRA on linear layers only (not embeddings)")
         if any(layer.merged_adapters for _, layer in lora_layers(self.base_model.model)):
             raise ValueError("adapter_names: unmerge the adapters first (unmerge_adapter())")
         index = {n: i for i, n in enumerate(known)}
         seq_indices = [index.get(n, -1) for n in adapter_names]
+        # LoRA linears and embeddings mix per token; modules_to_save split the batch by adapter.
         layers = [layer for _, layer in lora_layers(self.base_model.model)]
+        layers += [wrapper for _, wrapper in save_wrappers(self.base_model.model)]
         for layer in layers:
             layer.mixed_batch = (known, seq_indices)
         try:

@@ -194,3 +194,23 @@ def test_inference_stack_cache_follows_in_place_updates_and_new_adapters(device)
     singles = single_adapter_layers(layer)
     torch.testing.assert_close(third[0], singles["it"](x[0]), rtol=1e-12, atol=1e-12)
     assert adapter_indices_from_names([], names, 3).tolist() == []
+
+
+def test_cached_indices_and_stack_follow_names_lengths_and_replaced_parameters(device):
+    layer = make_layer(device)
+    names = ["fr", "de", "es"]
+    first = layer.indices_for(names, 2)
+    assert layer.indices_for(names, 2) is first  # the same names again: built once
+    assert layer.indices_for(["es", "fr", "de"], 2).tolist() == [2, 2, 0, 0, 1, 1]
+    assert layer.indices_for(names, [1, 2, 1]).tolist() == [0, 1, 1, 2]
+    layer.delete_adapter("fr")
+    assert layer.indices_for(["de", "es"], 1).tolist() == [0, 1]  # indices shifted after the deletion
+    x = torch.randn(2, 3, 13, dtype=torch.float64, device=device)
+    with torch.no_grad():
+        before = layer(x, adapter_names=["de", "es"])
+        # a parameter replaced in the container (not updated in place) must reach the stack too
+        layer.lora_B["es"] = torch.nn.Parameter(layer.lora_B["es"].detach() + 1.0)
+        after = layer(x, adapter_names=["de", "es"])
+    assert torch.equal(after[0], before[0]) and not torch.allclose(after[1], before[1])
+    singles = single_adapter_layers(layer)
+    torch.testing.assert_close(after[1], singles["es"](x[1]), rtol=1e-12, atol=1e-12)

@@ -37,9 +37,8 @@ def separate(model, ids, names):
                 out = model(input_ids=seq, labels=seq)
         else:
             model.set_adapter(name)
-            for n, p in model.named_parameters():  # set_adapter may freeze the other adapter
-                if "lora_" in n:
-                    p.requires_grad_(True)
+            for _, p in adapter_params(model):  # set_adapter may freeze the other adapter
+                p.requires_grad_(True)
             out = model(input_ids=seq, labels=seq)
         outs.append(out.logits)
         total = total + out.loss
@@ -74,6 +73,11 @@ def test_mixed_batch_equals_separate_runs(second_targets):
 
 def lora_params(model):
     return [(n, p) for n, p in model.named_parameters() if "lora_" in n]
+
+
+def adapter_params(model):
+    """Every tensor an adapter trains: LoRA matrices, DoRA magnitudes and modules_to_save copies."""
+    return [(n, p) for n, p in model.named_parameters() if "lora_" in n or ".modules_to_save." in n]
 
 
 def test_two_adapters_train_together_in_one_batch():
@@ -113,6 +117,115 @@ def test_mixed_batch_compiles_without_graph_breaks():
     model.eval()
     ids = torch.randint(0, 64, (4, 9))
     names = ["a", "b", "__base__", "b"]
+    expected = model(input_ids=ids, adapter_names=names).logits
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(input_ids=ids, adapter_names=names).logits, expected)
+
+
+def assert_mixed_equals_separate(model, ids, names):
+    """Logits and the gradients of every adapter tensor from one mixed batch equal those of running each
+    sequence through its own adapter (or the base) on its own."""
+    params = adapter_params(model)
+    for _, p in params:
+        p.requires_grad_(True)
+    mixed = model(input_ids=ids, adapter_names=names).logits
+    mixed_grads = torch.autograd.grad(mixed.square().sum(), [p for _, p in params])
+    sep, _ = separate(model, ids, names)
+    torch.testing.assert_close(mixed, sep, rtol=1e-5, atol=1e-5)
+    sep_grads = torch.autograd.grad(separate(model, ids, names)[0].square().sum(), [p for _, p in params])
+    for (name, _), g_mixed, g_sep in zip(params, mixed_grads, sep_grads, strict=True):
+        torch.testing.assert_close(g_mixed, g_sep, rtol=1e-4, atol=1e-5, msg=name)
+    for adapter in {n for n in names if n != "__base__"}:
+        assert any(g.abs().sum() > 0 for (n, _), g in zip(params, mixed_grads, strict=True) if f".{adapter}." in n)
+    return params, mixed_grads
+
+
+def tiny_llama():
+    torch.manual_seed(0)
+    return TinyLlamaForCausalLM(TinyLlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2))
+
+
+@pytest.mark.parametrize("b_uses_dora", [False, True])
+def test_mixed_batch_with_dora_equals_separate_runs(b_uses_dora):
+    model = pf.get_peft_model(
+        tiny_llama(), pf.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, use_dora=True), "a"
+    )
+    model.add_adapter("b", pf.LoraConfig(r=2, lora_alpha=3, target_modules=["q_proj", "v_proj"], use_dora=b_uses_dora))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.5)
+            elif "lora_magnitude_vector" in name:
+                p.mul_(torch.empty_like(p).uniform_(0.5, 1.5))  # m ≠ ‖W + s·B·A‖: the scale matters
+    model.eval()
+    ids = torch.randint(0, 64, (4, 9))
+    params, grads = assert_mixed_equals_separate(model, ids, ["a", "b", "__base__", "a"])
+    magnitudes = [g for (n, _), g in zip(params, grads, strict=True) if "lora_magnitude_vector" in n]
+    assert magnitudes and all(g.abs().sum() > 0 for g in magnitudes[:1])
+
+
+def test_mixed_batch_with_dora_trains_with_dropout():
+    model = pf.get_peft_model(
+        tiny_llama(), pf.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=TARGETS, use_dora=True), "a"
+    )
+    model.add_adapter("b", pf.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=TARGETS))
+    model.train()
+    ids = torch.randint(0, 64, (2, 7))
+    loss = model(input_ids=ids, labels=ids, adapter_names=["a", "b"]).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "magnitude" in n)
+
+
+def test_mixed_batch_with_lora_embedding_equals_separate_runs():
+    model = pf.get_peft_model(
+        tiny_llama(), pf.LoraConfig(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"]), "a"
+    )
+    model.add_adapter("b", pf.LoraConfig(r=2, lora_alpha=3, target_modules=["embed_tokens", "v_proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_embedding_A" in name or "lora_B" in name:
+                p.normal_(std=0.5)  # PEFT starts A (embeddings) and B (linears) at zero
+    model.eval()
+    ids = torch.randint(0, 64, (5, 6))
+    assert_mixed_equals_separate(model, ids, ["b", "a", "__base__", "b", "a"])
+
+
+def test_mixed_batch_with_modules_to_save_equals_separate_runs():
+    model = pf.get_peft_model(
+        tiny_llama(), pf.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, modules_to_save=["lm_head"]), "a"
+    )
+    # b has its own lm_head copy too; c has none, so its sequences use the original lm_head
+    model.add_adapter("b", pf.LoraConfig(r=2, lora_alpha=3, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    model.add_adapter("c", pf.LoraConfig(r=2, lora_alpha=3, target_modules=["v_proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name or ".modules_to_save." in name:
+                p.add_(torch.randn_like(p) * 0.3)
+    model.eval()
+    ids = torch.randint(0, 64, (5, 6))
+    params, grads = assert_mixed_equals_separate(model, ids, ["b", "a", "__base__", "c", "a"])
+    copies = {n: g for (n, _), g in zip(params, grads, strict=True) if ".modules_to_save." in n}
+    assert any(".a." in n and g.abs().sum() > 0 for n, g in copies.items())
+    assert any(".b." in n and g.abs().sum() > 0 for n, g in copies.items())
+    # the original module stays frozen: no gradient reaches it from the __base__ and c sequences
+    original = model.base_model.model.lm_head.original_module.weight
+    assert not original.requires_grad
+
+
+def test_mixed_batch_with_dora_embedding_and_modules_to_save_compiles_without_graph_breaks():
+    # a: LoRA on the embedding; b: DoRA on the linears and its own lm_head copy
+    model = pf.get_peft_model(tiny_llama(), pf.LoraConfig(r=4, lora_alpha=8, target_modules=["embed_tokens"]), "a")
+    model.add_adapter(
+        "b", pf.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, use_dora=True, modules_to_save=["lm_head"])
+    )
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_embedding_A" in name or "lora_B" in name:
+                p.normal_(std=0.5)
+    model.eval()
+    ids = torch.randint(0, 64, (3, 5))
+    names = ["b", "a", "__base__"]
     expected = model(input_ids=ids, adapter_names=names).logits
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(input_ids=ids, adapter_names=names).logits, expected)
