@@ -183,15 +183,28 @@ def apply_bitfit(model: nn.Module, args: argparse.Namespace) -> nn.Module:
 
 @register("freeze", "layer freezing (LayerFreezeConfig): --train-last-layers, --freeze-first or --train-regex")
 def apply_freeze(model: nn.Module, args: argparse.Namespace) -> nn.Module:
-    _freeze(model)
-    name, blocks = decoder_blocks(model)
-    k = args.train_last_layers
-    if not 1 <= k <= len(blocks):
-        raise ValueError(f"--train-last-layers: expected 1..{len(blocks)} (blocks in {name}), got {k}")
-    for block in list(blocks)[-k:]:
-        for p in block.parameters():
-            p.requires_grad_(True)
-    return model
+    from ..tuners import LayerFreezeConfig
+
+    path, blocks = decoder_blocks(model)
+    n = len(blocks)
+    if args.freeze_first is not None:
+        if not 0 <= args.freeze_first < n:
+            raise ValueError(f"--freeze-first: expected 0..{n - 1} (blocks in {path}), got {args.freeze_first}")
+        selection = {"layer_range": [args.freeze_first, None]}
+    elif args.train_regex is None:
+        if not 1 <= args.train_last_layers <= n:
+            raise ValueError(f"--train-last-layers: expected 1..{n} (blocks in {path}), got {args.train_last_layers}")
+        selection = {"last_layers": args.train_last_layers}
+    else:
+        selection = {}
+    if args.train_regex is not None:
+        selection["trainable_regex"] = args.train_regex
+    try:
+        config = LayerFreezeConfig(layers_pattern=path, **selection)
+        return get_peft_model(model, config)
+    except ValueError as err:
+        flag = "--train-regex" if "trainable_regex" in str(err) else "--method freeze"
+        raise ValueError(f"{flag}: {err}") from None
 
 
 # ---- (IA)³ and bottleneck adapters --------------------------------------------------------------------
@@ -392,26 +405,3 @@ def distill_parts(model: nn.Module, args: argparse.Namespace, source, device, lo
         return mean * (labels != -100).sum()
 
     return TrainingParts(summed_loss=summed_loss)
-
-    from ..tuners import LayerFreezeConfig
-
-    path, blocks = decoder_blocks(model)
-    n = len(blocks)
-    if args.freeze_first is not None:
-        if not 0 <= args.freeze_first < n:
-            raise ValueError(f"--freeze-first: expected 0..{n - 1} (blocks in {path}), got {args.freeze_first}")
-        selection = {"layer_range": [args.freeze_first, None]}
-    elif args.train_regex is None:
-        if not 1 <= args.train_last_layers <= n:
-            raise ValueError(f"--train-last-layers: expected 1..{n} (blocks in {path}), got {args.train_last_layers}")
-        selection = {"last_layers": args.train_last_layers}
-    else:
-        selection = {}
-    if args.train_regex is not None:
-        selection["trainable_regex"] = args.train_regex
-    try:
-        config = LayerFreezeConfig(layers_pattern=path, **selection)
-        return get_peft_model(model, config)
-    except ValueError as err:
-        flag = "--train-regex" if "trainable_regex" in str(err) else "--method freeze"
-        raise ValueError(f"{flag}: {err}") from None

@@ -233,11 +233,6 @@ class AdapterModel(TunerModel):
             if isinstance(module, AdapterWrapper):
                 yield path, module
 
-    def _saves(self):
-        for path, module in walk_unwrapped(self.base_model.model, (AdapterWrapper,)):
-            if isinstance(module, ModulesToSaveWrapper):
-                yield path, module
-
     def _slot_paths(self, config: AdapterConfig) -> dict[str, list[str]]:
         """{slot kind: module paths}; a ValueError naming near module names when a slot has none."""
         model = self.base_model.model
@@ -277,11 +272,9 @@ class AdapterModel(TunerModel):
         return None
 
     def _inject(self, name: str, config: AdapterConfig) -> None:
-        from .inject import _find_modules_to_save
-
+        # modules_to_save: the TunerModel frame wraps them
         model = self.base_model.model
         slots = self._slot_paths(config)
-        saves = _find_modules_to_save(model, config)
         w = next(model.parameters())
         plan: list[tuple[str, str, int, int]] = []  # (slot, path, in, out), all checked before any change
         for slot, paths in slots.items():
@@ -326,12 +319,6 @@ class AdapterModel(TunerModel):
         if "_shared" not in self.__dict__:
             self._shared: dict[str, dict[str, BottleneckAdapter]] = {}
         self._shared[name] = shared  # {slot: the one adapter every layer uses}; empty when not shared
-        for path in saves:
-            module = model.get_submodule(path)
-            if not isinstance(module, ModulesToSaveWrapper):
-                module = ModulesToSaveWrapper(module)
-                set_submodule(model, path, module)
-            module.add(name)
 
     def _remove(self, name: str) -> None:
         model = self.base_model.model
@@ -340,17 +327,11 @@ class AdapterModel(TunerModel):
                 wrapper.delete_adapter(name)
             if not len(wrapper.adapters):
                 set_submodule(model, path, wrapper.base_module)
-        for path, wrapper in list(self._saves()):
-            wrapper.delete_adapter(name)
-            if not len(wrapper.modules_to_save):
-                set_submodule(model, path, wrapper.original_module)
         self._shared.pop(name, None)
 
     def _activate(self, names: list[str]) -> None:
         for _, wrapper in self._wrappers():
             wrapper.active_adapters = [n for n in names if n in wrapper.adapters]
-        for _, wrapper in self._saves():
-            wrapper.set_adapter(names)
 
     def adapter_tensors(self, name: str) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
@@ -363,18 +344,12 @@ class AdapterModel(TunerModel):
                 if name in wrapper.adapters:
                     for pname, p in wrapper.adapters[name].named_parameters():
                         out[f"{PREFIX}{path}.{pname}"] = p
-        for path, wrapper in self._saves():
-            if name in wrapper.modules_to_save:
-                for pname, t in wrapper.modules_to_save[name].state_dict(keep_vars=True).items():
-                    out[f"{PREFIX}{path}.{pname}"] = t
         return out
 
     def _unload(self) -> nn.Module:
         model = self.base_model.model
         for path, wrapper in list(self._wrappers()):
             set_submodule(model, path, wrapper.base_module)
-        for path, wrapper in list(self._saves()):
-            set_submodule(model, path, wrapper.original_module)
         return model
 
 

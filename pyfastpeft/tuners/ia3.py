@@ -29,7 +29,6 @@ from .base import TunerModel
 from .config import _check_patterns
 from .lora_layers import is_conv1d
 from .matching import check_layers, in_layers, matches, near_names, set_submodule, walk_unwrapped
-from .modules_to_save import ModulesToSaveWrapper
 from .registry import register_peft_type
 
 PREFIX = "base_model.model."
@@ -256,11 +255,6 @@ class IA3Model(TunerModel):
             if isinstance(module, IA3Linear):
                 yield path, module
 
-    def _saves(self):
-        for path, module in walk_unwrapped(self.base_model.model, (IA3Linear,)):
-            if isinstance(module, ModulesToSaveWrapper):
-                yield path, module
-
     def _resolve_defaults(self, config: IA3Config) -> None:
         """PEFT's defaults for the model type where a field is None (the built-in model counts as Llama)."""
         if config.target_modules is not None and config.feedforward_modules is not None:
@@ -308,13 +302,11 @@ class IA3Model(TunerModel):
         return chosen
 
     def _inject(self, name: str, config: IA3Config) -> None:
-        from .inject import _find_modules_to_save
-
+        # modules_to_save: the TunerModel frame wraps them
         self._resolve_defaults(config)
         config.validate()
         model = self.base_model.model
         targets = self._find_targets(config)
-        saves = _find_modules_to_save(model, config)
         for path in targets:  # validate every target before changing the model
             module = model.get_submodule(path)
             feedforward = is_feedforward(path, config.feedforward_modules)
@@ -331,12 +323,6 @@ class IA3Model(TunerModel):
                 module = IA3Linear(module, is_feedforward(path, config.feedforward_modules))
                 set_submodule(model, path, module)
             module.update_layer(name, config.init_ia3_weights)
-        for path in saves:
-            module = model.get_submodule(path)
-            if not isinstance(module, ModulesToSaveWrapper):
-                module = ModulesToSaveWrapper(module)
-                set_submodule(model, path, module)
-            module.add(name)
 
     def _remove(self, name: str) -> None:
         model = self.base_model.model
@@ -345,26 +331,16 @@ class IA3Model(TunerModel):
                 layer.delete_adapter(name)
             if not len(layer.ia3_l):
                 set_submodule(model, path, layer.base_layer)
-        for path, wrapper in list(self._saves()):
-            wrapper.delete_adapter(name)
-            if not len(wrapper.modules_to_save):
-                set_submodule(model, path, wrapper.original_module)
 
     def _activate(self, names: list[str]) -> None:
         for _, layer in self._layers():
             layer.active_adapters = [n for n in names if n in layer.ia3_l]
-        for _, wrapper in self._saves():
-            wrapper.set_adapter(names)
 
     def adapter_tensors(self, name: str) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         for path, layer in self._layers():
             if name in layer.ia3_l:
                 out[f"{PREFIX}{path}.ia3_l"] = layer.ia3_l[name]
-        for path, wrapper in self._saves():
-            if name in wrapper.modules_to_save:
-                for pname, t in wrapper.modules_to_save[name].state_dict(keep_vars=True).items():
-                    out[f"{PREFIX}{path}.{pname}"] = t
         return out
 
     def delta_weights(self, name: str) -> dict[str, torch.Tensor]:
@@ -378,24 +354,11 @@ class IA3Model(TunerModel):
         for _, layer in self._layers():
             layer.unmerge()
 
-    def merge_and_unload(self, adapter_names: list[str] | None = None) -> nn.Module:
-        """Merge, then return the plain model: every (IA)³ layer replaced by its (scaled) base layer, every
-        modules_to_save wrapper by the active adapter's trained copy."""
-        self.merge_adapter(adapter_names)
-        return self._replace_wrappers(keep_trained_copies=True)
-
     def _unload(self) -> nn.Module:
-        return self._replace_wrappers(keep_trained_copies=False)
-
-    def _replace_wrappers(self, keep_trained_copies: bool) -> nn.Module:
+        """Every (IA)³ layer replaced by its base layer (scaled when merged first: merge_and_unload)."""
         model = self.base_model.model
         for path, layer in list(self._layers()):
             set_submodule(model, path, layer.base_layer)
-        for path, wrapper in list(self._saves()):
-            keep = keep_trained_copies and wrapper.active_adapter is not None
-            set_submodule(
-                model, path, wrapper.modules_to_save[wrapper.active_adapter] if keep else wrapper.original_module
-            )
         return model
 
     def config_json(self, adapter_name: str) -> dict:

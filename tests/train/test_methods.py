@@ -39,7 +39,7 @@ def test_method_trains_only_its_tensors(tmp_path, method):
     elif method == "full":
         assert summary["trainable_params"] == summary["total_params"]
     elif method == "freeze":
-        assert names and all(n.startswith("model.layers.1.") for n in names)
+        assert names and all(n.startswith("base_model.model.model.layers.1.") for n in names)
     elif method == "dora":
         assert {n.rsplit(".", 2)[-2] if n.endswith(".weight") else n.rsplit(".", 1)[-1] for n in names} == {
             "lora_A",
@@ -62,7 +62,7 @@ def test_method_trains_only_its_tensors(tmp_path, method):
 
 def test_freeze_last_layers_knob(tmp_path):
     tensors, _ = _trained(tmp_path, "freeze", "--train-last-layers", "2")
-    assert {n.split(".")[2] for n in tensors} == {"0", "1"}
+    assert {n.removeprefix("base_model.model.").split(".")[2] for n in tensors} == {"0", "1"}
 
 
 def test_lora_knobs_reach_the_layers(tmp_path):
