@@ -8,12 +8,16 @@ from . import distill, io, nn, ops, optim, quant, tuners
 from ._extension import build_info, cuda_available
 from .report import Report, report
 from .tuners import LoraConfig, PeftModel, get_peft_model
+from .tuners import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
 
 __version__ = "0.1.0"
 
 __all__ = [
     "LoraConfig",
     "PeftModel",
+    "PrefixTuningConfig",
+    "PromptEncoderConfig",
+    "PromptTuningConfig",
     "Report",
     "__version__",
     "build_info",

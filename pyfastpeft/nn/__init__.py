@@ -4,6 +4,7 @@ from .bias_only_linear import BiasOnlyLinear, bitfit_
 from .fake_quant_linear import FakeQuantLinear
 from .lora_linear import LoRALinear
 from .multi_lora_linear import BASE_ADAPTER, MultiLoRALinear, adapter_indices_from_names
+from .prompt_encoders import PrefixEncoder, PromptEmbedding, PromptEncoder
 from .pruning import prune_magnitude_
 from .quantized_linear import QuantizedLinear, QuantLoRALinear
 from .sparse_delta_linear import SparseDeltaLinear, gradient_scores, select_indices
@@ -14,6 +15,9 @@ __all__ = [
     "FakeQuantLinear",
     "LoRALinear",
     "MultiLoRALinear",
+    "PrefixEncoder",
+    "PromptEmbedding",
+    "PromptEncoder",
     "QuantLoRALinear",
     "QuantizedLinear",
     "SparseDeltaLinear",
