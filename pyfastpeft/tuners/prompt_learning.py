@@ -79,6 +79,13 @@ def fill_model_fields(config: PromptLearningConfig, model: nn.Module) -> None:
         config.task_type = "CAUSAL_LM"
 
 
+def cache_argument(model: nn.Module) -> str | None:
+    """The name under which ``model.forward`` takes a KV cache: transformers 5 calls it ``cache``
+    (still accepting ``past_key_values``), the built-in model and older code ``past_key_values``."""
+    params = inspect.signature(model.forward).parameters
+    return next((n for n in ("cache", "past_key_values") if n in params), None)
+
+
 def input_embeddings(model: nn.Module) -> nn.Module:
     get = getattr(model, "get_input_embeddings", None)
     emb = get() if callable(get) else None
@@ -101,10 +108,9 @@ class PromptLearningModel(TunerModel):
         is_prefix = isinstance(config, PrefixTuningConfig)
         word_embeddings = None if is_prefix else input_embeddings(model)
         if is_prefix:
-            takes_cache = "past_key_values" in inspect.signature(model.forward).parameters
-            if not takes_cache:
+            if cache_argument(model) is None:
                 raise ValueError(
-                    f"model: {type(model).__name__}.forward takes no past_key_values, so its attention "
+                    f"model: {type(model).__name__}.forward takes no past_key_values (or cache), so its attention "
                     f"cannot take the learned key/value prefixes of prefix tuning"
                 )
             if any(getattr(m, "gradient_checkpointing", False) for m in model.modules()):
@@ -272,7 +278,7 @@ class PromptLearningModel(TunerModel):
             attention_mask = torch.cat([ones, attention_mask], dim=1)
         self._adjust_kwargs(config, kwargs)
         if isinstance(config, PrefixTuningConfig):
-            kwargs["past_key_values"] = self.get_prompt(batch)
+            kwargs[cache_argument(model)] = self.get_prompt(batch)
             return model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                          labels=labels, **kwargs)
         if inputs_embeds is None:
@@ -345,7 +351,15 @@ class PromptLearningModel(TunerModel):
         model_kwargs = original(*args, **kwargs)
         cache_position = model_kwargs.get("cache_position")
         is_prefill = cache_position is not None and int(cache_position[0]) == 0
-        cache = model_kwargs.get("past_key_values")
+        cache_key = cache_argument(self.base_model.model) or "past_key_values"
+        for key in ("cache", "past_key_values"):
+            if key != cache_key and model_kwargs.get(key) is not None:
+                model_kwargs[cache_key] = model_kwargs.pop(key)
+        if model_kwargs.get("use_cache") is False:
+            # transformers 5 hands back the cache a forward returned even without use_cache; without
+            # caching every step recomputes the whole sequence, virtual tokens included
+            model_kwargs.pop(cache_key, None)
+        cache = model_kwargs.get(cache_key)
         if cache is not None:
             seq_len = cache[0][0].shape[-2] if isinstance(cache, (tuple, list)) else cache.get_seq_length()
             if seq_len >= model_kwargs["input_ids"].shape[1]:
@@ -362,10 +376,10 @@ class PromptLearningModel(TunerModel):
             ones = torch.ones(ids.shape[0], p, dtype=mask.dtype, device=mask.device)
             model_kwargs["attention_mask"] = torch.cat([ones, mask], dim=1)
         self._adjust_kwargs(config, model_kwargs)
-        cache = model_kwargs.get("past_key_values")
+        cache = model_kwargs.get(cache_key)
         needs_prompt = cache is None or (isinstance(cache, transformers.Cache) and not cache.get_seq_length())
         if needs_prompt and is_prefix:
-            model_kwargs["past_key_values"] = self.get_prompt(model_kwargs["input_ids"].shape[0])
+            model_kwargs[cache_key] = self.get_prompt(model_kwargs["input_ids"].shape[0])
         elif needs_prompt:
             ids = model_kwargs["input_ids"]
             embeds = input_embeddings(self.base_model.model)(ids)
