@@ -7,8 +7,7 @@ import torch  # noqa: F401  (must be imported before the extension)
 from . import distill, io, nn, ops, optim, quant, tuners
 from ._extension import build_info, cuda_available
 from .report import Report, report
-from .tuners import LoraConfig, PeftModel, get_peft_model
-from .tuners import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
+from .tuners import LoraConfig, PeftModel, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, get_peft_model
 
 __version__ = "0.1.0"
 

@@ -229,7 +229,7 @@ class TinyLlamaForCausalLM(nn.Module):
         for i, kv in enumerate(past_key_values):
             if len(kv) != 2:
                 raise ValueError(f"past_key_values[{i}]: expected a (key, value) pair")
-            for name, tensor in zip(("key", "value"), kv):
+            for name, tensor in zip(("key", "value"), kv, strict=True):
                 if tensor.dim() != 4 or tensor.shape[0] != batch or tensor.shape[1] != heads:
                     raise ValueError(
                         f"past_key_values[{i}] {name}: expected [{batch}, {heads}, L, {head_dim}], "
@@ -255,7 +255,9 @@ class TinyLlamaForCausalLM(nn.Module):
             return causal[None, None].expand(b, 1, t, length)
         if attention_mask.shape != (b, length):
             cover = f"the {past} cached + {t} new positions" if past else f"the {t} positions"
-            raise ValueError(f"attention_mask: expected shape {[b, length]} ({cover}), got {list(attention_mask.shape)}")
+            raise ValueError(
+                f"attention_mask: expected shape {[b, length]} ({cover}), got {list(attention_mask.shape)}"
+            )
         keep = attention_mask.to(device).bool()
         mask = (causal[None] & keep[:, None, :])[:, None]
         # a fully padded query row would give NaN; let each query attend to itself
@@ -353,15 +355,13 @@ def generate_tokens(
     if attention_mask is None:
         attention_mask = torch.ones(b, prefix + t_first, dtype=torch.long, device=device)
     if attention_mask.shape != (b, prefix + t_first):
-        raise ValueError(
-            f"attention_mask: expected shape {[b, prefix + t_first]}, got {list(attention_mask.shape)}"
-        )
+        raise ValueError(f"attention_mask: expected shape {[b, prefix + t_first]}, got {list(attention_mask.shape)}")
     mask = attention_mask.long()
     finished = torch.zeros(b, dtype=torch.bool, device=device)
     new_tokens: list[torch.Tensor] = []
     cache = past_key_values
     step_embeds = first
-    for step in range(max_new_tokens):
+    for _ in range(max_new_tokens):
         # a position counts the real (unpadded) tokens before it, so left padding does not shift them
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         if use_cache:

@@ -17,6 +17,7 @@ Saved as PEFT saves it: ``prompt_embeddings``, the *computed* table — [P, toke
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import warnings
@@ -145,8 +146,7 @@ class PromptLearningModel(TunerModel):
                     bad = [i for i in ids if i >= vocab]
                     if bad:
                         raise ValueError(
-                            f"prompt_tuning_init_token_ids: ids {bad[:5]} are out of range for a vocabulary "
-                            f"of {vocab}"
+                            f"prompt_tuning_init_token_ids: ids {bad[:5]} are out of range for a vocabulary of {vocab}"
                         )
                     if not ids:
                         raise ValueError("prompt_tuning_init_text: tokenizes to no tokens")
@@ -155,13 +155,15 @@ class PromptLearningModel(TunerModel):
                 with torch.no_grad():
                     init = word_embeddings(index).float()
             if word_embeddings.weight.shape[1] != dim:
-                raise ValueError(f"token_dim: {dim} does not match the model's embedding width "
-                                 f"{word_embeddings.weight.shape[1]}")
+                raise ValueError(
+                    f"token_dim: {dim} does not match the model's embedding width {word_embeddings.weight.shape[1]}"
+                )
             return PromptEmbedding(p, dim, init)
         if isinstance(config, PromptEncoderConfig):
             if word_embeddings.weight.shape[1] != dim:
-                raise ValueError(f"token_dim: {dim} does not match the model's embedding width "
-                                 f"{word_embeddings.weight.shape[1]}")
+                raise ValueError(
+                    f"token_dim: {dim} does not match the model's embedding width {word_embeddings.weight.shape[1]}"
+                )
             return PromptEncoder(
                 p,
                 dim,
@@ -265,11 +267,27 @@ class PromptLearningModel(TunerModel):
         inputs_embeds: torch.Tensor | None = None,
         **kwargs,
     ):
+        with self._base_runs_plain():
+            return self._forward(input_ids, attention_mask, labels, inputs_embeds, **kwargs)
+
+    @contextlib.contextmanager
+    def _base_runs_plain(self):
+        # inside this model's own forward/generate, calls to the base model are the base model's own
+        # even when route_base_calls routed them through this model
+        routing = self.__dict__.get("_routing", False)
+        self.__dict__["_routing"] = True
+        try:
+            yield
+        finally:
+            self.__dict__["_routing"] = routing
+
+    def _forward(self, input_ids, attention_mask, labels, inputs_embeds, **kwargs):
         model = self.base_model.model
         name = self._active()
         if name is None:
-            return model(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
-                         inputs_embeds=inputs_embeds, **kwargs)
+            return model(
+                input_ids=input_ids, attention_mask=attention_mask, labels=labels, inputs_embeds=inputs_embeds, **kwargs
+            )
         config = self.peft_config[name]
         p = config.num_virtual_tokens
         batch = (input_ids if input_ids is not None else inputs_embeds).shape[0]
@@ -279,8 +297,9 @@ class PromptLearningModel(TunerModel):
         self._adjust_kwargs(config, kwargs)
         if isinstance(config, PrefixTuningConfig):
             kwargs[cache_argument(model)] = self.get_prompt(batch)
-            return model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                         labels=labels, **kwargs)
+            return model(
+                input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs
+            )
         if inputs_embeds is None:
             inputs_embeds = input_embeddings(model)(input_ids)
         if labels is not None:
@@ -308,20 +327,28 @@ class PromptLearningModel(TunerModel):
         only (the KV cache carries them afterwards). Returns what the base model's generate returns:
         the input ids followed by the new tokens."""
         model = self.base_model.model
-        if self._active() is None:
-            return model.generate(*args, **kwargs)
-        if _is_transformers_model(model):
-            return self._generate_transformers(model, *args, **kwargs)
-        return self._generate_builtin(model, *args, **kwargs)
+        with self._base_runs_plain():
+            if self._active() is None:
+                return model.generate(*args, **kwargs)
+            if _is_transformers_model(model):
+                return self._generate_transformers(model, *args, **kwargs)
+            return self._generate_builtin(model, *args, **kwargs)
 
-    def _generate_builtin(self, model, input_ids: torch.Tensor, max_new_tokens: int = 20,
-                         attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+    def _generate_builtin(
+        self,
+        model,
+        input_ids: torch.Tensor,
+        max_new_tokens: int = 20,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
         config = self.active_peft_config
         b, p = input_ids.shape[0], config.num_virtual_tokens
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        mask = torch.cat([torch.ones(b, p, dtype=attention_mask.dtype, device=attention_mask.device),
-                          attention_mask], dim=1)
+        mask = torch.cat(
+            [torch.ones(b, p, dtype=attention_mask.dtype, device=attention_mask.device), attention_mask], dim=1
+        )
         if isinstance(config, PrefixTuningConfig):
             return model.generate(input_ids, max_new_tokens, mask, past_key_values=self.get_prompt(b), **kwargs)
         embeds = model.get_input_embeddings()(input_ids)
@@ -408,3 +435,28 @@ def _tokenize(config: PromptTuningConfig) -> list[int]:
 register_peft_type("PROMPT_TUNING", PromptTuningConfig, PromptLearningModel)
 register_peft_type("P_TUNING", PromptEncoderConfig, PromptLearningModel)
 register_peft_type("PREFIX_TUNING", PrefixTuningConfig, PromptLearningModel)
+
+
+def route_base_calls(peft_model: PromptLearningModel) -> PromptLearningModel:
+    """For training loops that hold the base model instead of the PEFT model (the command line): calls
+    to the base model itself then go through ``peft_model`` — virtual tokens added, logits returned for
+    the real positions only (so they line up with ``input_ids``) — and the base model carries the
+    prompt encoders as ``prompt_encoder``, so ``.to()``, ``.parameters()`` and checkpoints see them."""
+    base = peft_model.base_model.model
+    if "prompt_encoder" in base._modules:
+        raise ValueError("model: its calls are already routed through a prompt-learning model")
+    base.add_module("prompt_encoder", peft_model.prompt_encoder)
+    plain_forward = base.forward
+
+    @functools.wraps(plain_forward)
+    def forward(*args, **kwargs):
+        if peft_model.__dict__.get("_routing") or peft_model._active() is None:
+            return plain_forward(*args, **kwargs)
+        out = peft_model(*args, **kwargs)
+        config = peft_model.active_peft_config
+        if not isinstance(config, PrefixTuningConfig):
+            out.logits = out.logits[:, config.num_virtual_tokens :]
+        return out
+
+    base.forward = forward
+    return peft_model

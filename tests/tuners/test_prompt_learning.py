@@ -20,8 +20,9 @@ VOCAB = 40
 
 def tiny(seed: int = 0, **kw) -> TinyLlamaForCausalLM:
     torch.manual_seed(seed)
-    cfg = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_attention_heads=4,
-               max_position_embeddings=48)
+    cfg = dict(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_attention_heads=4, max_position_embeddings=48
+    )
     cfg.update(kw)
     model = TinyLlamaForCausalLM(TinyLlamaConfig(**cfg)).eval()
     with torch.no_grad():  # larger weights than the 0.02 init, so positions and masks matter
@@ -134,8 +135,11 @@ def two_task_base() -> TinyLlamaForCausalLM:
     """A base model pretrained on copy and reverse examples mixed, with nothing saying which: a prompt
     can pick the task, so prompt learning has something to learn in a few dozen steps."""
     torch.manual_seed(0)
-    base = TinyLlamaForCausalLM(TinyLlamaConfig(vocab_size=12, hidden_size=32, intermediate_size=64,
-                                                num_attention_heads=4, max_position_embeddings=48))
+    base = TinyLlamaForCausalLM(
+        TinyLlamaConfig(
+            vocab_size=12, hidden_size=32, intermediate_size=64, num_attention_heads=4, max_position_embeddings=48
+        )
+    )
     opt = torch.optim.Adam(base.parameters(), lr=1e-2)
     gen = torch.Generator().manual_seed(0)
     for step in range(100):
@@ -227,8 +231,9 @@ def test_text_init_repeats_or_truncates_as_peft():
     assert repeat_to_length([5, 6, 7, 8, 9], 3) == [5, 6, 7]
     base = tiny()
     for token_ids, expected in (([5, 6], [5, 6, 5, 6, 5]), ([9, 8, 7, 6, 5, 4, 3], [9, 8, 7, 6, 5])):
-        cfg = pf.PromptTuningConfig(num_virtual_tokens=5, prompt_tuning_init="TEXT",
-                                    prompt_tuning_init_token_ids=token_ids)
+        cfg = pf.PromptTuningConfig(
+            num_virtual_tokens=5, prompt_tuning_init="TEXT", prompt_tuning_init_token_ids=token_ids
+        )
         model = pf.get_peft_model(tiny(), cfg)
         want = base.get_input_embeddings().weight[expected]
         torch.testing.assert_close(model.prompt_encoder["default"].embedding.weight, want, rtol=0, atol=0)
@@ -249,12 +254,18 @@ def test_sample_vocab_init_uses_vocabulary_embeddings():
         (pf.PromptTuningConfig(num_virtual_tokens=0), "num_virtual_tokens"),
         (pf.PromptTuningConfig(num_virtual_tokens=2, prompt_tuning_init="WORDS"), "prompt_tuning_init"),
         (pf.PromptTuningConfig(num_virtual_tokens=2, prompt_tuning_init="TEXT"), "tokenizer_name_or_path"),
-        (pf.PromptTuningConfig(num_virtual_tokens=2, prompt_tuning_init="TEXT", tokenizer_name_or_path="t"),
-         "prompt_tuning_init_text"),
-        (pf.PromptTuningConfig(num_virtual_tokens=2, prompt_tuning_init="TEXT", prompt_tuning_init_token_ids=[]),
-         "prompt_tuning_init_token_ids"),
-        (pf.PromptEncoderConfig(num_virtual_tokens=2, encoder_reparameterization_type="GRU"),
-         "encoder_reparameterization_type"),
+        (
+            pf.PromptTuningConfig(num_virtual_tokens=2, prompt_tuning_init="TEXT", tokenizer_name_or_path="t"),
+            "prompt_tuning_init_text",
+        ),
+        (
+            pf.PromptTuningConfig(num_virtual_tokens=2, prompt_tuning_init="TEXT", prompt_tuning_init_token_ids=[]),
+            "prompt_tuning_init_token_ids",
+        ),
+        (
+            pf.PromptEncoderConfig(num_virtual_tokens=2, encoder_reparameterization_type="GRU"),
+            "encoder_reparameterization_type",
+        ),
         (pf.PromptEncoderConfig(num_virtual_tokens=2, encoder_dropout=1.5), "encoder_dropout"),
         (pf.PromptEncoderConfig(num_virtual_tokens=2, encoder_hidden_size=0), "encoder_hidden_size"),
         (pf.PrefixTuningConfig(num_virtual_tokens=2, init_weights="ones"), "init_weights"),
@@ -323,8 +334,14 @@ def test_configs_round_trip_through_dicts():
         cfg = make()
         again = pf.tuners.config_from_dict(cfg.to_dict())
         assert type(again) is type(cfg) and again == cfg
-    peft_json = {"peft_type": "P_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": 3,
-                 "encoder_reparameterization_type": "LSTM", "auto_mapping": None, "peft_version": "0.21.2"}
+    peft_json = {
+        "peft_type": "P_TUNING",
+        "task_type": "CAUSAL_LM",
+        "num_virtual_tokens": 3,
+        "encoder_reparameterization_type": "LSTM",
+        "auto_mapping": None,
+        "peft_version": "0.21.2",
+    }
     cfg = pf.tuners.config_from_dict(peft_json)
     assert isinstance(cfg, pf.PromptEncoderConfig) and cfg.encoder_reparameterization_type == "LSTM"
 
@@ -379,3 +396,25 @@ def test_generate_checks_its_arguments():
     assert out[0, 5] == eos and (out[0, 6:] == 0).all()  # a finished row continues with padding
     both = model.generate(ids(1, 5), 30, eos_token_id=eos)
     assert both.shape == (1, 6)  # every row finished: generation stops
+
+
+# ---- the command line's routing -----------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["prompt", "prefix"])
+def test_routed_base_calls_add_the_virtual_tokens(kind):
+    from pyfastpeft.train.methods import METHODS
+
+    args = type("Args", (), {"num_virtual_tokens": 4, "encoder_hidden_size": None})()
+    base = tiny()
+    model = METHODS[kind](base, args)
+    perturb(model)
+    y = ids()
+    expected = model(y).logits
+    routed = base(y).logits  # what a training loop holding the base model sees
+    assert routed.shape == (2, 6, VOCAB)
+    torch.testing.assert_close(routed, expected[:, -6:], rtol=0, atol=0)
+    names = {n for n, p in base.named_parameters() if p.requires_grad}
+    assert names and all(n.startswith("prompt_encoder.default.") for n in names)
+    # the PEFT model's own generate still adds the virtual tokens once
+    assert torch.equal(model.generate(y, 5), model.generate(y, 5, use_cache=False))
+    with model.disable_adapter():
+        torch.testing.assert_close(base(y).logits, tiny()(y).logits, rtol=0, atol=0)
