@@ -56,7 +56,7 @@ def perturb(model: nn.Module, seed: int = 3) -> None:
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
-                p.add_(0.3 * torch.randn(p.shape, generator=g))
+                p.add_(0.3 * torch.randn(p.shape, generator=g).to(p.device))
 
 
 # ---- what the virtual tokens compute ----------------------------------------------------------------
@@ -73,11 +73,11 @@ def test_prompt_tuning_equals_the_base_model_on_real_tokens_with_the_same_embedd
     torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
 
 
-def test_prefix_tuning_equals_the_base_model_continuing_a_cache():
+def test_prefix_tuning_equals_the_base_model_continuing_a_cache(device):
     """A prefix table holding the keys/values of tokens X makes input Y behave exactly as Y after X:
     checks the table's [P, L·2·D] layout, the rotary positions of the real tokens and the mask."""
-    base = tiny()
-    x, y = ids(1, 5, seed=5), ids(3, 6)
+    base = tiny().to(device)
+    x, y = ids(1, 5, seed=5).to(device), ids(3, 6).to(device)
     full = base(torch.cat([x.expand(3, -1), y], 1)).logits[:, 5:]
     cache = base(x, use_cache=True).past_key_values
     kv = torch.stack([t[0] for layer in cache for t in layer])  # [2L, H, P, hd], k and v per layer
@@ -348,12 +348,12 @@ def test_configs_round_trip_through_dicts():
 
 # ---- generation -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", [None, *CONFIGS])
-def test_kv_cache_generation_equals_full_recomputation(kind):
-    model = tiny()
+def test_kv_cache_generation_equals_full_recomputation(kind, device):
+    model = tiny().to(device)
     if kind is not None:
         model = pf.get_peft_model(model, CONFIGS[kind]())
         perturb(model)
-    y = ids(3, 5)
+    y = ids(3, 5).to(device)
     mask = torch.ones_like(y)
     mask[0, :2] = 0  # left padding
     cached = model.generate(y, max_new_tokens=8, attention_mask=mask)
@@ -363,7 +363,7 @@ def test_kv_cache_generation_equals_full_recomputation(kind):
     # left padding does not change a row's tokens
     alone = model.generate(y[:1, 2:], max_new_tokens=8)
     assert torch.equal(alone[:, 3:], cached[:1, 5:])
-    g1, g2 = (torch.Generator().manual_seed(7) for _ in range(2))
+    g1, g2 = (torch.Generator(device).manual_seed(7) for _ in range(2))
     sampled = model.generate(y, 6, mask, do_sample=True, temperature=0.8, top_k=5, generator=g1)
     again = model.generate(y, 6, mask, do_sample=True, temperature=0.8, top_k=5, generator=g2, use_cache=False)
     assert torch.equal(sampled, again)
