@@ -108,10 +108,13 @@ def test_generation_equals_peft_forward_decoding(kind, variant):
 def test_peft_saves_we_load(kind, variant, tmp_path):
     theirs, _ = pair(kind, variant)
     theirs.save_pretrained(tmp_path)
-    _, fresh = twin_models(kind)
-    ours = pf.PeftModel.from_pretrained(fresh, tmp_path)
     ids, mask, _ = inputs()
-    close(ours(input_ids=ids, attention_mask=mask).logits, theirs(input_ids=ids, attention_mask=mask).logits)
+    expected = theirs(input_ids=ids, attention_mask=mask).logits
+    for is_trainable in (False, True):  # trainable: a reparameterised encoder continues as its table
+        _, fresh = twin_models(kind)
+        ours = pf.PeftModel.from_pretrained(fresh, tmp_path, is_trainable=is_trainable)
+        close(ours(input_ids=ids, attention_mask=mask).logits, expected)
+        assert any(p.requires_grad for p in ours.parameters()) == is_trainable
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
