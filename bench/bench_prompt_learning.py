@@ -91,7 +91,7 @@ def main() -> None:
             sys.exit(f"{name}: KV-cache generation differs from full recomputation")
         cases[f"{name}|cache"] = lambda m=m: m.generate(prompt_ids, new_tokens)
         cases[f"{name}|full"] = lambda m=m: m.generate(prompt_ids, new_tokens, use_cache=False)
-    gen_times = time_interleaved(cases, rounds=max(3, rounds // 4))
+    gen_times = time_interleaved(cases, rounds=max(3, rounds // 2))
     for name in gen_models:
         cached, full = gen_times[f"{name}|cache"], gen_times[f"{name}|full"]
         rows.append(
