@@ -8,7 +8,18 @@ from . import distill, heads, io, nn, ops, optim, quant, tuners
 from ._extension import build_info, cuda_available
 from .heads import with_task_head
 from .report import Report, report
-from .tuners import AdapterConfig, BitFitConfig, IA3Config, LayerFreezeConfig, LoraConfig, PeftModel, get_peft_model
+from .tuners import (
+    AdapterConfig,
+    BitFitConfig,
+    IA3Config,
+    LayerFreezeConfig,
+    LoraConfig,
+    PeftModel,
+    PrefixTuningConfig,
+    PromptEncoderConfig,
+    PromptTuningConfig,
+    get_peft_model,
+)
 
 __version__ = "0.1.0"
 
@@ -19,6 +30,9 @@ __all__ = [
     "LayerFreezeConfig",
     "LoraConfig",
     "PeftModel",
+    "PrefixTuningConfig",
+    "PromptEncoderConfig",
+    "PromptTuningConfig",
     "Report",
     "__version__",
     "build_info",

@@ -5,6 +5,7 @@ from .bottleneck_adapter import BottleneckAdapter
 from .fake_quant_linear import FakeQuantLinear
 from .lora_linear import LoRALinear
 from .multi_lora_linear import BASE_ADAPTER, MultiLoRALinear, adapter_indices_from_names
+from .prompt_encoders import PrefixEncoder, PromptEmbedding, PromptEncoder
 from .pruning import prune_magnitude_
 from .quantized_linear import QuantizedLinear, QuantLoRALinear
 from .sparse_delta_linear import SparseDeltaLinear, gradient_scores, select_indices
@@ -16,6 +17,9 @@ __all__ = [
     "FakeQuantLinear",
     "LoRALinear",
     "MultiLoRALinear",
+    "PrefixEncoder",
+    "PromptEmbedding",
+    "PromptEncoder",
     "QuantLoRALinear",
     "QuantizedLinear",
     "SparseDeltaLinear",

@@ -32,6 +32,7 @@ LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
 # the flags add_method_arguments defines; a checkpoint records them so --resume can check them
 METHOD_KNOBS = ["target_modules", "r", "alpha", "dropout", "rslora", "train_last_layers", "freeze_first", "train_regex"]
 METHOD_KNOBS += ["adapter_config", "reduction_factor"]
+METHOD_KNOBS += ["num_virtual_tokens", "encoder_hidden_size"]  # prompt, ptuning, prefix
 
 MethodFn = Callable[[nn.Module, argparse.Namespace], nn.Module]
 METHODS: dict[str, MethodFn] = {}
@@ -101,6 +102,19 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=1,
         help="freeze: how many of the last decoder blocks train (default: %(default)s)",
+    )
+    g.add_argument(
+        "--num-virtual-tokens",
+        type=int,
+        default=8,
+        help="prompt, ptuning, prefix: virtual tokens (prompt length / prefix length) (default: %(default)s)",
+    )
+    g.add_argument(
+        "--encoder-hidden-size",
+        type=int,
+        default=None,
+        help="ptuning: prompt-encoder MLP width; prefix: reparameterisation MLP width, which turns "
+        "prefix_projection on (default: the model's hidden size; prefix: no projection)",
     )
     g.add_argument(
         "--freeze-first",
@@ -405,3 +419,42 @@ def distill_parts(model: nn.Module, args: argparse.Namespace, source, device, lo
         return mean * (labels != -100).sum()
 
     return TrainingParts(summed_loss=summed_loss)
+
+
+# ---- prompt learning: prompt tuning, P-tuning, prefix tuning -------------------------------------
+def _prompt_learning(model: nn.Module, config) -> nn.Module:
+    from ..tuners.prompt_learning import route_base_calls
+
+    # the training loop calls the base model: route those calls through the virtual tokens
+    return route_base_calls(get_peft_model(model, config))
+
+
+@register("prompt", "prompt tuning: --num-virtual-tokens learned input embeddings prepended to the input")
+def apply_prompt(model: nn.Module, args: argparse.Namespace) -> nn.Module:
+    from ..tuners import PromptTuningConfig
+
+    return _prompt_learning(model, PromptTuningConfig(num_virtual_tokens=args.num_virtual_tokens))
+
+
+@register("ptuning", "P-tuning: virtual tokens produced by an MLP prompt encoder (--encoder-hidden-size)")
+def apply_ptuning(model: nn.Module, args: argparse.Namespace) -> nn.Module:
+    from ..tuners import PromptEncoderConfig
+
+    config = PromptEncoderConfig(
+        num_virtual_tokens=args.num_virtual_tokens, encoder_hidden_size=args.encoder_hidden_size
+    )
+    return _prompt_learning(model, config)
+
+
+@register(
+    "prefix", "prefix tuning: learned per-layer key/value prefixes (MLP-reparameterised with --encoder-hidden-size)"
+)
+def apply_prefix(model: nn.Module, args: argparse.Namespace) -> nn.Module:
+    from ..tuners import PrefixTuningConfig
+
+    config = PrefixTuningConfig(
+        num_virtual_tokens=args.num_virtual_tokens,
+        encoder_hidden_size=args.encoder_hidden_size,
+        prefix_projection=args.encoder_hidden_size is not None,
+    )
+    return _prompt_learning(model, config)

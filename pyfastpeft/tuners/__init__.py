@@ -10,6 +10,8 @@ from .layer_freeze import LayerFreezeConfig, LayerFreezeModel
 from .lora_layers import LoraEmbedding, LoraLayer, LoraLinear
 from .modules_to_save import ModulesToSaveWrapper
 from .peft_model import PeftModel, get_peft_model
+from .prompt_config import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
+from .prompt_learning import PromptLearningModel
 from .registry import config_from_dict, peft_types, register_peft_type
 
 __all__ = [
@@ -29,6 +31,10 @@ __all__ = [
     "LoraLinear",
     "ModulesToSaveWrapper",
     "PeftModel",
+    "PrefixTuningConfig",
+    "PromptEncoderConfig",
+    "PromptLearningModel",
+    "PromptTuningConfig",
     "TunerModel",
     "config_from_dict",
     "find_targets",

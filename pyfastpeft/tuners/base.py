@@ -14,6 +14,8 @@ Hooks (``name`` is an adapter name):
 optional:
     adapter_parameters(name)   what trains (default: the Parameters among adapter_tensors)
     _merge(names) / _unmerge() / _unload()   for methods that fold into the base weights
+    _load_tensors(name, tensors, source)     put loaded file tensors in place (default: validate every
+                               key and shape against adapter_tensors, then copy)
     delta_weights(name)        ``{path: ΔW}`` per base matrix that merging changes, for the report
 
 modules_to_save: the frame itself wraps the modules a config's ``modules_to_save`` names (and a task
@@ -92,6 +94,11 @@ class TunerModel(nn.Module):
 
     def _unmerge(self) -> None:
         pass
+
+    def _load_tensors(self, name: str, tensors: dict[str, torch.Tensor], source: Any) -> None:
+        from ..io.adapter_files import copy_into
+
+        copy_into(self, name, tensors, source)
 
     def _unload(self) -> nn.Module:
         for n in list(self.peft_config):
@@ -295,7 +302,7 @@ class TunerModel(nn.Module):
     def from_pretrained(
         cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False
     ) -> TunerModel:
-        from ..io.adapter_files import _find_dir, copy_into, read_adapter
+        from ..io.adapter_files import _find_dir, read_adapter
         from .registry import model_class_for
 
         config, tensors, source = read_adapter(_find_dir(model_id, adapter_name))
@@ -306,7 +313,7 @@ class TunerModel(nn.Module):
         requires_grad = {p: p.requires_grad for p in model.parameters()}
         peft_model = model_cls(model, config, adapter_name)
         try:
-            copy_into(peft_model, adapter_name, tensors, source)
+            peft_model._load_tensors(adapter_name, tensors, source)
         except BaseException:
             peft_model.unload()
             for p, flag in requires_grad.items():
@@ -318,13 +325,13 @@ class TunerModel(nn.Module):
 
     def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False) -> None:
         """Add the adapter saved in ``model_id`` under ``adapter_name`` (not made active)."""
-        from ..io.adapter_files import _find_dir, copy_into, read_adapter
+        from ..io.adapter_files import _find_dir, read_adapter
 
         config, tensors, source = read_adapter(_find_dir(model_id, adapter_name))
         config.inference_mode = not is_trainable
         self.add_adapter(adapter_name, config)
         try:
-            copy_into(self, adapter_name, tensors, source)
+            self._load_tensors(adapter_name, tensors, source)
         except BaseException:
             self.delete_adapter(adapter_name)
             raise
