@@ -27,8 +27,11 @@ def test_method_trains_only_its_tensors(tmp_path, method):
     tensors, summary = _trained(tmp_path, method, *SHORT_SETUP.get(method, []))
     names = set(tensors)
     assert summary["completed"] and summary["step"] == 4
-    if method != "sparse":  # sparse also saves the indices of its entries
+    # sparse also saves the indices of its entries; P-tuning saves the table its encoder computes (PEFT's layout)
+    if method not in ("sparse", "ptuning"):
         assert summary["trainable_params"] == sum(t.numel() for t in tensors.values())
+    if method in ("prompt", "ptuning", "prefix"):
+        assert names == {"prompt_embeddings"}
     if method == "lora":
         assert names and all(".lora_A" in n or ".lora_B" in n for n in names)
         # B starts at zero: after 4 AdamW steps it must have moved
