@@ -40,7 +40,9 @@ def _add_training_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=32, help="global batch size (default: %(default)s)")
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument(
+        "--lr", type=float, default=None, help="learning rate (default: 3e-3; per method where it differs, docs/cli.md)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-every", type=int, default=0, help="steps between evaluations (default: steps/10)")
     p.add_argument(
@@ -126,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--steps", type=int, default=150)
     cmp.add_argument("--pretrain-steps", type=int, default=300)
     cmp.add_argument("--batch-size", type=int, default=32)
-    cmp.add_argument("--lr", type=float, default=3e-3)
+    cmp.add_argument("--lr", type=float, default=None, help="learning rate (default: each method's, as finetune)")
     cmp.add_argument("--seed", type=int, default=0)
     cmp.add_argument("--out", default="pyfastpeft_out/compare")
     cmp.set_defaults(func=cmd_compare)

@@ -82,8 +82,9 @@ def run_compare(args: argparse.Namespace) -> int:
             raise ValueError(f"--sizes: unknown size {s!r}; known sizes: {', '.join(SIZES)}")
     out = Path(args.out)
     results: dict[str, list[dict]] = {}
+    lr = "per method (--lr default)" if args.lr is None else args.lr
     md = [
-        f"# PEFT comparison: '{args.task}' task, {args.steps} steps, batch {args.batch_size}, lr {args.lr}, "
+        f"# PEFT comparison: '{args.task}' task, {args.steps} steps, batch {args.batch_size}, lr {lr}, "
         f"seed {args.seed}\n"
     ]
     for size in sizes:
@@ -104,8 +105,7 @@ def run_compare(args: argparse.Namespace) -> int:
                     str(args.pretrain_steps),
                     "--batch-size",
                     str(args.batch_size),
-                    "--lr",
-                    str(args.lr),
+                    *(["--lr", str(args.lr)] if args.lr is not None else []),
                     "--seed",
                     str(args.seed),
                     "--out",

@@ -58,6 +58,10 @@ def run_info(args: argparse.Namespace) -> dict:
 def run_finetune(args: argparse.Namespace, log=print, keep_model: bool = False) -> dict:
     """Train and write ``args.out``; returns the summary (also written as ``summary.json``), with the
     trained model under ``"model"`` when ``keep_model``."""
+    if args.lr is None:
+        from .methods import default_lr
+
+        args.lr = default_lr(args.method)
     device = resolve_device(args.device)
     info = init_distributed(device)
     try:
