@@ -229,6 +229,12 @@ def copy_into(peft_model, adapter_name: str, tensors: dict[str, torch.Tensor], s
     is_lora = isinstance(peft_model.peft_config[adapter_name], LoraConfig)
     extras = _also_loadable(peft_model, adapter_name) if is_lora else {}
     expected.update({k: extras[k] for k in tensors if k not in expected and k in extras})
+    check_and_copy(expected, tensors, source)
+
+
+def check_and_copy(expected: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], source: Path) -> None:
+    """Copy ``tensors`` into the ``expected`` live tensors after checking that the keys and shapes agree
+    exactly; the error lists what is missing, unexpected and mismatched, and nothing is copied then."""
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     mismatched = [

@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load as load_safetensors_bytes
 from torch import nn
 
-from ..io.adapter_files import CONFIG_NAME, PICKLE_NAMES, WEIGHTS_NAME, _short, copy_into
+from ..io.adapter_files import CONFIG_NAME, PICKLE_NAMES, WEIGHTS_NAME, check_and_copy, copy_into
 from .base import builtin_model, hf_model
 from .checkpoint import trainable_state
 from .finetune import RUN_INFO_NAME
@@ -176,27 +176,5 @@ def rebuild(base_model: nn.Module, saved: SavedAdapter) -> nn.Module:
         expected = dict(trainable_state(adapted))
         buffers = dict(adapted.named_buffers())
         expected.update({k: buffers[k] for k in saved.buffers if k in buffers})
-        _check_and_copy(expected, saved.tensors, saved.weights)
+        check_and_copy(expected, saved.tensors, saved.weights)
     return adapted.eval()
-
-
-def _check_and_copy(expected: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], source: Path) -> None:
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    mismatched = [
-        f"{k}: file {list(tensors[k].shape)} vs model {list(expected[k].shape)}"
-        for k in sorted(set(expected) & set(tensors))
-        if tensors[k].shape != expected[k].shape
-    ]
-    problems = []
-    if missing:
-        problems.append(f"missing keys ({len(missing)}): {_short(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys ({len(unexpected)}): {_short(unexpected)}")
-    if mismatched:
-        problems.append(f"shape mismatches ({len(mismatched)}): {_short(mismatched)}")
-    if problems:
-        raise ValueError(f"{source} does not match the model: " + "; ".join(problems))
-    with torch.no_grad():
-        for k, target in expected.items():
-            target.copy_(tensors[k].to(dtype=target.dtype, device=target.device))
