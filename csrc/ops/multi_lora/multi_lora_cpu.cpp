@@ -268,6 +268,28 @@ std::tuple<at::Tensor, at::Tensor> multi_lora_linear_cpu(const at::Tensor& x, co
   return {y.view(multi_lora::with_last(x.sizes(), s.out_features)), g.unrows(xa_s)};
 }
 
+// u = s·dy·B and the LoRA part of dx (u·A, added into dx or written over it) for one segment's rows,
+// through the register-blocked kernels: B [out, r] already has the [cols, rank] layout the shrink
+// reads (copied with zero padding when r is not a whole number of packs), and A [r, in] the
+// [rank, cols] layout the expand reads, so nothing is transposed.
+template <typename T>
+void backward_rank_rows(const T* dy, const T* B_k, const T* A_k, int64_t out, int64_t in, int64_t r,
+                        const int64_t* rows, int64_t len, T s, T* u, T* dx, bool accumulate) {
+  namespace mk = multi_lora_kernels;
+  const int64_t rp = mk::padded_rank<T>(r);
+  std::unique_ptr<T[]> padded;
+  if (rp != r) {
+    padded.reset(new T[out * rp]);
+    for (int64_t o = 0; o < out; ++o) {
+      std::copy_n(B_k + o * r, r, padded.get() + o * rp);
+      std::fill_n(padded.get() + o * rp + r, rp - r, T(0));
+    }
+    B_k = padded.get();
+  }
+  mk::shrink(dy, out, rows, len, B_k, out, u, r, s);
+  if (dx) mk::expand(u, r, rows, len, A_k, in, static_cast<const T*>(nullptr), T(1), dx, accumulate);
+}
+
 // output_mask: which of (dx, dW, db, dA, dB) to compute; the others come back as empty tensors.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_lora_linear_backward_cpu(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
@@ -290,8 +312,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_lor
   const std::vector<double> scale = host_scalings(scalings);
   const at::ScalarType acc = acc_scalar_type(x.scalar_type());
   const at::TensorOptions acc_options = x.options().dtype(acc);
-  const at::Tensor A = lora_A.to(acc), B = lora_B.to(acc);
-  const at::Tensor dys = g.rows(g2);
+  // float32/float64: u and dx's LoRA part go through the register-blocked kernels; 16-bit: the BLAS.
+  const bool fast = acc == x.scalar_type();
+  const at::Tensor A = lora_A.to(acc).contiguous(), B = lora_B.to(acc).contiguous();
+  const at::Tensor dys = fast ? g.rows(g2).contiguous() : g.rows(g2);
+  std::vector<int64_t> positions(fast ? s.n_rows : 0);  // row i of the (sorted) buffers is row i
+  for (int64_t i = 0; i < static_cast<int64_t>(positions.size()); ++i) positions[i] = i;
   const at::Tensor xas = need_dB ? g.rows(xa) : at::Tensor();
   const at::Tensor xds = need_dA ? g.rows(dropout_p > 0 ? dropout_copy(x2, dropout_p, *rng_state) : x2) : at::Tensor();
   at::Tensor dA_acc = need_dA ? at::zeros({s.num_adapters, s.rank, s.in_features}, acc_options) : at::Tensor();
@@ -313,6 +339,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_lor
     if (need_dB) dB_acc[k].addmm_(dy_rows.t(), xas.narrow(0, seg.begin, len), 1, scale[k]);
     if (!need_dx && !need_dA) return;
     at::Tensor u = u_s.narrow(0, seg.begin, len);
+    if (fast) {
+      at::Tensor dx_target = dx_in_place ? dx : dxl_s;
+      const auto run = [&](auto zero) {
+        using T = decltype(zero);
+        backward_rank_rows<T>(dys.const_data_ptr<T>(), B.const_data_ptr<T>() + k * s.out_features * s.rank,
+                              A.const_data_ptr<T>() + k * s.rank * s.in_features, s.out_features, s.in_features,
+                              s.rank, positions.data() + seg.begin, len, static_cast<T>(scale[k]),
+                              u_s.mutable_data_ptr<T>(), need_dx ? dx_target.mutable_data_ptr<T>() : nullptr,
+                              dx_in_place);
+      };
+      acc == at::kDouble ? run(0.0) : run(0.0f);
+      if (need_dA) dA_acc[k].addmm_(u.t(), xds.narrow(0, seg.begin, len));
+      return;
+    }
     at::addmm_out(u, u, dy_rows, B[k], 0, scale[k]);  // u = s·dy·B
     if (need_dA) dA_acc[k].addmm_(u.t(), xds.narrow(0, seg.begin, len).to(acc));
     if (dx_in_place) {

@@ -119,7 +119,7 @@ void pack_At(const T* A, int64_t rank, int64_t cols, T* At) {
 // accumulators stay in registers and each Aᵀ pack is loaded once per MR rows.
 template <typename T, int MR, int NV>
 inline void shrink_block(const T* x, int64_t ldx, const int64_t* rows, const T* At, int64_t rp, int64_t j0,
-                         int64_t cols, T* xa, int64_t rank) {
+                         int64_t cols, T* xa, int64_t rank, T scale) {
   using V = typename Pack<T>::type;
   constexpr int64_t W = Pack<T>::lanes;
   const T* xr[MR];
@@ -136,35 +136,37 @@ inline void shrink_block(const T* x, int64_t ldx, const int64_t* rows, const T* 
   const int64_t width = rank - j0 < NV * W ? rank - j0 : NV * W;  // the padding is not written
   for (int i = 0; i < MR; ++i) {
     T lanes[NV * W];
+    for (int v = 0; v < NV; ++v) acc[i][v] *= scale;
     std::memcpy(lanes, acc[i], sizeof lanes);
     std::memcpy(xa + rows[i] * rank + j0, lanes, width * sizeof(T));
   }
 }
 
-// xa[n, :] = x[n, :]·Aᵀ for the listed rows (At: pack_At's [cols, padded_rank(rank)]).
+// xa[n, :] = scale·x[n, :]·Aᵀ for the listed rows (At: pack_At's [cols, padded_rank(rank)]; any
+// [cols, padded_rank] matrix, such as an adapter's B [out, r] when r is a whole number of packs).
 template <typename T>
 void shrink(const T* x, int64_t ldx, const int64_t* rows, int64_t n_rows, const T* At, int64_t cols, T* xa,
-            int64_t rank) {
+            int64_t rank, T scale = T(1)) {
   constexpr int64_t W = Pack<T>::lanes;
   const int64_t rp = padded_rank<T>(rank);
   int64_t i = 0;
   for (; i + 8 <= n_rows; i += 8) {  // 8 accumulators: 8 rows × one pack, or 4 rows × two packs
     int64_t j = 0;
     for (; j + 2 * W <= rp; j += 2 * W) {
-      shrink_block<T, 4, 2>(x, ldx, rows + i, At, rp, j, cols, xa, rank);
-      shrink_block<T, 4, 2>(x, ldx, rows + i + 4, At, rp, j, cols, xa, rank);
+      shrink_block<T, 4, 2>(x, ldx, rows + i, At, rp, j, cols, xa, rank, scale);
+      shrink_block<T, 4, 2>(x, ldx, rows + i + 4, At, rp, j, cols, xa, rank, scale);
     }
-    if (j < rp) shrink_block<T, 8, 1>(x, ldx, rows + i, At, rp, j, cols, xa, rank);
+    if (j < rp) shrink_block<T, 8, 1>(x, ldx, rows + i, At, rp, j, cols, xa, rank, scale);
   }
   for (; i < n_rows; ++i) {
-    for (int64_t j = 0; j < rp; j += W) shrink_block<T, 1, 1>(x, ldx, rows + i, At, rp, j, cols, xa, rank);
+    for (int64_t j = 0; j < rp; j += W) shrink_block<T, 1, 1>(x, ldx, rows + i, At, rp, j, cols, xa, rank, scale);
   }
 }
 
-// y[rows[i], o0 + v·W ..] = b + s·Σ_j xa[rows[i], j]·Bt[j, ..] for MR rows and NV packs of outputs.
+// y[rows[i], o0 + v·W ..] = (y or b) + s·Σ_j xa[rows[i], j]·Bt[j, ..] for MR rows and NV packs of outputs.
 template <typename T, int MR, int NV>
 inline void expand_block(const T* xa, int64_t rank, const int64_t* rows, const T* Bt, int64_t out_cols, int64_t o0,
-                         const T* bias, T s, T* y) {
+                         const T* bias, T s, bool accumulate, T* y) {
   using V = typename Pack<T>::type;
   constexpr int64_t W = Pack<T>::lanes;
   V acc[MR][NV] = {};
@@ -178,34 +180,39 @@ inline void expand_block(const T* xa, int64_t rank, const int64_t* rows, const T
   }
   for (int v = 0; v < NV; ++v) {
     const V bb = bias ? load(bias + o0 + v * W) : V{};
-    for (int i = 0; i < MR; ++i) store(y + rows[i] * out_cols + o0 + v * W, bb + s * acc[i][v]);
+    for (int i = 0; i < MR; ++i) {
+      T* out = y + rows[i] * out_cols + o0 + v * W;
+      store(out, (accumulate ? load(out) : bb) + s * acc[i][v]);
+    }
   }
 }
 
 template <typename T, int MR>
 inline void expand_rows(const T* xa, int64_t rank, const int64_t* rows, const T* Bt, int64_t out_cols, const T* bias,
-                        T s, T* y) {
+                        T s, bool accumulate, T* y) {
   constexpr int64_t W = Pack<T>::lanes;
   int64_t o = 0;
-  for (; o + 2 * W <= out_cols; o += 2 * W) expand_block<T, MR, 2>(xa, rank, rows, Bt, out_cols, o, bias, s, y);
-  for (; o + W <= out_cols; o += W) expand_block<T, MR, 1>(xa, rank, rows, Bt, out_cols, o, bias, s, y);
+  for (; o + 2 * W <= out_cols; o += 2 * W) expand_block<T, MR, 2>(xa, rank, rows, Bt, out_cols, o, bias, s, accumulate, y);
+  for (; o + W <= out_cols; o += W) expand_block<T, MR, 1>(xa, rank, rows, Bt, out_cols, o, bias, s, accumulate, y);
   for (; o < out_cols; ++o) {
     for (int i = 0; i < MR; ++i) {
       T total = 0;
       for (int64_t j = 0; j < rank; ++j) total += xa[rows[i] * rank + j] * Bt[j * out_cols + o];
-      y[rows[i] * out_cols + o] = (bias ? bias[o] : T(0)) + s * total;
+      T& out = y[rows[i] * out_cols + o];
+      out = (accumulate ? out : bias ? bias[o] : T(0)) + s * total;
     }
   }
 }
 
-// y[n, :] = b + s·xa[n, :]·Bᵀ for the listed rows (Bt: [rank, out_cols]; bias may be null).
+// y[n, :] = (accumulate ? y[n, :] : b) + s·xa[n, :]·Bᵀ for the listed rows (Bt: [rank, out_cols], such
+// as a transposed B, or an adapter's A [r, in] as it is; bias may be null).
 template <typename T>
 void expand(const T* xa, int64_t rank, const int64_t* rows, int64_t n_rows, const T* Bt, int64_t out_cols,
-            const T* bias, T s, T* y) {
+            const T* bias, T s, T* y, bool accumulate = false) {
   // 8 rows × 2 packs: 16 accumulators, each Bᵀ pack loaded once per 8 rows.
   int64_t i = 0;
-  for (; i + 8 <= n_rows; i += 8) expand_rows<T, 8>(xa, rank, rows + i, Bt, out_cols, bias, s, y);
-  for (; i < n_rows; ++i) expand_rows<T, 1>(xa, rank, rows + i, Bt, out_cols, bias, s, y);
+  for (; i + 8 <= n_rows; i += 8) expand_rows<T, 8>(xa, rank, rows + i, Bt, out_cols, bias, s, accumulate, y);
+  for (; i < n_rows; ++i) expand_rows<T, 1>(xa, rank, rows + i, Bt, out_cols, bias, s, accumulate, y);
 }
 
 }  // namespace pyfastpeft::multi_lora_kernels
