@@ -1,12 +1,18 @@
 // CPU implementation of the multi-adapter LoRA linear (semantics in multi_lora.h).
 //
-// Tokens are grouped by adapter on the host (the CPU is the host: no synchronisation to avoid), then
-// every group runs the rank-r shrink and expand as BLAS products on contiguous row blocks:
+// Tokens are grouped by adapter on the host (the CPU is the host: no synchronisation to avoid).
+// float32/float64 forward: a stable counting sort lists each adapter's token rows, and the rank-r
+// shrink and expand run over those rows in register-blocked kernels (multi_lora_kernels_cpu.h) that
+// read x and write y in place, so neither runs nor scattered tokens are gathered, and no BLAS call or
+// tensor view is made per adapter. The frozen product x·Wᵀ is one BLAS call over all tokens,
+// accumulated into y after the expand.
+// The backward, and the 16-bit forward (whose rank-r path runs in float32), work on row blocks:
 //   - when tokens come in long runs of one adapter (one adapter per sequence, the usual case), each
-//     run is a block of x's rows as it is, so nothing is gathered or scattered;
+//     run is a block of rows as it is;
 //   - otherwise a stable counting sort gathers the rows into adapter order once and scatters the
 //     results back once.
-// The frozen product x·Wᵀ is one BLAS call over all tokens, accumulated into y after the expand.
+// The per-adapter weight gradients are BLAS products over each block; in float32/float64, u = s·dy·B
+// and dx's LoRA part go through the register-blocked kernels too.
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
 #include <ATen/core/Tensor.h>
@@ -160,7 +166,9 @@ SortedTokens sort_tokens_typed(const index_t* idx, int64_t n, int64_t num_adapte
 
 SortedTokens sort_tokens(const at::Tensor& adapter_indices, int64_t num_adapters) {
   const at::Tensor idx = adapter_indices.contiguous();
-  if (idx.scalar_type() == at::kInt) return sort_tokens_typed(idx.const_data_ptr<int32_t>(), idx.numel(), num_adapters);
+  if (idx.scalar_type() == at::kInt) {
+    return sort_tokens_typed(idx.const_data_ptr<int32_t>(), idx.numel(), num_adapters);
+  }
   return sort_tokens_typed(idx.const_data_ptr<int64_t>(), idx.numel(), num_adapters);
 }
 

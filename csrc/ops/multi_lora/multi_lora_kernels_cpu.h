@@ -192,7 +192,9 @@ inline void expand_rows(const T* xa, int64_t rank, const int64_t* rows, const T*
                         T s, bool accumulate, T* y) {
   constexpr int64_t W = Pack<T>::lanes;
   int64_t o = 0;
-  for (; o + 2 * W <= out_cols; o += 2 * W) expand_block<T, MR, 2>(xa, rank, rows, Bt, out_cols, o, bias, s, accumulate, y);
+  for (; o + 2 * W <= out_cols; o += 2 * W) {
+    expand_block<T, MR, 2>(xa, rank, rows, Bt, out_cols, o, bias, s, accumulate, y);
+  }
   for (; o + W <= out_cols; o += W) expand_block<T, MR, 1>(xa, rank, rows, Bt, out_cols, o, bias, s, accumulate, y);
   for (; o < out_cols; ++o) {
     for (int i = 0; i < MR; ++i) {
