@@ -81,6 +81,23 @@ def test_mixed_batch_equals_each_adapter_run_separately(device, dtype, layout, b
         assert err <= bound, f"{name}: error {err} > bound {bound}"
 
 
+@pytest.mark.parametrize("layout", ["random", "runs"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("r", [16, 21])
+def test_every_kernel_block_shape(device, dtype, layout, r):
+    """Sizes that reach every register block of the CPU forward kernels: 8-row blocks and single-row
+    tails, one and two packs of ranks with a padded last pack (r = 21), whole and partial packs of
+    outputs and a scalar tail (out = 83), inputs not a multiple of a pack (in = 70), and adapters
+    with more tokens than one 64-row block."""
+    case = make_case(n_rows=211, in_f=70, out_f=83, r=r, K=4, seed=3)
+    idx = make_indices(layout, 211, 4)
+    got = forward_backward(ours, case, idx, dtype, device)
+    ref64 = forward_backward(reference.multi_lora_linear, case, idx, torch.float64, "cpu")
+    tol = 1e-5 if dtype == torch.float32 else 1e-10
+    for g, r64 in zip(got, ref64, strict=True):
+        torch.testing.assert_close(g.double().cpu(), r64, rtol=tol, atol=tol)
+
+
 def test_adapter_without_tokens_gets_exact_zero_gradients(device):
     case = make_case()
     idx = make_indices("random", 37, 5)

@@ -1,12 +1,18 @@
 // CPU implementation of the multi-adapter LoRA linear (semantics in multi_lora.h).
 //
-// Tokens are grouped by adapter on the host (the CPU is the host: no synchronisation to avoid), then
-// every group runs the rank-r shrink and expand as BLAS products on contiguous row blocks:
+// Tokens are grouped by adapter on the host (the CPU is the host: no synchronisation to avoid).
+// float32/float64 forward: a stable counting sort lists each adapter's token rows, and the rank-r
+// shrink and expand run over those rows in register-blocked kernels (multi_lora_kernels_cpu.h) that
+// read x and write y in place, so neither runs nor scattered tokens are gathered, and no BLAS call or
+// tensor view is made per adapter. The frozen product x·Wᵀ is one BLAS call over all tokens,
+// accumulated into y after the expand.
+// The backward, and the 16-bit forward (whose rank-r path runs in float32), work on row blocks:
 //   - when tokens come in long runs of one adapter (one adapter per sequence, the usual case), each
-//     run is a block of x's rows as it is, so nothing is gathered or scattered;
+//     run is a block of rows as it is;
 //   - otherwise a stable counting sort gathers the rows into adapter order once and scatters the
 //     results back once.
-// The frozen product x·Wᵀ is one BLAS call over all tokens, accumulated into y after the expand.
+// The per-adapter weight gradients are BLAS products over each block; in float32/float64, u = s·dy·B
+// and dx's LoRA part go through the register-blocked kernels too.
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
 #include <ATen/core/Tensor.h>
@@ -17,7 +23,9 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
+#include <memory>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -25,6 +33,7 @@
 #include "../lora/lora.h"
 #include "multi_lora.h"
 #include "multi_lora_impl.h"
+#include "multi_lora_kernels_cpu.h"
 
 namespace pyfastpeft {
 namespace {
@@ -127,6 +136,90 @@ at::Tensor dropout_copy(const at::Tensor& t, double p, const at::Tensor& rng_sta
   return out;
 }
 
+// Tokens sorted by adapter (stable): order[start[b] .. start[b+1]) are the tokens of adapter b - 1
+// (bucket 0: no adapter). Token runs stay runs, so the kernels read x's rows in order.
+struct SortedTokens {
+  std::vector<int64_t> order, start;
+};
+
+template <typename index_t>
+SortedTokens sort_tokens_typed(const index_t* idx, int64_t n, int64_t num_adapters) {
+  SortedTokens sorted{std::vector<int64_t>(n), std::vector<int64_t>(num_adapters + 2, 0)};
+  std::vector<int64_t>& start = sorted.start;
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t k = idx[i];
+    TORCH_CHECK_VALUE(k >= -1 && k < num_adapters, "adapter_indices: index ", k, " at token ", i,
+                      " is out of range for ", num_adapters, " adapters (expected -1 for no adapter, or 0..",
+                      num_adapters - 1, ")");
+    ++start[k + 1];
+  }
+  int64_t total = 0;
+  for (int64_t b = 0; b <= num_adapters + 1; ++b) {
+    const int64_t count = b <= num_adapters ? start[b] : 0;
+    start[b] = total;
+    total += count;
+  }
+  std::vector<int64_t> cursor(start.begin(), start.end() - 1);
+  for (int64_t i = 0; i < n; ++i) sorted.order[cursor[idx[i] + 1]++] = i;
+  return sorted;
+}
+
+SortedTokens sort_tokens(const at::Tensor& adapter_indices, int64_t num_adapters) {
+  const at::Tensor idx = adapter_indices.contiguous();
+  if (idx.scalar_type() == at::kInt) {
+    return sort_tokens_typed(idx.const_data_ptr<int32_t>(), idx.numel(), num_adapters);
+  }
+  return sort_tokens_typed(idx.const_data_ptr<int64_t>(), idx.numel(), num_adapters);
+}
+
+// Forward for float32/float64 (the accumulation type is the input type): per adapter, its tokens'
+// rows go through the register-blocked shrink and expand (multi_lora_kernels_cpu.h), in blocks of
+// kRowBlock rows so that a block's xa is still in L1 for the expand; then y += x·Wᵀ in one BLAS call.
+//   xa[n] = drop(x)[n]·A[a(n)]ᵀ (0 for no adapter);  y[n] = b + s[a(n)]·xa[n]·B[a(n)]ᵀ + x[n]·Wᵀ
+template <typename T>
+void multi_lora_forward_rows(const at::Tensor& x2, const at::Tensor& xd, const at::Tensor& weight,
+                             const std::optional<at::Tensor>& bias, const at::Tensor& lora_A, const at::Tensor& lora_B,
+                             const std::vector<double>& scale, const SortedTokens& sorted, const Shapes& s,
+                             at::Tensor& xa, at::Tensor& y) {
+  namespace mk = multi_lora_kernels;
+  constexpr int64_t kRowBlock = 64;
+  const at::Tensor A = lora_A.contiguous(), B = lora_B.contiguous();
+  const std::optional<at::Tensor> b = bias ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt;
+  const T* x_data = xd.const_data_ptr<T>();
+  const T* A_data = A.const_data_ptr<T>();
+  const T* B_data = B.const_data_ptr<T>();
+  const T* b_data = b ? b->const_data_ptr<T>() : nullptr;
+  T* xa_data = xa.mutable_data_ptr<T>();
+  T* y_data = y.mutable_data_ptr<T>();
+  const int64_t in = s.in_features, out = s.out_features, r = s.rank;
+  // One task per bucket: an adapter's A and B are transposed once, and each token row has a single writer.
+  for_each_task(s.num_adapters + 1, [&](int64_t bucket) {
+    const int64_t begin = sorted.start[bucket], end = sorted.start[bucket + 1];
+    if (begin == end) return;
+    const int64_t* rows = sorted.order.data();
+    if (bucket == 0) {  // no adapter: xa = 0, y = b
+      for (int64_t i = begin; i < end; ++i) {
+        std::fill_n(xa_data + rows[i] * r, r, T(0));
+        T* y_row = y_data + rows[i] * out;
+        b_data ? std::copy_n(b_data, out, y_row) : std::fill_n(y_row, out, T(0));
+      }
+      return;
+    }
+    const int64_t k = bucket - 1;
+    // Left uninitialised: every element is written before it is read (zeroing them cost as much as
+    // packing them, with 32 adapters).
+    const std::unique_ptr<T[]> At(new T[in * mk::padded_rank<T>(r)]), Bt(new T[r * out]);
+    mk::pack_At(A_data + k * r * in, r, in, At.get());
+    mk::transpose(B_data + k * out * r, out, r, Bt.get(), out);
+    for (int64_t i = begin; i < end; i += kRowBlock) {
+      const int64_t len = std::min(kRowBlock, end - i);
+      mk::shrink(x_data, in, rows + i, len, At.get(), in, xa_data, r);
+      mk::expand(xa_data, r, rows + i, len, Bt.get(), out, b_data, static_cast<T>(scale[k]), y_data);
+    }
+  });
+  y.addmm_(x2, weight.t());
+}
+
 std::tuple<at::Tensor, at::Tensor> multi_lora_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
                                                          const std::optional<at::Tensor>& bias,
                                                          const at::Tensor& lora_A, const at::Tensor& lora_B,
@@ -136,11 +229,25 @@ std::tuple<at::Tensor, at::Tensor> multi_lora_linear_cpu(const at::Tensor& x, co
   const Shapes s = multi_lora::check_inputs(x, weight, bias, lora_A, lora_B, scalings, adapter_indices, dropout_p,
                                             rng_state);
   const at::Tensor x2 = x.reshape({-1, s.in_features});
-  const Grouping g = group_tokens(adapter_indices, s.num_adapters);
   const std::vector<double> scale = host_scalings(scalings);
   // The rank-r path runs in the accumulation type (float32 for 16-bit inputs): no-ops for float32/64.
   const at::ScalarType acc = acc_scalar_type(x.scalar_type());
   const bool low_precision = acc != x.scalar_type();
+  if (!low_precision) {
+    const SortedTokens sorted = sort_tokens(adapter_indices, s.num_adapters);
+    const at::Tensor xd = dropout_p > 0 ? dropout_copy(x2, dropout_p, *rng_state) : x2.contiguous();
+    at::Tensor xa = at::empty({s.n_rows, s.rank}, x.options());
+    at::Tensor y = at::empty({s.n_rows, s.out_features}, x.options());
+    if (acc == at::kDouble) {
+      multi_lora_forward_rows<double>(x2, xd, weight, bias, lora_A, lora_B, scale, sorted, s, xa, y);
+    } else {
+      multi_lora_forward_rows<float>(x2, xd, weight, bias, lora_A, lora_B, scale, sorted, s, xa, y);
+    }
+    return {y.view(multi_lora::with_last(x.sizes(), s.out_features)), xa};
+  }
+
+  // 16-bit inputs: the rank-r products run in float32 through the BLAS, segment by segment.
+  const Grouping g = group_tokens(adapter_indices, s.num_adapters);
   const at::Tensor A = lora_A.to(acc), B = lora_B.to(acc);
   const std::optional<at::Tensor> bias_acc = bias ? std::optional<at::Tensor>(bias->to(acc)) : std::nullopt;
   const at::Tensor xs = g.rows(dropout_p > 0 ? dropout_copy(x2, dropout_p, *rng_state) : x2);
@@ -161,16 +268,34 @@ std::tuple<at::Tensor, at::Tensor> multi_lora_linear_cpu(const at::Tensor& x, co
     const double s_k = scale[seg.adapter];
     at::mm_out(xa_rows, xs.narrow(0, seg.begin, len).to(acc), A[seg.adapter].t());
     // y = b + s·xa·Bᵀ first; the frozen product accumulates into all rows at once below.
-    const at::Tensor Bt = B[seg.adapter].t();
-    if (!low_precision) {
-      bias ? at::addmm_out(y_rows, *bias, xa_rows, Bt, 1, s_k) : at::addmm_out(y_rows, y_rows, xa_rows, Bt, 0, s_k);
-    } else {
-      y_rows.copy_(bias_acc ? at::addmm(*bias_acc, xa_rows, Bt, 1, s_k) : at::mm(xa_rows, Bt).mul_(s_k));
-    }
+    y_rows.copy_(bias_acc ? at::addmm(*bias_acc, xa_rows, B[seg.adapter].t(), 1, s_k)
+                          : at::mm(xa_rows, B[seg.adapter].t()).mul_(s_k));
   });
   at::Tensor y = g.unrows(y_s);
   y.addmm_(x2, weight.t());
   return {y.view(multi_lora::with_last(x.sizes(), s.out_features)), g.unrows(xa_s)};
+}
+
+// u = s·dy·B and the LoRA part of dx (u·A, added into dx or written over it) for one segment's rows,
+// through the register-blocked kernels: B [out, r] already has the [cols, rank] layout the shrink
+// reads (copied with zero padding when r is not a whole number of packs), and A [r, in] the
+// [rank, cols] layout the expand reads, so nothing is transposed.
+template <typename T>
+void backward_rank_rows(const T* dy, const T* B_k, const T* A_k, int64_t out, int64_t in, int64_t r,
+                        const int64_t* rows, int64_t len, T s, T* u, T* dx, bool accumulate) {
+  namespace mk = multi_lora_kernels;
+  const int64_t rp = mk::padded_rank<T>(r);
+  std::unique_ptr<T[]> padded;
+  if (rp != r) {
+    padded.reset(new T[out * rp]);
+    for (int64_t o = 0; o < out; ++o) {
+      std::copy_n(B_k + o * r, r, padded.get() + o * rp);
+      std::fill_n(padded.get() + o * rp + r, rp - r, T(0));
+    }
+    B_k = padded.get();
+  }
+  mk::shrink(dy, out, rows, len, B_k, out, u, r, s);
+  if (dx) mk::expand(u, r, rows, len, A_k, in, static_cast<const T*>(nullptr), T(1), dx, accumulate);
 }
 
 // output_mask: which of (dx, dW, db, dA, dB) to compute; the others come back as empty tensors.
@@ -195,8 +320,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_lor
   const std::vector<double> scale = host_scalings(scalings);
   const at::ScalarType acc = acc_scalar_type(x.scalar_type());
   const at::TensorOptions acc_options = x.options().dtype(acc);
-  const at::Tensor A = lora_A.to(acc), B = lora_B.to(acc);
-  const at::Tensor dys = g.rows(g2);
+  // float32/float64: u and dx's LoRA part go through the register-blocked kernels; 16-bit: the BLAS.
+  const bool fast = acc == x.scalar_type();
+  const at::Tensor A = lora_A.to(acc).contiguous(), B = lora_B.to(acc).contiguous();
+  const at::Tensor dys = fast ? g.rows(g2).contiguous() : g.rows(g2);
+  std::vector<int64_t> positions(fast ? s.n_rows : 0);  // row i of the (sorted) buffers is row i
+  for (int64_t i = 0; i < static_cast<int64_t>(positions.size()); ++i) positions[i] = i;
   const at::Tensor xas = need_dB ? g.rows(xa) : at::Tensor();
   const at::Tensor xds = need_dA ? g.rows(dropout_p > 0 ? dropout_copy(x2, dropout_p, *rng_state) : x2) : at::Tensor();
   at::Tensor dA_acc = need_dA ? at::zeros({s.num_adapters, s.rank, s.in_features}, acc_options) : at::Tensor();
@@ -218,6 +347,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_lor
     if (need_dB) dB_acc[k].addmm_(dy_rows.t(), xas.narrow(0, seg.begin, len), 1, scale[k]);
     if (!need_dx && !need_dA) return;
     at::Tensor u = u_s.narrow(0, seg.begin, len);
+    if (fast) {
+      at::Tensor dx_target = dx_in_place ? dx : dxl_s;
+      const auto run = [&](auto zero) {
+        using T = decltype(zero);
+        backward_rank_rows<T>(dys.const_data_ptr<T>(), B.const_data_ptr<T>() + k * s.out_features * s.rank,
+                              A.const_data_ptr<T>() + k * s.rank * s.in_features, s.out_features, s.in_features,
+                              s.rank, positions.data() + seg.begin, len, static_cast<T>(scale[k]),
+                              u_s.mutable_data_ptr<T>(), need_dx ? dx_target.mutable_data_ptr<T>() : nullptr,
+                              dx_in_place);
+      };
+      acc == at::kDouble ? run(0.0) : run(0.0f);
+      if (need_dA) dA_acc[k].addmm_(u.t(), xds.narrow(0, seg.begin, len));
+      return;
+    }
     at::addmm_out(u, u, dy_rows, B[k], 0, scale[k]);  // u = s·dy·B
     if (need_dA) dA_acc[k].addmm_(u.t(), xds.narrow(0, seg.begin, len).to(acc));
     if (dx_in_place) {
