@@ -160,4 +160,39 @@ void dropout_scale_range(int64_t e0, int64_t n, uint64_t seed, uint64_t offset, 
   }
 }
 
+// out[i] = in[i]·scale if flat element e0 + i of the stream (seed, offset) is kept, else 0, for i < n:
+// dropout_scale_range() and the product in one pass (float32 whole groups apply the compare masks to
+// the loaded input directly; the rest draws the keep values first).
+template <typename T, typename acc_t>
+void dropout_mul_range(int64_t e0, int64_t n, uint64_t seed, uint64_t offset, uint32_t threshold, acc_t scale,
+                       const T* in, acc_t* out) {
+  const auto generic = [&](int64_t a, int64_t len) {
+    dropout_scale_range(e0 + a, len, seed, offset, threshold, scale, out + a);
+    for (int64_t i = a; i < a + len; ++i) out[i] *= static_cast<acc_t>(in[i]);
+  };
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float> && std::is_same_v<acc_t, float>) {
+    const int64_t g_first = (e0 + kPhiloxGroup - 1) / kPhiloxGroup, g_end = (e0 + n) / kPhiloxGroup;
+    if (g_first < g_end) {
+      const int64_t head = g_first * kPhiloxGroup - e0, body_end = g_end * kPhiloxGroup - e0;
+      generic(0, head);
+      const __m512i thr = _mm512_set1_epi32(static_cast<int>(threshold));
+      const __m512 s = _mm512_set1_ps(scale);
+      for (int64_t group = g_first; group < g_end; ++group) {
+        __m512i w[4];
+        philox_group_avx512(static_cast<uint64_t>(group) * kBatch, offset, seed, w);
+        const int64_t i0 = group * kPhiloxGroup - e0;
+        for (int lane = 0; lane < 8; ++lane) {
+          const __m512 v = _mm512_loadu_ps(in + i0 + 16 * lane);
+          _mm512_storeu_ps(out + i0 + 16 * lane, _mm512_maskz_mul_ps(keep_mask16(w, lane, thr), v, s));
+        }
+      }
+      generic(body_end, n - body_end);
+      return;
+    }
+  }
+#endif
+  generic(0, n);
+}
+
 }  // namespace pyfastpeft::cpu

@@ -33,6 +33,11 @@ struct MaskStream {
         threshold(dropout_threshold(p)),
         scale(static_cast<acc_t>(scale_)) {}
   void row(int64_t e0, int64_t n, acc_t* keep) const { dropout_scale_range(e0, n, seed, offset, threshold, scale, keep); }
+  // out = in ⊙ mask·scale over the same elements
+  template <typename T>
+  void mul_row(int64_t e0, int64_t n, const T* in, acc_t* out) const {
+    cpu::dropout_mul_range(e0, n, seed, offset, threshold, scale, in, out);
+  }
 };
 
 // out0 = in0 ⊙ mask·scale (and out1 = in1 ⊙ mask·scale), split on whole Philox groups.
@@ -111,9 +116,7 @@ void lora_shrink_dropout_kernel(const LoraShrinkParams& p) {
     std::vector<acc_t> xd(kRowBlock * in), out(kRowBlock * rank);
     for (int64_t n0 = row_begin; n0 < row_end; n0 += kRowBlock) {
       const int64_t rows = std::min<int64_t>(kRowBlock, row_end - n0);
-      mask.row(n0 * in, rows * in, xd.data());
-      const T* xb = x + n0 * in;
-      for (int64_t i = 0; i < rows * in; ++i) xd[i] *= static_cast<acc_t>(xb[i]);
+      mask.mul_row(n0 * in, rows * in, x + n0 * in, xd.data());
       at::Tensor out_t = wrap(out.data(), {rows, rank});
       at::mm_out(out_t, wrap(xd.data(), {rows, in}), A_t);
       for (int64_t i = 0; i < rows * rank; ++i) xa[n0 * rank + i] = static_cast<T>(out[i]);
