@@ -201,6 +201,16 @@ class TestDropout:
             ours = pyfastpeft.ops.philox_dropout(ones, p, seed=seed).cpu() != 0
             assert torch.equal(ours, reference.philox_keep_mask(numel, p, seed)), (p, seed)
 
+    @pytest.mark.parametrize("offset", [1, 2**32 + 5, 2**62 + 2**31 + 3])
+    def test_mask_matches_the_philox_spec_at_any_offset(self, device, offset):
+        """Both 32-bit halves of the offset and of the seed reach the counter and the key (the
+        vectorised CPU generator splits them itself)."""
+        ones = torch.ones(3 * 128 + 17, device=device)
+        seed = 2**63 - 12345
+        state = torch.tensor([seed, offset], dtype=torch.int64, device=device)
+        ours = torch.ops.pyfastpeft.philox_dropout(ones, 0.3, state).cpu() != 0
+        assert torch.equal(ours, reference.philox_keep_mask(ones.numel(), 0.3, seed, offset))
+
     def test_mask_depends_only_on_element_index(self):
         """The mask of element i is a function of (seed, offset, i): a prefix of a longer tensor
         gets the prefix of its mask (what makes CPU and CUDA agree, and backward reproduce forward)."""
