@@ -3,6 +3,7 @@
 #pragma once
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #include "pyfastpeft/philox.h"
@@ -194,5 +195,47 @@ void dropout_mul_range(int64_t e0, int64_t n, uint64_t seed, uint64_t offset, ui
 #endif
   generic(0, n);
 }
+
+#if defined(__AVX512F__)
+// The mask as bits, for kernels that apply it twice (the dropout backward): one bit per element of
+// every whole group that meets [e0, e0 + n), element e at bit e - first_bit(e0); the two words after
+// the last group are padding for the 32-bit reads of keep_bits_at().
+inline int64_t keep_bits_first(int64_t e0) { return e0 / kPhiloxGroup * kPhiloxGroup; }
+inline int64_t keep_bits_words(int64_t e0, int64_t n) {
+  return ((e0 + n - 1) / kPhiloxGroup - e0 / kPhiloxGroup + 1) * 8 + 2;
+}
+inline void dropout_keep_bits(int64_t e0, int64_t n, uint64_t seed, uint64_t offset, uint32_t threshold,
+                              uint16_t* bits) {
+  const int64_t g0 = e0 / kPhiloxGroup, g1 = (e0 + n - 1) / kPhiloxGroup;
+  const __m512i thr = _mm512_set1_epi32(static_cast<int>(threshold));
+  for (int64_t g = g0; g <= g1; ++g) {
+    __m512i w[4];
+    philox_group_avx512(static_cast<uint64_t>(g) * kBatch, offset, seed, w);
+    for (int lane = 0; lane < 8; ++lane) bits[(g - g0) * 8 + lane] = keep_mask16(w, lane, thr);
+  }
+  bits[(g1 - g0 + 1) * 8] = bits[(g1 - g0 + 1) * 8 + 1] = 0;
+}
+
+// The 16 bits from bit `bit` on (a word's bits are its elements in order: x86 is little-endian).
+inline __mmask16 keep_bits_at(const uint16_t* bits, int64_t bit) {
+  uint32_t v;
+  std::memcpy(&v, reinterpret_cast<const unsigned char*>(bits) + (bit >> 3), sizeof(v));
+  return static_cast<__mmask16>(v >> (bit & 7));
+}
+
+// out[i] = in[i]·scale where bit bit0 + i is set, else 0, for i < n.
+inline void apply_keep_bits(const uint16_t* bits, int64_t bit0, int64_t n, float scale, const float* in, float* out) {
+  const __m512 s = _mm512_set1_ps(scale);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    _mm512_storeu_ps(out + i, _mm512_maskz_mul_ps(keep_bits_at(bits, bit0 + i), _mm512_loadu_ps(in + i), s));
+  }
+  if (i < n) {
+    const __mmask16 tail = static_cast<__mmask16>((1u << (n - i)) - 1);
+    const __m512 v = _mm512_maskz_loadu_ps(tail, in + i);
+    _mm512_mask_storeu_ps(out + i, tail, _mm512_maskz_mul_ps(keep_bits_at(bits, bit0 + i), v, s));
+  }
+}
+#endif
 
 }  // namespace pyfastpeft::cpu

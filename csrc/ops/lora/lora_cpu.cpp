@@ -38,6 +38,13 @@ struct MaskStream {
   void mul_row(int64_t e0, int64_t n, const T* in, acc_t* out) const {
     cpu::dropout_mul_range(e0, n, seed, offset, threshold, scale, in, out);
   }
+#if defined(__AVX512F__)
+  // the mask of [e0, e0 + n) as bits (see cpu::dropout_keep_bits); `bits` is resized to fit
+  void bits(int64_t e0, int64_t n, std::vector<uint16_t>& out) const {
+    out.resize(cpu::keep_bits_words(e0, n));
+    cpu::dropout_keep_bits(e0, n, seed, offset, threshold, out.data());
+  }
+#endif
 };
 
 // out0 = in0 ⊙ mask·scale (and out1 = in1 ⊙ mask·scale), split on whole Philox groups.
@@ -124,6 +131,14 @@ void lora_shrink_dropout_kernel(const LoraShrinkParams& p) {
   });
 }
 
+// Whether the dropout backward keeps a block's mask as bits (AVX-512, float32) or as float keep values.
+template <typename T>
+#if defined(__AVX512F__)
+constexpr bool kMaskBits = std::is_same_v<T, float>;
+#else
+constexpr bool kMaskBits = false;
+#endif
+
 // With u = s·dy·B [N, r]:
 //   dx_lora = mask·scale ⊙ (u·A)        (written to dx, which dy·W is then added to)
 //   dA      = uᵀ·(mask·scale ⊙ x)
@@ -142,7 +157,9 @@ void lora_dropout_backward_kernel(const LoraDropoutBackwardParams& p) {
   const int64_t n_parts = num_parts(n_rows);
   std::vector<std::vector<acc_t>> partial(p.dA != nullptr ? n_parts : 0);
   for_each_part(n_rows, n_parts, [&](int64_t part, int64_t row_begin, int64_t row_end) {
-    std::vector<acc_t> keep(kRowBlock * in), buf(kRowBlock * in), ub(kRowBlock * rank);
+    std::vector<acc_t> keep, buf(kRowBlock * in), ub(kRowBlock * rank);
+    std::vector<uint16_t> bits;
+    if (!kMaskBits<T>) keep.resize(kRowBlock * in);
     at::Tensor dA_part;
     if (p.dA != nullptr) {
       partial[part].assign(rank * in, acc_t(0));
@@ -150,18 +167,34 @@ void lora_dropout_backward_kernel(const LoraDropoutBackwardParams& p) {
     }
     for (int64_t n0 = row_begin; n0 < row_end; n0 += kRowBlock) {
       const int64_t rows = std::min<int64_t>(kRowBlock, row_end - n0);
-      mask.row(n0 * in, rows * in, keep.data());
+      const T* xb = x + n0 * in;
+      T* dxb = dx != nullptr ? dx + n0 * in : nullptr;
       for (int64_t i = 0; i < rows * rank; ++i) ub[i] = static_cast<acc_t>(u[n0 * rank + i]);
       const at::Tensor u_blk = wrap(ub.data(), {rows, rank});
       const at::Tensor buf_blk = wrap(buf.data(), {rows, in});
+#if defined(__AVX512F__)
+      if constexpr (kMaskBits<T>) {
+        // float32: the mask kept as bits (1/32 of the float mask's bytes) and applied with compare masks
+        const int64_t bit0 = n0 * in - cpu::keep_bits_first(n0 * in);
+        mask.bits(n0 * in, rows * in, bits);
+        if (p.dA != nullptr) {
+          cpu::apply_keep_bits(bits.data(), bit0, rows * in, mask.scale, xb, buf.data());
+          dA_part.addmm_(u_blk.t(), buf_blk);
+        }
+        if (dx != nullptr) {
+          at::mm_out(const_cast<at::Tensor&>(buf_blk), u_blk, A);
+          cpu::apply_keep_bits(bits.data(), bit0, rows * in, mask.scale, buf.data(), dxb);
+        }
+        continue;
+      }
+#endif
+      mask.row(n0 * in, rows * in, keep.data());
       if (p.dA != nullptr) {
-        const T* xb = x + n0 * in;
         for (int64_t i = 0; i < rows * in; ++i) buf[i] = static_cast<acc_t>(xb[i]) * keep[i];
         dA_part.addmm_(u_blk.t(), buf_blk);
       }
       if (dx != nullptr) {
         at::mm_out(const_cast<at::Tensor&>(buf_blk), u_blk, A);
-        T* dxb = dx + n0 * in;
         for (int64_t i = 0; i < rows * in; ++i) dxb[i] = static_cast<T>(buf[i] * keep[i]);
       }
     }
