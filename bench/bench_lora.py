@@ -1,7 +1,7 @@
 """Fused LoRA linear: forward+backward time and saved activations against the frozen base linear,
 the eager composition PEFT uses, and Hugging Face PEFT's own LoRA layer (when installed).
 
-    python bench/bench_lora.py [--device cpu|cuda] [--dtype float32|bfloat16] [--quick]
+    python bench/bench_lora.py [--device cpu|cuda] [--dtype float32|bfloat16] [--quick] [--threads 1 --cpu-time]
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -45,7 +46,7 @@ def hf_peft_layer(base: nn.Linear, r: int, alpha: float, p: float):
     return model
 
 
-def bench(device: str, dtype: torch.dtype, n: int, d_in: int, d_out: int, r: int, p: float, rounds: int):
+def bench(device: str, dtype: torch.dtype, n: int, d_in: int, d_out: int, r: int, p: float, rounds: int, clock):
     torch.manual_seed(0)
     base = nn.Linear(d_in, d_out, device=device, dtype=dtype)
     base.requires_grad_(False)
@@ -71,7 +72,7 @@ def bench(device: str, dtype: torch.dtype, n: int, d_in: int, d_out: int, r: int
 
         return run
 
-    times = time_interleaved({k: step(v) for k, v in layers.items()}, device=device, rounds=rounds)
+    times = time_interleaved({k: step(v) for k, v in layers.items()}, device=device, rounds=rounds, clock=clock)
     params = tuple(prm for layer in layers.values() for prm in layer.parameters())
     saved = {
         name: saved_activation_bytes(lambda layer=layer: layer(x), exclude=params) for name, layer in layers.items()
@@ -97,7 +98,16 @@ def main() -> None:
     ap.add_argument("--dtype", default=None, help="default: float32 on cpu, bfloat16 on cuda")
     ap.add_argument("--quick", action="store_true", help="small sizes, few rounds (smoke test)")
     ap.add_argument("--rounds", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    ap.add_argument(
+        "--cpu-time",
+        action="store_true",
+        help="time with this process's CPU time (use with --threads 1 on a shared machine)",
+    )
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    clock = time.process_time if args.cpu_time else time.perf_counter
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
     if args.quick:
         n, d, rounds = 256, 256, 5
@@ -109,16 +119,27 @@ def main() -> None:
     r = 16
     rows = []
     for p in (0.0, 0.1):
-        rows += bench(args.device, dtype, n, d, d, r, p, rounds)
-    print(f"LoRA linear forward+backward, {args.device} {dtype}, N={n}, in=out={d}, r={r}, median of {rounds} rounds")
+        rows += bench(args.device, dtype, n, d, d, r, p, rounds, clock)
+    print(
+        f"LoRA linear forward+backward, {args.device} {dtype}, N={n}, in=out={d}, r={r}, median of {rounds} rounds, "
+        f"{torch.get_num_threads()} threads, {'process CPU' if args.cpu_time else 'wall'} time"
+    )
     print_table(rows, ["layer", "dropout", "ms", "x_base", "saved_MiB", "saved_within_base+x+N*r"])
     if not args.quick:
-        name = f"lora_{args.device}_{str(dtype).split('.')[-1]}"
+        name = f"lora_{args.device}_{str(dtype).split('.')[-1]}" + ("_t1_cpu_time" if args.cpu_time else "")
         path = write_results(
             name,
             rows,
             "python bench/bench_lora.py " + " ".join(sys.argv[1:]),
-            {"N": n, "in": d, "out": d, "r": r, "dtype": str(dtype)},
+            {
+                "N": n,
+                "in": d,
+                "out": d,
+                "r": r,
+                "dtype": str(dtype),
+                "threads": torch.get_num_threads(),
+                "clock": "process_time" if args.cpu_time else "perf_counter",
+            },
         )
         print(f"wrote {path}")
 

@@ -60,9 +60,14 @@ def check_against_reference(inputs, scaling, dtype, mask=None, p=0.0, seed=None,
         lambda **kw: reference.lora_linear(**kw, scaling=scaling, dropout_mask=cpu_mask64, dropout_p=p),
         clone_as(inputs, torch.float64),
     )
-    lowp_mask = None if mask is None else mask.to(dtype)
+    lowp_mask, lowp_p = (None if mask is None else mask.to(dtype)), p
+    if mask is not None and dtype in (torch.float32, torch.float64):
+        # the op multiplies by 1/(1-p) rounded to the dtype it computes in: so does the plain version whose
+        # error sets the bound (dividing by 1-p instead is another valid rounding, one ulp off per term,
+        # which a cancelling sum of a few terms turns into more than the bound's floor)
+        lowp_mask, lowp_p = mask.to(dtype) * (1.0 / (1.0 - p)), 0.0
     lowp = run(
-        lambda **kw: reference.lora_linear(**kw, scaling=scaling, dropout_mask=lowp_mask, dropout_p=p),
+        lambda **kw: reference.lora_linear(**kw, scaling=scaling, dropout_mask=lowp_mask, dropout_p=lowp_p),
         clone_as(inputs, dtype, inputs["x"].device),
     )
     names = ["y"] + [k for k, v in inputs.items() if v is not None and v.requires_grad]
@@ -87,8 +92,7 @@ def test_non_contiguous_input(device, dtype):
     check_against_reference(inputs, scaling=0.5, dtype=dtype)
 
 
-# p ≤ 0.25 in float32/float64 takes the CPU's sparse-correction path, larger p the row-block kernels;
-# (600, 70) spans several row blocks and several dA parts.
+# (600, 70) spans several row blocks (which start inside a Philox group) and several dA parts.
 @pytest.mark.parametrize("p, lead, in_f", [(0.3, (4, 7), 33), (0.05, (4, 7), 33), (0.2, (600,), 70)])
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 def test_dropout_equals_reference_with_the_same_mask(device, dtype, p, lead, in_f):
@@ -200,6 +204,16 @@ class TestDropout:
         for p, seed in ((0.1, 0), (0.5, 2**40 + 7), (0.93, 123456789)):
             ours = pyfastpeft.ops.philox_dropout(ones, p, seed=seed).cpu() != 0
             assert torch.equal(ours, reference.philox_keep_mask(numel, p, seed)), (p, seed)
+
+    @pytest.mark.parametrize("offset", [1, 2**32 + 5, 2**62 + 2**31 + 3])
+    def test_mask_matches_the_philox_spec_at_any_offset(self, device, offset):
+        """Both 32-bit halves of the offset and of the seed reach the counter and the key (the
+        vectorised CPU generator splits them itself)."""
+        ones = torch.ones(3 * 128 + 17, device=device)
+        seed = 2**63 - 12345
+        state = torch.tensor([seed, offset], dtype=torch.int64, device=device)
+        ours = torch.ops.pyfastpeft.philox_dropout(ones, 0.3, state).cpu() != 0
+        assert torch.equal(ours, reference.philox_keep_mask(ones.numel(), 0.3, seed, offset))
 
     def test_mask_depends_only_on_element_index(self):
         """The mask of element i is a function of (seed, offset, i): a prefix of a longer tensor

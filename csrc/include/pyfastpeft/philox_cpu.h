@@ -3,6 +3,8 @@
 #pragma once
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 
 #include "pyfastpeft/philox.h"
 
@@ -14,10 +16,59 @@ namespace pyfastpeft::cpu {
 
 // Philox for kBatch consecutive 8-element blocks at once, producing the same words as
 // philox4x32_10() in philox.h (which the CUDA kernels use). The compiler does not vectorise the
-// 32×32→64-bit multiplies on its own, so on AVX2 the rounds run 8 blocks per instruction.
+// 32×32→64-bit multiplies on its own: with AVX-512 the rounds run 8 blocks per instruction in 64-bit
+// lanes, with AVX2 8 blocks per instruction in 32-bit lanes.
 constexpr int kBatch = 16;
 
-#if defined(__AVX2__)
+#if defined(__AVX512F__)
+// 16 blocks as two halves of 8 in 64-bit lanes: each lane holds one block's 32-bit word in its low half
+// and don't-care bits in its high half (_mm512_mul_epu32 reads only the low halves, and only low
+// halves are ever kept), so a round needs no blends: per half, 2 multiplies, 2 shifts, 2 three-way xors.
+inline void philox_group_avx512(uint64_t first_block, uint64_t offset, uint64_t seed, __m512i (&words)[4]) {
+  const __m512i m0 = _mm512_set1_epi64(0xD2511F53u), m1 = _mm512_set1_epi64(0xCD9E8D57u);
+  const __m512i lane = _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0);
+  __m512i c0[2], c1[2], c2[2], c3[2];
+  for (int h = 0; h < 2; ++h) {
+    const __m512i block = _mm512_add_epi64(_mm512_set1_epi64(static_cast<int64_t>(first_block + 8 * h)), lane);
+    c0[h] = block;
+    c1[h] = _mm512_srli_epi64(block, 32);
+    c2[h] = _mm512_set1_epi64(static_cast<int64_t>(offset & 0xFFFFFFFFu));
+    c3[h] = _mm512_set1_epi64(static_cast<int64_t>(offset >> 32));
+  }
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  for (int round = 0; round < 10; ++round) {
+    const __m512i key0 = _mm512_set1_epi64(k0), key1 = _mm512_set1_epi64(k1);
+    for (int h = 0; h < 2; ++h) {  // two independent halves in flight hide the multiply latency
+      const __m512i p0 = _mm512_mul_epu32(c0[h], m0), p1 = _mm512_mul_epu32(c2[h], m1);
+      c0[h] = _mm512_ternarylogic_epi64(_mm512_srli_epi64(p1, 32), c1[h], key0, 0x96);  // a ^ b ^ c
+      c1[h] = p1;
+      c2[h] = _mm512_ternarylogic_epi64(_mm512_srli_epi64(p0, 32), c3[h], key1, 0x96);
+      c3[h] = p0;
+    }
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  // the low dwords of both halves, in block order: dword 2j of (half 0, half 1) for j = 0..15
+  const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+  words[0] = _mm512_permutex2var_epi32(c0[0], even, c0[1]);
+  words[1] = _mm512_permutex2var_epi32(c1[0], even, c1[1]);
+  words[2] = _mm512_permutex2var_epi32(c2[0], even, c2[1]);
+  words[3] = _mm512_permutex2var_epi32(c3[0], even, c3[1]);
+}
+
+inline void philox_batch(uint64_t first_block, uint64_t offset, uint64_t seed, uint32_t (&w)[4][kBatch]) {
+  __m512i words[4];
+  philox_group_avx512(first_block, offset, seed, words);
+  for (int i = 0; i < 4; ++i) _mm512_storeu_si512(w[i], words[i]);
+}
+
+// The 16 keep decisions of lane `lane` of a group (elements 16·lane .. 16·lane + 15), as a bit mask.
+inline __mmask16 keep_mask16(const __m512i (&words)[4], int lane, __m512i threshold) {
+  const __m512i w = words[lane >> 1];
+  const __m512i u16 = (lane & 1) ? _mm512_srli_epi32(w, 16) : _mm512_and_si512(w, _mm512_set1_epi32(0xFFFF));
+  return _mm512_cmpge_epu32_mask(u16, threshold);
+}
+#elif defined(__AVX2__)
 // Full 32×32→64 products of 8 lanes, split into low and high 32-bit halves.
 inline void mul_hi_lo(__m256i a, __m256i m, __m256i& hi, __m256i& lo) {
   const __m256i even = _mm256_mul_epu32(a, m);                         // lanes 0, 2, 4, 6
@@ -79,6 +130,19 @@ void dropout_scale_range(int64_t e0, int64_t n, uint64_t seed, uint64_t offset, 
   acc_t group_keep[kPhiloxGroup];
   const int64_t first = e0 / kPhiloxGroup, last = (e0 + n - 1) / kPhiloxGroup;
   for (int64_t group = first; group <= last; ++group) {
+#if defined(__AVX512F__)
+    if constexpr (std::is_same_v<acc_t, float>) {
+      if (group * kPhiloxGroup >= e0 && (group + 1) * kPhiloxGroup <= e0 + n) {  // a whole group
+        __m512i w[4];
+        philox_group_avx512(static_cast<uint64_t>(group) * kBatch, offset, seed, w);
+        const __m512i thr = _mm512_set1_epi32(static_cast<int>(threshold));
+        const __m512 s = _mm512_set1_ps(scale);
+        float* out = keep + (group * kPhiloxGroup - e0);
+        for (int lane = 0; lane < 8; ++lane) _mm512_storeu_ps(out + 16 * lane, _mm512_maskz_mov_ps(keep_mask16(w, lane, thr), s));
+        continue;
+      }
+    }
+#endif
     philox_batch(static_cast<uint64_t>(group) * kBatch, offset, seed, words);
     const int64_t g0 = group * kPhiloxGroup;
     const int64_t lo = std::max<int64_t>(g0, e0), hi = std::min<int64_t>(g0 + kPhiloxGroup, e0 + n);
@@ -96,5 +160,82 @@ void dropout_scale_range(int64_t e0, int64_t n, uint64_t seed, uint64_t offset, 
     }
   }
 }
+
+// out[i] = in[i]·scale if flat element e0 + i of the stream (seed, offset) is kept, else 0, for i < n:
+// dropout_scale_range() and the product in one pass (float32 whole groups apply the compare masks to
+// the loaded input directly; the rest draws the keep values first).
+template <typename T, typename acc_t>
+void dropout_mul_range(int64_t e0, int64_t n, uint64_t seed, uint64_t offset, uint32_t threshold, acc_t scale,
+                       const T* in, acc_t* out) {
+  const auto generic = [&](int64_t a, int64_t len) {
+    dropout_scale_range(e0 + a, len, seed, offset, threshold, scale, out + a);
+    for (int64_t i = a; i < a + len; ++i) out[i] *= static_cast<acc_t>(in[i]);
+  };
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float> && std::is_same_v<acc_t, float>) {
+    const int64_t g_first = (e0 + kPhiloxGroup - 1) / kPhiloxGroup, g_end = (e0 + n) / kPhiloxGroup;
+    if (g_first < g_end) {
+      const int64_t head = g_first * kPhiloxGroup - e0, body_end = g_end * kPhiloxGroup - e0;
+      generic(0, head);
+      const __m512i thr = _mm512_set1_epi32(static_cast<int>(threshold));
+      const __m512 s = _mm512_set1_ps(scale);
+      for (int64_t group = g_first; group < g_end; ++group) {
+        __m512i w[4];
+        philox_group_avx512(static_cast<uint64_t>(group) * kBatch, offset, seed, w);
+        const int64_t i0 = group * kPhiloxGroup - e0;
+        for (int lane = 0; lane < 8; ++lane) {
+          const __m512 v = _mm512_loadu_ps(in + i0 + 16 * lane);
+          _mm512_storeu_ps(out + i0 + 16 * lane, _mm512_maskz_mul_ps(keep_mask16(w, lane, thr), v, s));
+        }
+      }
+      generic(body_end, n - body_end);
+      return;
+    }
+  }
+#endif
+  generic(0, n);
+}
+
+#if defined(__AVX512F__)
+// The mask as bits, for kernels that apply it twice (the dropout backward): one bit per element of
+// every whole group that meets [e0, e0 + n), element e at bit e - first_bit(e0); the two words after
+// the last group are padding for the 32-bit reads of keep_bits_at().
+inline int64_t keep_bits_first(int64_t e0) { return e0 / kPhiloxGroup * kPhiloxGroup; }
+inline int64_t keep_bits_words(int64_t e0, int64_t n) {
+  return ((e0 + n - 1) / kPhiloxGroup - e0 / kPhiloxGroup + 1) * 8 + 2;
+}
+inline void dropout_keep_bits(int64_t e0, int64_t n, uint64_t seed, uint64_t offset, uint32_t threshold,
+                              uint16_t* bits) {
+  const int64_t g0 = e0 / kPhiloxGroup, g1 = (e0 + n - 1) / kPhiloxGroup;
+  const __m512i thr = _mm512_set1_epi32(static_cast<int>(threshold));
+  for (int64_t g = g0; g <= g1; ++g) {
+    __m512i w[4];
+    philox_group_avx512(static_cast<uint64_t>(g) * kBatch, offset, seed, w);
+    for (int lane = 0; lane < 8; ++lane) bits[(g - g0) * 8 + lane] = keep_mask16(w, lane, thr);
+  }
+  bits[(g1 - g0 + 1) * 8] = bits[(g1 - g0 + 1) * 8 + 1] = 0;
+}
+
+// The 16 bits from bit `bit` on (a word's bits are its elements in order: x86 is little-endian).
+inline __mmask16 keep_bits_at(const uint16_t* bits, int64_t bit) {
+  uint32_t v;
+  std::memcpy(&v, reinterpret_cast<const unsigned char*>(bits) + (bit >> 3), sizeof(v));
+  return static_cast<__mmask16>(v >> (bit & 7));
+}
+
+// out[i] = in[i]·scale where bit bit0 + i is set, else 0, for i < n.
+inline void apply_keep_bits(const uint16_t* bits, int64_t bit0, int64_t n, float scale, const float* in, float* out) {
+  const __m512 s = _mm512_set1_ps(scale);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    _mm512_storeu_ps(out + i, _mm512_maskz_mul_ps(keep_bits_at(bits, bit0 + i), _mm512_loadu_ps(in + i), s));
+  }
+  if (i < n) {
+    const __mmask16 tail = static_cast<__mmask16>((1u << (n - i)) - 1);
+    const __m512 v = _mm512_maskz_loadu_ps(tail, in + i);
+    _mm512_mask_storeu_ps(out + i, tail, _mm512_maskz_mul_ps(keep_bits_at(bits, bit0 + i), v, s));
+  }
+}
+#endif
 
 }  // namespace pyfastpeft::cpu
