@@ -51,9 +51,10 @@ def make_step(method: str, argv: list[str], device: torch.device):
     batch = batch_to(base.source.batch(args.batch_size, torch.Generator().manual_seed(0)), device)
     count = int((batch.labels[:, 1:] != -100).sum())
     adapted.train()
+    model = base.model  # what the command's training loop calls (prompt methods route it through their tokens)
 
     def loss():
-        return token_loss(adapted, batch, count, 1, parts.summed_loss)[0]
+        return token_loss(model, batch, count, 1, parts.summed_loss)[0]
 
     def step():
         value = loss()
