@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-BASE_ADAPTER = "__base__"
+from ..nn.multi_lora_linear import BASE_ADAPTER  # the one name for "no adapter"
 
 
 class BaseModelHolder(nn.Module):
@@ -49,7 +49,43 @@ class BaseModelHolder(nn.Module):
         return self.model(*args, **kwargs)
 
 
-class TunerModel(nn.Module):
+class PeftModelMixin:
+    """What every PEFT model class shares (LoRA's PeftModel and TunerModel): the user's model as
+    ``base_model.model``, attribute passthrough to it, named-adapter bookkeeping checks."""
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("base_model", "_modules", "_parameters", "_buffers"):
+                raise
+            return getattr(self.base_model.model, name)
+
+    def get_base_model(self) -> nn.Module:
+        return self.base_model.model
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return [] if self.active_adapter is None else [self.active_adapter]
+
+    @property
+    def active_peft_config(self) -> Any:
+        return self.peft_config[self.active_adapter]
+
+    def _check_new_name(self, adapter_name: str) -> None:
+        if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name or "/" in adapter_name:
+            raise ValueError(f"adapter_name: expected a non-empty name without '.' or '/', got {adapter_name!r}")
+        if adapter_name == BASE_ADAPTER:
+            raise ValueError(f"adapter_name: {BASE_ADAPTER!r} is reserved for 'no adapter'")
+        if adapter_name in self.peft_config:
+            raise ValueError(f"adapter_name: an adapter named {adapter_name!r} already exists")
+
+    def _check_name(self, adapter_name: str) -> None:
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"adapter_name: no adapter named {adapter_name!r}; adapters: {list(self.peft_config)}")
+
+
+class TunerModel(PeftModelMixin, nn.Module):
     """``model`` with every base parameter frozen and named adapters of one method added. Calls pass
     through to the model; attributes the wrapper lacks are the model's."""
 
@@ -105,38 +141,13 @@ class TunerModel(nn.Module):
             self._remove(n)
         return self.base_model.model
 
-    # ---- attribute passthrough --------------------------------------------------------------------
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name in ("base_model", "_modules", "_parameters", "_buffers"):
-                raise
-            return getattr(self.base_model.model, name)
-
-    def get_base_model(self) -> nn.Module:
-        return self.base_model.model
-
-    @property
-    def active_adapters(self) -> list[str]:
-        return [] if self.active_adapter is None else [self.active_adapter]
-
-    @property
-    def active_peft_config(self) -> Any:
-        return self.peft_config[self.active_adapter]
-
     def forward(self, *args, **kwargs):
         return self.base_model.model(*args, **kwargs)
 
     # ---- adapters ---------------------------------------------------------------------------------
     def add_adapter(self, adapter_name: str, config: Any) -> None:
         """Add adapter ``adapter_name`` (inactive unless it is the first) configured by ``config``."""
-        if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name or "/" in adapter_name:
-            raise ValueError(f"adapter_name: expected a non-empty name without '.' or '/', got {adapter_name!r}")
-        if adapter_name == BASE_ADAPTER:
-            raise ValueError(f"adapter_name: {BASE_ADAPTER!r} is reserved for 'no adapter'")
-        if adapter_name in self.peft_config:
-            raise ValueError(f"adapter_name: an adapter named {adapter_name!r} already exists")
+        self._check_new_name(adapter_name)
         if self.peft_config:
             kind = type(next(iter(self.peft_config.values())))
             if type(config) is not kind:
@@ -164,10 +175,6 @@ class TunerModel(nn.Module):
         if self.active_adapter == adapter_name:
             self.active_adapter = next(iter(self.peft_config), None)
         self._mark_trainable()
-
-    def _check_name(self, adapter_name: str) -> None:
-        if adapter_name not in self.peft_config:
-            raise ValueError(f"adapter_name: no adapter named {adapter_name!r}; adapters: {list(self.peft_config)}")
 
     def _mark_trainable(self) -> None:
         for p in self.parameters():

@@ -10,28 +10,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from .base import BASE_ADAPTER, BaseModelHolder, PeftModelMixin
 from .config import LoraConfig
 from .inject import inject_adapter, lora_layers, save_wrappers
 from .lora_layers import LoraLayer
 from .modules_to_save import ModulesToSaveWrapper
 from .registry import model_class_for, register_peft_type
 
-BASE_ADAPTER = "__base__"
 
-
-class LoraModel(nn.Module):
-    """Holds the user's model as ``.model``, so parameter paths read ``base_model.model.<path>`` as in
-    PEFT."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, *args, **kwargs):
-        return self.model(*args, **kwargs)
-
-
-class PeftModel(nn.Module):
+class PeftModel(PeftModelMixin, nn.Module):
     """``model`` with LoRA adapters injected in place (the modules it targets are wrapped) and every base
     parameter frozen. Calls pass through to the model; attributes the wrapper lacks are the model's."""
 
@@ -44,7 +31,7 @@ class PeftModel(nn.Module):
         requires_grad = {p: p.requires_grad for p in model.parameters()}
         for p in model.parameters():
             p.requires_grad_(False)
-        self.base_model = LoraModel(model)
+        self.base_model = BaseModelHolder(model)
         self.peft_config: dict[str, LoraConfig] = {}
         self.active_adapter: str | None = adapter_name
         self._input_grad_hook = None
@@ -59,26 +46,6 @@ class PeftModel(nn.Module):
             checkpointing = getattr(model, "is_gradient_checkpointing", False)
         if checkpointing:
             self._make_inputs_require_grad()
-
-    # ---- attribute passthrough --------------------------------------------------------------------
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name in ("base_model", "_modules", "_parameters", "_buffers"):
-                raise
-            return getattr(self.base_model.model, name)
-
-    def get_base_model(self) -> nn.Module:
-        return self.base_model.model
-
-    @property
-    def active_adapters(self) -> list[str]:
-        return [] if self.active_adapter is None else [self.active_adapter]
-
-    @property
-    def active_peft_config(self) -> LoraConfig:
-        return self.peft_config[self.active_adapter]
 
     def forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
         if adapter_names is not None:
@@ -115,12 +82,7 @@ class PeftModel(nn.Module):
     # ---- adapters ---------------------------------------------------------------------------------
     def add_adapter(self, adapter_name: str, config: LoraConfig) -> None:
         """Add adapter ``adapter_name`` (inactive unless it is the first) configured by ``config``."""
-        if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name or "/" in adapter_name:
-            raise ValueError(f"adapter_name: expected a non-empty name without '.' or '/', got {adapter_name!r}")
-        if adapter_name == BASE_ADAPTER:
-            raise ValueError(f"adapter_name: {BASE_ADAPTER!r} is reserved for 'no adapter'")
-        if adapter_name in self.peft_config:
-            raise ValueError(f"adapter_name: an adapter named {adapter_name!r} already exists")
+        self._check_new_name(adapter_name)
         if not isinstance(config, LoraConfig):
             raise ValueError(f"config: expected a pyfastpeft.LoraConfig, got {type(config).__name__}")
         config.validate()
@@ -149,10 +111,6 @@ class PeftModel(nn.Module):
         if self.active_adapter == adapter_name:
             self.active_adapter = next(iter(self.peft_config), None)
         self._mark_trainable()
-
-    def _check_name(self, adapter_name: str) -> None:
-        if adapter_name not in self.peft_config:
-            raise ValueError(f"adapter_name: no adapter named {adapter_name!r}; adapters: {list(self.peft_config)}")
 
     def _mark_trainable(self) -> None:
         model = self.base_model.model
