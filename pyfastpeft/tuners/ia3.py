@@ -27,7 +27,7 @@ from torch import nn
 from .. import ops
 from .base import TunerModel
 from .config import _check_patterns
-from .lora_layers import is_conv1d
+from .lora_layers import BaseLayerPassthrough, is_conv1d
 from .matching import check_layers, in_layers, matches, near_names, set_submodule, walk_unwrapped
 from .registry import register_peft_type
 
@@ -131,7 +131,7 @@ def is_feedforward(path: str, feedforward_modules: list[str] | str | None) -> bo
     return any(path.endswith(f) for f in feedforward_modules)
 
 
-class IA3Linear(nn.Module):
+class IA3Linear(BaseLayerPassthrough, nn.Module):
     """(IA)³ on ``nn.Linear`` (weight [out, in]) or Conv1D (weight [in, out]); several named vectors,
     one set active. ``ia3_l[name]`` is [1, in] for a feed-forward layer, [out, 1] otherwise."""
 
@@ -150,23 +150,6 @@ class IA3Linear(nn.Module):
         self.ia3_l = nn.ParameterDict()
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return getattr(self.base_layer, "bias", None)
-
-    # Code that reads the wrapped layer's attributes (``k_proj.in_features``, ``c_attn.nf``) keeps working.
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "base_layer" or "base_layer" not in self.__dict__.get("_modules", {}):
-                raise
-            return getattr(self._modules["base_layer"], name)
 
     def update_layer(self, name: str, init: bool) -> None:
         w = self.base_layer.weight

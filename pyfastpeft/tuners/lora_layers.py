@@ -36,7 +36,28 @@ class DoraMagnitude(nn.Module):
         self.weight = nn.Parameter(magnitude)
 
 
-class LoraLayer(nn.Module):
+class BaseLayerPassthrough:
+    """For a module wrapping ``base_layer``: code that reads the wrapped layer's attributes
+    (``q_proj.weight.dtype``, ``k_proj.in_features``, ``c_attn.nf``) keeps working."""
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.base_layer, "bias", None)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_layer" or "base_layer" not in self.__dict__.get("_modules", {}):
+                raise
+            return getattr(self._modules["base_layer"], name)
+
+
+class LoraLayer(BaseLayerPassthrough, nn.Module):
     """What every LoRA layer shares: the frozen ``base_layer``, per-adapter hyper-parameters, the active
     adapters, the disabled flag and the list of adapters currently merged into the base weight."""
 
@@ -61,23 +82,6 @@ class LoraLayer(nn.Module):
     @property
     def adapters(self) -> list[str]:
         return list(self.r)
-
-    # Code that reads the wrapped layer's attributes (``q_proj.weight.dtype``, ``c_attn.nf``) keeps working.
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return getattr(self.base_layer, "bias", None)
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "base_layer" or "base_layer" not in self.__dict__.get("_modules", {}):
-                raise
-            return getattr(self._modules["base_layer"], name)
 
     @property
     def merged(self) -> bool:
