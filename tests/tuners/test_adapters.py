@@ -12,12 +12,13 @@ from safetensors.torch import load_file
 from torch import nn
 
 import pyfastpeft as pf
-from pyfastpeft.models.data import make_batch
 from pyfastpeft.nn import BottleneckAdapter
 from pyfastpeft.tuners import AdapterWrapper
 from tests.conftest import low_precision_error_bound
 from tests.tuners.hf_tiny_models import VOCAB, twin_models
 from tests.tuners.test_ia3 import ids, spread, tiny
+
+from .tiny_task import copy_task_losses
 
 CONFIGS = [("houlsby", "ffn"), ("pfeiffer", "ffn"), ("parallel", "ffn"), ("parallel", "attn")]
 ACT64 = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}
@@ -106,16 +107,7 @@ def test_loss_falls_and_only_adapters_change(config, location):
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".adapters.default.adapter_" in n for n in trainable)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
-    g = torch.Generator().manual_seed(0)
-    losses = []
-    for _ in range(30):
-        batch = make_batch("copy", 8, 4, 32, g)
-        loss = model(batch.input_ids, labels=batch.labels).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = copy_task_losses(model, lr=2e-2)
     assert sum(losses[-5:]) / 5 < 0.9 * sum(losses[:5]) / 5
     for n, p in model.named_parameters():
         if n in frozen:

@@ -11,10 +11,11 @@ from torch import nn
 
 import pyfastpeft as pf
 from pyfastpeft.models import TinyLlamaConfig, TinyLlamaForCausalLM
-from pyfastpeft.models.data import make_batch
 from pyfastpeft.tuners import IA3Linear
 from tests.conftest import low_precision_error_bound
 from tests.tuners.hf_tiny_models import VOCAB, outputs, twin_models
+
+from .tiny_task import copy_task_losses
 
 
 def tiny(seed: int = 0, vocab: int = 32) -> TinyLlamaForCausalLM:
@@ -142,16 +143,7 @@ def test_loss_falls_and_only_the_vectors_change():
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(n.endswith("ia3_l.default") for n in trainable)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1)
-    g = torch.Generator().manual_seed(0)
-    losses = []
-    for _ in range(30):
-        batch = make_batch("copy", 8, 4, 32, g)
-        loss = model(batch.input_ids, labels=batch.labels).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = copy_task_losses(model, lr=0.1)
     assert sum(losses[-5:]) / 5 < 0.92 * sum(losses[:5]) / 5
     for n, p in model.named_parameters():
         if n in frozen:

@@ -9,9 +9,10 @@ from safetensors.torch import load_file
 from torch import nn
 
 import pyfastpeft as pf
-from pyfastpeft.models.data import make_batch
 from pyfastpeft.tuners import AdapterWrapper, LoraLinear
 from tests.tuners.test_ia3 import ids, spread, tiny
+
+from .tiny_task import copy_task_losses
 
 QV = ["q_proj", "v_proj"]
 
@@ -29,16 +30,7 @@ def test_shared_adapter_is_one_module_and_trains():
     assert model.get_nb_trainable_parameters()[0] == 2 * per  # counted once, not once per layer
     assert pf.report(model).trainable == 2 * per
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
-    g = torch.Generator().manual_seed(0)
-    losses = []
-    for _ in range(30):
-        batch = make_batch("copy", 8, 4, 32, g)
-        loss = model(batch.input_ids, labels=batch.labels).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = copy_task_losses(model, lr=2e-2)
     assert sum(losses[-5:]) / 5 < 0.9 * sum(losses[:5]) / 5
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
 

@@ -71,3 +71,19 @@ def changed(model, before: dict[str, torch.Tensor]) -> set[str]:
 
 def eval_ids(seed: int = 99):
     return batch(seed=seed, size=4).input_ids
+
+
+def copy_task_losses(model, lr: float, steps: int = 30) -> list[float]:
+    """``steps`` AdamW steps on the built-in ``copy`` task (batches of 8, 4 symbols, vocabulary 32) over
+    the parameters that require grad; the losses before each step."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    g = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(steps):
+        b = make_batch("copy", 8, 4, 32, g)
+        loss = model(b.input_ids, labels=b.labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
