@@ -84,6 +84,12 @@ class PeftModelMixin:
         if adapter_name not in self.peft_config:
             raise ValueError(f"adapter_name: no adapter named {adapter_name!r}; adapters: {list(self.peft_config)}")
 
+    def set_adapter(self, adapter_name: str) -> None:
+        """Make ``adapter_name`` the active adapter: forward uses it and only its parameters train."""
+        self._check_name(adapter_name)
+        self.active_adapter = adapter_name
+        self._mark_trainable()
+
 
 class TunerModel(PeftModelMixin, nn.Module):
     """``model`` with every base parameter frozen and named adapters of one method added. Calls pass
@@ -161,12 +167,6 @@ class TunerModel(PeftModelMixin, nn.Module):
             self.active_adapter = adapter_name
         self._mark_trainable()
 
-    def set_adapter(self, adapter_name: str) -> None:
-        """Make ``adapter_name`` the active adapter: forward uses it and only its parameters train."""
-        self._check_name(adapter_name)
-        self.active_adapter = adapter_name
-        self._mark_trainable()
-
     def delete_adapter(self, adapter_name: str) -> None:
         self._check_name(adapter_name)
         self._remove(adapter_name)
@@ -242,16 +242,9 @@ class TunerModel(PeftModelMixin, nn.Module):
         return list(save_wrappers(self.base_model.model))
 
     def _wrap_modules_to_save(self, adapter_name: str, paths: list[str]) -> None:
-        from .inject import _set_submodule
-        from .modules_to_save import ModulesToSaveWrapper
+        from .inject import wrap_modules_to_save
 
-        model = self.base_model.model
-        for path in paths:
-            module = model.get_submodule(path)
-            if not isinstance(module, ModulesToSaveWrapper):
-                module = ModulesToSaveWrapper(module)
-                _set_submodule(model, path, module)
-            module.add(adapter_name)
+        wrap_modules_to_save(self.base_model.model, paths, adapter_name)
 
     def _unwrap_modules_to_save(self, adapter_name: str | None, keep_trained_copy: bool = False) -> None:
         """Drop ``adapter_name``'s copies (``None``: put every wrapper's module back: the active adapter's

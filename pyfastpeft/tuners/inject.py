@@ -142,13 +142,18 @@ def inject_adapter(model: nn.Module, config: LoraConfig, name: str) -> list[str]
             name, r, alpha, config.lora_dropout, config.use_rslora, config.use_dora, config.init_lora_weights
         )
     _tie(model, config, name, targets)
-    for path in saves:
+    wrap_modules_to_save(model, saves, name)
+    return targets
+
+
+def wrap_modules_to_save(model: nn.Module, paths: list[str], name: str) -> None:
+    """Give adapter ``name`` its trainable copy of each module in ``paths`` (wrapping it first)."""
+    for path in paths:
         module = model.get_submodule(path)
         if not isinstance(module, ModulesToSaveWrapper):
             module = ModulesToSaveWrapper(module)
             _set_submodule(model, path, module)
         module.add(name)
-    return targets
 
 
 def tie_groups(targets: list[str]) -> dict[str, list[str]]:

@@ -92,12 +92,6 @@ class PeftModel(PeftModelMixin, nn.Module):
             self.active_adapter = adapter_name
         self._mark_trainable()
 
-    def set_adapter(self, adapter_name: str) -> None:
-        """Make ``adapter_name`` the active adapter: forward uses it and only its parameters train."""
-        self._check_name(adapter_name)
-        self.active_adapter = adapter_name
-        self._mark_trainable()
-
     def delete_adapter(self, adapter_name: str) -> None:
         self._check_name(adapter_name)
         for _, layer in lora_layers(self.base_model.model):
