@@ -5,7 +5,8 @@ PEFT on the same model and against the frozen model's forward+backward (the floo
 
 Default size (the one the targets are stated for): hidden 512, 4 layers, batch 4 × 256 tokens, float32,
 LoRA r = 16, alpha 32, dropout 0.05 on every linear layer of the blocks (q, k, v, o, gate, up, down).
-A step is forward, backward and torch.optim.AdamW over the trainable tensors. All three candidates get
+A step is forward, backward and AdamW over the trainable tensors: pyfastpeft's FusedAdamW for its step,
+torch.optim.AdamW for PEFT's. All three candidates get
 the same input embeddings, which require grad, so the floor's backward runs through every layer as a
 LoRA step's must. Memory: the bytes autograd saves for backward in one forward ("saved"), and the peak
 of training ("peak"): on CUDA the allocator's peak over a step, on the CPU the process's peak
@@ -35,6 +36,7 @@ from bench._timing import (  # noqa: E402
     write_results,
 )
 from pyfastpeft.models import TinyLlamaConfig, TinyLlamaForCausalLM  # noqa: E402
+from pyfastpeft.optim import FusedAdamW  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -82,7 +84,8 @@ def setup(args, dtype: torch.dtype, device: str):
     g = torch.Generator(device=device).manual_seed(1)
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=g, device=device)
     embeds = floor.model.embed_tokens(ids).detach()
-    opt_ours = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-4)
+    # each library's own optimizer: pyfastpeft's fused AdamW, torch's AdamW (the one PEFT's docs use)
+    opt_ours = FusedAdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-4)
     opt_theirs = torch.optim.AdamW([p for p in theirs.parameters() if p.requires_grad], lr=1e-4)
     steps = {
         "floor (frozen fwd+bwd)": make_step(floor, embeds, ids, None),

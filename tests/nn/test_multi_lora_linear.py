@@ -214,3 +214,28 @@ def test_cached_indices_and_stack_follow_names_lengths_and_replaced_parameters(d
     assert torch.equal(after[0], before[0]) and not torch.allclose(after[1], before[1])
     singles = single_adapter_layers(layer)
     torch.testing.assert_close(after[1], singles["es"](x[1]), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_inference_stack_in_the_kernels_layout_gives_the_training_path_output(device, dtype):
+    """With autograd off the stack is held transposed (Aᵀ when r is a whole number of packs, Bᵀ) for
+    the CPU kernels to read in place: same values, same shapes, same outputs as the training path."""
+    torch.manual_seed(0)
+    base = nn.Linear(70, 83).to(device=device, dtype=dtype)
+    layer = MultiLoRALinear(base)
+    for name, r in (("a", 16), ("b", 16), ("c", 9)):
+        layer.add_adapter(name, r=r, alpha=2.0 * r)
+        with torch.no_grad():
+            layer.lora_B[name].normal_()
+    names = ["a", "c", "b", "a", "__base__"]
+    x = torch.randn(5, 40, 70, dtype=dtype, device=device)
+    trained = layer(x, adapter_names=names).detach()
+    with torch.no_grad():
+        A, B = layer.stacked_weights()
+        plain_A, plain_B = layer._stack()
+        assert torch.equal(A, plain_A) and torch.equal(B, plain_B)
+        if device == "cpu":
+            assert B.transpose(1, 2).is_contiguous() and A.transpose(1, 2).is_contiguous()  # r_max 16: Aᵀ too
+        served = layer(x, adapter_names=names)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(served, trained, rtol=tol, atol=tol)

@@ -98,6 +98,40 @@ def test_every_kernel_block_shape(device, dtype, layout, r):
         torch.testing.assert_close(g.double().cpu(), r64, rtol=tol, atol=tol)
 
 
+def stored_transposed(t: torch.Tensor) -> torch.Tensor:
+    """The same [K, a, b] values held as a contiguous [K, b, a] (the layouts the CPU kernels read in place)."""
+    return t.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+@pytest.mark.parametrize("layout", ["random", "runs"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("r", [8, 16, 21])
+@pytest.mark.parametrize("which", ["A", "B", "both"])
+def test_transposed_storage_of_the_adapters(device, dtype, layout, r, which):
+    """A stored as Aᵀ and B as Bᵀ (what MultiLoRALinear's inference stack holds) give what the
+    contiguous stack gives, outputs and gradients, whether or not the op can read them in place
+    (r = 8 is one whole pack of float64 ranks but half a pack of float32 ones; r = 21 neither)."""
+    case = make_case(n_rows=211, in_f=70, out_f=83, r=r, K=4, seed=5)
+    idx = make_indices(layout, 211, 4)
+
+    def with_layout(x, weight, bias, lora_A, lora_B, scalings, idx):
+        A = stored_transposed(lora_A) if which in ("A", "both") else lora_A
+        B = stored_transposed(lora_B) if which in ("B", "both") else lora_B
+        assert A.shape == lora_A.shape and B.shape == lora_B.shape
+        return ours(x, weight, bias, A, B, scalings, idx)
+
+    got = forward_backward(with_layout, case, idx, dtype, device)
+    ref64 = forward_backward(reference.multi_lora_linear, case, idx, torch.float64, "cpu")
+    tol = 1e-5 if dtype == torch.float32 else 1e-10
+    for name, g, r64 in zip(["y", "dx", "dA", "dB"], got, ref64, strict=True):  # sums of 211 terms up to ~100
+        torch.testing.assert_close(g.double().cpu(), r64, rtol=tol, atol=tol * r64.abs().max().item(), msg=name)
+    with torch.no_grad():  # and bit for bit what the contiguous stack gives in the forward
+        t = {k: v.to(device=device, dtype=dtype) for k, v in case.items() if v is not None and k != "scalings"}
+        plain = ours(t["x"], t["weight"], t["bias"], t["lora_A"], t["lora_B"], case["scalings"].to(device), idx)
+        laid = with_layout(t["x"], t["weight"], t["bias"], t["lora_A"], t["lora_B"], case["scalings"].to(device), idx)
+    torch.testing.assert_close(laid, plain, rtol=0, atol=0)
+
+
 def test_adapter_without_tokens_gets_exact_zero_gradients(device):
     case = make_case()
     idx = make_indices("random", 37, 5)

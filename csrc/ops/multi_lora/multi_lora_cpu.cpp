@@ -2,7 +2,7 @@
 //
 // Tokens are grouped by adapter on the host (the CPU is the host: no synchronisation to avoid).
 // float32/float64 forward: a stable counting sort lists each adapter's token rows, and the rank-r
-// shrink and expand run over those rows in register-blocked kernels (multi_lora_kernels_cpu.h) that
+// shrink and expand run over those rows in register-blocked kernels (pyfastpeft/rank_r_cpu.h) that
 // read x and write y in place, so neither runs nor scattered tokens are gathered, and no BLAS call or
 // tensor view is made per adapter. The frozen product x·Wᵀ is one BLAS call over all tokens,
 // accumulated into y after the expand.
@@ -33,7 +33,7 @@
 #include "../lora/lora.h"
 #include "multi_lora.h"
 #include "multi_lora_impl.h"
-#include "multi_lora_kernels_cpu.h"
+#include "pyfastpeft/rank_r_cpu.h"
 
 namespace pyfastpeft {
 namespace {
@@ -173,7 +173,7 @@ SortedTokens sort_tokens(const at::Tensor& adapter_indices, int64_t num_adapters
 }
 
 // Forward for float32/float64 (the accumulation type is the input type): per adapter, its tokens'
-// rows go through the register-blocked shrink and expand (multi_lora_kernels_cpu.h), in blocks of
+// rows go through the register-blocked shrink and expand (pyfastpeft/rank_r_cpu.h), in blocks of
 // kRowBlock rows so that a block's xa is still in L1 for the expand; then y += x·Wᵀ in one BLAS call.
 //   xa[n] = drop(x)[n]·A[a(n)]ᵀ (0 for no adapter);  y[n] = b + s[a(n)]·xa[n]·B[a(n)]ᵀ + x[n]·Wᵀ
 template <typename T>
@@ -181,9 +181,16 @@ void multi_lora_forward_rows(const at::Tensor& x2, const at::Tensor& xd, const a
                              const std::optional<at::Tensor>& bias, const at::Tensor& lora_A, const at::Tensor& lora_B,
                              const std::vector<double>& scale, const SortedTokens& sorted, const Shapes& s,
                              at::Tensor& xa, at::Tensor& y) {
-  namespace mk = multi_lora_kernels;
+  namespace mk = rank_r;
   constexpr int64_t kRowBlock = 64;
-  const at::Tensor A = lora_A.contiguous(), B = lora_B.contiguous();
+  const int64_t in = s.in_features, out = s.out_features, r = s.rank;
+  // A stored as Aᵀ [K, in, r] (r a whole number of packs) and B as Bᵀ [K, r, out], the layouts the
+  // kernels read, are used in place: MultiLoRALinear keeps its inference stack that way, so serving
+  // does not transpose every adapter on every call. Any other layout is packed per call.
+  const bool A_packed = r == mk::padded_rank<T>(r) && lora_A.stride(0) == in * r && lora_A.stride(1) == 1 &&
+                        lora_A.stride(2) == r;
+  const bool B_packed = lora_B.stride(0) == r * out && lora_B.stride(1) == 1 && lora_B.stride(2) == out;
+  const at::Tensor A = A_packed ? lora_A : lora_A.contiguous(), B = B_packed ? lora_B : lora_B.contiguous();
   const std::optional<at::Tensor> b = bias ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt;
   const T* x_data = xd.const_data_ptr<T>();
   const T* A_data = A.const_data_ptr<T>();
@@ -191,7 +198,6 @@ void multi_lora_forward_rows(const at::Tensor& x2, const at::Tensor& xd, const a
   const T* b_data = b ? b->const_data_ptr<T>() : nullptr;
   T* xa_data = xa.mutable_data_ptr<T>();
   T* y_data = y.mutable_data_ptr<T>();
-  const int64_t in = s.in_features, out = s.out_features, r = s.rank;
   // One task per bucket: an adapter's A and B are transposed once, and each token row has a single writer.
   for_each_task(s.num_adapters + 1, [&](int64_t bucket) {
     const int64_t begin = sorted.start[bucket], end = sorted.start[bucket + 1];
@@ -208,13 +214,23 @@ void multi_lora_forward_rows(const at::Tensor& x2, const at::Tensor& xd, const a
     const int64_t k = bucket - 1;
     // Left uninitialised: every element is written before it is read (zeroing them cost as much as
     // packing them, with 32 adapters).
-    const std::unique_ptr<T[]> At(new T[in * mk::padded_rank<T>(r)]), Bt(new T[r * out]);
-    mk::pack_At(A_data + k * r * in, r, in, At.get());
-    mk::transpose(B_data + k * out * r, out, r, Bt.get(), out);
+    std::unique_ptr<T[]> A_storage, B_storage;
+    const T* At = A_data + k * r * in;
+    const T* Bt = B_data + k * out * r;
+    if (!A_packed) {
+      A_storage.reset(new T[in * mk::padded_rank<T>(r)]);
+      mk::pack_At(At, r, in, A_storage.get());
+      At = A_storage.get();
+    }
+    if (!B_packed) {
+      B_storage.reset(new T[r * out]);
+      mk::transpose(Bt, out, r, B_storage.get(), out);
+      Bt = B_storage.get();
+    }
     for (int64_t i = begin; i < end; i += kRowBlock) {
       const int64_t len = std::min(kRowBlock, end - i);
-      mk::shrink(x_data, in, rows + i, len, At.get(), in, xa_data, r);
-      mk::expand(xa_data, r, rows + i, len, Bt.get(), out, b_data, static_cast<T>(scale[k]), y_data);
+      mk::shrink(x_data, in, rows + i, len, At, in, xa_data, r);
+      mk::expand(xa_data, r, rows + i, len, Bt, out, b_data, static_cast<T>(scale[k]), y_data);
     }
   });
   y.addmm_(x2, weight.t());
@@ -283,7 +299,7 @@ std::tuple<at::Tensor, at::Tensor> multi_lora_linear_cpu(const at::Tensor& x, co
 template <typename T>
 void backward_rank_rows(const T* dy, const T* B_k, const T* A_k, int64_t out, int64_t in, int64_t r,
                         const int64_t* rows, int64_t len, T s, T* u, T* dx, bool accumulate) {
-  namespace mk = multi_lora_kernels;
+  namespace mk = rank_r;
   const int64_t rp = mk::padded_rank<T>(r);
   std::unique_ptr<T[]> padded;
   if (rp != r) {
