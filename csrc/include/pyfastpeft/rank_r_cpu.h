@@ -1,15 +1,14 @@
-// Register-blocked CPU kernels for rank-r products (float, double): the LoRA op and the multi-adapter op.
+// Register-blocked CPU kernels for rank-r products (float, double), used by the multi-adapter op.
 //
-// Rows are picked by an index list (an adapter's tokens in token order or sorted by adapter, or a
-// block's rows 0..n-1), so nothing is gathered or scattered:
+// Rows are picked by an index list (an adapter's tokens in token order or sorted by adapter), so
+// nothing is gathered or scattered:
 //   shrink  xa[n, j] = s · Σ_c x[n, c] · At[c, j]                  At [in, r]: A [r, in] transposed (pack_At)
 //   expand  y[n, o]  = (y or b)[o] + s · Σ_j xa[n, j] · Bt[j, o]  Bt [r, out]: B [out, r] transposed
-//   outer   acc[j, c] += Σ_n a[n, j] · b[n, c]                     (dA = uᵀ·x and dBᵀ = xaᵀ·dy)
-// Each keeps a small tile of accumulators in registers over the whole reduction and broadcasts the
-// scalar operand against 64-byte packs of the other, so every pack is loaded once per tile. The
-// packed copies (Aᵀ, Bᵀ) cost r·in or r·out element moves per call, a small fraction of the N·r·in
-// multiply-adds they feed. Rank-r products through the BLAS run well below its square-GEMM rate and
-// each call pays the dispatcher and a few tensor views.
+// Each keeps a tile of accumulators in registers over the whole reduction and broadcasts the scalar
+// operand against 64-byte packs of the other, so every pack is loaded once per tile. The packed copies
+// cost r·in or r·out element moves per adapter (none when the caller stores them so). Rank-r products
+// through the BLAS run well below its square-GEMM rate and each call pays the dispatcher and a few
+// tensor views; with 32 adapters of 64 tokens those were most of the overhead.
 // Written on GCC/Clang vector extensions (64-byte packs: one AVX-512 register, two AVX2 ones).
 #pragma once
 #include <cstdint>
@@ -163,11 +162,10 @@ void shrink(const T* x, int64_t ldx, const int64_t* rows, int64_t n_rows, const 
   }
 }
 
-// y[rows[i], o0 + v·W ..] = (y or b) + s·(Σ_j xa[rows[i], j]·Bt[j, ..]) ⊙ keep for MR rows and NV packs of
-// outputs (keep: per-element multipliers laid out as y, such as a dropout mask; null for none).
+// y[rows[i], o0 + v·W ..] = (y or b) + s·Σ_j xa[rows[i], j]·Bt[j, ..] for MR rows and NV packs of outputs.
 template <typename T, int MR, int NV>
 inline void expand_block(const T* xa, int64_t rank, const int64_t* rows, const T* Bt, int64_t out_cols, int64_t o0,
-                         const T* bias, T s, bool accumulate, T* y, const T* keep) {
+                         const T* bias, T s, bool accumulate, T* y) {
   using V = typename Pack<T>::type;
   constexpr int64_t W = Pack<T>::lanes;
   V acc[MR][NV] = {};
@@ -182,94 +180,40 @@ inline void expand_block(const T* xa, int64_t rank, const int64_t* rows, const T
   for (int v = 0; v < NV; ++v) {
     const V bb = bias ? load(bias + o0 + v * W) : V{};
     for (int i = 0; i < MR; ++i) {
-      const int64_t at = rows[i] * out_cols + o0 + v * W;
-      const V term = keep ? s * acc[i][v] * load(keep + at) : s * acc[i][v];
-      store(y + at, (accumulate ? load(y + at) : bb) + term);
+      T* out = y + rows[i] * out_cols + o0 + v * W;
+      store(out, (accumulate ? load(out) : bb) + s * acc[i][v]);
     }
   }
 }
 
 template <typename T, int MR>
 inline void expand_rows(const T* xa, int64_t rank, const int64_t* rows, const T* Bt, int64_t out_cols, const T* bias,
-                        T s, bool accumulate, T* y, const T* keep) {
+                        T s, bool accumulate, T* y) {
   constexpr int64_t W = Pack<T>::lanes;
   int64_t o = 0;
   for (; o + 2 * W <= out_cols; o += 2 * W) {
-    expand_block<T, MR, 2>(xa, rank, rows, Bt, out_cols, o, bias, s, accumulate, y, keep);
+    expand_block<T, MR, 2>(xa, rank, rows, Bt, out_cols, o, bias, s, accumulate, y);
   }
-  for (; o + W <= out_cols; o += W) {
-    expand_block<T, MR, 1>(xa, rank, rows, Bt, out_cols, o, bias, s, accumulate, y, keep);
-  }
+  for (; o + W <= out_cols; o += W) expand_block<T, MR, 1>(xa, rank, rows, Bt, out_cols, o, bias, s, accumulate, y);
   for (; o < out_cols; ++o) {
     for (int i = 0; i < MR; ++i) {
       T total = 0;
       for (int64_t j = 0; j < rank; ++j) total += xa[rows[i] * rank + j] * Bt[j * out_cols + o];
-      const int64_t at = rows[i] * out_cols + o;
-      y[at] = (accumulate ? y[at] : bias ? bias[o] : T(0)) + s * total * (keep ? keep[at] : T(1));
+      T& out = y[rows[i] * out_cols + o];
+      out = (accumulate ? out : bias ? bias[o] : T(0)) + s * total;
     }
   }
 }
 
-// y[n, :] = (accumulate ? y[n, :] : b) + s·(xa[n, :]·Bᵀ) ⊙ keep[n, :] for the listed rows (Bt: [rank,
-// out_cols], such as a transposed B, or an adapter's A [r, in] as it is; bias and keep may be null).
+// y[n, :] = (accumulate ? y[n, :] : b) + s·xa[n, :]·Bᵀ for the listed rows (Bt: [rank, out_cols], such
+// as a transposed B, or an adapter's A [r, in] as it is; bias may be null).
 template <typename T>
 void expand(const T* xa, int64_t rank, const int64_t* rows, int64_t n_rows, const T* Bt, int64_t out_cols,
-            const T* bias, T s, T* y, bool accumulate = false, const T* keep = nullptr) {
+            const T* bias, T s, T* y, bool accumulate = false) {
   // 8 rows × 2 packs: 16 accumulators, each Bᵀ pack loaded once per 8 rows.
   int64_t i = 0;
-  for (; i + 8 <= n_rows; i += 8) expand_rows<T, 8>(xa, rank, rows + i, Bt, out_cols, bias, s, accumulate, y, keep);
-  for (; i < n_rows; ++i) expand_rows<T, 1>(xa, rank, rows + i, Bt, out_cols, bias, s, accumulate, y, keep);
-}
-
-// acc[j, c0 + v·W ..] += Σ_n a[n·lda + j] · b[n·ldb + c0 + v·W ..] for MJ ranks from j0 and NV packs of columns.
-template <typename T, int MJ, int NV>
-inline void outer_block(const T* a, int64_t lda, int64_t j0, const T* b, int64_t ldb, int64_t c0, int64_t n_rows,
-                        T* acc, int64_t cols) {
-  using V = typename Pack<T>::type;
-  constexpr int64_t W = Pack<T>::lanes;
-  V sum[MJ][NV] = {};
-  for (int64_t n = 0; n < n_rows; ++n) {
-    V bv[NV];
-    for (int v = 0; v < NV; ++v) bv[v] = load(b + n * ldb + c0 + v * W);
-    for (int m = 0; m < MJ; ++m) {
-      const T av = a[n * lda + j0 + m];
-      for (int v = 0; v < NV; ++v) sum[m][v] += av * bv[v];
-    }
-  }
-  for (int m = 0; m < MJ; ++m) {
-    for (int v = 0; v < NV; ++v) {
-      T* p = acc + (j0 + m) * cols + c0 + v * W;
-      store(p, load(p) + sum[m][v]);
-    }
-  }
-}
-
-template <typename T, int NV>
-inline void outer_cols(const T* a, int64_t lda, int64_t rank, const T* b, int64_t ldb, int64_t c0, int64_t n_rows,
-                       T* acc, int64_t cols) {
-  int64_t j = 0;
-  for (; j + 8 <= rank; j += 8) outer_block<T, 8, NV>(a, lda, j, b, ldb, c0, n_rows, acc, cols);
-  for (; j + 4 <= rank; j += 4) outer_block<T, 4, NV>(a, lda, j, b, ldb, c0, n_rows, acc, cols);
-  for (; j < rank; ++j) outer_block<T, 1, NV>(a, lda, j, b, ldb, c0, n_rows, acc, cols);
-}
-
-// acc [rank, cols] += aᵀ·b for a [n_rows, rank] (row stride lda) and b [n_rows, cols] (row stride ldb):
-// tiles of 8 ranks × 2 packs of columns (16 accumulators; per row, 2 loads and 8 broadcasts feed 16
-// multiply-adds), so b is read rank/8 times from cache and acc once.
-template <typename T>
-void accumulate_outer(const T* a, int64_t lda, int64_t rank, const T* b, int64_t ldb, int64_t n_rows, int64_t cols,
-                      T* acc) {
-  constexpr int64_t W = Pack<T>::lanes;
-  int64_t c = 0;
-  for (; c + 2 * W <= cols; c += 2 * W) outer_cols<T, 2>(a, lda, rank, b, ldb, c, n_rows, acc, cols);
-  for (; c + W <= cols; c += W) outer_cols<T, 1>(a, lda, rank, b, ldb, c, n_rows, acc, cols);
-  for (; c < cols; ++c) {
-    for (int64_t j = 0; j < rank; ++j) {
-      T total = 0;
-      for (int64_t n = 0; n < n_rows; ++n) total += a[n * lda + j] * b[n * ldb + c];
-      acc[j * cols + c] += total;
-    }
-  }
+  for (; i + 8 <= n_rows; i += 8) expand_rows<T, 8>(xa, rank, rows + i, Bt, out_cols, bias, s, accumulate, y);
+  for (; i < n_rows; ++i) expand_rows<T, 1>(xa, rank, rows + i, Bt, out_cols, bias, s, accumulate, y);
 }
 
 }  // namespace pyfastpeft::rank_r
