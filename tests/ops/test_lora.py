@@ -104,6 +104,19 @@ def test_dropout_equals_reference_with_the_same_mask(device, dtype, p, lead, in_
     check_against_reference(inputs, scaling=2.0, dtype=dtype, mask=mask, p=p, seed=seed)
 
 
+# Every tile of the float32 backward's masked kernels: ranks of 8, 4 and 1 (r = 1, 5, 13, 21), two,
+# one and partial packs of columns (in = 47, 70), blocks of 8 rows and single-row tails (N = 300).
+@pytest.mark.parametrize("r", [1, 5, 13, 21])
+@pytest.mark.parametrize("in_f", [47, 70])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_dropout_rank_and_width_tails(dtype, in_f, r):
+    seed = 99
+    inputs = make_inputs((300,), in_f, 19, r, dtype, "cpu", seed=r)
+    ones = torch.ones(inputs["x"].shape, dtype=dtype)
+    mask = (pyfastpeft.ops.philox_dropout(ones, 0.2, seed=seed) != 0).to(dtype)
+    check_against_reference(inputs, scaling=1.5, dtype=dtype, mask=mask, p=0.2, seed=seed)
+
+
 @settings(max_examples=25, deadline=None)
 @given(
     lead=st.lists(st.integers(1, 6), min_size=1, max_size=3),

@@ -2,7 +2,8 @@
 //
 // The frozen product and (without dropout) the rank-r products run on MKL through ATen. With dropout,
 // the rank-r work is fused with the mask so that neither the mask nor drop(x) is ever written to memory:
-// each row's mask is drawn into a cache-resident buffer and consumed there.
+// each block's mask is drawn into a cache-resident buffer and consumed there; in the float32 backward
+// (AVX-512) the mask is applied as bits by masked loads and stores inside our own rank-r kernels.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/from_blob.h>
@@ -136,6 +137,111 @@ void lora_shrink_dropout_kernel(const LoraShrinkParams& p) {
   });
 }
 
+#if defined(__AVX512F__)
+// float32 with AVX-512: the backward's two mask uses folded into register-blocked rank-r kernels, which
+// read the mask as bits through masked loads and stores, so neither drop(x) nor u·A is written out.
+// Element (i, c) of a block of rows of width `in` is bit bit0 + i·in + c of `bits`.
+namespace masked {
+
+inline __mmask16 tail_mask(int64_t width) {
+  return width >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << width) - 1);
+}
+
+// acc[j, c0 + 16v ..] += scale·Σ_i u[i, j0 + m]·keep(i, c)·x[i, c] for MJ ranks and NV packs of columns
+// (the last pack limited to `last` columns).
+template <int MJ, int NV>
+inline void outer_tile(const float* u, int64_t rank, int64_t j0, const uint16_t* bits, int64_t bit0, const float* x,
+                       int64_t in, int64_t c0, int64_t rows, __mmask16 last, float scale, float* acc) {
+  __m512 sum[MJ][NV];
+  for (int m = 0; m < MJ; ++m) {
+    for (int v = 0; v < NV; ++v) sum[m][v] = _mm512_setzero_ps();
+  }
+  for (int64_t i = 0; i < rows; ++i) {
+    __m512 b[NV];
+    for (int v = 0; v < NV; ++v) {
+      const int64_t c = c0 + 16 * v;
+      const __mmask16 k = cpu::keep_bits_at(bits, bit0 + i * in + c) & (v == NV - 1 ? last : 0xFFFF);
+      b[v] = _mm512_maskz_loadu_ps(k, x + i * in + c);
+    }
+    for (int m = 0; m < MJ; ++m) {
+      const __m512 a = _mm512_set1_ps(u[i * rank + j0 + m]);
+      for (int v = 0; v < NV; ++v) sum[m][v] = _mm512_fmadd_ps(a, b[v], sum[m][v]);
+    }
+  }
+  const __m512 s = _mm512_set1_ps(scale);
+  for (int m = 0; m < MJ; ++m) {
+    for (int v = 0; v < NV; ++v) {
+      float* p = acc + (j0 + m) * in + c0 + 16 * v;
+      const __mmask16 k = v == NV - 1 ? last : static_cast<__mmask16>(0xFFFF);
+      _mm512_mask_storeu_ps(p, k, _mm512_fmadd_ps(sum[m][v], s, _mm512_maskz_loadu_ps(k, p)));
+    }
+  }
+}
+
+template <int NV>
+inline void outer_columns(const float* u, int64_t rank, const uint16_t* bits, int64_t bit0, const float* x, int64_t in,
+                          int64_t c0, int64_t rows, __mmask16 last, float scale, float* acc) {
+  int64_t j = 0;
+  for (; j + 8 <= rank; j += 8) outer_tile<8, NV>(u, rank, j, bits, bit0, x, in, c0, rows, last, scale, acc);
+  for (; j + 4 <= rank; j += 4) outer_tile<4, NV>(u, rank, j, bits, bit0, x, in, c0, rows, last, scale, acc);
+  for (; j < rank; ++j) outer_tile<1, NV>(u, rank, j, bits, bit0, x, in, c0, rows, last, scale, acc);
+}
+
+// acc [rank, in] += scale·uᵀ·(keep ⊙ x) over a block of rows: u [rows, rank], x [rows, in].
+inline void outer(const float* u, int64_t rank, const uint16_t* bits, int64_t bit0, const float* x, int64_t in,
+                  int64_t rows, float scale, float* acc) {
+  int64_t c = 0;
+  for (; c + 32 <= in; c += 32) outer_columns<2>(u, rank, bits, bit0, x, in, c, rows, 0xFFFF, scale, acc);
+  for (; c < in; c += 16) outer_columns<1>(u, rank, bits, bit0, x, in, c, rows, tail_mask(in - c), scale, acc);
+}
+
+// dx[i0 + i, c0 + 16v ..] = scale·keep·Σ_j u[i0 + i, j]·A[j, c] for MR rows and NV packs of columns.
+template <int MR, int NV>
+inline void expand_tile(const float* u, int64_t rank, int64_t i0, const float* A, const uint16_t* bits, int64_t bit0,
+                        int64_t in, int64_t c0, __mmask16 last, float scale, float* dx) {
+  __m512 sum[MR][NV];
+  for (int i = 0; i < MR; ++i) {
+    for (int v = 0; v < NV; ++v) sum[i][v] = _mm512_setzero_ps();
+  }
+  for (int64_t j = 0; j < rank; ++j) {
+    __m512 a[NV];
+    for (int v = 0; v < NV; ++v) {
+      a[v] = _mm512_maskz_loadu_ps(v == NV - 1 ? last : static_cast<__mmask16>(0xFFFF), A + j * in + c0 + 16 * v);
+    }
+    for (int i = 0; i < MR; ++i) {
+      const __m512 w = _mm512_set1_ps(u[(i0 + i) * rank + j]);
+      for (int v = 0; v < NV; ++v) sum[i][v] = _mm512_fmadd_ps(w, a[v], sum[i][v]);
+    }
+  }
+  const __m512 s = _mm512_set1_ps(scale);
+  for (int i = 0; i < MR; ++i) {
+    for (int v = 0; v < NV; ++v) {
+      const int64_t at = (i0 + i) * in + c0 + 16 * v;
+      const __mmask16 k = v == NV - 1 ? last : static_cast<__mmask16>(0xFFFF);
+      _mm512_mask_storeu_ps(dx + at, k, _mm512_maskz_mul_ps(cpu::keep_bits_at(bits, bit0 + at), sum[i][v], s));
+    }
+  }
+}
+
+template <int MR>
+inline void expand_rows(const float* u, int64_t rank, int64_t i0, const float* A, const uint16_t* bits, int64_t bit0,
+                        int64_t in, float scale, float* dx) {
+  int64_t c = 0;
+  for (; c + 32 <= in; c += 32) expand_tile<MR, 2>(u, rank, i0, A, bits, bit0, in, c, 0xFFFF, scale, dx);
+  for (; c < in; c += 16) expand_tile<MR, 1>(u, rank, i0, A, bits, bit0, in, c, tail_mask(in - c), scale, dx);
+}
+
+// dx [rows, in] = scale·keep ⊙ (u·A) over a block of rows (every element written, dropped ones as 0).
+inline void expand(const float* u, int64_t rank, const float* A, const uint16_t* bits, int64_t bit0, int64_t in,
+                   int64_t rows, float scale, float* dx) {
+  int64_t i = 0;
+  for (; i + 8 <= rows; i += 8) expand_rows<8>(u, rank, i, A, bits, bit0, in, scale, dx);
+  for (; i < rows; ++i) expand_rows<1>(u, rank, i, A, bits, bit0, in, scale, dx);
+}
+
+}  // namespace masked
+#endif
+
 // Whether the dropout backward keeps a block's mask as bits (AVX-512, float32) or as float keep values.
 template <typename T>
 #if defined(__AVX512F__)
@@ -148,7 +254,9 @@ constexpr bool kMaskBits = false;
 //   dx_lora = mask·scale ⊙ (u·A)        (written to dx, which dy·W is then added to)
 //   dA      = uᵀ·(mask·scale ⊙ x)
 // Block by block: the mask is drawn once, both products run on cache-resident blocks, and dA is
-// reduced from per-thread partial sums in a fixed order (independent of scheduling).
+// reduced from per-thread partial sums in a fixed order (independent of scheduling). float32 with
+// AVX-512 draws the mask as bits and applies it inside register-blocked kernels (masked:: above);
+// the other types draw float keep values, apply them to x and to u·A, and multiply through the BLAS.
 template <typename T>
 void lora_dropout_backward_kernel(const LoraDropoutBackwardParams& p) {
   using acc_t = acc_type<T>;
@@ -163,9 +271,12 @@ void lora_dropout_backward_kernel(const LoraDropoutBackwardParams& p) {
   std::vector<std::vector<acc_t>> partial(p.dA != nullptr ? n_parts : 0);
   for_each_part(n_rows, n_parts, [&](int64_t part, int64_t row_begin, int64_t row_end) {
     const int64_t block = row_block(in);
-    std::vector<acc_t> keep, buf(block * in), ub(block * rank);
+    std::vector<acc_t> keep, buf, ub(block * rank);
     std::vector<uint16_t> bits;
-    if (!kMaskBits<T>) keep.resize(block * in);
+    if (!kMaskBits<T>) {
+      keep.resize(block * in);
+      buf.resize(block * in);
+    }
     at::Tensor dA_part;
     if (p.dA != nullptr) {
       partial[part].assign(rank * in, acc_t(0));
@@ -176,24 +287,22 @@ void lora_dropout_backward_kernel(const LoraDropoutBackwardParams& p) {
       const T* xb = x + n0 * in;
       T* dxb = dx != nullptr ? dx + n0 * in : nullptr;
       for (int64_t i = 0; i < rows * rank; ++i) ub[i] = static_cast<acc_t>(u[n0 * rank + i]);
-      const at::Tensor u_blk = wrap(ub.data(), {rows, rank});
-      const at::Tensor buf_blk = wrap(buf.data(), {rows, in});
 #if defined(__AVX512F__)
       if constexpr (kMaskBits<T>) {
-        // float32: the mask kept as bits (1/32 of the float mask's bytes) and applied with compare masks
+        // float32: the mask drawn once as bits and applied inside the rank-r kernels
         const int64_t bit0 = n0 * in - cpu::keep_bits_first(n0 * in);
         mask.bits(n0 * in, rows * in, bits);
         if (p.dA != nullptr) {
-          cpu::apply_keep_bits(bits.data(), bit0, rows * in, mask.scale, xb, buf.data());
-          dA_part.addmm_(u_blk.t(), buf_blk);
+          masked::outer(ub.data(), rank, bits.data(), bit0, xb, in, rows, mask.scale, partial[part].data());
         }
         if (dx != nullptr) {
-          at::mm_out(const_cast<at::Tensor&>(buf_blk), u_blk, A);
-          cpu::apply_keep_bits(bits.data(), bit0, rows * in, mask.scale, buf.data(), dxb);
+          masked::expand(ub.data(), rank, A.const_data_ptr<float>(), bits.data(), bit0, in, rows, mask.scale, dxb);
         }
         continue;
       }
 #endif
+      const at::Tensor u_blk = wrap(ub.data(), {rows, rank});
+      const at::Tensor buf_blk = wrap(buf.data(), {rows, in});
       mask.row(n0 * in, rows * in, keep.data());
       if (p.dA != nullptr) {
         for (int64_t i = 0; i < rows * in; ++i) buf[i] = static_cast<acc_t>(xb[i]) * keep[i];
