@@ -11,7 +11,7 @@ import torch
 from ..tuners import trainable_parameters
 from .base import DTYPES, load_base, resolve_device
 from .checkpoint import CHECKPOINT_NAME, atomic_write_text, save_tensors
-from .distributed import DistInfo, barrier, init_distributed, shutdown
+from .distributed import DistInfo, barrier, gather_full, init_distributed, shutdown
 from .methods import METHOD_KNOBS, METHODS, apply_method, training_parts
 from .plot import write_curves
 from .trainer import TrainSettings, train
@@ -141,12 +141,15 @@ def _run(args, device: torch.device, info: DistInfo, log) -> tuple[dict, torch.n
         )
         summary["exit_code"] = INTERRUPTED
         return summary, model
+    sharded = args.fsdp and info.enabled
+    # under FSDP2 the model holds shards: every rank takes part in gathering the whole tensors
+    state = gather_full(model.state_dict()) if sharded else model.state_dict()
     if info.is_main:
         # tensors the method added that do not train (a sparse delta's indices) are part of the adapter
-        added = {k: v for k, v in model.state_dict().items() if k not in base_keys and k not in result.trainable}
-        summary.update(
-            _write_outputs(out, {**result.trainable, **added}, sorted(added), args, hist, metric, log, adapted)
-        )
+        added = {k: v for k, v in state.items() if k not in base_keys and k not in result.trainable}
+        tensors = {**result.trainable, **added}
+        saver = _unsharded(args, tensors) if sharded else adapted
+        summary.update(_write_outputs(out, tensors, sorted(added), args, hist, metric, log, saver))
         atomic_write_text(out / "summary.json", json.dumps({**summary, "history": hist}, indent=1) + "\n")
     barrier(info)
     log(f"loss: {summary['loss_first']:.4f} -> {summary['loss_last']:.4f}")
@@ -157,6 +160,19 @@ def _run(args, device: torch.device, info: DistInfo, log) -> tuple[dict, torch.n
     )
     summary["exit_code"] = 0
     return summary, model
+
+
+def _unsharded(args, tensors: dict) -> torch.nn.Module:
+    """The adapted model rebuilt unsharded, holding the trained tensors (by their names in the model),
+    for the writers that read the model itself (save_pretrained's PEFT layout)."""
+    base = load_base(args, lambda *a, **k: None)
+    torch.manual_seed(args.seed)
+    adapted = apply_method(args.method, base.model, args)
+    missing = set(tensors) - set(base.model.state_dict())
+    if missing:
+        raise RuntimeError(f"the rebuilt model lacks the trained tensors {sorted(missing)[:5]}")
+    base.model.load_state_dict(tensors, strict=False)
+    return adapted
 
 
 def _write_outputs(out: Path, tensors: dict, buffers: list, args, hist: dict, metric: str, log, adapted) -> dict:
