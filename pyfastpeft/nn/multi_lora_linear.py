@@ -181,7 +181,7 @@ class MultiLoRALinear(nn.Module):
         params = [*self.lora_A._parameters.values(), *self.lora_B._parameters.values()]
         key = tuple((id(p), p.data_ptr(), p._version) for p in params)
         if self._stacked_cache is None or self._stacked_cache[0] != key:
-            self._stacked_cache = (key, _kernel_layout(*self._stack()))
+            self._stacked_cache = (key, kernel_layout(*self._stack()))
         return self._stacked_cache[1]
 
     def _stack(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -245,7 +245,7 @@ class MultiLoRALinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, adapters=[{adapters}]"
 
 
-def _kernel_layout(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def kernel_layout(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The same values, stored as the CPU kernels read them: A [K, r, in] as a view of Aᵀ [K, in, r]
     (when r is a whole number of 64-byte packs) and B [K, out, r] as a view of Bᵀ [K, r, out]. The op
     uses these in place instead of transposing every adapter on every call; other devices and dtypes

@@ -18,6 +18,7 @@ from torch import nn
 
 from .. import ops
 from ..nn.fake_quant_linear import FakeQuantLinear
+from ..nn.multi_lora_linear import kernel_layout
 from ..nn.quantized_linear import QuantizedLinear
 
 QUANTIZED_BASES = (FakeQuantLinear, QuantizedLinear)
@@ -333,9 +334,7 @@ class LoraLinear(LoraLayer):
         rates = {self.dropout_p[n] for n in present} if self.training else {0.0}
         if len(rates) > 1:
             raise ValueError(f"adapter_names: adapters of one mixed batch must share lora_dropout, got {sorted(rates)}")
-        r_max = max(self.r[n] for n in present)
-        a = torch.stack([F.pad(self.lora_A[n].weight, (0, 0, 0, r_max - self.r[n])) for n in present]).to(dtype)
-        b = torch.stack([F.pad(self.lora_B[n].weight, (0, r_max - self.r[n])) for n in present]).to(dtype)
+        a, b = self._mixed_stack(present, dtype)
         scalings = torch.tensor([self.scaling[n] for n in present], dtype=torch.float64, device=x.device)
         local = {n: i for i, n in enumerate(present)}
         to_local = [local.get(names[i], -1) if i >= 0 else -1 for i in seq_indices]
@@ -353,6 +352,26 @@ class LoraLinear(LoraLayer):
         per_seq_scale = table[per_seq]  # [batch, out]: -1 indexes the last row
         y = z * per_seq_scale.view(x.shape[0], *([1] * (x.dim() - 2)), self.out_features)
         return y if bias is None else y + bias
+
+    def _mixed_stack(self, present: list[str], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A [K, r_max, in], B [K, out, r_max]) of the listed adapters, smaller ranks zero-padded. With
+        autograd off (serving) the stack is kept, in the layout the CPU kernels read in place, until an
+        adapter changes (a new tensor has a new data pointer; an in-place update bumps the version)."""
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return self._stack_adapters(present, dtype)
+        tensors = [t for n in present for t in (self.lora_A[n].weight, self.lora_B[n].weight)]
+        key = (tuple(present), dtype, tuple((id(t), t.data_ptr(), t._version) for t in tensors))
+        cached = self.__dict__.get("_mixed_stack_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, kernel_layout(*self._stack_adapters(present, dtype)))
+            self.__dict__["_mixed_stack_cache"] = cached
+        return cached[1]
+
+    def _stack_adapters(self, present: list[str], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        r_max = max(self.r[n] for n in present)
+        a = torch.stack([F.pad(self.lora_A[n].weight, (0, 0, 0, r_max - self.r[n])) for n in present]).to(dtype)
+        b = torch.stack([F.pad(self.lora_B[n].weight, (0, r_max - self.r[n])) for n in present]).to(dtype)
+        return a, b
 
     def _dora_scale(self, name: str, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """DoRA's per-output-row factor m / ‖W + s·B·A‖, the norm detached (PEFT's choice)."""

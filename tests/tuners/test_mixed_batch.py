@@ -229,3 +229,28 @@ def test_mixed_batch_with_dora_embedding_and_modules_to_save_compiles_without_gr
     expected = model(input_ids=ids, adapter_names=names).logits
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(input_ids=ids, adapter_names=names).logits, expected)
+
+
+def test_mixed_batch_inference_stack_is_kept_and_follows_updates():
+    """With autograd off the stacked adapters are kept (in the layout the CPU kernels read in place)
+    until an adapter changes: same logits as the training path, and an in-place update is seen."""
+    model = two_adapter_model()
+    model.eval()
+    ids = torch.randint(0, 64, (4, 9), generator=torch.Generator().manual_seed(3))
+    names = ["a", "b", "__base__", "b"]
+    trained = model(input_ids=ids, adapter_names=names).logits.detach()
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        first = model(input_ids=ids, adapter_names=names).logits
+        stack = layer.__dict__["_mixed_stack_cache"][1]
+        assert model(input_ids=ids, adapter_names=names).logits.equal(first)
+        assert layer.__dict__["_mixed_stack_cache"][1][0] is stack[0]  # kept, not rebuilt
+        assert stack[1].transpose(1, 2).is_contiguous()  # B held as Bᵀ
+        torch.testing.assert_close(first, trained, rtol=1e-5, atol=1e-5)
+        for name, p in model.named_parameters():
+            if "lora_B.b" in name:
+                p.mul_(2.0)  # in place, as an optimizer step would
+        second = model(input_ids=ids, adapter_names=names).logits
+    assert second[0].equal(first[0]) and second[2].equal(first[2])  # adapter a and the base: unchanged
+    assert not torch.allclose(second[1], first[1])
+    torch.testing.assert_close(second, model(input_ids=ids, adapter_names=names).logits.detach(), rtol=1e-5, atol=1e-5)
