@@ -1,4 +1,5 @@
-"""Mixed multi-adapter LoRA batches: pyfastpeft's op against the base linear alone, Hugging Face PEFT's
+"""Mixed multi-adapter LoRA batches: pyfastpeft's op (through MultiLoRALinear, "ours", and through its
+PEFT-style PeftModel, "ours_peft_model") against the base linear alone, Hugging Face PEFT's
 ``adapter_names`` path and the plain PyTorch composition (each adapter on its own tokens).
 
 Forward (inference, one adapter per sequence, as PEFT's mixed batches are) and forward+backward
@@ -53,6 +54,24 @@ def build_peft(base: nn.Linear, layer: MultiLoRALinear, r: int, alpha: float):
     return peft_model.eval()
 
 
+def build_ours_peft(base: nn.Linear, layer: MultiLoRALinear, r: int, alpha: float):
+    """pyfastpeft's get_peft_model over the same one-Linear model and adapters (its PEFT-style API)."""
+    import pyfastpeft as pf
+
+    model = OneLinear(base.in_features, base.out_features)
+    model.lin.load_state_dict(base.state_dict())
+    config = pf.LoraConfig(r=r, lora_alpha=alpha, target_modules=["lin"], lora_dropout=0.0)
+    names = layer.adapter_names
+    ours = pf.get_peft_model(model, config, adapter_name=names[0])
+    for name in names[1:]:
+        ours.add_adapter(name, config)
+    with torch.no_grad():
+        for name in names:
+            ours.base_model.model.lin.lora_A[name].weight.copy_(layer.lora_A[name])
+            ours.base_model.model.lin.lora_B[name].weight.copy_(layer.lora_B[name])
+    return ours.eval()
+
+
 def run(n_tokens: int, features: int, r: int, num_adapters: int, rounds: int, clock=time.perf_counter) -> list[dict]:
     torch.manual_seed(0)
     base = nn.Linear(features, features)
@@ -67,6 +86,7 @@ def run(n_tokens: int, features: int, r: int, num_adapters: int, rounds: int, cl
     A, B = (t.detach() for t in layer.stacked_weights())
     scalings = torch.tensor([layer.scaling[n] for n in names])
     peft_model = build_peft(base, layer, r, 2.0 * r)
+    ours_peft = build_ours_peft(base, layer, r, 2.0 * r)
 
     rows = []
     with torch.no_grad():
@@ -74,12 +94,15 @@ def run(n_tokens: int, features: int, r: int, num_adapters: int, rounds: int, cl
         y_ours = layer(x, adapter_names=names)
         y_peft = peft_model(x, adapter_names=names)
         y_ref = reference.multi_lora_linear(x, base.weight, base.bias, A, B, scalings, idx)
+        y_ours_peft = ours_peft(x, adapter_names=names)
         assert torch.allclose(y_ours, y_peft, atol=1e-4) and torch.allclose(y_ours, y_ref, atol=1e-4)
+        assert torch.allclose(y_ours_peft, y_peft, atol=1e-4)
         times = time_interleaved(
             {
                 "base": lambda: base(x),
                 "ours": lambda: layer(x, adapter_names=names),
                 "peft": lambda: peft_model(x, adapter_names=names),
+                "ours_peft_model": lambda: ours_peft(x, adapter_names=names),
                 "torch": lambda: reference.multi_lora_linear(x, base.weight, base.bias, A, B, scalings, idx),
             },
             rounds=rounds,
@@ -132,6 +155,8 @@ def _row(mode: str, num_adapters: int, n_tokens: int, features: int, r: int, tim
     row = {"mode": mode, "adapters": num_adapters, "tokens": n_tokens, "features": features, "r": r}
     row.update({f"{k}_ms": v for k, v in times.items()})
     row["ours/base"] = times["ours"] / times["base"]
+    if "ours_peft_model" in times:
+        row["ours_peft_model/base"] = times["ours_peft_model"] / times["base"]
     if "peft" in times:
         row["peft/base"] = times["peft"] / times["base"]
         row["peft/ours"] = times["peft"] / times["ours"]
@@ -167,6 +192,7 @@ def main() -> None:
         "peft_ms",
         "torch_ms",
         "ours/base",
+        "ours_peft_model/base",
         "peft/base",
         "peft/ours",
         "torch/ours",
