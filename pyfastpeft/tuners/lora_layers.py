@@ -359,7 +359,9 @@ class LoraLinear(LoraLayer):
         adapter changes (a new tensor has a new data pointer; an in-place update bumps the version)."""
         if torch.is_grad_enabled() or torch.compiler.is_compiling():
             return self._stack_adapters(present, dtype)
-        tensors = [t for n in present for t in (self.lora_A[n].weight, self.lora_B[n].weight)]
+        # the containers' own tables: attribute lookups through nn.Module cost more than the key itself
+        a_mods, b_mods = self.lora_A._modules, self.lora_B._modules
+        tensors = [t for n in present for t in (a_mods[n]._parameters["weight"], b_mods[n]._parameters["weight"])]
         key = (tuple(present), dtype, tuple((id(t), t.data_ptr(), t._version) for t in tensors))
         cached = self.__dict__.get("_mixed_stack_cache")
         if cached is None or cached[0] != key:
