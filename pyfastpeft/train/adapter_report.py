@@ -2,8 +2,9 @@
 
 From the files alone: the trainable parameters, the bytes on disk and, per adapted matrix of a LoRA
 adapter, its rank r, the rank of ΔW = s·B·A (from the r×r core of the two factors' QR decompositions,
-never the full SVD) and the non-zero entries of ΔW. With the base model (``--base DIR``, or the
-built-in model when the adapter was trained on it) the adapted model is rebuilt, which adds the totals
+never the full SVD) and the non-zero entries of ΔW. With the base model (``--base DIR``, or the base
+the adapter records: the built-in model, or its Hugging Face folder while it exists) the adapted model
+is rebuilt, which adds the totals
 and the exact ΔW of every method (DoRA's rescaled rows, a sparse delta, BitFit's biases, ...).
 """
 
@@ -17,7 +18,7 @@ import torch
 
 from ..tuners import trainable_parameters
 from .compare import effective_weights
-from .saved_adapter import SavedAdapter, load_base_model, read_saved_adapter, rebuild
+from .saved_adapter import SavedAdapter, load_base_model, read_saved_adapter, rebuild, recorded_base_folder
 
 
 def _lora_scaling(config: dict, path: str, r: int) -> float:
@@ -112,8 +113,8 @@ def adapter_report(directory, base: str | None = None, log=print) -> dict:
         "bytes_on_disk": saved.bytes_on_disk,
         "tensors": len(saved.tensors),
     }
-    builtin_known = bool(saved.run and saved.run.get("builtin"))
-    if base is None and not builtin_known:
+    base_known = bool(saved.run and saved.run.get("builtin")) or recorded_base_folder(saved) is not None
+    if base is None and not base_known:
         d["matrices"] = lora_matrices(saved) if saved.peft_type == "LORA" else []
         d["base"] = None
         d["changed_entries"] = sum(m["changed_entries"] for m in d["matrices"]) if d["matrices"] else None

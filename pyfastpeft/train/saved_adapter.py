@@ -133,10 +133,25 @@ def run_arguments(run: dict) -> argparse.Namespace:
     return args
 
 
+def recorded_base_folder(saved: SavedAdapter) -> Path | None:
+    """The Hugging Face model folder the adapter says it was trained on (the run's ``base_model``, or
+    PEFT's ``base_model_name_or_path``) when that folder still exists here; None otherwise."""
+    name = saved.run.get("base_model") if saved.run else saved.config.get("base_model_name_or_path")
+    if not name or str(name).startswith("builtin:"):
+        return None
+    folder = Path(name).expanduser()
+    return folder if (folder / "config.json").is_file() else None
+
+
 def load_base_model(base: str | None, saved: SavedAdapter, log=print) -> tuple[nn.Module, str]:
     """(model, description): ``base`` a Hugging Face folder, ``"builtin"``, or None for the base the
-    adapter names (the built-in model only: a folder must be given, it may have moved)."""
+    adapter names: the built-in model, or the Hugging Face folder it records if that still exists (a
+    folder that has moved must be given)."""
     run = saved.run
+    if base is None and not (run and run.get("builtin")):
+        folder = recorded_base_folder(saved)
+        if folder is not None:
+            base = str(folder)
     if base in (None, "builtin"):
         builtin = run.get("builtin") if run else None
         if not builtin:

@@ -156,6 +156,15 @@ def test_merge_into_a_hugging_face_folder(tmp_path, lora_dir, capsys):
     assert not (tmp_path / "nope").exists()
     assert run_cli("merge", "builtin", run, tmp_path / "nope") == 2
     assert f"was trained on {hf}; only adapters trained on the built-in model fit it" in capsys.readouterr().err
+    # report without --base loads the folder the run recorded while it exists, and reads the files alone
+    # once it has moved
+    assert run_cli("report", run, "--json") == 0
+    with_base = json.loads(capsys.readouterr().out)
+    assert with_base["base"] == f"Hugging Face model {hf} (LlamaForCausalLM)" and with_base["total"] > 0
+    hf.rename(tmp_path / "moved")
+    assert run_cli("report", run, "--json") == 0
+    files_only = json.loads(capsys.readouterr().out)
+    assert files_only["base"] is None and files_only["trainable"] == with_base["trainable"]
 
 
 def test_report_and_merge_errors(tmp_path, lora_dir, capsys):
