@@ -2,16 +2,14 @@
 //
 // forward:  y = x·Wᵀ + b                           (one addmm; nothing of x is kept for the backward)
 // backward: dx = dy·W, db[o] = Σ_n dy[n, o]        (bias.h)
-// dx is one multithreaded ATen GEMM. db sums dy in fixed slabs of kRows rows, in parallel, each slab into
-// its own float partial row; the partials are added in slab order, so db does not depend on the number
-// of threads. Fusing the two (each thread running the GEMM of its rows, then summing the same cache-warm
-// rows) was measured 2-7 % slower at N = 2048, in = out = 1024 on 2 threads than one GEMM plus this
-// column sum, which costs ~3 % of the GEMM (bench/bench_bias.py).
+// dx is one multithreaded ATen GEMM. db sums dy in fixed slabs of kRows rows (slab_reduce_cpu.h), so
+// db does not depend on the number of threads. Fusing the two (each thread running the GEMM of its
+// rows, then summing the same cache-warm rows) was measured 2-7 % slower at N = 2048, in = out = 1024
+// on 2 threads than one GEMM plus this column sum, which costs ~3 % of the GEMM (bench/bench_bias.py).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 #include <ATen/ops/mm.h>
 #include <torch/library.h>
 
@@ -21,6 +19,7 @@
 
 #include "bias_impl.h"
 #include "pyfastpeft/dispatch.h"
+#include "pyfastpeft/slab_reduce_cpu.h"
 
 namespace pyfastpeft {
 namespace {
@@ -55,27 +54,16 @@ std::tuple<at::Tensor, at::Tensor> bias_only_linear_backward_cpu(const at::Tenso
   at::Tensor db = need_db ? at::empty({out}, dy2.options()) : at::empty({0}, dy2.options());
   if (need_dx) at::mm_out(dx, dy2, weight);
   if (need_db) {
-    const int64_t n_slabs = (n_rows + kRows - 1) / kRows;
     PFP_DISPATCH_FLOATING(dy2.scalar_type(), "bias_only_linear_backward", [&] {
       using acc_t = acc_type<scalar_t>;
-      at::Tensor partial = at::zeros({n_slabs, out}, dy2.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
       const scalar_t* dy_ptr = dy2.const_data_ptr<scalar_t>();
-      acc_t* partial_ptr = partial.mutable_data_ptr<acc_t>();
       const int64_t row_stride = dy2.stride(0);
-      at::parallel_for(0, n_slabs, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t s = begin; s < end; ++s) {
-          const int64_t r0 = s * kRows, rows = std::min(kRows, n_rows - r0);
-          add_column_sums(dy_ptr + r0 * row_stride, rows, out, row_stride, partial_ptr + s * out);
-        }
-      });
-      scalar_t* db_ptr = db.mutable_data_ptr<scalar_t>();
-      at::parallel_for(0, out, 1024, [&](int64_t begin, int64_t end) {
-        for (int64_t o = begin; o < end; ++o) {
-          acc_t total = 0;
-          for (int64_t s = 0; s < n_slabs; ++s) total += partial_ptr[s * out + o];
-          db_ptr[o] = static_cast<scalar_t>(total);
-        }
-      });
+      cpu::slab_column_sums<acc_t>(
+          n_rows, out, kRows,
+          [&](int64_t r0, int64_t rows, acc_t* acc) {
+            add_column_sums(dy_ptr + r0 * row_stride, rows, out, row_stride, acc);
+          },
+          db.mutable_data_ptr<scalar_t>());
     });
   }
   if (need_dx) dx = dx.view(bias::dx_shape(grad_y, weight));

@@ -2,14 +2,13 @@
 //
 // forward:  y = x ⊙ l (l broadcast over the rows)               one ATen multiply (vectorized, threaded)
 // backward: dx = dy ⊙ l, dl[j] = Σ_n dy[n, j]·x[n, j]           one fused pass over dy and x
-// The backward walks fixed slabs of rows in parallel: each slab writes its rows of dx and adds its
-// products into its own accumulation row; the rows are then added in slab order, so dl does not depend
-// on the number of threads, and 16-bit inputs accumulate in float.
+// The backward walks fixed slabs of rows in parallel (slab_reduce_cpu.h): each slab writes its rows of dx
+// and adds its products into its own accumulation row; the rows are then added in slab order, so dl does
+// not depend on the number of threads, and 16-bit inputs accumulate in float.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mul.h>
-#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -18,6 +17,7 @@
 
 #include "ia3_impl.h"
 #include "pyfastpeft/dispatch.h"
+#include "pyfastpeft/slab_reduce_cpu.h"
 
 namespace pyfastpeft {
 namespace {
@@ -60,36 +60,21 @@ std::tuple<at::Tensor, at::Tensor> ia3_scale_backward_cpu(const at::Tensor& grad
   at::Tensor dl = need_dl ? at::empty({cols}, dy2.options()) : at::empty({0}, dy2.options());
   if (!need_dx && !need_dl) return {dx, dl};
   const int64_t slab = rows_per_slab(n_rows);
-  const int64_t n_slabs = std::max<int64_t>(1, (n_rows + slab - 1) / slab);
   PFP_DISPATCH_FLOATING(dy2.scalar_type(), "ia3_scale_backward", [&] {
     using acc_t = acc_type<scalar_t>;
-    const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
-    at::Tensor partial = need_dl ? at::zeros({n_slabs, cols}, dy2.options().dtype(acc_dtype))
-                                 : at::empty({0}, dy2.options().dtype(acc_dtype));
     const scalar_t* dy_ptr = dy2.const_data_ptr<scalar_t>();
     const scalar_t* x_ptr = x2.const_data_ptr<scalar_t>();
     const scalar_t* l_ptr = l.const_data_ptr<scalar_t>();
     scalar_t* dx_ptr = need_dx ? dx.mutable_data_ptr<scalar_t>() : nullptr;
-    acc_t* partial_ptr = need_dl ? partial.mutable_data_ptr<acc_t>() : nullptr;
     const int64_t dy_stride = dy2.stride(0), x_stride = x2.stride(0);
-    at::parallel_for(0, n_slabs, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t s = begin; s < end; ++s) {
-        const int64_t r0 = s * slab, rows = std::min(slab, n_rows - r0);
-        if (rows <= 0) continue;
-        scale_backward_rows(dy_ptr + r0 * dy_stride, x_ptr + r0 * x_stride, l_ptr,
-                            need_dx ? dx_ptr + r0 * cols : nullptr, need_dl ? partial_ptr + s * cols : nullptr, rows,
-                            cols, dy_stride, x_stride, need_dx, need_dl);
-      }
-    });
+    const auto rows_of = [&](int64_t r0, int64_t rows, acc_t* acc) {
+      scale_backward_rows(dy_ptr + r0 * dy_stride, x_ptr + r0 * x_stride, l_ptr, need_dx ? dx_ptr + r0 * cols : nullptr,
+                          acc, rows, cols, dy_stride, x_stride, need_dx, need_dl);
+    };
     if (need_dl) {
-      scalar_t* dl_ptr = dl.mutable_data_ptr<scalar_t>();
-      at::parallel_for(0, cols, 1024, [&](int64_t begin, int64_t end) {
-        for (int64_t j = begin; j < end; ++j) {
-          acc_t total = 0;
-          for (int64_t s = 0; s < n_slabs; ++s) total += partial_ptr[s * cols + j];
-          dl_ptr[j] = static_cast<scalar_t>(total);
-        }
-      });
+      cpu::slab_column_sums<acc_t>(n_rows, cols, slab, rows_of, dl.mutable_data_ptr<scalar_t>());
+    } else {
+      cpu::for_each_slab(n_rows, slab, [&](int64_t, int64_t r0, int64_t rows) { rows_of(r0, rows, nullptr); });
     }
   });
   if (need_dx) dx = dx.view(grad_y.sizes());
