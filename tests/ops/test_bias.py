@@ -176,3 +176,17 @@ def test_bad_inputs():
         _OP.bias_only_linear_backward(randn(4, 6), w, [True, True])
     with pytest.raises(ValueError, match="weight: expected dtype"):
         _OP.bias_only_linear_backward(randn(4, 5), w.float(), [True, True])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bias_grad_does_not_depend_on_the_thread_count(dtype):
+    gy, w = randn(5000, 33, dtype=dtype), randn(33, 5, dtype=dtype, seed=1)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            results.append(_OP.bias_only_linear_backward(gy, w, [False, True])[1])
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(results[0], results[1])

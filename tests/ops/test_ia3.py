@@ -132,3 +132,18 @@ def test_bad_backward_input(device):
     x, scale = randn(3, 4, device=device), randn(4, device=device)
     with pytest.raises(ValueError, match="grad_y: expected the shape of x"):
         _OP.ia3_scale_backward(randn(4, 4, device=device), x, scale, [True, True])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_scale_grad_does_not_depend_on_the_thread_count(dtype):
+    """dl is summed in fixed slabs of rows added in slab order: 1 and 2 threads give the same bits."""
+    dy, x, l = randn(5000, 33, dtype=dtype), randn(5000, 33, dtype=dtype, seed=1), randn(33, dtype=dtype, seed=2)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            results.append(_OP.ia3_scale_backward(dy, x, l, [True, True]))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
