@@ -19,12 +19,21 @@ def pytest_generate_tests(metafunc):
 requires_cuda = pytest.mark.skipif(not pyfastpeft.cuda_available(), reason="CUDA kernels not built or no GPU")
 
 
-def low_precision_error_bound(ours: torch.Tensor, torch_lowp: torch.Tensor, ref64: torch.Tensor, factor: float = 2.0):
+def low_precision_error_bound(
+    ours: torch.Tensor,
+    torch_lowp: torch.Tensor,
+    ref64: torch.Tensor,
+    factor: float = 2.0,
+    magnitude: torch.Tensor | None = None,
+):
     """Flash-attention's rule: our error against the float64 reference may be at most `factor` times the
     error of the same computation done by plain PyTorch in the low-precision dtype, plus two units of
     roundings of the dtype at the result's magnitude (PyTorch's own error can be zero by luck on tiny
-    inputs, where a different but equally valid summation order is one rounding off)."""
+    inputs, where a different but equally valid summation order is one rounding off). ``magnitude``:
+    the same computation on the inputs' absolute values (Σ|a·b| for a sum of products), for results
+    that cancel: a valid summation order is then off by roundings of the summands, not of the result."""
     ours_err = (ours.double() - ref64).abs().max().item()
     torch_err = (torch_lowp.double() - ref64).abs().max().item()
-    floor = 2 * torch.finfo(ours.dtype).eps * ref64.abs().max().item() + 1e-12
+    scale = ref64.abs().max().item() if magnitude is None else magnitude.abs().max().item()
+    floor = 2 * torch.finfo(ours.dtype).eps * scale + 1e-12
     return ours_err, factor * torch_err + floor
