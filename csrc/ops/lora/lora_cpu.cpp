@@ -148,7 +148,7 @@ inline __mmask16 tail_mask(int64_t width) {
 }
 
 // acc[j, c0 + 16v ..] += scale·Σ_i u[i, j0 + m]·keep(i, c)·x[i, c] for MJ ranks and NV packs of columns
-// (the last pack limited to `last` columns).
+// (the last pack restricted to the columns set in `last`).
 template <int MJ, int NV>
 inline void outer_tile(const float* u, int64_t rank, int64_t j0, const uint16_t* bits, int64_t bit0, const float* x,
                        int64_t in, int64_t c0, int64_t rows, __mmask16 last, float scale, float* acc) {
