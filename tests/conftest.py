@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+from hypothesis import settings
 
 import pyfastpeft
+
+# CI draws the same property-test examples on every run (a red build is then reproducible, and never
+# a new random draw); elsewhere each run explores fresh examples.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 DEVICES = ["cpu"] + (["cuda"] if pyfastpeft.cuda_available() else [])
 FLOAT_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
