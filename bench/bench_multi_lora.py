@@ -36,9 +36,13 @@ class OneLinear(nn.Module):
         return self.lin(x)
 
 
-def build_peft(base: nn.Linear, layer: MultiLoRALinear, r: int, alpha: float):
-    """A PeftModel over a one-Linear model holding the same adapters (same weights) as `layer`."""
-    from peft import LoraConfig, get_peft_model
+def build_peft(base: nn.Linear, layer: MultiLoRALinear, r: int, alpha: float, library: str = "peft"):
+    """A PeftModel over a one-Linear model holding the same adapters (same weights) as `layer`, from
+    Hugging Face PEFT (``library="peft"``) or pyfastpeft's PEFT-style API (``"pyfastpeft"``)."""
+    if library == "peft":
+        from peft import LoraConfig, get_peft_model
+    else:
+        from pyfastpeft import LoraConfig, get_peft_model
 
     model = OneLinear(base.in_features, base.out_features)
     model.lin.load_state_dict(base.state_dict())
@@ -52,24 +56,6 @@ def build_peft(base: nn.Linear, layer: MultiLoRALinear, r: int, alpha: float):
             peft_model.base_model.model.lin.lora_A[name].weight.copy_(layer.lora_A[name])
             peft_model.base_model.model.lin.lora_B[name].weight.copy_(layer.lora_B[name])
     return peft_model.eval()
-
-
-def build_ours_peft(base: nn.Linear, layer: MultiLoRALinear, r: int, alpha: float):
-    """pyfastpeft's get_peft_model over the same one-Linear model and adapters (its PEFT-style API)."""
-    import pyfastpeft as pf
-
-    model = OneLinear(base.in_features, base.out_features)
-    model.lin.load_state_dict(base.state_dict())
-    config = pf.LoraConfig(r=r, lora_alpha=alpha, target_modules=["lin"], lora_dropout=0.0)
-    names = layer.adapter_names
-    ours = pf.get_peft_model(model, config, adapter_name=names[0])
-    for name in names[1:]:
-        ours.add_adapter(name, config)
-    with torch.no_grad():
-        for name in names:
-            ours.base_model.model.lin.lora_A[name].weight.copy_(layer.lora_A[name])
-            ours.base_model.model.lin.lora_B[name].weight.copy_(layer.lora_B[name])
-    return ours.eval()
 
 
 def run(n_tokens: int, features: int, r: int, num_adapters: int, rounds: int, clock=time.perf_counter) -> list[dict]:
@@ -86,7 +72,7 @@ def run(n_tokens: int, features: int, r: int, num_adapters: int, rounds: int, cl
     A, B = (t.detach() for t in layer.stacked_weights())
     scalings = torch.tensor([layer.scaling[n] for n in names])
     peft_model = build_peft(base, layer, r, 2.0 * r)
-    ours_peft = build_ours_peft(base, layer, r, 2.0 * r)
+    ours_peft = build_peft(base, layer, r, 2.0 * r, library="pyfastpeft")
 
     rows = []
     with torch.no_grad():
