@@ -90,6 +90,24 @@ class PeftModelMixin:
         self.active_adapter = adapter_name
         self._mark_trainable()
 
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        from .inject import trainable_parameters
+
+        return trainable_parameters(self)
+
+    def print_trainable_parameters(self) -> None:
+        """PEFT's line: trainable / all parameters and the percent."""
+        self._print_trainable_line()
+
+    def _print_trainable_line(self):
+        from ..report import report
+
+        r = report(self, with_disk_size=False)
+        print(
+            f"trainable params: {r.trainable:,d} || all params: {r.total:,d} || trainable%: {r.trainable_percent:.4f}"
+        )
+        return r
+
 
 class TunerModel(PeftModelMixin, nn.Module):
     """``model`` with every base parameter frozen and named adapters of one method added. Calls pass
@@ -270,20 +288,6 @@ class TunerModel(PeftModelMixin, nn.Module):
                 for name, t in wrapper.modules_to_save[adapter_name].state_dict(keep_vars=True).items():
                     out[f"base_model.model.{path}.{name}"] = t
         return out
-
-    # ---- accounting -------------------------------------------------------------------------------
-    def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        from .inject import trainable_parameters
-
-        return trainable_parameters(self)
-
-    def print_trainable_parameters(self) -> None:
-        from ..report import report
-
-        r = report(self, with_disk_size=False)
-        print(
-            f"trainable params: {r.trainable:,d} || all params: {r.total:,d} || trainable%: {r.trainable_percent:.4f}"
-        )
 
     # ---- files ------------------------------------------------------------------------------------
     def config_json(self, adapter_name: str) -> dict:

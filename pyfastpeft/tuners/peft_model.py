@@ -222,19 +222,9 @@ class PeftModel(PeftModelMixin, nn.Module):
         self._input_grad_hook = embeddings.register_forward_hook(hook)
 
     # ---- accounting and files ---------------------------------------------------------------------
-    def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        from .inject import trainable_parameters
-
-        return trainable_parameters(self)
-
     def print_trainable_parameters(self) -> None:
         """PEFT's line (trainable / all / percent), then what the adapter changes in the base model."""
-        from ..report import report
-
-        r = report(self, with_disk_size=False)
-        print(
-            f"trainable params: {r.trainable:,d} || all params: {r.total:,d} || trainable%: {r.trainable_percent:.4f}"
-        )
+        r = self._print_trainable_line()
         print(
             f"changes the base model in {r.changed_entries:,d} entries; rank of ΔW per matrix: "
             f"max {r.max_delta_rank}, over {len(r.matrices)} matrices"
