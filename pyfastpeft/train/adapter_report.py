@@ -4,8 +4,8 @@ From the files alone: the trainable parameters, the bytes on disk and, per adapt
 adapter, its rank r, the rank of ΔW = s·B·A (from the r×r core of the two factors' QR decompositions,
 never the full SVD) and the non-zero entries of ΔW. With the base model (``--base DIR``, or the base
 the adapter records: the built-in model, or its Hugging Face folder while it exists) the adapted model
-is rebuilt, which adds the totals
-and the exact ΔW of every method (DoRA's rescaled rows, a sparse delta, BitFit's biases, ...).
+is rebuilt, which adds the totals and the exact ΔW of every method (DoRA's rescaled rows, a sparse
+delta, BitFit's biases, ...).
 """
 
 from __future__ import annotations
@@ -113,12 +113,14 @@ def adapter_report(directory, base: str | None = None, log=print) -> dict:
         "bytes_on_disk": saved.bytes_on_disk,
         "tensors": len(saved.tensors),
     }
-    base_known = bool(saved.run and saved.run.get("builtin")) or recorded_base_folder(saved) is not None
-    if base is None and not base_known:
-        d["matrices"] = lora_matrices(saved) if saved.peft_type == "LORA" else []
-        d["base"] = None
-        d["changed_entries"] = sum(m["changed_entries"] for m in d["matrices"]) if d["matrices"] else None
-        return d
+    if base is None and not (saved.run and saved.run.get("builtin")):
+        folder = recorded_base_folder(saved)  # the Hugging Face folder it was trained on, while it exists
+        if folder is None:
+            d["matrices"] = lora_matrices(saved) if saved.peft_type == "LORA" else []
+            d["base"] = None
+            d["changed_entries"] = sum(m["changed_entries"] for m in d["matrices"]) if d["matrices"] else None
+            return d
+        base = str(folder)
     model, description = load_base_model(base, saved, log=lambda *a, **k: None)
     base_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     base_total = sum(p.numel() for p in model.parameters())

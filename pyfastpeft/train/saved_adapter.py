@@ -145,13 +145,8 @@ def recorded_base_folder(saved: SavedAdapter) -> Path | None:
 
 def load_base_model(base: str | None, saved: SavedAdapter, log=print) -> tuple[nn.Module, str]:
     """(model, description): ``base`` a Hugging Face folder, ``"builtin"``, or None for the base the
-    adapter names: the built-in model, or the Hugging Face folder it records if that still exists (a
-    folder that has moved must be given)."""
+    adapter names (the built-in model only; see recorded_base_folder for a folder)."""
     run = saved.run
-    if base is None and not (run and run.get("builtin")):
-        folder = recorded_base_folder(saved)
-        if folder is not None:
-            base = str(folder)
     if base in (None, "builtin"):
         builtin = run.get("builtin") if run else None
         if not builtin:

@@ -144,6 +144,7 @@ class LoraLinear(LoraLayer):
         # A frozen (fake-)quantized base (QLoRA / QA-LoRA style): the op sees its quantized weight and
         # quantized activations; the adapter trains in the base's float dtype and is never merged into it.
         self.quantized_base = isinstance(base_layer, QUANTIZED_BASES)
+        self._mixed_stack_cache: tuple | None = None  # (key, (A, B)) of mixed batches with autograd off
         if self.fan_in_fan_out:
             self.in_features, self.out_features = base_layer.weight.shape
         elif isinstance(base_layer, nn.Linear) or self.quantized_base:
@@ -363,11 +364,9 @@ class LoraLinear(LoraLayer):
         a_mods, b_mods = self.lora_A._modules, self.lora_B._modules
         tensors = [t for n in present for t in (a_mods[n]._parameters["weight"], b_mods[n]._parameters["weight"])]
         key = (tuple(present), dtype, tuple((id(t), t.data_ptr(), t._version) for t in tensors))
-        cached = self.__dict__.get("_mixed_stack_cache")
-        if cached is None or cached[0] != key:
-            cached = (key, kernel_layout(*self._stack_adapters(present, dtype)))
-            self.__dict__["_mixed_stack_cache"] = cached
-        return cached[1]
+        if self._mixed_stack_cache is None or self._mixed_stack_cache[0] != key:
+            self._mixed_stack_cache = (key, kernel_layout(*self._stack_adapters(present, dtype)))
+        return self._mixed_stack_cache[1]
 
     def _stack_adapters(self, present: list[str], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         r_max = max(self.r[n] for n in present)

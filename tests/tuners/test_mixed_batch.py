@@ -242,9 +242,9 @@ def test_mixed_batch_inference_stack_is_kept_and_follows_updates():
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
     with torch.no_grad():
         first = model(input_ids=ids, adapter_names=names).logits
-        stack = layer.__dict__["_mixed_stack_cache"][1]
+        stack = layer._mixed_stack_cache[1]
         assert model(input_ids=ids, adapter_names=names).logits.equal(first)
-        assert layer.__dict__["_mixed_stack_cache"][1][0] is stack[0]  # kept, not rebuilt
+        assert layer._mixed_stack_cache[1][0] is stack[0]  # kept, not rebuilt
         assert stack[1].transpose(1, 2).is_contiguous()  # B held as Bᵀ
         torch.testing.assert_close(first, trained, rtol=1e-5, atol=1e-5)
         for name, p in model.named_parameters():
