@@ -222,20 +222,6 @@ inline __mmask16 keep_bits_at(const uint16_t* bits, int64_t bit) {
   std::memcpy(&v, reinterpret_cast<const unsigned char*>(bits) + (bit >> 3), sizeof(v));
   return static_cast<__mmask16>(v >> (bit & 7));
 }
-
-// out[i] = in[i]·scale where bit bit0 + i is set, else 0, for i < n.
-inline void apply_keep_bits(const uint16_t* bits, int64_t bit0, int64_t n, float scale, const float* in, float* out) {
-  const __m512 s = _mm512_set1_ps(scale);
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    _mm512_storeu_ps(out + i, _mm512_maskz_mul_ps(keep_bits_at(bits, bit0 + i), _mm512_loadu_ps(in + i), s));
-  }
-  if (i < n) {
-    const __mmask16 tail = static_cast<__mmask16>((1u << (n - i)) - 1);
-    const __m512 v = _mm512_maskz_loadu_ps(tail, in + i);
-    _mm512_mask_storeu_ps(out + i, tail, _mm512_maskz_mul_ps(keep_bits_at(bits, bit0 + i), v, s));
-  }
-}
 #endif
 
 }  // namespace pyfastpeft::cpu
