@@ -204,11 +204,18 @@ inline int64_t keep_bits_first(int64_t e0) { return e0 / kPhiloxGroup * kPhiloxG
 inline int64_t keep_bits_words(int64_t e0, int64_t n) {
   return ((e0 + n - 1) / kPhiloxGroup - e0 / kPhiloxGroup + 1) * 8 + 2;
 }
+//
+// `ahead` (optional): a byte range that the caller reads next, brought into L2 while the draws compute,
+// its cache lines spread evenly over the groups (the draws are arithmetic, so the fetches overlap them).
 inline void dropout_keep_bits(int64_t e0, int64_t n, uint64_t seed, uint64_t offset, uint32_t threshold,
-                              uint16_t* bits) {
+                              uint16_t* bits, const void* ahead = nullptr, int64_t ahead_bytes = 0) {
   const int64_t g0 = e0 / kPhiloxGroup, g1 = (e0 + n - 1) / kPhiloxGroup;
   const __m512i thr = _mm512_set1_epi32(static_cast<int>(threshold));
+  const char* fetch = static_cast<const char*>(ahead);
+  const char* const fetch_end = fetch + ahead_bytes;
+  const int64_t lines_per_group = (ahead_bytes + 64 * (g1 - g0 + 1) - 1) / (64 * (g1 - g0 + 1));
   for (int64_t g = g0; g <= g1; ++g) {
+    for (int64_t k = 0; k < lines_per_group && fetch < fetch_end; ++k, fetch += 64) _mm_prefetch(fetch, _MM_HINT_T1);
     __m512i w[4];
     philox_group_avx512(static_cast<uint64_t>(g) * kBatch, offset, seed, w);
     for (int lane = 0; lane < 8; ++lane) bits[(g - g0) * 8 + lane] = keep_mask16(w, lane, thr);
