@@ -68,6 +68,7 @@ def run_finetune(args: argparse.Namespace, log=print, keep_model: bool = False) 
         summary, model = _run(args, device, info, log if info.is_main else (lambda *a, **k: None))
         if keep_model:
             summary["model"] = model
+        del model  # (unless kept) freed before the process group it communicates through is destroyed
         return summary
     finally:
         shutdown(info)
