@@ -24,20 +24,7 @@ constexpr int kBatch = 16;
 // 16 blocks as two halves of 8 in 64-bit lanes: each lane holds one block's 32-bit word in its low half
 // and don't-care bits in its high half (_mm512_mul_epu32 reads only the low halves, and only low
 // halves are ever kept), so a round needs no blends: per half, 2 multiplies, 2 dword swaps, 2 three-way xors.
-// The round keys of a seed, computed once per range rather than per group: the rounds read them as
-// broadcast memory operands (load ports) instead of broadcasting from general registers (port 5).
-struct PhiloxKeys {
-  uint64_t k0[10], k1[10];
-  explicit PhiloxKeys(uint64_t seed) {
-    uint32_t a = static_cast<uint32_t>(seed), b = static_cast<uint32_t>(seed >> 32);
-    for (int round = 0; round < 10; ++round, a += 0x9E3779B9u, b += 0xBB67AE85u) {
-      k0[round] = a;
-      k1[round] = b;
-    }
-  }
-};
-
-inline void philox_group_avx512(uint64_t first_block, uint64_t offset, const PhiloxKeys& keys, __m512i (&words)[4]) {
+inline void philox_group_avx512(uint64_t first_block, uint64_t offset, uint64_t seed, __m512i (&words)[4]) {
   const __m512i m0 = _mm512_set1_epi64(0xD2511F53u), m1 = _mm512_set1_epi64(0xCD9E8D57u);
   const __m512i lane = _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0);
   __m512i c0[2], c1[2], c2[2], c3[2];
@@ -48,9 +35,9 @@ inline void philox_group_avx512(uint64_t first_block, uint64_t offset, const Phi
     c2[h] = _mm512_set1_epi64(static_cast<int64_t>(offset & 0xFFFFFFFFu));
     c3[h] = _mm512_set1_epi64(static_cast<int64_t>(offset >> 32));
   }
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
   for (int round = 0; round < 10; ++round) {
-    const __m512i key0 = _mm512_set1_epi64(static_cast<int64_t>(keys.k0[round]));
-    const __m512i key1 = _mm512_set1_epi64(static_cast<int64_t>(keys.k1[round]));
+    const __m512i key0 = _mm512_set1_epi64(k0), key1 = _mm512_set1_epi64(k1);
     for (int h = 0; h < 2; ++h) {  // two independent halves in flight hide the multiply latency
       const __m512i p0 = _mm512_mul_epu32(c0[h], m0), p1 = _mm512_mul_epu32(c2[h], m1);
       // the high word brought to the low half by a dword swap (port 5) rather than a shift (port 0, where
@@ -61,6 +48,8 @@ inline void philox_group_avx512(uint64_t first_block, uint64_t offset, const Phi
       c2[h] = _mm512_ternarylogic_epi64(hi0, c3[h], key1, 0x96);
       c3[h] = p0;
     }
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
   }
   // the low dwords of both halves, in block order: dword 2j of (half 0, half 1) for j = 0..15
   const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
@@ -72,7 +61,7 @@ inline void philox_group_avx512(uint64_t first_block, uint64_t offset, const Phi
 
 inline void philox_batch(uint64_t first_block, uint64_t offset, uint64_t seed, uint32_t (&w)[4][kBatch]) {
   __m512i words[4];
-  philox_group_avx512(first_block, offset, PhiloxKeys(seed), words);
+  philox_group_avx512(first_block, offset, seed, words);
   for (int i = 0; i < 4; ++i) _mm512_storeu_si512(w[i], words[i]);
 }
 
@@ -142,16 +131,13 @@ void dropout_scale_range(int64_t e0, int64_t n, uint64_t seed, uint64_t offset, 
   if (n <= 0) return;
   uint32_t words[4][kBatch];
   acc_t group_keep[kPhiloxGroup];
-#if defined(__AVX512F__)
-  const PhiloxKeys keys(seed);
-#endif
   const int64_t first = e0 / kPhiloxGroup, last = (e0 + n - 1) / kPhiloxGroup;
   for (int64_t group = first; group <= last; ++group) {
 #if defined(__AVX512F__)
     if constexpr (std::is_same_v<acc_t, float>) {
       if (group * kPhiloxGroup >= e0 && (group + 1) * kPhiloxGroup <= e0 + n) {  // a whole group
         __m512i w[4];
-        philox_group_avx512(static_cast<uint64_t>(group) * kBatch, offset, keys, w);
+        philox_group_avx512(static_cast<uint64_t>(group) * kBatch, offset, seed, w);
         const __m512i thr = _mm512_set1_epi32(static_cast<int>(threshold));
         const __m512 s = _mm512_set1_ps(scale);
         float* out = keep + (group * kPhiloxGroup - e0);
@@ -196,10 +182,9 @@ void dropout_mul_range(int64_t e0, int64_t n, uint64_t seed, uint64_t offset, ui
       generic(0, head);
       const __m512i thr = _mm512_set1_epi32(static_cast<int>(threshold));
       const __m512 s = _mm512_set1_ps(scale);
-      const PhiloxKeys keys(seed);
       for (int64_t group = g_first; group < g_end; ++group) {
         __m512i w[4];
-        philox_group_avx512(static_cast<uint64_t>(group) * kBatch, offset, keys, w);
+        philox_group_avx512(static_cast<uint64_t>(group) * kBatch, offset, seed, w);
         const int64_t i0 = group * kPhiloxGroup - e0;
         for (int lane = 0; lane < 8; ++lane) {
           const __m512 v = _mm512_loadu_ps(in + i0 + 16 * lane);
@@ -232,11 +217,10 @@ inline void dropout_keep_bits(int64_t e0, int64_t n, uint64_t seed, uint64_t off
   const char* fetch = static_cast<const char*>(ahead);
   const char* const fetch_end = fetch + ahead_bytes;
   const int64_t lines_per_group = (ahead_bytes + 64 * (g1 - g0 + 1) - 1) / (64 * (g1 - g0 + 1));
-  const PhiloxKeys keys(seed);
   for (int64_t g = g0; g <= g1; ++g) {
     for (int64_t k = 0; k < lines_per_group && fetch < fetch_end; ++k, fetch += 64) _mm_prefetch(fetch, _MM_HINT_T1);
     __m512i w[4];
-    philox_group_avx512(static_cast<uint64_t>(g) * kBatch, offset, keys, w);
+    philox_group_avx512(static_cast<uint64_t>(g) * kBatch, offset, seed, w);
     for (int lane = 0; lane < 8; ++lane) bits[(g - g0) * 8 + lane] = keep_mask16(w, lane, thr);
   }
   bits[(g1 - g0 + 1) * 8] = bits[(g1 - g0 + 1) * 8 + 1] = 0;
