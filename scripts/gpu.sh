@@ -27,10 +27,12 @@ JOBS=$(nproc 2>/dev/null || echo 4)
 export PYFASTPEFT_BENCH_RESULTS=$RES PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 
 STAGES=(env build tests sanitize_memcheck sanitize_racecheck sanitize_synccheck bench bench_scripts)
+# Caps, not estimates (no stage has been timed on a GPU yet); the 540 s total trims the last stages.
 declare -A BUDGET=([env]=20 [build]=150 [tests]=140 [sanitize_memcheck]=45 [sanitize_racecheck]=45
-  [sanitize_synccheck]=30 [bench]=90 [bench_scripts]=60)
-# The per-family scripts with a CUDA path, each with its own limit inside bench_scripts' budget.
-BENCH_SCRIPTS=(bench_bias bench_optim bench_sparse bench_lora bench_distill bench_ia3_adapters)
+  [sanitize_synccheck]=30 [bench]=80 [bench_scripts]=90)
+# The per-family scripts with a CUDA path, each under GPU_BENCH_SCRIPT_LIMIT seconds inside bench_scripts'
+# budget; bench_distill last, as it starts a fresh process (and CUDA context) per peak measurement.
+BENCH_SCRIPTS=(bench_bias bench_optim bench_sparse bench_lora bench_ia3_adapters bench_distill)
 
 stage_env() {
   nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem,driver_version --format=csv
