@@ -70,6 +70,22 @@ def peak_bytes(fn: Callable[[], object], device: str) -> int | None:
     return torch.cuda.max_memory_allocated() - base
 
 
+def kernel_launches(fn: Callable[[], object], device: str) -> int | None:
+    """CUDA kernels one call launches, from the profiler (None on the CPU or where CUPTI is unavailable)."""
+    if not device.startswith("cuda"):
+        return None
+    try:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+        return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    except Exception as e:  # noqa: BLE001 - a missing profiler must not cost the timings
+        print(f"kernel count unavailable: {type(e).__name__}: {e}")
+        return None
+
+
 def ceilings(device: str, tiny: bool, timer: Timer) -> dict[str, float]:
     n_copy = (1 << 16) if tiny else (1 << 29)  # 2 GiB of float32: far past the 60 MB L2
     src = torch.randn(n_copy, device=device)
@@ -182,7 +198,8 @@ def optim_rows(device, tiny, timer, ceil):
     gbytes = 7 * 4 * numel / 1e9  # read θ, g, m, v; write θ, m, v (float32)
     ref = times.get("torch AdamW fused", times["torch AdamW foreach"])
     fig = f"AdamW step, {2 * n_adapters} float32 tensors, {numel / 1e6:.1f} M parameters"
-    return [_row(fig, k, v, ref, gbytes=gbytes, ceil=ceil) for k, v in times.items()]
+    launches = {k: kernel_launches(o.step, device) for k, o in opts.items()}
+    return [_row(fig, k, v, ref, gbytes=gbytes, ceil=ceil, kernels=launches[k]) for k, v in times.items()]
 
 
 def quant_rows(device, tiny, timer, ceil):
@@ -299,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         rows += new
         print(f"section {name}: {time.perf_counter() - t0:.1f} s", flush=True)
-    columns = ["figure", "candidate", "ms", "vs_baseline", "of_copy_bw", "of_bf16_matmul", "peak_vs_eager"]
+    columns = ["figure", "candidate", "ms", "vs_baseline", "of_copy_bw", "of_bf16_matmul", "peak_vs_eager", "kernels"]
     print_table(rows, columns)
     name = "bench_gpu" + ("_tiny" if args.tiny else "") + ("" if args.device == "cuda" else f"_{args.device}")
     command = "python -m bench.bench_gpu " + " ".join(sys.argv[1:] if argv is None else argv)

@@ -65,7 +65,7 @@ def parse_bench(results: Path) -> dict:
     if not path.exists():
         return {"note": "no bench_gpu.json"}
     data = json.loads(path.read_text())
-    keep = ("figure", "candidate", "ms", "vs_baseline", "of_copy_bw", "of_bf16_matmul", "peak_vs_eager")
+    keep = ("figure", "candidate", "ms", "vs_baseline", "of_copy_bw", "of_bf16_matmul", "peak_vs_eager", "kernels")
     rows = [{k: r[k] for k in keep if r.get(k) is not None} for r in data.get("rows", [])]
     return {"ceilings": data.get("ceilings"), "rows": rows, "failed_sections": data.get("failed_sections", {})}
 
@@ -103,7 +103,7 @@ def render(summary: dict) -> str:
     if failures:
         lines += ["", "## Failed tests", ""] + [f"- `{f}`" for f in failures]
     if bench and bench.get("rows"):
-        cols = ["figure", "candidate", "ms", "vs_baseline", "of_copy_bw", "of_bf16_matmul", "peak_vs_eager"]
+        cols = ["figure", "candidate", "ms", "vs_baseline", "of_copy_bw", "of_bf16_matmul", "peak_vs_eager", "kernels"]
         lines += ["", "## Figures (fractions of the ceilings measured in the same run)", "",
                   "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in bench["rows"]]

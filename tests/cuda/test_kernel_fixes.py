@@ -119,8 +119,13 @@ def test_sparse_forward_and_sampled_grad_capture_in_a_cuda_graph():
     eager_g = pyfastpeft.ops.sampled_weight_grad(gy, x, indices, x.shape[1])
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up on the capturing stream (cuBLAS workspaces), as torch advises
+        for _ in range(2):
+            pyfastpeft.ops.sparse_delta_linear(x, weight, bias, delta, indices)
+            pyfastpeft.ops.sampled_weight_grad(gy, x, indices, x.shape[1])
+    torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.stream(stream), torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, stream=stream):
         y = pyfastpeft.ops.sparse_delta_linear(x, weight, bias, delta, indices)
         gd = pyfastpeft.ops.sampled_weight_grad(gy, x, indices, x.shape[1])
     torch.cuda.current_stream().wait_stream(stream)
