@@ -6,7 +6,8 @@
 # at 600). A stage that fails or times out is recorded and the next one still runs, except that nothing
 # after a failed build can run.
 #
-# Everything lands in bench/results/gpu/ (logs, JSON, summary.json, summary.md; committed with the run).
+# Everything lands in bench/results/gpu/, emptied first (logs, JSON, summary.json, summary.md; committed
+# with the run).
 # When $OUT is set (a lent machine's return folder, which brings back at most 8 files), every stage
 # refreshes four files there as it finishes: summary.json, summary.md, gpu_results.tar.gz (the whole
 # results folder) and last_stage.log; a timeout still returns what finished. Unpack with
