@@ -59,7 +59,7 @@ def bench(device: str, dtype: torch.dtype, n: int, d_in: int, d_out: int, r: int
     }
     peft_layer = hf_peft_layer(copy.deepcopy(base), r, 2.0 * r, p)
     if peft_layer is not None:
-        layers["HF PEFT lora.Linear"] = peft_layer.to(device)
+        layers["HF PEFT lora.Linear"] = peft_layer.to(device, dtype)  # PEFT makes its adapters in float32
     for layer in layers.values():
         layer.train()
 

@@ -25,7 +25,20 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("device", DEVICES)
 
 
-requires_cuda = pytest.mark.skipif(not pyfastpeft.cuda_available(), reason="CUDA kernels not built or no GPU")
+_NO_CUDA = "CUDA kernels not built or no GPU"
+requires_cuda = pytest.mark.skipif(not pyfastpeft.cuda_available(), reason=_NO_CUDA)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark every test that touches CUDA with ``cuda`` (``pytest -m cuda`` runs only those): the
+    ``device="cuda"`` variants, the ``requires_cuda`` tests and everything under tests/cuda/."""
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        on_cuda = str(params.get("device", "")).startswith("cuda")
+        needs_cuda = any(m.kwargs.get("reason") == _NO_CUDA for m in item.iter_markers("skipif"))
+        under_cuda_dir = item.path.parent.name == "cuda" and item.path.parent.parent.name == "tests"
+        if on_cuda or needs_cuda or under_cuda_dir:
+            item.add_marker(pytest.mark.cuda)
 
 
 def low_precision_error_bound(

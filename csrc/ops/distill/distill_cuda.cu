@@ -61,7 +61,8 @@ struct Online {
 // cross-entropy needs softmax(s) at T != 1) into online-softmax statistics; sweep 2 sums the divergence
 // (the forward KL writes its gradient there too); sweep 3 writes the reverse-KL / JS gradient. The
 // later sweeps re-read the row, which the first left in L2. Every element of the gradient is written by
-// the thread that last reads it from `student`, so the gradient may overwrite the student logits.
+// the thread that last reads it from `student`, so the gradient may overwrite the student logits; the
+// one element read by another thread, s[label], is read before any barrier that precedes a store.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) kd_loss_rows_kernel(KdLossParams p) {
   using A = typename Acc<T>::type;
@@ -94,6 +95,9 @@ __global__ void __launch_bounds__(kThreads) kd_loss_rows_kernel(KdLossParams p) 
         continue;
       }
     }
+    // s[label] is read before the first block reduction: its barriers order this read before any
+    // thread's gradient store, which may overwrite s[label] when the gradient aliases the student.
+    const A s_label = with_ce && label >= 0 ? load_acc(s + label) : A(0);
     Online<A> oz, ou, os;
     for (int64_t j = threadIdx.x; j < V; j += kThreads) {
       const A sj = load_acc(s + j);
@@ -103,7 +107,7 @@ __global__ void __launch_bounds__(kThreads) kd_loss_rows_kernel(KdLossParams p) 
     }
     const A lse_z = oz.logsumexp(shared), lse_u = ou.logsumexp(shared);
     const A lse_s = (with_ce && !ce_on_z) ? os.logsumexp(shared) : lse_z * temperature;
-    const A ce = with_ce ? lse_s - load_acc(s + label) : A(0);
+    const A ce = with_ce ? lse_s - s_label : A(0);
 
     // Gradient of element j given ps_j and ∂D/∂z_j.
     auto write_grad = [&](int64_t j, A sj, A ps, A d_dz) {

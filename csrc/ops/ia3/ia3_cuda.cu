@@ -57,7 +57,7 @@ __global__ void __launch_bounds__(kCols* kRowLanes) scale_backward_kernel(Ia3Sca
   }
 }
 
-// dl[j] = Σ_chunk partial[chunk, j], chunks in order.
+// dl[j] = Σ_chunk partial[chunk, j], chunks in order (zero when there are no rows: n_chunks = 0).
 template <typename T>
 __global__ void sum_chunks_kernel(Ia3ScaleBackwardParams p) {
   using acc_t = typename Acc<T>::type;
@@ -74,15 +74,25 @@ __global__ void sum_chunks_kernel(Ia3ScaleBackwardParams p) {
 }  // namespace
 
 void ia3_scale_backward_cuda(const Ia3ScaleBackwardParams& params, cudaStream_t stream) {
-  if (params.n_cols == 0 || params.n_rows == 0 || !(params.need_dx || params.need_dscale)) return;
+  if (params.n_cols == 0 || !(params.need_dx || params.need_dscale)) return;
+  const unsigned sum_blocks = static_cast<unsigned>(std::min<int64_t>(cuda::ceil_div(params.n_cols, 256), 65535));
+  if (params.n_rows == 0) {
+    // No rows: dx is empty, and dscale is a sum over nothing, written as zeros (as on the CPU).
+    if (params.need_dscale) {
+      Ia3ScaleBackwardParams none = params;
+      none.n_chunks = 0;
+      PFP_CUDA_DISPATCH(params.dtype, sum_chunks_kernel<scalar_t><<<sum_blocks, 256, 0, stream>>>(none));
+      cuda::check_launch("ia3 sum_chunks_kernel");
+    }
+    return;
+  }
   const dim3 grid(static_cast<unsigned>(std::min<int64_t>(cuda::ceil_div(params.n_cols, kCols), 65535)),
                   static_cast<unsigned>(std::min<int64_t>(params.n_chunks, 65535)));
   const dim3 block(kCols, kRowLanes);
   PFP_CUDA_DISPATCH(params.dtype, scale_backward_kernel<scalar_t><<<grid, block, 0, stream>>>(params));
   cuda::check_launch("ia3 scale_backward_kernel");
   if (params.need_dscale) {
-    const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(cuda::ceil_div(params.n_cols, 256), 65535));
-    PFP_CUDA_DISPATCH(params.dtype, sum_chunks_kernel<scalar_t><<<blocks, 256, 0, stream>>>(params));
+    PFP_CUDA_DISPATCH(params.dtype, sum_chunks_kernel<scalar_t><<<sum_blocks, 256, 0, stream>>>(params));
     cuda::check_launch("ia3 sum_chunks_kernel");
   }
 }

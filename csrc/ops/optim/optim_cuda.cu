@@ -5,6 +5,7 @@
 // kChunk-element chunks, and block b finds its tensor by binary search over the chunk prefix sums.
 // Nothing is copied host→device, so a step can be captured in a CUDA graph.
 #include <algorithm>
+#include <unordered_map>
 
 #include "optim.h"
 #include "pyfastpeft/cuda_utils.cuh"
@@ -29,6 +30,9 @@ struct AdamWMeta {
   void* master[kMaxTensors];
   const void* anchor[kMaxTensors];
   float* step[kMaxTensors];
+  // Later entries of this launch that share tensor i's step: tensor i uses *step[i] − step_lag[i], the
+  // count its step reached at its own turn, as on the CPU (which increments the entries in order).
+  int step_lag[kMaxTensors];
   int64_t numel[kMaxTensors];
   int64_t chunk_start[kMaxTensors + 1];  // prefix sums of chunks per tensor
   int n_tensors;
@@ -55,9 +59,10 @@ __device__ __forceinline__ int find_tensor(const int64_t* chunk_start, int n, in
   return lo;
 }
 
+// Atomic: one step tensor may be shared by several entries (exact in float up to 2^24 steps).
 __global__ void increment_steps_kernel(AdamWMeta meta) {
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
-  if (i < meta.n_tensors) *meta.step[i] += 1.0f;
+  if (i < meta.n_tensors) atomicAdd(meta.step[i], 1.0f);
 }
 
 // The update of optim.h on one chunk. P: parameter/gradient type; S: state type (P, or float with
@@ -71,7 +76,7 @@ __global__ void __launch_bounds__(kThreads) adamw_kernel(AdamWMeta meta) {
   const int64_t end = min(begin + kChunk, meta.numel[t]);
 
   const double lr = *meta.lr;
-  const double step = static_cast<double>(*meta.step[t]);
+  const double step = static_cast<double>(*meta.step[t] - static_cast<float>(meta.step_lag[t]));
   const acc_t neg_step = static_cast<acc_t>(-lr / (1.0 - pow(meta.beta1, step)));
   const acc_t bc2_sqrt = static_cast<acc_t>(sqrt(1.0 - pow(meta.beta2, step)));
   const acc_t decay = static_cast<acc_t>(1.0 - lr * meta.weight_decay);
@@ -170,6 +175,8 @@ void fused_adamw_cuda(const AdamWParams& p, cudaStream_t stream) {
       meta.numel[i] = p.numel[s];
       meta.chunk_start[i + 1] = meta.chunk_start[i] + chunks_of(p.numel[s]);
     }
+    std::unordered_map<const float*, int> later;  // entries after the current one, per step tensor
+    for (int i = n - 1; i >= 0; --i) meta.step_lag[i] = later[meta.step[i]]++;
     meta.n_tensors = n;
     meta.lr = p.lr;
     meta.grad_scale = p.grad_scale;

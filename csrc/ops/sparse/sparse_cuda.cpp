@@ -1,7 +1,9 @@
 // CUDA glue of the sparse family: tensors → params, device guard, current stream, registration.
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/_assert_async.h>
 #include <ATen/ops/all.h>
 #include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -17,13 +19,21 @@ namespace pyfastpeft {
 namespace {
 
 struct CudaBackend {
-  // One device reduction and one flag read back; only a failure copies the indices to the host, to
-  // name the offending entry.
+  // Range and strict order are reduced on the device to one flag. Eagerly, the flag is read back (one
+  // host sync) and a failure copies the indices to the host to name the offending entry in a
+  // ValueError. While the stream is being captured into a CUDA graph no host read is allowed, so the
+  // flag feeds a device-side assert instead: a bad index then fails the replay with "device-side
+  // assert triggered" rather than a ValueError. The sampled-gradient kernel does not rely on either:
+  // it writes NaN for an out-of-range index instead of reading out of bounds.
   static void check_indices(const at::Tensor& indices, int64_t numel) {
     const int64_t k = indices.numel();
     if (k == 0) return;
     at::Tensor ok = indices.min().ge(0).logical_and(indices.max().lt(numel));
     if (k > 1) ok = ok.logical_and(indices.slice(0, 1).gt(indices.slice(0, 0, k - 1)).all());
+    if (c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None) {
+      at::_assert_async(ok, "indices: expected strictly increasing flat indices within the weight");
+      return;
+    }
     if (!ok.item<bool>()) sparse::check_indices_host(indices.cpu(), numel);
   }
 

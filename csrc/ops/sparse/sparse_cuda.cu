@@ -26,8 +26,13 @@ __global__ void __launch_bounds__(kThreads) sampled_grad_kernel(SampledGradParam
   const int lane = threadIdx.x % 32;
   const int64_t warp = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
   const int64_t n_warps = static_cast<int64_t>(gridDim.x) * kWarps;
+  const int64_t numel = p.out_features * p.in_features;
   for (int64_t j = warp; j < p.k; j += n_warps) {
     const int64_t flat = static_cast<int64_t>(idx[j]);
+    if (flat < 0 || flat >= numel) {  // never read out of bounds, whatever the caller checked
+      if (lane == 0) store_from_acc(out + j, static_cast<acc_t>(NAN));
+      continue;
+    }
     const T* a = gy_t + (flat / p.in_features) * p.n_rows;
     const T* b = x_t + (flat % p.in_features) * p.n_rows;
     acc_t acc = 0;
