@@ -45,13 +45,21 @@ class Progress:
 
             self.bar = tqdm(total=total, initial=start, desc=label, file=self.stream, dynamic_ncols=True)
 
+    def training_seconds(self) -> float:
+        """Seconds since the start, less the time spent in ``exclude``d work (evaluations)."""
+        return time.perf_counter() - self.t0
+
+    def exclude(self, seconds: float) -> None:
+        """Leave ``seconds`` (an evaluation between steps) out of the throughput and the ETA."""
+        self.t0 += seconds
+
     @property
     def tokens_per_second(self) -> float:
-        return self.tokens / max(1e-9, time.perf_counter() - self.t0)
+        return self.tokens / max(1e-9, self.training_seconds())
 
     def eta(self, step: int) -> float:
         done = step - self.start
-        return (time.perf_counter() - self.t0) / max(1, done) * (self.total - step)
+        return self.training_seconds() / max(1, done) * (self.total - step)
 
     def update(self, step: int, loss: float, tokens: int) -> None:
         self.tokens += tokens

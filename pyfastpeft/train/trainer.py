@@ -144,6 +144,7 @@ def train(model: torch.nn.Module, source, s: TrainSettings, info: DistInfo, log=
     local = s.batch_size // info.world_size
     rows = slice(info.rank * local, (info.rank + 1) * local)
     step, completed, t0 = start, True, time.perf_counter()
+    evaluation_seconds = 0.0
     model.train()
     with _InterruptFlag() as interrupt:
         for step in range(start + 1, s.steps + 1):
@@ -159,9 +160,14 @@ def train(model: torch.nn.Module, source, s: TrainSettings, info: DistInfo, log=
             history["loss"].append(global_loss)
             progress.update(step, global_loss, int(full.attention_mask.sum()))
             if step % eval_every == 0 or step == s.steps:
+                # evaluations are not training: their time stays out of tokens/s and ms/step
+                t_eval = time.perf_counter()
                 model.eval()
                 metric = source.evaluate(model, s.device)[source.metric_name]
                 model.train()
+                eval_seconds = time.perf_counter() - t_eval
+                progress.exclude(eval_seconds)
+                evaluation_seconds += eval_seconds
                 history["eval_step"].append(step)
                 history["metric"].append(metric)
                 progress.note(f"[eval] step {step}: {source.metric_name} {metric:.3f}")
@@ -170,7 +176,7 @@ def train(model: torch.nn.Module, source, s: TrainSettings, info: DistInfo, log=
                 completed = False
                 break
     progress.close()
-    elapsed = time.perf_counter() - t0
+    elapsed = time.perf_counter() - t0 - evaluation_seconds
     model.eval()
     ckpt = None
     trained = gather_full(trainable_state(model))
