@@ -2,6 +2,7 @@
 //
 // Dot products use ATen's Vectorized (its AVX2 or AVX-512 specialisation in those levels' copies, see
 // optim_kernels_cpu.cpp): GCC does not vectorize a float reduction without -ffast-math.
+#include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/Parallel.h>
 
