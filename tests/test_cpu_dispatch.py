@@ -18,8 +18,7 @@ from safetensors.torch import load_file
 
 import pyfastpeft
 
-sys.path.insert(0, str(Path(__file__).parent))
-import cpu_levels_probe as probe  # noqa: E402
+from tests import cpu_levels_probe as probe
 
 INFO = pyfastpeft.build_info()
 BUILT = INFO["cpu_capabilities_built"]
