@@ -70,7 +70,7 @@ def test_empty_setting_means_detect():
 
 # ---- the instructions in the built library ----------------------------------------------------------
 _FUNC = re.compile(r"^[0-9a-f]+ <(.*)>:$")
-_CALL = re.compile(r"\s(?:call|jmp)\s+[0-9a-f]+ <([^>+]*)(?:\+0x[0-9a-f]+)?>")
+_CALL = re.compile(r"\s(?:call|jmp)\s+[0-9a-f]+ <(.*?)(?:\+0x[0-9a-f]+)?>$")
 _AVX = re.compile(r"%[yz]mm\d|^\s*[0-9a-f]+:\s+v[a-z0-9]+\s.*%xmm")
 _ZMM = re.compile(r"%zmm\d")
 _LEVEL_NAME = re.compile(r"\bpyfastpeft::(AVX2|AVX512)::|at::vec::(AVX2|AVX512)::")

@@ -3,6 +3,7 @@
 // The float32-state update is written with ATen's Vectorized<float>: GCC does not vectorize a loop holding
 // std::sqrt while -fmath-errno is on (the default), and that loop is all this file does. Its AVX2 and
 // AVX-512 specialisations follow CPU_CAPABILITY_<LEVEL>, which the build sets for each level's copy.
+#include <ATen/cpu/vec/functional.h>  // convert_to/from_float for 16-bit types (every level)
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
