@@ -30,9 +30,21 @@ try:
 except ImportError as err:  # pragma: no cover - a broken or partial build
     raise ImportError(f"pyfastpeft's compiled extension failed to load ({err}). {_REBUILD}") from err
 
+# The CPU kernels' instruction-set level is chosen now, so that a PYFASTPEFT_CPU_CAPABILITY this
+# machine cannot honour fails the import with its reason rather than the first op call.
+try:
+    _C._cpu_capability()
+except RuntimeError as err:
+    raise ImportError(str(err)) from err
+
 
 def build_info() -> dict:
-    """What was compiled: ``cuda_built``, ``cuda_archs`` and the ``torch_version`` it was built against."""
+    """What was compiled and what runs.
+
+    ``cuda_built``, ``cuda_archs``, the ``torch_version`` it was built against;
+    ``cpu_capability``: the CPU kernels' level in use (``default``, ``avx2`` or ``avx512``);
+    ``cpu_capabilities_built``: the levels compiled in; ``cpu_capabilities_runnable``: those this CPU runs.
+    """
     return dict(_C.build_info())
 
 

@@ -3,11 +3,14 @@ running each adapter on its own sequences."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
 import pyfastpeft as pf
 from pyfastpeft.models import TinyLlamaConfig, TinyLlamaForCausalLM
+from tests.conftest import low_precision_error_bound
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -124,7 +127,13 @@ def test_mixed_batch_compiles_without_graph_breaks():
 
 def assert_mixed_equals_separate(model, ids, names):
     """Logits and the gradients of every adapter tensor from one mixed batch equal those of running each
-    sequence through its own adapter (or the base) on its own."""
+    sequence through its own adapter (or the base) on its own: both are float32 approximations of the
+    same float64 gradients, and the mixed batch may be off by at most a few times what the separate runs
+    are (plus two roundings at the gradient's size, low_precision_error_bound): the error of a float32
+    backward through the network is a sum of many roundings, and one sample of it (the separate runs')
+    can be small by luck, so the factor is 4, not the single-op tests' 2. Comparing the two float32
+    results with each other directly would not do: they sum in different orders, and a gradient element
+    that is a small difference of large terms can differ by many times its own rounding."""
     params = adapter_params(model)
     for _, p in params:
         p.requires_grad_(True)
@@ -133,8 +142,12 @@ def assert_mixed_equals_separate(model, ids, names):
     sep, _ = separate(model, ids, names)
     torch.testing.assert_close(mixed, sep, rtol=1e-5, atol=1e-5)
     sep_grads = torch.autograd.grad(separate(model, ids, names)[0].square().sum(), [p for _, p in params])
-    for (name, _), g_mixed, g_sep in zip(params, mixed_grads, sep_grads, strict=True):
-        torch.testing.assert_close(g_mixed, g_sep, rtol=1e-4, atol=1e-5, msg=name)
+    ref_model = copy.deepcopy(model).double()
+    ref_params = adapter_params(ref_model)
+    ref_grads = torch.autograd.grad(separate(ref_model, ids, names)[0].square().sum(), [p for _, p in ref_params])
+    for (name, _), g_mixed, g_sep, g_ref in zip(params, mixed_grads, sep_grads, ref_grads, strict=True):
+        err, bound = low_precision_error_bound(g_mixed, g_sep, g_ref, factor=4.0)
+        assert err <= bound, (name, err, bound)
     for adapter in {n for n in names if n != "__base__"}:
         assert any(g.abs().sum() > 0 for (n, _), g in zip(params, mixed_grads, strict=True) if f".{adapter}." in n)
     return params, mixed_grads

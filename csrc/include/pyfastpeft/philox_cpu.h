@@ -1,6 +1,9 @@
 // Vectorised Philox dropout masks for CPU kernels: the same stream as philox.h (and so as the CUDA
 // kernels), produced 16 blocks (128 elements) at a time.
 #pragma once
+#ifndef CPU_CAPABILITY
+#error "kernel header: include it only from a *_kernels_cpu.cpp, which is compiled once per CPU level"
+#endif
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -13,6 +16,7 @@
 #endif
 
 namespace pyfastpeft::cpu {
+inline namespace CPU_CAPABILITY {  // one copy per CPU level (pyfastpeft/cpu_dispatch.h)
 
 // Philox for kBatch consecutive 8-element blocks at once, producing the same words as
 // philox4x32_10() in philox.h (which the CUDA kernels use). The compiler does not vectorise the
@@ -234,4 +238,5 @@ inline __mmask16 keep_bits_at(const uint16_t* bits, int64_t bit) {
 }
 #endif
 
+}  // namespace CPU_CAPABILITY
 }  // namespace pyfastpeft::cpu

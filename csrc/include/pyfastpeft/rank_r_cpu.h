@@ -11,10 +11,14 @@
 // tensor views; with 32 adapters of 64 tokens those were most of the overhead.
 // Written on GCC/Clang vector extensions (64-byte packs: one AVX-512 register, two AVX2 ones).
 #pragma once
+#ifndef CPU_CAPABILITY
+#error "kernel header: include it only from a *_kernels_cpu.cpp, which is compiled once per CPU level"
+#endif
 #include <cstdint>
 #include <cstring>
 
 namespace pyfastpeft::rank_r {
+inline namespace CPU_CAPABILITY {  // one copy per CPU level (pyfastpeft/cpu_dispatch.h)
 
 typedef float f32x16 __attribute__((vector_size(64)));
 typedef double f64x8 __attribute__((vector_size(64)));
@@ -216,4 +220,5 @@ void expand(const T* xa, int64_t rank, const int64_t* rows, int64_t n_rows, cons
   for (; i < n_rows; ++i) expand_rows<T, 1>(xa, rank, rows + i, Bt, out_cols, bias, s, accumulate, y);
 }
 
+}  // namespace CPU_CAPABILITY
 }  // namespace pyfastpeft::rank_r

@@ -2,6 +2,9 @@
 // families): the rows are cut into fixed slabs, each slab adds its rows into its own partial row (in
 // the accumulation type), and the partial rows are then added in slab order.
 #pragma once
+#ifndef CPU_CAPABILITY
+#error "kernel header: include it only from a *_kernels_cpu.cpp, which is compiled once per CPU level"
+#endif
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -9,6 +12,7 @@
 #include <vector>
 
 namespace pyfastpeft::cpu {
+inline namespace CPU_CAPABILITY {  // one copy per CPU level (pyfastpeft/cpu_dispatch.h)
 
 inline int64_t num_slabs(int64_t n_rows, int64_t rows_per_slab) {
   return std::max<int64_t>(1, (n_rows + rows_per_slab - 1) / rows_per_slab);
@@ -47,4 +51,5 @@ void slab_column_sums(int64_t n_rows, int64_t cols, int64_t rows_per_slab, AddRo
   sum_slabs(partial, n_slabs, cols, out);
 }
 
+}  // namespace CPU_CAPABILITY
 }  // namespace pyfastpeft::cpu

@@ -1,4 +1,5 @@
-// CPU kernels of the bias family (BitFit linear) and their registration.
+// CPU glue of the bias family (BitFit linear) and its registration; the column sums of db run in
+// bias_kernels_cpu.cpp, compiled once per CPU capability level.
 //
 // forward:  y = x·Wᵀ + b                           (one addmm; nothing of x is kept for the backward)
 // backward: dx = dy·W, db[o] = Σ_n dy[n, o]        (bias.h)
@@ -6,7 +7,6 @@
 // db does not depend on the number of threads. Fusing the two (each thread running the GEMM of its
 // rows, then summing the same cache-warm rows) was measured 2-7 % slower at N = 2048, in = out = 1024
 // on 2 threads than one GEMM plus this column sum, which costs ~3 % of the GEMM (bench/bench_bias.py).
-#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
@@ -18,23 +18,10 @@
 #include <tuple>
 
 #include "bias_impl.h"
-#include "pyfastpeft/dispatch.h"
-#include "pyfastpeft/slab_reduce_cpu.h"
+#include "bias_kernels_cpu.h"
 
 namespace pyfastpeft {
 namespace {
-
-// Rows per column-sum slab: fixes the summation order of db.
-constexpr int64_t kRows = 128;
-
-// acc[o] += Σ_{n < rows} dy[n·row_stride + o]; the inner loop over o is independent per o, so it vectorizes.
-template <typename T, typename A>
-void add_column_sums(const T* dy, int64_t rows, int64_t cols, int64_t row_stride, A* acc) {
-  for (int64_t n = 0; n < rows; ++n) {
-    const T* row = dy + n * row_stride;
-    for (int64_t o = 0; o < cols; ++o) acc[o] += static_cast<A>(row[o]);
-  }
-}
 
 at::Tensor bias_only_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
   bias::check_forward(x, weight, bias);
@@ -54,17 +41,8 @@ std::tuple<at::Tensor, at::Tensor> bias_only_linear_backward_cpu(const at::Tenso
   at::Tensor db = need_db ? at::empty({out}, dy2.options()) : at::empty({0}, dy2.options());
   if (need_dx) at::mm_out(dx, dy2, weight);
   if (need_db) {
-    PFP_DISPATCH_FLOATING(dy2.scalar_type(), "bias_only_linear_backward", [&] {
-      using acc_t = acc_type<scalar_t>;
-      const scalar_t* dy_ptr = dy2.const_data_ptr<scalar_t>();
-      const int64_t row_stride = dy2.stride(0);
-      cpu::slab_column_sums<acc_t>(
-          n_rows, out, kRows,
-          [&](int64_t r0, int64_t rows, acc_t* acc) {
-            add_column_sums(dy_ptr + r0 * row_stride, rows, out, row_stride, acc);
-          },
-          db.mutable_data_ptr<scalar_t>());
-    });
+    bias_cpu_kernels().column_sums({dy2.const_data_ptr(), n_rows, out, dy2.stride(0), db.mutable_data_ptr(),
+                                    to_dtype(dy2.scalar_type())});
   }
   if (need_dx) dx = dx.view(bias::dx_shape(grad_y, weight));
   return {dx, db};

@@ -6,12 +6,16 @@
 // so float uses Cephes' single-precision polynomials (within 2 ulp on the ranges a softmax sees);
 // double (used for gradcheck) keeps std::exp/std::log lane by lane.
 #pragma once
+#ifndef CPU_CAPABILITY
+#error "kernel header: include it only from a *_kernels_cpu.cpp, which is compiled once per CPU level"
+#endif
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
 
 namespace pyfastpeft::simd {
+inline namespace CPU_CAPABILITY {  // one copy per CPU level (pyfastpeft/cpu_dispatch.h)
 
 typedef float f32x8 __attribute__((vector_size(32)));
 typedef int32_t i32x8 __attribute__((vector_size(32)));
@@ -178,4 +182,5 @@ inline A max_of(const A* x, int64_t n) {
   return m;
 }
 
+}  // namespace CPU_CAPABILITY
 }  // namespace pyfastpeft::simd

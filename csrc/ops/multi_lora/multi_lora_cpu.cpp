@@ -2,7 +2,8 @@
 //
 // Tokens are grouped by adapter on the host (the CPU is the host: no synchronisation to avoid).
 // float32/float64 forward: a stable counting sort lists each adapter's token rows, and the rank-r
-// shrink and expand run over those rows in register-blocked kernels (pyfastpeft/rank_r_cpu.h) that
+// shrink and expand run over those rows in register-blocked kernels (pyfastpeft/rank_r_cpu.h, compiled once per CPU capability level and
+// called through multi_lora_cpu_kernels()) that
 // read x and write y in place, so neither runs nor scattered tokens are gathered, and no BLAS call or
 // tensor view is made per adapter. The frozen product x·Wᵀ is one BLAS call over all tokens,
 // accumulated into y after the expand.
@@ -33,7 +34,7 @@
 #include "../lora/lora.h"
 #include "multi_lora.h"
 #include "multi_lora_impl.h"
-#include "pyfastpeft/rank_r_cpu.h"
+#include "multi_lora_kernels_cpu.h"
 
 namespace pyfastpeft {
 namespace {
@@ -181,13 +182,13 @@ void multi_lora_forward_rows(const at::Tensor& x2, const at::Tensor& xd, const a
                              const std::optional<at::Tensor>& bias, const at::Tensor& lora_A, const at::Tensor& lora_B,
                              const std::vector<double>& scale, const SortedTokens& sorted, const Shapes& s,
                              at::Tensor& xa, at::Tensor& y) {
-  namespace mk = rank_r;
+  const RankROps<T>& mk = rank_r_ops<T>();
   constexpr int64_t kRowBlock = 64;
   const int64_t in = s.in_features, out = s.out_features, r = s.rank;
   // A stored as Aᵀ [K, in, r] (r a whole number of packs) and B as Bᵀ [K, r, out], the layouts the
   // kernels read, are used in place: MultiLoRALinear keeps its inference stack that way, so serving
   // does not transpose every adapter on every call. Any other layout is packed per call.
-  const bool A_packed = r == mk::padded_rank<T>(r) && lora_A.stride(0) == in * r && lora_A.stride(1) == 1 &&
+  const bool A_packed = r == mk.padded_rank(r) && lora_A.stride(0) == in * r && lora_A.stride(1) == 1 &&
                         lora_A.stride(2) == r;
   const bool B_packed = lora_B.stride(0) == r * out && lora_B.stride(1) == 1 && lora_B.stride(2) == out;
   const at::Tensor A = A_packed ? lora_A : lora_A.contiguous(), B = B_packed ? lora_B : lora_B.contiguous();
@@ -218,19 +219,19 @@ void multi_lora_forward_rows(const at::Tensor& x2, const at::Tensor& xd, const a
     const T* At = A_data + k * r * in;
     const T* Bt = B_data + k * out * r;
     if (!A_packed) {
-      A_storage.reset(new T[in * mk::padded_rank<T>(r)]);
-      mk::pack_At(At, r, in, A_storage.get());
+      A_storage.reset(new T[in * mk.padded_rank(r)]);
+      mk.pack_At(At, r, in, A_storage.get());
       At = A_storage.get();
     }
     if (!B_packed) {
       B_storage.reset(new T[r * out]);
-      mk::transpose(Bt, out, r, B_storage.get(), out);
+      mk.transpose(Bt, out, r, B_storage.get(), out);
       Bt = B_storage.get();
     }
     for (int64_t i = begin; i < end; i += kRowBlock) {
       const int64_t len = std::min(kRowBlock, end - i);
-      mk::shrink(x_data, in, rows + i, len, At, in, xa_data, r);
-      mk::expand(xa_data, r, rows + i, len, Bt, out, b_data, static_cast<T>(scale[k]), y_data);
+      mk.shrink(x_data, in, rows + i, len, At, in, xa_data, r, T(1));
+      mk.expand(xa_data, r, rows + i, len, Bt, out, b_data, static_cast<T>(scale[k]), y_data, false);
     }
   });
   y.addmm_(x2, weight.t());
@@ -299,8 +300,8 @@ std::tuple<at::Tensor, at::Tensor> multi_lora_linear_cpu(const at::Tensor& x, co
 template <typename T>
 void backward_rank_rows(const T* dy, const T* B_k, const T* A_k, int64_t out, int64_t in, int64_t r,
                         const int64_t* rows, int64_t len, T s, T* u, T* dx, bool accumulate) {
-  namespace mk = rank_r;
-  const int64_t rp = mk::padded_rank<T>(r);
+  const RankROps<T>& mk = rank_r_ops<T>();
+  const int64_t rp = mk.padded_rank(r);
   std::unique_ptr<T[]> padded;
   if (rp != r) {
     padded.reset(new T[out * rp]);
@@ -310,8 +311,8 @@ void backward_rank_rows(const T* dy, const T* B_k, const T* A_k, int64_t out, in
     }
     B_k = padded.get();
   }
-  mk::shrink(dy, out, rows, len, B_k, out, u, r, s);
-  if (dx) mk::expand(u, r, rows, len, A_k, in, static_cast<const T*>(nullptr), T(1), dx, accumulate);
+  mk.shrink(dy, out, rows, len, B_k, out, u, r, s);
+  if (dx) mk.expand(u, r, rows, len, A_k, in, static_cast<const T*>(nullptr), T(1), dx, accumulate);
 }
 
 // output_mask: which of (dx, dW, db, dA, dB) to compute; the others come back as empty tensors.

@@ -1,55 +1,26 @@
-// CPU kernels of the quant family (quant_kernels_cpu.h) and their registration.
+// CPU glue of the quant family: allocation and registration. The kernels (quant_kernels_cpu.cpp,
+// compiled once per CPU capability level) run through quant_cpu_kernels().
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include "quant.h"
 #include "quant_impl.h"
-#include "quant_kernels_cpu.h"
+#include "quant_kernels_cpu_table.h"
 
 namespace pyfastpeft {
 namespace {
 
-template <template <typename> class Kernel, class Params>
-void run(const Params& p) {
-  switch (p.dtype) {
-    case DType::Float64: return Kernel<double>::run(p);
-    case DType::Float32: return Kernel<float>::run(p);
-    case DType::BFloat16: return Kernel<at::BFloat16>::run(p);
-    case DType::Float16: return Kernel<at::Half>::run(p);
-  }
-}
-
-template <typename T>
-struct FakeQuantizeKernel {
-  static void run(const FakeQuantParams& p) { quant_cpu::fake_quantize<T>(p); }
-};
-template <typename T>
-struct ApplyKernel {
-  static void run(const FakeQuantApplyParams& p) {
-    quant_cpu::apply<T>(static_cast<const T*>(p.x), static_cast<T*>(p.out), static_cast<const acc_type<T>*>(p.scale),
-                        p.zero_point, p.layout, p.qmin, p.qmax);
-  }
-};
-template <typename T>
-struct BackwardKernel {
-  static void run(const FakeQuantBackwardParams& p) { quant_cpu::fake_quantize_backward<T>(p); }
-};
-template <typename T>
-struct LsqBackwardKernel {
-  static void run(const LsqBackwardParams& p) { quant_cpu::lsq_backward<T>(p); }
-};
-
 struct CpuBackend {
-  static void fake_quantize(const FakeQuantParams& p) { run<FakeQuantizeKernel>(p); }
-  static void apply(const FakeQuantApplyParams& p) { run<ApplyKernel>(p); }
-  static void backward(const FakeQuantBackwardParams& p) { run<BackwardKernel>(p); }
+  static void fake_quantize(const FakeQuantParams& p) { quant_cpu_kernels().fake_quantize(p); }
+  static void apply(const FakeQuantApplyParams& p) { quant_cpu_kernels().apply(p); }
+  static void backward(const FakeQuantBackwardParams& p) { quant_cpu_kernels().backward(p); }
   static std::tuple<at::Tensor, at::Tensor> lsq_backward(LsqBackwardParams& p, const at::Tensor& scale, bool has_zp) {
     at::Tensor dscale = at::empty({p.layout.channels}, scale.options());
     at::Tensor dzero = at::empty({has_zp ? p.layout.channels : 0}, scale.options());
     p.grad_scale = dscale.mutable_data_ptr();
     p.grad_zero_point = has_zp ? dzero.mutable_data_ptr() : nullptr;
-    run<LsqBackwardKernel>(p);
+    quant_cpu_kernels().lsq_backward(p);
     return {dscale, dzero};
   }
 };

@@ -1,4 +1,4 @@
-// CPU kernels of the quant family (formulas in quant.h). Included by quant_cpu.cpp only.
+// CPU kernels of the quant family (formulas in quant.h). Included by quant_kernels_cpu.cpp only.
 //
 // Two schedules:
 //  - contiguous groups (pre == 1, enough groups to feed every thread): one task per group reads the
@@ -8,6 +8,9 @@
 // Inner loops run over a stretch where the group is constant (post > 1) or advances by one per element
 // (post == 1), so both vectorize.
 #pragma once
+#ifndef CPU_CAPABILITY
+#error "kernel header: include it only from a *_kernels_cpu.cpp, which is compiled once per CPU level"
+#endif
 #include <ATen/Parallel.h>
 
 #if defined(__AVX2__)
@@ -23,6 +26,7 @@
 #include "quant.h"
 
 namespace pyfastpeft::quant_cpu {
+inline namespace CPU_CAPABILITY {  // one copy per CPU level (pyfastpeft/cpu_dispatch.h)
 
 constexpr int64_t kGrain = 32768;
 
@@ -419,4 +423,5 @@ void lsq_backward(const LsqBackwardParams& p) {
   }
 }
 
+}  // namespace CPU_CAPABILITY
 }  // namespace pyfastpeft::quant_cpu

@@ -1,0 +1,198 @@
+// CPU kernel of the distillation family, compiled once per capability level (see
+// pyfastpeft/cpu_dispatch.h).
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "distill.h"
+#include "distill_kernels_cpu.h"
+#include "distill_simd.h"
+#include "pyfastpeft/dispatch.h"
+
+namespace pyfastpeft::CPU_CAPABILITY {
+namespace {
+
+// Running (max, Σ exp(x − max)) of an online softmax, merged one tile at a time.
+template <typename A>
+struct OnlineSoftmax {
+  A max = -std::numeric_limits<A>::infinity();
+  A sum = 0;
+  // Moves to max(max, tile_max), rescaling the sum, and returns the new max.
+  A rebase(A tile_max) {
+    if (tile_max > max) {
+      sum = max == -std::numeric_limits<A>::infinity() ? A(0) : sum * std::exp(max - tile_max);
+      max = tile_max;
+    }
+    return max;
+  }
+  A logsumexp() const { return max + std::log(sum); }
+};
+
+// Per-thread scratch rows (float32, float64 for float64 inputs): z = s/T, u = t/T and, when the
+// cross-entropy needs softmax(s) at T != 1, w = s.
+template <typename A>
+struct RowScratch {
+  std::vector<A> z, u, w;
+  explicit RowScratch(int64_t vocab) : z(vocab), u(vocab), w(vocab) {}
+};
+
+// One row of the loss (see distill.h). The row is read from memory once, in 512-element tiles: each
+// tile is converted into the scratch rows and folded into the online-softmax statistics (sweep 1).
+// The later sweeps (the divergence and the gradient) run over the scratch rows, which stay in cache.
+constexpr int64_t kTile = 512;
+
+template <typename T>
+void kd_loss_row(const KdLossParams& p, int64_t row, int64_t n_valid, RowScratch<acc_type<T>>& scratch) {
+  using A = acc_type<T>;
+  const int64_t V = p.vocab;
+  const T* s = static_cast<const T*>(p.student) + row * p.student_stride;
+  const T* t = static_cast<const T*>(p.teacher) + row * p.teacher_stride;
+  T* grad = p.grad == nullptr ? nullptr : static_cast<T*>(p.grad) + row * V;
+  A* row_loss = static_cast<A*>(p.row_loss) + row;
+  A* z = scratch.z.data();
+  A* u = scratch.u.data();
+  A* w = scratch.w.data();
+
+  int64_t label = -1;
+  if (p.labels != nullptr) {
+    label = p.labels[row];
+    if (label == p.ignore_index) {
+      *row_loss = 0;
+      if (grad != nullptr) std::fill(grad, grad + V, T(0));
+      return;
+    }
+    if (label < 0 || label >= V) {
+      // Reported as a ValueError by the caller; never used as an index.
+      std::atomic_ref<int32_t>(*p.bad_label).store(1, std::memory_order_relaxed);
+      *row_loss = std::numeric_limits<A>::quiet_NaN();
+      if (grad != nullptr) std::fill(grad, grad + V, T(0));
+      return;
+    }
+  }
+  const A temperature = static_cast<A>(p.temperature);
+  const A inv_T = A(1) / temperature;
+  const A alpha = static_cast<A>(p.alpha);
+  const bool with_ce = alpha != A(0);
+  const bool ce_on_z = p.temperature == 1.0;  // softmax(s) = softmax(z): one set of statistics serves both
+  const bool keep_w = with_ce && !ce_on_z;
+
+  // Sweep 1: online softmax statistics of z, u and (keep_w) of s itself, tile by tile.
+  OnlineSoftmax<A> sz, su, ss;
+  for (int64_t j0 = 0; j0 < V; j0 += kTile) {
+    const int64_t n = std::min(kTile, V - j0);
+    A* zt = z + j0;
+    A* ut = u + j0;
+    A* wt = w + j0;
+    for (int64_t j = 0; j < n; ++j) {
+      zt[j] = static_cast<A>(s[j0 + j]) * inv_T;
+      ut[j] = static_cast<A>(t[j0 + j]) * inv_T;
+    }
+    const A mz = sz.rebase(simd::max_of(zt, n));
+    const A mu = su.rebase(simd::max_of(ut, n));
+    sz.sum += simd::sweep_sum<A>(n, [&](int64_t j, auto tag) { return simd::exp(simd::load(tag, zt + j) - mz); });
+    su.sum += simd::sweep_sum<A>(n, [&](int64_t j, auto tag) { return simd::exp(simd::load(tag, ut + j) - mu); });
+    if (keep_w) {
+      for (int64_t j = 0; j < n; ++j) wt[j] = static_cast<A>(s[j0 + j]);
+      const A ms = ss.rebase(simd::max_of(wt, n));
+      ss.sum += simd::sweep_sum<A>(n, [&](int64_t j, auto tag) { return simd::exp(simd::load(tag, wt + j) - ms); });
+    }
+  }
+  const A lse_z = sz.logsumexp(), lse_u = su.logsumexp();
+  const A lse_s = keep_w ? ss.logsumexp() : lse_z * temperature;
+  const A ce = !with_ce ? A(0) : (ce_on_z ? lse_z - z[label] : lse_s - w[label]);
+
+  const A scale = A(1) / static_cast<A>(std::max<int64_t>(n_valid, 1));
+  const A c_ce = alpha * scale;                          // on softmax(s) − onehot(label)
+  const A c_kd = (A(1) - alpha) * temperature * scale;   // on ∂D/∂z
+  // c_ce·softmax(s)_j given ps_j = softmax(z)_j (w is still in cache when T != 1).
+  auto ce_grad = [&](int64_t j, auto tag, auto ps) {
+    if (!with_ce) return decltype(ps){} * A(0);
+    if (ce_on_z) return ps * c_ce;
+    return simd::exp(simd::load(tag, w + j) - lse_s) * c_ce;
+  };
+
+  // Sweep 2: the divergence D. The forward KL also writes the gradient here (ps − pt needs nothing
+  // beyond the row's statistics); reverse KL and JS leave ps in z and their per-element factor in u.
+  A D = 0;
+  A centre = 0;
+  if (p.divergence == Divergence::ForwardKL && grad == nullptr) {
+    D = simd::sweep_sum<A>(V, [&](int64_t j, auto tag) {
+      const auto lu = simd::load(tag, u + j) - lse_u;
+      return simd::exp(lu) * (lu - (simd::load(tag, z + j) - lse_z));
+    });
+  } else if (p.divergence == Divergence::ForwardKL) {
+    D = simd::sweep_sum<A>(V, [&](int64_t j, auto tag) {
+      const auto lz = simd::load(tag, z + j) - lse_z;
+      const auto lu = simd::load(tag, u + j) - lse_u;
+      const auto ps = simd::exp(lz), pt = simd::exp(lu);
+      simd::store_as(tag, grad + j, (ps - pt) * c_kd + ce_grad(j, tag, ps));
+      return pt * (lu - lz);
+    });
+  } else if (p.divergence == Divergence::ReverseKL) {
+    D = simd::sweep_sum<A>(V, [&](int64_t j, auto tag) {
+      const auto lz = simd::load(tag, z + j) - lse_z;
+      const auto d = lz - (simd::load(tag, u + j) - lse_u);
+      const auto ps = simd::exp(lz);
+      simd::store(tag, z + j, ps);
+      simd::store(tag, u + j, d);
+      return ps * d;
+    });
+    centre = D;  // ∂D/∂z = ps ⊙ ((ls − lt) − D)
+  } else {
+    // JS with m = ½(ps + pt): D = Σ ps·g + ½pt·(lt − log m), g = ½(ls − log m); ∂D/∂z = ps ⊙ (g − Σ ps·g).
+    D = simd::sweep_sum<A>(V, [&](int64_t j, auto tag) {
+      const auto lz = simd::load(tag, z + j) - lse_z;
+      const auto lu = simd::load(tag, u + j) - lse_u;
+      const auto ps = simd::exp(lz), pt = simd::exp(lu);
+      const auto lm = simd::log((ps + pt) * A(0.5));
+      const auto g = (lz - lm) * A(0.5);
+      simd::store(tag, z + j, ps);
+      simd::store(tag, u + j, g);
+      return ps * g + pt * (lu - lm) * A(0.5);
+    });
+    if (grad != nullptr) {
+      centre = simd::sweep_sum<A>(V, [&](int64_t j, auto tag) { return simd::load(tag, z + j) * simd::load(tag, u + j); });
+    }
+  }
+  if (grad != nullptr && p.divergence != Divergence::ForwardKL) {
+    // Sweep 3: the gradient from ps (in z) and the per-element factor (in u).
+    simd::sweep<A>(V, [&](int64_t j, auto tag) {
+      const auto ps = simd::load(tag, z + j);
+      simd::store_as(tag, grad + j, ps * (simd::load(tag, u + j) - centre) * c_kd + ce_grad(j, tag, ps));
+    });
+  }
+  if (grad != nullptr && with_ce) grad[label] = static_cast<T>(static_cast<A>(grad[label]) - c_ce);
+  *row_loss = (alpha * ce + (A(1) - alpha) * temperature * temperature * D) * scale;
+}
+
+template <typename T>
+void kd_loss_rows_kernel(const KdLossParams& p) {
+  using A = acc_type<T>;
+  const int64_t n_valid = *p.n_valid;
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(p.vocab, 1));
+  at::parallel_for(0, p.n_rows, grain, [&](int64_t begin, int64_t end) {
+    RowScratch<A> scratch(p.vocab);
+    for (int64_t row = begin; row < end; ++row) kd_loss_row<T>(p, row, n_valid, scratch);
+  });
+}
+
+void kd_loss_rows(const KdLossParams& params) {
+  if (params.n_rows == 0) return;
+  switch (params.dtype) {
+    case DType::Float64: return kd_loss_rows_kernel<double>(params);
+    case DType::Float32: return kd_loss_rows_kernel<float>(params);
+    case DType::BFloat16: return kd_loss_rows_kernel<at::BFloat16>(params);
+    case DType::Float16: return kd_loss_rows_kernel<at::Half>(params);
+  }
+}
+
+}  // namespace
+
+constinit const DistillCpuKernels distill_cpu_kernels{&kd_loss_rows};
+
+}  // namespace pyfastpeft::CPU_CAPABILITY

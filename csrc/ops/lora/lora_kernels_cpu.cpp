@@ -1,0 +1,364 @@
+// CPU kernels of the LoRA family, compiled once per capability level (see pyfastpeft/cpu_dispatch.h).
+//
+// The frozen product and (without dropout) the rank-r products run on MKL through ATen. With dropout,
+// the rank-r work is fused with the mask so that neither the mask nor drop(x) is ever written to memory:
+// each block's mask is drawn into a cache-resident buffer and consumed there; in the float32 backward
+// (AVX-512) the mask is applied as bits by masked loads and stores inside our own rank-r kernels.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/mm.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "lora.h"
+#include "lora_kernels_cpu.h"
+#include "pyfastpeft/dispatch.h"
+#include "pyfastpeft/philox_cpu.h"
+
+namespace pyfastpeft::CPU_CAPABILITY {
+namespace {
+
+using cpu::dropout_scale_range;
+using cpu::kPhiloxGroup;
+
+template <typename acc_t>
+struct MaskStream {
+  uint64_t seed, offset;
+  uint32_t threshold;
+  acc_t scale;
+  MaskStream(const int64_t* rng_state, float p, double scale_)
+      : seed(static_cast<uint64_t>(rng_state[0])),
+        offset(static_cast<uint64_t>(rng_state[1])),
+        threshold(dropout_threshold(p)),
+        scale(static_cast<acc_t>(scale_)) {}
+  void row(int64_t e0, int64_t n, acc_t* keep) const { dropout_scale_range(e0, n, seed, offset, threshold, scale, keep); }
+  // out = in ⊙ mask·scale over the same elements
+  template <typename T>
+  void mul_row(int64_t e0, int64_t n, const T* in, acc_t* out) const {
+    cpu::dropout_mul_range(e0, n, seed, offset, threshold, scale, in, out);
+  }
+#if defined(__AVX512F__)
+  // the mask of [e0, e0 + n) as bits (see cpu::dropout_keep_bits); `bits` is resized to fit
+  void bits(int64_t e0, int64_t n, std::vector<uint16_t>& out, const void* ahead = nullptr,
+            int64_t ahead_bytes = 0) const {
+    out.resize(cpu::keep_bits_words(e0, n));
+    cpu::dropout_keep_bits(e0, n, seed, offset, threshold, out.data(), ahead, ahead_bytes);
+  }
+#endif
+};
+
+// out0 = in0 ⊙ mask·scale (and out1 = in1 ⊙ mask·scale), split on whole Philox groups.
+template <typename T>
+void dropout_apply_kernel(const DropoutParams& p) {
+  using acc_t = acc_type<T>;
+  const MaskStream<acc_t> mask(p.rng_state, p.p, p.scale);
+  const T* in0 = static_cast<const T*>(p.in0);
+  const T* in1 = static_cast<const T*>(p.in1);
+  T* out0 = static_cast<T*>(p.out0);
+  T* out1 = static_cast<T*>(p.out1);
+  const int64_t numel = p.numel;
+  const int64_t n_groups = (numel + kPhiloxGroup - 1) / kPhiloxGroup;
+  at::parallel_for(0, n_groups, 64, [&](int64_t begin, int64_t end) {
+    acc_t keep[kPhiloxGroup];
+    for (int64_t group = begin; group < end; ++group) {
+      const int64_t e0 = group * kPhiloxGroup;
+      const int64_t n = std::min<int64_t>(kPhiloxGroup, numel - e0);
+      mask.row(e0, n, keep);
+      for (int64_t i = 0; i < n; ++i) out0[e0 + i] = static_cast<T>(static_cast<acc_t>(in0[e0 + i]) * keep[i]);
+      if (in1 != nullptr) {
+        for (int64_t i = 0; i < n; ++i) out1[e0 + i] = static_cast<T>(static_cast<acc_t>(in1[e0 + i]) * keep[i]);
+      }
+    }
+  });
+}
+
+// A [r, in] in the accumulation type (a copy only when T is a 16-bit type).
+template <typename T, typename acc_t>
+const acc_t* as_acc(const T* src, int64_t n, std::vector<acc_t>& storage) {
+  if constexpr (std::is_same_v<T, acc_t>) {
+    return src;
+  } else {
+    storage.resize(n);
+    for (int64_t i = 0; i < n; ++i) storage[i] = static_cast<acc_t>(src[i]);
+    return storage.data();
+  }
+}
+
+// Rows per block of the fused dropout kernels: a block's masked input (rows × in, in the accumulation
+// type) stays in L2 while MKL multiplies it, so drop(x) never goes to memory. About 128K elements
+// (64 to 128 rows): fewer, larger BLAS calls measured faster than 64-row blocks at in = 512 and 1024.
+inline int64_t row_block(int64_t in_features) {
+  return std::clamp<int64_t>(131072 / std::max<int64_t>(in_features, 1), 64, 128);
+}
+
+template <typename acc_t>
+at::Tensor wrap(acc_t* data, at::IntArrayRef sizes) {
+  return at::from_blob(data, sizes, at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value));
+}
+
+// Splits [0, n_rows) into one contiguous part per thread; fn(part, row_begin, row_end).
+template <class F>
+void for_each_part(int64_t n_rows, int64_t n_parts, F&& fn) {
+  at::parallel_for(0, n_parts, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t part = begin; part < end; ++part) fn(part, n_rows * part / n_parts, n_rows * (part + 1) / n_parts);
+  });
+}
+
+// Row parts of the dA reduction: a function of n_rows only (never of the thread count), so the
+// summation order and hence the result are the same however many threads run it.
+inline int64_t num_parts(int64_t n_rows) {
+  constexpr int64_t kMaxParts = 64, kMinRowsPerPart = 256;
+  return std::max<int64_t>(1, std::min<int64_t>(kMaxParts, n_rows / kMinRowsPerPart));
+}
+
+// xa = drop(x)·Aᵀ: each block of rows is masked into a cache-resident buffer and multiplied there.
+template <typename T>
+void lora_shrink_dropout_kernel(const LoraShrinkParams& p) {
+  using acc_t = acc_type<T>;
+  const int64_t in = p.in_features, rank = p.rank, n_rows = p.n_rows;
+  const MaskStream<acc_t> mask(p.rng_state, p.p, p.scale);
+  std::vector<acc_t> a_storage;
+  const at::Tensor A_t = wrap(const_cast<acc_t*>(as_acc(static_cast<const T*>(p.A), rank * in, a_storage)),
+                              {rank, in}).t();
+  const T* x = static_cast<const T*>(p.x);
+  T* xa = static_cast<T*>(p.xa);
+  for_each_part(n_rows, num_parts(n_rows), [&](int64_t, int64_t row_begin, int64_t row_end) {
+    const int64_t block = row_block(in);
+    std::vector<acc_t> xd(block * in), out(block * rank);
+    for (int64_t n0 = row_begin; n0 < row_end; n0 += block) {
+      const int64_t rows = std::min<int64_t>(block, row_end - n0);
+      mask.mul_row(n0 * in, rows * in, x + n0 * in, xd.data());
+      at::Tensor out_t = wrap(out.data(), {rows, rank});
+      at::mm_out(out_t, wrap(xd.data(), {rows, in}), A_t);
+      for (int64_t i = 0; i < rows * rank; ++i) xa[n0 * rank + i] = static_cast<T>(out[i]);
+    }
+  });
+}
+
+#if defined(__AVX512F__)
+// float32 with AVX-512: the backward's two mask uses folded into register-blocked rank-r kernels, which
+// read the mask as bits through masked loads and stores, so neither drop(x) nor u·A is written out.
+// Element (i, c) of a block of rows of width `in` is bit bit0 + i·in + c of `bits`.
+namespace masked {
+
+inline __mmask16 tail_mask(int64_t width) {
+  return width >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << width) - 1);
+}
+
+// acc[j, c0 + 16v ..] += scale·Σ_i u[i, j0 + m]·keep(i, c)·x[i, c] for MJ ranks and NV packs of columns
+// (the last pack restricted to the columns set in `last`).
+template <int MJ, int NV>
+inline void outer_tile(const float* u, int64_t rank, int64_t j0, const uint16_t* bits, int64_t bit0, const float* x,
+                       int64_t in, int64_t c0, int64_t rows, __mmask16 last, float scale, float* acc) {
+  __m512 sum[MJ][NV];
+  for (int m = 0; m < MJ; ++m) {
+    for (int v = 0; v < NV; ++v) sum[m][v] = _mm512_setzero_ps();
+  }
+  for (int64_t i = 0; i < rows; ++i) {
+    __m512 b[NV];
+    for (int v = 0; v < NV; ++v) {
+      const int64_t c = c0 + 16 * v;
+      const __mmask16 k = cpu::keep_bits_at(bits, bit0 + i * in + c) & (v == NV - 1 ? last : 0xFFFF);
+      b[v] = _mm512_maskz_loadu_ps(k, x + i * in + c);
+    }
+    for (int m = 0; m < MJ; ++m) {
+      const __m512 a = _mm512_set1_ps(u[i * rank + j0 + m]);
+      for (int v = 0; v < NV; ++v) sum[m][v] = _mm512_fmadd_ps(a, b[v], sum[m][v]);
+    }
+  }
+  const __m512 s = _mm512_set1_ps(scale);
+  for (int m = 0; m < MJ; ++m) {
+    for (int v = 0; v < NV; ++v) {
+      float* p = acc + (j0 + m) * in + c0 + 16 * v;
+      const __mmask16 k = v == NV - 1 ? last : static_cast<__mmask16>(0xFFFF);
+      _mm512_mask_storeu_ps(p, k, _mm512_fmadd_ps(sum[m][v], s, _mm512_maskz_loadu_ps(k, p)));
+    }
+  }
+}
+
+template <int NV>
+inline void outer_columns(const float* u, int64_t rank, const uint16_t* bits, int64_t bit0, const float* x, int64_t in,
+                          int64_t c0, int64_t rows, __mmask16 last, float scale, float* acc) {
+  int64_t j = 0;
+  for (; j + 8 <= rank; j += 8) outer_tile<8, NV>(u, rank, j, bits, bit0, x, in, c0, rows, last, scale, acc);
+  for (; j + 4 <= rank; j += 4) outer_tile<4, NV>(u, rank, j, bits, bit0, x, in, c0, rows, last, scale, acc);
+  for (; j < rank; ++j) outer_tile<1, NV>(u, rank, j, bits, bit0, x, in, c0, rows, last, scale, acc);
+}
+
+// acc [rank, in] += scale·uᵀ·(keep ⊙ x) over a block of rows: u [rows, rank], x [rows, in].
+inline void outer(const float* u, int64_t rank, const uint16_t* bits, int64_t bit0, const float* x, int64_t in,
+                  int64_t rows, float scale, float* acc) {
+  int64_t c = 0;
+  for (; c + 32 <= in; c += 32) outer_columns<2>(u, rank, bits, bit0, x, in, c, rows, 0xFFFF, scale, acc);
+  for (; c < in; c += 16) outer_columns<1>(u, rank, bits, bit0, x, in, c, rows, tail_mask(in - c), scale, acc);
+}
+
+// dx[i0 + i, c0 + 16v ..] = scale·keep·Σ_j u[i0 + i, j]·A[j, c] for MR rows and NV packs of columns.
+template <int MR, int NV>
+inline void expand_tile(const float* u, int64_t rank, int64_t i0, const float* A, const uint16_t* bits, int64_t bit0,
+                        int64_t in, int64_t c0, __mmask16 last, float scale, float* dx) {
+  __m512 sum[MR][NV];
+  for (int i = 0; i < MR; ++i) {
+    for (int v = 0; v < NV; ++v) sum[i][v] = _mm512_setzero_ps();
+  }
+  for (int64_t j = 0; j < rank; ++j) {
+    __m512 a[NV];
+    for (int v = 0; v < NV; ++v) {
+      a[v] = _mm512_maskz_loadu_ps(v == NV - 1 ? last : static_cast<__mmask16>(0xFFFF), A + j * in + c0 + 16 * v);
+    }
+    for (int i = 0; i < MR; ++i) {
+      const __m512 w = _mm512_set1_ps(u[(i0 + i) * rank + j]);
+      for (int v = 0; v < NV; ++v) sum[i][v] = _mm512_fmadd_ps(w, a[v], sum[i][v]);
+    }
+  }
+  const __m512 s = _mm512_set1_ps(scale);
+  for (int i = 0; i < MR; ++i) {
+    for (int v = 0; v < NV; ++v) {
+      const int64_t at = (i0 + i) * in + c0 + 16 * v;
+      const __mmask16 k = v == NV - 1 ? last : static_cast<__mmask16>(0xFFFF);
+      _mm512_mask_storeu_ps(dx + at, k, _mm512_maskz_mul_ps(cpu::keep_bits_at(bits, bit0 + at), sum[i][v], s));
+    }
+  }
+}
+
+template <int MR>
+inline void expand_rows(const float* u, int64_t rank, int64_t i0, const float* A, const uint16_t* bits, int64_t bit0,
+                        int64_t in, float scale, float* dx) {
+  int64_t c = 0;
+  for (; c + 32 <= in; c += 32) expand_tile<MR, 2>(u, rank, i0, A, bits, bit0, in, c, 0xFFFF, scale, dx);
+  for (; c < in; c += 16) expand_tile<MR, 1>(u, rank, i0, A, bits, bit0, in, c, tail_mask(in - c), scale, dx);
+}
+
+// dx [rows, in] = scale·keep ⊙ (u·A) over a block of rows (every element written, dropped ones as 0).
+inline void expand(const float* u, int64_t rank, const float* A, const uint16_t* bits, int64_t bit0, int64_t in,
+                   int64_t rows, float scale, float* dx) {
+  int64_t i = 0;
+  for (; i + 8 <= rows; i += 8) expand_rows<8>(u, rank, i, A, bits, bit0, in, scale, dx);
+  for (; i < rows; ++i) expand_rows<1>(u, rank, i, A, bits, bit0, in, scale, dx);
+}
+
+}  // namespace masked
+#endif
+
+// Whether the dropout backward keeps a block's mask as bits (AVX-512, float32) or as float keep values.
+template <typename T>
+#if defined(__AVX512F__)
+constexpr bool kMaskBits = std::is_same_v<T, float>;
+#else
+constexpr bool kMaskBits = false;
+#endif
+
+// With u = s·dy·B [N, r]:
+//   dx_lora = mask·scale ⊙ (u·A)        (written to dx, which dy·W is then added to)
+//   dA      = uᵀ·(mask·scale ⊙ x)
+// Block by block: the mask is drawn once, both products run on cache-resident blocks, and dA is
+// reduced from per-thread partial sums in a fixed order (independent of scheduling). float32 with
+// AVX-512 draws the mask as bits and applies it inside register-blocked kernels (masked:: above);
+// the other types draw float keep values, apply them to x and to u·A, and multiply through the BLAS.
+template <typename T>
+void lora_dropout_backward_kernel(const LoraDropoutBackwardParams& p) {
+  using acc_t = acc_type<T>;
+  const int64_t in = p.in_features, rank = p.rank, n_rows = p.n_rows;
+  const MaskStream<acc_t> mask(p.rng_state, p.p, p.scale);
+  std::vector<acc_t> a_storage;
+  const at::Tensor A = wrap(const_cast<acc_t*>(as_acc(static_cast<const T*>(p.A), rank * in, a_storage)), {rank, in});
+  const T* x = static_cast<const T*>(p.x);
+  const T* u = static_cast<const T*>(p.u);
+  T* dx = static_cast<T*>(p.dx);
+  const int64_t n_parts = num_parts(n_rows);
+  std::vector<std::vector<acc_t>> partial(p.dA != nullptr ? n_parts : 0);
+  for_each_part(n_rows, n_parts, [&](int64_t part, int64_t row_begin, int64_t row_end) {
+    const int64_t block = row_block(in);
+    std::vector<acc_t> keep, buf, ub(block * rank);
+    std::vector<uint16_t> bits;
+    if (!kMaskBits<T>) {
+      keep.resize(block * in);
+      buf.resize(block * in);
+    }
+    at::Tensor dA_part;
+    if (p.dA != nullptr) {
+      partial[part].assign(rank * in, acc_t(0));
+      dA_part = wrap(partial[part].data(), {rank, in});
+    }
+    for (int64_t n0 = row_begin; n0 < row_end; n0 += block) {
+      const int64_t rows = std::min<int64_t>(block, row_end - n0);
+      const T* xb = x + n0 * in;
+      T* dxb = dx != nullptr ? dx + n0 * in : nullptr;
+      for (int64_t i = 0; i < rows * rank; ++i) ub[i] = static_cast<acc_t>(u[n0 * rank + i]);
+#if defined(__AVX512F__)
+      if constexpr (kMaskBits<T>) {
+        // float32: the mask drawn once as bits and applied inside the rank-r kernels
+        const int64_t bit0 = n0 * in - cpu::keep_bits_first(n0 * in);
+        // x's block is fetched into L2 while the mask is drawn: the outer product below walks it in column
+        // strips, an access pattern the hardware prefetcher does not follow (measured: dA's pass over a cold
+        // x 1.5x faster at in = 512 and 1376).
+        const int64_t block_bytes = rows * in * static_cast<int64_t>(sizeof(float));
+        mask.bits(n0 * in, rows * in, bits, p.dA != nullptr ? xb : nullptr, block_bytes);
+        if (p.dA != nullptr) {
+          masked::outer(ub.data(), rank, bits.data(), bit0, xb, in, rows, mask.scale, partial[part].data());
+        }
+        if (dx != nullptr) {
+          masked::expand(ub.data(), rank, A.const_data_ptr<float>(), bits.data(), bit0, in, rows, mask.scale, dxb);
+        }
+        continue;
+      }
+#endif
+      const at::Tensor u_blk = wrap(ub.data(), {rows, rank});
+      const at::Tensor buf_blk = wrap(buf.data(), {rows, in});
+      mask.row(n0 * in, rows * in, keep.data());
+      if (p.dA != nullptr) {
+        for (int64_t i = 0; i < rows * in; ++i) buf[i] = static_cast<acc_t>(xb[i]) * keep[i];
+        dA_part.addmm_(u_blk.t(), buf_blk);
+      }
+      if (dx != nullptr) {
+        at::mm_out(const_cast<at::Tensor&>(buf_blk), u_blk, A);
+        for (int64_t i = 0; i < rows * in; ++i) dxb[i] = static_cast<T>(buf[i] * keep[i]);
+      }
+    }
+  });
+  if (p.dA != nullptr) {
+    T* dA = static_cast<T*>(p.dA);
+    at::parallel_for(0, rank * in, 4096, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        acc_t s = 0;
+        for (int64_t part = 0; part < n_parts; ++part) s += partial[part][i];
+        dA[i] = static_cast<T>(s);
+      }
+    });
+  }
+}
+
+template <template <typename> class Kernel, typename Params>
+void dispatch_dtype(const Params& params) {
+  switch (params.dtype) {
+    case DType::Float64: return Kernel<double>::run(params);
+    case DType::Float32: return Kernel<float>::run(params);
+    case DType::BFloat16: return Kernel<at::BFloat16>::run(params);
+    case DType::Float16: return Kernel<at::Half>::run(params);
+  }
+}
+
+template <typename T>
+struct Dropout {
+  static void run(const DropoutParams& p) { dropout_apply_kernel<T>(p); }
+};
+template <typename T>
+struct Shrink {
+  static void run(const LoraShrinkParams& p) { lora_shrink_dropout_kernel<T>(p); }
+};
+template <typename T>
+struct DropoutBackward {
+  static void run(const LoraDropoutBackwardParams& p) { lora_dropout_backward_kernel<T>(p); }
+};
+
+}  // namespace
+
+constinit const LoraCpuKernels lora_cpu_kernels{
+    &dispatch_dtype<Dropout, DropoutParams>,
+    &dispatch_dtype<Shrink, LoraShrinkParams>,
+    &dispatch_dtype<DropoutBackward, LoraDropoutBackwardParams>,
+};
+
+}  // namespace pyfastpeft::CPU_CAPABILITY
