@@ -28,8 +28,8 @@ from .. import ops
 from .base import TunerModel
 from .config import _check_patterns
 from .lora_layers import BaseLayerPassthrough, is_conv1d
-from .peft_defaults import IA3_FEEDFORWARD_MODULES, IA3_TARGET_MODULES, default_targets, is_saved_module
 from .matching import check_layers, in_layers, matches, near_names, set_submodule, walk_unwrapped
+from .peft_defaults import IA3_FEEDFORWARD_MODULES, IA3_TARGET_MODULES, default_targets, is_saved_module
 from .registry import register_peft_type
 
 PREFIX = "base_model.model."

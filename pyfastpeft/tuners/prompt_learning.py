@@ -65,8 +65,9 @@ def fill_model_fields(config: PromptLearningConfig, model: nn.Module) -> None:
     ):
         if getattr(config, field_name) is None:
             # PEFT reads the layer count from the config attribute first (aliases such as BART's included)
-            value = getattr(getattr(model, "config", None), "num_hidden_layers", None) if field_name == "num_layers" else None
-            value = value if isinstance(value, int) else _first(d, *keys)
+            value = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+            if field_name != "num_layers" or not isinstance(value, int):
+                value = _first(d, *keys)
             if value is None:
                 raise ValueError(f"{field_name}: the model's config does not say it; set it in the config")
             setattr(config, field_name, value)
@@ -353,9 +354,8 @@ class PromptLearningModel(TunerModel):
             if self._active() is None:
                 return model.generate(*args, **kwargs)
             if self.active_peft_config.task_type != "CAUSAL_LM":
-                raise ValueError(
-                    f"generate: supported for task_type 'CAUSAL_LM' adapters, this one is {self.active_peft_config.task_type!r}"
-                )
+                task = self.active_peft_config.task_type
+                raise ValueError(f"generate: supported for task_type 'CAUSAL_LM' adapters, this one is {task!r}")
             if _is_transformers_model(model):
                 return self._generate_transformers(model, *args, **kwargs)
             return self._generate_builtin(model, *args, **kwargs)
