@@ -215,6 +215,7 @@ def read_adapter(directory: str | os.PathLike) -> tuple[Any, dict[str, torch.Ten
     if not isinstance(raw, dict):
         raise ValueError(f"{config_path}: expected a JSON object")
     config = config_from_dict(raw, str(config_path))
+    config._from_file = True  # names PEFT wrote that match nothing warn instead of failing (as in PEFT)
     try:
         tensors = load_safetensors_bytes(weights.read_bytes())
     except Exception as err:  # safetensors raises its own error types for corrupt headers
@@ -295,7 +296,9 @@ def _config_for_injection(config: LoraConfig) -> LoraConfig:
     # weights, so loading always injects with the plain initialisation.
     d = config.to_dict()
     d["init_lora_weights"] = True
-    return LoraConfig.from_dict(d)
+    inject = LoraConfig.from_dict(d)
+    inject._from_file = getattr(config, "_from_file", False)
+    return inject
 
 
 def _check_tied_layout(config: LoraConfig, tensors: dict[str, torch.Tensor], source: Path) -> None:

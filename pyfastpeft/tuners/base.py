@@ -244,15 +244,23 @@ class TunerModel(PeftModelMixin, nn.Module):
 
     # ---- modules_to_save --------------------------------------------------------------------------
     def _modules_to_save_paths(self, config: Any) -> list[str]:
-        """Paths of the modules ``config.modules_to_save`` names, plus the head of a task model
-        (``with_task_head``), which trains with every method."""
+        """Paths of the modules ``config.modules_to_save`` names, plus the head its ``task_type`` implies
+        (added to the config, as PEFT does) and the head of a task model (``with_task_head``), which
+        trains with every method."""
         from .inject import _find_modules_to_save
 
-        names = list(getattr(config, "modules_to_save", None) or [])
-        names += [n for n in getattr(self.base_model.model, "task_head_names", ()) if n not in names]
-        if not names:
-            return []
-        return _find_modules_to_save(self.base_model.model, SimpleNamespace(modules_to_save=names))
+        model = self.base_model.model
+        given = list(getattr(config, "modules_to_save", None) or [])
+        extra = [n for n in getattr(model, "task_head_names", ()) if n not in given]
+        probe = SimpleNamespace(
+            modules_to_save=given + extra,
+            task_type=getattr(config, "task_type", None),
+            _from_file=getattr(config, "_from_file", False),
+        )
+        paths = _find_modules_to_save(model, probe)
+        if probe.modules_to_save and hasattr(config, "modules_to_save"):
+            config.modules_to_save = [n for n in probe.modules_to_save if n not in extra] or config.modules_to_save
+        return paths
 
     def _save_wrappers(self):
         from .inject import save_wrappers

@@ -29,20 +29,10 @@ from .base import TunerModel
 from .config import _check_patterns
 from .lora_layers import BaseLayerPassthrough, is_conv1d
 from .matching import check_layers, in_layers, matches, near_names, set_submodule, walk_unwrapped
+from .peft_defaults import IA3_FEEDFORWARD_MODULES, IA3_TARGET_MODULES, default_targets, is_saved_module
 from .registry import register_peft_type
 
 PREFIX = "base_model.model."
-
-# PEFT's defaults per transformers model_type (TRANSFORMERS_MODELS_TO_IA3_*_MAPPING), for the ones we test.
-DEFAULT_TARGETS: dict[str, tuple[list[str], list[str]]] = {
-    "llama": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
-    "mistral": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
-    "qwen2": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
-    "gpt2": (["c_attn", "mlp.c_proj"], ["mlp.c_proj"]),
-    "bert": (["key", "value", "output.dense"], ["output.dense"]),
-    "roberta": (["key", "value", "output.dense"], ["output.dense"]),
-}
-
 
 @dataclass
 class IA3Config:
@@ -50,8 +40,8 @@ class IA3Config:
 
     Args:
         target_modules: modules to scale: a list of names matched against the end of each module path, or
-            a regex matched against the full path. None: PEFT's default for the model type (Llama: k_proj,
-            v_proj, down_proj; GPT-2: c_attn, mlp.c_proj; BERT: key, value, output.dense).
+            a regex matched against the full path. None: PEFT's default for the model type (its table, e.g.
+            Llama: k_proj, v_proj, down_proj; Qwen2: q_proj, v_proj, down_proj; GPT-2: c_attn, mlp.c_proj).
         feedforward_modules: which targets scale their input instead of their output (a list of suffixes,
             matched with a plain ``endswith`` as PEFT does, or a regex); a subset of target_modules.
         exclude_modules: modules never to adapt (same kinds of patterns as target_modules).
@@ -240,21 +230,11 @@ class IA3Model(TunerModel):
 
     def _resolve_defaults(self, config: IA3Config) -> None:
         """PEFT's defaults for the model type where a field is None (the built-in model counts as Llama)."""
-        if config.target_modules is not None and config.feedforward_modules is not None:
-            return
-        model_type = getattr(getattr(self.base_model.model, "config", None), "model_type", None)
-        if model_type is None and any(p.endswith("mlp.down_proj") for p, _ in self.base_model.model.named_modules()):
-            model_type = "llama"
-        if model_type not in DEFAULT_TARGETS:
-            field = "target_modules" if config.target_modules is None else "feedforward_modules"
-            raise ValueError(
-                f"{field}: no default for model type {model_type!r} (known: {sorted(DEFAULT_TARGETS)}); "
-                "give target_modules and feedforward_modules"
-            )
-        targets, feedforward = DEFAULT_TARGETS[model_type]
+        model = self.base_model.model
         if config.target_modules is None:
-            config.target_modules = list(targets)
+            config.target_modules = default_targets(IA3_TARGET_MODULES, model, "target_modules", "(IA)³")
         if config.feedforward_modules is None:
+            feedforward = default_targets(IA3_FEEDFORWARD_MODULES, model, "feedforward_modules", "(IA)³")
             given = config.target_modules
             # with targets of the user's, keep the defaults among them, so the saved config stays valid
             config.feedforward_modules = [f for f in feedforward if not isinstance(given, list) or f in given]
@@ -274,6 +254,7 @@ class IA3Model(TunerModel):
                 )
         if config.exclude_modules is not None:
             chosen = [p for p in chosen if not matches(p, config.exclude_modules)]
+        chosen = [p for p in chosen if not is_saved_module(p, config.modules_to_save)]
         chosen = [p for p in chosen if in_layers(p, config.layers_to_transform, config.layers_pattern)]
         if not chosen:
             linear = [p for p, m in entries if isinstance(m, (nn.Linear, IA3Linear)) or is_conv1d(m)]

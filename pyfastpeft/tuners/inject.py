@@ -11,6 +11,7 @@ from torch import nn
 from .config import LoraConfig
 from .lora_layers import QUANTIZED_BASES, LoraEmbedding, LoraLayer, LoraLinear, is_conv1d
 from .modules_to_save import ModulesToSaveWrapper
+from .peft_defaults import LORA_TARGET_MODULES, add_task_heads, default_targets, find_modules_to_save, is_saved_module
 
 _LAYER_LISTS = ("layers", "h", "blocks", "layer")
 
@@ -62,9 +63,11 @@ def pattern_value(path: str, table: dict, default):
 
 
 def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
-    """Paths of the modules ``config`` adapts; a ValueError when none match or a match cannot be adapted."""
+    """Paths of the modules ``config`` adapts; a ValueError when none match or a match cannot be adapted.
+    ``target_modules=None`` takes PEFT's default for the model type (written into ``config``, as PEFT does).
+    Modules that ``modules_to_save`` names are never targets (PEFT's rule)."""
     if config.target_modules is None:
-        raise ValueError("target_modules: required (a list of module names, a regex, or 'all-linear')")
+        config.target_modules = default_targets(LORA_TARGET_MODULES, model, "target_modules", "LoRA")
     entries = list(walk(model))
     chosen = []
     if config.target_modules == "all-linear":
@@ -87,6 +90,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
             chosen.append(path)
     if config.exclude_modules is not None:
         chosen = [p for p in chosen if not _matches(p, config.exclude_modules)]
+    chosen = [p for p in chosen if not is_saved_module(p, config.modules_to_save)]
     if config.layers_to_transform is not None:
         chosen = [p for p in chosen if _layer_index(p, config.layers_pattern) in config.layers_to_transform]
     if not chosen:
@@ -118,8 +122,8 @@ def _set_submodule(model: nn.Module, path: str, new: nn.Module) -> None:
 def inject_adapter(model: nn.Module, config: LoraConfig, name: str) -> list[str]:
     """Add adapter ``name`` to every module ``config`` targets (wrapping plain modules on first use) and
     its modules_to_save copies. Validates everything before changing the model. Returns the adapted paths."""
-    targets = find_targets(model, config)
     saves = _find_modules_to_save(model, config)
+    targets = find_targets(model, config)
     for path in targets:
         module = model.get_submodule(path)
         base = module.base_layer if isinstance(module, LoraLayer) else module
@@ -200,16 +204,16 @@ def _tie(model: nn.Module, config: LoraConfig, name: str, targets: list[str]) ->
                 layer.lora_B[name] = first.lora_B[name]
 
 
-def _find_modules_to_save(model: nn.Module, config: LoraConfig) -> list[str]:
+def _find_modules_to_save(model: nn.Module, config) -> list[str]:
+    """Paths of the modules ``config.modules_to_save`` names, after adding the head of its ``task_type``
+    (PEFT's rules: see :mod:`pyfastpeft.tuners.peft_defaults`). Unmatched names are an error in a config
+    written in code and a warning in one read from an adapter file."""
+    heads = add_task_heads(config)
     if not config.modules_to_save:
         return []
-    found = [p for p, _ in walk(model) if p and _matches(p, config.modules_to_save)]
-    missing = [n for n in config.modules_to_save if not any(p == n or p.endswith("." + n) for p in found)]
-    if missing:
-        names = [p for p, _ in walk(model) if p]
-        near = sorted({c for n in missing for c in difflib.get_close_matches(n, names, n=5, cutoff=0.3)})
-        raise ValueError(f"modules_to_save: {missing} matched no module; nearest names: {near or 'none'}")
-    return found
+    paths = [p for p, _ in walk(model) if p]
+    strict = not getattr(config, "_from_file", False)
+    return find_modules_to_save(paths, list(config.modules_to_save), heads, strict)
 
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-TASK_TYPES = (None, "CAUSAL_LM")
+TASK_TYPES = (None, "CAUSAL_LM", "SEQ_CLS", "SEQ_2_SEQ_LM")
 PROMPT_TUNING_INITS = ("RANDOM", "TEXT", "SAMPLE_VOCAB")
 REPARAMETERIZATIONS = ("MLP", "LSTM")
 
@@ -37,10 +37,16 @@ class PromptLearningConfig:
         num_virtual_tokens: how many virtual tokens (prompt length or prefix length); required.
         token_dim: the base model's hidden size (for prefix tuning with grouped-query attention:
             ``head_dim × num_key_value_heads``, as PEFT sets it).
-        num_transformer_submodules: 1 for decoder-only models (the only kind supported).
+        num_transformer_submodules: 1, or 2 for encoder-decoders (``SEQ_2_SEQ_LM``: prompt tuning and
+            P-tuning then keep a table of 2 × num_virtual_tokens rows, of which the encoder gets the first
+            num_virtual_tokens, as in PEFT).
         num_attention_heads: attention heads of the base model (key/value heads for prefix tuning).
         num_layers: transformer blocks of the base model.
-        task_type: "CAUSAL_LM" (None is read as it).
+        modules_to_save: modules trained in full and saved with the adapter (``SEQ_CLS`` adds the
+            classifier head, as in PEFT).
+        task_type: "CAUSAL_LM" (None is read as it), "SEQ_CLS" (a transformers
+            ``...ForSequenceClassification``) or "SEQ_2_SEQ_LM" (T5, BART: the virtual tokens go to the
+            encoder; prefix tuning's to the decoder's self-attention).
         inference_mode: the adapter is frozen (set when loading without ``is_trainable``).
     """
 
@@ -67,15 +73,21 @@ class PromptLearningConfig:
         _positive_int("num_virtual_tokens", self.num_virtual_tokens)
         for name in ("token_dim", "num_attention_heads", "num_layers"):
             _positive_int(name, getattr(self, name), allow_none=True)
-        if self.num_transformer_submodules not in (None, 1):
+        if self.task_type not in TASK_TYPES:
             raise ValueError(
-                f"num_transformer_submodules: only decoder-only models (1) are supported, got "
+                f"task_type: expected one of {', '.join(t for t in TASK_TYPES if t)}, got {self.task_type!r}"
+            )
+        allowed = (None, 1, 2) if self.task_type == "SEQ_2_SEQ_LM" else (None, 1)
+        if self.num_transformer_submodules not in allowed:
+            raise ValueError(
+                f"num_transformer_submodules: expected one of {allowed} for task_type {self.task_type!r}, got "
                 f"{self.num_transformer_submodules!r}"
             )
-        if self.task_type not in TASK_TYPES:
-            raise ValueError(f"task_type: only 'CAUSAL_LM' is supported, got {self.task_type!r}")
-        if self.modules_to_save:
-            raise ValueError(f"modules_to_save: not supported by {type(self).__name__}, got {self.modules_to_save!r}")
+        if self.modules_to_save is not None and (
+            not isinstance(self.modules_to_save, list)
+            or not all(isinstance(n, str) and n for n in self.modules_to_save)
+        ):
+            raise ValueError(f"modules_to_save: expected a list of module names, got {self.modules_to_save!r}")
         if not isinstance(self.inference_mode, bool):
             raise ValueError(f"inference_mode: expected a bool, got {self.inference_mode!r}")
 

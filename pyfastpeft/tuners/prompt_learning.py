@@ -61,10 +61,13 @@ def fill_model_fields(config: PromptLearningConfig, model: nn.Module) -> None:
     for field_name, keys in (
         ("num_layers", ("num_hidden_layers", "num_layers", "n_layer")),
         ("token_dim", ("hidden_size", "n_embd", "d_model")),
-        ("num_attention_heads", ("num_attention_heads", "n_head", "num_heads")),
+        ("num_attention_heads", ("num_attention_heads", "n_head", "num_heads", "encoder_attention_heads")),
     ):
         if getattr(config, field_name) is None:
-            value = _first(d, *keys)
+            # PEFT reads the layer count from the config attribute first (aliases such as BART's included)
+            value = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+            if field_name != "num_layers" or not isinstance(value, int):
+                value = _first(d, *keys)
             if value is None:
                 raise ValueError(f"{field_name}: the model's config does not say it; set it in the config")
             setattr(config, field_name, value)
@@ -74,10 +77,10 @@ def fill_model_fields(config: PromptLearningConfig, model: nn.Module) -> None:
         config.num_attention_heads = d["num_key_value_heads"]
     if getattr(config, "encoder_hidden_size", 0) is None:
         config.encoder_hidden_size = config.token_dim
-    if config.num_transformer_submodules is None:
-        config.num_transformer_submodules = 1
     if config.task_type is None:
         config.task_type = "CAUSAL_LM"
+    if config.num_transformer_submodules is None:
+        config.num_transformer_submodules = 2 if config.task_type == "SEQ_2_SEQ_LM" else 1
 
 
 def cache_argument(model: nn.Module) -> str | None:
@@ -132,6 +135,8 @@ class PromptLearningModel(TunerModel):
     @staticmethod
     def _build_encoder(config, word_embeddings, model) -> nn.Module:
         p, dim = config.num_virtual_tokens, config.token_dim
+        if not isinstance(config, PrefixTuningConfig):
+            p *= config.num_transformer_submodules  # PEFT's table: one block of P rows per submodule
         table_only = config.inference_mode  # PEFT builds only the table when it will not train
         if isinstance(config, PromptTuningConfig):
             init = None
@@ -216,7 +221,7 @@ class PromptLearningModel(TunerModel):
         p, dim = config.num_virtual_tokens, config.token_dim
         if isinstance(config, PrefixTuningConfig):
             return PrefixEncoder(p, dim, config.num_layers, config.encoder_hidden_size, table_only=True)
-        return PromptEncoder(p, dim, dim, table_only=True)
+        return PromptEncoder(p * config.num_transformer_submodules, dim, dim, table_only=True)
 
     # ---- the virtual tokens -----------------------------------------------------------------------
     def _is_table(self, name: str) -> bool:
@@ -250,7 +255,10 @@ class PromptLearningModel(TunerModel):
         dtype = next((p.dtype for p in model.parameters()), table.dtype)
         p, layers, heads = config.num_virtual_tokens, config.num_layers, config.num_attention_heads
         kv = table.to(dtype)[None].expand(batch_size, -1, -1)
-        kv = kv.reshape(batch_size, p, 2 * layers, heads, config.token_dim // heads).permute(2, 0, 3, 1, 4)
+        kv = kv.reshape(batch_size, p, 2 * layers, heads, config.token_dim // heads)
+        if config.num_transformer_submodules == 2:
+            return _encoder_decoder_prefix(kv, layers)
+        kv = kv.permute(2, 0, 3, 1, 4)
         pairs = tuple((kv[2 * i], kv[2 * i + 1]) for i in range(layers))
         if _is_transformers_model(model):
             from transformers import DynamicCache
@@ -291,20 +299,30 @@ class PromptLearningModel(TunerModel):
         config = self.peft_config[name]
         p = config.num_virtual_tokens
         batch = (input_ids if input_ids is not None else inputs_embeds).shape[0]
-        if attention_mask is not None:
-            ones = torch.ones(batch, p, dtype=attention_mask.dtype, device=attention_mask.device)
-            attention_mask = torch.cat([ones, attention_mask], dim=1)
+
+        def with_prompt_mask(mask):
+            return None if mask is None else torch.cat([mask.new_ones(batch, p), mask], dim=1)
+
         self._adjust_kwargs(config, kwargs)
         if isinstance(config, PrefixTuningConfig):
+            if config.task_type == "SEQ_2_SEQ_LM":  # the prefixes are the decoder's: its mask covers them
+                kwargs["decoder_attention_mask"] = with_prompt_mask(kwargs.get("decoder_attention_mask"))
+            else:
+                attention_mask = with_prompt_mask(attention_mask)
             kwargs[cache_argument(model)] = self.get_prompt(batch)
             return model(
                 input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs
             )
+        attention_mask = with_prompt_mask(attention_mask)
         if inputs_embeds is None:
             inputs_embeds = input_embeddings(model)(input_ids)
-        if labels is not None:
+        if labels is not None and config.task_type == "CAUSAL_LM":
             labels = torch.cat([torch.full((batch, p), -100, dtype=labels.dtype, device=labels.device), labels], 1)
-        prompts = self.get_prompt(batch).to(inputs_embeds.dtype)
+        if kwargs.get("token_type_ids") is not None:  # SEQ_CLS keeps them: segment 0 for the virtual tokens
+            types = kwargs["token_type_ids"]
+            kwargs["token_type_ids"] = torch.cat([types.new_zeros(batch, p), types], dim=1).long()
+        # encoder-decoders: the table holds a block per submodule; PEFT feeds the encoder the first
+        prompts = self.get_prompt(batch)[:, :p].to(inputs_embeds.dtype)
         inputs_embeds = torch.cat([prompts, inputs_embeds], dim=1)
         return model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs)
 
@@ -316,9 +334,14 @@ class PromptLearningModel(TunerModel):
             else:
                 warnings.warn("position_ids are ignored with virtual tokens prepended (as in PEFT)", stacklevel=3)
                 kwargs["position_ids"] = None
-        if kwargs.get("token_type_ids") is not None:
+        if kwargs.get("token_type_ids") is not None and config.task_type != "SEQ_CLS":
             warnings.warn("token_type_ids are ignored with prompt learning (as in PEFT)", stacklevel=3)
             kwargs["token_type_ids"] = None
+
+    def modules_to_save_tensors(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        """PEFT keys a prompt-learning adapter's modules_to_save one level up: ``base_model.<path>.<param>``."""
+        prefix = "base_model.model."
+        return {"base_model." + k[len(prefix) :]: t for k, t in super().modules_to_save_tensors(adapter_name).items()}
 
     # ---- generation -------------------------------------------------------------------------------
     @torch.no_grad()
@@ -330,6 +353,9 @@ class PromptLearningModel(TunerModel):
         with self._base_runs_plain():
             if self._active() is None:
                 return model.generate(*args, **kwargs)
+            if self.active_peft_config.task_type != "CAUSAL_LM":
+                task = self.active_peft_config.task_type
+                raise ValueError(f"generate: supported for task_type 'CAUSAL_LM' adapters, this one is {task!r}")
             if _is_transformers_model(model):
                 return self._generate_transformers(model, *args, **kwargs)
             return self._generate_builtin(model, *args, **kwargs)
@@ -417,6 +443,20 @@ class PromptLearningModel(TunerModel):
         elif not is_prefix:
             model_kwargs.pop("cache_position", None)
         return model_kwargs
+
+
+def _encoder_decoder_prefix(kv: torch.Tensor, layers: int):
+    """PEFT's encoder-decoder prefixes from kv [B, P, 2·layers, H, D]: the 2·layers rows are laid out twice
+    and cut into blocks of four per layer (self k, self v, cross k, cross v), then the cross-attention part
+    is dropped (the encoder output fills it), so layer i's self-attention prefix is rows (4i, 4i+1) of
+    that doubled layout."""
+    from transformers import DynamicCache, EncoderDecoderCache
+
+    doubled = torch.cat([kv, kv], dim=2).permute(2, 0, 3, 1, 4)
+    self_attention = tuple((doubled[4 * i], doubled[4 * i + 1]) for i in range(layers))
+    cache = EncoderDecoderCache(DynamicCache(self_attention), DynamicCache())
+    cache.is_updated = {i: False for i in range(layers)}
+    return cache
 
 
 def _tokenize(config: PromptTuningConfig) -> list[int]:

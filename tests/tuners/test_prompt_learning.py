@@ -269,8 +269,9 @@ def test_sample_vocab_init_uses_vocabulary_embeddings():
         (pf.PromptEncoderConfig(num_virtual_tokens=2, encoder_dropout=1.5), "encoder_dropout"),
         (pf.PromptEncoderConfig(num_virtual_tokens=2, encoder_hidden_size=0), "encoder_hidden_size"),
         (pf.PrefixTuningConfig(num_virtual_tokens=2, init_weights="ones"), "init_weights"),
-        (pf.PrefixTuningConfig(num_virtual_tokens=2, task_type="SEQ_2_SEQ_LM"), "task_type"),
-        (pf.PrefixTuningConfig(num_virtual_tokens=2, modules_to_save=["lm_head"]), "modules_to_save"),
+        (pf.PrefixTuningConfig(num_virtual_tokens=2, task_type="FEATURE_EXTRACTION"), "task_type"),
+        (pf.PrefixTuningConfig(num_virtual_tokens=2, num_transformer_submodules=2), "num_transformer_submodules"),
+        (pf.PrefixTuningConfig(num_virtual_tokens=2, modules_to_save="lm_head"), "modules_to_save"),
     ],
 )
 def test_bad_configs_name_the_field(config, field):
