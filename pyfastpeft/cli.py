@@ -72,6 +72,30 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     return run_finetune(args)["exit_code"]
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .train.generate import GenerateSettings, run_generate
+
+    prompts = list(args.prompts)
+    if not prompts and not sys.stdin.isatty():
+        prompts = [line.strip() for line in sys.stdin if line.strip()]
+    if args.no_adapter and args.adapter is not None:
+        raise ValueError("--no-adapter: give either an adapter folder or --no-adapter, not both")
+    if not args.no_adapter and args.adapter is None:
+        raise ValueError("--adapter: which adapter folder? (or --no-adapter for the base model alone)")
+    settings = GenerateSettings(
+        prompts=prompts,
+        adapter=None if args.no_adapter else Path(args.adapter),
+        base=args.base,
+        system=args.system,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
+    run_generate(settings, log=lambda *a, **k: print(*a, file=sys.stderr, **k))
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from .train.bench_runner import run_benchmarks
 
@@ -125,6 +149,22 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--fsdp", action="store_true", help="under torchrun: FSDP2 (fully_shard) instead of DDP")
     ft.set_defaults(func=cmd_finetune)
 
+    gen = sub.add_parser("generate", help="answer prompts with a base model plus a saved adapter (streamed)")
+    gen.add_argument("prompts", nargs="*", help="prompts (default: one per line on stdin)")
+    gen.add_argument("--adapter", default=None, help="adapter folder written by finetune (e.g. pyfastpeft_out/lora)")
+    gen.add_argument("--no-adapter", action="store_true", help="the base model alone, for comparison")
+    gen.add_argument(
+        "--base",
+        default=None,
+        help="a Hugging Face folder or .gguf file (default: the base the adapter records, else SmolLM2-135M-Instruct)",
+    )
+    gen.add_argument("--system", default=None, help="system turn (default: the task's instruction, or the template's)")
+    gen.add_argument("--max-new-tokens", type=int, default=128)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); > 0: sampling")
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (default: %(default)s)")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.set_defaults(func=cmd_generate)
+
     bench = sub.add_parser("bench", help="run the kernel benchmarks and collect one table")
     bench.add_argument(
         "--op",
@@ -136,13 +176,19 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", default="bench_out", help="folder for the table, JSON and chart (default: %(default)s)")
     bench.set_defaults(func=cmd_bench)
 
-    cmp = sub.add_parser("compare", help="every method on the same task at three model sizes")
+    cmp = sub.add_parser("compare", help="every method on the same task (built-in model sizes, or a real model)")
     cmp.add_argument("--methods", default=",".join(sorted(METHODS)), help="comma-separated (default: %(default)s)")
+    cmp.add_argument(
+        "--model",
+        default="tiny",
+        help="tiny (the built-in model at --sizes), default (SmolLM2-135M-Instruct on the dates task), a Hugging "
+        "Face folder or a .gguf file (default: %(default)s)",
+    )
     cmp.add_argument("--sizes", default="small,medium,large", help="comma-separated (default: %(default)s)")
-    cmp.add_argument("--task", choices=TASKS, default="shift")
-    cmp.add_argument("--steps", type=int, default=150)
+    cmp.add_argument("--task", choices=TASKS, default="shift", help="the built-in model's task")
+    cmp.add_argument("--steps", type=int, default=None, help="default: 150 (tiny), 30 (a real model)")
     cmp.add_argument("--pretrain-steps", type=int, default=300)
-    cmp.add_argument("--batch-size", type=int, default=32)
+    cmp.add_argument("--batch-size", type=int, default=None, help="default: 32 (tiny), 8 (a real model)")
     cmp.add_argument("--lr", type=float, default=None, help="learning rate (default: each method's, as finetune)")
     cmp.add_argument("--seed", type=int, default=0)
     cmp.add_argument("--out", default="pyfastpeft_out/compare")

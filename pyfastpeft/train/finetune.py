@@ -52,6 +52,7 @@ def run_info(args: argparse.Namespace, folder: Path | None = None) -> dict:
         "method": args.method,
         "base_model": f"builtin:{args.size}" if tiny else str(folder or args.model),
         "builtin": {k: getattr(args, k) for k in BUILTIN_KEYS} if tiny else None,
+        "task": None if args.data else args.task,
         "seed": args.seed,
         **{k: getattr(args, k) for k in METHOD_KNOBS},
     }
