@@ -108,10 +108,19 @@ class DateTaskSource:
     def answers(self, model, device: torch.device | str = "cpu", count: int | None = None) -> list[str]:
         """What ``model`` answers to the first ``count`` held-out prompts (all by default)."""
         prompts = self.held_prompts[: count if count is not None else len(self.held_prompts)]
+        # a prompt-learning model routed through the base's forward adds its virtual tokens on every
+        # call, so it cannot continue from a KV cache: it re-reads the sequence each step
+        use_cache = "prompt_encoder" not in model._modules
         out = []
         for i in range(0, len(prompts), self.eval_batch_size):
             ids = greedy_generate(
-                model, prompts[i : i + self.eval_batch_size], self.max_new_tokens, self.eos, self.pad_id, device
+                model,
+                prompts[i : i + self.eval_batch_size],
+                self.max_new_tokens,
+                self.eos,
+                self.pad_id,
+                device,
+                use_cache,
             )
             out += [self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in ids]
         return out

@@ -159,3 +159,45 @@ def test_finetune_generate_and_peft_load(converted, tmp_path, capsys):
     assert stream.getvalue().startswith("> March 5, 2021\n") and answers[0] in stream.getvalue()
     assert run_cli("generate", "--adapter", tmp_path / "nope", "x") == 2
     assert run_cli("generate", "--no-adapter", "--temperature", "-1", "x") == 2
+
+
+@pytest.fixture(scope="session")
+def small_llama_with_tokenizer(converted, tmp_path_factory):
+    """A 2-layer random Llama with the real model's tokenizer and chat template: every method's path
+    on the dates task (chat prompts, generation, saving) in seconds."""
+    import shutil
+
+    import transformers
+
+    _, folder, _ = converted
+    path = tmp_path_factory.mktemp("small-llama-tok")
+    cfg = transformers.LlamaConfig(
+        vocab_size=49152,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(path)
+    for f in folder.iterdir():
+        if f.name.startswith("tokenizer") or f.name in ("chat_template.jinja", "special_tokens_map.json"):
+            shutil.copy(f, path / f.name)
+    return path
+
+
+@pytest.mark.parametrize(
+    "method", ["lora", "dora", "qat-lora", "distill", "sparse", "ia3", "adapter", "prompt", "ptuning", "prefix",
+               "bitfit", "freeze", "full"]
+)
+def test_every_method_on_the_dates_task(small_llama_with_tokenizer, method, tmp_path, capsys):
+    out = tmp_path / method
+    argv = ["finetune", "--model", small_llama_with_tokenizer, "--method", method, "--steps", "2"]
+    argv += ["--batch-size", "2", "--held-out", "2", "--distill-teacher-steps", "1", "--out", out]
+    assert run_cli(*argv) == 0
+    text = capsys.readouterr().out
+    assert "dates to ISO 8601 exact match: " in text and text.count("held-out example ") == 2
+    assert (out / "summary.json").is_file()
