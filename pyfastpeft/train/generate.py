@@ -49,7 +49,9 @@ def load_for_generation(s: GenerateSettings, log=print):
     saved = read_saved_adapter(s.adapter) if s.adapter is not None else None
     run = saved.run if saved is not None else None
     if run and run.get("builtin"):
-        raise ValueError(f"{s.adapter}: trained on the built-in model (--model tiny), which has no tokenizer to generate text with")
+        raise ValueError(
+            f"{s.adapter}: trained on the built-in model (--model tiny), which has no tokenizer to generate text with"
+        )
     base = s.base
     if base is None and saved is not None:
         folder = recorded_base_folder(saved)

@@ -87,7 +87,8 @@ def fine_tuned_teacher(
             from ..tuners import LoraConfig, get_peft_model
             from .methods import LLAMA_TARGETS
 
-            model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=LLAMA_TARGETS)).base_model.model
+            config = LoraConfig(r=16, lora_alpha=32, target_modules=LLAMA_TARGETS)
+            model = get_peft_model(model, config).base_model.model  # the base, LoRA layers injected
             lr = 1e-3
         cached = False
         if path is not None and path.is_file():

@@ -17,6 +17,7 @@ import torch
 
 from pyfastpeft.models import pretrained
 from pyfastpeft.train.dates import DateTaskSource, date_examples
+from pyfastpeft.train.methods import METHODS
 
 from ..conftest import low_precision_error_bound
 from .conftest import run_cli
@@ -189,10 +190,7 @@ def small_llama_with_tokenizer(converted, tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize(
-    "method", ["lora", "dora", "qat-lora", "distill", "sparse", "ia3", "adapter", "prompt", "ptuning", "prefix",
-               "bitfit", "freeze", "full"]
-)
+@pytest.mark.parametrize("method", sorted(METHODS))
 def test_every_method_on_the_dates_task(small_llama_with_tokenizer, method, tmp_path, capsys):
     out = tmp_path / method
     argv = ["finetune", "--model", small_llama_with_tokenizer, "--method", method, "--steps", "2"]
