@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from pyfastpeft.models import pretrained
-from pyfastpeft.train.dates import DateTaskSource, date_examples
+from pyfastpeft.train.dates import DateTaskSource, date_examples, greedy_generate
 from pyfastpeft.train.methods import METHODS
 
 from ..conftest import low_precision_error_bound
@@ -105,9 +105,11 @@ def test_greedy_generation_matches_one_prompt_at_a_time(loaded):
     # left padding and the KV cache change nothing: the batch answers as each prompt alone
     model, tok = loaded
     source = DateTaskSource(tok, held_out=3)
-    together = source.answers(model)
-    alone = [DateTaskSource(tok, held_out=3).answers(model, count=i + 1)[i] for i in range(3)]
+    together = greedy_generate(model, source.held_prompts, source.max_new_tokens, source.eos, source.pad_id, "cpu")
+    alone = [greedy_generate(model, [p], source.max_new_tokens, source.eos, source.pad_id, "cpu")[0]
+             for p in source.held_prompts]
     assert together == alone
+    assert source.answers(model) == [tok.decode(a, skip_special_tokens=True).strip() for a in alone]
     assert len({len(p) for p in source.held_prompts}) > 1  # the batch really is padded
 
 
