@@ -117,10 +117,9 @@ def resolve_folder(spec: str | Path | None, cache_dir: Path | None = None, log=p
                 raise ValueError(f"--model: {path} is not a Hugging Face model folder (no config.json)")
             return path, path.name
         if path.suffix.lower() != ".gguf":
-            raise ValueError(
-                f"--model: expected 'tiny', a Hugging Face model folder or a .gguf file, got {str(spec)!r}"
-                + ("" if path.exists() else " (no such file or folder)")
-            )
+            if not path.exists():
+                raise ValueError(f"--model: no such folder: {path} (expected 'tiny', a model folder or a .gguf file)")
+            raise ValueError(f"--model: expected 'tiny', a Hugging Face model folder or a .gguf file, got {path}")
         if not path.is_file():
             raise ValueError(f"--model: no such file: {path}")
         gguf, name = path, path.stem
