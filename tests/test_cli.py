@@ -16,13 +16,15 @@ def env(tmp_path):
 
 
 def test_default_finetune_end_to_end(tmp_path, env):
-    # the default run (built-in model, pretraining, LoRA on the 'shift' task), with fewer steps
+    # the built-in model's run (pretraining, LoRA on the 'shift' task), with fewer steps
     out = subprocess.run(
         [
             sys.executable,
             "-m",
             "pyfastpeft",
             "finetune",
+            "--model",
+            "tiny",
             "--pretrain-steps",
             "60",
             "--steps",
@@ -60,6 +62,8 @@ def test_default_finetune_end_to_end(tmp_path, env):
             "-m",
             "pyfastpeft",
             "finetune",
+            "--model",
+            "tiny",
             "--pretrain-steps",
             "60",
             "--steps",
@@ -87,6 +91,8 @@ def test_curve_picture_or_a_note(tmp_path, env):
             "-m",
             "pyfastpeft",
             "finetune",
+            "--model",
+            "tiny",
             "--pretrain-steps",
             "5",
             "--steps",
@@ -107,7 +113,7 @@ def test_curve_picture_or_a_note(tmp_path, env):
 
 def test_bad_argument_is_a_clear_error():
     out = subprocess.run(
-        [sys.executable, "-m", "pyfastpeft", "finetune", "--task", "nope"],
+        [sys.executable, "-m", "pyfastpeft", "finetune", "--model", "tiny", "--task", "nope"],
         capture_output=True,
         text=True,
         timeout=120,

@@ -15,7 +15,8 @@ from pyfastpeft.train.base import load_base
 def test_finetune_out_saves_a_loadable_adapter(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("PYFASTPEFT_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "adapter"
-    argv = ["finetune", "--pretrain-steps", "0", "--steps", "3", "--batch-size", "4", "--out", str(out)]
+    argv = ["finetune", "--model", "tiny", "--pretrain-steps", "0", "--steps", "3", "--batch-size", "4"]
+    argv += ["--out", str(out)]
     assert main(argv) == 0
     assert "adapter saved to" in capsys.readouterr().out
     config = json.loads((out / "adapter_config.json").read_text())

@@ -1,9 +1,12 @@
 """The base model and the data source a fine-tuning run starts from.
 
-Built-in (no ``--model``): the TinyLlama of :mod:`pyfastpeft.models`, pretrained on the ``copy`` task
-(cached), fine-tuned on a different built-in task, or on ``--data`` through a byte-level tokenizer.
-``--model DIR``: a local Hugging Face folder loaded with ``AutoModelForCausalLM`` (no downloads); its
-own tokenizer reads ``--data`` when the folder has one.
+No ``--model``: the real pretrained SmolLM2-135M-Instruct (:mod:`pyfastpeft.models.pretrained`),
+fine-tuned on the dates task (:mod:`pyfastpeft.train.dates`) or on ``--data``.
+``--model DIR`` / ``--model FILE.gguf``: a local Hugging Face folder, or a GGUF file converted once into
+one (no downloads); its own tokenizer reads ``--data`` and makes the dates task when it has one.
+``--model tiny``: the TinyLlama of :mod:`pyfastpeft.models`, pretrained on the ``copy`` task (cached),
+fine-tuned on a different built-in task, or on ``--data`` through a byte-level tokenizer (the fast path
+of the tests).
 """
 
 from __future__ import annotations
@@ -28,11 +31,42 @@ SIZES = {
 }
 
 
+TINY = "tiny"
+# defaults of the flags whose best value depends on the model: the built-in model learns its symbol
+# tasks from large batches at a high rate; the 135M real model learns the dates task from a few
+# small batches, and its default run has to fit in a few minutes on two CPU cores
+TINY_DEFAULTS = {"steps": 200, "batch_size": 32, "r": 8, "alpha": 16.0, "task": "shift", "distill_teacher_steps": 200}
+REAL_DEFAULTS = {"steps": 30, "batch_size": 8, "r": 16, "alpha": 32.0, "task": "dates", "distill_teacher_steps": 30}
+# --lr per method on the real model (a measured table is in docs/cli.md); others: 1e-3
+REAL_LR = {"full": 5e-5, "freeze": 1e-4, "sparse": 1e-4, "ia3": 1e-2, "bitfit": 3e-3, "prompt": 3e-2, "prefix": 1e-2}
+
+
+def is_tiny(args: argparse.Namespace) -> bool:
+    return getattr(args, "model", None) == TINY
+
+
+def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """Fills the flags left unset (None) with the defaults of the chosen model (in place)."""
+    defaults = TINY_DEFAULTS if is_tiny(args) else REAL_DEFAULTS
+    if not hasattr(args, "task_given"):
+        args.task_given = getattr(args, "task", None) is not None
+    for key, value in defaults.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    if getattr(args, "lr", None) is None:
+        from .methods import default_lr
+
+        args.lr = default_lr(args.method) if is_tiny(args) else REAL_LR.get(args.method, 1e-3)
+    return args
+
+
 @dataclass
 class Base:
     model: torch.nn.Module
-    source: object  # TaskSource or FileSource
+    source: object  # TaskSource, FileSource or DateTaskSource
     description: str
+    folder: Path | None = None  # the Hugging Face folder of a real model
+    tokenizer: object | None = None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -76,8 +110,11 @@ def hf_model(folder: str | Path, seed: int = 0) -> torch.nn.Module:
 
 
 def load_base(args: argparse.Namespace, log=print) -> Base:
-    if args.model:
-        return _load_hf(args, log)
+    resolve_defaults(args)
+    if not is_tiny(args):
+        return _load_real(args, log)
+    if args.task == "dates":
+        raise ValueError("--task dates needs a model with a tokenizer; the built-in model (--model tiny) has none")
     cfg = builtin_config(args)
     model = builtin_model(args, log)
     n = sum(p.numel() for p in model.parameters())
@@ -92,28 +129,35 @@ def load_base(args: argparse.Namespace, log=print) -> Base:
     return Base(model, source, desc)
 
 
-def _load_hf(args: argparse.Namespace, log) -> Base:
-    folder = Path(args.model)
-    model = hf_model(folder, args.seed)
-    from transformers import AutoTokenizer
+def _load_real(args: argparse.Namespace, log) -> Base:
+    from ..models.pretrained import load_folder, resolve_folder
 
+    folder, name = resolve_folder(args.model, log=log)
+    torch.manual_seed(args.seed)
+    model, tok, desc = load_folder(folder, name)
+    if args.data:
+        if tok is not None:
+            pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+            return Base(model, FileSource(args.data, tok, args.max_length, None, pad_id=pad), desc, folder, tok)
+        if model.config.vocab_size < ByteTokenizer.vocab_size:
+            raise ValueError(
+                f"--model: {folder} has no tokenizer and a vocabulary of {model.config.vocab_size} < "
+                f"{ByteTokenizer.vocab_size}, too small for byte-level tokens"
+            )
+        log(f"{folder} has no tokenizer: reading --data as bytes")
+        source = FileSource(args.data, ByteTokenizer(), args.max_length, BYTE_SPECIALS, pad_id=0)
+        return Base(model, source, desc, folder)
+    if args.task == "dates":
+        if tok is None:
+            if args.task_given:
+                raise ValueError(f"--task dates needs a tokenizer; {folder} has none")
+            args.task = TINY_DEFAULTS["task"]
+        else:
+            from .dates import DateTaskSource
+
+            return Base(model, DateTaskSource(tok, seed=args.seed, held_out=args.held_out), desc, folder, tok)
     vocab = model.config.vocab_size
-    n = sum(p.numel() for p in model.parameters())
-    desc = f"Hugging Face model {folder} ({type(model).__name__}), {n:,} parameters"
-    if not args.data:
-        task_vocab = min(vocab, TinyLlamaConfig.vocab_size)
-        if task_vocab < 8:
-            raise ValueError(f"--model: vocabulary of {vocab} is too small for the built-in tasks; pass --data")
-        return Base(model, TaskSource(args.task, args.length, task_vocab, args.seed), desc)
-    has_tokenizer = any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
-    if has_tokenizer:
-        tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-        pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-        return Base(model, FileSource(args.data, tok, args.max_length, None, pad_id=pad), desc)
-    if vocab < ByteTokenizer.vocab_size:
-        raise ValueError(
-            f"--model: {folder} has no tokenizer and a vocabulary of {vocab} < "
-            f"{ByteTokenizer.vocab_size}, too small for byte-level tokens"
-        )
-    log(f"{folder} has no tokenizer: reading --data as bytes")
-    return Base(model, FileSource(args.data, ByteTokenizer(), args.max_length, BYTE_SPECIALS, pad_id=0), desc)
+    task_vocab = min(vocab, TinyLlamaConfig.vocab_size)
+    if task_vocab < 8:
+        raise ValueError(f"--model: vocabulary of {vocab} is too small for the built-in tasks; pass --data")
+    return Base(model, TaskSource(args.task, args.length, task_vocab, args.seed), desc, folder, tok)

@@ -1,5 +1,7 @@
-"""``pyfastpeft compare``: every method on the same built-in task at several model sizes, with the same
-step budget, batch and seed, through the same code as ``finetune``.
+"""``pyfastpeft compare``: every method on the same task with the same step budget, batch and seed,
+through the same code as ``finetune``: on the built-in model at several sizes (``--model tiny``, the
+default), or on one real model (``--model default`` for SmolLM2-135M-Instruct, a folder or a GGUF file)
+on the dates task.
 
 Per method and size: the task metric after training (and before, which all methods share), trainable
 parameters, how many entries of the model's effective weights differ from the pretrained ones, the
@@ -73,38 +75,40 @@ def run_compare(args: argparse.Namespace) -> int:
     from .pretrain import pretrained_builtin
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
+    real = args.model != "tiny"
+    sizes = ["real"] if real else [s.strip() for s in args.sizes.split(",") if s.strip()]
     for m in methods:
         if m not in METHODS:
             raise ValueError(f"--methods: unknown method {m!r}; known methods: {', '.join(sorted(METHODS))}")
-    for s in sizes:
+    for s in [] if real else sizes:
         if s not in SIZES:
             raise ValueError(f"--sizes: unknown size {s!r}; known sizes: {', '.join(SIZES)}")
     out = Path(args.out)
     results: dict[str, list[dict]] = {}
     lr = "per method (--lr default)" if args.lr is None else args.lr
-    md = [
-        f"# PEFT comparison: '{args.task}' task, {args.steps} steps, batch {args.batch_size}, lr {lr}, "
-        f"seed {args.seed}\n"
-    ]
+    task = "dates" if real else args.task
+    steps = args.steps or (30 if real else 150)
+    batch = args.batch_size or (8 if real else 32)
+    md = [f"# PEFT comparison: '{task}' task, {steps} steps, batch {batch}, lr {lr}, seed {args.seed}\n"]
     for size in sizes:
         results[size] = []
+        if real:
+            model_flags = [] if args.model == "default" else ["--model", args.model]
+        else:
+            model_flags = ["--model", "tiny", "--size", size, "--pretrain-steps", str(args.pretrain_steps)]
         for method in methods:
             ft = build_parser().parse_args(
                 [
                     "finetune",
                     "--method",
                     method,
-                    "--size",
-                    size,
+                    *model_flags,
                     "--task",
-                    args.task,
+                    task,
                     "--steps",
-                    str(args.steps),
-                    "--pretrain-steps",
-                    str(args.pretrain_steps),
+                    str(steps),
                     "--batch-size",
-                    str(args.batch_size),
+                    str(batch),
                     *(["--lr", str(args.lr)] if args.lr is not None else []),
                     "--seed",
                     str(args.seed),
@@ -116,17 +120,15 @@ def run_compare(args: argparse.Namespace) -> int:
             )
             print(f"[compare] {size} / {method}", flush=True)
             summary = run_finetune(ft, log=lambda *a, **k: None, keep_model=True)
-            cfg = TinyLlamaConfig(max_position_embeddings=max(ft.max_length, 2 * ft.length + 3), **SIZES[size])
-            base = pretrained_builtin(
-                cfg,
-                ft.pretrain_task,
-                ft.pretrain_steps,
-                32,
-                ft.length,
-                3e-3,
-                ft.seed,
-                log=lambda *a, **k: None,
-            ).state_dict()
+            if real:
+                from .base import hf_model
+
+                base = hf_model(ft.base_folder).state_dict()
+            else:
+                cfg = TinyLlamaConfig(max_position_embeddings=max(ft.max_length, 2 * ft.length + 3), **SIZES[size])
+                base = pretrained_builtin(
+                    cfg, ft.pretrain_task, ft.pretrain_steps, 32, ft.length, 3e-3, ft.seed, log=lambda *a, **k: None
+                ).state_dict()
             changed, rank = change_report(base, effective_weights(summary.pop("model")))
             row = {
                 "method": method,
@@ -142,7 +144,8 @@ def run_compare(args: argparse.Namespace) -> int:
             }
             results[size].append(row)
             print("  " + ", ".join(f"{k}: {v}" for k, v in row.items()), flush=True)
-        md.append(f"\n## {size} ({SIZES[size]})\n\n" + markdown_table(results[size], list(results[size][0])))
+        title = f"{args.model} model" if real else f"{size} ({SIZES[size]})"
+        md.append(f"\n## {title}\n\n" + markdown_table(results[size], list(results[size][0])))
     text = "".join(md)
     print("\n" + text)
     atomic_write_text(out / "compare.md", text)

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from ..tuners import trainable_parameters
-from .base import DTYPES, load_base, resolve_device
+from .base import DTYPES, is_tiny, load_base, resolve_defaults, resolve_device
 from .checkpoint import CHECKPOINT_NAME, atomic_write_text, save_tensors
 from .distributed import DistInfo, barrier, gather_full, init_distributed, shutdown
 from .methods import METHOD_KNOBS, METHODS, apply_method, training_parts
@@ -29,6 +29,7 @@ def run_settings(args: argparse.Namespace) -> dict:
         "model",
         "data",
         "task",
+        "held_out",
         "size",
         "length",
         "max_length",
@@ -43,13 +44,15 @@ def run_settings(args: argparse.Namespace) -> dict:
     return {k: getattr(args, k) for k in keys}
 
 
-def run_info(args: argparse.Namespace) -> dict:
+def run_info(args: argparse.Namespace, folder: Path | None = None) -> dict:
     """What rebuilds the adapted model from its base: the method, its knobs, the seed, and the base
     (a Hugging Face folder, or the built-in model's settings)."""
+    tiny = is_tiny(args)
     return {
         "method": args.method,
-        "base_model": args.model or f"builtin:{args.size}",
-        "builtin": None if args.model else {k: getattr(args, k) for k in BUILTIN_KEYS},
+        "base_model": f"builtin:{args.size}" if tiny else str(folder or args.model),
+        "builtin": {k: getattr(args, k) for k in BUILTIN_KEYS} if tiny else None,
+        "task": None if args.data else args.task,
         "seed": args.seed,
         **{k: getattr(args, k) for k in METHOD_KNOBS},
     }
@@ -58,10 +61,7 @@ def run_info(args: argparse.Namespace) -> dict:
 def run_finetune(args: argparse.Namespace, log=print, keep_model: bool = False) -> dict:
     """Train and write ``args.out``; returns the summary (also written as ``summary.json``), with the
     trained model under ``"model"`` when ``keep_model``."""
-    if args.lr is None:
-        from .methods import default_lr
-
-        args.lr = default_lr(args.method)
+    resolve_defaults(args)
     device = resolve_device(args.device)
     info = init_distributed(device)
     try:
@@ -84,8 +84,9 @@ def _run(args, device: torch.device, info: DistInfo, log) -> tuple[dict, torch.n
         if not resume.is_file():
             raise ValueError(f"--resume: no checkpoint at {resume}")
     base = load_base(args, log)
+    args.base_folder = str(base.folder) if base.folder is not None else None
     log(base.description)
-    log(f"data: {base.source.description}")
+    log(f"task: {base.source.description}")
     model = base.model
     torch.manual_seed(args.seed)  # the same RNG state after the base model, cached or freshly pretrained
     base_keys = set(model.state_dict())
@@ -105,7 +106,8 @@ def _run(args, device: torch.device, info: DistInfo, log) -> tuple[dict, torch.n
         seed=args.seed,
         out=out,
         device=device,
-        eval_every=args.eval_every,
+        # answers by generation are the slow metric: by default only before and after training
+        eval_every=args.eval_every or (args.steps if getattr(base.source, "generates", False) else 0),
         log_every=args.log_every,
         stop_after=args.stop_after,
         resume=resume,
@@ -132,7 +134,12 @@ def _run(args, device: torch.device, info: DistInfo, log) -> tuple[dict, torch.n
         "step_seconds": result.step_seconds,
         "memory": result.memory.summary(),
         "world_size": info.world_size,
+        "model": base.description,
+        "task": base.source.description,
     }
+    shown = _side_by_side(base.source)
+    if shown:
+        summary["examples"] = shown
     if not result.completed:
         log(
             f"interrupted at step {result.step}/{args.steps}: checkpoint saved to {result.checkpoint}; "
@@ -159,8 +166,23 @@ def _run(args, device: torch.device, info: DistInfo, log) -> tuple[dict, torch.n
     log(
         f"{result.tokens_per_second:,.0f} tokens/s, {1e3 * result.step_seconds:.1f} ms/step, {result.memory.describe()}"
     )
+    for i, ex in enumerate(shown or [], start=1):
+        log(f"held-out example {i}: {ex['prompt']}")
+        log(f"    expected: {ex['expected']:<14s} base: {ex['base']!r:<32s} tuned: {ex['tuned']!r}")
     summary["exit_code"] = 0
     return summary, model
+
+
+def _side_by_side(source, count: int = 3) -> list[dict]:
+    """The first held-out prompts with the base model's and the tuned model's answers (from the
+    evaluations before and after training), for a source that answers by generation."""
+    first, last = getattr(source, "first_answers", None), getattr(source, "last_answers", None)
+    if not first or not last:
+        return []
+    return [
+        {"prompt": prompt.splitlines()[-1], "expected": want, "base": a, "tuned": b}
+        for (prompt, want), a, b in zip(source.held_out[:count], first, last, strict=False)
+    ]
 
 
 def _unsharded(args, tensors: dict) -> torch.nn.Module:
@@ -177,7 +199,7 @@ def _unsharded(args, tensors: dict) -> torch.nn.Module:
 
 
 def _write_outputs(out: Path, tensors: dict, buffers: list, args, hist: dict, metric: str, log, adapted) -> dict:
-    info = run_info(args)
+    info = run_info(args, getattr(args, "base_folder", None))
     if hasattr(adapted, "save_pretrained") and hasattr(adapted, "peft_config"):
         # Hugging Face PEFT's layout: adapter_model.safetensors + adapter_config.json
         adapted.save_pretrained(out)

@@ -102,8 +102,10 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> None:
         default=",".join(LLAMA_TARGETS),
         help="comma-separated module-name suffixes (the LoRA family, sparse, bitfit) (default: %(default)s)",
     )
-    g.add_argument("--r", type=int, default=8, help="LoRA rank (default: %(default)s)")
-    g.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha; scaling = alpha / r (default: %(default)s)")
+    g.add_argument("--r", type=int, default=None, help="LoRA rank (default: 16; 8 for --model tiny)")
+    g.add_argument(
+        "--alpha", type=float, default=None, help="LoRA alpha; scaling = alpha / r (default: 32; 16 for --model tiny)"
+    )
     g.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout (default: %(default)s)")
     g.add_argument("--rslora", action="store_true", help="LoRA scaling alpha / sqrt(r)")
     g.add_argument(
@@ -293,9 +295,9 @@ def _more_knobs(g: argparse._ArgumentGroup) -> None:
     g.add_argument(
         "--distill-teacher-steps",
         type=int,
-        default=200,
-        help="distill: full fine-tuning steps that make the teacher (cached for the built-in model) "
-        "(default: %(default)s)",
+        default=None,
+        help="distill: training steps that make the teacher: full fine-tuning of --model tiny (cached), a "
+        "rank-16 LoRA on a real model (default: 200 for --model tiny, 30 otherwise)",
     )
 
 

@@ -10,6 +10,8 @@ from safetensors.torch import load_file
 
 # a tiny built-in run: every test that trains uses these so the pretraining cache is shared
 TINY = [
+    "--model",
+    "tiny",
     "--size",
     "small",
     "--pretrain-steps",
