@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import UserError
 from ..models import TinyLlamaConfig
 from .data import BYTE_SPECIALS, ByteTokenizer, FileSource, TaskSource
 from .pretrain import pretrained_builtin
@@ -38,9 +39,9 @@ class Base:
 def resolve_device(name: str) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available in this torch build or machine")
+        raise UserError(f"--device {name}: CUDA is not available in this torch build or machine")
     if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device: expected cpu or cuda[:N], got {name!r}")
+        raise UserError(f"--device: expected cpu or cuda[:N], got {name!r}")
     return device
 
 
@@ -64,13 +65,13 @@ def hf_model(folder: str | Path, seed: int = 0) -> torch.nn.Module:
     """A local Hugging Face causal LM folder, in float32, without downloads."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise ValueError(f"--model: no such folder: {folder}")
+        raise UserError(f"--model: no such folder: {folder}")
     if not (folder / "config.json").is_file():
-        raise ValueError(f"--model: {folder} is not a Hugging Face model folder (no config.json)")
+        raise UserError(f"--model: {folder} is not a Hugging Face model folder (no config.json)")
     try:
         from transformers import AutoModelForCausalLM
     except ImportError:
-        raise ValueError("--model needs transformers: pip install 'pyfastpeft[hf]'") from None
+        raise UserError("--model needs transformers: pip install 'pyfastpeft[hf]'") from None
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True, torch_dtype=torch.float32)
 
@@ -103,7 +104,7 @@ def _load_hf(args: argparse.Namespace, log) -> Base:
     if not args.data:
         task_vocab = min(vocab, TinyLlamaConfig.vocab_size)
         if task_vocab < 8:
-            raise ValueError(f"--model: vocabulary of {vocab} is too small for the built-in tasks; pass --data")
+            raise UserError(f"--model: vocabulary of {vocab} is too small for the built-in tasks; pass --data")
         return Base(model, TaskSource(args.task, args.length, task_vocab, args.seed), desc)
     has_tokenizer = any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
     if has_tokenizer:
@@ -111,7 +112,7 @@ def _load_hf(args: argparse.Namespace, log) -> Base:
         pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
         return Base(model, FileSource(args.data, tok, args.max_length, None, pad_id=pad), desc)
     if vocab < ByteTokenizer.vocab_size:
-        raise ValueError(
+        raise UserError(
             f"--model: {folder} has no tokenizer and a vocabulary of {vocab} < "
             f"{ByteTokenizer.vocab_size}, too small for byte-level tokens"
         )

@@ -16,6 +16,7 @@ import json
 import torch
 import torch.nn.functional as F
 
+from ..errors import UserError
 from .base import builtin_config, builtin_model, hf_model
 from .checkpoint import load_tensors, save_tensors
 from .data import batch_to
@@ -67,7 +68,7 @@ def fine_tuned_teacher(
     """The frozen teacher on ``device`` in ``dtype``, in eval mode. Torch's global RNG is left as it
     was, so a run with a teacher draws the same dropout masks whether it was cached or not."""
     if args.distill_teacher_steps < 1:
-        raise ValueError(f"--distill-teacher-steps: expected a positive number, got {args.distill_teacher_steps}")
+        raise UserError(f"--distill-teacher-steps: expected a positive number, got {args.distill_teacher_steps}")
     steps = args.distill_teacher_steps
     path = teacher_cache_path(args, steps)
     with torch.random.fork_rng(devices=[]):
