@@ -36,8 +36,12 @@ def _add_training_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--task", choices=TASKS, default="shift", help="built-in fine-tuning task (default: shift)")
     p.add_argument("--size", choices=sorted(SIZES), default="medium", help="built-in model size (default: medium)")
-    p.add_argument("--length", type=int_at_least(1), default=8, help="symbols per built-in example (default: %(default)s)")
-    p.add_argument("--max-length", type=int_at_least(2), default=128, help="tokens per --data example (default: %(default)s)")
+    p.add_argument(
+        "--length", type=int_at_least(1), default=8, help="symbols per built-in example (default: %(default)s)"
+    )
+    p.add_argument(
+        "--max-length", type=int_at_least(2), default=128, help="tokens per --data example (default: %(default)s)"
+    )
     p.add_argument("--pretrain-task", choices=TASKS, default="copy")
     p.add_argument(
         "--pretrain-steps",
@@ -50,12 +54,20 @@ def _add_training_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int_at_least(1), default=200)
     p.add_argument("--batch-size", type=int_at_least(1), default=32, help="global batch size (default: %(default)s)")
     p.add_argument(
-        "--lr", type=positive_float, default=None, help="learning rate (default: 3e-3; per method where it differs, docs/cli.md)"
+        "--lr",
+        type=positive_float,
+        default=None,
+        help="learning rate (default: 3e-3; per method where it differs, docs/cli.md)",
     )
     p.add_argument("--seed", type=seed, default=0)
-    p.add_argument("--eval-every", type=int_at_least(0), default=0, help="steps between evaluations (default: steps/10)")
     p.add_argument(
-        "--log-every", type=int_at_least(0), default=0, help="steps between log lines off a terminal (default: steps/10)"
+        "--eval-every", type=int_at_least(0), default=0, help="steps between evaluations (default: steps/10)"
+    )
+    p.add_argument(
+        "--log-every",
+        type=int_at_least(0),
+        default=0,
+        help="steps between log lines off a terminal (default: steps/10)",
     )
     add_method_arguments(p)
 
@@ -137,7 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--steps", type=int_at_least(1), default=150)
     cmp.add_argument("--pretrain-steps", type=int_at_least(0), default=300)
     cmp.add_argument("--batch-size", type=int_at_least(1), default=32)
-    cmp.add_argument("--lr", type=positive_float, default=None, help="learning rate (default: each method's, as finetune)")
+    cmp.add_argument(
+        "--lr", type=positive_float, default=None, help="learning rate (default: each method's, as finetune)"
+    )
     cmp.add_argument("--seed", type=seed, default=0)
     cmp.add_argument("--out", default="pyfastpeft_out/compare")
     cmp.set_defaults(func=cmd_compare)

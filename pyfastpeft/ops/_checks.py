@@ -19,7 +19,9 @@ def check_same_device(ref_name: str, ref: torch.Tensor, **others: Arg) -> None:
     for name, value in others.items():
         if value is None:
             continue
-        items = [(name, value)] if isinstance(value, torch.Tensor) else [(f"{name}[{i}]", t) for i, t in enumerate(value)]
+        items = (
+            [(name, value)] if isinstance(value, torch.Tensor) else [(f"{name}[{i}]", t) for i, t in enumerate(value)]
+        )
         for item, t in items:
             if t.device != ref.device:
                 raise ValueError(f"{item}: expected device {ref.device} (the device of {ref_name}), got {t.device}")

@@ -48,8 +48,12 @@ def _fused_linear_kd_loss_fake(
     output_mask,
 ):
     check_same_device(
-        "student_hidden", student_hidden, student_weight=student_weight, teacher_hidden=teacher_hidden,
-        teacher_weight=teacher_weight, labels=labels,
+        "student_hidden",
+        student_hidden,
+        student_weight=student_weight,
+        teacher_hidden=teacher_hidden,
+        teacher_weight=teacher_weight,
+        labels=labels,
     )
     need_dh, need_dw = output_mask
     dh = student_hidden.new_empty(student_hidden.shape if need_dh else (0,))
@@ -191,7 +195,9 @@ def kd_loss(
         )
     vocab = student_logits.shape[-1]
     if vocab == 0:
-        raise ValueError(f"student_logits: expected a vocabulary of at least 1, got shape {tuple(student_logits.shape)}")
+        raise ValueError(
+            f"student_logits: expected a vocabulary of at least 1, got shape {tuple(student_logits.shape)}"
+        )
     s = student_logits.reshape(-1, vocab)
     t = teacher_logits.detach().reshape(-1, vocab)
     flat_labels = _flat_labels(labels, student_logits.shape[:-1], "student_logits")

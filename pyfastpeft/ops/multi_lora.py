@@ -29,8 +29,15 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 @torch.library.register_fake("pyfastpeft::multi_lora_linear")
 def _multi_lora_linear_fake(x, weight, bias, lora_A, lora_B, scalings, adapter_indices, dropout_p, rng_state):
     check_same_device(
-        "x", x, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B, scalings=scalings,
-        adapter_indices=adapter_indices, rng_state=rng_state,
+        "x",
+        x,
+        weight=weight,
+        bias=bias,
+        lora_A=lora_A,
+        lora_B=lora_B,
+        scalings=scalings,
+        adapter_indices=adapter_indices,
+        rng_state=rng_state,
     )
     n_rows = math.prod(x.shape[:-1])
     y = x.new_empty((*x.shape[:-1], weight.shape[0]))
@@ -43,9 +50,18 @@ def _multi_lora_linear_backward_fake(
     grad_y, x, weight, lora_A, lora_B, scalings, adapter_indices, xa, dropout_p, rng_state, output_mask
 ):
     check_same_device(
-        "x", x, grad_y=grad_y, weight=weight, lora_A=lora_A, lora_B=lora_B, scalings=scalings,
-        adapter_indices=adapter_indices, xa=xa, rng_state=rng_state,
+        "x",
+        x,
+        grad_y=grad_y,
+        weight=weight,
+        lora_A=lora_A,
+        lora_B=lora_B,
+        scalings=scalings,
+        adapter_indices=adapter_indices,
+        xa=xa,
+        rng_state=rng_state,
     )
+
     def grad(mask: bool, shape) -> torch.Tensor:
         return x.new_empty(shape) if mask else x.new_empty((0,))
 

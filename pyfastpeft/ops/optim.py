@@ -36,8 +36,17 @@ def _fused_adamw_fake(
 ):
     if params:
         check_same_device(
-            "params[0]", params[0], params=params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs,
-            max_exp_avg_sqs=max_exp_avg_sqs, masters=masters, anchors=anchors, steps=steps, lr=lr,
+            "params[0]",
+            params[0],
+            params=params,
+            grads=grads,
+            exp_avgs=exp_avgs,
+            exp_avg_sqs=exp_avg_sqs,
+            max_exp_avg_sqs=max_exp_avg_sqs,
+            masters=masters,
+            anchors=anchors,
+            steps=steps,
+            lr=lr,
             grad_scale=grad_scale,
         )
     return None

@@ -72,7 +72,9 @@ def _sampled_backward(ctx, grad):
     return (x @ dense.t() if need_gy else None), (grad_y @ dense if need_x else None), None, None
 
 
-torch.library.register_autograd("pyfastpeft::sampled_weight_grad", _sampled_backward, setup_context=_sampled_setup_context)
+torch.library.register_autograd(
+    "pyfastpeft::sampled_weight_grad", _sampled_backward, setup_context=_sampled_setup_context
+)
 
 
 def sparse_delta_linear(

@@ -220,7 +220,9 @@ class FusedAdamW(torch.optim.Optimizer):
                 state[key] = value.detach().to(device=p.device, dtype=torch.float32, copy=True).reshape(())
             elif isinstance(value, torch.Tensor):
                 dtype = torch.float32 if key == "master" else state_dtype
-                value = value.detach().to(device=p.device, dtype=dtype, copy=True, memory_format=torch.contiguous_format)
+                value = value.detach().to(
+                    device=p.device, dtype=dtype, copy=True, memory_format=torch.contiguous_format
+                )
                 state[key] = value.reshape(p.shape)
         if use_master and "step" in state and "master" not in state:
             state["master"] = p.detach().to(torch.float32, copy=True, memory_format=torch.contiguous_format)

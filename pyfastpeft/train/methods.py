@@ -106,7 +106,9 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--r", type=int_at_least(1), default=8, help="LoRA rank (default: %(default)s)")
     g.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha; scaling = alpha / r (default: %(default)s)")
-    g.add_argument("--dropout", type=float_in(0.0, 1.0, high_open=True), default=0.05, help="LoRA dropout (default: %(default)s)")
+    g.add_argument(
+        "--dropout", type=float_in(0.0, 1.0, high_open=True), default=0.05, help="LoRA dropout (default: %(default)s)"
+    )
     g.add_argument("--rslora", action="store_true", help="LoRA scaling alpha / sqrt(r)")
     g.add_argument(
         "--train-last-layers",
@@ -290,7 +292,10 @@ def _more_knobs(g: argparse._ArgumentGroup) -> None:
         "(default: %(default)s)",
     )
     g.add_argument(
-        "--distill-temperature", type=positive_float, default=2.0, help="distill: softmax temperature (default: %(default)s)"
+        "--distill-temperature",
+        type=positive_float,
+        default=2.0,
+        help="distill: softmax temperature (default: %(default)s)",
     )
     g.add_argument(
         "--distill-teacher-steps",
