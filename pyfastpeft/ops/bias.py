@@ -8,16 +8,20 @@ from __future__ import annotations
 
 import torch
 
+from ._checks import check_same_device
+
 _OP = torch.ops.pyfastpeft
 
 
 @torch.library.register_fake("pyfastpeft::bias_only_linear")
 def _bias_only_linear_fake(x, weight, bias):
+    check_same_device("x", x, weight=weight, bias=bias)
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
 @torch.library.register_fake("pyfastpeft::bias_only_linear_backward")
 def _bias_only_linear_backward_fake(grad_y, weight, output_mask):
+    check_same_device("grad_y", grad_y, weight=weight)
     need_dx, need_db = output_mask
     dx = grad_y.new_empty((*grad_y.shape[:-1], weight.shape[1])) if need_dx else grad_y.new_empty((0,))
     db = grad_y.new_empty((weight.shape[0],)) if need_db else grad_y.new_empty((0,))
@@ -36,6 +40,8 @@ def bias_only_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) 
         weight: ``[out, in]`` frozen weight (``requires_grad`` must be False).
         bias: ``[out]`` trainable bias.
     """
+    if not isinstance(bias, torch.Tensor):
+        raise ValueError(f"bias: expected a tensor [out_features] (BitFit trains the bias), got {type(bias).__name__}")
     if weight.requires_grad:
         raise ValueError("weight: bias_only_linear keeps W frozen; pass a weight with requires_grad=False")
     return _OP.bias_only_linear(x, weight, bias)

@@ -15,7 +15,11 @@ saved state is ``dh`` [N, H] and ``dW`` [V, H], never an N×V tensor.
 
 from __future__ import annotations
 
+import math
+
 import torch
+
+from ._checks import check_same_device
 
 _OP = torch.ops.pyfastpeft
 
@@ -24,6 +28,7 @@ DIVERGENCES = ("forward_kl", "reverse_kl", "js")
 
 @torch.library.register_fake("pyfastpeft::kd_loss")
 def _kd_loss_fake(student_logits, teacher_logits, labels, temperature, alpha, ignore_index, divergence, compute_grad):
+    check_same_device("student_logits", student_logits, teacher_logits=teacher_logits, labels=labels)
     grad_shape = student_logits.shape if compute_grad else (0,)
     return student_logits.new_empty(()), student_logits.new_empty(grad_shape)
 
@@ -42,6 +47,14 @@ def _fused_linear_kd_loss_fake(
     chunk_size,
     output_mask,
 ):
+    check_same_device(
+        "student_hidden",
+        student_hidden,
+        student_weight=student_weight,
+        teacher_hidden=teacher_hidden,
+        teacher_weight=teacher_weight,
+        labels=labels,
+    )
     need_dh, need_dw = output_mask
     dh = student_hidden.new_empty(student_hidden.shape if need_dh else (0,))
     dw = student_weight.new_empty(student_weight.shape if need_dw else (0,))
@@ -158,7 +171,7 @@ def kd_loss(
     Args:
         student_logits: ``[..., V]``, float32, bfloat16 or float16 (float64 too); any strides.
         teacher_logits: ``[..., V]`` with the student's shape and dtype; treated as a constant.
-        labels: ``[...]`` int64 targets, or None for pure distillation (then ``alpha`` must be 0 and every
+        labels: ``[...]`` int64 or int32 targets, or None for pure distillation (then ``alpha`` must be 0 and every
             token counts).
         temperature: T > 0 softening both distributions; the KD term is scaled by T² (Hinton et al.).
         alpha: weight of the cross-entropy on the labels (at T = 1), in [0, 1].
@@ -181,6 +194,10 @@ def kd_loss(
             f"got {tuple(teacher_logits.shape)}"
         )
     vocab = student_logits.shape[-1]
+    if vocab == 0:
+        raise ValueError(
+            f"student_logits: expected a vocabulary of at least 1, got shape {tuple(student_logits.shape)}"
+        )
     s = student_logits.reshape(-1, vocab)
     t = teacher_logits.detach().reshape(-1, vocab)
     flat_labels = _flat_labels(labels, student_logits.shape[:-1], "student_logits")
@@ -221,8 +238,9 @@ def fused_linear_kd_loss(
         )
     if chunk_size < 0:
         raise ValueError(f"chunk_size: expected 0 (automatic) or a positive number of rows, got {chunk_size}")
-    hs = student_hidden.reshape(-1, student_hidden.shape[-1])
-    ht = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])
+    n_rows = math.prod(student_hidden.shape[:-1])  # reshape(-1, 0) cannot infer the rows of a 0-wide input
+    hs = student_hidden.reshape(n_rows, student_hidden.shape[-1])
+    ht = teacher_hidden.detach().reshape(n_rows, teacher_hidden.shape[-1])
     flat_labels = _flat_labels(labels, student_hidden.shape[:-1], "student_hidden")
     grad_on = torch.is_grad_enabled()
     mask = [grad_on and hs.requires_grad, grad_on and student_head_weight.requires_grad]

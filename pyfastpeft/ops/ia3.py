@@ -8,17 +8,21 @@ from __future__ import annotations
 
 import torch
 
+from ._checks import check_same_device
+
 _OP = torch.ops.pyfastpeft
 
 
 @torch.library.register_fake("pyfastpeft::ia3_scale")
 def _ia3_scale_fake(x, scale):
+    check_same_device("x", x, scale=scale)
     torch._check(scale.dim() == 1 and scale.shape[0] == x.shape[-1], lambda: "scale: expected [x.shape[-1]]")
     return torch.empty_like(x)
 
 
 @torch.library.register_fake("pyfastpeft::ia3_scale_backward")
 def _ia3_scale_backward_fake(grad_y, x, scale, output_mask):
+    check_same_device("x", x, grad_y=grad_y, scale=scale)
     need_dx, need_dl = output_mask
     dx = grad_y.new_empty(grad_y.shape) if need_dx else grad_y.new_empty((0,))
     dl = grad_y.new_empty(scale.shape) if need_dl else grad_y.new_empty((0,))

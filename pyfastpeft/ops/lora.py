@@ -11,12 +11,14 @@ import math
 import torch
 
 from . import _rng
+from ._checks import check_same_device
 
 _OP = torch.ops.pyfastpeft
 
 
 @torch.library.register_fake("pyfastpeft::lora_linear")
 def _lora_linear_fake(x, weight, bias, lora_A, lora_B, scaling, dropout_p, rng_state):
+    check_same_device("x", x, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B, rng_state=rng_state)
     n_rows = math.prod(x.shape[:-1])
     y = x.new_empty((*x.shape[:-1], weight.shape[0]))
     xa = x.new_empty((n_rows, lora_A.shape[0]))
@@ -25,6 +27,7 @@ def _lora_linear_fake(x, weight, bias, lora_A, lora_B, scaling, dropout_p, rng_s
 
 @torch.library.register_fake("pyfastpeft::lora_linear_backward")
 def _lora_linear_backward_fake(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, rng_state, output_mask):
+    check_same_device("x", x, grad_y=grad_y, weight=weight, lora_A=lora_A, lora_B=lora_B, xa=xa, rng_state=rng_state)
     def grad(mask: bool, like: torch.Tensor, shape) -> torch.Tensor:
         return like.new_empty(shape) if mask else like.new_empty((0,))
 
@@ -40,10 +43,28 @@ def _lora_linear_backward_fake(grad_y, x, weight, lora_A, lora_B, xa, scaling, d
 
 @torch.library.register_fake("pyfastpeft::philox_dropout")
 def _philox_dropout_fake(x, p, rng_state):
+    check_same_device("x", x, rng_state=rng_state)
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-# Autograd is registered in C++ (csrc/ops/lora/lora_autograd.cpp): a Python formula would add ~0.1 ms
+def _philox_dropout_setup_context(ctx, inputs, output):
+    _, p, rng_state = inputs
+    ctx.p = p
+    ctx.save_for_backward(rng_state)
+
+
+def _philox_dropout_backward(ctx, grad):
+    # d(x ⊙ m / (1 − p)) / dx = m / (1 − p): the same mask, regenerated from the same [seed, offset].
+    (rng_state,) = ctx.saved_tensors
+    return _OP.philox_dropout(grad, ctx.p, rng_state), None, None
+
+
+torch.library.register_autograd(
+    "pyfastpeft::philox_dropout", _philox_dropout_backward, setup_context=_philox_dropout_setup_context
+)
+
+
+# The LoRA linear's autograd is registered in C++ (csrc/ops/lora/lora_autograd.cpp): a Python formula would add ~0.1 ms
 # of interpreter time to every layer call.
 
 
@@ -75,7 +96,8 @@ def lora_linear(
 
 
 def philox_dropout(x: torch.Tensor, p: float, seed: int | None = None) -> torch.Tensor:
-    """``x ⊙ mask / (1 - p)`` with the Philox mask of every pyfastpeft op (not differentiable).
+    """``x ⊙ mask / (1 - p)`` with the Philox mask of every pyfastpeft op; differentiable in x (the
+    backward regenerates the mask, nothing is saved but [seed, offset]).
 
     The mask of element ``i`` (row-major index) depends only on (seed, offset, i), so this reproduces
     exactly the mask :func:`lora_linear` applies for the same seed.

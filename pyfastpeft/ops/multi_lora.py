@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import torch
 
 from . import _rng
+from ._checks import check_same_device
 
 _OP = torch.ops.pyfastpeft
 
@@ -27,6 +28,17 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 @torch.library.register_fake("pyfastpeft::multi_lora_linear")
 def _multi_lora_linear_fake(x, weight, bias, lora_A, lora_B, scalings, adapter_indices, dropout_p, rng_state):
+    check_same_device(
+        "x",
+        x,
+        weight=weight,
+        bias=bias,
+        lora_A=lora_A,
+        lora_B=lora_B,
+        scalings=scalings,
+        adapter_indices=adapter_indices,
+        rng_state=rng_state,
+    )
     n_rows = math.prod(x.shape[:-1])
     y = x.new_empty((*x.shape[:-1], weight.shape[0]))
     xa = x.new_empty((n_rows, lora_A.shape[1]), dtype=_acc_dtype(x.dtype))
@@ -37,6 +49,19 @@ def _multi_lora_linear_fake(x, weight, bias, lora_A, lora_B, scalings, adapter_i
 def _multi_lora_linear_backward_fake(
     grad_y, x, weight, lora_A, lora_B, scalings, adapter_indices, xa, dropout_p, rng_state, output_mask
 ):
+    check_same_device(
+        "x",
+        x,
+        grad_y=grad_y,
+        weight=weight,
+        lora_A=lora_A,
+        lora_B=lora_B,
+        scalings=scalings,
+        adapter_indices=adapter_indices,
+        xa=xa,
+        rng_state=rng_state,
+    )
+
     def grad(mask: bool, shape) -> torch.Tensor:
         return x.new_empty(shape) if mask else x.new_empty((0,))
 
@@ -93,7 +118,7 @@ def multi_lora_linear(
         bias: ``[out]`` or None.
         lora_A: ``[K, r, in]`` stacked adapters; lora_B: ``[K, out, r]``. Adapters of smaller rank are
             zero-padded to ``r`` (the padding receives zero gradients, so it stays zero).
-        scalings: ``[K]`` per-adapter scaling (``alpha / r``), a float32/float64 tensor or a sequence.
+        scalings: ``[K]`` per-adapter scaling (``alpha / r``), a float or integer tensor or a sequence.
         adapter_indices: int64/int32, one index per token (shape ``[N]`` or ``x.shape[:-1]``); ``-1``
             means no adapter. On the CPU an index outside ``[-1, K)`` raises ValueError; on CUDA it is
             treated as ``-1`` (checking it would synchronise with the host; see
@@ -103,6 +128,8 @@ def multi_lora_linear(
     """
     if not isinstance(scalings, torch.Tensor):
         scalings = torch.tensor([float(s) for s in scalings], dtype=torch.float64, device=x.device)
+    elif not scalings.is_floating_point() and scalings.dtype != torch.bool and not scalings.is_complex():
+        scalings = scalings.to(torch.float64)  # integer scalings (alpha / r can be whole) are exact in float64
     rng = _rng.rng_state(seed, x.device) if dropout_p > 0 else None
     y, _ = _OP.multi_lora_linear(x, weight, bias, lora_A, lora_B, scalings, adapter_indices, float(dropout_p), rng)
     return y

@@ -10,6 +10,8 @@ from collections.abc import Sequence
 
 import torch
 
+from ._checks import check_same_device
+
 _OP = torch.ops.pyfastpeft
 
 
@@ -32,11 +34,27 @@ def _fused_adamw_fake(
     l2sp,
     maximize,
 ):
+    if params:
+        check_same_device(
+            "params[0]",
+            params[0],
+            params=params,
+            grads=grads,
+            exp_avgs=exp_avgs,
+            exp_avg_sqs=exp_avg_sqs,
+            max_exp_avg_sqs=max_exp_avg_sqs,
+            masters=masters,
+            anchors=anchors,
+            steps=steps,
+            lr=lr,
+            grad_scale=grad_scale,
+        )
     return None
 
 
 @torch.library.register_fake("pyfastpeft::multi_tensor_l2_norm")
 def _multi_tensor_l2_norm_fake(tensors):
+    check_same_device("tensors[0]", tensors[0], tensors=tensors)
     return tensors[0].new_empty((), dtype=torch.float32)
 
 

@@ -27,6 +27,8 @@ import math
 
 import torch
 
+from ._checks import check_same_device
+
 _OP = torch.ops.pyfastpeft
 QUANT_EPS = torch.finfo(torch.float32).eps  # the smallest scale, as PyTorch's observers
 
@@ -52,16 +54,19 @@ def _fake_quantize_fake(x, bits, group_size, symmetric, axis):
 
 @torch.library.register_fake("pyfastpeft::fake_quantize_backward")
 def _fake_quantize_backward_fake(grad_out, x, scale, zero_point, bits, group_size, axis):
+    check_same_device("x", x, grad_out=grad_out, scale=scale, zero_point=zero_point)
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake("pyfastpeft::fake_quantize_lsq")
 def _fake_quantize_lsq_fake(x, scale, zero_point, bits, group_size, axis, grad_factor):
+    check_same_device("x", x, scale=scale, zero_point=zero_point)
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake("pyfastpeft::fake_quantize_lsq_backward")
 def _fake_quantize_lsq_backward_fake(grad_out, x, scale, zero_point, bits, group_size, axis, grad_factor, need_grad_x):
+    check_same_device("x", x, grad_out=grad_out, scale=scale, zero_point=zero_point)
     dx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_grad_x else x.new_empty((0,))
     dz = torch.empty_like(scale) if zero_point is not None else scale.new_empty((0,))
     return dx, torch.empty_like(scale), dz

@@ -8,21 +8,26 @@ from __future__ import annotations
 
 import torch
 
+from ._checks import check_same_device
+
 _OP = torch.ops.pyfastpeft
 
 
 @torch.library.register_fake("pyfastpeft::sampled_weight_grad")
 def _sampled_weight_grad_fake(grad_y, x, indices, in_features):
+    check_same_device("x", x, grad_y=grad_y, indices=indices)
     return x.new_empty((indices.shape[0],))
 
 
 @torch.library.register_fake("pyfastpeft::sparse_delta_linear")
 def _sparse_delta_linear_fake(x, weight, bias, delta, indices):
+    check_same_device("x", x, weight=weight, bias=bias, delta=delta, indices=indices)
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
 @torch.library.register_fake("pyfastpeft::sparse_delta_linear_backward")
 def _sparse_delta_linear_backward_fake(grad_y, x, weight, delta, indices, output_mask):
+    check_same_device("x", x, grad_y=grad_y, weight=weight, delta=delta, indices=indices)
     need_dx, need_db, need_ddelta = output_mask
     return (
         x.new_empty(x.shape) if need_dx else x.new_empty((0,)),
@@ -49,6 +54,29 @@ def _backward(ctx, grad_y):
 torch.library.register_autograd("pyfastpeft::sparse_delta_linear", _backward, setup_context=_setup_context)
 
 
+def _sampled_setup_context(ctx, inputs, output):
+    grad_y, x, indices, in_features = inputs
+    ctx.in_features = in_features
+    ctx.save_for_backward(grad_y, x, indices)
+
+
+def _sampled_backward(ctx, grad):
+    # out_j = Σ_n gy[n, r_j]·x[n, c_j]. With G the [out, in] matrix holding grad_j at (r_j, c_j)
+    # (repeated indices add up): d gy = x·Gᵀ and d x = gy·G. A dense G is the simple, rare path: this
+    # is the gradient of a gradient.
+    grad_y, x, indices = ctx.saved_tensors
+    out_features = grad_y.shape[-1]
+    dense = grad.new_zeros(out_features * ctx.in_features).index_add(0, indices.long(), grad)
+    dense = dense.view(out_features, ctx.in_features)
+    need_gy, need_x = ctx.needs_input_grad[:2]
+    return (x @ dense.t() if need_gy else None), (grad_y @ dense if need_x else None), None, None
+
+
+torch.library.register_autograd(
+    "pyfastpeft::sampled_weight_grad", _sampled_backward, setup_context=_sampled_setup_context
+)
+
+
 def sparse_delta_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -68,5 +96,8 @@ def sparse_delta_linear(
 
 
 def sampled_weight_grad(grad_y: torch.Tensor, x: torch.Tensor, indices: torch.Tensor, in_features: int) -> torch.Tensor:
-    """``(grad_yᵀ·x).view(-1)[indices]`` without forming the dense product: ``[k]`` in x's dtype."""
+    """``(grad_yᵀ·x).view(-1)[indices]`` without forming the dense product: ``[k]`` in x's dtype.
+
+    ``indices`` (int64 or int32) may come in any order and repeat. Differentiable in grad_y and x.
+    """
     return _OP.sampled_weight_grad(grad_y, x, indices, int(in_features))

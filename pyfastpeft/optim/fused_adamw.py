@@ -89,11 +89,11 @@ class FusedAdamW(torch.optim.Optimizer):
         if group["amsgrad"]:
             state["max_exp_avg_sq"] = torch.zeros_like(p, dtype=state_dtype, memory_format=torch.contiguous_format)
         if use_master:
-            state["master"] = p.detach().to(torch.float32, copy=True)
+            state["master"] = p.detach().to(torch.float32, copy=True, memory_format=torch.contiguous_format)
         if group["l2sp"] != 0 and "anchor" not in state:
             # θ₀ is taken when the tensor first trains and kept when it is frozen, so an unfrozen
             # tensor is still pulled toward its pretrained value.
-            state["anchor"] = p.detach().to(state_dtype, copy=True)
+            state["anchor"] = p.detach().to(state_dtype, copy=True, memory_format=torch.contiguous_format)
         return state
 
     def _free_state(self, p: torch.Tensor) -> None:
@@ -154,8 +154,11 @@ class FusedAdamW(torch.optim.Optimizer):
             device = ps[0].device
             states = [self.state[p] for p in ps]
             beta1, beta2 = group["betas"]
+            # The kernel walks flat memory; a strided parameter (a transposed or sliced view) is updated
+            # through a contiguous copy written back after the step.
+            work = [p if p.is_contiguous() else p.contiguous() for p in ps]
             fused_adamw_(
-                ps,
+                work,
                 [grads[id(p)] for p in ps],
                 [s["exp_avg"] for s in states],
                 [s["exp_avg_sq"] for s in states],
@@ -172,6 +175,9 @@ class FusedAdamW(torch.optim.Optimizer):
                 grad_scale=scales.get(device),
                 maximize=group["maximize"],
             )
+            for p, w in zip(ps, work, strict=True):
+                if w is not p:
+                    p.copy_(w)
         if loss is not None:
             return loss
         return total_norm
@@ -214,9 +220,12 @@ class FusedAdamW(torch.optim.Optimizer):
                 state[key] = value.detach().to(device=p.device, dtype=torch.float32, copy=True).reshape(())
             elif isinstance(value, torch.Tensor):
                 dtype = torch.float32 if key == "master" else state_dtype
-                state[key] = value.detach().to(device=p.device, dtype=dtype, copy=True).reshape(p.shape)
+                value = value.detach().to(
+                    device=p.device, dtype=dtype, copy=True, memory_format=torch.contiguous_format
+                )
+                state[key] = value.reshape(p.shape)
         if use_master and "step" in state and "master" not in state:
-            state["master"] = p.detach().to(torch.float32, copy=True)
+            state["master"] = p.detach().to(torch.float32, copy=True, memory_format=torch.contiguous_format)
 
 
 def lora_plus_param_groups(

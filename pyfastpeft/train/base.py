@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import UserError
 from ..models import TinyLlamaConfig
 from .data import BYTE_SPECIALS, ByteTokenizer, FileSource, TaskSource
 from .pretrain import pretrained_builtin
@@ -72,9 +73,9 @@ class Base:
 def resolve_device(name: str) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available in this torch build or machine")
+        raise UserError(f"--device {name}: CUDA is not available in this torch build or machine")
     if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device: expected cpu or cuda[:N], got {name!r}")
+        raise UserError(f"--device: expected cpu or cuda[:N], got {name!r}")
     return device
 
 
@@ -98,13 +99,13 @@ def hf_model(folder: str | Path, seed: int = 0) -> torch.nn.Module:
     """A local Hugging Face causal LM folder, in float32, without downloads."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise ValueError(f"--model: no such folder: {folder}")
+        raise UserError(f"--model: no such folder: {folder}")
     if not (folder / "config.json").is_file():
-        raise ValueError(f"--model: {folder} is not a Hugging Face model folder (no config.json)")
+        raise UserError(f"--model: {folder} is not a Hugging Face model folder (no config.json)")
     try:
         from transformers import AutoModelForCausalLM
     except ImportError:
-        raise ValueError("--model needs transformers: pip install 'pyfastpeft[hf]'") from None
+        raise UserError("--model needs transformers: pip install 'pyfastpeft[hf]'") from None
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True, torch_dtype=torch.float32)
 
@@ -114,7 +115,7 @@ def load_base(args: argparse.Namespace, log=print) -> Base:
     if not is_tiny(args):
         return _load_real(args, log)
     if args.task == "dates":
-        raise ValueError("--task dates needs a model with a tokenizer; the built-in model (--model tiny) has none")
+        raise UserError("--task dates needs a model with a tokenizer; the built-in model (--model tiny) has none")
     cfg = builtin_config(args)
     model = builtin_model(args, log)
     n = sum(p.numel() for p in model.parameters())
@@ -140,7 +141,7 @@ def _load_real(args: argparse.Namespace, log) -> Base:
             pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
             return Base(model, FileSource(args.data, tok, args.max_length, None, pad_id=pad), desc, folder, tok)
         if model.config.vocab_size < ByteTokenizer.vocab_size:
-            raise ValueError(
+            raise UserError(
                 f"--model: {folder} has no tokenizer and a vocabulary of {model.config.vocab_size} < "
                 f"{ByteTokenizer.vocab_size}, too small for byte-level tokens"
             )
@@ -150,7 +151,7 @@ def _load_real(args: argparse.Namespace, log) -> Base:
     if args.task == "dates":
         if tok is None:
             if args.task_given:
-                raise ValueError(f"--task dates needs a tokenizer; {folder} has none")
+                raise UserError(f"--task dates needs a tokenizer; {folder} has none")
             args.task = TINY_DEFAULTS["task"]
         else:
             from .dates import DateTaskSource
@@ -159,5 +160,5 @@ def _load_real(args: argparse.Namespace, log) -> Base:
     vocab = model.config.vocab_size
     task_vocab = min(vocab, TinyLlamaConfig.vocab_size)
     if task_vocab < 8:
-        raise ValueError(f"--model: vocabulary of {vocab} is too small for the built-in tasks; pass --data")
+        raise UserError(f"--model: vocabulary of {vocab} is too small for the built-in tasks; pass --data")
     return Base(model, TaskSource(args.task, args.length, task_vocab, args.seed), desc, folder, tok)

@@ -16,6 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from ..errors import UserError
 from .checkpoint import atomic_write_text
 from .plot import write_bar_chart
 
@@ -41,11 +42,11 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
 def run_benchmarks(args: argparse.Namespace) -> int:
     root = bench_dir()
     if not root.is_dir():
-        raise ValueError(f"no bench/ folder at {root}: the benchmarks run from a source checkout")
+        raise UserError(f"no bench/ folder at {root}: the benchmarks run from a source checkout")
     wanted = KNOWN_OPS if args.op == "all" else [o.strip() for o in args.op.split(",") if o.strip()]
     unknown = [o for o in wanted if o not in KNOWN_OPS and not (root / f"bench_{o}.py").is_file()]
     if unknown:
-        raise ValueError(f"--op: unknown {unknown}; known: {', '.join(KNOWN_OPS)}, all")
+        raise UserError(f"--op: unknown {unknown}; known: {', '.join(KNOWN_OPS)}, all")
     extra = sorted(p.stem[len("bench_") :] for p in root.glob("bench_*.py"))
     ops = wanted + ([o for o in extra if o not in wanted] if args.op == "all" else [])
     rows, failed = [], []

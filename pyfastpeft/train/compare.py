@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import UserError
 from ..nn import FakeQuantLinear, LoRALinear, SparseDeltaLinear
 from ..tuners.lora_layers import LoraLinear
 from .base import SIZES
@@ -79,10 +80,10 @@ def run_compare(args: argparse.Namespace) -> int:
     sizes = ["real"] if real else [s.strip() for s in args.sizes.split(",") if s.strip()]
     for m in methods:
         if m not in METHODS:
-            raise ValueError(f"--methods: unknown method {m!r}; known methods: {', '.join(sorted(METHODS))}")
+            raise UserError(f"--methods: unknown method {m!r}; known methods: {', '.join(sorted(METHODS))}")
     for s in [] if real else sizes:
         if s not in SIZES:
-            raise ValueError(f"--sizes: unknown size {s!r}; known sizes: {', '.join(SIZES)}")
+            raise UserError(f"--sizes: unknown size {s!r}; known sizes: {', '.join(SIZES)}")
     out = Path(args.out)
     results: dict[str, list[dict]] = {}
     lr = "per method (--lr default)" if args.lr is None else args.lr

@@ -18,10 +18,11 @@ from pathlib import Path
 
 import torch
 
+from ..errors import UserError
 from ..models.data import BOS, EOS, PAD, SEP, Batch, answer_accuracy, make_batch
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A data file that cannot be used; the message names the file and the line."""
 
 

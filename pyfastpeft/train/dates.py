@@ -17,6 +17,7 @@ import random
 
 import torch
 
+from ..errors import UserError
 from ..models.data import Batch
 from .data import Example, batch_to, collate
 
@@ -77,9 +78,9 @@ class DateTaskSource:
 
     def __init__(self, tokenizer, seed: int = 0, held_out: int = 64, eval_batch_size: int = 64):
         if held_out < 1:
-            raise ValueError(f"--held-out: expected a positive number, got {held_out}")
+            raise UserError(f"--held-out: expected a positive number, got {held_out}")
         if tokenizer.eos_token_id is None:
-            raise ValueError("the dates task needs a tokenizer with an end-of-sequence token")
+            raise UserError("the dates task needs a tokenizer with an end-of-sequence token")
         self.tokenizer = tokenizer
         self.eos = tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import UserError
 from ..tuners import trainable_parameters
 from .base import DTYPES, is_tiny, load_base, resolve_defaults, resolve_device
 from .checkpoint import CHECKPOINT_NAME, atomic_write_text, save_tensors
@@ -77,12 +78,12 @@ def run_finetune(args: argparse.Namespace, log=print, keep_model: bool = False) 
 def _run(args, device: torch.device, info: DistInfo, log) -> tuple[dict, torch.nn.Module]:
     out = Path(args.out)
     if args.method not in METHODS:  # before any slow work
-        raise ValueError(f"--method: unknown method {args.method!r}; known methods: {', '.join(sorted(METHODS))}")
+        raise UserError(f"--method: unknown method {args.method!r}; known methods: {', '.join(sorted(METHODS))}")
     resume = None
     if args.resume is not None:
         resume = Path(args.resume) if args.resume else out / CHECKPOINT_NAME
         if not resume.is_file():
-            raise ValueError(f"--resume: no checkpoint at {resume}")
+            raise UserError(f"--resume: no checkpoint at {resume}")
     base = load_base(args, log)
     args.base_folder = str(base.folder) if base.folder is not None else None
     log(base.description)

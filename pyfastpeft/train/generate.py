@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from ..errors import UserError
+
 
 @dataclass
 class GenerateSettings:
@@ -30,15 +32,15 @@ class GenerateSettings:
 
 def _check(s: GenerateSettings) -> None:
     if not s.prompts:
-        raise ValueError("no prompts: give them as arguments or on stdin, one per line")
+        raise UserError("no prompts: give them as arguments or on stdin, one per line")
     if s.max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens: expected a positive number, got {s.max_new_tokens}")
+        raise UserError(f"--max-new-tokens: expected a positive number, got {s.max_new_tokens}")
     if s.temperature < 0:
-        raise ValueError(f"--temperature: expected 0 (greedy) or a positive number, got {s.temperature}")
+        raise UserError(f"--temperature: expected 0 (greedy) or a positive number, got {s.temperature}")
     if not 0 < s.top_p <= 1:
-        raise ValueError(f"--top-p: expected a probability in (0, 1], got {s.top_p}")
+        raise UserError(f"--top-p: expected a probability in (0, 1], got {s.top_p}")
     if s.adapter is not None and not Path(s.adapter).is_dir():
-        raise ValueError(f"adapter: no such folder: {s.adapter} (pass --no-adapter for the base alone)")
+        raise UserError(f"adapter: no such folder: {s.adapter} (pass --no-adapter for the base alone)")
 
 
 def load_for_generation(s: GenerateSettings, log=print):
@@ -49,7 +51,7 @@ def load_for_generation(s: GenerateSettings, log=print):
     saved = read_saved_adapter(s.adapter) if s.adapter is not None else None
     run = saved.run if saved is not None else None
     if run and run.get("builtin"):
-        raise ValueError(
+        raise UserError(
             f"{s.adapter}: trained on the built-in model (--model tiny), which has no tokenizer to generate text with"
         )
     base = s.base
@@ -58,7 +60,7 @@ def load_for_generation(s: GenerateSettings, log=print):
         base = str(folder) if folder is not None else None
     model, tokenizer, description = load_pretrained(base, log=log)
     if tokenizer is None:
-        raise ValueError(f"--base {base}: the model folder has no tokenizer")
+        raise UserError(f"--base {base}: the model folder has no tokenizer")
     log(description)
     if saved is not None:
         model = rebuild(model, saved)

@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..errors import UserError
 from ..io.adapter_files import _short
 from ..models import TinyLlamaConfig, TinyLlamaForCausalLM
 from .compare import effective_weights
@@ -54,7 +55,7 @@ def merged_state(adapted: nn.Module, template: nn.Module, method: str) -> dict[s
     state = template.state_dict()
     extra = sorted(set(effective) - set(state))
     if extra:
-        raise ValueError(
+        raise UserError(
             f"merge: method {method} adds tensors the base architecture has no place for "
             f"({_short(extra, 4)}); its adapter cannot be merged into {type(template).__name__}"
         )
@@ -64,7 +65,7 @@ def merged_state(adapted: nn.Module, template: nn.Module, method: str) -> dict[s
         if v.shape != state[k].shape
     ]
     if bad:
-        raise ValueError(f"merge: merged weights do not fit the base ({_short(bad, 4)})")
+        raise UserError(f"merge: merged weights do not fit the base ({_short(bad, 4)})")
     return {k: (effective[k].to(v.dtype) if k in effective else v).clone() for k, v in state.items()}
 
 
@@ -106,7 +107,7 @@ def _write_hf(folder: Path, model: nn.Module, base_folder: Path) -> nn.Module:
 def run_merge(args: argparse.Namespace, log=print) -> int:
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(f"out: {out} exists and is not an empty folder; choose a new one")
+        raise UserError(f"out: {out} exists and is not an empty folder; choose a new one")
     saved = read_saved_adapter(args.adapter)
     base, description = load_base_model(args.base, saved, log=lambda *a, **k: None)
     log(f"base: {description}")
@@ -135,7 +136,7 @@ def run_merge(args: argparse.Namespace, log=print) -> int:
         )
         # float32 rounding of the folded weights; anything larger means the merge is wrong
         if not diff <= 1e-4 * max(1.0, scale):
-            raise ValueError(f"merge: the merged model's outputs differ from the adapted model's by {diff:.3g}")
+            raise RuntimeError(f"merge: the merged model's outputs differ from the adapted model's by {diff:.3g}")
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)

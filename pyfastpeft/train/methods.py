@@ -25,7 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import UserError
 from ..tuners import LoraConfig, get_peft_model
+from .arg_types import float_in, int_at_least, positive_float
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -91,7 +93,7 @@ def register(name: str, description: str) -> Callable[[MethodFn], MethodFn]:
 
 def apply_method(name: str, model: nn.Module, args: argparse.Namespace) -> nn.Module:
     if name not in METHODS:
-        raise ValueError(f"--method: unknown method {name!r}; known methods: {', '.join(sorted(METHODS))}")
+        raise UserError(f"--method: unknown method {name!r}; known methods: {', '.join(sorted(METHODS))}")
     return METHODS[name](model, args)
 
 
@@ -102,34 +104,34 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> None:
         default=",".join(LLAMA_TARGETS),
         help="comma-separated module-name suffixes (the LoRA family, sparse, bitfit) (default: %(default)s)",
     )
-    g.add_argument("--r", type=int, default=None, help="LoRA rank (default: 16; 8 for --model tiny)")
+    g.add_argument("--r", type=int_at_least(1), default=None, help="LoRA rank (default: 16; 8 for --model tiny)")
     g.add_argument(
         "--alpha", type=float, default=None, help="LoRA alpha; scaling = alpha / r (default: 32; 16 for --model tiny)"
     )
-    g.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout (default: %(default)s)")
+    g.add_argument("--dropout", type=float_in(0.0, 1.0, high_open=True), default=0.05, help="LoRA dropout (default: %(default)s)")
     g.add_argument("--rslora", action="store_true", help="LoRA scaling alpha / sqrt(r)")
     g.add_argument(
         "--train-last-layers",
-        type=int,
+        type=int_at_least(1),
         default=1,
         help="freeze: how many of the last decoder blocks train (default: %(default)s)",
     )
     g.add_argument(
         "--num-virtual-tokens",
-        type=int,
+        type=int_at_least(1),
         default=8,
         help="prompt, ptuning, prefix: virtual tokens (prompt length / prefix length) (default: %(default)s)",
     )
     g.add_argument(
         "--encoder-hidden-size",
-        type=int,
+        type=int_at_least(1),
         default=None,
         help="ptuning: prompt-encoder MLP width; prefix: reparameterisation MLP width, which turns "
         "prefix_projection on (default: the model's hidden size; prefix: no projection)",
     )
     g.add_argument(
         "--freeze-first",
-        type=int,
+        type=int_at_least(0),
         default=None,
         help="freeze: freeze the first N decoder blocks and train the others (replaces --train-last-layers)",
     )
@@ -147,7 +149,7 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--reduction-factor",
-        type=int,
+        type=int_at_least(1),
         default=16,
         help="adapter: bottleneck = hidden size / this (default: %(default)s)",
     )
@@ -189,7 +191,7 @@ def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The model's stack of decoder blocks: the longest ``nn.ModuleList`` (``model.layers`` in Llama)."""
     lists = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
     if not lists:
-        raise ValueError(f"{type(model).__name__} has no nn.ModuleList of blocks to freeze or train")
+        raise UserError(f"{type(model).__name__} has no nn.ModuleList of blocks to freeze or train")
     return max(lists, key=lambda nm: len(nm[1]))
 
 
@@ -203,7 +205,7 @@ def apply_bitfit(model: nn.Module, args: argparse.Namespace) -> nn.Module:
     try:
         return get_peft_model(model, BitFitConfig(target_modules=_targets(args)))
     except ValueError as err:
-        raise ValueError(f"--target-modules: {err}") from None
+        raise UserError(f"--target-modules: {err}") from None
 
 
 @register("freeze", "layer freezing (LayerFreezeConfig): --train-last-layers, --freeze-first or --train-regex")
@@ -214,11 +216,11 @@ def apply_freeze(model: nn.Module, args: argparse.Namespace) -> nn.Module:
     n = len(blocks)
     if args.freeze_first is not None:
         if not 0 <= args.freeze_first < n:
-            raise ValueError(f"--freeze-first: expected 0..{n - 1} (blocks in {path}), got {args.freeze_first}")
+            raise UserError(f"--freeze-first: expected 0..{n - 1} (blocks in {path}), got {args.freeze_first}")
         selection = {"layer_range": [args.freeze_first, None]}
     elif args.train_regex is None:
         if not 1 <= args.train_last_layers <= n:
-            raise ValueError(f"--train-last-layers: expected 1..{n} (blocks in {path}), got {args.train_last_layers}")
+            raise UserError(f"--train-last-layers: expected 1..{n} (blocks in {path}), got {args.train_last_layers}")
         selection = {"last_layers": args.train_last_layers}
     else:
         selection = {}
@@ -229,7 +231,7 @@ def apply_freeze(model: nn.Module, args: argparse.Namespace) -> nn.Module:
         return get_peft_model(model, config)
     except ValueError as err:
         flag = "--train-regex" if "trainable_regex" in str(err) else "--method freeze"
-        raise ValueError(f"{flag}: {err}") from None
+        raise UserError(f"{flag}: {err}") from None
 
 
 # ---- (IA)³ and bottleneck adapters --------------------------------------------------------------------
@@ -264,7 +266,7 @@ METHOD_KNOBS.extend(
 def _more_knobs(g: argparse._ArgumentGroup) -> None:
     g.add_argument(
         "--sparse-density",
-        type=float,
+        type=float_in(0.0, 1.0),
         default=0.02,
         help="sparse: fraction of each target weight matrix that trains (default: %(default)s)",
     )
@@ -284,17 +286,20 @@ def _more_knobs(g: argparse._ArgumentGroup) -> None:
     )
     g.add_argument(
         "--distill-alpha",
-        type=float,
+        type=float_in(0.0, 1.0),
         default=0.5,
         help="distill: weight of the cross-entropy on the labels; 1 - alpha weighs the teacher term "
         "(default: %(default)s)",
     )
     g.add_argument(
-        "--distill-temperature", type=float, default=2.0, help="distill: softmax temperature (default: %(default)s)"
+        "--distill-temperature",
+        type=positive_float,
+        default=2.0,
+        help="distill: softmax temperature (default: %(default)s)",
     )
     g.add_argument(
         "--distill-teacher-steps",
-        type=int,
+        type=int_at_least(1),
         default=None,
         help="distill: training steps that make the teacher: full fine-tuning of --model tiny (cached), a "
         "rank-16 LoRA on a real model (default: 200 for --model tiny, 30 otherwise)",
@@ -327,7 +332,7 @@ def apply_sparse(model: nn.Module, args: argparse.Namespace) -> nn.Module:
     from ..nn import SparseDeltaLinear
 
     if not 0.0 < args.sparse_density <= 1.0:
-        raise ValueError(f"--sparse-density: expected a fraction in (0, 1], got {args.sparse_density}")
+        raise UserError(f"--sparse-density: expected a fraction in (0, 1], got {args.sparse_density}")
     _freeze(model)
     targets = _targets(args)
     chosen = [
@@ -336,7 +341,7 @@ def apply_sparse(model: nn.Module, args: argparse.Namespace) -> nn.Module:
         if type(m) is nn.Linear and any(n == t or n.endswith("." + t) for t in targets)
     ]
     if not chosen:
-        raise ValueError(f"--target-modules {targets} matched no nn.Linear in {type(model).__name__}")
+        raise UserError(f"--target-modules {targets} matched no nn.Linear in {type(model).__name__}")
     gen = torch.Generator().manual_seed(args.seed)
     strategy = "random" if args.sparse_selection == "random" else "magnitude"
     for name, linear in chosen:
@@ -393,21 +398,21 @@ def apply_qat_lora(model: nn.Module, args: argparse.Namespace) -> nn.Module:
     from ..quant import QATConfig, prepare_qat
 
     if not 2 <= args.qat_bits <= 8:
-        raise ValueError(f"--qat-bits: expected 2..8, got {args.qat_bits}")
+        raise UserError(f"--qat-bits: expected 2..8, got {args.qat_bits}")
     config = QATConfig.weight_only(bits=args.qat_bits, group_size=args.qat_group_size, target_modules=_targets(args))
     try:
         prepare_qat(model, config)
     except ValueError as err:
-        raise ValueError(f"qat-lora (--target-modules, --qat-group-size): {err}") from None
+        raise UserError(f"qat-lora (--target-modules, --qat-group-size): {err}") from None
     return get_peft_model(model, _lora_config(args))
 
 
 @register("distill", "LoRA trained to match a fully fine-tuned teacher (--distill-alpha, --distill-temperature)")
 def apply_distill(model: nn.Module, args: argparse.Namespace) -> nn.Module:
     if not 0.0 <= args.distill_alpha <= 1.0:
-        raise ValueError(f"--distill-alpha: expected a weight in [0, 1], got {args.distill_alpha}")
+        raise UserError(f"--distill-alpha: expected a weight in [0, 1], got {args.distill_alpha}")
     if not args.distill_temperature > 0:
-        raise ValueError(f"--distill-temperature: expected a positive number, got {args.distill_temperature}")
+        raise UserError(f"--distill-temperature: expected a positive number, got {args.distill_temperature}")
     return get_peft_model(model, _lora_config(args))
 
 

@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load as load_safetensors_bytes
 from torch import nn
 
+from ..errors import UserError
 from ..io.adapter_files import CONFIG_NAME, PICKLE_NAMES, WEIGHTS_NAME, check_and_copy, copy_into
 from .base import builtin_model, hf_model
 from .checkpoint import trainable_state
@@ -69,10 +70,18 @@ def _read_json(path: Path) -> dict:
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
+        raise UserError(f"{path}: not valid JSON ({err})") from None
     if not isinstance(value, dict):
-        raise ValueError(f"{path}: expected a JSON object")
+        raise UserError(f"{path}: expected a JSON object")
     return value
+
+
+def _check_peft_type(peft_type: object, source: Path) -> None:
+    from ..tuners import peft_types
+
+    known = peft_types()
+    if not isinstance(peft_type, str) or peft_type not in known:
+        raise UserError(f"{source}: peft_type {peft_type!r} is not supported; expected one of {', '.join(known)}")
 
 
 def read_saved_adapter(directory: str | Path) -> SavedAdapter:
@@ -80,13 +89,13 @@ def read_saved_adapter(directory: str | Path) -> SavedAdapter:
     path = Path(directory)
     if path.is_file():
         if path.suffix.lower() in PICKLE_SUFFIXES:
-            raise ValueError(
+            raise UserError(
                 f"{path}: refusing to read a pickle file (loading it could run arbitrary code); "
                 "give an adapter folder with safetensors weights"
             )
-        raise ValueError(f"{path}: expected an adapter folder, not a file")
+        raise UserError(f"{path}: expected an adapter folder, not a file")
     if not path.is_dir():
-        raise ValueError(f"{path}: no such adapter folder")
+        raise UserError(f"{path}: no such adapter folder")
     if (path / WEIGHTS_NAME).is_file():
         weights, layout = path / WEIGHTS_NAME, "peft"
     elif (path / OWN_WEIGHTS_NAME).is_file():
@@ -94,28 +103,29 @@ def read_saved_adapter(directory: str | Path) -> SavedAdapter:
     else:
         pickles = [n for n in PICKLE_NAMES if (path / n).exists()]
         if pickles:
-            raise ValueError(
+            raise UserError(
                 f"{path}: found {pickles[0]} but no {WEIGHTS_NAME}; refusing to read a pickle file "
                 "(loading it could run arbitrary code): convert it to safetensors"
             )
-        raise ValueError(f"{path}: no {WEIGHTS_NAME} or {OWN_WEIGHTS_NAME} (not an adapter folder)")
+        raise UserError(f"{path}: no {WEIGHTS_NAME} or {OWN_WEIGHTS_NAME} (not an adapter folder)")
     if not (path / CONFIG_NAME).is_file():
-        raise ValueError(f"{path}: no {CONFIG_NAME}")
+        raise UserError(f"{path}: no {CONFIG_NAME}")
     config = _read_json(path / CONFIG_NAME)
     if layout == "peft":
         if "peft_type" not in config:
-            raise ValueError(f"{path / CONFIG_NAME}: no peft_type (expected Hugging Face PEFT's layout)")
+            raise UserError(f"{path / CONFIG_NAME}: no peft_type (expected Hugging Face PEFT's layout)")
+        _check_peft_type(config["peft_type"], path / CONFIG_NAME)
         run = _read_json(path / RUN_INFO_NAME) if (path / RUN_INFO_NAME).is_file() else None
     else:
         if "method" not in config:
-            raise ValueError(f"{path / CONFIG_NAME}: no method (expected pyfastpeft's adapter layout)")
+            raise UserError(f"{path / CONFIG_NAME}: no method (expected pyfastpeft's adapter layout)")
         run = config
     try:
         tensors = load_safetensors_bytes(weights.read_bytes())
     except Exception as err:  # safetensors raises its own error types for corrupt headers
-        raise ValueError(f"{weights}: not a valid safetensors file ({err})") from None
+        raise UserError(f"{weights}: not a valid safetensors file ({err})") from None
     if not tensors:
-        raise ValueError(f"{weights}: holds no tensors")
+        raise UserError(f"{weights}: holds no tensors")
     return SavedAdapter(path, layout, config, run, tensors, weights)
 
 
@@ -152,8 +162,8 @@ def load_base_model(base: str | None, saved: SavedAdapter, log=print) -> tuple[n
         if not builtin:
             where = f"was trained on {run['base_model']}" if run else "does not say which base it was trained on"
             if base is None:
-                raise ValueError(f"{saved.directory}: the adapter {where}; pass --base <model folder>")
-            raise ValueError(
+                raise UserError(f"{saved.directory}: the adapter {where}; pass --base <model folder>")
+            raise UserError(
                 f"base builtin: the adapter in {saved.directory} {where}; only adapters trained on the built-in "
                 "model fit it"
             )
@@ -163,7 +173,7 @@ def load_base_model(base: str | None, saved: SavedAdapter, log=print) -> tuple[n
     try:
         model = hf_model(folder, run.get("seed", 0) if run else 0)
     except ValueError as err:
-        raise ValueError(str(err).replace("--model", "base")) from None
+        raise UserError(str(err).replace("--model", "base")) from None
     return model, f"Hugging Face model {folder} ({type(model).__name__})"
 
 
@@ -179,7 +189,7 @@ def rebuild(base_model: nn.Module, saved: SavedAdapter) -> nn.Module:
     try:
         adapted = apply_method(args.method, base_model, args)
     except ValueError as err:
-        raise ValueError(f"{saved.directory} does not fit the base: method {args.method}: {err}") from None
+        raise UserError(f"{saved.directory} does not fit the base: method {args.method}: {err}") from None
     if saved.layout == "peft":
         copy_into(adapted, "default", saved.tensors, saved.weights)
     else:

@@ -21,6 +21,7 @@ import json
 import torch
 import torch.nn.functional as F
 
+from ..errors import UserError
 from .base import builtin_config, builtin_model, hf_model, is_tiny
 from .checkpoint import load_tensors, save_tensors
 from .data import batch_to
@@ -77,7 +78,7 @@ def fine_tuned_teacher(
     if args.distill_teacher_steps is None:
         args.distill_teacher_steps = 200 if tiny else 30
     if args.distill_teacher_steps < 1:
-        raise ValueError(f"--distill-teacher-steps: expected a positive number, got {args.distill_teacher_steps}")
+        raise UserError(f"--distill-teacher-steps: expected a positive number, got {args.distill_teacher_steps}")
     steps = args.distill_teacher_steps
     path = teacher_cache_path(args, steps)
     lr = args.lr

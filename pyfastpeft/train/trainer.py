@@ -7,6 +7,7 @@ step, so on the CPU a run interrupted at step k and resumed ends bit-identical t
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 from collections.abc import Callable
@@ -15,7 +16,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 
+from ..errors import UserError
 from .checkpoint import (
     CHECKPOINT_NAME,
     load_tensors,
@@ -111,17 +114,17 @@ class _InterruptFlag:
 def train(model: torch.nn.Module, source, s: TrainSettings, info: DistInfo, log=print) -> TrainResult:
     """Fine-tune the trainable tensors of ``model`` (already on ``s.device``) on ``source``."""
     if s.batch_size % info.world_size:
-        raise ValueError(
+        raise UserError(
             f"--batch-size {s.batch_size} must be divisible by the number of processes "
             f"({info.world_size}); it is the global batch"
         )
     if s.steps < 1:
-        raise ValueError(f"--steps: expected a positive number, got {s.steps}")
+        raise UserError(f"--steps: expected a positive number, got {s.steps}")
     sharded = s.fsdp and info.enabled
     if sharded and (s.resume is not None or s.stop_after is not None):
-        raise ValueError("--fsdp: checkpoints (--resume, --stop-after) are not supported with FSDP2 yet")
+        raise UserError("--fsdp: checkpoints (--resume, --stop-after) are not supported with FSDP2 yet")
     if not trainable_state(model):
-        raise ValueError("the method left no trainable parameters")
+        raise UserError("the method left no trainable parameters")
     ddp_model = wrap_model(model, info, s.device, fsdp=s.fsdp)
     params = list(trainable_state(model).values())
     gen = torch.Generator().manual_seed(s.seed)
@@ -137,7 +140,7 @@ def train(model: torch.nn.Module, source, s: TrainSettings, info: DistInfo, log=
         history["eval_step"].append(0)
         history["metric"].append(history["before"][source.metric_name])
     if start >= s.steps:
-        raise ValueError(f"--steps {s.steps}: the checkpoint is already at step {start}; ask for more steps")
+        raise UserError(f"--steps {s.steps}: the checkpoint is already at step {start}; ask for more steps")
     eval_every = s.eval_every or max(1, s.steps // 10)
     progress = Progress(s.steps, start, "finetune", s.log_every or max(1, s.steps // 10), enabled=info.is_main)
     memory = PeakMemory(s.device)
@@ -207,18 +210,24 @@ def save_checkpoint(path: Path, model, opt, gen, step: int, history: dict, run: 
 
 def _load_checkpoint(path: Path, model, opt, gen, run: dict, log) -> tuple[int, dict]:
     if not path.is_file():
-        raise ValueError(f"--resume: no checkpoint at {path}")
-    tensors, meta = load_tensors(path)
-    if not meta or meta.get("format") != "pyfastpeft-checkpoint-1":
-        raise ValueError(f"--resume: {path} is not a pyfastpeft checkpoint")
+        raise UserError(f"--resume: no checkpoint at {path}")
+    try:
+        tensors, meta = load_tensors(path)
+    except (SafetensorError, json.JSONDecodeError, OSError) as err:
+        raise UserError(f"--resume: {path} is not a readable checkpoint ({err})") from None
+    if not isinstance(meta, dict) or meta.get("format") != "pyfastpeft-checkpoint-1":
+        raise UserError(f"--resume: {path} is not a pyfastpeft checkpoint")
+    missing = [k for k in ("run", "step", "history", "optimizer") if k not in meta]
+    if missing or not isinstance(meta["run"], dict):
+        raise UserError(f"--resume: {path} is a damaged checkpoint (metadata without {', '.join(missing) or 'run'})")
     differ = sorted(k for k in set(run) | set(meta["run"]) if run.get(k) != meta["run"].get(k))
     if differ:
         detail = ", ".join(f"{k}: checkpoint {meta['run'].get(k)!r} vs now {run.get(k)!r}" for k in differ)
-        raise ValueError(f"--resume: the checkpoint was made with other settings ({detail})")
+        raise UserError(f"--resume: the checkpoint was made with other settings ({detail})")
     state = trainable_state(model)
     saved = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
     if set(saved) != set(state):
-        raise ValueError(
+        raise UserError(
             f"--resume: trainable tensors differ from the checkpoint's ({sorted(set(saved) ^ set(state))[:5]} ...)"
         )
     with torch.no_grad():

@@ -32,7 +32,7 @@ def model_class_for(config: Any) -> type:
 
 
 def classes_for_type(peft_type: Any, source: str = "adapter_config.json") -> tuple[type, type]:
-    if peft_type not in _BY_TYPE:
+    if not isinstance(peft_type, str) or peft_type not in _BY_TYPE:
         raise ValueError(f"{source}: peft_type {peft_type!r} is not supported; known: {', '.join(peft_types())}")
     return _BY_TYPE[peft_type]
 

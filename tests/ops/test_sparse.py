@@ -117,10 +117,12 @@ def test_bad_indices_rejected(device):
         sampled_weight_grad(gy, x, torch.tensor([0, 15], device=device), 5)
     with pytest.raises(ValueError, match="out of range"):
         sampled_weight_grad(gy, x, torch.tensor([-1, 3], device=device), 5)
+    # sampled_weight_grad takes any order (tests/ops/test_bad_inputs.py); the sparse delta does not
+    w15 = randn(3, 5, device=device)
     with pytest.raises(ValueError, match=r"strictly increasing.*entry 2 \(4\) follows 4"):
-        sampled_weight_grad(gy, x, torch.tensor([1, 4, 4], device=device), 5)
+        sparse_delta_linear(x, w15, None, randn(3, device=device), torch.tensor([1, 4, 4], device=device))
     with pytest.raises(ValueError, match="strictly increasing"):
-        sampled_weight_grad(gy, x, torch.tensor([3, 1], device=device), 5)
+        sparse_delta_linear(x, w15, None, randn(2, device=device), torch.tensor([3, 1], device=device))
     with pytest.raises(ValueError, match="indices: expected an int64 or int32"):
         sampled_weight_grad(gy, x, torch.tensor([1.0], device=device), 5)
     with pytest.raises(ValueError, match="x: expected size 4 in dimension 1"):

@@ -395,3 +395,32 @@ def test_random_hyperparameters_match_torch(lr, beta1, beta2, eps, weight_decay,
         opt.step()
         ref_opt.step()
     assert_rel_close(ours, ref, rel=2e-6)
+
+
+@pytest.mark.parametrize("options", [{}, {"amsgrad": True, "l2sp": 0.1}])
+def test_non_contiguous_parameters_match_torch_adamw(device, options):
+    # torch.optim.AdamW takes strided parameters (a transposed or sliced view made a Parameter); so do we
+    g = torch.Generator().manual_seed(3)
+    base = [torch.randn(5, 7, generator=g, dtype=torch.float64), torch.randn(6, 4, generator=g, dtype=torch.float64)]
+    ours = [base[0].to(device).t().requires_grad_(), base[1].to(device)[::2].requires_grad_()]
+    assert not any(p.is_contiguous() for p in ours)
+    ref = [p.detach().clone().requires_grad_() for p in ours]
+    options = dict(options)
+    l2sp = options.pop("l2sp", 0.0)
+    opt = FusedAdamW(ours, lr=1e-2, l2sp=l2sp, **options)
+    ref_opt = torch.optim.AdamW(ref, lr=1e-2, **options)
+    for step in range(5):
+        set_grads(step, ours, ref)
+        opt.step()
+        if l2sp:  # torch has no L2-SP term: compare with the contiguous run instead
+            continue
+        ref_opt.step()
+    if l2sp:
+        contiguous = [p.detach().contiguous().requires_grad_() for p in ref]
+        opt_c = FusedAdamW(contiguous, lr=1e-2, l2sp=l2sp, **options)
+        for step in range(5):
+            set_grads(step, contiguous)
+            opt_c.step()
+        ref = contiguous
+    assert all(not p.is_contiguous() for p in ours)  # updated in place, views kept
+    assert_rel_close(ours, ref, rel=1e-12)

@@ -54,6 +54,26 @@ inline void check_same_device(const at::Tensor& t, const char* name, const at::T
                     "), got ", t.device());
 }
 
+// Each present tensor argument (pointer, argument name; nullptr for an absent optional one) is on `ref`'s
+// device. A call mixing a meta tensor with real ones never gets here: the dispatcher sends it to the
+// fake kernel, which makes the same check (pyfastpeft/ops/_checks.py).
+inline void check_same_devices(std::initializer_list<std::pair<const at::Tensor*, const char*>> tensors,
+                               const at::Tensor& ref, const char* ref_name) {
+  for (const auto& [t, name] : tensors) {
+    if (t != nullptr && t->defined()) check_same_device(*t, name, ref, ref_name);
+  }
+}
+
+// The product of x's leading dimensions: its rows as [rows, x.size(-1)]. reshape({-1, 0}) cannot infer
+// the rows of a zero-width input, so every op views its input through this.
+inline int64_t leading_numel(const at::Tensor& x) {
+  int64_t rows = 1;
+  for (int64_t d = 0; d + 1 < x.dim(); ++d) rows *= x.size(d);
+  return rows;
+}
+
+inline at::Tensor as_rows(const at::Tensor& x) { return x.reshape({leading_numel(x), x.size(-1)}); }
+
 // Each of `tensors` (pointer, argument name) has the dtype and device of `ref`.
 inline void check_like(std::initializer_list<std::pair<const at::Tensor*, const char*>> tensors, const at::Tensor& ref,
                        const char* ref_name) {

@@ -21,7 +21,7 @@ namespace {
 at::Tensor bias_only_linear_cuda(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
   bias::check_forward(x, weight, bias);
   const c10::cuda::CUDAGuard guard(x.device());
-  const at::Tensor x2 = x.reshape({-1, x.size(-1)});
+  const at::Tensor x2 = as_rows(x);
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = weight.size(0);
   return at::addmm(bias, x2, weight.t()).view(shape);

@@ -30,7 +30,7 @@ inline void check_backward(const at::Tensor& grad_y, const at::Tensor& weight) {
 
 // grad_y as [N, out] with unit column stride: a view when the strides allow, else one copy.
 inline at::Tensor rows_view(const at::Tensor& grad_y) {
-  at::Tensor dy2 = grad_y.reshape({-1, grad_y.size(-1)});
+  at::Tensor dy2 = as_rows(grad_y);
   if (dy2.size(1) > 1 && dy2.stride(1) != 1) dy2 = dy2.contiguous();
   return dy2;
 }

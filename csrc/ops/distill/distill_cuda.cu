@@ -16,6 +16,11 @@ __device__ __forceinline__ float exp_a(float x) { return expf(x); }
 __device__ __forceinline__ double exp_a(double x) { return exp(x); }
 __device__ __forceinline__ float log_a(float x) { return logf(x); }
 __device__ __forceinline__ double log_a(double x) { return log(x); }
+// v where p > 0, else 0: 0·log 0 = 0, so a masked (-inf) logit contributes 0 instead of NaN.
+template <typename A>
+__device__ __forceinline__ A where_positive(A p, A v) {
+  return p > A(0) ? v : A(0);
+}
 
 // Sum (or max) over the block; every thread gets the result. `shared` holds one value per warp.
 template <typename A, bool kMax>
@@ -46,7 +51,7 @@ struct Online {
     if (x > max) {
       sum = (max == -INFINITY ? A(0) : sum * exp_a(max - x)) + A(1);
       max = x;
-    } else {
+    } else if (x != -INFINITY) {  // a -inf (masked) logit adds 0; with max = -inf too, exp would give NaN
       sum += exp_a(x - max);
     }
   }
@@ -121,14 +126,14 @@ __global__ void __launch_bounds__(kThreads) kd_loss_rows_kernel(KdLossParams p) 
       const A lz = sj * inv_T - lse_z, lu = load_acc(t + j) * inv_T - lse_u;
       const A ps = exp_a(lz), pt = exp_a(lu);
       if (p.divergence == Divergence::ForwardKL) {
-        d_part += pt * (lu - lz);
+        d_part += pt * where_positive(pt, lu - lz);
         if (grad != nullptr) write_grad(j, sj, ps, ps - pt);
       } else if (p.divergence == Divergence::ReverseKL) {
-        d_part += ps * (lz - lu);
+        d_part += ps * where_positive(ps, lz - lu);
       } else {
         const A lm = log_a(A(0.5) * (ps + pt));
-        const A g = A(0.5) * (lz - lm);
-        d_part += ps * g + A(0.5) * pt * (lu - lm);
+        const A g = where_positive(ps, A(0.5) * (lz - lm));
+        d_part += ps * g + A(0.5) * pt * where_positive(pt, lu - lm);
         g_part += ps * g;
       }
     }
@@ -141,9 +146,9 @@ __global__ void __launch_bounds__(kThreads) kd_loss_rows_kernel(KdLossParams p) 
         const A ps = exp_a(lz);
         A factor;
         if (p.divergence == Divergence::ReverseKL) {
-          factor = lz - lu;
+          factor = where_positive(ps, lz - lu);
         } else {
-          factor = A(0.5) * (lz - log_a(A(0.5) * (ps + exp_a(lu))));
+          factor = where_positive(ps, A(0.5) * (lz - log_a(A(0.5) * (ps + exp_a(lu)))));
         }
         write_grad(j, sj, ps, ps * (factor - centre));
       }

@@ -44,10 +44,17 @@ inline void check_labels(const std::optional<at::Tensor>& labels, int64_t n_rows
                          const char* ref_name) {
   if (!labels.has_value()) return;
   const at::Tensor& l = *labels;
-  TORCH_CHECK_VALUE(l.scalar_type() == at::kLong, "labels: expected an int64 tensor, got ", l.scalar_type());
+  TORCH_CHECK_VALUE(l.scalar_type() == at::kLong || l.scalar_type() == at::kInt,
+                    "labels: expected an int64 or int32 tensor, got ", l.scalar_type());
   check_dim(l, "labels", 1);
   check_size(l, "labels", 0, n_rows, "one label per row");
   check_same_device(l, "labels", ref, ref_name);
+}
+
+// The kernels read int64 labels; int32 ones are widened (one small copy).
+inline std::optional<at::Tensor> int64_labels(const std::optional<at::Tensor>& labels) {
+  if (!labels.has_value()) return std::nullopt;
+  return labels->to(at::kLong).contiguous();
 }
 
 // A view the kernels can read: unit stride along the vocabulary, any row stride.
@@ -115,7 +122,7 @@ std::tuple<at::Tensor, at::Tensor> kd_loss(const at::Tensor& student_logits, con
   check_labels(labels, n_rows, student_logits, "student_logits");
 
   const at::Tensor s = rows_view(student_logits), t = rows_view(teacher_logits);
-  const std::optional<at::Tensor> l = labels.has_value() ? std::optional(labels->contiguous()) : std::nullopt;
+  const std::optional<at::Tensor> l = int64_labels(labels);
   const at::Tensor n_valid = count_valid(l, n_rows, ignore_index, s);
   at::Tensor grad = compute_grad ? at::empty({n_rows, vocab}, s.options()) : at::empty({0}, s.options());
   at::Tensor row_loss = at::empty({n_rows}, s.options().dtype(accumulate_dtype(s.scalar_type())));
@@ -166,7 +173,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_kd_loss(
   const at::ScalarType dtype = student_hidden.scalar_type();
   // dW accumulates over chunks: in float32 for 16-bit weights, so the sum is rounded once, at the end.
   const at::ScalarType dw_dtype = accumulate_dtype(dtype);
-  const std::optional<at::Tensor> l = labels.has_value() ? std::optional(labels->contiguous()) : std::nullopt;
+  const std::optional<at::Tensor> l = int64_labels(labels);
   const at::Tensor n_valid = count_valid(l, n_rows, ignore_index, student_hidden);
   at::Tensor dh = need_dh ? at::empty({n_rows, hidden}, student_hidden.options()) : at::empty({0}, student_hidden.options());
   at::Tensor dw_acc = need_dw ? at::zeros({vocab, hidden}, student_weight.options().dtype(dw_dtype))

@@ -92,14 +92,22 @@ void kd_loss_row(const KdLossParams& p, int64_t row, int64_t n_valid, RowScratch
       zt[j] = static_cast<A>(s[j0 + j]) * inv_T;
       ut[j] = static_cast<A>(t[j0 + j]) * inv_T;
     }
+    constexpr A kNegInf = -std::numeric_limits<A>::infinity();
     const A mz = sz.rebase(simd::max_of(zt, n));
     const A mu = su.rebase(simd::max_of(ut, n));
-    sz.sum += simd::sweep_sum<A>(n, [&](int64_t j, auto tag) { return simd::exp(simd::load(tag, zt + j) - mz); });
-    su.sum += simd::sweep_sum<A>(n, [&](int64_t j, auto tag) { return simd::exp(simd::load(tag, ut + j) - mu); });
+    // While every logit so far is -inf (masked) the sum stays 0: exp(-inf - -inf) would be NaN.
+    if (mz != kNegInf) {
+      sz.sum += simd::sweep_sum<A>(n, [&](int64_t j, auto tag) { return simd::exp(simd::load(tag, zt + j) - mz); });
+    }
+    if (mu != kNegInf) {
+      su.sum += simd::sweep_sum<A>(n, [&](int64_t j, auto tag) { return simd::exp(simd::load(tag, ut + j) - mu); });
+    }
     if (keep_w) {
       for (int64_t j = 0; j < n; ++j) wt[j] = static_cast<A>(s[j0 + j]);
       const A ms = ss.rebase(simd::max_of(wt, n));
-      ss.sum += simd::sweep_sum<A>(n, [&](int64_t j, auto tag) { return simd::exp(simd::load(tag, wt + j) - ms); });
+      if (ms != kNegInf) {
+        ss.sum += simd::sweep_sum<A>(n, [&](int64_t j, auto tag) { return simd::exp(simd::load(tag, wt + j) - ms); });
+      }
     }
   }
   const A lse_z = sz.logsumexp(), lse_u = su.logsumexp();
@@ -123,7 +131,8 @@ void kd_loss_row(const KdLossParams& p, int64_t row, int64_t n_valid, RowScratch
   if (p.divergence == Divergence::ForwardKL && grad == nullptr) {
     D = simd::sweep_sum<A>(V, [&](int64_t j, auto tag) {
       const auto lu = simd::load(tag, u + j) - lse_u;
-      return simd::exp(lu) * (lu - (simd::load(tag, z + j) - lse_z));
+      const auto pt = simd::exp(lu);
+      return pt * simd::where_positive(pt, lu - (simd::load(tag, z + j) - lse_z));
     });
   } else if (p.divergence == Divergence::ForwardKL) {
     D = simd::sweep_sum<A>(V, [&](int64_t j, auto tag) {
@@ -131,13 +140,13 @@ void kd_loss_row(const KdLossParams& p, int64_t row, int64_t n_valid, RowScratch
       const auto lu = simd::load(tag, u + j) - lse_u;
       const auto ps = simd::exp(lz), pt = simd::exp(lu);
       simd::store_as(tag, grad + j, (ps - pt) * c_kd + ce_grad(j, tag, ps));
-      return pt * (lu - lz);
+      return pt * simd::where_positive(pt, lu - lz);
     });
   } else if (p.divergence == Divergence::ReverseKL) {
     D = simd::sweep_sum<A>(V, [&](int64_t j, auto tag) {
       const auto lz = simd::load(tag, z + j) - lse_z;
-      const auto d = lz - (simd::load(tag, u + j) - lse_u);
       const auto ps = simd::exp(lz);
+      const auto d = simd::where_positive(ps, lz - (simd::load(tag, u + j) - lse_u));
       simd::store(tag, z + j, ps);
       simd::store(tag, u + j, d);
       return ps * d;
@@ -150,10 +159,10 @@ void kd_loss_row(const KdLossParams& p, int64_t row, int64_t n_valid, RowScratch
       const auto lu = simd::load(tag, u + j) - lse_u;
       const auto ps = simd::exp(lz), pt = simd::exp(lu);
       const auto lm = simd::log((ps + pt) * A(0.5));
-      const auto g = (lz - lm) * A(0.5);
+      const auto g = simd::where_positive(ps, (lz - lm) * A(0.5));
       simd::store(tag, z + j, ps);
       simd::store(tag, u + j, g);
-      return ps * g + pt * (lu - lm) * A(0.5);
+      return ps * g + pt * simd::where_positive(pt, (lu - lm) * A(0.5));
     });
     if (grad != nullptr) {
       centre = simd::sweep_sum<A>(V, [&](int64_t j, auto tag) { return simd::load(tag, z + j) * simd::load(tag, u + j); });

@@ -133,6 +133,13 @@ inline f64x4 log(f64x4 x) {
 inline double exp(double x) { return std::exp(x); }
 inline double log(double x) { return std::log(x); }
 
+// v where p > 0, else 0: the 0·log 0 = 0 convention, so a probability that is exactly 0 (a -inf logit,
+// a masked vocabulary entry) contributes 0 instead of 0·(±inf) = NaN. Works on packs and scalars.
+template <typename V>
+inline V where_positive(V p, V v) {
+  return p > V{} ? v : V{};
+}
+
 template <typename V>
 inline auto horizontal_sum(V v) {
   auto total = v[0];

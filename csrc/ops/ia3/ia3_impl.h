@@ -25,7 +25,7 @@ inline void check_backward(const at::Tensor& grad_y, const at::Tensor& x, const 
 
 // t as [N, d] with unit column stride: a view when the strides allow, else one copy.
 inline at::Tensor rows_view(const at::Tensor& t) {
-  at::Tensor t2 = t.reshape({-1, t.size(-1)});
+  at::Tensor t2 = as_rows(t);
   if (t2.size(1) > 1 && t2.stride(1) != 1) t2 = t2.contiguous();
   return t2;
 }

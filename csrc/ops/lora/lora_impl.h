@@ -67,8 +67,8 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x, const at::Tensor
                                            const at::Tensor& lora_B, double scaling, double dropout_p,
                                            const std::optional<at::Tensor>& rng_state) {
   check_inputs(x, weight, bias, lora_A, lora_B, dropout_p, rng_state);
-  const int64_t out_features = weight.size(0), in_features = weight.size(1);
-  const at::Tensor x2 = x.reshape({-1, in_features});
+  const int64_t out_features = weight.size(0);
+  const at::Tensor x2 = as_rows(x);
   const at::Tensor xa = Backend::shrink(x2, lora_A, dropout_p,
                                         dropout_p > 0 ? rng_state->const_data_ptr<int64_t>() : nullptr);
   // y = b + s·xa·Bᵀ (rank-r, cheap) first, then the frozen product accumulates into it (beta = 1).
@@ -89,17 +89,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor& lora_B, const at::Tensor& xa, double scaling, double dropout_p,
     const std::optional<at::Tensor>& rng_state, std::array<bool, 5> output_mask) {
   check_inputs(x, weight, std::nullopt, lora_A, lora_B, dropout_p, rng_state);
-  const int64_t out_features = weight.size(0), in_features = weight.size(1), rank = lora_A.size(0);
+  const int64_t out_features = weight.size(0), rank = lora_A.size(0);
   TORCH_CHECK_VALUE(grad_y.sizes() == at::IntArrayRef(with_last(x.sizes(), out_features)),
                     "grad_y: expected shape ", with_last(x.sizes(), out_features), ", got ", grad_y.sizes());
   check_same_dtype(grad_y, "grad_y", x, "x");
-  check_same_device(grad_y, "grad_y", x, "x");
-  const at::Tensor x2 = x.reshape({-1, in_features});
+  check_same_devices({{&grad_y, "grad_y"}, {&xa, "xa"}}, x, "x");
+  const at::Tensor x2 = as_rows(x);
   const int64_t n_rows = x2.size(0);
   check_dim(xa, "xa", 2);
   check_size(xa, "xa", 0, n_rows, "tokens");
   check_size(xa, "xa", 1, rank, "rank");
-  const at::Tensor g2 = grad_y.reshape({-1, out_features});
+  const at::Tensor g2 = as_rows(grad_y);
   const auto [need_dx, need_dW, need_db, need_dA, need_dB] = output_mask;
   // gradients not asked for come back as distinct empty tensors (outputs of an op must not alias)
   const auto none = [&] { return at::empty({0}, x.options()); };

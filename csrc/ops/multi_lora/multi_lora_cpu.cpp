@@ -245,6 +245,10 @@ std::tuple<at::Tensor, at::Tensor> multi_lora_linear_cpu(const at::Tensor& x, co
                                                          const std::optional<at::Tensor>& rng_state) {
   const Shapes s = multi_lora::check_inputs(x, weight, bias, lora_A, lora_B, scalings, adapter_indices, dropout_p,
                                             rng_state);
+  if (multi_lora::lora_term_is_empty(s)) {
+    multi_lora::check_index_range_host(adapter_indices, s.num_adapters);
+    return multi_lora::forward_base_only(x, weight, bias, s);
+  }
   const at::Tensor x2 = x.reshape({-1, s.in_features});
   const std::vector<double> scale = host_scalings(scalings);
   // The rank-r path runs in the accumulation type (float32 for 16-bit inputs): no-ops for float32/64.
@@ -323,6 +327,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_lor
   const Shapes s = multi_lora::check_inputs(x, weight, std::nullopt, lora_A, lora_B, scalings, adapter_indices,
                                             dropout_p, rng_state);
   multi_lora::check_backward_inputs(s, grad_y, x, xa);
+  if (multi_lora::lora_term_is_empty(s)) {
+    multi_lora::check_index_range_host(adapter_indices, s.num_adapters);
+    return multi_lora::backward_base_only(grad_y, x, weight, lora_A, lora_B, output_mask);
+  }
   const auto [need_dx, need_dW, need_db, need_dA, need_dB] = output_mask;
   const at::Tensor x2 = x.reshape({-1, s.in_features});
   const at::Tensor g2 = grad_y.reshape({-1, s.out_features});

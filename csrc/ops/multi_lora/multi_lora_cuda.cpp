@@ -42,6 +42,7 @@ std::tuple<at::Tensor, at::Tensor> multi_lora_linear_cuda(const at::Tensor& x, c
   const Shapes s = multi_lora::check_inputs(x, weight, bias, lora_A, lora_B, scalings, adapter_indices, dropout_p,
                                             rng_state);
   const c10::cuda::CUDAGuard guard(x.device());
+  if (multi_lora::lora_term_is_empty(s)) return multi_lora::forward_base_only(x, weight, bias, s);
   const at::Tensor x2 = x.reshape({-1, s.in_features}).contiguous();
   const at::Tensor A = lora_A.contiguous(), B = lora_B.contiguous();
   const at::Tensor idx = adapter_indices.reshape({-1}).contiguous();
@@ -91,6 +92,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_lor
                                             dropout_p, rng_state);
   multi_lora::check_backward_inputs(s, grad_y, x, xa);
   const c10::cuda::CUDAGuard guard(x.device());
+  if (multi_lora::lora_term_is_empty(s)) {
+    return multi_lora::backward_base_only(grad_y, x, weight, lora_A, lora_B, output_mask);
+  }
   const auto [need_dx, need_dW, need_db, need_dA, need_dB] = output_mask;
   const at::Tensor x2 = x.reshape({-1, s.in_features}).contiguous();
   const at::Tensor g2 = grad_y.reshape({-1, s.out_features}).contiguous();

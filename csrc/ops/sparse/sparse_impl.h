@@ -7,7 +7,11 @@
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/_unique.h>
+#include <ATen/ops/all.h>
+#include <ATen/ops/gt.h>
 #include <ATen/ops/index_add.h>
+#include <ATen/ops/index_select.h>
 #include <ATen/ops/linear.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/sum.h>
@@ -82,6 +86,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_y
   check_x(x, weight);
   check_index_tensor(indices);
   check_delta(delta, indices, weight);
+  Backend::check_indices(indices, weight.numel());  // the indices are read here too, not only in the forward
   const int64_t out_features = weight.size(0), in_features = weight.size(1);
   TORCH_CHECK_VALUE(grad_y.sizes().slice(0, grad_y.dim() - 1) == x.sizes().slice(0, x.dim() - 1) &&
                         grad_y.size(-1) == out_features,
@@ -89,8 +94,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_y
                     ", got ", grad_y.sizes());
   check_same_dtype(grad_y, "grad_y", x, "x");
   check_same_device(grad_y, "grad_y", x, "x");
-  const at::Tensor gy2 = grad_y.reshape({-1, out_features});
-  const at::Tensor x2 = x.reshape({-1, in_features});
+  const at::Tensor gy2 = as_rows(grad_y);
+  const at::Tensor x2 = as_rows(x);
   const auto empty = [&] { return at::empty({0}, x.options()); };
   at::Tensor dx = empty(), db = empty(), ddelta = empty();
   if (output_mask[0]) dx = at::mm(gy2, effective_weight(weight, delta, indices)).view(x.sizes());
@@ -113,10 +118,18 @@ at::Tensor sampled_weight_grad(const at::Tensor& grad_y, const at::Tensor& x, co
   TORCH_CHECK_VALUE(grad_y.sizes().slice(0, grad_y.dim() - 1) == x.sizes().slice(0, x.dim() - 1),
                     "grad_y: expected the leading dimensions of x ", x.sizes(), ", got shape ", grad_y.sizes());
   check_index_tensor(indices);
-  const int64_t out_features = grad_y.size(-1);
-  Backend::check_indices(indices, out_features * in_features);
-  return Backend::sampled_grad(grad_y.reshape({-1, out_features}), x.reshape({-1, in_features}), indices,
-                               in_features);
+  const int64_t out_features = grad_y.size(-1), k = indices.numel();
+  const at::Tensor gy2 = as_rows(grad_y), x2 = as_rows(x);
+  // The kernels walk the indices in increasing order (sparse.h). Here any order and repeats are valid
+  // (each output is its own dot product): other indices run on their sorted distinct values and the
+  // results are gathered back into the caller's order.
+  if (k < 2 || at::all(at::gt(indices.slice(0, 1), indices.slice(0, 0, k - 1))).item<bool>()) {
+    Backend::check_indices(indices, out_features * in_features);
+    return Backend::sampled_grad(gy2, x2, indices, in_features);
+  }
+  const auto [distinct, inverse] = at::_unique(indices, /*sorted=*/true, /*return_inverse=*/true);
+  Backend::check_indices(distinct, out_features * in_features);
+  return at::index_select(Backend::sampled_grad(gy2, x2, distinct, in_features), 0, inverse);
 }
 
 }  // namespace pyfastpeft::sparse
