@@ -20,7 +20,7 @@ from tests.conftest import low_precision_error_bound
 LONG = os.environ.get("PYFASTPEFT_FUZZ", "").lower() == "long"
 
 FUZZ = settings(
-    max_examples=400 if LONG else 30,
+    max_examples=300 if LONG else 30,
     derandomize=not LONG,
     deadline=None,
     print_blob=True,
