@@ -48,6 +48,7 @@ def test_fused_adamw(
     max_sqs = [v * 1.5 for v in exp_avg_sqs] if amsgrad else []
     anchors = [tensor((s,), state_dtype, "contiguous", seed + 500 + i) for i, s in enumerate(sizes)] if l2sp else []
     steps = [torch.tensor(float(step), dtype=torch.float32) for _ in range(n)]
+    clip32 = None if clip is None else torch.tensor(clip, dtype=torch.float32).item()  # the op's scale is float32
     hyper = dict(beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, l2sp=l2sp, maximize=maximize)
 
     def reference_step(convert):
@@ -64,7 +65,7 @@ def test_fused_adamw(
                     lr,
                     max_exp_avg_sq=convert(max_sqs[i]) if amsgrad else None,
                     anchor=convert(anchors[i]) if l2sp else None,
-                    grad_scale=1.0 if clip is None else clip,
+                    grad_scale=1.0 if clip is None else clip32,
                     **hyper,
                 )
             )
