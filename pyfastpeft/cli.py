@@ -48,11 +48,18 @@ def _add_training_arguments(p: argparse.ArgumentParser) -> None:
         "built-in symbol task (default: dates; shift for --model tiny or a model without a tokenizer)",
     )
     p.add_argument(
-        "--held-out", type=int_at_least(1), default=64, help="dates task: held-out examples for the metric (default: %(default)s)"
+        "--held-out",
+        type=int_at_least(1),
+        default=64,
+        help="dates task: held-out examples for the metric (default: %(default)s)",
     )
     p.add_argument("--size", choices=sorted(SIZES), default="medium", help="--model tiny's size (default: medium)")
-    p.add_argument("--length", type=int_at_least(1), default=8, help="symbols per built-in example (default: %(default)s)")
-    p.add_argument("--max-length", type=int_at_least(2), default=128, help="tokens per --data example (default: %(default)s)")
+    p.add_argument(
+        "--length", type=int_at_least(1), default=8, help="symbols per built-in example (default: %(default)s)"
+    )
+    p.add_argument(
+        "--max-length", type=int_at_least(2), default=128, help="tokens per --data example (default: %(default)s)"
+    )
     p.add_argument("--pretrain-task", choices=TASKS, default="copy")
     p.add_argument(
         "--pretrain-steps",
@@ -62,11 +69,15 @@ def _add_training_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--device", type=device, default="cpu", help="cpu or cuda[:N] (default: cpu)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    p.add_argument("--steps", type=int_at_least(1), default=None, help="training steps (default: 30; 200 for --model tiny)")
+    p.add_argument(
+        "--steps", type=int_at_least(1), default=None, help="training steps (default: 30; 200 for --model tiny)"
+    )
     p.add_argument(
         "--batch-size", type=int_at_least(1), default=None, help="global batch size (default: 8; 32 for --model tiny)"
     )
-    p.add_argument("--lr", type=positive_float, default=None, help="learning rate (default: per method and model, docs/cli.md)")
+    p.add_argument(
+        "--lr", type=positive_float, default=None, help="learning rate (default: per method and model, docs/cli.md)"
+    )
     p.add_argument("--seed", type=seed, default=0)
     p.add_argument(
         "--eval-every", type=int_at_least(0), default=0, help="steps between evaluations (default: steps/10)"
@@ -203,7 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--steps", type=int_at_least(1), default=None, help="default: 150 (tiny), 30 (a real model)")
     cmp.add_argument("--pretrain-steps", type=int_at_least(0), default=300)
     cmp.add_argument("--batch-size", type=int_at_least(1), default=None, help="default: 32 (tiny), 8 (a real model)")
-    cmp.add_argument("--lr", type=positive_float, default=None, help="learning rate (default: each method's, as finetune)")
+    cmp.add_argument(
+        "--lr", type=positive_float, default=None, help="learning rate (default: each method's, as finetune)"
+    )
     cmp.add_argument("--seed", type=seed, default=0)
     cmp.add_argument("--out", default="pyfastpeft_out/compare")
     cmp.set_defaults(func=cmd_compare)

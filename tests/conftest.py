@@ -2,13 +2,33 @@
 
 from __future__ import annotations
 
+import importlib.abc
 import os
+import sys
 
-import pytest
-import torch
-from hypothesis import settings
+# PYFASTPEFT_TEST_WITHOUT=transformers,peft runs the suite as if those optional packages were not
+# installed: importing them (or any submodule) raises ModuleNotFoundError, as on a machine without them.
+# The tests that need them must skip; every other test must still run and pass.
+_ABSENT = {name.strip() for name in os.environ.get("PYFASTPEFT_TEST_WITHOUT", "").split(",") if name.strip()}
 
-import pyfastpeft
+
+class _AbsentPackages(importlib.abc.MetaPathFinder):
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname.split(".")[0] in _ABSENT:
+            raise ModuleNotFoundError(f"No module named {fullname!r} (PYFASTPEFT_TEST_WITHOUT)", name=fullname)
+        return None
+
+
+if _ABSENT:
+    if any(name.split(".")[0] in _ABSENT for name in sys.modules):
+        raise RuntimeError(f"PYFASTPEFT_TEST_WITHOUT: {sorted(_ABSENT)} already imported before the tests started")
+    sys.meta_path.insert(0, _AbsentPackages())
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+import pyfastpeft  # noqa: E402
 
 # CI draws the same property-test examples on every run (a red build is then reproducible, and never
 # a new random draw); elsewhere each run explores fresh examples.
@@ -54,8 +74,29 @@ def low_precision_error_bound(
     inputs, where a different but equally valid summation order is one rounding off). ``magnitude``:
     the same computation on the inputs' absolute values (Σ|a·b| for a sum of products), for results
     that cancel: a valid summation order is then off by roundings of the summands, not of the result."""
+    if ref64.numel() == 0:  # nothing to be wrong about (the shapes are the caller's to check)
+        return 0.0, 0.0
     ours_err = (ours.double() - ref64).abs().max().item()
     torch_err = (torch_lowp.double() - ref64).abs().max().item()
     scale = ref64.abs().max().item() if magnitude is None else magnitude.abs().max().item()
     floor = 2 * torch.finfo(ours.dtype).eps * scale + 1e-12
     return ours_err, factor * torch_err + floor
+
+
+def lsq_qparam_grad_bounds(x, grad_out, scale, zero_point, bits: int, group_size: int, axis: int, grad_factor: float):
+    """How far LSQ's scale (and zero-point) gradients may lie from the float64 reference: each is a sum
+    over its quantization group of n terms, accumulated in float32 (float64 for float64 x), so at most
+    γ_n = (n + 2)·eps times the sum of their absolute values. A scale term is grad·(rint(x/s) − x/s)
+    (|·| ≤ 1/2) or grad·(qmin − z or qmax − z) (|·| < 2^bits), a zero-point term grad·s, all times the
+    grad factor. Returns one bound tensor per gradient, in the scale's shape."""
+    from pyfastpeft.ops import reference
+
+    acc_eps = torch.finfo(torch.float64 if x.dtype == torch.float64 else torch.float32).eps
+    gamma = (x.numel() // max(1, scale.numel()) + 2) * acc_eps
+    (pre, channels, post), _ = reference._quant_layout(x, group_size, axis)
+    abs_grad = grad_out.double().abs().reshape(pre, channels, post).sum(dim=(0, 2)).reshape(scale.shape)
+    bounds = [gamma * abs(grad_factor) * 2**bits * abs_grad]
+    if zero_point is not None:
+        s = scale.detach().double().clamp(min=reference.QUANT_EPS)
+        bounds.append(gamma * abs(grad_factor) * s * abs_grad)
+    return bounds

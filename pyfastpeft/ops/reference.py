@@ -158,13 +158,14 @@ def fake_quantize_lsq(x, scale, zero_point=None, bits=8, group_size=-1, axis=0, 
     qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     acc = _acc(x.dtype)
     x64 = x.double()
+    # gradients times grad_factor, values untouched: v + (a − a) is exactly v
     s = scale.double().clamp(min=QUANT_EPS)
-    s = s * grad_factor + (s - s * grad_factor).detach()
+    s = s.detach() + (s * grad_factor - (s * grad_factor).detach())
     if zero_point is None:
         z = torch.zeros_like(s)
     else:
         z = zero_point.double() * grad_factor
-        z = z + (zero_point.double().round().clamp(qmin, qmax) - z).detach()
+        z = zero_point.detach().double().round().clamp(qmin, qmax) + (z - z.detach())
     s = _broadcast_qparam(s, x, group_size, axis)
     z = _broadcast_qparam(z, x, group_size, axis)
     t = x64 / s
@@ -195,6 +196,8 @@ def multi_lora_linear(x, weight, bias, lora_A, lora_B, scalings, adapter_indices
             s_k = float(scalings[k])
             rows.append(lora_linear(xs, weight, bias, lora_A[k], lora_B[k], s_k, mk, dropout_p))
         order.append(sel)
+    if not rows:  # no tokens
+        return torch.nn.functional.linear(x, weight, bias)
     y = torch.cat(rows)[torch.argsort(torch.cat(order))]
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
@@ -259,3 +262,45 @@ def bias_only_linear(x, weight, bias):
 def ia3_scale(x, scale):
     """(IA)³ scaling: y[..., j] = x[..., j]·scale[j]."""
     return x * scale
+
+
+def adamw_step(
+    param,
+    grad,
+    exp_avg,
+    exp_avg_sq,
+    step,
+    lr,
+    beta1=0.9,
+    beta2=0.999,
+    eps=1e-8,
+    weight_decay=1e-2,
+    max_exp_avg_sq=None,
+    anchor=None,
+    l2sp=0.0,
+    grad_scale=1.0,
+    maximize=False,
+):
+    """One AdamW step (the formula of csrc/ops/optim/optim.h) in the tensors' own dtype, out of place:
+    returns ``(param, exp_avg, exp_avg_sq, max_exp_avg_sq)`` after step number ``step`` (counted from 1).
+    With master weights, pass the master as ``param`` and round the result to the parameter's dtype."""
+    g = grad.to(param.dtype) * grad_scale
+    if l2sp:
+        g = g + l2sp * (param - anchor)
+    if maximize:
+        g = -g
+    param = param * (1 - lr * weight_decay)
+    exp_avg = beta1 * exp_avg + (1 - beta1) * g
+    exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * g * g
+    second = exp_avg_sq
+    if max_exp_avg_sq is not None:
+        max_exp_avg_sq = torch.maximum(max_exp_avg_sq, exp_avg_sq)
+        second = max_exp_avg_sq
+    denom = second.sqrt() / math.sqrt(1 - beta2**step) + eps
+    param = param - lr / (1 - beta1**step) * exp_avg / denom
+    return param, exp_avg, exp_avg_sq, max_exp_avg_sq
+
+
+def multi_tensor_l2_norm(tensors):
+    """``sqrt(Σ x²)`` over all elements of all tensors, in float64."""
+    return torch.sqrt(sum((t.double().square().sum() for t in tensors), torch.zeros((), dtype=torch.float64)))

@@ -7,6 +7,7 @@ The backward computes Δ's gradient only at those indices with the sampled-gradi
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from ._checks import check_same_device
 
@@ -41,6 +42,7 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, weight, delta, indices)
 
 
+@once_differentiable  # the backward op has no derivative: differentiating twice raises, never gives zeros
 def _backward(ctx, grad_y):
     x, weight, delta, indices = ctx.saved_tensors
     need = ctx.needs_input_grad

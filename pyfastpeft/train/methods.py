@@ -108,7 +108,9 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--alpha", type=float, default=None, help="LoRA alpha; scaling = alpha / r (default: 32; 16 for --model tiny)"
     )
-    g.add_argument("--dropout", type=float_in(0.0, 1.0, high_open=True), default=0.05, help="LoRA dropout (default: %(default)s)")
+    g.add_argument(
+        "--dropout", type=float_in(0.0, 1.0, high_open=True), default=0.05, help="LoRA dropout (default: %(default)s)"
+    )
     g.add_argument("--rslora", action="store_true", help="LoRA scaling alpha / sqrt(r)")
     g.add_argument(
         "--train-last-layers",

@@ -7,6 +7,8 @@ import torch
 from torch import nn
 
 from pyfastpeft.nn import BASE_ADAPTER, LoRALinear, MultiLoRALinear, adapter_indices_from_names
+from pyfastpeft.ops import reference
+from tests.conftest import low_precision_error_bound
 
 ADAPTERS = {"fr": (4, 8.0), "de": (2, 3.0), "es": (3, 6.0)}  # name: (r, alpha); different ranks on purpose
 
@@ -100,6 +102,43 @@ def test_mixed_batch_equals_each_adapter_alone_outputs_and_gradients(device, seq
     for name, single in singles.items():  # each adapter's gradient sums over its sequences
         torch.testing.assert_close(layer.lora_A[name].grad, single.lora_A.grad, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(layer.lora_B[name].grad, single.lora_B.grad, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("seq_len", [7, 40])
+def test_mixed_batch_against_float64_reference(device, dtype, seq_len):
+    """Outputs and every gradient of a mixed batch (x a strided view) against the float64 formula run per
+    sequence: within twice plain PyTorch's error in the same dtype, plus two roundings of the sums'
+    absolute terms."""
+    layer = make_layer(device).to(dtype)
+    names = ["fr", BASE_ADAPTER, "de", "fr", "es"]
+    x = torch.randn(5, seq_len, 26, dtype=torch.float64, device=device).to(dtype)[..., ::2].requires_grad_()
+    grad_y = torch.randn(5, seq_len, 11, dtype=torch.float64, device=device).to(dtype)
+    y = layer(x, adapter_names=names)
+    trained = {n: p for n, p in layer.named_parameters() if p.requires_grad}
+    ours = [y, *torch.autograd.grad(y, [x, *trained.values()], grad_y)]
+
+    def per_sequence(convert):
+        leaves = {n: convert(p.detach()).requires_grad_() for n, p in trained.items()}
+        w, b = (convert(t.detach()) for t in (layer.base_layer.weight, layer.base_layer.bias))
+        xs = convert(x.detach()).requires_grad_()
+        outs = []
+        for i, name in enumerate(names):
+            if name == BASE_ADAPTER:
+                outs.append(torch.nn.functional.linear(xs[i], w, b))
+            else:
+                a, bb = leaves[f"lora_A.{name}"], leaves[f"lora_B.{name}"]
+                outs.append(reference.lora_linear(xs[i], w, b, a, bb, layer.scaling[name]))
+        out = torch.stack(outs)
+        return [out, *torch.autograd.grad(out, [xs, *leaves.values()], convert(grad_y), allow_unused=True)]
+
+    ref64 = per_sequence(lambda t: t.double())
+    lowp = per_sequence(lambda t: t.clone())
+    magnitude = per_sequence(lambda t: t.double().abs())
+    for name, o, t, r, m in zip(["y", "dx", *trained], ours, lowp, ref64, magnitude, strict=True):
+        assert o.dtype == dtype and o.shape == r.shape, name
+        err, bound = low_precision_error_bound(o.cpu(), t.cpu(), r.cpu(), magnitude=m.cpu())
+        assert err <= bound, f"{name}: error {err:.3g} > bound {bound:.3g}"
 
 
 def test_indices_per_sequence_per_token_and_names_agree(device):

@@ -29,23 +29,26 @@ def run(fn, x, weight, bias, grad_y):
     return y, dx, db
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(
-    lead=st.lists(st.integers(1, 9), min_size=0, max_size=2),
-    n=st.integers(1, 300),  # past one 128-row slab of the CPU backward
+    lead=st.lists(st.integers(0, 9), min_size=0, max_size=2),
+    n=st.integers(0, 300),  # past one 128-row slab of the CPU backward
     in_f=st.integers(1, 40),
-    out_f=st.integers(1, 40),
+    out_f=st.integers(1, 40),  # a zero-size feature dimension is refused today
     seed=st.integers(0, 2**16),
 )
 def test_matches_reference_float64(lead, n, in_f, out_f, seed):
     shape = (*lead, n)
     x, w, b = randn(*shape, in_f, seed=seed), randn(out_f, in_f, seed=seed + 1), randn(out_f, seed=seed + 2)
     gy = randn(*shape, out_f, seed=seed + 3)
-    y, dx, db = run(bias_only_linear, x, w, b, gy)
-    y_ref, dx_ref, db_ref = run(reference.bias_only_linear, x, w, b, gy)
-    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(dx, dx_ref, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(db, db_ref, rtol=1e-12, atol=1e-12)
+    ours = run(bias_only_linear, x, w, b, gy)
+    ref = run(reference.bias_only_linear, x, w, b, gy)
+    magnitude = run(reference.bias_only_linear, x.abs(), w.abs(), b.abs(), gy.abs())  # Σ|terms| of each sum
+    for name, o, r, m in zip(["y", "dx", "db"], ours, ref, magnitude, strict=True):
+        assert o.shape == r.shape, name
+        if o.numel():  # another summation order: within two roundings of the sum of |terms|
+            err, bound = low_precision_error_bound(o.detach(), r.detach(), r.detach(), magnitude=m.detach())
+            assert err <= bound, (name, err, bound)
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)

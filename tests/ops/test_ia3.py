@@ -28,21 +28,24 @@ def run(fn, x, scale, grad_y):
     return y, dx, dl
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(
-    lead=st.lists(st.integers(1, 7), min_size=0, max_size=2),
-    n=st.integers(1, 300),  # past several 64-row slabs of the CPU backward
-    d=st.integers(1, 70),
+    lead=st.lists(st.integers(0, 7), min_size=0, max_size=2),
+    n=st.integers(0, 300),  # past several 64-row slabs of the CPU backward
+    d=st.integers(1, 70),  # a zero-size feature dimension is refused today
     seed=st.integers(0, 2**16),
 )
 def test_matches_reference_float64(lead, n, d, seed):
     shape = (*lead, n, d)
     x, scale, gy = randn(*shape, seed=seed), randn(d, seed=seed + 1), randn(*shape, seed=seed + 2)
-    y, dx, dl = run(ia3_scale, x, scale, gy)
-    y_ref, dx_ref, dl_ref = run(reference.ia3_scale, x, scale, gy)
-    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(dx, dx_ref, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(dl, dl_ref, rtol=1e-12, atol=1e-12)
+    ours = run(ia3_scale, x, scale, gy)
+    ref = run(reference.ia3_scale, x, scale, gy)
+    magnitude = run(reference.ia3_scale, x.abs(), scale.abs(), gy.abs())  # Σ|terms| of dl's column sums
+    for name, o, r, m in zip(["y", "dx", "dl"], ours, ref, magnitude, strict=True):
+        assert o.shape == r.shape, name
+        if o.numel():  # another summation order: within two roundings of the sum of |terms|
+            err, bound = low_precision_error_bound(o.detach(), r.detach(), r.detach(), magnitude=m.detach())
+            assert err <= bound, (name, err, bound)
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)

@@ -31,7 +31,7 @@ def make_inputs(lead, in_f, out_f, r, dtype, device, bias=True, noncontig=False,
         t = v.to(device=device, dtype=dtype)
         if k == "x" and noncontig:  # every other column: x[..., in] with last stride 2
             t = t[..., ::2]
-            assert in_f == 1 or not t.is_contiguous()
+            assert in_f == 1 or t.numel() == 0 or not t.is_contiguous()
         out[k] = t.detach().requires_grad_(k != "weight")
     return out
 
@@ -126,11 +126,11 @@ def test_dropout_rank_and_width_tails(dtype, in_f, r):
     check_against_reference(inputs, scaling=1.5, dtype=dtype, mask=mask, p=0.2, seed=seed)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(
-    lead=st.lists(st.integers(1, 6), min_size=1, max_size=3),
+    lead=st.lists(st.integers(0, 6), min_size=1, max_size=3),
     in_f=st.integers(1, 40),
-    out_f=st.integers(1, 40),
+    out_f=st.integers(1, 40),  # a zero-size feature dimension is refused today
     r=st.integers(1, 12),
     dtype=st.sampled_from(FLOAT_DTYPES),
     bias=st.booleans(),

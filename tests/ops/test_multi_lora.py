@@ -43,7 +43,11 @@ def make_indices(layout: str, n_rows: int, K: int, seed: int = 0) -> torch.Tenso
 RUN = 40  # tokens per sequence in the 'runs' layout (the CPU op works in place from 32 on average)
 
 
-def forward_backward(fn, case, idx, dtype, device, grad_of=("x", "lora_A", "lora_B"), x_view=None):
+def forward_backward(fn, case, idx, dtype, device, grad_of=("x", "lora_A", "lora_B"), x_view=None, absolute=False):
+    """Output and gradients of fn on the case; ``absolute``: on |inputs| with |grad_y|, which gives each
+    result's sum of absolute terms (the scale of its rounding)."""
+    if absolute:
+        case = {k: None if v is None else v.abs() for k, v in case.items()}
     t = {
         k: None if v is None else v.to(device=device, dtype=dtype, copy=True)
         for k, v in case.items()
@@ -54,13 +58,25 @@ def forward_backward(fn, case, idx, dtype, device, grad_of=("x", "lora_A", "lora
     x = t["x"] if x_view is None else x_view(t["x"])
     y = fn(x, t["weight"], t["bias"], t["lora_A"], t["lora_B"], case["scalings"].to(device), idx.to(device))
     grad_y = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    y.backward(grad_y.to(device=device, dtype=dtype))
+    y.backward((grad_y.abs() if absolute else grad_y).to(device=device, dtype=dtype))
     # A reference that never touches an adapter leaves its .grad None: that is a zero gradient.
     return [y.detach()] + [torch.zeros_like(t[n]) if t[n].grad is None else t[n].grad for n in grad_of]
 
 
 def ours(x, weight, bias, lora_A, lora_B, scalings, idx):
     return pyfastpeft.ops.multi_lora_linear(x, weight, bias, lora_A, lora_B, scalings, idx)
+
+
+def assert_matches_float64(got, case, idx, dtype, device, factor=2.0):
+    """Output and gradients within ``factor`` times plain PyTorch's error in the same dtype (each adapter
+    run separately) against float64, plus two roundings of each result's sum of absolute terms."""
+    ref64 = forward_backward(reference.multi_lora_linear, case, idx, torch.float64, "cpu")
+    lowp = forward_backward(reference.multi_lora_linear, case, idx, dtype, device)
+    magnitude = forward_backward(reference.multi_lora_linear, case, idx, torch.float64, "cpu", absolute=True)
+    for name, g, t, r, m in zip(["y", "dx", "dA", "dB"], got, lowp, ref64, magnitude, strict=True):
+        assert g.shape == r.shape and g.dtype == dtype, name
+        err, bound = low_precision_error_bound(g.cpu(), t.cpu(), r, factor, magnitude=m)
+        assert err <= bound, f"{name}: error {err} > bound {bound}"
 
 
 @pytest.mark.parametrize("layout", ["random", "runs"])
@@ -70,15 +86,7 @@ def test_mixed_batch_equals_each_adapter_run_separately(device, dtype, layout, b
     case = make_case(n_rows=130, bias=bias)
     idx = make_indices(layout, 130, 5)
     got = forward_backward(ours, case, idx, dtype, device)
-    ref64 = forward_backward(reference.multi_lora_linear, case, idx, torch.float64, "cpu")
-    if dtype == torch.float32:
-        for g, r in zip(got, ref64, strict=True):
-            torch.testing.assert_close(g.double().cpu(), r, rtol=1e-5, atol=1e-5)
-        return
-    lowp = forward_backward(reference.multi_lora_linear, case, idx, dtype, device)
-    for name, g, t, r in zip(["y", "dx", "dA", "dB"], got, lowp, ref64, strict=True):
-        err, bound = low_precision_error_bound(g.cpu(), t.cpu(), r)
-        assert err <= bound, f"{name}: error {err} > bound {bound}"
+    assert_matches_float64(got, case, idx, dtype, device)
 
 
 @pytest.mark.parametrize("layout", ["random", "runs"])
@@ -92,10 +100,7 @@ def test_every_kernel_block_shape(device, dtype, layout, r):
     case = make_case(n_rows=211, in_f=70, out_f=83, r=r, K=4, seed=3)
     idx = make_indices(layout, 211, 4)
     got = forward_backward(ours, case, idx, dtype, device)
-    ref64 = forward_backward(reference.multi_lora_linear, case, idx, torch.float64, "cpu")
-    tol = 1e-5 if dtype == torch.float32 else 1e-10
-    for g, r64 in zip(got, ref64, strict=True):
-        torch.testing.assert_close(g.double().cpu(), r64, rtol=tol, atol=tol)
+    assert_matches_float64(got, case, idx, dtype, device)
 
 
 def stored_transposed(t: torch.Tensor) -> torch.Tensor:
@@ -121,10 +126,7 @@ def test_transposed_storage_of_the_adapters(device, dtype, layout, r, which):
         return ours(x, weight, bias, A, B, scalings, idx)
 
     got = forward_backward(with_layout, case, idx, dtype, device)
-    ref64 = forward_backward(reference.multi_lora_linear, case, idx, torch.float64, "cpu")
-    tol = 1e-5 if dtype == torch.float32 else 1e-10
-    for name, g, r64 in zip(["y", "dx", "dA", "dB"], got, ref64, strict=True):  # sums of 211 terms up to ~100
-        torch.testing.assert_close(g.double().cpu(), r64, rtol=tol, atol=tol * r64.abs().max().item(), msg=name)
+    assert_matches_float64(got, case, idx, dtype, device)
     with torch.no_grad():  # and bit for bit what the contiguous stack gives in the forward
         t = {k: v.to(device=device, dtype=dtype) for k, v in case.items() if v is not None and k != "scalings"}
         plain = ours(t["x"], t["weight"], t["bias"], t["lora_A"], t["lora_B"], case["scalings"].to(device), idx)
@@ -321,11 +323,11 @@ def test_bad_arguments_raise_value_error_naming_them(change, message):
         )
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(
-    n_rows=st.integers(1, 200),
+    n_rows=st.integers(0, 200),
     in_f=st.integers(1, 20),
-    out_f=st.integers(1, 20),
+    out_f=st.integers(1, 20),  # a zero-size feature dimension is refused today
     r=st.integers(1, 5),
     K=st.integers(1, 6),
     seed=st.integers(0, 2**16),
@@ -341,5 +343,9 @@ def test_random_shapes_match_reference(n_rows, in_f, out_f, r, K, seed, layout):
         idx = torch.randint(-1, K, (n_sequences,), generator=g).repeat_interleave(RUN)[:n_rows]
     got = forward_backward(ours, case, idx, torch.float64, "cpu")
     ref = forward_backward(reference.multi_lora_linear, case, idx, torch.float64, "cpu")
-    for a, b in zip(got, ref, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    magnitude = forward_backward(reference.multi_lora_linear, case, idx, torch.float64, "cpu", absolute=True)
+    for name, a, b, m in zip(["y", "dx", "dA", "dB"], got, ref, magnitude, strict=True):
+        assert a.shape == b.shape, name
+        if a.numel():  # another summation order: within two roundings of the sum of |terms|
+            err, bound = low_precision_error_bound(a, b, b, magnitude=m)
+            assert err <= bound, (name, err, bound)

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import pyfastpeft
 from pyfastpeft.ops import reference as ref
-from tests.conftest import FLOAT_DTYPES
+from tests.conftest import FLOAT_DTYPES, lsq_qparam_grad_bounds
 
 OP = torch.ops.pyfastpeft
 
@@ -67,14 +67,14 @@ def test_forward_equals_float64_formula(device, dtype, bits, symmetric, shape, g
 
 
 @given(
-    rows=st.integers(1, 9),
-    groups=st.integers(1, 4),
+    rows=st.integers(0, 9),
+    groups=st.integers(0, 4),
     group_size=st.sampled_from([32, 64, 128, 256]),
     bits=st.sampled_from([2, 4, 8]),
     symmetric=st.booleans(),
     scale=st.floats(1e-3, 1e3),
 )
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=60, deadline=None)
 def test_grouped_random(rows, groups, group_size, bits, symmetric, scale):
     x = torch.randn(rows, groups * group_size) * scale
     check_forward(x, bits, group_size, symmetric, 0)
@@ -190,9 +190,10 @@ def test_lsq_forward_and_gradients(device, dtype, shape, group_size, axis, with_
     assert torch.equal(out.cpu(), ref_out.detach().to(dtype))
     ref_grads = torch.autograd.grad(ref_out, [x64_value, *leaves[1:]], dy.cpu().double())
     assert torch.equal(grads[0].cpu(), ref_grads[0].to(dtype).where(ref_grads[0] != 0, 0))
-    tol = 1e-5 if dtype == torch.float32 else 2e-2
-    for g, r in zip(grads[1:], ref_grads[1:], strict=True):
-        torch.testing.assert_close(g.cpu().double(), r, rtol=tol, atol=tol * r.abs().max().item())
+    # scale and zero-point gradients: per-group float32 sums, within their rounding of the reference
+    bounds = lsq_qparam_grad_bounds(x, dy, scale, zero, 4, group_size, axis, gf)
+    for g, r, bound in zip(grads[1:], ref_grads[1:], bounds, strict=True):
+        assert ((g.cpu().double() - r).abs() <= bound.cpu()).all(), ((g.cpu().double() - r).abs().max(), bound.min())
     del x64
 
 
@@ -209,8 +210,10 @@ def test_lsq_matches_torch_learnable_per_channel(device, axis):
     ours = torch.autograd.grad(out, [x, scale, zero], dy)
     theirs = torch.autograd.grad(expected, [x, scale, zero], dy)
     assert torch.equal(ours[0], theirs[0])
-    for a, b in zip(ours[1:], theirs[1:], strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    # both are per-channel float32 sums: each within the summation's rounding of the exact value
+    bounds = lsq_qparam_grad_bounds(x, dy, scale, zero, 8, -1, axis, 1.0)
+    for a, b, bound in zip(ours[1:], theirs[1:], bounds, strict=True):
+        assert ((a.double() - b.double()).abs() <= 2 * bound).all()
 
 
 def test_lsq_gradcheck_where_smooth():
@@ -295,7 +298,10 @@ def test_non_contiguous_inputs(device, group_size, axis):
         dx_view = torch.autograd.grad(
             pyfastpeft.ops.fake_quantize(x.requires_grad_(), 4, group_size, False, axis)[0], x, dy
         )[0]
-        assert torch.equal(dx, dx_view)
+        # the straight-through gradient is exact: dy where the float64 formula's code is in range, else 0
+        x64 = x.detach().cpu().double().requires_grad_()
+        ref_dx = torch.autograd.grad(ref.fake_quantize(x64, 4, group_size, False, axis, torch.float32)[0], x64, dy.cpu())[0]
+        assert torch.equal(dx.cpu().double(), ref_dx) and torch.equal(dx_view.cpu().double(), ref_dx)
 
 
 def test_bad_arguments():

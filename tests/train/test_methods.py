@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from pyfastpeft.train import METHODS
+from pyfastpeft.train.methods import apply_method
+from pyfastpeft.train.saved_adapter import load_base_model, read_saved_adapter, rebuild, run_arguments
 
 from .conftest import TINY, adapter, run_cli
 
@@ -16,6 +18,29 @@ def _trained(tmp_path, method: str, *extra: str) -> tuple[dict, dict]:
     out = tmp_path / method
     assert run_cli("finetune", "--method", method, "--steps", "4", "--out", out, *TINY, *extra) == 0
     return adapter(out), json.loads((out / "summary.json").read_text())
+
+
+def assert_changed_exactly_the_trainable_tensors(out) -> None:
+    """The model the run started from (the base, the seed, the method applied: what training does) against
+    the model the saved run rebuilds: every tensor that trains has moved, every other one is bit for bit
+    the same (a frozen tensor that moves, or a trained one not saved, fails here)."""
+    saved = read_saved_adapter(out)
+    args = run_arguments(saved.run)
+    start_base, _ = load_base_model(None, saved, lambda *a: None)
+    torch.manual_seed(args.seed)
+    start = apply_method(args.method, start_base, args)
+    # by storage: the state dict names a tied tensor under each of its names
+    trainable = {p.data_ptr() for p in start.parameters() if p.requires_grad}
+    state = start.state_dict()
+    trainable_keys = {k for k, v in state.items() if v.data_ptr() in trainable}
+    initial = {k: v.detach().clone() for k, v in state.items()}
+    trained = rebuild(load_base_model(None, saved, lambda *a: None)[0], saved).state_dict()
+    assert trainable_keys and set(trained) == set(initial)
+    # parameters only: buffers a method fills while setting up (a sparse method's chosen indices) are not weights
+    params = {p.data_ptr() for p in start.parameters()}
+    moved = {k for k, v in state.items() if v.data_ptr() in params and not torch.equal(initial[k], trained[k])}
+    assert trainable_keys <= moved, f"trainable tensors that never moved: {sorted(trainable_keys - moved)[:5]}"
+    assert moved <= trainable_keys, f"frozen tensors that moved: {sorted(moved - trainable_keys)[:5]}"
 
 
 # knobs that keep a method's set-up as short as its 4 training steps
@@ -61,6 +86,8 @@ def test_method_trains_only_its_tensors(tmp_path, method):
         assert any(tensors[n].abs().sum() > 0 for n in deltas)
     assert len(summary["history"]["loss"]) == 4
     assert all(torch.isfinite(torch.tensor(summary["history"]["loss"])))
+    if method != "ptuning":  # P-tuning saves the table its encoder computes (PEFT's layout), not the encoder
+        assert_changed_exactly_the_trainable_tensors(tmp_path / method)
 
 
 def test_freeze_last_layers_knob(tmp_path):

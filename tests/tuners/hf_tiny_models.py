@@ -1,4 +1,7 @@
-"""Tiny random-init transformers models (no downloads) shared by the compatibility tests."""
+"""Tiny random-init transformers models (no downloads) shared by the compatibility tests.
+
+Importing this module needs nothing beyond pytest and torch: each builder skips its test when transformers
+is missing, so a test file can import the builders and still run its tests on the built-in model."""
 
 from __future__ import annotations
 
@@ -7,12 +10,15 @@ import copy
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
-
 VOCAB = 50
 
 
+def _transformers():
+    return pytest.importorskip("transformers")
+
+
 def tiny_llama():
+    transformers = _transformers()
     cfg = transformers.LlamaConfig(
         vocab_size=VOCAB,
         hidden_size=32,
@@ -26,11 +32,13 @@ def tiny_llama():
 
 
 def tiny_gpt2():
+    transformers = _transformers()
     cfg = transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64)
     return transformers.GPT2LMHeadModel(cfg)
 
 
 def tiny_bert():
+    transformers = _transformers()
     cfg = transformers.BertConfig(
         vocab_size=VOCAB,
         hidden_size=32,

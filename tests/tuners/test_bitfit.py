@@ -218,4 +218,17 @@ def test_unload_keeps_the_trained_biases_in_plain_linears():
     assert not any(isinstance(mod, BiasOnlyLinear) for mod in plain.modules())
     assert all(torch.equal(dict(plain.named_parameters())[n], b) for n, b in biases.items())
     torch.testing.assert_close(plain(input_ids=x).logits, expected, rtol=1e-5, atol=1e-6)
-    assert _trained().unload() is not None
+
+
+def test_unload_also_keeps_the_trained_biases():
+    # the biases are the base model's own tensors, trained in place: unload has nothing else to return
+    m = _trained(seed=1)
+    x = eval_ids()
+    m.eval()
+    expected = m(input_ids=x).logits
+    biases = {n: p.detach().clone() for n, p in m.base_model.model.named_parameters() if n.endswith(".bias")}
+    plain = m.unload()
+    assert not any(isinstance(mod, BiasOnlyLinear) for mod in plain.modules())
+    params = dict(plain.named_parameters())
+    assert all(torch.equal(params[n], b) for n, b in biases.items())
+    torch.testing.assert_close(plain(input_ids=x).logits, expected, rtol=1e-5, atol=1e-6)

@@ -10,6 +10,7 @@ import torch
 
 import pyfastpeft as pf
 from pyfastpeft.models import TinyLlamaConfig, TinyLlamaForCausalLM
+from pyfastpeft.tuners import LoraLinear
 from tests.conftest import low_precision_error_bound
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -267,3 +268,73 @@ def test_mixed_batch_inference_stack_is_kept_and_follows_updates():
     assert second[0].equal(first[0]) and second[2].equal(first[2])  # adapter a and the base: unchanged
     assert not torch.allclose(second[1], first[1])
     torch.testing.assert_close(second, model(input_ids=ids, adapter_names=names).logits.detach(), rtol=1e-5, atol=1e-5)
+
+
+def lora_dora_reference(x, w, b, a, bb, s, magnitude=None, norm=None):
+    """PEFT's LoRA / DoRA in the inputs' dtype (dropout off): ``c ⊙ (x·Wᵀ + s·(x·Aᵀ)·Bᵀ) + b`` with
+    c = m / ‖W + s·B·A‖ per output row, the norm a constant (detached), c = 1 for plain LoRA. ``norm``
+    given: used instead (the absolute-value run that measures the terms' sizes takes the true norm)."""
+    out = x @ w.T + s * (x @ a.T) @ bb.T
+    if magnitude is not None:
+        if norm is None:
+            norm = torch.linalg.norm(w + s * bb @ a, dim=1).detach()
+        out = out * (magnitude / norm)
+    return out if b is None else out + b
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("b_uses_dora", [False, True])
+def test_mixed_dora_layer_against_float64_reference(dtype, b_uses_dora):
+    """A mixed batch through one layer (DoRA adapter a, LoRA or DoRA adapter b, the base alone), outputs and
+    every gradient against the float64 formula run per sequence, within twice plain PyTorch's error in the
+    same dtype plus two roundings of the sums' absolute terms."""
+    torch.manual_seed(0)
+    layer = LoraLinear(torch.nn.Linear(13, 7).to(dtype))
+    layer.update_layer("a", 4, 8.0, 0.0, False, True, False)
+    layer.update_layer("b", 2, 3.0, 0.0, False, b_uses_dora, False)
+    with torch.no_grad():
+        for name, p in layer.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.5)
+            elif "lora_magnitude_vector" in name:
+                p.mul_(torch.empty_like(p).uniform_(0.5, 1.5))
+    trained = {n: p.requires_grad_(True) for n, p in layer.named_parameters() if "lora_" in n}
+    names, seq_indices = ["a", "b", "__base__", "a"], [0, 1, -1, 0]
+    x = torch.randn(4, 5, 13, dtype=torch.float64).to(dtype).requires_grad_()
+    dy = torch.randn(4, 5, 7, dtype=torch.float64).to(dtype)
+    layer.mixed_batch = (["a", "b"], seq_indices)
+    try:
+        y = layer(x)
+    finally:
+        layer.mixed_batch = None
+    ours = [y, *torch.autograd.grad(y, [x, *trained.values()], dy)]
+
+    def per_sequence(convert, absolute=False):
+        """The formula run on each sequence alone, and its gradients, on converted leaves."""
+        leaves = {n: convert(p.detach()).requires_grad_() for n, p in trained.items()}
+        w, bias = (convert(t.detach()) for t in (layer.base_layer.weight, layer.base_layer.bias))
+        xs = convert(x.detach()).requires_grad_()
+        outs = []
+        for i, name in enumerate(names):
+            if name == "__base__":
+                outs.append(xs[i] @ w.T + bias)
+                continue
+            a, bb = leaves[f"lora_A.{name}.weight"], leaves[f"lora_B.{name}.weight"]
+            m = leaves.get(f"lora_magnitude_vector.{name}.weight")
+            norm = None
+            if absolute and m is not None:  # the true norm, not that of |W| + |s·B·A|
+                p = dict(layer.named_parameters())
+                w64, a64, b64 = (t.detach().double() for t in (layer.base_layer.weight, p[f"lora_A.{name}.weight"],
+                                                               p[f"lora_B.{name}.weight"]))
+                norm = torch.linalg.norm(w64 + layer.scaling[name] * b64 @ a64, dim=1)
+            outs.append(lora_dora_reference(xs[i], w, bias, a, bb, layer.scaling[name], m, norm))
+        out = torch.stack(outs)
+        return [out, *torch.autograd.grad(out, [xs, *leaves.values()], convert(dy), allow_unused=True)]
+
+    ref64 = per_sequence(lambda t: t.double())
+    lowp = per_sequence(lambda t: t.clone())
+    magnitude = per_sequence(lambda t: t.double().abs(), absolute=True)
+    for name, o, t, r, m in zip(["y", "dx", *trained], ours, lowp, ref64, magnitude, strict=True):
+        assert o.dtype == dtype and o.shape == r.shape, name
+        err, bound = low_precision_error_bound(o, t, r, magnitude=m)
+        assert err <= bound, f"{name}: error {err:.3g} > bound {bound:.3g}"

@@ -82,9 +82,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quantize(const at::Tensor& x
     Backend::fake_quantize({xc.const_data_ptr(), out.mutable_data_ptr(), scale.mutable_data_ptr(),
                             zero_point.mutable_data_ptr<int32_t>(), s.layout, s.qmin, s.qmax, symmetric,
                             to_dtype(xc.scalar_type())});
-  } else {
+  } else {  // empty groups: the formula with lo = hi = 0, as for an all-zero group
     scale.fill_(kQuantEps);
-    zero_point.zero_();
+    zero_point.fill_(symmetric ? 0 : s.qmin);
   }
   return {out, scale, zero_point};
 }
