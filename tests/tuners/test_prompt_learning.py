@@ -151,8 +151,9 @@ def two_task_base() -> TinyLlamaForCausalLM:
     return base.eval()
 
 
+@pytest.mark.parametrize("seed", [1, 2, 3])
 @pytest.mark.parametrize("kind", ["prompt", "ptuning_mlp", "prefix", "prefix_projection"])
-def test_loss_falls_and_only_the_prompt_trains(kind, two_task_base):
+def test_loss_falls_and_only_the_prompt_trains(kind, seed, two_task_base):
     base = copy.deepcopy(two_task_base)
     model = pf.get_peft_model(base, CONFIGS[kind](6))
     model.train()
@@ -160,17 +161,27 @@ def test_loss_falls_and_only_the_prompt_trains(kind, two_task_base):
     trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(n.startswith("prompt_encoder.default.") for n in trainable)
     assert sum(p.numel() for p in trainable.values()) == pf.report(model).trainable
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=5e-2)
-    gen = torch.Generator().manual_seed(1)
-    losses = []
-    for _ in range(30):
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=2e-2)
+    # Progress is judged on one fixed held-out batch, before and after: the training batches' own losses
+    # swing by ±25 % from batch to batch, which made a mean of five of them a coin toss at a 15 % margin.
+    held_out = make_batch("reverse", 64, 4, 12, torch.Generator().manual_seed(1000 + seed))
+
+    def held_out_loss() -> float:
+        with torch.no_grad():
+            return model(held_out.input_ids, attention_mask=held_out.attention_mask, labels=held_out.labels).loss.item()
+
+    before = held_out_loss()
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(60):
         batch = make_batch("reverse", 16, 4, 12, gen)
         loss = model(batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels).loss
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(loss.item())
-    assert sum(losses[-5:]) / 5 < 0.85 * sum(losses[:5]) / 5, losses
+    after = held_out_loss()
+    # after/before measured 0.33-0.82 over these seeds and methods (the same at the default and AVX2
+    # levels: the model is plain PyTorch); 0.9 leaves a margin that the held-out batch makes reliable
+    assert after < 0.9 * before, (before, after)
     for n, p in base.named_parameters():
         assert torch.equal(p, frozen[n]), n
     assert all(not torch.equal(p, trainable[n]) for n, p in model.named_parameters() if n in trainable)
