@@ -8,6 +8,11 @@ import math
 import torch
 
 
+def _rows(t: torch.Tensor, width: int) -> torch.Tensor:
+    """``t`` as a matrix of ``width`` columns (``reshape(-1, 0)`` cannot infer the rows of a 0-wide input)."""
+    return t.reshape(math.prod(t.shape[:-1]), width)
+
+
 def lora_linear(x, weight, bias, lora_A, lora_B, scaling=1.0, dropout_mask=None, dropout_p=0.0):
     """Hugging Face PEFT's LoRA formula: ``base(x) + lora_B(lora_A(dropout(x))) * scaling``.
 
@@ -59,7 +64,7 @@ def philox_keep_mask(numel: int, p: float, seed: int, offset: int = 0) -> torch.
 
 def sampled_weight_grad(grad_y, x, indices, in_features):
     """The dense weight gradient ``grad_yᵀ·x`` gathered at the flat indices."""
-    dense = grad_y.reshape(-1, grad_y.shape[-1]).t() @ x.reshape(-1, in_features)
+    dense = _rows(grad_y, grad_y.shape[-1]).t() @ _rows(x, in_features)
     return dense.reshape(-1)[indices.long()]
 
 
@@ -179,9 +184,9 @@ def multi_lora_linear(x, weight, bias, lora_A, lora_B, scalings, adapter_indices
     """Each adapter run separately on its own tokens with :func:`lora_linear`, the base layer alone on
     the tokens with index -1, and the rows put back in token order (what a mixed batch must equal)."""
     in_features = x.shape[-1]
-    x2 = x.reshape(-1, in_features)
+    x2 = _rows(x, in_features)
     idx = adapter_indices.reshape(-1).long()
-    mask2 = None if dropout_mask is None else dropout_mask.reshape(-1, in_features)
+    mask2 = None if dropout_mask is None else _rows(dropout_mask, in_features)
     rows = []
     order = []
     for k in [-1, *range(lora_A.shape[0])]:

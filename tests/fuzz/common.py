@@ -30,11 +30,11 @@ FUZZ = settings(
 # every dtype an op takes; float64 is the gradcheck dtype and must be as exact as the reference
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 dtypes = st.sampled_from(DTYPES)
-# Rows, batch and sequence dimensions start at 0. Feature dimensions (in/out features, the IA3 width,
-# the vocabulary, hidden sizes) start at 1: a zero-size one is refused today with an unclear error
-# ("cannot reshape tensor of 0 elements"), and multi_lora_linear with in_features = 0 dies of a division
-# by zero. Set this to 0 once the ops accept them.
-FEATURES_MIN = 1
+# Every dimension starts at 0: rows, batch and sequence, and the feature dimensions (in/out features,
+# the IA3 width, hidden sizes). The one exception is the vocabulary of the KD losses: a distribution over
+# no classes has no value, and the ops refuse it (docs/errors.md).
+FEATURES_MIN = 0
+VOCAB_MIN = 1
 seeds = st.integers(0, 2**31 - 1)
 
 # How a tensor of a given logical shape lies in memory: packed, dimensions stored in reverse order

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 import pyfastpeft as pf
 from pyfastpeft.ops import reference
-from tests.fuzz.common import FEATURES_MIN, FUZZ, assert_close_to_float64, dtypes, layouts, seeds, tensor
+from tests.fuzz.common import FEATURES_MIN, FUZZ, VOCAB_MIN, assert_close_to_float64, dtypes, layouts, seeds, tensor
 
 DIVERGENCES = ["forward_kl", "reverse_kl", "js"]
 options = dict(
@@ -51,7 +51,7 @@ def rounding_scales(s64, t64, labels, temperature, alpha):
 @FUZZ
 @given(
     lead=st.lists(st.integers(0, 5), min_size=1, max_size=2),
-    vocab=st.integers(FEATURES_MIN, 700),
+    vocab=st.integers(VOCAB_MIN, 700),
     spread=st.sampled_from([0.1, 3.0, 30.0]),
     ignore_share=st.sampled_from([-1.0, 0.0, 0.3, 1.0]),
     dtype=dtypes,
@@ -87,7 +87,7 @@ def test_kd_loss(lead, vocab, spread, ignore_share, dtype, s_layout, t_layout, s
     lead=st.lists(st.integers(0, 5), min_size=1, max_size=2),
     hidden=st.integers(FEATURES_MIN, 24),
     teacher_hidden=st.integers(FEATURES_MIN, 24),
-    vocab=st.integers(FEATURES_MIN, 300),
+    vocab=st.integers(VOCAB_MIN, 300),
     ignore_share=st.sampled_from([-1.0, 0.0, 0.3, 1.0]),
     chunk_size=st.sampled_from([0, 1, 3]),
     train_weight=st.booleans(),
@@ -103,9 +103,9 @@ def test_fused_linear_kd_loss(
 ):
     labels = draw_labels(lead, vocab, alpha, ignore_share, seed)
     h = tensor((*lead, hidden), dtype, h_layout, seed)
-    w = tensor((vocab, hidden), dtype, w_layout, seed + 1, 3 * hidden**-0.5)
+    w = tensor((vocab, hidden), dtype, w_layout, seed + 1, 3 * max(hidden, 1) ** -0.5)
     ht = tensor((*lead, teacher_hidden), dtype, "contiguous", seed + 2)
-    wt = tensor((vocab, teacher_hidden), dtype, "transposed", seed + 3, 3 * teacher_hidden**-0.5)
+    wt = tensor((vocab, teacher_hidden), dtype, "transposed", seed + 3, 3 * max(teacher_hidden, 1) ** -0.5)
     kw = dict(temperature=temperature, alpha=alpha, divergence=divergence)
 
     def loss_and_grads(fn, h, w, **extra):
@@ -123,9 +123,10 @@ def test_fused_linear_kd_loss(
     # the logits themselves are sums of products: their rounding is relative to Σ|h·w|
     logit_abs = (h64.abs() @ w64.abs().t()).max().item() if s64.numel() else 0.0
     loss_scale = loss_scale + 4 * ((1 - alpha) * temperature + alpha) * logit_abs / temperature
-    scales = [loss_scale, logit_grad_scale * w64.abs().sum(0).max().item() if vocab else 0.0]
+    scales = [loss_scale, logit_grad_scale * w64.abs().sum(0).max().item() if w64.numel() else 0.0]
     if train_weight:
-        scales.append(logit_grad_scale * h64.reshape(-1, hidden).abs().sum(0).max().item())
+        h_rows = h64.reshape(h64.shape[:-1].numel(), hidden)
+        scales.append(logit_grad_scale * h_rows.abs().sum(0).max().item() if h_rows.numel() else 0.0)
     scales = [torch.as_tensor(m, dtype=torch.float64) for m in scales]
     terms = hidden + teacher_hidden + vocab + h64.shape[:-1].numel()  # logits, softmax sums, token sums
     for name, a, b, c, m in zip(["loss", "dh", "dW"], ours, lowp, ref64, scales, strict=False):

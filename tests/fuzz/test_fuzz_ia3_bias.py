@@ -67,7 +67,7 @@ def test_ia3_scale(lead, d, dtype, train_x, train_scale, x_layout, scale_layout,
 )
 def test_bias_only_linear(lead, in_f, out_f, dtype, train_x, x_layout, w_layout, dy_layout, seed):
     x = tensor((*lead, in_f), dtype, x_layout, seed)
-    w = tensor((out_f, in_f), dtype, w_layout, seed + 1, in_f**-0.5)
+    w = tensor((out_f, in_f), dtype, w_layout, seed + 1, max(in_f, 1) ** -0.5)
     b = tensor((out_f,), dtype, "step_last", seed + 2)
     dy = tensor((*lead, out_f), dtype, dy_layout, seed + 3)
     args, trainable = [x, w, b], [train_x, False, True]

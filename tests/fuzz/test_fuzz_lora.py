@@ -59,9 +59,9 @@ def test_lora_linear(
     lead, in_f, out_f, r, dtype, bias, train_weight, p, scaling, x_layout, w_layout, ab_layout, dy_layout, seed
 ):
     x = tensor((*lead, in_f), dtype, x_layout, seed)
-    w = tensor((out_f, in_f), dtype, w_layout, seed + 1, in_f**-0.5)
+    w = tensor((out_f, in_f), dtype, w_layout, seed + 1, max(in_f, 1) ** -0.5)
     b = tensor((out_f,), dtype, "contiguous", seed + 2) if bias else None
-    a = tensor((r, in_f), dtype, ab_layout, seed + 3, in_f**-0.5)
+    a = tensor((r, in_f), dtype, ab_layout, seed + 3, max(in_f, 1) ** -0.5)
     bb = tensor((out_f, r), dtype, ab_layout, seed + 4, r**-0.5)
     dy = tensor((*lead, out_f), dtype, dy_layout, seed + 5)
     args = [x, w, b, a, bb]
@@ -116,9 +116,9 @@ def test_multi_lora_linear(
     idx = idx.reshape(rows).to(torch.int32 if int32 else torch.int64)
     scalings = (torch.rand(K, generator=g, dtype=torch.float64) * 4 - 1).to(torch.float32)
     x = tensor((*rows, in_f), dtype, x_layout, seed)
-    w = tensor((out_f, in_f), dtype, "contiguous", seed + 1, in_f**-0.5)
+    w = tensor((out_f, in_f), dtype, "contiguous", seed + 1, max(in_f, 1) ** -0.5)
     b = tensor((out_f,), dtype, "contiguous", seed + 2) if bias else None
-    a = tensor((K, r, in_f), dtype, ab_layout, seed + 3, in_f**-0.5)
+    a = tensor((K, r, in_f), dtype, ab_layout, seed + 3, max(in_f, 1) ** -0.5)
     bb = tensor((K, out_f, r), dtype, ab_layout, seed + 4, r**-0.5)
     dy = tensor((*rows, out_f), dtype, dy_layout, seed + 5)
     args = [x, w, b, a, bb]

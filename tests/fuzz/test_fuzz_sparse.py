@@ -48,7 +48,7 @@ def sorted_indices(out_f: int, in_f: int, density: float, int32: bool, seed: int
 def test_sparse_delta_linear(lead, in_f, out_f, density, dtype, bias, int32, x_layout, w_layout, dy_layout, seed):
     idx = sorted_indices(out_f, in_f, density, int32, seed)
     x = tensor((*lead, in_f), dtype, x_layout, seed)
-    w = tensor((out_f, in_f), dtype, w_layout, seed + 1, in_f**-0.5)
+    w = tensor((out_f, in_f), dtype, w_layout, seed + 1, max(in_f, 1) ** -0.5)
     b = tensor((out_f,), dtype, "contiguous", seed + 2) if bias else None
     delta = tensor((idx.numel(),), dtype, "step_last", seed + 3, 0.1)
     dy = tensor((*lead, out_f), dtype, dy_layout, seed + 4)
