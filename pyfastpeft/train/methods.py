@@ -94,7 +94,14 @@ def register(name: str, description: str) -> Callable[[MethodFn], MethodFn]:
 def apply_method(name: str, model: nn.Module, args: argparse.Namespace) -> nn.Module:
     if name not in METHODS:
         raise UserError(f"--method: unknown method {name!r}; known methods: {', '.join(sorted(METHODS))}")
-    return METHODS[name](model, args)
+    try:
+        return METHODS[name](model, args)
+    except UserError:
+        raise
+    except ValueError as err:
+        # the tuners refuse a config that the flags built (targets matching nothing, a bad rank, ...):
+        # the flags are the user's input, so it is answered as one
+        raise UserError(f"--method {name}: {err}") from err
 
 
 def add_method_arguments(parser: argparse.ArgumentParser) -> None:

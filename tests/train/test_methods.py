@@ -141,6 +141,9 @@ def test_sparse_density_and_selection_knobs(tmp_path):
 def test_qat_and_distill_knobs_are_checked(tmp_path, capsys):
     assert run_cli("finetune", "--method", "qat-lora", "--qat-group-size", "5", "--out", tmp_path / "x", *TINY) == 2
     assert "qat-lora" in capsys.readouterr().err
-    assert run_cli("finetune", "--method", "distill", "--distill-alpha", "2", "--out", tmp_path / "x", *TINY) == 2
-    assert "--distill-alpha: expected a weight in [0, 1]" in capsys.readouterr().err
+    # a flag out of its range is refused while the command line is parsed (argparse exits with status 2)
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli("finetune", "--method", "distill", "--distill-alpha", "2", "--out", tmp_path / "x", *TINY)
+    assert exit_info.value.code == 2
+    assert "--distill-alpha: expected a number in [0.0, 1.0], got 2.0" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
