@@ -55,24 +55,14 @@ def test_mixed_batch_equals_separate_runs(second_targets):
     model.eval()
     ids = torch.randint(0, 64, (4, 9))
     names = ["a", "b", "__base__", "b"]
-    mixed_logits = model(input_ids=ids, adapter_names=names).logits
-    # labels make a per-sequence mean loss; sum them to compare gradients with the separate runs
+    # labels make a per-sequence mean loss; sum them to compare with the separate runs
     mixed_loss = sum(
         model(input_ids=ids[i : i + 1], labels=ids[i : i + 1], adapter_names=[names[i]]).loss for i in range(4)
     )
-    mixed_grads = torch.autograd.grad(
-        model(input_ids=ids, adapter_names=names).logits.square().sum(), [p for _, p in lora_params(model)]
-    )
-    sep_logits, _ = separate(model, ids, names)
-    torch.testing.assert_close(mixed_logits, sep_logits, rtol=1e-5, atol=1e-5)
     _, sep_loss = separate(model, ids, names)
     torch.testing.assert_close(mixed_loss, sep_loss, rtol=1e-5, atol=1e-6)
-    sep_grads = torch.autograd.grad(separate(model, ids, names)[0].square().sum(), [p for _, p in lora_params(model)])
-    for (name, _), g_mixed, g_sep in zip(lora_params(model), mixed_grads, sep_grads, strict=True):
-        torch.testing.assert_close(g_mixed, g_sep, rtol=1e-4, atol=1e-5, msg=name)
-    # both adapters really received gradient from the one mixed batch
-    assert any(g.abs().sum() > 0 for (n, _), g in zip(lora_params(model), mixed_grads, strict=True) if ".a." in n)
-    assert any(g.abs().sum() > 0 for (n, _), g in zip(lora_params(model), mixed_grads, strict=True) if ".b." in n)
+    # logits, and the gradients of both adapters against a float64 reference (both adapters receive some)
+    assert_mixed_equals_separate(model, ids, names)
 
 
 def lora_params(model):
