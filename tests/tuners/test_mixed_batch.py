@@ -122,7 +122,8 @@ def assert_mixed_equals_separate(model, ids, names):
     same float64 gradients, and the mixed batch may be off by at most a few times what the separate runs
     are (plus two roundings at the gradient's size, low_precision_error_bound): the error of a float32
     backward through the network is a sum of many roundings, and one sample of it (the separate runs')
-    can be small by luck, so the factor is 4, not the single-op tests' 2. Comparing the two float32
+    can be small by luck (at the baseline CPU level the fused kernels sum sequentially where the separate
+    runs' kernels sum in blocks), so the factor is 4, not the single-op tests' 2. Comparing the two float32
     results with each other directly would not do: they sum in different orders, and a gradient element
     that is a small difference of large terms can differ by many times its own rounding."""
     params = adapter_params(model)
@@ -137,7 +138,11 @@ def assert_mixed_equals_separate(model, ids, names):
     ref_params = adapter_params(ref_model)
     ref_grads = torch.autograd.grad(separate(ref_model, ids, names)[0].square().sum(), [p for _, p in ref_params])
     for (name, _), g_mixed, g_sep, g_ref in zip(params, mixed_grads, sep_grads, ref_grads, strict=True):
-        err, bound = low_precision_error_bound(g_mixed, g_sep, g_ref, factor=4.0)
+        # A float32 backward through the network rounds each element along a chain of products and sums
+        # whose terms (not computable here through the nonlinearities) exceed the result when the token
+        # sum cancels: 64 roundings at the gradient's scale (the worst seen, at the baseline level, was
+        # 23 on a gate_proj lora_A). A judgement, not a derived bound.
+        err, bound = low_precision_error_bound(g_mixed, g_sep, g_ref, factor=4.0, magnitude=32 * g_ref)
         assert err <= bound, (name, err, bound)
     for adapter in {n for n in names if n != "__base__"}:
         assert any(g.abs().sum() > 0 for (n, _), g in zip(params, mixed_grads, strict=True) if f".{adapter}." in n)
