@@ -34,7 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import pyfastpeft as pf  # noqa: E402
 from bench._timing import peak_memory_bytes, print_table, time_interleaved, write_results  # noqa: E402
-from bench.bench_model import step_rss_growth  # noqa: E402
+from bench.bench_model import make_step, step_rss_growth  # noqa: E402
 from pyfastpeft.optim import FusedAdamW  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -69,20 +69,6 @@ def real_text_ids(tokenizer, batch: int, seq: int) -> torch.Tensor:
     need = batch * seq
     ids = (ids * (need // len(ids) + 1))[:need]
     return torch.tensor(ids, dtype=torch.long).view(batch, seq)
-
-
-def make_step(model, embeds: torch.Tensor, labels: torch.Tensor, optimizer):
-    def step():
-        x = embeds.detach().requires_grad_()
-        loss = model(inputs_embeds=x, labels=labels).loss
-        loss.backward()
-        if optimizer is not None:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        else:
-            x.grad = None
-
-    return step
 
 
 def setup(base, ids: torch.Tensor, dtype: torch.dtype, device: str, only: str | None = None) -> dict:
