@@ -13,6 +13,7 @@ model writes by greedy generation (batched, left-padded, with the KV cache).
 from __future__ import annotations
 
 import datetime
+import inspect
 import random
 
 import torch
@@ -136,6 +137,20 @@ class DateTaskSource:
         return {"exact match": right / len(self.held_out)}
 
 
+def _decoder_arguments(model) -> tuple[str, dict]:
+    """The name the causal LM inside ``model`` (the first module whose ``forward`` names a KV cache, in
+    pre-order, so the outermost) gives its cache (``cache`` from transformers 5, ``past_key_values``
+    before and in the built-in model), and ``logits_to_keep=1`` where it takes that: greedy decoding
+    reads only the last position's logits, and the vocabulary projection of every prompt position is
+    the largest cost of the first step."""
+    for module in model.modules():
+        params = inspect.signature(type(module).forward).parameters
+        for key in ("cache", "past_key_values"):
+            if key in params:
+                return key, ({"logits_to_keep": 1} if "logits_to_keep" in params else {})
+    return "past_key_values", {}
+
+
 @torch.no_grad()
 def greedy_generate(
     model, prompts: list[list[int]], max_new_tokens: int, eos: int, pad_id: int, device, use_cache: bool = True
@@ -155,6 +170,7 @@ def greedy_generate(
     done = torch.zeros(len(prompts), dtype=torch.bool, device=ids.device)
     new: list[torch.Tensor] = []
     past, step_ids = None, ids
+    cache_key, last_only = _decoder_arguments(model)
     for _ in range(max_new_tokens):
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
         if use_cache:
@@ -162,11 +178,13 @@ def greedy_generate(
                 input_ids=step_ids,
                 attention_mask=mask,
                 position_ids=position_ids[:, -step_ids.shape[1] :],
-                past_key_values=past,
                 use_cache=True,
+                **{cache_key: past},
+                **last_only,
             )
-            past = out.past_key_values
+            past = getattr(out, cache_key)
         else:
+            # not ``logits_to_keep``: prompt learning cuts its virtual positions off the logits after
             out = model(input_ids=ids, attention_mask=mask)
         token = out.logits[:, -1].argmax(-1)
         token = torch.where(done, torch.full_like(token, pad_id), token)
