@@ -81,7 +81,9 @@ def test_save_and_load_round_trip(tmp_path, peft_type):
         with loaded.disable_adapter():
             torch.testing.assert_close(loaded(x).logits, base, rtol=0, atol=0)
     again = pf.PeftModel.from_pretrained(tiny_llama(), tmp_path, is_trainable=True)
-    assert again.get_nb_trainable_parameters()[0] == m.get_nb_trainable_parameters()[0]
+    # a P-tuning file holds the table its encoder computed, not the encoder: the loaded adapter trains the table
+    expected = 3 * 32 if peft_type == "P_TUNING" else m.get_nb_trainable_parameters()[0]
+    assert again.get_nb_trainable_parameters()[0] == expected
 
 
 @pytest.mark.parametrize("peft_type", sorted(set(CONFIGS) - SINGLE_ADAPTER))
