@@ -83,7 +83,7 @@ def _no_match_message(model: nn.Module, config: LoraConfig, entries) -> str:
     adaptable = [p for p, m in entries if p and _adaptable(m)]
     wanted = [config.target_modules] if isinstance(config.target_modules, str) else list(config.target_modules)
     short = sorted({p.rsplit(".", 1)[-1] for p in adaptable})
-    near = sorted({c for w in wanted for c in difflib.get_closematches(w, short + adaptable, n=5, cutoff=0.3)})
+    near = sorted({c for w in wanted for c in difflib.get_close_matches(w, short + adaptable, n=5, cutoff=0.3)})
     extra = ""
     if config.layers_to_transform is not None:
         extra = f" within layers_to_transform={config.layers_to_transform}"
