@@ -1,10 +1,9 @@
 """Task heads on any backbone: sequence classification, regression, token classification.
 
 ``with_task_head(backbone, kind, num_labels, pooling)`` returns a :class:`TaskModel` whose head is the
-submodule ``score`` (the name Hugging Face uses), so every PEFT method trains and saves it:
-
-    LoRA (PeftModel)     pass ``modules_to_save=["score"]``, as in PEFT
-    the other methods    the TunerModel frame adds ``score`` to modules_to_save by itself
+submodule ``score`` (the name Hugging Face uses), so every PEFT method trains and saves it: the
+PeftModel frame adds ``score`` to modules_to_save by itself (``modules_to_save=["score"]``, as in
+PEFT, does the same).
 
 Semantics, with H the backbone's last hidden states [B, T, D] and m the attention mask [B, T]:
     pooled = H[b, last position with m = 1]  ("last", decoders)
@@ -106,7 +105,7 @@ class TaskModel(nn.Module):
     backbone's own logits are then computed and dropped.
     """
 
-    task_head_names = ("score",)  # the TunerModel frame trains and saves these with any method
+    task_head_names = ("score",)  # the PeftModel frame trains and saves these with any method
 
     def __init__(self, backbone: nn.Module, head: _Head, kind: str, pooling: str = "last"):
         super().__init__()

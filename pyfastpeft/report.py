@@ -14,9 +14,6 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from .tuners.inject import lora_layers, save_wrappers, trainable_parameters
-from .tuners.lora_layers import LoraEmbedding, LoraLinear
-
 
 @dataclass
 class MatrixReport:
@@ -88,54 +85,53 @@ def _adamw_state_bytes(model: nn.Module) -> int:
     return sum(2 * p.numel() * p.element_size() + 4 for p in seen.values())
 
 
-def _delta_rank(layer, name: str, delta: torch.Tensor) -> int:
-    """``matrix_rank(ΔW)`` with its default tolerance (σ_max · max(m, n) · eps). For plain LoRA,
-    ΔW = s·B·A = Q_B·(s·R_B·R_Aᵀ)·Q_Aᵀ has the singular values of the r×r core, so no SVD of the full
-    matrix is needed; DoRA's ΔW rescales W's rows too and takes the full SVD."""
-    if isinstance(layer, LoraLinear) and not layer.use_dora[name]:
-        b, a = layer.lora_B[name].weight, layer.lora_A[name].weight
-    elif isinstance(layer, LoraEmbedding):
-        b, a = layer.lora_embedding_B[name], layer.lora_embedding_A[name]
-    else:
-        return int(torch.linalg.matrix_rank(delta).item())
+def trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; shared tensors are counted once."""
+    seen: dict[int, tuple[int, bool]] = {}
+    for p in model.parameters():
+        seen[id(p)] = (p.numel(), p.requires_grad)
+    total = sum(n for n, _ in seen.values())
+    trainable = sum(n for n, t in seen.values() if t)
+    return trainable, total
+
+
+def _delta_rank(delta: torch.Tensor, factors) -> int:
+    """``matrix_rank(ΔW)`` with its default tolerance (σ_max · max(m, n) · eps). Given as factors
+    ΔW = s·B·A = Q_B·(s·R_B·R_Aᵀ)·Q_Aᵀ, ΔW has the singular values of the r×r core, so no SVD of the full
+    matrix is needed; otherwise a vector (a norm's weight, a bias) counts as a 1×n matrix and a conv
+    kernel as out × rest."""
+    if factors is None:
+        as_matrix = delta.double().reshape(delta.shape[0], -1) if delta.dim() >= 2 else delta.double()[None]
+        return int(torch.linalg.matrix_rank(as_matrix).item())
+    b, a, scaling = factors
     b, a = b.detach().to(delta.dtype), a.detach().to(delta.dtype)
     r_b = torch.linalg.qr(b).R
     r_a = torch.linalg.qr(a.t()).R
-    singular = torch.linalg.svdvals(layer.scaling[name] * (r_b @ r_a.t()))
+    singular = torch.linalg.svdvals(scaling * (r_b @ r_a.t()))
     tol = singular.max() * max(delta.shape) * torch.finfo(delta.dtype).eps
     return int((singular > tol).sum().item())
 
 
 @torch.no_grad()
 def report(model: nn.Module, adapter_name: str | None = None, with_disk_size: bool = True) -> Report:
-    """Account for ``model`` (a :class:`pyfastpeft.PeftModel`, or any module with LoRA layers in it) and
-    its adapter ``adapter_name`` (default: the active one).
+    """Account for ``model`` (a :class:`pyfastpeft.PeftModel` of any method, or any module: then only the
+    parameter counts) and its adapter ``adapter_name`` (default: the active one).
 
     ``str(report)`` is a table for people, ``report.to_dict()`` a dict for programs."""
     trainable, total = trainable_parameters(model)
     name = adapter_name or getattr(model, "active_adapter", None)
-    if name is None:
-        name = next((n for _, layer in lora_layers(model) for n in layer.active_adapters), None)
     matrices = []
-    for path, layer in lora_layers(model):
-        if name not in layer.r:
-            continue
-        delta = layer.delta_weight(name)
-        rank = _delta_rank(layer, name, delta) if delta.abs().max() > 0 else 0
-        matrices.append(MatrixReport(path, tuple(delta.shape), layer.r[name], rank, int(torch.count_nonzero(delta))))
-    delta_weights = getattr(model, "delta_weights", None)  # methods other than LoRA (TunerModel)
-    if callable(delta_weights) and name is not None:
-        for path, delta in delta_weights(name).items():
-            # a vector (a norm's weight, a bias) counts as a 1×n matrix, a conv kernel as out × rest
-            as_matrix = delta.double().reshape(delta.shape[0], -1) if delta.dim() >= 2 else delta.double()[None]
-            rank = int(torch.linalg.matrix_rank(as_matrix).item()) if delta.abs().max() > 0 else 0
-            matrices.append(MatrixReport(path, tuple(delta.shape), 0, rank, int(torch.count_nonzero(delta))))
+    adapter_matrices = getattr(model, "adapter_matrices", None)  # a PeftModel: its tuner's ΔW per matrix
+    if callable(adapter_matrices) and name is not None:
+        for path, delta, r, factors in adapter_matrices(name):
+            rank = _delta_rank(delta, factors) if delta.abs().max() > 0 else 0
+            matrices.append(MatrixReport(path, tuple(delta.shape), r, rank, int(torch.count_nonzero(delta))))
     changed = sum(m.changed_entries for m in matrices)
-    for _, wrapper in save_wrappers(model):
-        if name in wrapper.modules_to_save:
-            copy = dict(wrapper.modules_to_save[name].named_parameters())
-            for pname, orig in wrapper.original_module.named_parameters():
-                changed += int(torch.count_nonzero(copy[pname] != orig))
+    copies = getattr(model, "saved_module_copies", None)  # modules_to_save: trained copy vs original
+    for original, copy in copies(name) if callable(copies) and name is not None else ():
+        trained = dict(copy.named_parameters())
+        for pname, orig in original.named_parameters():
+            changed += int(torch.count_nonzero(trained[pname] != orig))
     in_place = 0
     for pname, p in model.named_parameters():
         if p.requires_grad and pname.endswith("bias") and ".modules_to_save." not in pname:

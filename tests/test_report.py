@@ -85,7 +85,7 @@ def test_factored_rank_equals_full_matrix_rank():
         gate = m.base_model.model.model.layers[1].mlp.gate_proj
         gate.lora_A["default"].weight[3] = 2 * gate.lora_A["default"].weight[0]  # rank 5
     r = pf.report(m)
-    for path, layer in pf.tuners.inject.lora_layers(m):
+    for path, layer in pf.tuners.lora.model.lora_layers(m):
         full = int(torch.linalg.matrix_rank(layer.delta_weight("default")))
         assert next(x.delta_rank for x in r.matrices if x.name == path) == full
     ranks = {x.name.rsplit("model.", 1)[-1]: x.delta_rank for x in r.matrices}

@@ -77,7 +77,7 @@ def lora_matrices(saved: SavedAdapter) -> list[dict]:
 def _changed_matrices(base_state: dict, adapted) -> list[dict]:
     """Per weight the method changes: entries that differ from the base and the rank of the change
     (a tensor the method added counts against zeros)."""
-    if hasattr(adapted, "peft_config"):  # LoRA and TunerModel methods: pyfastpeft.report knows them
+    if hasattr(adapted, "peft_config"):  # a PeftModel of any method: pyfastpeft.report knows it
         from ..report import report
 
         rep = report(adapted, with_disk_size=False)

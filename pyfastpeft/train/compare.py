@@ -18,7 +18,7 @@ import torch
 
 from ..errors import UserError
 from ..nn import FakeQuantLinear, LoRALinear, SparseDeltaLinear
-from ..tuners.lora_layers import LoraLinear
+from ..tuners import LoraLinear
 from .base import SIZES
 from .bench_runner import markdown_table
 from .checkpoint import atomic_write, atomic_write_text

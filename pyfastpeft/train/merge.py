@@ -44,9 +44,9 @@ CHECK_BATCH, CHECK_LENGTH = 4, 16
 def merged_state(adapted: nn.Module, template: nn.Module, method: str) -> dict[str, torch.Tensor]:
     """The base architecture's state dict with the adapter folded in; refuses a method whose result the
     architecture cannot hold (new tensors such as BitFit's biases on bias-free layers, or prompts)."""
-    from ..tuners import TunerModel
+    from ..tuners import PeftModel
 
-    if isinstance(adapted, TunerModel):  # methods other than LoRA merge through their own hook
+    if isinstance(adapted, PeftModel) and adapted.peft_type != "LORA":  # merged by the method's tuner
         merged = adapted.merge_and_unload()
         effective = {k.replace(".base_layer.", "."): v for k, v in merged.state_dict().items()}
     else:

@@ -2,9 +2,10 @@
 
 Each method is ``apply(model, args) -> model``: it decides which tensors train (freezing the rest) and
 may replace modules. ``args`` is the parsed command line, so a method reads its own knobs from it
-(``args.r``, ``args.alpha``, ``args.target_modules``, ``args.train_last_layers``, ...). A new method
-registers itself with :func:`register` and its knobs with ``add_method_arguments`` (or a function appended
-to ``KNOB_ARGUMENTS``), listing them in ``METHOD_KNOBS``.
+(``args.r``, ``args.alpha``, ``args.target_modules``, ``args.train_last_layers``, ...). A method's
+command-line name is declared once, with its peft_type, in :mod:`pyfastpeft.tuners.registry`; its
+``apply`` attaches to that name with :func:`register`, and its knobs go into ``add_method_arguments`` (or a
+function appended to ``KNOB_ARGUMENTS``), listed in ``METHOD_KNOBS``.
 
 ``apply`` must be deterministic given the seed and the knobs: ``--resume``, ``pyfastpeft report`` and
 ``pyfastpeft merge`` rebuild the adapted model by calling it again and then load the saved tensors.
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
-from ..tuners import LoraConfig, get_peft_model
+from ..tuners import LoraConfig, get_peft_model, registry
 from .arg_types import float_in, int_at_least, positive_float
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -46,8 +47,9 @@ def default_lr(method: str) -> float:
 
 
 MethodFn = Callable[[nn.Module, argparse.Namespace], nn.Module]
-METHODS: dict[str, MethodFn] = {}
-DESCRIPTIONS: dict[str, str] = {}
+# read-only views of the one method registry (pyfastpeft.tuners.registry): name -> apply, name -> text
+METHODS = registry.cli_methods
+DESCRIPTIONS = registry.cli_descriptions
 
 
 @dataclass
@@ -84,8 +86,7 @@ def training_parts(name: str, model: nn.Module, args: argparse.Namespace, source
 
 def register(name: str, description: str) -> Callable[[MethodFn], MethodFn]:
     def wrap(fn: MethodFn) -> MethodFn:
-        METHODS[name] = fn
-        DESCRIPTIONS[name] = description
+        registry.register_cli_method(name, description, fn)
         return fn
 
     return wrap
@@ -338,26 +339,18 @@ def apply_dora(model: nn.Module, args: argparse.Namespace) -> nn.Module:
 def apply_sparse(model: nn.Module, args: argparse.Namespace) -> nn.Module:
     # Entries are chosen here by magnitude (or at random); for gradient/fisher selection the training
     # parts below re-select them from scores on the training data before the first step.
-    from ..nn import SparseDeltaLinear
+    from ..tuners import SparseConfig
 
     if not 0.0 < args.sparse_density <= 1.0:
         raise UserError(f"--sparse-density: expected a fraction in (0, 1], got {args.sparse_density}")
-    _freeze(model)
-    targets = _targets(args)
-    chosen = [
-        (n, m)
-        for n, m in model.named_modules()
-        if type(m) is nn.Linear and any(n == t or n.endswith("." + t) for t in targets)
-    ]
-    if not chosen:
-        raise UserError(f"--target-modules {targets} matched no nn.Linear in {type(model).__name__}")
-    gen = torch.Generator().manual_seed(args.seed)
     strategy = "random" if args.sparse_selection == "random" else "magnitude"
-    for name, linear in chosen:
-        parent, _, child = name.rpartition(".")
-        layer = SparseDeltaLinear.from_linear(linear, density=args.sparse_density, strategy=strategy, generator=gen)
-        setattr(model.get_submodule(parent) if parent else model, child, layer)
-    return model
+    config = SparseConfig(
+        target_modules=_targets(args), density=args.sparse_density, selection=strategy, seed=args.seed
+    )
+    try:
+        return get_peft_model(model, config)
+    except ValueError as err:
+        raise UserError(f"--target-modules: {err}") from None
 
 
 @register_training_parts("sparse")

@@ -2,8 +2,8 @@
 
 Two layouts exist:
   - Hugging Face PEFT's (``adapter_model.safetensors`` + ``adapter_config.json`` with a ``peft_type``),
-    written by every method whose model has ``save_pretrained`` (lora, dora, qat-lora, distill, and
-    the TunerModel methods); ``finetune`` adds ``pyfastpeft_run.json`` saying which method and base.
+    written by every method whose model has ``save_pretrained`` (every PeftModel: all methods but
+    full); ``finetune`` adds ``pyfastpeft_run.json`` saying which method and base.
   - pyfastpeft's own (``adapter.safetensors`` + ``adapter_config.json`` with a ``method``): the
     trainable tensors by their names in the adapted model, plus the tensors the method added that do
     not train (``buffers``: a sparse delta's indices).
@@ -24,7 +24,7 @@ from safetensors.torch import load as load_safetensors_bytes
 from torch import nn
 
 from ..errors import UserError
-from ..io.adapter_files import CONFIG_NAME, PICKLE_NAMES, WEIGHTS_NAME, check_and_copy, copy_into
+from ..io.adapter_files import CONFIG_NAME, PICKLE_NAMES, WEIGHTS_NAME, check_and_copy
 from .base import builtin_model, hf_model
 from .checkpoint import trainable_state
 from .finetune import RUN_INFO_NAME
@@ -191,7 +191,7 @@ def rebuild(base_model: nn.Module, saved: SavedAdapter) -> nn.Module:
     except ValueError as err:
         raise UserError(f"{saved.directory} does not fit the base: method {args.method}: {err}") from None
     if saved.layout == "peft":
-        copy_into(adapted, "default", saved.tensors, saved.weights)
+        adapted.load_adapter_tensors("default", saved.tensors, saved.weights)
     else:
         expected = dict(trainable_state(adapted))
         buffers = dict(adapted.named_buffers())

@@ -1,41 +1,44 @@
-"""PEFT configs, injection by module-name pattern, named adapters, merging."""
+"""One PeftModel over any PEFT method; one package per method (config, layer, tuner), registered once
+by peft_type in :mod:`pyfastpeft.tuners.registry`."""
 
-from .adapters import AdapterConfig, AdapterModel, AdapterWrapper
-from .base import TunerModel
+from ..report import trainable_parameters
+from .adapter import AdapterConfig, AdapterModel, AdapterWrapper
+from .base import BaseTuner
 from .bitfit import BitFitConfig, BitFitModel
-from .config import LoraConfig
 from .ia3 import IA3Config, IA3Linear, IA3Model
-from .inject import find_targets, inject_lora, trainable_parameters
 from .layer_freeze import LayerFreezeConfig, LayerFreezeModel
-from .lora_layers import LoraEmbedding, LoraLayer, LoraLinear
+from .lora import LoraConfig, LoraEmbedding, LoraLayer, LoraLinear, LoraModel, find_targets, inject_lora
 from .modules_to_save import ModulesToSaveWrapper
 from .peft_model import PeftModel, get_peft_model
-from .prompt_config import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
-from .prompt_learning import PromptLearningModel
+from .prompt_learning import PrefixTuningConfig, PromptEncoderConfig, PromptLearningModel, PromptTuningConfig
 from .registry import config_from_dict, peft_types, register_peft_type
+from .sparse import SparseConfig, SparseModel
 
 __all__ = [
     "AdapterConfig",
     "AdapterModel",
     "AdapterWrapper",
+    "BaseTuner",
+    "BitFitConfig",
+    "BitFitModel",
     "IA3Config",
     "IA3Linear",
     "IA3Model",
-    "BitFitConfig",
-    "BitFitModel",
     "LayerFreezeConfig",
     "LayerFreezeModel",
     "LoraConfig",
     "LoraEmbedding",
     "LoraLayer",
     "LoraLinear",
+    "LoraModel",
     "ModulesToSaveWrapper",
     "PeftModel",
     "PrefixTuningConfig",
     "PromptEncoderConfig",
     "PromptLearningModel",
     "PromptTuningConfig",
-    "TunerModel",
+    "SparseConfig",
+    "SparseModel",
     "config_from_dict",
     "find_targets",
     "get_peft_model",

@@ -1,9 +1,11 @@
-"""TunerModel: the common frame of every PEFT method other than LoRA.
+"""BaseTuner: what one PEFT method supplies to the one frame, :class:`~pyfastpeft.tuners.PeftModel`.
 
-A method subclasses :class:`TunerModel`, defines the hooks below, and registers its config and model
-class with :func:`~pyfastpeft.tuners.registry.register_peft_type`; it then works through
-``get_peft_model``, ``PeftModel.from_pretrained``, ``save_pretrained`` (safetensors + adapter_config.json,
-atomic), ``pyfastpeft.report`` and the command line like LoRA does.
+The frame owns the adapter lifecycle (add, delete, set, disable, merge, unload, save, load) and the
+modules_to_save copies, once for every method. A method is a package ``tuners/<method>/`` with its
+config (``config.py``), the layer it injects (``layer.py``) and a :class:`BaseTuner` subclass
+(``model.py``) registered by ``peft_type`` in :mod:`pyfastpeft.tuners.registry`. The tuner is the PEFT
+model's ``base_model`` and holds the user's model as ``.model``, so parameter paths read
+``base_model.model.<path>`` as in Hugging Face PEFT.
 
 Hooks (``name`` is an adapter name):
     _inject(name, config)      add the adapter's modules/parameters; validate everything before changing
@@ -14,121 +16,66 @@ Hooks (``name`` is an adapter name):
 optional:
     adapter_parameters(name)   what trains (default: the Parameters among adapter_tensors)
     _merge(names) / _unmerge() / _unload()   for methods that fold into the base weights
-    _load_tensors(name, tensors, source)     put loaded file tensors in place (default: validate every
-                               key and shape against adapter_tensors, then copy)
+    _disable() / _enable()     switch every adapter off and on again (default: unmerge, activate none)
     delta_weights(name)        ``{path: ΔW}`` per base matrix that merging changes, for the report
-
-modules_to_save: the frame itself wraps the modules a config's ``modules_to_save`` names (and a task
-model's head, see :mod:`pyfastpeft.heads`) in PEFT's ModulesToSaveWrapper, so a full trainable copy per
-adapter trains and is saved under ``base_model.model.<path>.<param>`` with every method.
+    adapter_matrices(name)     the report's rows: (path, ΔW, rank budget r or 0, low-rank factors or None)
+    config_for_loading(config, tensors, source)   the config to inject before a file's tensors are copied
+    _prepare_load(name) / _finish_load(name, file_config)   around copying a file's tensors in
+    also_loadable(name)        further tensors a file of this method may hold (PEFT writes some)
+    mixed_batch_forward(...)   one adapter per sequence in one batch, where the method supports it
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
 from collections.abc import Iterable
-from types import SimpleNamespace
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..nn.multi_lora_linear import BASE_ADAPTER  # the one name for "no adapter"
+from .matching import find_modules_to_save
 
 
-class BaseModelHolder(nn.Module):
-    """Holds the user's model as ``.model``, so parameter paths read ``base_model.model.<path>`` as in
-    Hugging Face PEFT."""
+class BaseTuner(nn.Module):
+    """One method's adapters on ``model``. Attributes the tuner lacks are the model's."""
+
+    # layer classes of this method: name matching does not descend into them
+    layer_types: tuple[type, ...] = ()
+    # where PEFT keys this method's modules_to_save copies: ``<prefix><path>.<param>``
+    saved_module_prefix = "base_model.model."
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
-
-    def forward(self, *args, **kwargs):
-        return self.model(*args, **kwargs)
-
-
-class PeftModelMixin:
-    """What every PEFT model class shares (LoRA's PeftModel and TunerModel): the user's model as
-    ``base_model.model``, attribute passthrough to it, named-adapter bookkeeping checks."""
+        self.peft_config: dict[str, Any] = {}
+        self.active_adapter: str | None = None
 
     def __getattr__(self, name: str):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name in ("base_model", "_modules", "_parameters", "_buffers"):
+            if name in ("model", "_modules", "_parameters", "_buffers"):
                 raise
-            return getattr(self.base_model.model, name)
+            return getattr(self.model, name)
 
-    def get_base_model(self) -> nn.Module:
-        return self.base_model.model
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
 
     @property
     def active_adapters(self) -> list[str]:
         return [] if self.active_adapter is None else [self.active_adapter]
 
-    @property
-    def active_peft_config(self) -> Any:
-        return self.peft_config[self.active_adapter]
-
-    def _check_new_name(self, adapter_name: str) -> None:
-        if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name or "/" in adapter_name:
-            raise ValueError(f"adapter_name: expected a non-empty name without '.' or '/', got {adapter_name!r}")
-        if adapter_name == BASE_ADAPTER:
-            raise ValueError(f"adapter_name: {BASE_ADAPTER!r} is reserved for 'no adapter'")
-        if adapter_name in self.peft_config:
-            raise ValueError(f"adapter_name: an adapter named {adapter_name!r} already exists")
-
-    def _check_name(self, adapter_name: str) -> None:
-        if adapter_name not in self.peft_config:
-            raise ValueError(f"adapter_name: no adapter named {adapter_name!r}; adapters: {list(self.peft_config)}")
-
-    def set_adapter(self, adapter_name: str) -> None:
-        """Make ``adapter_name`` the active adapter: forward uses it and only its parameters train."""
-        self._check_name(adapter_name)
-        self.active_adapter = adapter_name
-        self._mark_trainable()
-
-    def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        from .inject import trainable_parameters
-
-        return trainable_parameters(self)
-
-    def print_trainable_parameters(self) -> None:
-        """PEFT's line: trainable / all parameters and the percent."""
-        self._print_trainable_line()
-
-    def _print_trainable_line(self):
-        from ..report import report
-
-        r = report(self, with_disk_size=False)
-        print(
-            f"trainable params: {r.trainable:,d} || all params: {r.total:,d} || trainable%: {r.trainable_percent:.4f}"
-        )
-        return r
-
-
-class TunerModel(PeftModelMixin, nn.Module):
-    """``model`` with every base parameter frozen and named adapters of one method added. Calls pass
-    through to the model; attributes the wrapper lacks are the model's."""
-
-    def __init__(self, model: nn.Module, config: Any, adapter_name: str = "default"):
-        super().__init__()
-        if isinstance(model, TunerModel) or hasattr(model, "peft_config"):
-            raise ValueError("model: already a PEFT model; use add_adapter to add another adapter")
-        requires_grad = {p: p.requires_grad for p in model.parameters()}
-        for p in model.parameters():
-            p.requires_grad_(False)
-        self.base_model = BaseModelHolder(model)
-        self.peft_config: dict[str, Any] = {}
-        self.active_adapter: str | None = None
-        try:
-            self.add_adapter(adapter_name, config)
-        except BaseException:
-            for p, flag in requires_grad.items():
-                p.requires_grad_(flag)
-            raise
+    def saved_module_paths(self, config: Any) -> list[str]:
+        """Paths of the modules ``config.modules_to_save`` names, plus the head its ``task_type`` implies
+        (added to the config, as PEFT does) and the head of a task model (``with_task_head``), which
+        trains with every method."""
+        given = list(getattr(config, "modules_to_save", None) or [])
+        extra = [n for n in getattr(self.model, "task_head_names", ()) if n not in given]
+        probe = _SaveProbe(given + extra, getattr(config, "task_type", None), getattr(config, "_from_file", False))
+        paths = find_modules_to_save(self.model, probe, self.layer_types)
+        if probe.modules_to_save and hasattr(config, "modules_to_save"):
+            config.modules_to_save = [n for n in probe.modules_to_save if n not in extra] or config.modules_to_save
+        return paths
 
     # ---- hooks ------------------------------------------------------------------------------------
     def _inject(self, name: str, config: Any) -> None:
@@ -149,201 +96,48 @@ class TunerModel(PeftModelMixin, nn.Module):
     def delta_weights(self, name: str) -> dict[str, torch.Tensor]:
         return {}
 
+    def adapter_matrices(self, name: str) -> list[tuple[str, torch.Tensor, int, Any]]:
+        return [(path, delta, 0, None) for path, delta in self.delta_weights(name).items()]
+
     def _merge(self, names: list[str]) -> None:
         raise ValueError(f"{type(self).__name__}: this method cannot be merged into the base weights")
 
     def _unmerge(self) -> None:
         pass
 
-    def _load_tensors(self, name: str, tensors: dict[str, torch.Tensor], source: Any) -> None:
-        from ..io.adapter_files import copy_into
+    def _disable(self) -> None:
+        self._unmerge()
+        self._activate([])
 
-        copy_into(self, name, tensors, source)
+    def _enable(self) -> None:
+        self._activate(self.active_adapters)
 
     def _unload(self) -> nn.Module:
         for n in list(self.peft_config):
             self._remove(n)
-        return self.base_model.model
-
-    def forward(self, *args, **kwargs):
-        return self.base_model.model(*args, **kwargs)
-
-    # ---- adapters ---------------------------------------------------------------------------------
-    def add_adapter(self, adapter_name: str, config: Any) -> None:
-        """Add adapter ``adapter_name`` (inactive unless it is the first) configured by ``config``."""
-        self._check_new_name(adapter_name)
-        if self.peft_config:
-            kind = type(next(iter(self.peft_config.values())))
-            if type(config) is not kind:
-                raise ValueError(f"config: this model holds {kind.__name__} adapters, got {type(config).__name__}")
-        config.validate()
-        saves = self._modules_to_save_paths(config)  # validated before the model changes
-        self._inject(adapter_name, config)
-        self._wrap_modules_to_save(adapter_name, saves)
-        self.peft_config[adapter_name] = config
-        if self.active_adapter is None:
-            self.active_adapter = adapter_name
-        self._mark_trainable()
-
-    def delete_adapter(self, adapter_name: str) -> None:
-        self._check_name(adapter_name)
-        self._remove(adapter_name)
-        self._unwrap_modules_to_save(adapter_name)
-        del self.peft_config[adapter_name]
-        if self.active_adapter == adapter_name:
-            self.active_adapter = next(iter(self.peft_config), None)
-        self._mark_trainable()
-
-    def _mark_trainable(self) -> None:
-        for p in self.parameters():
-            p.requires_grad_(False)
-        self._activate(self.active_adapters)
-        for _, wrapper in self._save_wrappers():
-            wrapper.set_adapter(self.active_adapters)  # makes the active copy trainable
-        if self.active_adapter is None or getattr(self.active_peft_config, "inference_mode", False):
-            for p in self.parameters():
-                p.requires_grad_(False)
-            return
-        for p in self.adapter_parameters(self.active_adapter):
-            p.requires_grad_(True)
-
-    @contextlib.contextmanager
-    def disable_adapter(self):
-        """Run the base model alone inside the block."""
-        self._unmerge()
-        self._activate([])
-        wrappers = [w for _, w in self._save_wrappers()]
-        for w in wrappers:
-            w.disable_adapters = True
-        try:
-            yield
-        finally:
-            for w in wrappers:
-                w.disable_adapters = False
-            self._activate(self.active_adapters)
-
-    # ---- merging ----------------------------------------------------------------------------------
-    def merge_adapter(self, adapter_names: list[str] | None = None) -> None:
-        names = adapter_names if adapter_names is not None else self.active_adapters
-        for n in names:
-            self._check_name(n)
-        self._merge(names)
-
-    def unmerge_adapter(self) -> None:
-        self._unmerge()
-
-    def merge_and_unload(self, adapter_names: list[str] | None = None) -> nn.Module:
-        self.merge_adapter(adapter_names)
-        self._unwrap_modules_to_save(None, keep_trained_copy=True)
-        return self._unload()
-
-    def unload(self) -> nn.Module:
-        self._unmerge()
-        self._unwrap_modules_to_save(None, keep_trained_copy=False)
-        return self._unload()
-
-    # ---- modules_to_save --------------------------------------------------------------------------
-    def _modules_to_save_paths(self, config: Any) -> list[str]:
-        """Paths of the modules ``config.modules_to_save`` names, plus the head its ``task_type`` implies
-        (added to the config, as PEFT does) and the head of a task model (``with_task_head``), which
-        trains with every method."""
-        from .inject import _find_modules_to_save
-
-        model = self.base_model.model
-        given = list(getattr(config, "modules_to_save", None) or [])
-        extra = [n for n in getattr(model, "task_head_names", ()) if n not in given]
-        probe = SimpleNamespace(
-            modules_to_save=given + extra,
-            task_type=getattr(config, "task_type", None),
-            _from_file=getattr(config, "_from_file", False),
-        )
-        paths = _find_modules_to_save(model, probe)
-        if probe.modules_to_save and hasattr(config, "modules_to_save"):
-            config.modules_to_save = [n for n in probe.modules_to_save if n not in extra] or config.modules_to_save
-        return paths
-
-    def _save_wrappers(self):
-        from .inject import save_wrappers
-
-        return list(save_wrappers(self.base_model.model))
-
-    def _wrap_modules_to_save(self, adapter_name: str, paths: list[str]) -> None:
-        from .inject import wrap_modules_to_save
-
-        wrap_modules_to_save(self.base_model.model, paths, adapter_name)
-
-    def _unwrap_modules_to_save(self, adapter_name: str | None, keep_trained_copy: bool = False) -> None:
-        """Drop ``adapter_name``'s copies (``None``: put every wrapper's module back: the active adapter's
-        trained copy when ``keep_trained_copy``, else the original)."""
-        from .inject import _set_submodule
-
-        model = self.base_model.model
-        for path, wrapper in self._save_wrappers():
-            if adapter_name is not None:
-                wrapper.delete_adapter(adapter_name)
-                if len(wrapper.modules_to_save):
-                    continue
-            active = wrapper.active_adapter
-            keep = keep_trained_copy and active is not None and active in wrapper.modules_to_save
-            _set_submodule(model, path, wrapper.modules_to_save[active] if keep else wrapper.original_module)
-
-    def modules_to_save_tensors(self, adapter_name: str) -> dict[str, torch.Tensor]:
-        """The adapter's modules_to_save copies under PEFT's keys ``base_model.model.<path>.<param>``
-        (saved and loaded with the method's own tensors)."""
-        out = {}
-        for path, wrapper in self._save_wrappers():
-            if adapter_name in wrapper.modules_to_save:
-                for name, t in wrapper.modules_to_save[adapter_name].state_dict(keep_vars=True).items():
-                    out[f"base_model.model.{path}.{name}"] = t
-        return out
-
-    # ---- files ------------------------------------------------------------------------------------
-    def config_json(self, adapter_name: str) -> dict:
-        d = self.peft_config[adapter_name].to_dict()
-        d["inference_mode"] = True
-        return d
-
-    def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None) -> None:
-        """Every adapter (or ``selected_adapters``): "default" in ``save_directory``, any other in a
-        subfolder named after it. Atomic: all files or none."""
-        from ..io import save_adapters
-
-        save_adapters(self, save_directory, selected_adapters)
+        return self.model
 
     @classmethod
-    def from_pretrained(
-        cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False
-    ) -> TunerModel:
-        from ..io.adapter_files import _find_dir, read_adapter
-        from .registry import model_class_for
+    def config_for_loading(cls, config: Any, tensors: dict[str, torch.Tensor], source: Any) -> Any:
+        return config
 
-        config, tensors, source = read_adapter(_find_dir(model_id, adapter_name))
-        model_cls = model_class_for(config)
-        if cls is not TunerModel and not issubclass(model_cls, cls):
-            raise ValueError(f"{source}: holds a {type(config).__name__} adapter, not one {cls.__name__} loads")
-        config.inference_mode = not is_trainable
-        requires_grad = {p: p.requires_grad for p in model.parameters()}
-        peft_model = model_cls(model, config, adapter_name)
-        try:
-            peft_model._load_tensors(adapter_name, tensors, source)
-        except BaseException:
-            peft_model.unload()
-            for p, flag in requires_grad.items():
-                p.requires_grad_(flag)
-            raise
-        if not is_trainable:
-            peft_model.eval()
-        return peft_model
+    def _prepare_load(self, name: str) -> None:
+        pass
 
-    def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False) -> None:
-        """Add the adapter saved in ``model_id`` under ``adapter_name`` (not made active)."""
-        from ..io.adapter_files import _find_dir, read_adapter
+    def _finish_load(self, name: str, file_config: Any) -> None:
+        pass
 
-        config, tensors, source = read_adapter(_find_dir(model_id, adapter_name))
-        config.inference_mode = not is_trainable
-        self.add_adapter(adapter_name, config)
-        try:
-            self._load_tensors(adapter_name, tensors, source)
-        except BaseException:
-            self.delete_adapter(adapter_name)
-            raise
+    def also_loadable(self, name: str) -> dict[str, torch.Tensor]:
+        return {}
+
+    def mixed_batch_forward(self, adapter_names: list[str], wrappers: list[nn.Module], *args, **kwargs):
+        raise ValueError(f"adapter_names: {type(self).__name__} does not mix adapters in one batch")
+
+
+class _SaveProbe:
+    """The fields of a config that modules_to_save matching reads (and may extend)."""
+
+    def __init__(self, modules_to_save: list[str], task_type: Any, from_file: bool):
+        self.modules_to_save = modules_to_save
+        self.task_type = task_type
+        self._from_file = from_file

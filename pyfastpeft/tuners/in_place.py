@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import TunerModel
+from .base import BaseTuner
 
 
 def _buffer_name(key: str) -> str:
@@ -40,8 +40,8 @@ class InitialValues(nn.Module):
         return _buffer_name(key) in self._buffers
 
 
-class InPlaceTunerModel(TunerModel):
-    """A TunerModel whose adapter tensors are the base model's own. Subclasses fill ``self._live`` (key →
+class InPlaceTuner(BaseTuner):
+    """A tuner whose adapter tensors are the base model's own. Subclasses fill ``self._live`` (key →
     live tensor) in ``_inject`` and call :meth:`_snapshot`."""
 
     def _init_in_place(self) -> None:

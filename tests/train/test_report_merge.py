@@ -74,8 +74,8 @@ def test_report_of_a_sparse_adapter_with_base(tmp_path, capsys):
     out = tmp_path / "sparse"
     assert run_cli("finetune", "--method", "sparse", "--steps", "3", "--out", out, *TINY) == 0
     d = _report(capsys, out)
-    tensors = load_file(str(out / "adapter.safetensors"))
-    deltas = {k: v for k, v in tensors.items() if k.endswith(".delta")}
+    tensors = load_file(str(out / "adapter_model.safetensors"))  # a PEFT-layout adapter (peft_type SPARSE)
+    deltas = {k.removeprefix("base_model.model."): v for k, v in tensors.items() if k.endswith(".delta")}
     assert d["trainable"] == sum(v.numel() for v in deltas.values())
     assert d["changed_entries"] == sum(int(torch.count_nonzero(v)) for v in deltas.values())
     assert {m["name"] for m in d["matrices"]} <= {k.removesuffix(".delta") + ".weight" for k in deltas}

@@ -132,7 +132,7 @@ def test_save_load_identical_outputs(config, location, tmp_path):
     assert f"base_model.model.model.layers.1.{slot}.adapter_up.weight" in keys
     assert len(keys) == 4 * (4 if config == "houlsby" else 2)
     loaded = pf.PeftModel.from_pretrained(tiny(), tmp_path)
-    assert type(loaded).__name__ == "AdapterModel"
+    assert type(loaded) is pf.PeftModel and type(loaded.base_model).__name__ == "AdapterModel"
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids()).logits, model(ids()).logits, rtol=0, atol=0)
         with model.disable_adapter():

@@ -59,7 +59,7 @@ def test_targets_become_bias_only_linear_and_start_as_the_identity():
     x = eval_ids()
     expected = base(input_ids=x).logits
     m = bitfit(base)
-    assert isinstance(m, BitFitModel)
+    assert isinstance(m, pf.PeftModel) and isinstance(m.base_model, BitFitModel)
     inner = m.base_model.model
     for layer in inner.model.layers:
         for name in LINEARS:
@@ -166,7 +166,7 @@ def test_save_load_gives_identical_outputs(tmp_path):
     assert set(tensors) == {"base_model.model." + n for n in m.named_trained_biases()}
     assert json.loads((tmp_path / "adapter_config.json").read_text())["peft_type"] == "BITFIT"
     loaded = pf.PeftModel.from_pretrained(tiny_llama(), tmp_path)
-    assert isinstance(loaded, BitFitModel)
+    assert isinstance(loaded, pf.PeftModel) and isinstance(loaded.base_model, BitFitModel)
     assert torch.equal(loaded(input_ids=x).logits, expected)
     assert not any(p.requires_grad for p in loaded.parameters())
     trainable = pf.PeftModel.from_pretrained(tiny_llama(), tmp_path, is_trainable=True)

@@ -1,6 +1,6 @@
-"""The frame every method other than LoRA plugs into: the PEFT-type registry, TunerModel's adapter
-bookkeeping, save/load dispatch by peft_type, and the report's ΔW rows — exercised with a minimal
-method (a learned output scale on one linear layer) defined here."""
+"""The frame every method plugs into: the PEFT-type registry, PeftModel's adapter bookkeeping over a
+BaseTuner, save/load dispatch by peft_type, and the report's ΔW rows — exercised with a minimal method
+(a learned output scale on one linear layer) defined here."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import pyfastpeft as pf
-from pyfastpeft.tuners import PeftModel, TunerModel, config_from_dict, get_peft_model, register_peft_type
+from pyfastpeft.tuners import BaseTuner, PeftModel, config_from_dict, get_peft_model, register_peft_type
 
 
 @dataclass
@@ -33,11 +33,11 @@ class ScaleConfig:
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
-class ScaleModel(TunerModel):
+class ScaleModel(BaseTuner):
     """y = s ⊙ (W x + b) on one linear layer."""
 
     def _layer(self, config: ScaleConfig) -> nn.Linear:
-        return self.base_model.model.get_submodule(config.target)
+        return self.model.get_submodule(config.target)
 
     def _inject(self, name: str, config: ScaleConfig) -> None:
         if "scales" not in self._modules:
@@ -78,7 +78,7 @@ def test_dispatch_train_save_load(tmp_path):
     base = model()
     before = {k: v.clone() for k, v in base.state_dict().items()}
     pm = get_peft_model(base, ScaleConfig(init=1.0))
-    assert isinstance(pm, ScaleModel)
+    assert type(pm) is PeftModel and isinstance(pm.base_model, ScaleModel)
     x = torch.randn(7, 5)
     torch.testing.assert_close(pm(x), model()(x), rtol=0, atol=0)  # identity at init
     opt = torch.optim.SGD(pm.parameters(), lr=0.1)
@@ -92,12 +92,12 @@ def test_dispatch_train_save_load(tmp_path):
     y = pm(x)
 
     pm.save_pretrained(tmp_path)
-    loaded = PeftModel.from_pretrained(model(), tmp_path)  # LoRA's entry point dispatches on peft_type
-    assert isinstance(loaded, ScaleModel)
+    loaded = PeftModel.from_pretrained(model(), tmp_path)  # dispatches on peft_type
+    assert isinstance(loaded.base_model, ScaleModel)
     torch.testing.assert_close(loaded(x), y, rtol=0, atol=0)
     assert not any(p.requires_grad for p in loaded.parameters())
-    trainable = ScaleModel.from_pretrained(model(), tmp_path, is_trainable=True)
-    assert [n for n, p in trainable.named_parameters() if p.requires_grad] == ["scales.default"]
+    trainable = PeftModel.from_pretrained(model(), tmp_path, is_trainable=True)
+    assert [n for n, p in trainable.named_parameters() if p.requires_grad] == ["base_model.scales.default"]
     assert isinstance(config_from_dict(ScaleConfig().to_dict()), ScaleConfig)
 
 
@@ -110,7 +110,7 @@ def test_named_adapters_and_disable():
     torch.testing.assert_close(pm.get_base_model()[0](x), 2 * h)
     pm.set_adapter("other")
     torch.testing.assert_close(pm.get_base_model()[0](x), 3 * h)
-    assert [n for n, p in pm.named_parameters() if p.requires_grad] == ["scales.other"]
+    assert [n for n, p in pm.named_parameters() if p.requires_grad] == ["base_model.scales.other"]
     with pm.disable_adapter():
         torch.testing.assert_close(pm.get_base_model()[0](x), h)
     torch.testing.assert_close(pm.get_base_model()[0](x), 3 * h)
@@ -138,7 +138,7 @@ def test_errors(tmp_path):
         get_peft_model(model(), object())
     pm = get_peft_model(model(), ScaleConfig())
     with pytest.raises(ValueError, match="already a PEFT model"):
-        ScaleModel(pm, ScaleConfig())
+        PeftModel(pm, ScaleConfig())
     with pytest.raises(ValueError, match="already exists"):
         pm.add_adapter("default", ScaleConfig())
     with pytest.raises(ValueError, match="reserved"):

@@ -200,7 +200,7 @@ def test_save_load_identical_outputs_and_peft_keys(tmp_path):
     saved = json.loads((tmp_path / "adapter_config.json").read_text())
     assert saved["peft_type"] == "IA3" and saved["feedforward_modules"] == ["down_proj"]
     loaded = pf.PeftModel.from_pretrained(tiny(), tmp_path)
-    assert type(loaded).__name__ == "IA3Model"
+    assert type(loaded) is pf.PeftModel and type(loaded.base_model).__name__ == "IA3Model"
     x = ids()
     with torch.no_grad():
         torch.testing.assert_close(loaded(x).logits, model(x).logits, rtol=0, atol=0)

@@ -181,7 +181,7 @@ def test_save_load_gives_identical_outputs(tmp_path):
     tensors = load_file(str(tmp_path / "adapter_model.safetensors"))
     assert set(tensors) == {"base_model.model." + n for n in block_params(2) | {"lm_head.weight"}}
     loaded = pf.PeftModel.from_pretrained(tiny_llama(), tmp_path)
-    assert isinstance(loaded, LayerFreezeModel)
+    assert isinstance(loaded, pf.PeftModel) and isinstance(loaded.base_model, LayerFreezeModel)
     assert torch.equal(loaded(input_ids=x).logits, expected)
     assert not any(p.requires_grad for p in loaded.parameters())
     # the loaded model reports what the file changed against the base it was loaded into
@@ -259,6 +259,6 @@ def test_command_line_knobs():
     with pytest.raises(ValueError, match="--train-regex: trainable_regex: 'nothing' matches no parameter"):
         _cli("freeze", "--train-regex", "nothing")
     bitfit = _cli("bitfit", "--target-modules", "q_proj,v_proj")
-    assert isinstance(bitfit, pf.tuners.BitFitModel) and len(bitfit.named_trained_biases()) == 2 * 3
+    assert isinstance(bitfit.base_model, pf.tuners.BitFitModel) and len(bitfit.named_trained_biases()) == 2 * 3
     with pytest.raises(ValueError, match="--target-modules: target_modules .* matched no nn.Linear"):
         _cli("bitfit", "--target-modules", "c_attn")

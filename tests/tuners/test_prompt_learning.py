@@ -197,7 +197,7 @@ def test_save_load_gives_identical_outputs(kind, is_trainable, tmp_path):
     expected = model(y).logits
     model.save_pretrained(tmp_path)
     loaded = pf.PeftModel.from_pretrained(tiny(), tmp_path, is_trainable=is_trainable)
-    assert isinstance(loaded, PromptLearningModel)
+    assert isinstance(loaded, pf.PeftModel) and isinstance(loaded.base_model, PromptLearningModel)
     assert type(loaded.peft_config["default"]) is type(model.peft_config["default"])
     torch.testing.assert_close(loaded(y).logits, expected, rtol=1e-5, atol=1e-5)
     trains = [p for p in loaded.parameters() if p.requires_grad]
@@ -229,7 +229,8 @@ def test_named_adapters_load_and_switch(tmp_path):
 def test_saved_layout_is_peft_s(tmp_path):
     model = pf.get_peft_model(tiny(), CONFIGS["prefix"](3))
     model.save_pretrained(tmp_path)
-    config, tensors, _ = pf.io.adapter_files.read_adapter(tmp_path)
+    raw, tensors, _ = pf.io.read_adapter(tmp_path)
+    config = pf.tuners.config_from_dict(raw)
     assert list(tensors) == ["prompt_embeddings"]
     assert tensors["prompt_embeddings"].shape == (3, 2 * 2 * 32)  # [P, layers · 2 · hidden]
     assert (config.num_layers, config.token_dim, config.num_attention_heads) == (2, 32, 4)

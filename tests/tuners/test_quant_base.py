@@ -9,7 +9,7 @@ import pyfastpeft as pf
 from pyfastpeft.models import TinyLlamaConfig, TinyLlamaForCausalLM
 from pyfastpeft.nn import FakeQuantLinear, QuantizedLinear
 from pyfastpeft.quant import QATConfig, convert, prepare_qat
-from pyfastpeft.tuners.lora_layers import LoraLinear
+from pyfastpeft.tuners.lora.layer import LoraLinear
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
+
+from ..matching import check_patterns, check_regex
 
 INIT_CHOICES = (True, False, "gaussian", "pissa")
 BIAS_CHOICES = ("none", "all", "lora_only")
@@ -107,8 +108,8 @@ class LoraConfig:
             or not (0.0 <= self.lora_dropout < 1.0)
         ):
             raise ValueError(f"lora_dropout: expected a probability in [0, 1), got {self.lora_dropout!r}")
-        _check_patterns("target_modules", self.target_modules, allow_none=True)
-        _check_patterns("exclude_modules", self.exclude_modules, allow_none=True)
+        check_patterns("target_modules", self.target_modules, allow_none=True)
+        check_patterns("exclude_modules", self.exclude_modules, allow_none=True)
         if self.layers_to_transform is not None:
             if not isinstance(self.layers_to_transform, list) or not all(
                 isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.layers_to_transform
@@ -125,7 +126,7 @@ class LoraConfig:
         if self.layers_pattern is not None:
             if self.layers_to_transform is None:
                 raise ValueError("layers_pattern: only meaningful together with layers_to_transform")
-            _check_patterns("layers_pattern", self.layers_pattern, allow_none=False)
+            check_patterns("layers_pattern", self.layers_pattern, allow_none=False)
         for name, table, check in (
             ("rank_pattern", self.rank_pattern, _check_rank),
             ("alpha_pattern", self.alpha_pattern, _check_number),
@@ -133,12 +134,12 @@ class LoraConfig:
             if not isinstance(table, dict):
                 raise ValueError(f"{name}: expected a dict {{pattern: value}}, got {type(table).__name__}")
             for key, value in table.items():
-                _check_regex(f"{name} key", key)
+                check_regex(f"{name} key", key)
                 check(f"{name}[{key!r}]", value)
         if self.bias not in BIAS_CHOICES:
             raise ValueError(f"bias: expected one of {BIAS_CHOICES}, got {self.bias!r}")
         if self.modules_to_save is not None:
-            _check_patterns("modules_to_save", self.modules_to_save, allow_none=False, allow_regex=False)
+            check_patterns("modules_to_save", self.modules_to_save, allow_none=False, allow_regex=False)
         init = self.init_lora_weights
         if not (init is True or init is False or init in ("gaussian", "pissa")):
             raise ValueError(f"init_lora_weights: expected True, False, 'gaussian' or 'pissa', got {init!r}")
@@ -187,28 +188,3 @@ def _check_rank(name: str, value: Any) -> None:
 def _check_number(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or value <= 0:
         raise ValueError(f"{name}: expected a positive number, got {value!r}")
-
-
-def _check_regex(name: str, pattern: str) -> None:
-    try:
-        re.compile(pattern)
-    except re.error as err:
-        raise ValueError(f"{name}: {pattern!r} is not a valid regex ({err})") from None
-
-
-def _check_patterns(name: str, value: Any, allow_none: bool, allow_regex: bool = True) -> None:
-    if value is None:
-        if not allow_none:
-            raise ValueError(f"{name}: expected a list of module names, got None")
-        return
-    if isinstance(value, str):
-        if not allow_regex:
-            raise ValueError(f"{name}: expected a list of module names, got the string {value!r}")
-        if not value:
-            raise ValueError(f"{name}: empty pattern")
-        _check_regex(name, value)
-        return
-    if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
-        raise ValueError(
-            f"{name}: expected a non-empty list of non-empty module names or a regex string, got {value!r}"
-        )

@@ -26,10 +26,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..nn.prompt_encoders import PrefixEncoder, PromptEmbedding, PromptEncoder, repeat_to_length
-from .base import TunerModel
-from .prompt_config import PrefixTuningConfig, PromptEncoderConfig, PromptLearningConfig, PromptTuningConfig
-from .registry import register_peft_type
+from ...nn.prompt_encoders import PrefixEncoder, PromptEmbedding, PromptEncoder, repeat_to_length
+from ..base import BaseTuner
+from .config import PrefixTuningConfig, PromptEncoderConfig, PromptLearningConfig, PromptTuningConfig
 
 TABLE_KEY = "prompt_embeddings"
 
@@ -102,13 +101,16 @@ def input_embeddings(model: nn.Module) -> nn.Module:
     return emb
 
 
-class PromptLearningModel(TunerModel):
+class PromptLearningModel(BaseTuner):
     """A causal LM with prompt-learning adapters (all of one method); ``forward`` and ``generate`` add
     the active adapter's virtual tokens. ``prompt_encoder[name]`` holds each adapter's encoder."""
 
+    # PEFT keys a prompt-learning adapter's modules_to_save one level up: ``base_model.<path>.<param>``
+    saved_module_prefix = "base_model."
+
     # ---- hooks ------------------------------------------------------------------------------------
     def _inject(self, name: str, config: PromptLearningConfig) -> None:
-        model = self.base_model.model
+        model = self.model
         is_prefix = isinstance(config, PrefixTuningConfig)
         word_embeddings = None if is_prefix else input_embeddings(model)
         if is_prefix:
@@ -207,15 +209,13 @@ class PromptLearningModel(TunerModel):
     def adapter_parameters(self, name: str) -> list[nn.Parameter]:
         return list(self.prompt_encoder[name].parameters())
 
-    def _load_tensors(self, name: str, tensors: dict[str, torch.Tensor], source) -> None:
+    def _prepare_load(self, name: str) -> None:
         # The file holds the computed table; a reparameterised encoder cannot be recovered from it, so
         # the adapter becomes its table (trainable when loaded with is_trainable), giving the saved outputs.
         if not self._is_table(name):
             config = self.peft_config[name]
             encoder = self._build_encoder_table_only(config)
             self.prompt_encoder[name] = encoder.to(self.prompt_encoder[name].embedding.weight.device)
-            self._mark_trainable()
-        super()._load_tensors(name, tensors, source)
 
     def _build_encoder_table_only(self, config) -> nn.Module:
         p, dim = config.num_virtual_tokens, config.token_dim
@@ -251,7 +251,7 @@ class PromptLearningModel(TunerModel):
         table = self.prompt_table(name)
         if not isinstance(config, PrefixTuningConfig):
             return table[None].expand(batch_size, -1, -1)
-        model = self.base_model.model
+        model = self.model
         dtype = next((p.dtype for p in model.parameters()), table.dtype)
         p, layers, heads = config.num_virtual_tokens, config.num_layers, config.num_attention_heads
         kv = table.to(dtype)[None].expand(batch_size, -1, -1)
@@ -290,7 +290,7 @@ class PromptLearningModel(TunerModel):
             self.__dict__["_routing"] = routing
 
     def _forward(self, input_ids, attention_mask, labels, inputs_embeds, **kwargs):
-        model = self.base_model.model
+        model = self.model
         name = self._active()
         if name is None:
             return model(
@@ -338,18 +338,13 @@ class PromptLearningModel(TunerModel):
             warnings.warn("token_type_ids are ignored with prompt learning (as in PEFT)", stacklevel=3)
             kwargs["token_type_ids"] = None
 
-    def modules_to_save_tensors(self, adapter_name: str) -> dict[str, torch.Tensor]:
-        """PEFT keys a prompt-learning adapter's modules_to_save one level up: ``base_model.<path>.<param>``."""
-        prefix = "base_model.model."
-        return {"base_model." + k[len(prefix) :]: t for k, t in super().modules_to_save_tensors(adapter_name).items()}
-
     # ---- generation -------------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, *args, **kwargs):
         """The base model's ``generate`` with the active adapter's virtual tokens in the first step
         only (the KV cache carries them afterwards). Returns what the base model's generate returns:
         the input ids followed by the new tokens."""
-        model = self.base_model.model
+        model = self.model
         with self._base_runs_plain():
             if self._active() is None:
                 return model.generate(*args, **kwargs)
@@ -404,7 +399,7 @@ class PromptLearningModel(TunerModel):
         model_kwargs = original(*args, **kwargs)
         cache_position = model_kwargs.get("cache_position")
         is_prefill = cache_position is not None and int(cache_position[0]) == 0
-        cache_key = cache_argument(self.base_model.model) or "past_key_values"
+        cache_key = cache_argument(self.model) or "past_key_values"
         for key in ("cache", "past_key_values"):
             if key != cache_key and model_kwargs.get(key) is not None:
                 model_kwargs[cache_key] = model_kwargs.pop(key)
@@ -435,7 +430,7 @@ class PromptLearningModel(TunerModel):
             model_kwargs[cache_key] = self.get_prompt(model_kwargs["input_ids"].shape[0])
         elif needs_prompt:
             ids = model_kwargs["input_ids"]
-            embeds = input_embeddings(self.base_model.model)(ids)
+            embeds = input_embeddings(self.model)(ids)
             model_kwargs["inputs_embeds"] = torch.cat([self.get_prompt(ids.shape[0]).to(embeds.dtype), embeds], 1)
             model_kwargs["input_ids"] = None
         if is_prefill and is_prefix:
@@ -472,25 +467,21 @@ def _tokenize(config: PromptTuningConfig) -> list[int]:
     return list(tokenizer(config.prompt_tuning_init_text)["input_ids"])
 
 
-register_peft_type("PROMPT_TUNING", PromptTuningConfig, PromptLearningModel)
-register_peft_type("P_TUNING", PromptEncoderConfig, PromptLearningModel)
-register_peft_type("PREFIX_TUNING", PrefixTuningConfig, PromptLearningModel)
-
-
-def route_base_calls(peft_model: PromptLearningModel) -> PromptLearningModel:
+def route_base_calls(peft_model: nn.Module) -> nn.Module:
     """For training loops that hold the base model instead of the PEFT model (the command line): calls
     to the base model itself then go through ``peft_model`` — virtual tokens added, logits returned for
     the real positions only (so they line up with ``input_ids``) — and the base model carries the
     prompt encoders as ``prompt_encoder``, so ``.to()``, ``.parameters()`` and checkpoints see them."""
-    base = peft_model.base_model.model
+    tuner = peft_model.base_model
+    base = tuner.model
     if "prompt_encoder" in base._modules:
         raise ValueError("model: its calls are already routed through a prompt-learning model")
-    base.add_module("prompt_encoder", peft_model.prompt_encoder)
+    base.add_module("prompt_encoder", tuner.prompt_encoder)
     plain_forward = base.forward
 
     @functools.wraps(plain_forward)
     def forward(*args, **kwargs):
-        if peft_model.__dict__.get("_routing") or peft_model._active() is None:
+        if tuner.__dict__.get("_routing") or tuner._active() is None:
             return plain_forward(*args, **kwargs)
         out = peft_model(*args, **kwargs)
         config = peft_model.active_peft_config

@@ -16,17 +16,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import ops
-from ..nn.fake_quant_linear import FakeQuantLinear
-from ..nn.multi_lora_linear import kernel_layout
-from ..nn.quantized_linear import QuantizedLinear
+from ... import ops
+from ...nn.fake_quant_linear import FakeQuantLinear
+from ...nn.multi_lora_linear import kernel_layout
+from ...nn.quantized_linear import QuantizedLinear
+from ..layers import BaseLayerPassthrough, is_conv1d
 
 QUANTIZED_BASES = (FakeQuantLinear, QuantizedLinear)
-
-
-def is_conv1d(module: nn.Module) -> bool:
-    """transformers' Conv1D (GPT-2): ``y = x·W + b`` with W stored [in, out]."""
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
 
 
 class DoraMagnitude(nn.Module):
@@ -35,27 +31,6 @@ class DoraMagnitude(nn.Module):
     def __init__(self, magnitude: torch.Tensor):
         super().__init__()
         self.weight = nn.Parameter(magnitude)
-
-
-class BaseLayerPassthrough:
-    """For a module wrapping ``base_layer``: code that reads the wrapped layer's attributes
-    (``q_proj.weight.dtype``, ``k_proj.in_features``, ``c_attn.nf``) keeps working."""
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return getattr(self.base_layer, "bias", None)
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "base_layer" or "base_layer" not in self.__dict__.get("_modules", {}):
-                raise
-            return getattr(self._modules["base_layer"], name)
 
 
 class LoraLayer(BaseLayerPassthrough, nn.Module):

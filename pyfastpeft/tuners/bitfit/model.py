@@ -14,95 +14,41 @@ holds the config with ``peft_type: "BITFIT"``.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Any
-
 from torch import nn
 
-from ..nn.bias_only_linear import BiasOnlyLinear
-from .config import _check_patterns
-from .in_place import InPlaceTunerModel
-from .inject import _matches, _output_layer_names, _set_submodule, walk
-from .registry import register_peft_type
+from ...nn.bias_only_linear import BiasOnlyLinear
+from ..in_place import InPlaceTuner
+from ..matching import matches, output_layer_names, set_submodule, walk_unwrapped
+from .config import BitFitConfig
 
 _NORMS = (nn.LayerNorm, nn.GroupNorm)
 
 
-@dataclass
-class BitFitConfig:
-    """Configuration of BitFit (train biases only).
-
-    Args:
-        target_modules: the linears whose bias trains: a list of names matched against the end of each
-            module path, a regex matched against the full path, or ``"all-linear"`` (default: every
-            ``nn.Linear`` but the output head).
-        exclude_modules: the same kinds of patterns, for linears to leave alone.
-        train_layer_norm_bias: also train the biases of ``nn.LayerNorm`` / ``nn.GroupNorm`` modules.
-        modules_to_save: modules trained in full and saved with the adapter (e.g. a task head).
-    """
-
-    target_modules: list[str] | str | None = "all-linear"
-    exclude_modules: list[str] | str | None = None
-    train_layer_norm_bias: bool = True
-    modules_to_save: list[str] | None = None
-    task_type: str | None = None
-    base_model_name_or_path: str | None = None
-    inference_mode: bool = False
-    peft_type: str = "BITFIT"
-
-    def __post_init__(self) -> None:
-        if isinstance(self.target_modules, (set, tuple)):
-            self.target_modules = sorted(self.target_modules)
-        if isinstance(self.exclude_modules, (set, tuple)):
-            self.exclude_modules = sorted(self.exclude_modules)
-        self.validate()
-
-    def validate(self) -> None:
-        """Raise a ValueError naming the first invalid field."""
-        if self.peft_type != "BITFIT":
-            raise ValueError(f"peft_type: expected 'BITFIT', got {self.peft_type!r}")
-        _check_patterns("target_modules", self.target_modules, allow_none=False)
-        _check_patterns("exclude_modules", self.exclude_modules, allow_none=True)
-        if self.modules_to_save is not None:
-            _check_patterns("modules_to_save", self.modules_to_save, allow_none=False, allow_regex=False)
-        for flag in ("train_layer_norm_bias", "inference_mode"):
-            if not isinstance(getattr(self, flag), bool):
-                raise ValueError(f"{flag}: expected a bool, got {getattr(self, flag)!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> BitFitConfig:
-        unknown = sorted(set(d) - set(cls.__dataclass_fields__) - {"revision"})
-        if unknown:
-            raise ValueError(f"adapter_config.json: unknown BitFit fields {unknown}")
-        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
-
-
-class BitFitModel(InPlaceTunerModel):
+class BitFitModel(InPlaceTuner):
     """``model`` with BitFit applied in place: targeted linears are BiasOnlyLinear, only biases train."""
+
+    layer_types = (BiasOnlyLinear,)
 
     def _targets(self, config: BitFitConfig) -> tuple[list[str], list[str]]:
         """(linear paths, norm paths) the config trains; a ValueError when no linear matches."""
-        model = self.base_model.model
-        saved = self._modules_to_save_paths(config)
+        model = self.model
+        saved = self.saved_module_paths(config)
         inside_saved = lambda p: any(p == s or p.startswith(s + ".") for s in saved)  # noqa: E731
-        entries = [(p, m) for p, m in walk(model) if p and not inside_saved(p)]
+        entries = [(p, m) for p, m in walk_unwrapped(model, (BiasOnlyLinear,)) if p and not inside_saved(p)]
         linear = lambda m: isinstance(m, (nn.Linear, BiasOnlyLinear))  # noqa: E731
         if config.target_modules == "all-linear":
-            out_names = _output_layer_names(model)
+            out_names = output_layer_names(model)
             chosen = [
                 p for p, m in entries if linear(m) and p not in out_names and p.rsplit(".", 1)[-1] not in out_names
             ]
         else:
-            matched = [(p, m) for p, m in entries if _matches(p, config.target_modules)]
+            matched = [(p, m) for p, m in entries if matches(p, config.target_modules)]
             wrong = [f"{p} ({type(m).__name__})" for p, m in matched if not linear(m)]
             if wrong and isinstance(config.target_modules, str):
                 raise ValueError(f"target_modules: {wrong[0]} matched, but BitFit adapts nn.Linear layers only")
             chosen = [p for p, m in matched if linear(m)]
         if config.exclude_modules is not None:
-            chosen = [p for p in chosen if not _matches(p, config.exclude_modules)]
+            chosen = [p for p in chosen if not matches(p, config.exclude_modules)]
         if not chosen:
             names = sorted({p.rsplit(".", 1)[-1] for p, m in entries if linear(m)})
             raise ValueError(
@@ -118,7 +64,7 @@ class BitFitModel(InPlaceTunerModel):
         self._init_in_place()
         self._check_single(name)
         linears, norms = self._targets(config)
-        model = self.base_model.model
+        model = self.model
         self._had_bias = {}
         tensors = {}
         for path in linears:
@@ -126,7 +72,7 @@ class BitFitModel(InPlaceTunerModel):
             if isinstance(module, nn.Linear):
                 self._had_bias[path] = module.bias is not None
                 module = BiasOnlyLinear.from_linear(module)
-                _set_submodule(model, path, module)
+                set_submodule(model, path, module)
             tensors[f"base_model.model.{path}.bias"] = module.bias
         for path in norms:
             tensors[f"base_model.model.{path}.bias"] = model.get_submodule(path).bias
@@ -144,16 +90,16 @@ class BitFitModel(InPlaceTunerModel):
         self._to_linear(keep_added_bias=True)
         self._live = {}
         self.peft_config.clear()
-        return self.base_model.model
+        return self.model
 
     def _to_linear(self, keep_added_bias: bool) -> None:
-        model = self.base_model.model
+        model = self.model
         for path, had_bias in self._had_bias.items():
             module = model.get_submodule(path)
             linear = nn.Linear(module.in_features, module.out_features, bias=False, device="meta")
             linear.weight = module.weight
             linear.bias = module.bias if (had_bias or keep_added_bias) else None
-            _set_submodule(model, path, linear)
+            set_submodule(model, path, linear)
         self._had_bias = {}
 
     def delta_weights(self, name: str) -> dict:
@@ -164,6 +110,3 @@ class BitFitModel(InPlaceTunerModel):
     def named_trained_biases(self) -> list[str]:
         """Paths (in the user's model) of the biases this adapter trains."""
         return [k[len("base_model.model.") :] for k in self._live]
-
-
-register_peft_type("BITFIT", BitFitConfig, BitFitModel)
