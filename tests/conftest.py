@@ -83,6 +83,61 @@ def low_precision_error_bound(
     return ours_err, factor * torch_err + floor
 
 
+def assert_as_accurate_as(name: str, ours: torch.Tensor, plain: torch.Tensor, ref64: torch.Tensor, factor: float = 2.0):
+    """``ours`` (a network's output, say) at most ``factor`` times as far from the float64 run as ``plain``
+    (the same function computed another way in the same dtype: unmerged, uncompiled, plain PyTorch
+    modules), plus two roundings at the outputs' size (low_precision_error_bound): for results of a
+    whole network, whose sums' absolute terms cannot be followed through the nonlinearities."""
+    assert ours.shape == ref64.shape, f"{name}: shape {tuple(ours.shape)}, expected {tuple(ref64.shape)}"
+    err, bound = low_precision_error_bound(ours.detach(), plain.detach(), ref64.detach(), factor)
+    assert err <= bound, f"{name}: error {err:.3g} against float64 > bound {bound:.3g}"
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What the kernels (and PyTorch's CPU matmuls) sum in: float32 for every dtype but float64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def rounding_bound(magnitude: torch.Tensor, dtype: torch.dtype, terms: int = 1, roundings: int = 1) -> torch.Tensor:
+    """Elementwise bound on |computed − exact| for results that are sums of products, whatever the order
+    of the sums: ``terms`` (the longest chain of additions and multiplications behind one element)
+    operations in the accumulation type, and ``roundings`` roundings to ``dtype`` (the result's, and
+    any intermediate or input rounding the reference does not share), each off by at most one unit
+    roundoff times the element's sum of absolute terms, ``magnitude`` (the same computation run on the
+    inputs' absolute values). With eps = 2·u this is γ_n = n·u/(1 − n·u) ≤ n·eps while n·u ≤ 1/2, so
+    the second-order terms are covered. The tiny absolute floor is the spacing of subnormals, where a
+    rounding is not relative."""
+    acc_eps = torch.finfo(accumulation_dtype(dtype)).eps
+    info = torch.finfo(dtype)
+    return (
+        terms * acc_eps + roundings * info.eps
+    ) * magnitude.detach().double().abs() + roundings * info.tiny * info.eps
+
+
+def assert_within_rounding(
+    name: str,
+    ours: torch.Tensor,
+    ref64: torch.Tensor,
+    magnitude: torch.Tensor,
+    terms: int = 1,
+    roundings: int = 1,
+) -> None:
+    """Every element of ``ours`` within ``rounding_bound`` of the float64 reference (see there)."""
+    assert ours.shape == ref64.shape, f"{name}: shape {tuple(ours.shape)}, expected {tuple(ref64.shape)}"
+    if ours.numel() == 0:
+        return
+    err = (ours.detach().double() - ref64.detach().double()).abs()
+    bound = rounding_bound(magnitude, ours.dtype, terms, roundings).expand_as(err)
+    over = err > bound
+    if over.any():
+        i = (err - bound).argmax()
+        raise AssertionError(
+            f"{name}: {int(over.sum())} of {err.numel()} elements past the rounding bound; worst "
+            f"error {err.flatten()[i].item():.3g} > bound {bound.flatten()[i].item():.3g} "
+            f"({ours.dtype}, {terms} terms, {roundings} roundings)"
+        )
+
+
 def lsq_qparam_grad_bounds(x, grad_out, scale, zero_point, bits: int, group_size: int, axis: int, grad_factor: float):
     """How far LSQ's scale (and zero-point) gradients may lie from the float64 reference: each is a sum
     over its quantization group of n terms, accumulated in float32 (float64 for float64 x), so at most

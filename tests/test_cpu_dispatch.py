@@ -71,9 +71,12 @@ def test_empty_setting_means_detect():
 
 # ---- the instructions in the built library ----------------------------------------------------------
 _FUNC = re.compile(r"^[0-9a-f]+ <(.*)>:$")
-_CALL = re.compile(r"\s(?:call|jmp)\s+[0-9a-f]+ <(.*?)(?:\+0x[0-9a-f]+)?>$")
+# a call through the PLT (``<f@plt>``) is a call to f: with default visibility, calls to inline functions
+# and template instances (the ones a level's object and the baseline both emit) go through it
+_CALL = re.compile(r"\s(?:call|jmp)\s+[0-9a-f]+ <(.*?)(?:@plt)?(?:\+0x[0-9a-f]+)?>$")
 _AVX = re.compile(r"%[yz]mm\d|^\s*[0-9a-f]+:\s+v[a-z0-9]+\s.*%xmm")
-_ZMM = re.compile(r"%zmm\d")
+# AVX-512 (EVEX) code: 512-bit registers, the upper sixteen vector registers, or the mask registers
+_AVX512 = re.compile(r"%zmm\d|%[xy]mm(?:1[6-9]|2\d|3[01])\b|%k[0-7]\b")
 _LEVEL_NAME = re.compile(r"\b(?:pyfastpeft|at::vec)::(?:\w+::)*?(AVX2|AVX512)::")
 
 
@@ -116,42 +119,92 @@ def _base(symbol: str) -> str:
     return re.sub(r"\.(?:cold|part\.\d+|isra\.\d+|constprop\.\d+)(?:\.\d+)?$", "", symbol)
 
 
-def test_only_per_level_code_uses_avx(disassembly):
+def avx_called_from_baseline(funcs: dict[str, list[str]]) -> list[str]:
     """The one-definition-rule hazard (CMakeLists.txt): an inline function that a level's object and the
     baseline both emit must keep the baseline copy, or baseline code would run AVX. Any AVX code outside
-    a level's namespace must be called only from that level's code."""
-    avx = {name for name, body in disassembly.items() if any(_AVX.search(line) for line in body)}
+    a level's namespace must be called only from that level's code. Returns the violations."""
+    avx = {name for name, body in funcs.items() if any(_AVX.search(line) for line in body)}
     callers: dict[str, set[str]] = {}
-    for name, body in disassembly.items():
+    for name, body in funcs.items():
         for line in body:
             m = _CALL.search(line)
             if m:
                 callers.setdefault(m.group(1), set()).add(name)
-    unnamed = sorted(name for name in avx if _level_of(name) is None)
-    for name in unnamed:
-        assert not name.startswith("_GLOBAL__sub_I"), f"a load-time initialiser runs AVX code: {name}"
+    problems = []
+    for name in sorted(n for n in avx if _level_of(n) is None):
+        if name.startswith("_GLOBAL__sub_I"):
+            problems.append(f"a load-time initialiser runs AVX code: {name}")
         # only other AVX code calls it (baseline code is never compiled with AVX, so its callers would show)
         # a function's split-off parts (``.cold``, ``.part.N``) are the function itself
         baseline_callers = {
             c for c in callers.get(name, ()) if c not in avx and _level_of(c) is None and _base(c) != _base(name)
         }
-        assert not baseline_callers, f"{name} (AVX code) is called from baseline code: {sorted(baseline_callers)[:3]}"
+        if baseline_callers:
+            problems.append(f"{name} (AVX code) is called from baseline code: {sorted(baseline_callers)[:3]}")
+    return problems
 
 
-def test_every_level_is_in_the_library(disassembly):
+def level_instruction_problems(funcs: dict[str, list[str]]) -> list[str]:
+    """Each level's kernels are there with their own instructions, and none of a higher level's: the
+    AVX-512 Philox kernel and masked product use 512-bit registers, the AVX2 Philox kernel 256-bit ones,
+    no AVX2 code any AVX-512 instruction, and no baseline kernel any AVX instruction at all."""
     by_level: dict[str, list[str]] = {"AVX2": [], "AVX512": []}
-    for name in disassembly:
+    for name in funcs:
         level = _level_of(name)
         if level:
             by_level[level].append(name)
-    zmm = [n for n in by_level["AVX512"] if any(_ZMM.search(line) for line in disassembly[n])]
-    assert any("philox_group_avx512" in n for n in zmm), "the AVX-512 Philox kernel is missing"
-    assert any("dropout_mul_range<float, float>" in n for n in zmm), "the AVX-512 masked dropout product is missing"
-    ymm = [n for n in by_level["AVX2"] if any("%ymm" in line for line in disassembly[n])]
-    assert any("dropout_scale_range" in n for n in ymm), "the AVX2 Philox kernel is missing"
-    assert not any(_ZMM.search(line) for n in by_level["AVX2"] for line in disassembly[n])
-    default = [n for n in disassembly if "pyfastpeft::DEFAULT::" in n]
-    assert default and not any(_AVX.search(line) for n in default for line in disassembly[n])
+    problems = []
+    wide = [n for n in by_level["AVX512"] if any(_AVX512.search(line) for line in funcs[n])]
+    if not any("philox_group_avx512" in n for n in wide):
+        problems.append("the AVX-512 Philox kernel is missing")
+    if not any("dropout_mul_range<float, float>" in n for n in wide):
+        problems.append("the AVX-512 masked dropout product is missing")
+    ymm = [n for n in by_level["AVX2"] if any("%ymm" in line for line in funcs[n])]
+    if not any("dropout_scale_range" in n for n in ymm):
+        problems.append("the AVX2 Philox kernel is missing")
+    problems += [f"AVX2 code uses AVX-512: {n}" for n in by_level["AVX2"] if any(_AVX512.search(x) for x in funcs[n])]
+    default = [n for n in funcs if "pyfastpeft::DEFAULT::" in n]
+    if not default:
+        problems.append("no baseline kernels")
+    problems += [f"baseline code uses AVX: {n}" for n in default if any(_AVX.search(x) for x in funcs[n])]
+    return problems
+
+
+def test_only_per_level_code_uses_avx(disassembly):
+    assert not avx_called_from_baseline(disassembly)
+
+
+def test_every_level_is_in_the_library(disassembly):
+    assert not level_instruction_problems(disassembly)
+
+
+def test_the_instruction_checks_catch_what_they_look_for(disassembly):
+    """The two checks above on doctored copies of the library's own disassembly: each hazard they look
+    for, planted once, is reported (they read text, so a check that matched nothing would pass forever)."""
+    funcs = {name: list(body) for name, body in disassembly.items()}
+    assert not avx_called_from_baseline(funcs) and not level_instruction_problems(funcs)
+    default = next(n for n in funcs if "pyfastpeft::DEFAULT::" in n)
+    avx2 = next(n for n in funcs if _level_of(n) == "AVX2")
+    ymm_line = "  1000:\tvaddps %ymm1,%ymm2,%ymm3"
+    cases = {
+        # the linker kept a level's copy of an inline helper that the baseline calls (directly, or
+        # through the PLT as default visibility makes it)
+        "direct": ({"inline_helper<float>()": [ymm_line]}, "  2000:\tcall   3000 <inline_helper<float>()>"),
+        "plt": ({"inline_helper<float>()": [ymm_line]}, "  2000:\tcall   3000 <inline_helper<float>()@plt>"),
+        "scalar vex": (
+            {"inline_helper<float>()": ["  1000:\tvaddss %xmm1,%xmm2,%xmm3"]},
+            "  2000:\tjmp    3000 <inline_helper<float>()+0x10>",
+        ),
+    }
+    for case, (extra, call) in cases.items():
+        doctored = {**funcs, **extra, default: [*funcs[default], call]}
+        assert avx_called_from_baseline(doctored), case
+    for line in (ymm_line, "  1000:\tvfmadd231ss %xmm1,%xmm2,%xmm3"):
+        assert level_instruction_problems({**funcs, default: [*funcs[default], line]}), line
+    for line in ("  1000:\tvaddps %zmm1,%zmm2,%zmm3", "  1000:\tvaddps %ymm17,%ymm2,%ymm3", "  1000:\tkmovw %eax,%k1"):
+        assert level_instruction_problems({**funcs, avx2: [*funcs[avx2], line]}), line
+    for kernel in ("philox_group_avx512", "dropout_scale_range"):
+        assert level_instruction_problems({n: b for n, b in funcs.items() if kernel not in n}), kernel
 
 
 # ---- every runnable level computes the same results --------------------------------------------------
@@ -161,7 +214,10 @@ def level_results(tmp_path_factory):
     script = Path(probe.__file__)
     for level in RUNNABLE:
         path = tmp_path_factory.mktemp("levels") / f"{level}.safetensors"
-        out = run_python(f"import runpy, sys; sys.argv = ['probe', {str(path)!r}]; runpy.run_path({str(script)!r}, run_name='__main__')", level)
+        out = run_python(
+            f"import runpy, sys; sys.argv = ['probe', {str(path)!r}]; runpy.run_path({str(script)!r}, run_name='__main__')",
+            level,
+        )
         assert out.returncode == 0, out.stderr
         results[level] = load_file(str(path))
         assert bytes(results[level]["level"].tolist()).decode() == level
@@ -221,7 +277,9 @@ def _bound_terms(case: str, key: str, outputs: torch.Tensor) -> tuple[int, float
         # log-sum-exps, at most max|logit|/T + log V per token
         if key == "ds":
             return vocab, 2 * (0.3 + 0.7 * 2.0) / n
-        return 4 * vocab, 4 * (a["student"].max().item() + a["teacher"].max().item() + torch.log(torch.tensor(vocab)).item())
+        return 4 * vocab, 4 * (
+            a["student"].max().item() + a["teacher"].max().item() + torch.log(torch.tensor(vocab)).item()
+        )
     if case.startswith("quant"):
         if key == "lsq.dscale":  # Σ over a channel of |g|·|∂q/∂s| ≤ |g|·2^bits, times LSQ's gradient factor
             factor = 1.0 / (d_in * 7) ** 0.5

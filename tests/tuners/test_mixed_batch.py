@@ -60,7 +60,10 @@ def test_mixed_batch_equals_separate_runs(second_targets):
         model(input_ids=ids[i : i + 1], labels=ids[i : i + 1], adapter_names=[names[i]]).loss for i in range(4)
     )
     _, sep_loss = separate(model, ids, names)
-    torch.testing.assert_close(mixed_loss, sep_loss, rtol=1e-5, atol=1e-6)
+    _, ref_loss = separate(copy.deepcopy(model).double(), ids, names)
+    # a float32 loss against float64: within twice the separate runs' error plus roundings of its size
+    err, bound = low_precision_error_bound(mixed_loss.detach(), sep_loss.detach(), ref_loss.detach())
+    assert err <= bound, (err, bound)
     # logits, and the gradients of both adapters against a float64 reference (both adapters receive some)
     assert_mixed_equals_separate(model, ids, names)
 
@@ -131,12 +134,15 @@ def assert_mixed_equals_separate(model, ids, names):
         p.requires_grad_(True)
     mixed = model(input_ids=ids, adapter_names=names).logits
     mixed_grads = torch.autograd.grad(mixed.square().sum(), [p for _, p in params])
-    sep, _ = separate(model, ids, names)
-    torch.testing.assert_close(mixed, sep, rtol=1e-5, atol=1e-5)
-    sep_grads = torch.autograd.grad(separate(model, ids, names)[0].square().sum(), [p for _, p in params])
+    sep = separate(model, ids, names)[0]
+    sep_grads = torch.autograd.grad(sep.square().sum(), [p for _, p in params])
     ref_model = copy.deepcopy(model).double()
     ref_params = adapter_params(ref_model)
-    ref_grads = torch.autograd.grad(separate(ref_model, ids, names)[0].square().sum(), [p for _, p in ref_params])
+    ref = separate(ref_model, ids, names)[0]
+    ref_grads = torch.autograd.grad(ref.square().sum(), [p for _, p in ref_params])
+    # the logits: the same rule as the gradients below, with the same (judged) factor
+    err, bound = low_precision_error_bound(mixed.detach(), sep.detach(), ref.detach(), factor=4.0)
+    assert err <= bound, ("logits", err, bound)
     for (name, _), g_mixed, g_sep, g_ref in zip(params, mixed_grads, sep_grads, ref_grads, strict=True):
         # A float32 backward through the network rounds each element along a chain of products and sums
         # whose terms (not computable here through the nonlinearities) exceed the result when the token
@@ -319,8 +325,10 @@ def test_mixed_dora_layer_against_float64_reference(dtype, b_uses_dora):
             norm = None
             if absolute and m is not None:  # the true norm, not that of |W| + |s·B·A|
                 p = dict(layer.named_parameters())
-                w64, a64, b64 = (t.detach().double() for t in (layer.base_layer.weight, p[f"lora_A.{name}.weight"],
-                                                               p[f"lora_B.{name}.weight"]))
+                w64, a64, b64 = (
+                    t.detach().double()
+                    for t in (layer.base_layer.weight, p[f"lora_A.{name}.weight"], p[f"lora_B.{name}.weight"])
+                )
                 norm = torch.linalg.norm(w64 + layer.scaling[name] * b64 @ a64, dim=1)
             outs.append(lora_dora_reference(xs[i], w, bias, a, bb, layer.scaling[name], m, norm))
         out = torch.stack(outs)

@@ -12,6 +12,7 @@ from torch import nn
 import pyfastpeft as pf
 from pyfastpeft.models import TinyLlamaConfig, TinyLlamaForCausalLM
 from pyfastpeft.tuners import LoraEmbedding, LoraLinear
+from tests.conftest import assert_within_rounding
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -92,12 +93,14 @@ def test_rank_and_alpha_patterns_and_rslora():
     assert v0.scaling["default"] == pytest.approx(3 / 2)
 
 
-def reference_linear(x, w, b, a, bb, s, magnitude=None):
-    """float64 LoRA / DoRA (PEFT's formula, dropout off)."""
+def reference_linear(x, w, b, a, bb, s, magnitude=None, norm=None):
+    """float64 LoRA / DoRA (PEFT's formula, dropout off). ``norm`` given: used instead of ‖W + s·B·A‖
+    (the run on absolute values, which measures the sums' terms, takes the true norm)."""
     x, w, a, bb = (t.double() for t in (x, w, a, bb))
     out = x @ w.T + s * (x @ a.T) @ bb.T
     if magnitude is not None:
-        norm = torch.linalg.norm(w + s * bb @ a, dim=1).detach()
+        if norm is None:
+            norm = torch.linalg.norm(w + s * bb @ a, dim=1).detach()
         out = out * (magnitude.double() / norm)
     return out if b is None else out + b.double()
 
@@ -124,19 +127,26 @@ def test_linear_layer_matches_reference_forward_and_backward(use_dora, conv1d):
     y = layer(x)
     a, bb = layer.lora_A["default"].weight, layer.lora_B["default"].weight
     mag = layer.lora_magnitude_vector["default"].weight if use_dora else None
-    x64 = x.detach().double().requires_grad_()
-    a64, b64 = a.detach().double().requires_grad_(), bb.detach().double().requires_grad_()
-    m64 = mag.detach().double().requires_grad_() if use_dora else None
-    ref = reference_linear(x64, base.weight, base.bias, a64, b64, 5.0 / 3, m64)
-    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
     g = torch.randn_like(y)
     y.backward(g)
-    ref.backward(g.double())
-    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(a.grad.double(), a64.grad, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(bb.grad.double(), b64.grad, rtol=1e-5, atol=1e-5)
-    if use_dora:
-        torch.testing.assert_close(mag.grad.double(), m64.grad, rtol=1e-5, atol=1e-5)
+    results = {}
+    for key, sign in (("ref", lambda t: t), ("abs", torch.abs)):
+        # float64 on the same values, and on their absolute values: each result's sum of |terms|
+        x64 = sign(x.detach().double()).requires_grad_()
+        a64, b64 = sign(a.detach().double()).requires_grad_(), sign(bb.detach().double()).requires_grad_()
+        m64 = sign(mag.detach().double()).requires_grad_() if use_dora else None
+        w64 = base.weight.double()
+        norm = torch.linalg.norm(w64 + 5.0 / 3 * b64.detach() @ a64.detach(), dim=1) if key == "abs" else None
+        out = reference_linear(x64, sign(w64), sign(base.bias.double()), a64, b64, 5.0 / 3, m64, norm)
+        out.backward(sign(g.double()))
+        results[key] = [out.detach(), x64.grad, a64.grad, b64.grad] + ([m64.grad] if use_dora else [])
+    ours = [y, x.grad, a.grad, bb.grad] + ([mag.grad] if use_dora else [])
+    # the longest chain: a sum over rows of products that each sum over out, in and r (the DoRA norm and
+    # scale add a few more); two roundings to float32 (x·Aᵀ is kept in float32, then the result)
+    terms = x.numel() // 13 + 13 + 7 + 3 + 4
+    names = ["y", "dx", "dA", "dB", "dm"][: len(ours)]
+    for name, o, r, m in zip(names, ours, results["ref"], results["abs"], strict=True):
+        assert_within_rounding(name, o, r, m, terms=terms, roundings=2)
     assert layer_base.weight.grad is None
 
 
@@ -299,9 +309,17 @@ def test_linear_layer_random_shapes_match_reference(
     a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
     mag = layer.lora_magnitude_vector["default"].weight if use_dora else None
     ref = reference_linear(x, base.weight, base.bias, a, b, s, mag)
-    torch.testing.assert_close(layer(x).double(), ref, rtol=1e-5, atol=1e-5)
+    norm = torch.linalg.norm(base.weight.double() + s * b.double() @ a.double(), dim=1)
+    absolute = [None if t is None else t.detach().abs() for t in (x, base.weight, base.bias, a, b)]
+    magnitude = reference_linear(*absolute, s, None if mag is None else mag.detach().abs(), norm)
+    # in, then r, products summed (and the DoRA norm's in + r); x·Aᵀ kept in float32, then the result
+    assert_within_rounding("y", layer(x), ref, magnitude, terms=2 * (in_features + r) + 4, roundings=2)
     layer.merge()
-    torch.testing.assert_close(layer.base_layer(x).double(), ref, rtol=1e-5, atol=1e-5)
+    # merged: W + s·B·A (for DoRA times m / ‖·‖) rounded to float32: a few roundings more, each within
+    # one unit of |W| + s·|B|·|A| (times m / ‖·‖), which the same magnitude sums over
+    assert_within_rounding(
+        "merged y", layer.base_layer(x), ref, magnitude, terms=2 * (in_features + r) + 4, roundings=4
+    )
 
 
 def test_wrapped_modules_keep_their_attributes():
