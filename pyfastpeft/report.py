@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from .nn import FakeQuantLinear, LoRALinear, SparseDeltaLinear
 from .tuners.inject import lora_layers, save_wrappers, trainable_parameters
 from .tuners.lora_layers import LoraEmbedding, LoraLinear
 
@@ -157,3 +158,31 @@ def report(model: nn.Module, adapter_name: str | None = None, with_disk_size: bo
         adapter_bytes_on_disk=disk,
         matrices=matrices,
     )
+
+
+@torch.no_grad()
+def effective_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The weights the model computes with, by their names in the base model: LoRA (and DoRA) merged
+    in, a sparse delta added, a fake-quantized weight as it is quantized."""
+    skip = {id(m.delta) for m in model.modules() if isinstance(m, SparseDeltaLinear)}
+    out = {}
+    for name, p in model.named_parameters():
+        if ".lora_" in name or id(p) in skip:
+            continue
+        out[name.replace(".base_layer.", ".")] = p.detach().double()
+    # the base layers first (a LoRA layer's base may be fake-quantized), then the LoRA updates
+    for name, m in model.named_modules():
+        key = f"{name}.weight".replace(".base_layer.", ".")
+        if isinstance(m, FakeQuantLinear):
+            out[key] = m.quantized_weight().detach().double()
+        elif isinstance(m, SparseDeltaLinear):
+            out[key] = out[key] + m.delta_weight().double()
+    for name, m in model.named_modules():
+        if isinstance(m, LoRALinear) and not m.merged:
+            out[f"{name}.weight"] = out[f"{name}.weight"] + m.delta_weight().double()
+        elif isinstance(m, LoraLinear):  # get_peft_model's layer; Conv1D stores [in, out]
+            delta = sum(m.delta_weight(a).double() for a in m.active_adapters if a not in m.merged_adapters)
+            if isinstance(delta, torch.Tensor):
+                w = out[f"{name}.weight"]
+                out[f"{name}.weight"] = w + (delta if w.shape == delta.shape else delta.t())
+    return out

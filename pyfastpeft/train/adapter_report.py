@@ -16,8 +16,8 @@ import re
 
 import torch
 
+from ..report import effective_weights
 from ..tuners import trainable_parameters
-from .compare import effective_weights
 from .saved_adapter import SavedAdapter, load_base_model, read_saved_adapter, rebuild, recorded_base_folder
 
 

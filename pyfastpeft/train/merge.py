@@ -25,7 +25,7 @@ from torch import nn
 from ..errors import UserError
 from ..io.adapter_files import _short
 from ..models import TinyLlamaConfig, TinyLlamaForCausalLM
-from .compare import effective_weights
+from ..report import effective_weights
 from .saved_adapter import load_base_model, read_saved_adapter, rebuild
 
 TOKENIZER_FILES = (
