@@ -10,8 +10,8 @@ largest rank of a changed weight matrix, peak memory and time per step.
 
 from __future__ import annotations
 
-import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -21,6 +21,7 @@ from ..report import effective_weights
 from .base import SIZES
 from .bench_runner import markdown_table
 from .checkpoint import atomic_write, atomic_write_text
+from .config import CompareConfig, FinetuneConfig
 from .plot import NO_MATPLOTLIB, _pyplot
 
 
@@ -39,59 +40,41 @@ def change_report(base: dict[str, torch.Tensor], tuned: dict[str, torch.Tensor])
     return changed, rank
 
 
-def run_compare(args: argparse.Namespace) -> int:
-    from ..cli import build_parser
+def run_compare(config: CompareConfig) -> int:
     from ..models import TinyLlamaConfig
     from .finetune import run_finetune
     from .methods import METHODS
     from .pretrain import pretrained_builtin
 
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    real = args.model != "tiny"
-    sizes = ["real"] if real else [s.strip() for s in args.sizes.split(",") if s.strip()]
+    methods = [m.strip() for m in config.methods.split(",") if m.strip()] or sorted(METHODS)
+    real = config.model != "tiny"
+    sizes = ["real"] if real else [s.strip() for s in config.sizes.split(",") if s.strip()]
     for m in methods:
         if m not in METHODS:
             raise UserError(f"--methods: unknown method {m!r}; known methods: {', '.join(sorted(METHODS))}")
     for s in [] if real else sizes:
         if s not in SIZES:
             raise UserError(f"--sizes: unknown size {s!r}; known sizes: {', '.join(SIZES)}")
-    out = Path(args.out)
+    out = Path(config.out)
     results: dict[str, list[dict]] = {}
-    lr = "per method (--lr default)" if args.lr is None else args.lr
-    task = "dates" if real else args.task
-    steps = args.steps or (30 if real else 150)
-    batch = args.batch_size or (8 if real else 32)
-    md = [f"# PEFT comparison: '{task}' task, {steps} steps, batch {batch}, lr {lr}, seed {args.seed}\n"]
+    lr = "per method (--lr default)" if config.lr is None else config.lr
+    task = "dates" if real else config.task
+    steps = config.steps or (30 if real else 150)
+    batch = config.batch_size or (8 if real else 32)
+    md = [f"# PEFT comparison: '{task}' task, {steps} steps, batch {batch}, lr {lr}, seed {config.seed}\n"]
+    # what every run shares; the method, the model and the output folder change per run
+    shared = FinetuneConfig(task=task, steps=steps, batch_size=batch, lr=config.lr, seed=config.seed, log_every=10**9)
     for size in sizes:
         results[size] = []
         if real:
-            model_flags = [] if args.model == "default" else ["--model", args.model]
+            model = {} if config.model == "default" else {"model": config.model}
         else:
-            model_flags = ["--model", "tiny", "--size", size, "--pretrain-steps", str(args.pretrain_steps)]
+            model = {"model": "tiny", "size": size, "pretrain_steps": config.pretrain_steps}
         for method in methods:
-            ft = build_parser().parse_args(
-                [
-                    "finetune",
-                    "--method",
-                    method,
-                    *model_flags,
-                    "--task",
-                    task,
-                    "--steps",
-                    str(steps),
-                    "--batch-size",
-                    str(batch),
-                    *(["--lr", str(args.lr)] if args.lr is not None else []),
-                    "--seed",
-                    str(args.seed),
-                    "--out",
-                    str(out / size / method),
-                    "--log-every",
-                    str(10**9),
-                ]
-            )
+            ft = replace(shared, method=method, out=str(out / size / method), **model)
             print(f"[compare] {size} / {method}", flush=True)
             summary = run_finetune(ft, log=lambda *a, **k: None, keep_model=True)
+            ft = summary.pop("config")  # with the settings the run resolved
             if real:
                 from .base import hf_model
 
@@ -116,7 +99,7 @@ def run_compare(args: argparse.Namespace) -> int:
             }
             results[size].append(row)
             print("  " + ", ".join(f"{k}: {v}" for k, v in row.items()), flush=True)
-        title = f"{args.model} model" if real else f"{size} ({SIZES[size]})"
+        title = f"{config.model} model" if real else f"{size} ({SIZES[size]})"
         md.append(f"\n## {title}\n\n" + markdown_table(results[size], list(results[size][0])))
     text = "".join(md)
     print("\n" + text)
