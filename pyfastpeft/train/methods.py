@@ -33,14 +33,6 @@ METHOD_KNOBS = ["target_modules", "r", "alpha", "dropout", "rslora", "train_last
 METHOD_KNOBS += ["adapter_config", "reduction_factor"]
 METHOD_KNOBS += ["num_virtual_tokens", "encoder_hidden_size"]  # prompt, ptuning, prefix
 
-# Learning rates for --lr's default, per method (3e-3 for the others): methods with few trainable
-# parameters need larger steps; measured on the built-in 'shift' task (docs/cli.md).
-DEFAULT_LR = {"ia3": 1e-1, "adapter": 3e-2, "bitfit": 3e-2, "prompt": 3e-2, "ptuning": 3e-2, "prefix": 1e-1}
-
-
-def default_lr(method: str) -> float:
-    return DEFAULT_LR.get(method, 3e-3)
-
 MethodFn = Callable[[nn.Module, FinetuneConfig], nn.Module]
 METHODS: dict[str, MethodFn] = {}
 DESCRIPTIONS: dict[str, str] = {}
