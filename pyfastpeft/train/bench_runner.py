@@ -18,25 +18,13 @@ from pathlib import Path
 from ..errors import UserError
 from .checkpoint import atomic_write_text
 from .config import BenchConfig
-from .plot import write_bar_chart
+from .plot import format_cell, markdown_table, write_bar_chart
 
 KNOWN_OPS = ["lora", "multi_lora", "quant", "sparse", "optim", "bias", "distill"]
 
 
 def bench_dir() -> Path:
     return Path(__file__).resolve().parents[2] / "bench"
-
-
-def _fmt(v) -> str:
-    if isinstance(v, float):
-        return f"{v:.3f}"
-    return "" if v is None else str(v)
-
-
-def markdown_table(rows: list[dict], columns: list[str]) -> str:
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in columns) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
 
 
 def run_benchmarks(config: BenchConfig) -> int:
@@ -91,7 +79,7 @@ def _write_report(out: Path, rows: list[dict]) -> None:
     written = [out / "bench.md", out / "bench.json"]
     if timed:
         # a row's settings are the fields before its "ms" measurement
-        labels = [" / ".join(f"{_fmt(v)}" for v in list(r.values())[: list(r).index("ms")]) for r in timed]
+        labels = [" / ".join(f"{format_cell(v)}" for v in list(r.values())[: list(r).index("ms")]) for r in timed]
         note = write_bar_chart(out / "bench.png", labels, [r["ms"] for r in timed], "ms (median)", "pyfastpeft bench")
         if note:
             print(note)

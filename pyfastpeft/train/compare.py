@@ -19,10 +19,9 @@ import torch
 from ..errors import UserError
 from ..report import effective_weights
 from .base import SIZES
-from .bench_runner import markdown_table
 from .checkpoint import atomic_write, atomic_write_text
 from .config import CompareConfig, FinetuneConfig
-from .plot import NO_MATPLOTLIB, _pyplot
+from .plot import NO_MATPLOTLIB, _pyplot, markdown_table
 
 
 @torch.no_grad()

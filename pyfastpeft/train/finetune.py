@@ -11,7 +11,7 @@ import torch
 from ..errors import UserError
 from ..tuners import trainable_parameters
 from .base import DTYPES, is_tiny, load_base, resolve_defaults, resolve_device
-from .checkpoint import CHECKPOINT_NAME, atomic_write_text, save_tensors
+from .checkpoint import CHECKPOINT_NAME, RUN_INFO_NAME, atomic_write_text, save_tensors
 from .config import FinetuneConfig
 from .distributed import DistInfo, barrier, gather_full, init_distributed, shutdown
 from .methods import METHOD_KNOBS, METHODS, apply_method, training_parts
@@ -19,7 +19,6 @@ from .plot import write_curves
 from .trainer import TrainSettings, train
 
 INTERRUPTED = 130  # the shell's code for a Ctrl-C exit
-RUN_INFO_NAME = "pyfastpeft_run.json"  # next to a PEFT-layout adapter: how to rebuild the adapted model
 # the settings that determine the built-in base model (see base.builtin_config / builtin_model)
 BUILTIN_KEYS = ["size", "length", "max_length", "pretrain_task", "pretrain_steps", "data"]
 

@@ -25,9 +25,8 @@ from torch import nn
 from ..errors import UserError
 from ..io.adapter_files import CONFIG_NAME, PICKLE_NAMES, WEIGHTS_NAME, check_and_copy, copy_into
 from .base import builtin_model, hf_model
-from .checkpoint import trainable_state
+from .checkpoint import RUN_INFO_NAME, trainable_state
 from .config import FinetuneConfig
-from .finetune import RUN_INFO_NAME
 from .methods import apply_method
 
 OWN_WEIGHTS_NAME = "adapter.safetensors"
