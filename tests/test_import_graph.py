@@ -70,7 +70,8 @@ def _modules() -> dict[str, Path]:
         parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
         if parts[-1] == "__init__":
             parts.pop()
-        modules[".".join(parts)] = path
+        if ".".join(parts) not in BUILT:  # a build writes _build_info.py into the source tree
+            modules[".".join(parts)] = path
     return modules
 
 
