@@ -21,15 +21,15 @@ def _subparser(command: str):
 
 
 @pytest.mark.parametrize(
-    ("command", "cls"), [("finetune", FinetuneConfig), ("compare", CompareConfig), ("bench", BenchConfig)]
+    ("command", "config_class"), [("finetune", FinetuneConfig), ("compare", CompareConfig), ("bench", BenchConfig)]
 )
-def test_every_flag_fills_a_field_with_the_same_default(command, cls):
-    defaults = cls()
+def test_every_flag_fills_a_field_with_the_same_default(command, config_class):
+    defaults = config_class()
     dests = [a for a in _subparser(command)._actions if a.dest not in NOT_SETTINGS]
     assert dests
-    names = {f.name for f in fields(cls)}
+    names = {f.name for f in fields(config_class)}
     for action in dests:
-        assert action.dest in names, f"{command} --{action.dest} sets no field of {cls.__name__}"
+        assert action.dest in names, f"{command} --{action.dest} sets no field of {config_class.__name__}"
         if command == "compare" and action.dest == "methods":
             # the command line spells "every method" out for --help; the dataclass says "" for it
             assert action.default.split(",") == sorted(METHODS) and defaults.methods == ""
