@@ -25,9 +25,10 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from bench._timing import print_table, saved_activation_bytes, time_interleaved, write_results
-from pyfastpeft.cli import build_parser
-from pyfastpeft.train.base import load_base
+from pyfastpeft.cli import build_parser, to_config
+from pyfastpeft.train.base import load_base, resolve_defaults
 from pyfastpeft.train.checkpoint import trainable_state
+from pyfastpeft.train.config import FinetuneConfig
 from pyfastpeft.train.data import batch_to
 from pyfastpeft.train.methods import METHODS, apply_method, training_parts
 from pyfastpeft.train.trainer import token_loss
@@ -38,10 +39,11 @@ def _quiet(*args, **kwargs) -> None:
 
 
 def make_step(method: str, argv: list[str], device: torch.device):
-    args = build_parser().parse_args(
+    flags = build_parser().parse_args(
         ["finetune", "--model", "tiny", "--method", method, "--distill-teacher-steps", "1", *argv]
     )
-    base = load_base(args, _quiet)  # fills the flags left unset (--lr, --r, ...) with the model's defaults
+    args = resolve_defaults(to_config(FinetuneConfig, flags))  # --lr, --r, ...: the model's defaults
+    base = load_base(args, _quiet)
     torch.manual_seed(args.seed)
     adapted = apply_method(method, base.model, args)
     base.model.to(device)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import torch
@@ -10,6 +9,7 @@ import torch
 import pyfastpeft as pf
 from pyfastpeft.cli import main
 from pyfastpeft.train.base import load_base
+from pyfastpeft.train.config import FinetuneConfig
 
 
 def test_finetune_out_saves_a_loadable_adapter(tmp_path, capsys, monkeypatch):
@@ -24,11 +24,10 @@ def test_finetune_out_saves_a_loadable_adapter(tmp_path, capsys, monkeypatch):
     assert (out / "adapter_model.safetensors").is_file()
 
     # the command's base model, rebuilt the way the command builds it
-    from pyfastpeft.cli import build_parser
+    from pyfastpeft.cli import build_parser, to_config
 
-    args = build_parser().parse_args(argv)
-    assert isinstance(args, argparse.Namespace)
-    base = load_base(args, log=lambda *a: None).model
+    config = to_config(FinetuneConfig, build_parser().parse_args(argv))
+    base = load_base(config, log=lambda *a: None).model
     model = pf.PeftModel.from_pretrained(base, out)
     b = model.base_model.model.model.layers[0].self_attn.q_proj.lora_B["default"].weight
     assert b.abs().max() > 0  # trained, and loaded

@@ -10,14 +10,13 @@ delta, BitFit's biases, ...).
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 
 import torch
 
+from ..tuners.effective import effective_weights
 from ..tuners import trainable_parameters
-from .compare import effective_weights
 from .saved_adapter import SavedAdapter, load_base_model, read_saved_adapter, rebuild, recorded_base_folder
 
 
@@ -162,7 +161,7 @@ def format_report(d: dict) -> str:
     return "\n".join(lines)
 
 
-def run_report(args: argparse.Namespace, log=print) -> int:
-    d = adapter_report(args.adapter, args.base, log)
-    log(json.dumps(d, indent=1) if args.json else format_report(d))
+def run_report(adapter: str, base: str | None = None, as_json: bool = False, log=print) -> int:
+    d = adapter_report(adapter, base, log)
+    log(json.dumps(d, indent=1) if as_json else format_report(d))
     return 0

@@ -11,14 +11,14 @@ of the tests).
 
 from __future__ import annotations
 
-import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from ..errors import UserError
 from ..models import TinyLlamaConfig
+from .config import FinetuneConfig
 from .data import BYTE_SPECIALS, ByteTokenizer, FileSource, TaskSource
 from .pretrain import pretrained_builtin
 
@@ -37,28 +37,35 @@ TINY = "tiny"
 # tasks from large batches at a high rate; the 135M real model learns the dates task from a few
 # small batches, and its default run has to fit in a few minutes on two CPU cores
 TINY_DEFAULTS = {"steps": 200, "batch_size": 32, "r": 8, "alpha": 16.0, "task": "shift", "distill_teacher_steps": 200}
-REAL_DEFAULTS = {"steps": 30, "batch_size": 8, "r": 16, "alpha": 32.0, "task": "dates", "distill_teacher_steps": 30}
+# no task: the dates task when the model has a tokenizer, else the built-in one (see _load_real)
+REAL_DEFAULTS = {"steps": 30, "batch_size": 8, "r": 16, "alpha": 32.0, "distill_teacher_steps": 30}
+REAL_TASK = "dates"
+# --lr per method on the built-in model (3e-3 for the others): methods with few trainable parameters
+# need larger steps; measured on the built-in 'shift' task (docs/cli.md)
+DEFAULT_LR = {"ia3": 1e-1, "adapter": 3e-2, "bitfit": 3e-2, "prompt": 3e-2, "ptuning": 3e-2, "prefix": 1e-1}
 # --lr per method on the real model (a measured table is in docs/cli.md); others: 1e-3
 REAL_LR = {"full": 5e-5, "freeze": 1e-4, "sparse": 1e-4, "ia3": 1e-2, "bitfit": 3e-3, "prompt": 3e-2, "prefix": 1e-2}
 
 
-def is_tiny(args: argparse.Namespace) -> bool:
-    return getattr(args, "model", None) == TINY
+def is_tiny(config: FinetuneConfig) -> bool:
+    return config.model == TINY
 
 
-def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
-    """Fills the flags left unset (None) with the defaults of the chosen model (in place)."""
-    defaults = TINY_DEFAULTS if is_tiny(args) else REAL_DEFAULTS
-    if not hasattr(args, "task_given"):
-        args.task_given = getattr(args, "task", None) is not None
-    for key, value in defaults.items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
-    if getattr(args, "lr", None) is None:
-        from .methods import default_lr
+def default_lr(method: str) -> float:
+    """``--lr``'s default for ``method`` on the built-in model."""
+    return DEFAULT_LR.get(method, 3e-3)
 
-        args.lr = default_lr(args.method) if is_tiny(args) else REAL_LR.get(args.method, 1e-3)
-    return args
+
+def resolve_defaults(config: FinetuneConfig) -> FinetuneConfig:
+    """A copy of ``config`` with the settings left unset (None) filled with the chosen model's defaults
+    (a real model's task stays unset until its tokenizer is seen)."""
+    defaults = TINY_DEFAULTS if is_tiny(config) else REAL_DEFAULTS
+    filled = {k: v for k, v in defaults.items() if getattr(config, k) is None}
+    if config.lr is None:
+        filled["lr"] = default_lr(config.method) if is_tiny(config) else REAL_LR.get(config.method, 1e-3)
+    if config.out is None:
+        filled["out"] = str(Path("pyfastpeft_out") / config.method)
+    return replace(config, **filled)
 
 
 @dataclass
@@ -68,6 +75,7 @@ class Base:
     description: str
     folder: Path | None = None  # the Hugging Face folder of a real model
     tokenizer: object | None = None
+    task: str | None = None  # the task the source was made for (a real model's default decided by its tokenizer)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -79,20 +87,20 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def builtin_config(args: argparse.Namespace) -> TinyLlamaConfig:
+def builtin_config(config: FinetuneConfig) -> TinyLlamaConfig:
     """The built-in model's config for these settings (bytes as the vocabulary with ``--data``)."""
-    vocab = ByteTokenizer.vocab_size if args.data else TinyLlamaConfig.vocab_size
+    vocab = ByteTokenizer.vocab_size if config.data else TinyLlamaConfig.vocab_size
     return TinyLlamaConfig(
         vocab_size=vocab,
-        max_position_embeddings=max(args.max_length, 2 * args.length + 3),
-        **SIZES[args.size],
+        max_position_embeddings=max(config.max_length, 2 * config.length + 3),
+        **SIZES[config.size],
     )
 
 
-def builtin_model(args: argparse.Namespace, log=print) -> torch.nn.Module:
+def builtin_model(config: FinetuneConfig, log=print) -> torch.nn.Module:
     """The pretrained built-in model (from the cache, or pretrained and cached)."""
-    cfg = builtin_config(args)
-    return pretrained_builtin(cfg, args.pretrain_task, args.pretrain_steps, 32, args.length, 3e-3, args.seed, log)
+    c = config
+    return pretrained_builtin(builtin_config(c), c.pretrain_task, c.pretrain_steps, 32, c.length, 3e-3, c.seed, log)
 
 
 def hf_model(folder: str | Path, seed: int = 0) -> torch.nn.Module:
@@ -110,55 +118,59 @@ def hf_model(folder: str | Path, seed: int = 0) -> torch.nn.Module:
     return AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True, torch_dtype=torch.float32)
 
 
-def load_base(args: argparse.Namespace, log=print) -> Base:
-    resolve_defaults(args)
-    if not is_tiny(args):
-        return _load_real(args, log)
-    if args.task == "dates":
+def load_base(config: FinetuneConfig, log=print) -> Base:
+    """The base model and the data source of ``config`` (its unset settings resolved first)."""
+    config = resolve_defaults(config)
+    if not is_tiny(config):
+        return _load_real(config, log)
+    if config.task == "dates":
         raise UserError("--task dates needs a model with a tokenizer; the built-in model (--model tiny) has none")
-    cfg = builtin_config(args)
-    model = builtin_model(args, log)
+    cfg = builtin_config(config)
+    model = builtin_model(config, log)
     n = sum(p.numel() for p in model.parameters())
     desc = (
-        f"built-in model: TinyLlama ({args.size}), {n:,} parameters, {cfg.num_hidden_layers} layers, "
+        f"built-in model: TinyLlama ({config.size}), {n:,} parameters, {cfg.num_hidden_layers} layers, "
         f"hidden {cfg.hidden_size}"
     )
-    if args.data:
-        source = FileSource(args.data, ByteTokenizer(), args.max_length, BYTE_SPECIALS, pad_id=0)
+    if config.data:
+        source = FileSource(config.data, ByteTokenizer(), config.max_length, BYTE_SPECIALS, pad_id=0)
     else:
-        source = TaskSource(args.task, args.length, cfg.vocab_size, args.seed)
-    return Base(model, source, desc)
+        source = TaskSource(config.task, config.length, cfg.vocab_size, config.seed)
+    return Base(model, source, desc, task=config.task)
 
 
-def _load_real(args: argparse.Namespace, log) -> Base:
+def _load_real(config: FinetuneConfig, log) -> Base:
     from ..models.pretrained import load_folder, resolve_folder
 
-    folder, name = resolve_folder(args.model, log=log)
-    torch.manual_seed(args.seed)
+    folder, name = resolve_folder(config.model, log=log)
+    torch.manual_seed(config.seed)
     model, tok, desc = load_folder(folder, name)
-    if args.data:
+    if config.data:
+        task = config.task or REAL_TASK  # recorded only: --data replaces the task
         if tok is not None:
             pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-            return Base(model, FileSource(args.data, tok, args.max_length, None, pad_id=pad), desc, folder, tok)
+            source = FileSource(config.data, tok, config.max_length, None, pad_id=pad)
+            return Base(model, source, desc, folder, tok, task)
         if model.config.vocab_size < ByteTokenizer.vocab_size:
             raise UserError(
                 f"--model: {folder} has no tokenizer and a vocabulary of {model.config.vocab_size} < "
                 f"{ByteTokenizer.vocab_size}, too small for byte-level tokens"
             )
         log(f"{folder} has no tokenizer: reading --data as bytes")
-        source = FileSource(args.data, ByteTokenizer(), args.max_length, BYTE_SPECIALS, pad_id=0)
-        return Base(model, source, desc, folder)
-    if args.task == "dates":
-        if tok is None:
-            if args.task_given:
-                raise UserError(f"--task dates needs a tokenizer; {folder} has none")
-            args.task = TINY_DEFAULTS["task"]
-        else:
-            from .dates import DateTaskSource
+        source = FileSource(config.data, ByteTokenizer(), config.max_length, BYTE_SPECIALS, pad_id=0)
+        return Base(model, source, desc, folder, task=task)
+    task = config.task
+    if task == "dates" and tok is None:
+        raise UserError(f"--task dates needs a tokenizer; {folder} has none")
+    if task is None:
+        task = REAL_TASK if tok is not None else TINY_DEFAULTS["task"]
+    if task == "dates":
+        from .dates import DateTaskSource
 
-            return Base(model, DateTaskSource(tok, seed=args.seed, held_out=args.held_out), desc, folder, tok)
+        source = DateTaskSource(tok, seed=config.seed, held_out=config.held_out)
+        return Base(model, source, desc, folder, tok, task)
     vocab = model.config.vocab_size
     task_vocab = min(vocab, TinyLlamaConfig.vocab_size)
     if task_vocab < 8:
         raise UserError(f"--model: vocabulary of {vocab} is too small for the built-in tasks; pass --data")
-    return Base(model, TaskSource(args.task, args.length, task_vocab, args.seed), desc, folder, tok)
+    return Base(model, TaskSource(task, config.length, task_vocab, config.seed), desc, folder, tok, task)

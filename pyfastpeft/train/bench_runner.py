@@ -8,7 +8,6 @@ with a note.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -18,7 +17,8 @@ from pathlib import Path
 
 from ..errors import UserError
 from .checkpoint import atomic_write_text
-from .plot import write_bar_chart
+from .config import BenchConfig
+from .plot import format_cell, markdown_table, write_bar_chart
 
 KNOWN_OPS = ["lora", "multi_lora", "quant", "sparse", "optim", "bias", "distill"]
 
@@ -27,35 +27,23 @@ def bench_dir() -> Path:
     return Path(__file__).resolve().parents[2] / "bench"
 
 
-def _fmt(v) -> str:
-    if isinstance(v, float):
-        return f"{v:.3f}"
-    return "" if v is None else str(v)
-
-
-def markdown_table(rows: list[dict], columns: list[str]) -> str:
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in columns) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
-
-
-def run_benchmarks(args: argparse.Namespace) -> int:
+def run_benchmarks(config: BenchConfig) -> int:
     root = bench_dir()
     if not root.is_dir():
         raise UserError(f"no bench/ folder at {root}: the benchmarks run from a source checkout")
-    wanted = KNOWN_OPS if args.op == "all" else [o.strip() for o in args.op.split(",") if o.strip()]
+    wanted = KNOWN_OPS if config.op == "all" else [o.strip() for o in config.op.split(",") if o.strip()]
     unknown = [o for o in wanted if o not in KNOWN_OPS and not (root / f"bench_{o}.py").is_file()]
     if unknown:
         raise UserError(f"--op: unknown {unknown}; known: {', '.join(KNOWN_OPS)}, all")
     extra = sorted(p.stem[len("bench_") :] for p in root.glob("bench_*.py"))
-    ops = wanted + ([o for o in extra if o not in wanted] if args.op == "all" else [])
+    ops = wanted + ([o for o in extra if o not in wanted] if config.op == "all" else [])
     rows, failed = [], []
     for op in ops:
         script = root / f"bench_{op}.py"
         if not script.is_file():
             print(f"[bench] {op}: no {script.relative_to(root.parent)} yet, skipped")
             continue
-        cmd = [sys.executable, str(script), "--device", args.device] + (["--quick"] if args.quick else [])
+        cmd = [sys.executable, str(script), "--device", config.device] + (["--quick"] if config.quick else [])
         print(f"[bench] {op}: {' '.join(cmd[1:])}", flush=True)
         with tempfile.TemporaryDirectory() as results:
             env = {**os.environ, "PYFASTPEFT_BENCH_RESULTS": results}
@@ -72,7 +60,7 @@ def run_benchmarks(args: argparse.Namespace) -> int:
                 for row in json.loads(f.read_text())["rows"]:
                     rows.append({"bench": f.stem, **row})
     if rows:
-        _write_report(Path(args.out), rows)
+        _write_report(Path(config.out), rows)
     if failed:
         print(f"[bench] failed: {', '.join(failed)}", file=sys.stderr)
         return 1
@@ -91,7 +79,7 @@ def _write_report(out: Path, rows: list[dict]) -> None:
     written = [out / "bench.md", out / "bench.json"]
     if timed:
         # a row's settings are the fields before its "ms" measurement
-        labels = [" / ".join(f"{_fmt(v)}" for v in list(r.values())[: list(r).index("ms")]) for r in timed]
+        labels = [" / ".join(f"{format_cell(v)}" for v in list(r.values())[: list(r).index("ms")]) for r in timed]
         note = write_bar_chart(out / "bench.png", labels, [r["ms"] for r in timed], "ms (median)", "pyfastpeft bench")
         if note:
             print(note)

@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file, safe_open, save_file
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
+RUN_INFO_NAME = "pyfastpeft_run.json"  # next to a PEFT-layout adapter: how to rebuild the adapted model
 
 
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:

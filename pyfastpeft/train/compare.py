@@ -10,47 +10,18 @@ largest rank of a changed weight matrix, peak memory and time per step.
 
 from __future__ import annotations
 
-import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from ..errors import UserError
-from ..nn import FakeQuantLinear, LoRALinear, SparseDeltaLinear
-from ..tuners import LoraLinear
+from ..tuners.effective import effective_weights
 from .base import SIZES
-from .bench_runner import markdown_table
 from .checkpoint import atomic_write, atomic_write_text
-from .plot import NO_MATPLOTLIB, _pyplot
-
-
-@torch.no_grad()
-def effective_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The weights the model computes with, by their names in the base model: LoRA (and DoRA) merged
-    in, a sparse delta added, a fake-quantized weight as it is quantized."""
-    skip = {id(m.delta) for m in model.modules() if isinstance(m, SparseDeltaLinear)}
-    out = {}
-    for name, p in model.named_parameters():
-        if ".lora_" in name or id(p) in skip:
-            continue
-        out[name.replace(".base_layer.", ".")] = p.detach().double()
-    # the base layers first (a LoRA layer's base may be fake-quantized), then the LoRA updates
-    for name, m in model.named_modules():
-        key = f"{name}.weight".replace(".base_layer.", ".")
-        if isinstance(m, FakeQuantLinear):
-            out[key] = m.quantized_weight().detach().double()
-        elif isinstance(m, SparseDeltaLinear):
-            out[key] = out[key] + m.delta_weight().double()
-    for name, m in model.named_modules():
-        if isinstance(m, LoRALinear) and not m.merged:
-            out[f"{name}.weight"] = out[f"{name}.weight"] + m.delta_weight().double()
-        elif isinstance(m, LoraLinear):  # get_peft_model's layer; Conv1D stores [in, out]
-            delta = sum(m.delta_weight(a).double() for a in m.active_adapters if a not in m.merged_adapters)
-            if isinstance(delta, torch.Tensor):
-                w = out[f"{name}.weight"]
-                out[f"{name}.weight"] = w + (delta if w.shape == delta.shape else delta.t())
-    return out
+from .config import CompareConfig, FinetuneConfig
+from .plot import NO_MATPLOTLIB, _pyplot, markdown_table
 
 
 @torch.no_grad()
@@ -68,59 +39,41 @@ def change_report(base: dict[str, torch.Tensor], tuned: dict[str, torch.Tensor])
     return changed, rank
 
 
-def run_compare(args: argparse.Namespace) -> int:
-    from ..cli import build_parser
+def run_compare(config: CompareConfig) -> int:
     from ..models import TinyLlamaConfig
     from .finetune import run_finetune
     from .methods import METHODS
     from .pretrain import pretrained_builtin
 
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    real = args.model != "tiny"
-    sizes = ["real"] if real else [s.strip() for s in args.sizes.split(",") if s.strip()]
+    methods = [m.strip() for m in config.methods.split(",") if m.strip()] or sorted(METHODS)
+    real = config.model != "tiny"
+    sizes = ["real"] if real else [s.strip() for s in config.sizes.split(",") if s.strip()]
     for m in methods:
         if m not in METHODS:
             raise UserError(f"--methods: unknown method {m!r}; known methods: {', '.join(sorted(METHODS))}")
     for s in [] if real else sizes:
         if s not in SIZES:
             raise UserError(f"--sizes: unknown size {s!r}; known sizes: {', '.join(SIZES)}")
-    out = Path(args.out)
+    out = Path(config.out)
     results: dict[str, list[dict]] = {}
-    lr = "per method (--lr default)" if args.lr is None else args.lr
-    task = "dates" if real else args.task
-    steps = args.steps or (30 if real else 150)
-    batch = args.batch_size or (8 if real else 32)
-    md = [f"# PEFT comparison: '{task}' task, {steps} steps, batch {batch}, lr {lr}, seed {args.seed}\n"]
+    lr = "per method (--lr default)" if config.lr is None else config.lr
+    task = "dates" if real else config.task
+    steps = config.steps or (30 if real else 150)
+    batch = config.batch_size or (8 if real else 32)
+    md = [f"# PEFT comparison: '{task}' task, {steps} steps, batch {batch}, lr {lr}, seed {config.seed}\n"]
+    # what every run shares; the method, the model and the output folder change per run
+    shared = FinetuneConfig(task=task, steps=steps, batch_size=batch, lr=config.lr, seed=config.seed, log_every=10**9)
     for size in sizes:
         results[size] = []
         if real:
-            model_flags = [] if args.model == "default" else ["--model", args.model]
+            model = {} if config.model == "default" else {"model": config.model}
         else:
-            model_flags = ["--model", "tiny", "--size", size, "--pretrain-steps", str(args.pretrain_steps)]
+            model = {"model": "tiny", "size": size, "pretrain_steps": config.pretrain_steps}
         for method in methods:
-            ft = build_parser().parse_args(
-                [
-                    "finetune",
-                    "--method",
-                    method,
-                    *model_flags,
-                    "--task",
-                    task,
-                    "--steps",
-                    str(steps),
-                    "--batch-size",
-                    str(batch),
-                    *(["--lr", str(args.lr)] if args.lr is not None else []),
-                    "--seed",
-                    str(args.seed),
-                    "--out",
-                    str(out / size / method),
-                    "--log-every",
-                    str(10**9),
-                ]
-            )
+            ft = replace(shared, method=method, out=str(out / size / method), **model)
             print(f"[compare] {size} / {method}", flush=True)
             summary = run_finetune(ft, log=lambda *a, **k: None, keep_model=True)
+            ft = summary.pop("config")  # with the settings the run resolved
             if real:
                 from .base import hf_model
 
@@ -145,7 +98,7 @@ def run_compare(args: argparse.Namespace) -> int:
             }
             results[size].append(row)
             print("  " + ", ".join(f"{k}: {v}" for k, v in row.items()), flush=True)
-        title = f"{args.model} model" if real else f"{size} ({SIZES[size]})"
+        title = f"{config.model} model" if real else f"{size} ({SIZES[size]})"
         md.append(f"\n## {title}\n\n" + markdown_table(results[size], list(results[size][0])))
     text = "".join(md)
     print("\n" + text)

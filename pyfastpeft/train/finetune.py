@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -11,19 +11,19 @@ import torch
 from ..errors import UserError
 from ..tuners import trainable_parameters
 from .base import DTYPES, is_tiny, load_base, resolve_defaults, resolve_device
-from .checkpoint import CHECKPOINT_NAME, atomic_write_text, save_tensors
+from .checkpoint import CHECKPOINT_NAME, RUN_INFO_NAME, atomic_write_text, save_tensors
+from .config import FinetuneConfig
 from .distributed import DistInfo, barrier, gather_full, init_distributed, shutdown
 from .methods import METHOD_KNOBS, METHODS, apply_method, training_parts
 from .plot import write_curves
 from .trainer import TrainSettings, train
 
 INTERRUPTED = 130  # the shell's code for a Ctrl-C exit
-RUN_INFO_NAME = "pyfastpeft_run.json"  # next to a PEFT-layout adapter: how to rebuild the adapted model
 # the settings that determine the built-in base model (see base.builtin_config / builtin_model)
 BUILTIN_KEYS = ["size", "length", "max_length", "pretrain_task", "pretrain_steps", "data"]
 
 
-def run_settings(args: argparse.Namespace) -> dict:
+def run_settings(config: FinetuneConfig) -> dict:
     """What a resumed run must share with its checkpoint (``--steps`` may grow)."""
     keys = [
         "method",
@@ -42,78 +42,82 @@ def run_settings(args: argparse.Namespace) -> dict:
         "dtype",
         *METHOD_KNOBS,
     ]
-    return {k: getattr(args, k) for k in keys}
+    return {k: getattr(config, k) for k in keys}
 
 
-def run_info(args: argparse.Namespace, folder: Path | None = None) -> dict:
+def run_info(config: FinetuneConfig) -> dict:
     """What rebuilds the adapted model from its base: the method, its knobs, the seed, and the base
     (a Hugging Face folder, or the built-in model's settings)."""
-    tiny = is_tiny(args)
+    tiny = is_tiny(config)
     return {
-        "method": args.method,
-        "base_model": f"builtin:{args.size}" if tiny else str(folder or args.model),
-        "builtin": {k: getattr(args, k) for k in BUILTIN_KEYS} if tiny else None,
-        "task": None if args.data else args.task,
-        "seed": args.seed,
-        **{k: getattr(args, k) for k in METHOD_KNOBS},
+        "method": config.method,
+        "base_model": f"builtin:{config.size}" if tiny else str(config.base_folder or config.model),
+        "builtin": {k: getattr(config, k) for k in BUILTIN_KEYS} if tiny else None,
+        "task": None if config.data else config.task,
+        "seed": config.seed,
+        **{k: getattr(config, k) for k in METHOD_KNOBS},
     }
 
 
-def run_finetune(args: argparse.Namespace, log=print, keep_model: bool = False) -> dict:
-    """Train and write ``args.out``; returns the summary (also written as ``summary.json``), with the
-    trained model under ``"model"`` when ``keep_model``."""
-    resolve_defaults(args)
-    device = resolve_device(args.device)
+def run_finetune(config: FinetuneConfig, log=print, keep_model: bool = False) -> dict:
+    """Train and write ``config.out``; returns the summary (also written as ``summary.json``), with the
+    trained model under ``"model"`` and the settings the run resolved (a FinetuneConfig) under
+    ``"config"`` when ``keep_model``."""
+    config = resolve_defaults(config)
+    device = resolve_device(config.device)
     info = init_distributed(device)
     try:
-        summary, model = _run(args, device, info, log if info.is_main else (lambda *a, **k: None))
+        summary, model, config = _run(config, device, info, log if info.is_main else (lambda *a, **k: None))
         if keep_model:
             summary["model"] = model
+            summary["config"] = config
         del model  # (unless kept) freed before the process group it communicates through is destroyed
         return summary
     finally:
         shutdown(info)
 
 
-def _run(args, device: torch.device, info: DistInfo, log) -> tuple[dict, torch.nn.Module]:
-    out = Path(args.out)
-    if args.method not in METHODS:  # before any slow work
-        raise UserError(f"--method: unknown method {args.method!r}; known methods: {', '.join(sorted(METHODS))}")
+def _run(
+    config: FinetuneConfig, device: torch.device, info: DistInfo, log
+) -> tuple[dict, torch.nn.Module, FinetuneConfig]:
+    out = Path(config.out)
+    if config.method not in METHODS:  # before any slow work
+        raise UserError(f"--method: unknown method {config.method!r}; known methods: {', '.join(sorted(METHODS))}")
     resume = None
-    if args.resume is not None:
-        resume = Path(args.resume) if args.resume else out / CHECKPOINT_NAME
+    if config.resume is not None:
+        resume = Path(config.resume) if config.resume else out / CHECKPOINT_NAME
         if not resume.is_file():
             raise UserError(f"--resume: no checkpoint at {resume}")
-    base = load_base(args, log)
-    args.base_folder = str(base.folder) if base.folder is not None else None
+    base = load_base(config, log)
+    config = replace(config, task=base.task, base_folder=str(base.folder) if base.folder is not None else None)
     log(base.description)
     log(f"task: {base.source.description}")
     model = base.model
-    torch.manual_seed(args.seed)  # the same RNG state after the base model, cached or freshly pretrained
+    torch.manual_seed(config.seed)  # the same RNG state after the base model, cached or freshly pretrained
     base_keys = set(model.state_dict())
-    adapted = apply_method(args.method, model, args)  # adapts `model` in place; a PeftModel for lora
-    model.to(device=device, dtype=DTYPES[args.dtype])
-    parts = training_parts(args.method, adapted, args, base.source, device, log)
+    adapted = apply_method(config.method, model, config)  # adapts `model` in place; a PeftModel for lora
+    model.to(device=device, dtype=DTYPES[config.dtype])
+    parts = training_parts(config.method, adapted, config, base.source, device, log)
     trainable, total = trainable_parameters(model)
     report = f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}"
-    log(f"method: {args.method}; {report}")
+    log(f"method: {config.method}; {report}")
     if info.enabled:
-        how = "FSDP2, one sharded unit per decoder block" if args.fsdp else "DDP"
+        how = "FSDP2, one sharded unit per decoder block" if config.fsdp else "DDP"
         log(f"distributed: {info.world_size} processes ({how}; gradients reduced for trainable tensors only)")
     settings = TrainSettings(
-        steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        seed=args.seed,
+        steps=config.steps,
+        batch_size=config.batch_size,
+        lr=config.lr,
+        seed=config.seed,
         out=out,
         device=device,
         # answers by generation are the slow metric: by default only before and after training
-        eval_every=args.eval_every or (args.steps if getattr(base.source, "generates", False) else 0),
-        log_every=args.log_every,
-        stop_after=args.stop_after,
+        eval_every=config.eval_every or (config.steps if getattr(base.source, "generates", False) else 0),
+        log_every=config.log_every,
+        stop_after=config.stop_after,
         resume=resume,
-        fsdp=args.fsdp,
-        run=run_settings(args),
+        fsdp=config.fsdp,
+        run=run_settings(config),
         summed_loss=parts.summed_loss,
         make_optimizer=parts.optimizer,
     )
@@ -121,7 +125,7 @@ def _run(args, device: torch.device, info: DistInfo, log) -> tuple[dict, torch.n
     hist = result.history
     metric = hist["metric_name"]
     summary = {
-        "method": args.method,
+        "method": config.method,
         "completed": result.completed,
         "step": result.step,
         "metric_name": metric,
@@ -143,22 +147,22 @@ def _run(args, device: torch.device, info: DistInfo, log) -> tuple[dict, torch.n
         summary["examples"] = shown
     if not result.completed:
         log(
-            f"interrupted at step {result.step}/{args.steps}: checkpoint saved to {result.checkpoint}; "
+            f"interrupted at step {result.step}/{config.steps}: checkpoint saved to {result.checkpoint}; "
             f"continue with the same command and --resume"
             if result.checkpoint
-            else f"interrupted at step {result.step}/{args.steps}; no checkpoint (not supported with --fsdp)"
+            else f"interrupted at step {result.step}/{config.steps}; no checkpoint (not supported with --fsdp)"
         )
         summary["exit_code"] = INTERRUPTED
-        return summary, model
-    sharded = args.fsdp and info.enabled
+        return summary, model, config
+    sharded = config.fsdp and info.enabled
     # under FSDP2 the model holds shards: every rank takes part in gathering the whole tensors
     state = gather_full(model.state_dict()) if sharded else model.state_dict()
     if info.is_main:
         # tensors the method added that do not train (a sparse delta's indices) are part of the adapter
         added = {k: v for k, v in state.items() if k not in base_keys and k not in result.trainable}
         tensors = {**result.trainable, **added}
-        saver = _unsharded(args, tensors) if sharded else adapted
-        summary.update(_write_outputs(out, tensors, sorted(added), args, hist, metric, log, saver))
+        saver = _unsharded(config, tensors) if sharded else adapted
+        summary.update(_write_outputs(out, tensors, sorted(added), config, hist, metric, log, saver))
         atomic_write_text(out / "summary.json", json.dumps({**summary, "history": hist}, indent=1) + "\n")
     barrier(info)
     log(f"loss: {summary['loss_first']:.4f} -> {summary['loss_last']:.4f}")
@@ -171,7 +175,7 @@ def _run(args, device: torch.device, info: DistInfo, log) -> tuple[dict, torch.n
         log(f"held-out example {i}: {ex['prompt']}")
         log(f"    expected: {ex['expected']:<14s} base: {ex['base']!r:<32s} tuned: {ex['tuned']!r}")
     summary["exit_code"] = 0
-    return summary, model
+    return summary, model, config
 
 
 def _side_by_side(source, count: int = 3) -> list[dict]:
@@ -186,12 +190,12 @@ def _side_by_side(source, count: int = 3) -> list[dict]:
     ]
 
 
-def _unsharded(args, tensors: dict) -> torch.nn.Module:
+def _unsharded(config: FinetuneConfig, tensors: dict) -> torch.nn.Module:
     """The adapted model rebuilt unsharded, holding the trained tensors (by their names in the model),
     for the writers that read the model itself (save_pretrained's PEFT layout)."""
-    base = load_base(args, lambda *a, **k: None)
-    torch.manual_seed(args.seed)
-    adapted = apply_method(args.method, base.model, args)
+    base = load_base(config, lambda *a, **k: None)
+    torch.manual_seed(config.seed)
+    adapted = apply_method(config.method, base.model, config)
     missing = set(tensors) - set(base.model.state_dict())
     if missing:
         raise RuntimeError(f"the rebuilt model lacks the trained tensors {sorted(missing)[:5]}")
@@ -199,8 +203,10 @@ def _unsharded(args, tensors: dict) -> torch.nn.Module:
     return adapted
 
 
-def _write_outputs(out: Path, tensors: dict, buffers: list, args, hist: dict, metric: str, log, adapted) -> dict:
-    info = run_info(args, getattr(args, "base_folder", None))
+def _write_outputs(
+    out: Path, tensors: dict, buffers: list, config: FinetuneConfig, hist: dict, metric: str, log, adapted
+) -> dict:
+    info = run_info(config)
     if hasattr(adapted, "save_pretrained") and hasattr(adapted, "peft_config"):
         # Hugging Face PEFT's layout: adapter_model.safetensors + adapter_config.json
         adapted.save_pretrained(out)

@@ -10,7 +10,6 @@ random inputs against the adapted model, and only then renamed to ``out``: a fai
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import os
@@ -25,7 +24,7 @@ from torch import nn
 from ..errors import UserError
 from ..io.adapter_files import _short
 from ..models import TinyLlamaConfig, TinyLlamaForCausalLM
-from .compare import effective_weights
+from ..tuners.effective import effective_weights
 from .saved_adapter import load_base_model, read_saved_adapter, rebuild
 
 TOKENIZER_FILES = (
@@ -104,15 +103,17 @@ def _write_hf(folder: Path, model: nn.Module, base_folder: Path) -> nn.Module:
     return AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True, torch_dtype=torch.float32).eval()
 
 
-def run_merge(args: argparse.Namespace, log=print) -> int:
-    out = Path(args.out)
+def run_merge(base: str, adapter: str | Path, out: str | Path, log=print) -> int:
+    """Write the merged model of ``adapter`` on ``base`` (a Hugging Face folder, or "builtin") into the new
+    folder ``out``."""
+    out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"out: {out} exists and is not an empty folder; choose a new one")
-    saved = read_saved_adapter(args.adapter)
-    base, description = load_base_model(args.base, saved, log=lambda *a, **k: None)
+    saved = read_saved_adapter(adapter)
+    base_model, description = load_base_model(base, saved, log=lambda *a, **k: None)
     log(f"base: {description}")
-    template = copy.deepcopy(base)
-    adapted = rebuild(base, saved)
+    template = copy.deepcopy(base_model)
+    adapted = rebuild(base_model, saved)
     method = saved.method or str(saved.peft_type).lower()
     log(f"adapter: {saved.directory} (method {method})")
     state = merged_state(adapted, template, method)
@@ -127,7 +128,7 @@ def run_merge(args: argparse.Namespace, log=print) -> int:
         if isinstance(template, TinyLlamaForCausalLM):
             reloaded = _write_builtin(tmp, template, state)
         else:
-            reloaded = _write_hf(tmp, template, Path(args.base))
+            reloaded = _write_hf(tmp, template, Path(base))
         diff = (_logits(reloaded, ids) - expected).abs().max().item()
         scale = expected.abs().max().item()
         log(

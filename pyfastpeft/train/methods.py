@@ -1,11 +1,11 @@
 """The PEFT methods the command line can apply, by name.
 
 Each method is ``apply(model, args) -> model``: it decides which tensors train (freezing the rest) and
-may replace modules. ``args`` is the parsed command line, so a method reads its own knobs from it
-(``args.r``, ``args.alpha``, ``args.target_modules``, ``args.train_last_layers``, ...). A method's
-command-line name is declared once, with its peft_type, in :mod:`pyfastpeft.tuners.registry`; its
-``apply`` attaches to that name with :func:`register`, and its knobs go into ``add_method_arguments`` (or a
-function appended to ``KNOB_ARGUMENTS``), listed in ``METHOD_KNOBS``.
+may replace modules. ``args`` is the run's :class:`~pyfastpeft.train.config.FinetuneConfig`, so a method
+reads its own knobs from it (``args.r``, ``args.alpha``, ``args.target_modules``, ``args.train_last_layers``,
+...). A new method registers itself with :func:`register`; its knobs are fields of ``FinetuneConfig``
+(listed in ``METHOD_KNOBS``) and flags of the command line (:mod:`pyfastpeft.cli.flags`). A method's
+command-line name is declared once, with its peft_type, in :mod:`pyfastpeft.tuners.registry`.
 
 ``apply`` must be deterministic given the seed and the knobs: ``--resume``, ``pyfastpeft report`` and
 ``pyfastpeft merge`` rebuild the adapted model by calling it again and then load the saved tensors.
@@ -18,7 +18,6 @@ when training.
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -28,25 +27,14 @@ from torch import nn
 
 from ..errors import UserError
 from ..tuners import LoraConfig, get_peft_model, registry
-from .arg_types import float_in, int_at_least, positive_float
+from .config import FinetuneConfig
 
-LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-# the flags add_method_arguments defines; a checkpoint records them so --resume can check them
+# the method knobs of FinetuneConfig; a checkpoint records them so --resume can check them
 METHOD_KNOBS = ["target_modules", "r", "alpha", "dropout", "rslora", "train_last_layers", "freeze_first", "train_regex"]
 METHOD_KNOBS += ["adapter_config", "reduction_factor"]
 METHOD_KNOBS += ["num_virtual_tokens", "encoder_hidden_size"]  # prompt, ptuning, prefix
 
-# Learning rates for --lr's default, per method (3e-3 for the others): methods with few trainable
-# parameters need larger steps; measured on the built-in 'shift' task (docs/cli.md).
-DEFAULT_LR = {"ia3": 1e-1, "adapter": 3e-2, "bitfit": 3e-2, "prompt": 3e-2, "ptuning": 3e-2, "prefix": 1e-1}
-
-
-def default_lr(method: str) -> float:
-    return DEFAULT_LR.get(method, 3e-3)
-
-
-MethodFn = Callable[[nn.Module, argparse.Namespace], nn.Module]
+MethodFn = Callable[[nn.Module, FinetuneConfig], nn.Module]
 # read-only views of the one method registry (pyfastpeft.tuners.registry): name -> apply, name -> text
 METHODS = registry.cli_methods
 DESCRIPTIONS = registry.cli_descriptions
@@ -67,8 +55,6 @@ class TrainingParts:
 
 PartsFn = Callable[..., TrainingParts]
 TRAINING_PARTS: dict[str, PartsFn] = {}
-# functions adding a method's knobs to the "method knobs" argument group
-KNOB_ARGUMENTS: list[Callable[[argparse._ArgumentGroup], None]] = []
 
 
 def register_training_parts(name: str) -> Callable[[PartsFn], PartsFn]:
@@ -79,7 +65,7 @@ def register_training_parts(name: str) -> Callable[[PartsFn], PartsFn]:
     return wrap
 
 
-def training_parts(name: str, model: nn.Module, args: argparse.Namespace, source, device, log=print) -> TrainingParts:
+def training_parts(name: str, model: nn.Module, args: FinetuneConfig, source, device, log=print) -> TrainingParts:
     fn = TRAINING_PARTS.get(name)
     return fn(model, args, source, device, log) if fn is not None else TrainingParts()
 
@@ -92,7 +78,7 @@ def register(name: str, description: str) -> Callable[[MethodFn], MethodFn]:
     return wrap
 
 
-def apply_method(name: str, model: nn.Module, args: argparse.Namespace) -> nn.Module:
+def apply_method(name: str, model: nn.Module, args: FinetuneConfig) -> nn.Module:
     if name not in METHODS:
         raise UserError(f"--method: unknown method {name!r}; known methods: {', '.join(sorted(METHODS))}")
     try:
@@ -105,69 +91,7 @@ def apply_method(name: str, model: nn.Module, args: argparse.Namespace) -> nn.Mo
         raise UserError(f"--method {name}: {err}") from err
 
 
-def add_method_arguments(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("method knobs")
-    g.add_argument(
-        "--target-modules",
-        default=",".join(LLAMA_TARGETS),
-        help="comma-separated module-name suffixes (the LoRA family, sparse, bitfit) (default: %(default)s)",
-    )
-    g.add_argument("--r", type=int_at_least(1), default=None, help="LoRA rank (default: 16; 8 for --model tiny)")
-    g.add_argument(
-        "--alpha", type=float, default=None, help="LoRA alpha; scaling = alpha / r (default: 32; 16 for --model tiny)"
-    )
-    g.add_argument(
-        "--dropout", type=float_in(0.0, 1.0, high_open=True), default=0.05, help="LoRA dropout (default: %(default)s)"
-    )
-    g.add_argument("--rslora", action="store_true", help="LoRA scaling alpha / sqrt(r)")
-    g.add_argument(
-        "--train-last-layers",
-        type=int_at_least(1),
-        default=1,
-        help="freeze: how many of the last decoder blocks train (default: %(default)s)",
-    )
-    g.add_argument(
-        "--num-virtual-tokens",
-        type=int_at_least(1),
-        default=8,
-        help="prompt, ptuning, prefix: virtual tokens (prompt length / prefix length) (default: %(default)s)",
-    )
-    g.add_argument(
-        "--encoder-hidden-size",
-        type=int_at_least(1),
-        default=None,
-        help="ptuning: prompt-encoder MLP width; prefix: reparameterisation MLP width, which turns "
-        "prefix_projection on (default: the model's hidden size; prefix: no projection)",
-    )
-    g.add_argument(
-        "--freeze-first",
-        type=int_at_least(0),
-        default=None,
-        help="freeze: freeze the first N decoder blocks and train the others (replaces --train-last-layers)",
-    )
-    g.add_argument(
-        "--train-regex",
-        default=None,
-        help="freeze: train the parameters whose full name matches this regex (within the blocks "
-        "--freeze-first trains, if given; replaces --train-last-layers)",
-    )
-    g.add_argument(
-        "--adapter-config",
-        choices=["houlsby", "pfeiffer", "parallel"],
-        default="pfeiffer",
-        help="adapter: where the bottleneck adapters sit (default: %(default)s)",
-    )
-    g.add_argument(
-        "--reduction-factor",
-        type=int_at_least(1),
-        default=16,
-        help="adapter: bottleneck = hidden size / this (default: %(default)s)",
-    )
-    for add in KNOB_ARGUMENTS:
-        add(g)
-
-
-def _targets(args: argparse.Namespace) -> list[str]:
+def _targets(args: FinetuneConfig) -> list[str]:
     return [t.strip() for t in str(args.target_modules).split(",") if t.strip()]
 
 
@@ -177,7 +101,7 @@ def _freeze(model: nn.Module) -> None:
 
 
 @register("lora", "low-rank update B·A on the target linears (fused pyfastpeft op)")
-def apply_lora(model: nn.Module, args: argparse.Namespace) -> nn.Module:
+def apply_lora(model: nn.Module, args: FinetuneConfig) -> nn.Module:
     """Adapts ``model`` in place through :func:`pyfastpeft.get_peft_model` and returns the PeftModel
     (which saves the adapter in Hugging Face PEFT's layout)."""
     config = LoraConfig(
@@ -191,7 +115,7 @@ def apply_lora(model: nn.Module, args: argparse.Namespace) -> nn.Module:
 
 
 @register("full", "every parameter trains (the baseline PEFT is measured against)")
-def apply_full(model: nn.Module, args: argparse.Namespace) -> nn.Module:
+def apply_full(model: nn.Module, args: FinetuneConfig) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(True)
     return model
@@ -207,7 +131,7 @@ def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
 # ---- BitFit and layer freezing, through their PEFT configs ------------------------------------------
 @register("bitfit", "biases only (BitFitConfig); target linears without a bias get a zero-initialised one")
-def apply_bitfit(model: nn.Module, args: argparse.Namespace) -> nn.Module:
+def apply_bitfit(model: nn.Module, args: FinetuneConfig) -> nn.Module:
     """The target linears become BiasOnlyLinear (the bias-gradient op saves no input activation); layer
     norm biases train too (Llama's RMSNorm has none). Returns the BitFitModel."""
     from ..tuners import BitFitConfig
@@ -219,7 +143,7 @@ def apply_bitfit(model: nn.Module, args: argparse.Namespace) -> nn.Module:
 
 
 @register("freeze", "layer freezing (LayerFreezeConfig): --train-last-layers, --freeze-first or --train-regex")
-def apply_freeze(model: nn.Module, args: argparse.Namespace) -> nn.Module:
+def apply_freeze(model: nn.Module, args: FinetuneConfig) -> nn.Module:
     from ..tuners import LayerFreezeConfig
 
     path, blocks = decoder_blocks(model)
@@ -246,14 +170,14 @@ def apply_freeze(model: nn.Module, args: argparse.Namespace) -> nn.Module:
 
 # ---- (IA)³ and bottleneck adapters --------------------------------------------------------------------
 @register("ia3", "(IA)³: learned scales of keys, values and the feed-forward input (PEFT's IA3 defaults)")
-def apply_ia3(model: nn.Module, args: argparse.Namespace) -> nn.Module:
+def apply_ia3(model: nn.Module, args: FinetuneConfig) -> nn.Module:
     from ..tuners import IA3Config
 
     return get_peft_model(model, IA3Config())
 
 
 @register("adapter", "bottleneck adapters (--adapter-config houlsby|pfeiffer|parallel, --reduction-factor)")
-def apply_adapter(model: nn.Module, args: argparse.Namespace) -> nn.Module:
+def apply_adapter(model: nn.Module, args: FinetuneConfig) -> nn.Module:
     from ..tuners import AdapterConfig
 
     return get_peft_model(model, AdapterConfig(config=args.adapter_config, reduction_factor=args.reduction_factor))
@@ -273,53 +197,7 @@ METHOD_KNOBS.extend(
 )
 
 
-def _more_knobs(g: argparse._ArgumentGroup) -> None:
-    g.add_argument(
-        "--sparse-density",
-        type=float_in(0.0, 1.0),
-        default=0.02,
-        help="sparse: fraction of each target weight matrix that trains (default: %(default)s)",
-    )
-    g.add_argument(
-        "--sparse-selection",
-        choices=("magnitude", "gradient", "fisher", "random"),
-        default="gradient",
-        help="sparse: which entries train: largest |W|, largest summed |grad| or grad² over 4 batches, "
-        "or random (default: %(default)s)",
-    )
-    g.add_argument("--qat-bits", type=int, default=4, help="qat-lora: weight bits, 2..8 (default: %(default)s)")
-    g.add_argument(
-        "--qat-group-size",
-        type=int,
-        default=32,
-        help="qat-lora: input features per weight scale; -1 per row, 0 per tensor (default: %(default)s)",
-    )
-    g.add_argument(
-        "--distill-alpha",
-        type=float_in(0.0, 1.0),
-        default=0.5,
-        help="distill: weight of the cross-entropy on the labels; 1 - alpha weighs the teacher term "
-        "(default: %(default)s)",
-    )
-    g.add_argument(
-        "--distill-temperature",
-        type=positive_float,
-        default=2.0,
-        help="distill: softmax temperature (default: %(default)s)",
-    )
-    g.add_argument(
-        "--distill-teacher-steps",
-        type=int_at_least(1),
-        default=None,
-        help="distill: training steps that make the teacher: full fine-tuning of --model tiny (cached), a "
-        "rank-16 LoRA on a real model (default: 200 for --model tiny, 30 otherwise)",
-    )
-
-
-KNOB_ARGUMENTS.append(_more_knobs)
-
-
-def _lora_config(args: argparse.Namespace, **extra) -> LoraConfig:
+def _lora_config(args: FinetuneConfig, **extra) -> LoraConfig:
     return LoraConfig(
         r=args.r,
         lora_alpha=args.alpha,
@@ -331,12 +209,12 @@ def _lora_config(args: argparse.Namespace, **extra) -> LoraConfig:
 
 
 @register("dora", "LoRA with a trained magnitude per output row (weight-decomposed LoRA, use_dora)")
-def apply_dora(model: nn.Module, args: argparse.Namespace) -> nn.Module:
+def apply_dora(model: nn.Module, args: FinetuneConfig) -> nn.Module:
     return get_peft_model(model, _lora_config(args, use_dora=True))
 
 
 @register("sparse", "a sparse delta on the target linears: --sparse-density of the entries train (SparseAdamW)")
-def apply_sparse(model: nn.Module, args: argparse.Namespace) -> nn.Module:
+def apply_sparse(model: nn.Module, args: FinetuneConfig) -> nn.Module:
     # Entries are chosen here by magnitude (or at random); for gradient/fisher selection the training
     # parts below re-select them from scores on the training data before the first step.
     from ..tuners import SparseConfig
@@ -354,7 +232,7 @@ def apply_sparse(model: nn.Module, args: argparse.Namespace) -> nn.Module:
 
 
 @register_training_parts("sparse")
-def sparse_parts(model: nn.Module, args: argparse.Namespace, source, device, log) -> TrainingParts:
+def sparse_parts(model: nn.Module, args: FinetuneConfig, source, device, log) -> TrainingParts:
     from ..nn import SparseDeltaLinear
     from ..nn.sparse_delta_linear import gradient_scores, select_indices
     from ..optim import SparseAdamW
@@ -394,7 +272,7 @@ def sparse_parts(model: nn.Module, args: argparse.Namespace, source, device, log
 
 
 @register("qat-lora", "LoRA over a fake-quantized base (weight-only, --qat-bits, --qat-group-size)")
-def apply_qat_lora(model: nn.Module, args: argparse.Namespace) -> nn.Module:
+def apply_qat_lora(model: nn.Module, args: FinetuneConfig) -> nn.Module:
     # Weight-only fake quantization keeps the merged model exact: y = fq(W)·x + s·B·A·x folds into one
     # float matrix fq(W) + s·B·A, which `pyfastpeft merge` writes.
     from ..quant import QATConfig, prepare_qat
@@ -410,7 +288,7 @@ def apply_qat_lora(model: nn.Module, args: argparse.Namespace) -> nn.Module:
 
 
 @register("distill", "LoRA trained to match a fully fine-tuned teacher (--distill-alpha, --distill-temperature)")
-def apply_distill(model: nn.Module, args: argparse.Namespace) -> nn.Module:
+def apply_distill(model: nn.Module, args: FinetuneConfig) -> nn.Module:
     if not 0.0 <= args.distill_alpha <= 1.0:
         raise UserError(f"--distill-alpha: expected a weight in [0, 1], got {args.distill_alpha}")
     if not args.distill_temperature > 0:
@@ -419,7 +297,7 @@ def apply_distill(model: nn.Module, args: argparse.Namespace) -> nn.Module:
 
 
 @register_training_parts("distill")
-def distill_parts(model: nn.Module, args: argparse.Namespace, source, device, log) -> TrainingParts:
+def distill_parts(model: nn.Module, args: FinetuneConfig, source, device, log) -> TrainingParts:
     from ..distill import DistillationLoss
     from .teacher import fine_tuned_teacher
 
@@ -448,14 +326,14 @@ def _prompt_learning(model: nn.Module, config) -> nn.Module:
 
 
 @register("prompt", "prompt tuning: --num-virtual-tokens learned input embeddings prepended to the input")
-def apply_prompt(model: nn.Module, args: argparse.Namespace) -> nn.Module:
+def apply_prompt(model: nn.Module, args: FinetuneConfig) -> nn.Module:
     from ..tuners import PromptTuningConfig
 
     return _prompt_learning(model, PromptTuningConfig(num_virtual_tokens=args.num_virtual_tokens))
 
 
 @register("ptuning", "P-tuning: virtual tokens produced by an MLP prompt encoder (--encoder-hidden-size)")
-def apply_ptuning(model: nn.Module, args: argparse.Namespace) -> nn.Module:
+def apply_ptuning(model: nn.Module, args: FinetuneConfig) -> nn.Module:
     from ..tuners import PromptEncoderConfig
 
     config = PromptEncoderConfig(
@@ -467,7 +345,7 @@ def apply_ptuning(model: nn.Module, args: argparse.Namespace) -> nn.Module:
 @register(
     "prefix", "prefix tuning: learned per-layer key/value prefixes (MLP-reparameterised with --encoder-hidden-size)"
 )
-def apply_prefix(model: nn.Module, args: argparse.Namespace) -> nn.Module:
+def apply_prefix(model: nn.Module, args: FinetuneConfig) -> nn.Module:
     from ..tuners import PrefixTuningConfig
 
     config = PrefixTuningConfig(

@@ -1,4 +1,4 @@
-"""Loss and metric curves (PNG when matplotlib is installed, CSV always) and bar charts."""
+"""Loss and metric curves (PNG when matplotlib is installed, CSV always), bar charts and markdown tables."""
 
 from __future__ import annotations
 
@@ -66,3 +66,15 @@ def write_bar_chart(path: Path, labels: list[str], values: list[float], ylabel: 
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)
     return None
+
+
+def format_cell(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.3f}"
+    return "" if v is None else str(v)
+
+
+def markdown_table(rows: list[dict], columns: list[str]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(format_cell(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines) + "\n"

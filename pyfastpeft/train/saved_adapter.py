@@ -14,7 +14,6 @@ and seed, then the saved tensors copied in after every key and shape was checked
 
 from __future__ import annotations
 
-import argparse
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,8 +25,8 @@ from torch import nn
 from ..errors import UserError
 from ..io.adapter_files import CONFIG_NAME, PICKLE_NAMES, WEIGHTS_NAME, check_and_copy
 from .base import builtin_model, hf_model
-from .checkpoint import trainable_state
-from .finetune import RUN_INFO_NAME
+from .checkpoint import RUN_INFO_NAME, trainable_state
+from .config import FinetuneConfig
 from .methods import apply_method
 
 OWN_WEIGHTS_NAME = "adapter.safetensors"
@@ -129,18 +128,11 @@ def read_saved_adapter(directory: str | Path) -> SavedAdapter:
     return SavedAdapter(path, layout, config, run, tensors, weights)
 
 
-def run_arguments(run: dict) -> argparse.Namespace:
-    """The finetune arguments the adapter was made with: the command's defaults, then the saved values
-    (knobs a newer method added and an older file lacks keep their defaults)."""
-    from ..cli import build_parser
-
-    args = build_parser().parse_args(["finetune"])
-    for key, value in run.items():
-        if key not in ("builtin", "base_model", "buffers"):
-            setattr(args, key, value)
-    for key, value in (run.get("builtin") or {}).items():
-        setattr(args, key, value)
-    return args
+def run_arguments(run: dict) -> FinetuneConfig:
+    """The finetune settings the adapter was made with: the defaults, then the saved values (knobs a
+    newer method added and an older file lacks keep their defaults)."""
+    values = {k: v for k, v in run.items() if k not in ("builtin", "base_model", "buffers")}
+    return FinetuneConfig.from_dict({**values, **(run.get("builtin") or {})})
 
 
 def recorded_base_folder(saved: SavedAdapter) -> Path | None:
@@ -167,8 +159,8 @@ def load_base_model(base: str | None, saved: SavedAdapter, log=print) -> tuple[n
                 f"base builtin: the adapter in {saved.directory} {where}; only adapters trained on the built-in "
                 "model fit it"
             )
-        args = run_arguments(run)
-        return builtin_model(args, log), f"built-in model ({run['base_model']})"
+        config = run_arguments(run)
+        return builtin_model(config, log), f"built-in model ({run['base_model']})"
     folder = Path(base)
     try:
         model = hf_model(folder, run.get("seed", 0) if run else 0)
@@ -184,12 +176,12 @@ def rebuild(base_model: nn.Module, saved: SavedAdapter) -> nn.Module:
         from ..tuners import PeftModel
 
         return PeftModel.from_pretrained(base_model, saved.directory).eval()
-    args = run_arguments(saved.run)
-    torch.manual_seed(args.seed)
+    config = run_arguments(saved.run)
+    torch.manual_seed(config.seed)
     try:
-        adapted = apply_method(args.method, base_model, args)
+        adapted = apply_method(config.method, base_model, config)
     except ValueError as err:
-        raise UserError(f"{saved.directory} does not fit the base: method {args.method}: {err}") from None
+        raise UserError(f"{saved.directory} does not fit the base: method {config.method}: {err}") from None
     if saved.layout == "peft":
         adapted.load_adapter_tensors("default", saved.tensors, saved.weights)
     else:

@@ -14,7 +14,6 @@ a Hugging Face model or a ``--data`` file trains it afresh each run.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 
@@ -24,6 +23,7 @@ import torch.nn.functional as F
 from ..errors import UserError
 from .base import builtin_config, builtin_model, hf_model, is_tiny
 from .checkpoint import load_tensors, save_tensors
+from .config import LLAMA_TARGETS, FinetuneConfig
 from .data import batch_to
 from .pretrain import cache_dir, pretrain_key
 
@@ -32,21 +32,21 @@ def _quiet(*args, **kwargs) -> None:
     pass
 
 
-def teacher_cache_path(args: argparse.Namespace, steps: int):
-    if not is_tiny(args) or args.data:
+def teacher_cache_path(config: FinetuneConfig, steps: int):
+    if not is_tiny(config) or config.data:
         return None
     spec = {
         "base": pretrain_key(
-            builtin_config(args), args.pretrain_task, args.pretrain_steps, 32, args.length, 3e-3, args.seed
+            builtin_config(config), config.pretrain_task, config.pretrain_steps, 32, config.length, 3e-3, config.seed
         ),
-        "task": args.task,
+        "task": config.task,
         "steps": steps,
-        "batch_size": args.batch_size,
-        "lr": args.lr,
+        "batch_size": config.batch_size,
+        "lr": config.lr,
         "version": 1,
     }
     key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
-    return cache_dir() / f"teacher-{args.task}-{key}.safetensors"
+    return cache_dir() / f"teacher-{config.task}-{key}.safetensors"
 
 
 def fine_tune_fully(model: torch.nn.Module, source, steps: int, batch_size: int, lr: float, seed: int, device) -> None:
@@ -70,26 +70,25 @@ def fine_tune_fully(model: torch.nn.Module, source, steps: int, batch_size: int,
 
 
 def fine_tuned_teacher(
-    args: argparse.Namespace, source, device: torch.device, dtype: torch.dtype, log=print
+    config: FinetuneConfig, source, device: torch.device, dtype: torch.dtype, log=print
 ) -> torch.nn.Module:
     """The frozen teacher on ``device`` in ``dtype``, in eval mode. Torch's global RNG is left as it
     was, so a run with a teacher draws the same dropout masks whether it was cached or not."""
-    tiny = is_tiny(args)
-    if args.distill_teacher_steps is None:
-        args.distill_teacher_steps = 200 if tiny else 30
-    if args.distill_teacher_steps < 1:
-        raise UserError(f"--distill-teacher-steps: expected a positive number, got {args.distill_teacher_steps}")
-    steps = args.distill_teacher_steps
-    path = teacher_cache_path(args, steps)
-    lr = args.lr
+    tiny = is_tiny(config)
+    steps = config.distill_teacher_steps
+    if steps is None:
+        steps = 200 if tiny else 30
+    if steps < 1:
+        raise UserError(f"--distill-teacher-steps: expected a positive number, got {steps}")
+    path = teacher_cache_path(config, steps)
+    lr = config.lr
     with torch.random.fork_rng(devices=[]):
-        model = builtin_model(args, _quiet) if tiny else hf_model(args.base_folder, args.seed)
+        model = builtin_model(config, _quiet) if tiny else hf_model(config.base_folder, config.seed)
         if not tiny:
             from ..tuners import LoraConfig, get_peft_model
-            from .methods import LLAMA_TARGETS
 
-            config = LoraConfig(r=16, lora_alpha=32, target_modules=LLAMA_TARGETS)
-            model = get_peft_model(model, config).base_model.model  # the base, LoRA layers injected
+            lora = LoraConfig(r=16, lora_alpha=32, target_modules=LLAMA_TARGETS)
+            model = get_peft_model(model, lora).base_model.model  # the base, LoRA layers injected
             lr = 1e-3
         cached = False
         if path is not None and path.is_file():
@@ -100,17 +99,14 @@ def fine_tuned_teacher(
                 log(f"ignoring unreadable cache file {path} ({err})")
         model.to(device=device, dtype=torch.float32)
         if not cached:
-            fine_tune_fully(model, source, steps, args.batch_size, lr, args.seed, device)
+            fine_tune_fully(model, source, steps, config.batch_size, lr, config.seed, device)
             if path is not None:
-                save_tensors(path, model.state_dict(), {"task": args.task, "steps": steps})
+                save_tensors(path, model.state_dict(), {"task": config.task, "steps": steps})
     model.to(dtype=dtype).eval()
     for p in model.parameters():
         p.requires_grad_(False)
     metric = source.evaluate(model, device)[source.metric_name]
     where = f"read from {path}" if cached else ("cached in " + str(path) if path is not None else "not cached")
     how = "fully fine-tuned" if tiny else "with a rank-16 LoRA trained"
-    log(
-        f"distill: teacher = the base model {how} for {steps} steps ({where}); "
-        f"its {source.metric_name}: {metric:.3f}"
-    )
+    log(f"distill: teacher = the base model {how} for {steps} steps ({where}); its {source.metric_name}: {metric:.3f}")
     return model

@@ -65,6 +65,10 @@ class BaseTuner(nn.Module):
     def active_adapters(self) -> list[str]:
         return [] if self.active_adapter is None else [self.active_adapter]
 
+    @property
+    def active_peft_config(self) -> Any:
+        return self.peft_config[self.active_adapter]
+
     def saved_module_paths(self, config: Any) -> list[str]:
         """Paths of the modules ``config.modules_to_save`` names, plus the head its ``task_type`` implies
         (added to the config, as PEFT does) and the head of a task model (``with_task_head``), which

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from pyfastpeft.train.methods import default_lr
+from pyfastpeft.train.base import default_lr
 
 from .conftest import TINY, adapter, run_cli
 

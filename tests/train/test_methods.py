@@ -25,10 +25,10 @@ def assert_changed_exactly_the_trainable_tensors(out) -> None:
     the model the saved run rebuilds: every tensor that trains has moved, every other one is bit for bit
     the same (a frozen tensor that moves, or a trained one not saved, fails here)."""
     saved = read_saved_adapter(out)
-    args = run_arguments(saved.run)
+    config = run_arguments(saved.run)
     start_base, _ = load_base_model(None, saved, lambda *a: None)
-    torch.manual_seed(args.seed)
-    start = apply_method(args.method, start_base, args)
+    torch.manual_seed(config.seed)
+    start = apply_method(config.method, start_base, config)
     # by storage: the state dict names a tied tensor under each of its names
     trainable = {p.data_ptr() for p in start.parameters() if p.requires_grad}
     state = start.state_dict()
@@ -125,11 +125,12 @@ def test_freeze_knob_out_of_range(tmp_path, capsys):
 def test_sparse_density_and_selection_knobs(tmp_path):
     dense = _trained(tmp_path, "sparse", "--sparse-density", "0.1", "--sparse-selection", "magnitude")[0]
     # magnitude: the chosen entries are the largest |W| of each matrix
-    from pyfastpeft.cli import build_parser
+    from pyfastpeft.cli import build_parser, to_config
     from pyfastpeft.train.base import builtin_model
+    from pyfastpeft.train.config import FinetuneConfig
 
-    args = build_parser().parse_args(["finetune", *TINY])
-    base = builtin_model(args, lambda *a: None).state_dict()
+    config = to_config(FinetuneConfig, build_parser().parse_args(["finetune", *TINY]))
+    base = builtin_model(config, lambda *a: None).state_dict()
     for name, idx in dense.items():
         if name.endswith(".indices"):
             w = base[name.removeprefix("base_model.model.")[: -len("indices")] + "weight"].flatten().abs()

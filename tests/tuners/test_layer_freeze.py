@@ -240,11 +240,14 @@ def test_on_a_hugging_face_model(tmp_path):
 def _cli(method: str, *flags: str):
     import argparse
 
-    from pyfastpeft.train.methods import add_method_arguments, apply_method
+    from pyfastpeft.cli import to_config
+    from pyfastpeft.cli.flags import add_method_arguments
+    from pyfastpeft.train.config import FinetuneConfig
+    from pyfastpeft.train.methods import apply_method
 
     parser = argparse.ArgumentParser()
     add_method_arguments(parser)
-    return apply_method(method, tiny_llama(), parser.parse_args(list(flags)))
+    return apply_method(method, tiny_llama(), to_config(FinetuneConfig, parser.parse_args(list(flags))))
 
 
 def test_command_line_knobs():

@@ -159,7 +159,7 @@ def test_loss_falls_and_only_the_prompt_trains(kind, seed, two_task_base):
     model.train()
     frozen = {n: p.detach().clone() for n, p in base.named_parameters()}
     trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable and all(n.startswith("prompt_encoder.default.") for n in trainable)
+    assert trainable and all(n.startswith("base_model.prompt_encoder.default.") for n in trainable)
     assert sum(p.numel() for p in trainable.values()) == pf.report(model).trainable
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=2e-2)
     # Progress is judged on one fixed held-out batch, before and after: the training batches' own losses

