@@ -20,6 +20,7 @@ import torch
 
 from ..errors import UserError
 from ..models.data import Batch
+from ..tuners.prompt_learning.model import cache_argument
 from .data import Example, batch_to, collate
 
 MONTHS = [datetime.date(2000, m, 1).strftime("%B") for m in range(1, 13)]
@@ -144,10 +145,10 @@ def _decoder_arguments(model) -> tuple[str, dict]:
     reads only the last position's logits, and the vocabulary projection of every prompt position is
     the largest cost of the first step."""
     for module in model.modules():
-        params = inspect.signature(type(module).forward).parameters
-        for key in ("cache", "past_key_values"):
-            if key in params:
-                return key, ({"logits_to_keep": 1} if "logits_to_keep" in params else {})
+        key = cache_argument(module)
+        if key is not None:
+            keeps = "logits_to_keep" in inspect.signature(module.forward).parameters
+            return key, ({"logits_to_keep": 1} if keeps else {})
     return "past_key_values", {}
 
 
