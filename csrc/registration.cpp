@@ -16,7 +16,10 @@ TORCH_LIBRARY(pyfastpeft, m) {
         "float scaling, float dropout_p, Tensor? rng_state, bool[5] output_mask) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
         pt2);
-  // x ⊙ mask / (1 - p) with the Philox mask every pyfastpeft dropout uses (see philox.h).
+
+  // ---- dropout: the Philox mask every pyfastpeft dropout draws (csrc/ops/dropout) ----
+  // x ⊙ mask / (1 - p); the mask of element i (row-major) depends only on (seed, offset, i) with
+  // rng_state = [seed, offset] (see pyfastpeft/dropout.h), on the CPU and on CUDA alike.
   m.def("philox_dropout(Tensor x, float p, Tensor rng_state) -> Tensor", pt2);
 
   // ---- optim: multi-tensor AdamW and gradient norm (csrc/ops/optim) ----

@@ -41,29 +41,6 @@ def _lora_linear_backward_fake(grad_y, x, weight, lora_A, lora_B, xa, scaling, d
     )
 
 
-@torch.library.register_fake("pyfastpeft::philox_dropout")
-def _philox_dropout_fake(x, p, rng_state):
-    check_same_device("x", x, rng_state=rng_state)
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
-
-
-def _philox_dropout_setup_context(ctx, inputs, output):
-    _, p, rng_state = inputs
-    ctx.p = p
-    ctx.save_for_backward(rng_state)
-
-
-def _philox_dropout_backward(ctx, grad):
-    # d(x ⊙ m / (1 − p)) / dx = m / (1 − p): the same mask, regenerated from the same [seed, offset].
-    (rng_state,) = ctx.saved_tensors
-    return _OP.philox_dropout(grad, ctx.p, rng_state), None, None
-
-
-torch.library.register_autograd(
-    "pyfastpeft::philox_dropout", _philox_dropout_backward, setup_context=_philox_dropout_setup_context
-)
-
-
 # The LoRA linear's autograd is registered in C++ (csrc/ops/lora/lora_autograd.cpp): a Python formula would add ~0.1 ms
 # of interpreter time to every layer call.
 
@@ -93,13 +70,3 @@ def lora_linear(
     rng = _rng.rng_state(seed, x.device) if dropout_p > 0 else None
     y, _ = _OP.lora_linear(x, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p), rng)
     return y
-
-
-def philox_dropout(x: torch.Tensor, p: float, seed: int | None = None) -> torch.Tensor:
-    """``x ⊙ mask / (1 - p)`` with the Philox mask of every pyfastpeft op; differentiable in x (the
-    backward regenerates the mask, nothing is saved but [seed, offset]).
-
-    The mask of element ``i`` (row-major index) depends only on (seed, offset, i), so this reproduces
-    exactly the mask :func:`lora_linear` applies for the same seed.
-    """
-    return _OP.philox_dropout(x, float(p), _rng.rng_state(seed, x.device))
