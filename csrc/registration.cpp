@@ -6,9 +6,9 @@
 // is a Python torch.library.register_autograd rule that saves tensors and calls the backward op; no
 // family registers a C++ Autograd kernel. bench/bench_autograd.py timed the LoRA linear's
 // forward+backward both ways: at the real model's projections (512 tokens, 576 -> 1536, r = 16,
-// float32) the Python rule measured 1.07-1.09x the C++ one in a run whose noise was larger (the C++
-// rule measured below the autograd-free floor), and 0.16-0.52 ms more per call at 8 tokens (measured
-// under heavy load, docs/architecture.md). A C++ rule comes back only with a clear, reproducible margin
+// float32) the Python rule measured 1.09x and 0.98x the C++ one in two runs whose noise was larger (the
+// C++ rule measured below the autograd-free floor), and 0.16-1.18 ms more per call at 8 tokens
+// (measured under heavy load, docs/architecture.md). A C++ rule comes back only with a clear, reproducible margin
 // on a hot path, and then for every hot path at once.
 #include <torch/library.h>
 

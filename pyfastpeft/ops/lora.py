@@ -28,6 +28,7 @@ def _lora_linear_fake(x, weight, bias, lora_A, lora_B, scaling, dropout_p, rng_s
 @torch.library.register_fake("pyfastpeft::lora_linear_backward")
 def _lora_linear_backward_fake(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, rng_state, output_mask):
     check_same_device("x", x, grad_y=grad_y, weight=weight, lora_A=lora_A, lora_B=lora_B, xa=xa, rng_state=rng_state)
+
     def grad(mask: bool, like: torch.Tensor, shape) -> torch.Tensor:
         return like.new_empty(shape) if mask else like.new_empty((0,))
 
@@ -57,9 +58,7 @@ def _backward(ctx, grad_y, _grad_xa):
     x, weight, lora_A, lora_B, xa, rng_state = ctx.saved_tensors
     need = ctx.needs_input_grad
     mask = [need[0], need[1], ctx.has_bias and need[2], need[3], need[4]]
-    grads = _OP.lora_linear_backward(
-        grad_y, x, weight, lora_A, lora_B, xa, ctx.scaling, ctx.dropout_p, rng_state, mask
-    )
+    grads = _OP.lora_linear_backward(grad_y, x, weight, lora_A, lora_B, xa, ctx.scaling, ctx.dropout_p, rng_state, mask)
     return (*(g if m else None for g, m in zip(grads, mask, strict=True)), None, None, None)
 
 
