@@ -20,6 +20,7 @@
 namespace pyfastpeft::CPU_CAPABILITY {
 namespace {
 
+using cpu::dropout_scale_range;
 using cpu::kPhiloxGroup;
 
 template <typename acc_t>
@@ -32,6 +33,7 @@ struct MaskStream {
         offset(static_cast<uint64_t>(rng_state[1])),
         threshold(dropout_threshold(p)),
         scale(static_cast<acc_t>(scale_)) {}
+  void row(int64_t e0, int64_t n, acc_t* keep) const { dropout_scale_range(e0, n, seed, offset, threshold, scale, keep); }
   // out = in ⊙ mask·scale over the same elements
   template <typename T>
   void mul_row(int64_t e0, int64_t n, const T* in, acc_t* out) const {
