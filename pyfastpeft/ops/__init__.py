@@ -4,7 +4,8 @@ from .. import _extension  # noqa: F401, I001  (loads the compiled operators fir
 from .bias import bias_only_linear
 from .ia3 import ia3_scale
 from .distill import fused_linear_kd_loss, kd_loss
-from .lora import lora_linear, philox_dropout
+from .dropout import philox_dropout
+from .lora import lora_linear
 from .multi_lora import check_adapter_indices, multi_lora_linear
 from .optim import fused_adamw_, multi_tensor_l2_norm
 from .quant import fake_quantize, fake_quantize_lsq

@@ -28,8 +28,23 @@ def _bias_only_linear_backward_fake(grad_y, weight, output_mask):
     return dx, db
 
 
-# Autograd is registered in C++ (csrc/ops/bias/bias_autograd.cpp): a Python formula adds interpreter
-# time to every layer call. The forward saves only W; the backward op makes dx and db.
+def _setup_context(ctx, inputs, output):
+    _, weight, _ = inputs
+    ctx.save_for_backward(weight)  # never x: the backward does not need it
+
+
+def _backward(ctx, grad_y):
+    # W gets no gradient: the op keeps it frozen by definition
+    need = ctx.needs_input_grad
+    mask = [need[0], need[2]]
+    if not any(mask):
+        return None, None, None
+    (weight,) = ctx.saved_tensors
+    dx, db = _OP.bias_only_linear_backward(grad_y, weight, mask)
+    return (dx if mask[0] else None), None, (db if mask[1] else None)
+
+
+torch.library.register_autograd("pyfastpeft::bias_only_linear", _backward, setup_context=_setup_context)
 
 
 def bias_only_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:

@@ -29,8 +29,24 @@ def _ia3_scale_backward_fake(grad_y, x, scale, output_mask):
     return dx, dl
 
 
-# Autograd is registered in C++ (csrc/ops/ia3/ia3_autograd.cpp): a Python formula adds interpreter time to
-# every layer call. The forward keeps x only when the scale trains; the backward op makes dx and dl.
+def _setup_context(ctx, inputs, output):
+    x, scale = inputs
+    # x is kept only when the scale trains: dx = dy ⊙ scale needs only the scale
+    ctx.need_dl = scale.requires_grad
+    ctx.save_for_backward(x if ctx.need_dl else None, scale)
+
+
+def _backward(ctx, grad_y):
+    x, scale = ctx.saved_tensors
+    need_dx, need_dl = ctx.needs_input_grad[0], ctx.needs_input_grad[1] and ctx.need_dl
+    if not (need_dx or need_dl):
+        return None, None
+    # without a saved x dl is not asked for, and grad_y stands in for it
+    dx, dl = _OP.ia3_scale_backward(grad_y, x if x is not None else grad_y, scale, [need_dx, need_dl])
+    return (dx if need_dx else None), (dl if need_dl else None)
+
+
+torch.library.register_autograd("pyfastpeft::ia3_scale", _backward, setup_context=_setup_context)
 
 
 def ia3_scale(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -28,6 +28,7 @@ def _lora_linear_fake(x, weight, bias, lora_A, lora_B, scaling, dropout_p, rng_s
 @torch.library.register_fake("pyfastpeft::lora_linear_backward")
 def _lora_linear_backward_fake(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, rng_state, output_mask):
     check_same_device("x", x, grad_y=grad_y, weight=weight, lora_A=lora_A, lora_B=lora_B, xa=xa, rng_state=rng_state)
+
     def grad(mask: bool, like: torch.Tensor, shape) -> torch.Tensor:
         return like.new_empty(shape) if mask else like.new_empty((0,))
 
@@ -41,31 +42,27 @@ def _lora_linear_backward_fake(grad_y, x, weight, lora_A, lora_B, xa, scaling, d
     )
 
 
-@torch.library.register_fake("pyfastpeft::philox_dropout")
-def _philox_dropout_fake(x, p, rng_state):
-    check_same_device("x", x, rng_state=rng_state)
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, lora_A, lora_B, scaling, dropout_p, rng_state = inputs
+    _, xa = output
+    ctx.save_for_backward(x, weight, lora_A, lora_B, xa, rng_state)
+    ctx.scaling, ctx.dropout_p, ctx.has_bias = scaling, dropout_p, bias is not None
+    ctx.mark_non_differentiable(xa)
+    ctx.set_materialize_grads(False)  # xa's gradient is never made, so none is allocated
 
 
-def _philox_dropout_setup_context(ctx, inputs, output):
-    _, p, rng_state = inputs
-    ctx.p = p
-    ctx.save_for_backward(rng_state)
+def _backward(ctx, grad_y, _grad_xa):
+    # one gradient per input: x, weight, bias, lora_A, lora_B, scaling, dropout_p, rng_state
+    if grad_y is None:
+        return (None,) * 8
+    x, weight, lora_A, lora_B, xa, rng_state = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    mask = [need[0], need[1], ctx.has_bias and need[2], need[3], need[4]]
+    grads = _OP.lora_linear_backward(grad_y, x, weight, lora_A, lora_B, xa, ctx.scaling, ctx.dropout_p, rng_state, mask)
+    return (*(g if m else None for g, m in zip(grads, mask, strict=True)), None, None, None)
 
 
-def _philox_dropout_backward(ctx, grad):
-    # d(x ⊙ m / (1 − p)) / dx = m / (1 − p): the same mask, regenerated from the same [seed, offset].
-    (rng_state,) = ctx.saved_tensors
-    return _OP.philox_dropout(grad, ctx.p, rng_state), None, None
-
-
-torch.library.register_autograd(
-    "pyfastpeft::philox_dropout", _philox_dropout_backward, setup_context=_philox_dropout_setup_context
-)
-
-
-# The LoRA linear's autograd is registered in C++ (csrc/ops/lora/lora_autograd.cpp): a Python formula would add ~0.1 ms
-# of interpreter time to every layer call.
+torch.library.register_autograd("pyfastpeft::lora_linear", _backward, setup_context=_setup_context)
 
 
 def lora_linear(
@@ -93,13 +90,3 @@ def lora_linear(
     rng = _rng.rng_state(seed, x.device) if dropout_p > 0 else None
     y, _ = _OP.lora_linear(x, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p), rng)
     return y
-
-
-def philox_dropout(x: torch.Tensor, p: float, seed: int | None = None) -> torch.Tensor:
-    """``x ⊙ mask / (1 - p)`` with the Philox mask of every pyfastpeft op; differentiable in x (the
-    backward regenerates the mask, nothing is saved but [seed, offset]).
-
-    The mask of element ``i`` (row-major index) depends only on (seed, offset, i), so this reproduces
-    exactly the mask :func:`lora_linear` applies for the same seed.
-    """
-    return _OP.philox_dropout(x, float(p), _rng.rng_state(seed, x.device))

@@ -4,30 +4,17 @@
 //   xa = drop(x)·Aᵀ                            saved for backward (N·r elements)
 // Backward, with u = s·dy·B:
 //   dx = dy·W + drop'(u·A)     dA = uᵀ·drop(x)     dB = s·dyᵀ·xa     db = Σ_n dy     dW = dyᵀ·x
-// drop(·) multiplies by the Philox mask (see philox.h) and 1/(1-p); the backward regenerates the mask
-// from rng_state = [seed, offset], so neither the mask nor drop(x) is ever saved.
+// drop(·) multiplies by the Philox mask (see pyfastpeft/dropout.h) and 1/(1-p); the backward regenerates
+// the mask from rng_state = [seed, offset], so neither the mask nor drop(x) is ever saved.
 #pragma once
 #include <cstdint>
 
+#include "pyfastpeft/dropout.h"
 #include "pyfastpeft/dtype.h"
 
 typedef struct CUstream_st* cudaStream_t;
 
 namespace pyfastpeft {
-
-// out0 = in0 ⊙ mask / (1-p), and the same mask on the optional second pair (in1 → out1).
-// All buffers are contiguous with `numel` elements; in-place (out == in) is allowed.
-struct DropoutParams {
-  const void* in0;
-  void* out0;
-  const void* in1;  // nullptr: no second pair
-  void* out1;
-  int64_t numel;
-  float p;
-  double scale;              // 1 / (1 - p)
-  const int64_t* rng_state;  // [seed, offset], on the device the kernel runs on
-  DType dtype;
-};
 
 // xa[n, j] = Σ_k drop(x)[n, k] · A[j, k], accumulated in float32 (float64 for float64 inputs).
 struct LoraShrinkParams {
@@ -56,8 +43,6 @@ struct LoraDropoutBackwardParams {
   DType dtype;
 };
 
-void dropout_apply_cpu(const DropoutParams& params);
-void dropout_apply_cuda(const DropoutParams& params, cudaStream_t stream);
 void lora_shrink_cuda(const LoraShrinkParams& params, cudaStream_t stream);
 
 }  // namespace pyfastpeft

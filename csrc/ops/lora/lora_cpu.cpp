@@ -16,8 +16,6 @@ namespace pyfastpeft {
 namespace {
 
 struct CpuBackend {
-  static void dropout(const DropoutParams& params) { lora_cpu_kernels().dropout(params); }
-
   static at::Tensor shrink(const at::Tensor& x2, const at::Tensor& lora_A, double p, const int64_t* rng) {
     if (p == 0) return at::mm(x2, lora_A.t());
     const at::Tensor xc = x2.contiguous(), Ac = lora_A.contiguous();
@@ -42,21 +40,11 @@ struct CpuBackend {
   }
 };
 
-at::Tensor philox_dropout_cpu(const at::Tensor& x, double p, const at::Tensor& rng_state) {
-  check_float(x, "x");
-  check_dropout_p(p);
-  check_rng_state(rng_state, x, "x");
-  return lora::dropout<CpuBackend>(x, p, rng_state);
-}
-
 }  // namespace
-
-void dropout_apply_cpu(const DropoutParams& params) { CpuBackend::dropout(params); }
 
 TORCH_LIBRARY_IMPL(pyfastpeft, CPU, m) {
   m.impl("lora_linear", &lora::forward<CpuBackend>);
   m.impl("lora_linear_backward", &lora::backward<CpuBackend>);
-  m.impl("philox_dropout", &philox_dropout_cpu);
 }
 
 }  // namespace pyfastpeft

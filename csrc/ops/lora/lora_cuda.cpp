@@ -6,10 +6,11 @@
 
 #include <stdexcept>
 
-#include "pyfastpeft/cuda_glue.h"
 #include "lora.h"
 #include "lora_impl.h"
 #include "pyfastpeft/checks.h"
+#include "pyfastpeft/cuda_glue.h"
+#include "pyfastpeft/dropout.h"
 
 namespace pyfastpeft {
 namespace {
@@ -68,20 +69,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_line
                                      output_mask);
 }
 
-at::Tensor philox_dropout_cuda(const at::Tensor& x, double p, const at::Tensor& rng_state) {
-  check_float(x, "x");
-  check_dropout_p(p);
-  check_rng_state(rng_state, x, "x");
-  const c10::cuda::CUDAGuard guard(x.device());
-  return lora::dropout<CudaBackend>(x, p, rng_state);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pyfastpeft, CUDA, m) {
   m.impl("lora_linear", &lora_linear_cuda);
   m.impl("lora_linear_backward", &lora_linear_backward_cuda);
-  m.impl("philox_dropout", &philox_dropout_cuda);
 }
 
 }  // namespace pyfastpeft

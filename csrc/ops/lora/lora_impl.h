@@ -1,7 +1,6 @@
 // The LoRA linear's composition, shared by the CPU and CUDA registrations: the large frozen product
 // and the rank-r products go to the BLAS through ATen (MKL / cuBLAS), the expand is accumulated into y
 // in place, and the Philox dropout runs in our kernels. `Backend` supplies the device-specific pieces:
-//   static void dropout(const DropoutParams&);
 //   static at::Tensor shrink(const at::Tensor& x2, const at::Tensor& A, double p, const int64_t* rng);
 //   static std::pair<at::Tensor, at::Tensor> dropout_grads(x2, u, A, p, rng, need_dx, need_dA);
 #pragma once
@@ -47,17 +46,6 @@ inline void check_inputs(const at::Tensor& x, const at::Tensor& weight, const st
 inline std::vector<int64_t> with_last(at::IntArrayRef sizes, int64_t last) {
   std::vector<int64_t> out(sizes.begin(), sizes.end());
   out.back() = last;
-  return out;
-}
-
-template <class Backend>
-at::Tensor dropout(const at::Tensor& x, double p, const at::Tensor& rng_state) {
-  const at::Tensor xc = x.contiguous();
-  at::Tensor out = at::empty_like(xc);
-  DropoutParams params{xc.const_data_ptr(), out.mutable_data_ptr(), nullptr,   nullptr,
-                       xc.numel(),          static_cast<float>(p),  1.0 / (1.0 - p), rng_state.const_data_ptr<int64_t>(),
-                       to_dtype(x.scalar_type())};
-  Backend::dropout(params);
   return out;
 }
 

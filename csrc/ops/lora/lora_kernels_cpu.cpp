@@ -49,31 +49,6 @@ struct MaskStream {
 #endif
 };
 
-// out0 = in0 ⊙ mask·scale (and out1 = in1 ⊙ mask·scale), split on whole Philox groups.
-template <typename T>
-void dropout_apply_kernel(const DropoutParams& p) {
-  using acc_t = acc_type<T>;
-  const MaskStream<acc_t> mask(p.rng_state, p.p, p.scale);
-  const T* in0 = static_cast<const T*>(p.in0);
-  const T* in1 = static_cast<const T*>(p.in1);
-  T* out0 = static_cast<T*>(p.out0);
-  T* out1 = static_cast<T*>(p.out1);
-  const int64_t numel = p.numel;
-  const int64_t n_groups = (numel + kPhiloxGroup - 1) / kPhiloxGroup;
-  at::parallel_for(0, n_groups, 64, [&](int64_t begin, int64_t end) {
-    acc_t keep[kPhiloxGroup];
-    for (int64_t group = begin; group < end; ++group) {
-      const int64_t e0 = group * kPhiloxGroup;
-      const int64_t n = std::min<int64_t>(kPhiloxGroup, numel - e0);
-      mask.row(e0, n, keep);
-      for (int64_t i = 0; i < n; ++i) out0[e0 + i] = static_cast<T>(static_cast<acc_t>(in0[e0 + i]) * keep[i]);
-      if (in1 != nullptr) {
-        for (int64_t i = 0; i < n; ++i) out1[e0 + i] = static_cast<T>(static_cast<acc_t>(in1[e0 + i]) * keep[i]);
-      }
-    }
-  });
-}
-
 // A [r, in] in the accumulation type (a copy only when T is a 16-bit type).
 template <typename T, typename acc_t>
 const acc_t* as_acc(const T* src, int64_t n, std::vector<acc_t>& storage) {
@@ -341,10 +316,6 @@ void dispatch_dtype(const Params& params) {
 }
 
 template <typename T>
-struct Dropout {
-  static void run(const DropoutParams& p) { dropout_apply_kernel<T>(p); }
-};
-template <typename T>
 struct Shrink {
   static void run(const LoraShrinkParams& p) { lora_shrink_dropout_kernel<T>(p); }
 };
@@ -356,7 +327,6 @@ struct DropoutBackward {
 }  // namespace
 
 constinit const LoraCpuKernels lora_cpu_kernels{
-    &dispatch_dtype<Dropout, DropoutParams>,
     &dispatch_dtype<Shrink, LoraShrinkParams>,
     &dispatch_dtype<DropoutBackward, LoraDropoutBackwardParams>,
 };

@@ -6,7 +6,6 @@
 namespace pyfastpeft {
 
 struct LoraCpuKernels {
-  void (*dropout)(const DropoutParams&);
   void (*shrink_dropout)(const LoraShrinkParams&);  // p > 0
   void (*dropout_backward)(const LoraDropoutBackwardParams&);
 };

@@ -31,10 +31,10 @@
 #include <tuple>
 #include <vector>
 
-#include "../lora/lora.h"
 #include "multi_lora.h"
 #include "multi_lora_impl.h"
 #include "multi_lora_kernels_cpu.h"
+#include "pyfastpeft/dropout.h"
 
 namespace pyfastpeft {
 namespace {

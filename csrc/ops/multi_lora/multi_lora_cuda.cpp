@@ -14,10 +14,10 @@
 #include <stdexcept>
 #include <tuple>
 
-#include "../lora/lora.h"
 #include "pyfastpeft/cuda_glue.h"
 #include "multi_lora.h"
 #include "multi_lora_impl.h"
+#include "pyfastpeft/dropout.h"
 
 namespace pyfastpeft {
 namespace {

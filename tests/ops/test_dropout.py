@@ -1,0 +1,103 @@
+"""pyfastpeft.ops.philox_dropout: the Philox mask against its specification (reference.philox_keep_mask),
+the scaled output against a float64 product, autograd and the op's registration."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import pyfastpeft
+from pyfastpeft.ops import reference
+from tests.conftest import FLOAT_DTYPES, requires_cuda
+
+
+def _state(seed: int, device, offset: int = 0) -> torch.Tensor:
+    return torch.tensor([seed, offset], dtype=torch.int64, device=device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, *FLOAT_DTYPES])
+@pytest.mark.parametrize("shape", [(0,), (1,), (3, 0, 5), (7, 33), (2, 3, 129)])
+def test_output_is_x_times_mask_over_keep(device, dtype, shape):
+    """out = x ⊙ mask / (1 - p), the product rounded once to the input's dtype."""
+    p, seed = 0.3, 5
+    x = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).to(dtype)
+    ours = pyfastpeft.ops.philox_dropout(x.to(device), p, seed=seed).cpu()
+    assert ours.dtype == dtype and ours.shape == x.shape
+    mask = reference.philox_keep_mask(x.numel(), p, seed).view(shape)
+    # the kernels multiply in float32 (float64 for float64) by the scale 1/(1-p) rounded to that type
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    scale = torch.tensor(1.0 / (1.0 - p), dtype=acc)
+    expected = (x.to(acc) * mask.to(acc) * scale).to(dtype)
+    torch.testing.assert_close(ours, expected, rtol=0, atol=0)
+
+
+def test_non_contiguous_input_is_masked_by_row_major_index(device):
+    base = torch.randn(40, 18, device=device)
+    x = base.t()[::2]  # [9, 40], strides (2, 18)
+    assert not x.is_contiguous()
+    ours = pyfastpeft.ops.philox_dropout(x, 0.4, seed=3)
+    torch.testing.assert_close(ours, pyfastpeft.ops.philox_dropout(x.contiguous(), 0.4, seed=3), rtol=0, atol=0)
+    assert ours.is_contiguous()
+
+
+def test_backward_regenerates_the_mask(device):
+    x = torch.randn(13, 29, dtype=torch.float64, device=device, requires_grad=True)
+    y = pyfastpeft.ops.philox_dropout(x, 0.25, seed=17)
+    gy = torch.randn_like(y)
+    (gx,) = torch.autograd.grad(y, x, gy)
+    mask = reference.philox_keep_mask(x.numel(), 0.25, 17).view(13, 29).to(device)
+    torch.testing.assert_close(gx, gy * mask / 0.75, rtol=1e-15, atol=0)
+
+
+def test_opcheck(device):
+    x = torch.randn(37, 11, device=device)
+    torch.library.opcheck(torch.ops.pyfastpeft.philox_dropout, (x, 0.3, _state(4, device)))
+    torch.library.opcheck(torch.ops.pyfastpeft.philox_dropout, (x.requires_grad_(), 0.3, _state(4, device)))
+
+
+class TestMask:
+    def test_kept_fraction(self, device):
+        x = torch.ones(1 << 20, device=device)
+        for p in (0.05, 0.1, 0.5, 0.9):
+            kept = (pyfastpeft.ops.philox_dropout(x, p, seed=3) != 0).double().mean().item()
+            assert abs(kept - (1 - p)) < 4e-3, (p, kept)
+
+    def test_scale_and_determinism(self, device):
+        x = torch.randn(1000, 37, device=device)
+        a = pyfastpeft.ops.philox_dropout(x, 0.2, seed=11)
+        b = pyfastpeft.ops.philox_dropout(x, 0.2, seed=11)
+        c = pyfastpeft.ops.philox_dropout(x, 0.2, seed=12)
+        assert torch.equal(a, b) and not torch.equal(a, c)
+        kept = a != 0
+        torch.testing.assert_close(a[kept], x[kept] / 0.8, rtol=1e-6, atol=0)
+
+    @pytest.mark.parametrize("numel", [1, 127, 128, 1000, 4099])
+    def test_mask_matches_the_philox_spec(self, device, numel):
+        ones = torch.ones(numel, device=device)
+        for p, seed in ((0.1, 0), (0.5, 2**40 + 7), (0.93, 123456789)):
+            ours = pyfastpeft.ops.philox_dropout(ones, p, seed=seed).cpu() != 0
+            assert torch.equal(ours, reference.philox_keep_mask(numel, p, seed)), (p, seed)
+
+    @pytest.mark.parametrize("offset", [1, 2**32 + 5, 2**62 + 2**31 + 3])
+    def test_mask_matches_the_philox_spec_at_any_offset(self, device, offset):
+        """Both 32-bit halves of the offset and of the seed reach the counter and the key (the
+        vectorised CPU generator splits them itself)."""
+        ones = torch.ones(3 * 128 + 17, device=device)
+        seed = 2**63 - 12345
+        state = torch.tensor([seed, offset], dtype=torch.int64, device=device)
+        ours = torch.ops.pyfastpeft.philox_dropout(ones, 0.3, state).cpu() != 0
+        assert torch.equal(ours, reference.philox_keep_mask(ones.numel(), 0.3, seed, offset))
+
+    def test_mask_depends_only_on_element_index(self):
+        """The mask of element i is a function of (seed, offset, i): a prefix of a longer tensor
+        gets the prefix of its mask (what makes CPU and CUDA agree, and backward reproduce forward)."""
+        long = pyfastpeft.ops.philox_dropout(torch.ones(1003), 0.5, seed=9)
+        short = pyfastpeft.ops.philox_dropout(torch.ones(77), 0.5, seed=9)
+        assert torch.equal(long[:77], short)
+
+    @requires_cuda
+    def test_cpu_and_cuda_masks_agree(self):
+        x = torch.randn(513, 71)
+        cpu = pyfastpeft.ops.philox_dropout(x, 0.3, seed=21)
+        gpu = pyfastpeft.ops.philox_dropout(x.cuda(), 0.3, seed=21).cpu()
+        assert torch.equal(cpu != 0, gpu != 0)
