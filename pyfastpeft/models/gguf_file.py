@@ -217,7 +217,9 @@ def load_gguf_quantized(
     bias)`` and a quantized embedding ``make_embedding(blocks, qtype, num_embeddings, embedding_dim)``
     (``blocks``: ``uint8 [rows, nbytes]``). A file without an ``output`` tensor ties the head to the
     embedding: the head is then ``make_linear`` over the embedding's very blocks tensor (shared, not
-    copied). Float tensors (norms, de-quantized types) go into the ordinary modules."""
+    copied); the model's ``tie_weights()`` has nothing left to do and must not be called (it looks for an
+    embedding ``weight`` parameter). Float tensors (norms, de-quantized types) go into the ordinary
+    modules."""
     from transformers import AutoModelForCausalLM
 
     path = Path(path)
@@ -231,7 +233,8 @@ def load_gguf_quantized(
     unexpected = set(tensors) - expected
     if missing or unexpected:
         raise UserError(
-            f"path: {path} does not fit its own config: missing {sorted(missing)[:4]}, unexpected {sorted(unexpected)[:4]}"
+            f"path: {path} does not fit its own config: "
+            f"missing {sorted(missing)[:4]}, unexpected {sorted(unexpected)[:4]}"
         )
     for name, t in tensors.items():
         module_name = _module_name(name)
@@ -242,7 +245,9 @@ def load_gguf_quantized(
             _set_module(model, module_name, make_linear(t.data, t.qtype, t.shape[1], t.shape[0], bias))
         elif isinstance(module, nn.Embedding) and t.quantized:
             _set_module(model, module_name, make_embedding(t.data, t.qtype, t.shape[0], t.shape[1]))
-        elif name.endswith(".bias") and f"{module_name}.weight" in tensors and tensors[f"{module_name}.weight"].quantized:
+        elif (
+            name.endswith(".bias") and f"{module_name}.weight" in tensors and tensors[f"{module_name}.weight"].quantized
+        ):
             continue  # went into its quantized module
         else:
             leaf = name.rpartition(".")[2]

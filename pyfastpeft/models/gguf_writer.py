@@ -79,8 +79,15 @@ def expected_tensor_names(config) -> list[str]:
         names.append("lm_head.weight")
     for i in range(config.num_hidden_layers):
         for part in (
-            "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "input_layernorm", "post_attention_layernorm",
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.o_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
+            "input_layernorm",
+            "post_attention_layernorm",
         ):
             names.append(f"model.layers.{i}.{part}.weight")
     return names
@@ -100,7 +107,9 @@ def _encode(name: str, weight: torch.Tensor, qtype: int, quantize: Quantize) -> 
     rows, cols = weight.shape
     blocks = quantize(weight, qtype)
     if not isinstance(blocks, torch.Tensor) or blocks.dtype != torch.uint8:
-        raise TypeError(f"quantize: expected a uint8 tensor for {name}, got {type(blocks).__name__} {getattr(blocks, 'dtype', '')}")
+        raise TypeError(
+            f"quantize: expected a uint8 tensor for {name}, got {type(blocks).__name__} {getattr(blocks, 'dtype', '')}"
+        )
     if tuple(blocks.shape) != (rows, cols // BLOCK * BLOCK_BYTES[qtype]):
         raise ValueError(
             f"quantize: {name} [{rows}, {cols}] gave blocks of shape {list(blocks.shape)}, "

@@ -82,7 +82,12 @@ def export_gguf(
     method = saved.method or str(saved.peft_type).lower()
     state = merged_state(adapted, template, method)
     write_gguf(
-        out_path, state, template.config, quant=quant, quantize=quantize, source_gguf=source,
+        out_path,
+        state,
+        template.config,
+        quant=quant,
+        quantize=quantize,
+        source_gguf=source,
         embedding_quant=embedding_quant,
     )
     log(f"GGUF ({quant}) written to {out_path} ({out_path.stat().st_size / 1e6:.1f} MB; adapter {method} merged)")

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import gguf  # the GGUF tests need it (`bash scripts/run.sh test` installs it): fail, never skip
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-gguf = __import__("pytest").importorskip("gguf")
 
 TINY = dict(layers=2, hidden=64, heads=4, kv_heads=2, ffn=128, vocab=96, context=128)
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -63,7 +62,9 @@ class BlockEmbedding(nn.Module):
 
 def hf_permute(weight: np.ndarray, heads: int) -> np.ndarray:
     """llama.cpp's converter's Q/K permutation of Hugging Face rows, written as the converter does it."""
-    return weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+    return (
+        weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+    )
 
 
 def random_hf_state(seed: int = 0, *, tied: bool = True, **overrides) -> dict[str, np.ndarray]:

