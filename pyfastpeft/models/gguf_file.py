@@ -251,7 +251,7 @@ def load_gguf_quantized(
             continue  # went into its quantized module
         else:
             leaf = name.rpartition(".")[2]
-            setattr(module, leaf, nn.Parameter(t.data.reshape(t.shape), requires_grad=False))
+            setattr(module, leaf, nn.Parameter(t.data.reshape(t.shape)))
     if tied:
         embed = tensors["model.embed_tokens.weight"]
         if embed.quantized:
