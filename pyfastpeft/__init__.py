@@ -7,6 +7,7 @@ import torch  # noqa: F401  (must be imported before the extension)
 from . import distill, heads, io, nn, ops, optim, quant, tuners
 from ._extension import build_info, cuda_available
 from .heads import with_task_head
+from .models.gguf_file import from_gguf
 from .report import Report, report
 from .tuners import (
     AdapterConfig,
@@ -38,6 +39,7 @@ __all__ = [
     "build_info",
     "cuda_available",
     "distill",
+    "from_gguf",
     "get_peft_model",
     "heads",
     "io",

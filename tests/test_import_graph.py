@@ -44,7 +44,7 @@ ALLOWED = {
     "__main__": {"cli"},
     "cli": {"train", "models", "errors"},
     "train": {"report", "tuners", "io", "quant", "nn", "optim", "distill", "models", "errors"},
-    ROOT: {"report", "tuners", "io", "quant", "heads", "nn", "optim", "distill", "ops", "_extension"},
+    ROOT: {"report", "tuners", "io", "quant", "heads", "nn", "optim", "distill", "models", "ops", "_extension"},
     "report": {"io"},
     "tuners": {"report", "io", "nn", "ops", "errors"},
     "io": {"errors"},
