@@ -1,5 +1,7 @@
-"""Fused LoRA linear: forward+backward time and saved activations against the frozen base linear,
-the eager composition PEFT uses, and Hugging Face PEFT's own LoRA layer (when installed).
+"""The LoRA linear layer users get (``pyfastpeft.tuners.LoraLinear``, the class get_peft_model installs,
+built here with its single-adapter constructor): forward+backward time and saved activations against
+the frozen base linear, the eager composition PEFT uses, and Hugging Face PEFT's own LoRA layer (when
+installed).
 
     python bench/bench_lora.py [--device cpu|cuda] [--dtype float32|bfloat16] [--quick] [--threads 1 --cpu-time]
 """
@@ -17,7 +19,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench._timing import print_table, saved_activation_bytes, time_interleaved, write_results  # noqa: E402
-from pyfastpeft.nn import LoRALinear  # noqa: E402
+from pyfastpeft.tuners import LoraLinear  # noqa: E402
 
 
 class EagerLoRA(nn.Module):
@@ -55,7 +57,7 @@ def bench(device: str, dtype: torch.dtype, n: int, d_in: int, d_out: int, r: int
     layers = {
         "base linear (frozen)": base,
         "eager composition": EagerLoRA(copy.deepcopy(base), r, 2.0 * r, p).to(device),
-        "pyfastpeft LoRALinear": LoRALinear(copy.deepcopy(base), r=r, alpha=2.0 * r, dropout=p),
+        "pyfastpeft LoraLinear": LoraLinear(copy.deepcopy(base), r=r, lora_alpha=2.0 * r, lora_dropout=p),
     }
     peft_layer = hf_peft_layer(copy.deepcopy(base), r, 2.0 * r, p)
     if peft_layer is not None:

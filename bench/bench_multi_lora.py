@@ -1,6 +1,8 @@
-"""Mixed multi-adapter LoRA batches: pyfastpeft's op (through MultiLoRALinear, "ours", and through its
-PEFT-style PeftModel, "ours_peft_model") against the base linear alone, Hugging Face PEFT's
-``adapter_names`` path and the plain PyTorch composition (each adapter on its own tokens).
+"""Mixed multi-adapter LoRA batches, as a user runs them: a pyfastpeft PeftModel holding several
+adapters, called with ``adapter_names`` ("ours": the LoRA layer in its mixed-batch mode, one op call), and
+the same layer called directly with ``adapter_names`` ("ours_layer"), against the base linear alone,
+Hugging Face PEFT's ``adapter_names`` path and the plain PyTorch composition (each adapter on its own
+tokens).
 
 Forward (inference, one adapter per sequence, as PEFT's mixed batches are) and forward+backward
 (training several adapters in one batch, which PEFT refuses), for 8 and 32 adapters.
@@ -23,8 +25,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._timing import print_table, saved_activation_bytes, time_interleaved, write_results  # noqa: E402
-from pyfastpeft.nn import MultiLoRALinear  # noqa: E402
-from pyfastpeft.ops import reference  # noqa: E402
+from pyfastpeft.ops import adapter_indices_from_names, reference  # noqa: E402
 
 
 class OneLinear(nn.Module):
@@ -36,9 +37,9 @@ class OneLinear(nn.Module):
         return self.lin(x)
 
 
-def build_peft(base: nn.Linear, layer: MultiLoRALinear, r: int, alpha: float, library: str = "peft"):
-    """A PeftModel over a one-Linear model holding the same adapters (same weights) as `layer`, from
-    Hugging Face PEFT (``library="peft"``) or pyfastpeft's PEFT-style API (``"pyfastpeft"``)."""
+def build_peft(base: nn.Linear, names: list[str], r: int, alpha: float, library: str, weights=None):
+    """A PeftModel over a one-Linear model with adapters ``names``, from Hugging Face PEFT
+    (``library="peft"``) or pyfastpeft (``"pyfastpeft"``); ``weights``: {name: (A, B)} to copy in."""
     if library == "peft":
         from peft import LoraConfig, get_peft_model
     else:
@@ -47,48 +48,52 @@ def build_peft(base: nn.Linear, layer: MultiLoRALinear, r: int, alpha: float, li
     model = OneLinear(base.in_features, base.out_features)
     model.lin.load_state_dict(base.state_dict())
     config = LoraConfig(r=r, lora_alpha=alpha, target_modules=["lin"], lora_dropout=0.0)
-    names = layer.adapter_names
     peft_model = get_peft_model(model, config, adapter_name=names[0])
     for name in names[1:]:
         peft_model.add_adapter(name, config)
-    with torch.no_grad():
-        for name in names:
-            peft_model.base_model.model.lin.lora_A[name].weight.copy_(layer.lora_A[name])
-            peft_model.base_model.model.lin.lora_B[name].weight.copy_(layer.lora_B[name])
+    if weights is not None:
+        layer = peft_model.base_model.model.lin
+        with torch.no_grad():
+            for name, (a, b) in weights.items():
+                layer.lora_A[name].weight.copy_(a)
+                layer.lora_B[name].weight.copy_(b)
     return peft_model.eval()
 
 
 def run(n_tokens: int, features: int, r: int, num_adapters: int, rounds: int, clock=time.perf_counter) -> list[dict]:
     torch.manual_seed(0)
     base = nn.Linear(features, features)
-    layer = MultiLoRALinear(base)
-    for k in range(num_adapters):
-        layer.add_adapter(f"a{k}", r=r, alpha=2.0 * r)
-        nn.init.normal_(layer.lora_B[f"a{k}"], std=0.02)
+    names = [f"a{k}" for k in range(num_adapters)]
+    ours = build_peft(base, names, r, 2.0 * r, "pyfastpeft")
+    layer = ours.get_base_model().lin  # the LoRA layer get_peft_model installed
+    for name in names:
+        nn.init.normal_(layer.lora_B[name].weight, std=0.02)
+    for p in layer.parameters():  # train every adapter in the mixed batch, not only the active one
+        p.requires_grad_(p is not layer.base_layer.weight and p is not layer.base_layer.bias)
+    weights = {n: (layer.lora_A[n].weight.detach(), layer.lora_B[n].weight.detach()) for n in names}
+    peft_model = build_peft(base, names, r, 2.0 * r, "peft", weights)
     seq_len = n_tokens // num_adapters  # one adapter per sequence, every adapter used once
-    names = layer.adapter_names
     x = torch.randn(num_adapters, seq_len, features)
-    idx = layer.indices_for(names, seq_len)
-    A, B = (t.detach() for t in layer.stacked_weights())
+    idx = adapter_indices_from_names(names, names, seq_len)
+    A = torch.stack([weights[n][0] for n in names])
+    B = torch.stack([weights[n][1] for n in names])
     scalings = torch.tensor([layer.scaling[n] for n in names])
-    peft_model = build_peft(base, layer, r, 2.0 * r)
-    ours_peft = build_peft(base, layer, r, 2.0 * r, library="pyfastpeft")
 
     rows = []
     with torch.no_grad():
         # Same answer from all four before timing anything.
-        y_ours = layer(x, adapter_names=names)
+        y_ours = ours(x, adapter_names=names)
+        y_layer = layer(x, adapter_names=names)
         y_peft = peft_model(x, adapter_names=names)
         y_ref = reference.multi_lora_linear(x, base.weight, base.bias, A, B, scalings, idx)
-        y_ours_peft = ours_peft(x, adapter_names=names)
         assert torch.allclose(y_ours, y_peft, atol=1e-4) and torch.allclose(y_ours, y_ref, atol=1e-4)
-        assert torch.allclose(y_ours_peft, y_peft, atol=1e-4)
+        assert torch.equal(y_layer, y_ours)
         times = time_interleaved(
             {
                 "base": lambda: base(x),
-                "ours": lambda: layer(x, adapter_names=names),
+                "ours": lambda: ours(x, adapter_names=names),
+                "ours_layer": lambda: layer(x, adapter_names=names),
                 "peft": lambda: peft_model(x, adapter_names=names),
-                "ours_peft_model": lambda: ours_peft(x, adapter_names=names),
                 "torch": lambda: reference.multi_lora_linear(x, base.weight, base.bias, A, B, scalings, idx),
             },
             rounds=rounds,
@@ -102,7 +107,7 @@ def run(n_tokens: int, features: int, r: int, num_adapters: int, rounds: int, cl
     grad = torch.randn(num_adapters, seq_len, features)
 
     def ours_step():
-        layer(xg, adapter_names=names).backward(grad)
+        ours(xg, adapter_names=names).backward(grad)
 
     def base_step():
         base(xg).backward(grad)
@@ -112,7 +117,7 @@ def run(n_tokens: int, features: int, r: int, num_adapters: int, rounds: int, cl
 
     times = time_interleaved({"base": base_step, "ours": ours_step, "torch": torch_step}, rounds=rounds, clock=clock)
     row = _row("forward+backward", num_adapters, n_tokens, features, r, times)
-    row["saved_MiB_ours"] = saved_activation_bytes(lambda: layer(xg, adapter_names=names)) / 2**20
+    row["saved_MiB_ours"] = saved_activation_bytes(lambda: ours(xg, adapter_names=names)) / 2**20
     row["saved_MiB_torch"] = (
         saved_activation_bytes(
             lambda: reference.multi_lora_linear(xg, base.weight, base.bias, A_t, B_t, scalings, idx),
@@ -122,14 +127,13 @@ def run(n_tokens: int, features: int, r: int, num_adapters: int, rounds: int, cl
     )
     rows.append(row)
 
-    # Our op on a per-token random assignment (no run structure: the sorted path), forward only.
-    idx_random = torch.randint(0, num_adapters, (n_tokens,))
+    # A random adapter per token (no run structure: the op's sorted path), forward only: every token is a
+    # sequence of length one, with its own adapter name.
+    random_names = [names[i] for i in torch.randint(0, num_adapters, (n_tokens,)).tolist()]
+    x_tokens = x.reshape(n_tokens, 1, features)
     with torch.no_grad():
         times = time_interleaved(
-            {
-                "base": lambda: base(x),
-                "ours": lambda: layer(x, adapter_indices=idx_random.view(x.shape[:-1])),
-            },
+            {"base": lambda: base(x), "ours": lambda: ours(x_tokens, adapter_names=random_names)},
             rounds=rounds,
             clock=clock,
         )
@@ -141,8 +145,8 @@ def _row(mode: str, num_adapters: int, n_tokens: int, features: int, r: int, tim
     row = {"mode": mode, "adapters": num_adapters, "tokens": n_tokens, "features": features, "r": r}
     row.update({f"{k}_ms": v for k, v in times.items()})
     row["ours/base"] = times["ours"] / times["base"]
-    if "ours_peft_model" in times:
-        row["ours_peft_model/base"] = times["ours_peft_model"] / times["base"]
+    if "ours_layer" in times:
+        row["ours_layer/base"] = times["ours_layer"] / times["base"]
     if "peft" in times:
         row["peft/base"] = times["peft"] / times["base"]
         row["peft/ours"] = times["peft"] / times["ours"]
@@ -178,7 +182,7 @@ def main() -> None:
         "peft_ms",
         "torch_ms",
         "ours/base",
-        "ours_peft_model/base",
+        "ours_layer/base",
         "peft/base",
         "peft/ours",
         "torch/ours",

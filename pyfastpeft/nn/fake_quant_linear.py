@@ -1,7 +1,8 @@
-"""Quantization-aware linears: FakeQuantLinear (training), QuantizedLinear (real integer weights, the
-reference dequantizing linear for inference) and QuantLoRALinear (a LoRA branch over either, frozen).
+"""Quantization-aware linears: FakeQuantLinear (training) and QuantizedLinear (real integer weights, the
+reference dequantizing linear for inference). LoRA over either, frozen, is the quantized-base mode of the
+LoRA layer (``pyfastpeft.tuners.LoraLinear``).
 
-All three compute ``linear(aq(x), wq, bias)`` with the same ``aq`` (dynamic per-token activation fake
+Both compute ``linear(aq(x), wq, bias)`` with the same ``aq`` (dynamic per-token activation fake
 quantization, or identity for weight-only schemes) and bitwise the same ``wq``: FakeQuantLinear fake-quantizes
 the float weight each forward; QuantizedLinear stores the integer codes and dequantizes them with the
 same formula, so a converted model gives exactly the fake-quantized model's outputs.

@@ -1,9 +1,7 @@
-"""QuantizedLinear (integer weights, dequantized on the fly) and QuantLoRALinear (LoRA over a frozen,
-quantized or fake-quantized base). See fake_quant_linear.py for the shared semantics."""
+"""QuantizedLinear: integer weights, dequantized on the fly. See fake_quant_linear.py for the shared
+semantics; LoRA over either base is the LoRA layer's quantized-base mode (``pyfastpeft.tuners.LoraLinear``)."""
 
 from __future__ import annotations
-
-import math
 
 import torch
 from torch import nn
@@ -162,52 +160,3 @@ class QuantizedLinear(_ActivationQuant, nn.Module):
     def extra_repr(self) -> str:
         scheme = ", ".join(f"{k}={v}" for k, v in self.scheme().items())
         return f"in_features={self.in_features}, out_features={self.out_features}, {scheme}, dtype={self.dtype}"
-
-
-class QuantLoRALinear(nn.Module):
-    """LoRA over a frozen quantized (QLoRA-style) or fake-quantized (QAT + LoRA) base:
-    ``y = linear(aq(x), wq, b) + scaling · B·A·dropout(aq(x))`` through :func:`pyfastpeft.ops.lora_linear`.
-
-    ``wq`` is the base's dequantized (QuantizedLinear) or fake-quantized (FakeQuantLinear) weight, computed
-    without gradient; only ``lora_A`` and ``lora_B`` train. The LoRA branch sees the same (quantized)
-    activations as the base product. Names follow :class:`pyfastpeft.nn.LoRALinear`.
-    """
-
-    def __init__(
-        self,
-        base_layer: FakeQuantLinear | QuantizedLinear,
-        r: int = 8,
-        alpha: float = 8.0,
-        dropout: float = 0.0,
-        rslora: bool = False,
-    ):
-        super().__init__()
-        if not isinstance(base_layer, (FakeQuantLinear, QuantizedLinear)):
-            raise ValueError(
-                f"base_layer: expected a FakeQuantLinear or QuantizedLinear, got {type(base_layer).__name__}"
-            )
-        if not isinstance(r, int) or r < 1:
-            raise ValueError(f"r: expected a positive int, got {r!r}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout!r}")
-        self.base_layer = base_layer
-        for p in base_layer.parameters():
-            p.requires_grad_(False)
-        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
-        self.r, self.alpha, self.dropout, self.rslora = r, alpha, dropout, rslora
-        self.scaling = alpha / (math.sqrt(r) if rslora else r)
-        dtype = base_layer.weight.dtype if isinstance(base_layer, FakeQuantLinear) else base_layer.dtype
-        device = base_layer.weight.device if isinstance(base_layer, FakeQuantLinear) else base_layer.qweight.device
-        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, dtype=dtype, device=device))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, dtype=dtype, device=device))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        base = self.base_layer
-        with torch.no_grad():
-            weight = base.quantized_weight()
-        p = self.dropout if self.training else 0.0
-        return ops.lora_linear(base.quantize_input(x), weight, base.bias, self.lora_A, self.lora_B, self.scaling, p)
-
-    def extra_repr(self) -> str:
-        return f"r={self.r}, alpha={self.alpha}, dropout={self.dropout}, rslora={self.rslora}"

@@ -6,12 +6,20 @@ from .ia3 import ia3_scale
 from .distill import fused_linear_kd_loss, kd_loss
 from .dropout import philox_dropout
 from .lora import lora_linear
-from .multi_lora import check_adapter_indices, multi_lora_linear
+from .multi_lora import (
+    BASE_ADAPTER,
+    adapter_indices_from_names,
+    check_adapter_indices,
+    kernel_layout,
+    multi_lora_linear,
+)
 from .optim import fused_adamw_, multi_tensor_l2_norm
 from .quant import fake_quantize, fake_quantize_lsq
 from .sparse import sampled_weight_grad, sparse_delta_linear
 
 __all__ = [
+    "BASE_ADAPTER",
+    "adapter_indices_from_names",
     "bias_only_linear",
     "check_adapter_indices",
     "fake_quantize",
@@ -20,6 +28,7 @@ __all__ = [
     "fused_linear_kd_loss",
     "ia3_scale",
     "kd_loss",
+    "kernel_layout",
     "lora_linear",
     "multi_lora_linear",
     "multi_tensor_l2_norm",

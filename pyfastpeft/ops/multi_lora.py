@@ -149,3 +149,66 @@ def check_adapter_indices(adapter_indices: torch.Tensor, num_adapters: int) -> N
             f"adapter_indices: index {value} at token {first} is out of range for {num_adapters} adapters "
             f"(expected -1 for no adapter, or 0..{num_adapters - 1})"
         )
+
+
+BASE_ADAPTER = "__base__"
+"""The adapter name that selects the base layer alone (adapter index -1), as in Hugging Face PEFT."""
+
+
+def adapter_indices_from_names(
+    names_per_sequence: Sequence[str],
+    adapter_names: Sequence[str],
+    tokens_per_sequence: int | Sequence[int],
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Map one adapter name per sequence to one int64 index per token, as :func:`multi_lora_linear` takes.
+
+    Args:
+        names_per_sequence: the adapter of each sequence; ``"__base__"`` means no adapter (index -1).
+        adapter_names: the adapters in index order (the order of the stacked ``lora_A`` / ``lora_B``).
+        tokens_per_sequence: the length of every sequence, or a list of lengths (packed, ragged batches).
+        device: where the index tensor goes.
+
+    Returns:
+        ``[sum of lengths]`` int64: sequence ``i``'s tokens all carry the index of ``names_per_sequence[i]``.
+    """
+    lookup = {name: i for i, name in enumerate(adapter_names)}
+    per_sequence = []
+    for name in names_per_sequence:
+        if name == BASE_ADAPTER:
+            per_sequence.append(-1)
+        elif name in lookup:
+            per_sequence.append(lookup[name])
+        else:
+            raise ValueError(
+                f"adapter_names: unknown adapter {name!r}; known adapters: {list(adapter_names)} "
+                f"(and {BASE_ADAPTER!r} for none)"
+            )
+    if isinstance(tokens_per_sequence, int):
+        lengths = [tokens_per_sequence] * len(per_sequence)
+    else:
+        lengths = [int(n) for n in tokens_per_sequence]
+        if len(lengths) != len(per_sequence):
+            raise ValueError(
+                f"tokens_per_sequence: expected {len(per_sequence)} lengths (one per name), got {len(lengths)}"
+            )
+    if any(n < 0 for n in lengths):
+        raise ValueError(f"tokens_per_sequence: lengths must be non-negative, got {lengths}")
+    # Built on the host, then copied once: no device work (and no synchronisation) per sequence.
+    per_token = torch.tensor(per_sequence, dtype=torch.int64).repeat_interleave(
+        torch.tensor(lengths, dtype=torch.int64)
+    )
+    return per_token.to(device) if device is not None else per_token
+
+
+def kernel_layout(lora_A: torch.Tensor, lora_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same values, stored as the CPU kernels read them: A [K, r, in] as a view of Aᵀ [K, in, r]
+    (when r is a whole number of 64-byte packs) and B [K, out, r] as a view of Bᵀ [K, r, out]. The op
+    uses these in place instead of transposing every adapter on every call, so a layer that serves the
+    same stack many times keeps it in this layout; other devices and dtypes keep the plain stack."""
+    if lora_A.device.type != "cpu" or lora_A.dtype not in (torch.float32, torch.float64):
+        return lora_A, lora_B
+    lanes = 64 // lora_A.element_size()
+    if lora_A.shape[1] % lanes == 0:
+        lora_A = lora_A.transpose(1, 2).contiguous().transpose(1, 2)
+    return lora_A, lora_B.transpose(1, 2).contiguous().transpose(1, 2)

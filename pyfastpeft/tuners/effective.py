@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ..nn import FakeQuantLinear, LoRALinear, SparseDeltaLinear
+from ..nn import FakeQuantLinear, SparseDeltaLinear
 from .lora.layer import LoraLinear
 
 
@@ -27,9 +27,7 @@ def effective_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
         elif isinstance(m, SparseDeltaLinear):
             out[key] = out[key] + m.delta_weight().double()
     for name, m in model.named_modules():
-        if isinstance(m, LoRALinear) and not m.merged:
-            out[f"{name}.weight"] = out[f"{name}.weight"] + m.delta_weight().double()
-        elif isinstance(m, LoraLinear):  # get_peft_model's layer; Conv1D stores [in, out]
+        if isinstance(m, LoraLinear):  # Conv1D stores [in, out]
             delta = sum(m.delta_weight(a).double() for a in m.active_adapters if a not in m.merged_adapters)
             if isinstance(delta, torch.Tensor):
                 w = out[f"{name}.weight"]

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .. import io
-from ..nn import BASE_ADAPTER
+from ..ops import BASE_ADAPTER
 from ..report import report, trainable_parameters
 from .base import BaseTuner
 from .matching import save_wrappers, set_submodule, wrap_modules_to_save

@@ -1,4 +1,5 @@
-"""FakeQuantLinear, QuantizedLinear and QuantLoRALinear against float64 references."""
+"""FakeQuantLinear and QuantizedLinear against float64 references (LoRA over them:
+tests/tuners/test_lora_quantized_base.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import pyfastpeft
-from pyfastpeft.nn import FakeQuantLinear, QuantizedLinear, QuantLoRALinear
+from pyfastpeft.nn import FakeQuantLinear, QuantizedLinear
 from pyfastpeft.nn.quantized_linear import pack_codes, unpack_codes
 from pyfastpeft.ops import reference as ref
 from tests.conftest import FLOAT_DTYPES, low_precision_error_bound, lsq_qparam_grad_bounds
@@ -161,64 +162,6 @@ def test_quantized_linear_rejects_non_finite_weights():
         m.weight[3, 5] = float("nan")
     with pytest.raises(ValueError, match="weight"):
         QuantizedLinear.from_fake_quant(m)
-
-
-@pytest.mark.parametrize("base_kind", ["fake", "quantized"])
-@pytest.mark.parametrize("name", ["8da4w", "w4_g128_asym"])
-def test_quant_lora_linear(device, base_kind, name):
-    base = make(name, device=device)
-    if base_kind == "quantized":
-        base = QuantizedLinear.from_fake_quant(base)
-    layer = QuantLoRALinear(base, r=4, alpha=8.0)
-    x = torch.randn(6, 256, device=device, requires_grad=True)
-    with torch.no_grad():
-        assert torch.equal(layer(x), base(x))  # lora_B starts at zero
-        layer.lora_B.normal_()
-    y = layer(x)
-    with torch.no_grad():
-        wq = base.quantized_weight()
-    xq = base.quantize_input(x.detach()).double()
-    A = layer.lora_A.detach().double().requires_grad_()
-    B = layer.lora_B.detach().double().requires_grad_()
-    bias = base.bias.double() if base.bias is not None else None
-    y64 = ref.lora_linear(xq, wq.double(), bias, A, B, layer.scaling)
-    torch.testing.assert_close(y.double(), y64, rtol=1e-5, atol=1e-5)
-    dy = torch.randn_like(y)
-    gA, gB = torch.autograd.grad(y, [layer.lora_A, layer.lora_B], dy)
-    rA, rB = torch.autograd.grad(y64, [A, B], dy.double())
-    torch.testing.assert_close(gA.double(), rA, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(gB.double(), rB, rtol=1e-4, atol=1e-4)
-    assert [n for n, p in layer.named_parameters() if p.requires_grad] == ["lora_A", "lora_B"]
-
-
-def test_quant_lora_linear_dropout_and_bad_base():
-    layer = QuantLoRALinear(make("8da4w"), r=2, dropout=0.5)
-    with torch.no_grad():
-        layer.lora_B.normal_()  # B = 0 would give A a zero gradient
-    layer.train()
-    x = torch.randn(3, 256)
-    torch.manual_seed(7)  # the dropout's [seed, offset] comes from torch's generator: draw it once more
-    seed, offset = torch.randint(0, 2**62, (2,)).tolist()
-    torch.manual_seed(7)
-    layer(x).sum().backward()
-    mask = ref.philox_keep_mask(x.numel(), 0.5, seed, offset).reshape(x.shape)
-    assert 0 < mask.sum() < mask.numel()
-    base = layer.base_layer
-    with torch.no_grad():
-        xq, wq = base.quantize_input(x), base.quantized_weight()
-
-    def grads(convert):
-        a, b = (convert(t.detach()).requires_grad_() for t in (layer.lora_A, layer.lora_B))
-        xd = convert(xq) * convert(mask.to(x.dtype)) * (1.0 / (1.0 - 0.5))
-        y = ref.lora_linear(xd, convert(wq), convert(base.bias.detach()), a, b, layer.scaling)
-        return torch.autograd.grad(y, [a, b], convert(torch.ones_like(y)))
-
-    ref64, lowp, mags = grads(lambda t: t.double()), grads(lambda t: t.clone()), grads(lambda t: t.double().abs())
-    for ours, low, r, mag in zip([layer.lora_A.grad, layer.lora_B.grad], lowp, ref64, mags, strict=True):
-        err, bound = low_precision_error_bound(ours, low, r, magnitude=mag)
-        assert err <= bound, (err, bound)
-    with pytest.raises(ValueError, match="base_layer"):
-        QuantLoRALinear(nn.Linear(4, 4))
 
 
 def test_modules_compile():

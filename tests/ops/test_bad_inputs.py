@@ -330,7 +330,7 @@ def test_lora_linear_with_zero_in_features(device, dropout_p):
 
 def test_lora_linear_module_with_zero_in_features(device):
     base = torch.nn.Linear(0, OUT).to(device=device, dtype=torch.float64)
-    layer = pyfastpeft.nn.LoRALinear(base, r=R, dropout=0.2)
+    layer = pyfastpeft.tuners.LoraLinear(base, r=R, lora_dropout=0.2)
     y = layer(torch.zeros(2, 3, 0, dtype=torch.float64, device=device))
     torch.testing.assert_close(y, base.bias.detach().expand(2, 3, OUT))
 

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import pyfastpeft
-from pyfastpeft.ops import reference
+from pyfastpeft.ops import BASE_ADAPTER, adapter_indices_from_names, kernel_layout, reference
 from tests.conftest import FLOAT_DTYPES, assert_within_rounding, low_precision_error_bound
 
 OP = torch.ops.pyfastpeft.multi_lora_linear.default
@@ -127,7 +127,7 @@ def stored_transposed(t: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("r", [8, 16, 21])
 @pytest.mark.parametrize("which", ["A", "B", "both"])
 def test_transposed_storage_of_the_adapters(device, dtype, layout, r, which):
-    """A stored as Aᵀ and B as Bᵀ (what MultiLoRALinear's inference stack holds) give what the
+    """A stored as Aᵀ and B as Bᵀ (what the LoRA layer's inference stack holds) give what the
     contiguous stack gives, outputs and gradients, whether or not the op can read them in place
     (r = 8 is one whole pack of float64 ranks but half a pack of float32 ones; r = 21 neither)."""
     case = make_case(n_rows=211, in_f=70, out_f=83, r=r, K=4, seed=5)
@@ -363,3 +363,33 @@ def test_random_shapes_match_reference(n_rows, in_f, out_f, r, K, seed, layout):
         if a.numel():  # another summation order: within two roundings of the sum of |terms|
             err, bound = low_precision_error_bound(a, b, b, magnitude=m)
             assert err <= bound, (name, err, bound)
+
+
+def test_indices_from_names_per_sequence_and_ragged():
+    names = ["fr", "de", "es"]
+    got = adapter_indices_from_names(["de", BASE_ADAPTER, "fr"], names, 2)
+    assert got.tolist() == [1, 1, -1, -1, 0, 0]
+    got = adapter_indices_from_names(["es", "fr"], names, [3, 1])
+    assert got.tolist() == [2, 2, 2, 0] and got.dtype == torch.int64
+    assert adapter_indices_from_names([], names, 3).tolist() == []
+    with pytest.raises(ValueError, match="unknown adapter 'it'"):
+        adapter_indices_from_names(["it"], names, 2)
+    with pytest.raises(ValueError, match="tokens_per_sequence: expected 2 lengths"):
+        adapter_indices_from_names(["es", "fr"], names, [3])
+    with pytest.raises(ValueError, match="tokens_per_sequence: lengths must be non-negative"):
+        adapter_indices_from_names(["es"], names, [-1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("r", [8, 16, 21])
+def test_kernel_layout_keeps_values_and_shapes(dtype, r):
+    """The same values and shapes; on the CPU in float32/float64, Bᵀ stored contiguously, and Aᵀ too when r
+    is a whole number of 64-byte packs."""
+    a, b = torch.randn(3, r, 70).to(dtype), torch.randn(3, 83, r).to(dtype)
+    la, lb = kernel_layout(a, b)
+    assert torch.equal(la, a) and torch.equal(lb, b)
+    if dtype == torch.bfloat16:
+        assert la is a and lb is b
+        return
+    assert lb.transpose(1, 2).is_contiguous()
+    assert la.transpose(1, 2).is_contiguous() == (r % (64 // a.element_size()) == 0)

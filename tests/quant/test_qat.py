@@ -10,8 +10,9 @@ from safetensors import safe_open
 from torch import nn
 
 import pyfastpeft as pf
-from pyfastpeft.nn import FakeQuantLinear, QuantizedLinear, QuantLoRALinear
+from pyfastpeft.nn import FakeQuantLinear, QuantizedLinear
 from pyfastpeft.quant import QATConfig, convert, load_quantized, prepare_qat, save_quantized
+from pyfastpeft.tuners import LoraLinear
 
 
 class Block(nn.Module):
@@ -138,7 +139,7 @@ def test_lora_over_quantized_base_trains_only_lora():
     """QLoRA-style: convert a QAT model, wrap its quantized linears with LoRA, train the adapters."""
     model = convert(prepare_qat(make_model(), QATConfig.int8_dynamic_activation_int4_weight()))
     for block in model.layers:
-        block.up_proj = QuantLoRALinear(block.up_proj, r=4, alpha=8)
+        block.up_proj = LoraLinear(block.up_proj, r=4, lora_alpha=8)
     for p in model.parameters():
         p.requires_grad_(False)
     lora = [p for n, p in model.named_parameters() if "lora_" in n]

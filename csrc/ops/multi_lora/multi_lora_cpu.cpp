@@ -186,7 +186,7 @@ void multi_lora_forward_rows(const at::Tensor& x2, const at::Tensor& xd, const a
   constexpr int64_t kRowBlock = 64;
   const int64_t in = s.in_features, out = s.out_features, r = s.rank;
   // A stored as Aᵀ [K, in, r] (r a whole number of packs) and B as Bᵀ [K, r, out], the layouts the
-  // kernels read, are used in place: MultiLoRALinear keeps its inference stack that way, so serving
+  // kernels read, are used in place: the LoRA layer keeps its inference stack that way, so serving
   // does not transpose every adapter on every call. Any other layout is packed per call.
   const bool A_packed = r == mk.padded_rank(r) && lora_A.stride(0) == in * r && lora_A.stride(1) == 1 &&
                         lora_A.stride(2) == r;

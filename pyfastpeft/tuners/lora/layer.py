@@ -1,11 +1,16 @@
-"""LoRA layers holding several named adapters: linear (nn.Linear and transformers' Conv1D) and embedding.
+"""The LoRA linear layer: the one class that adds LoRA to an ``nn.Linear``, transformers' Conv1D or a
+(fake-)quantized linear, whether ``get_peft_model`` installs it or a user builds one directly.
 
-Parameter names follow Hugging Face PEFT's in-memory layout (``<path>.lora_A.<adapter>.weight``,
-``lora_B``, ``lora_magnitude_vector.<adapter>.weight``, ``lora_embedding_A.<adapter>``), so state dicts
-map one-to-one onto PEFT's files.
+It holds several named adapters. Parameter names follow Hugging Face PEFT's in-memory layout
+(``<path>.lora_A.<adapter>.weight``, ``lora_B``, ``lora_magnitude_vector.<adapter>.weight``), so state
+dicts map one-to-one onto PEFT's files. Its modes, all in this class:
 
-The linear forward with one active adapter is one call of the fused op :func:`pyfastpeft.ops.lora_linear`
-(the frozen product, the rank-r products and the dropout in one pass; the backward regenerates the mask).
+- one active adapter: one call of the fused op :func:`pyfastpeft.ops.lora_linear` (the frozen product,
+  the rank-r products and the dropout in one pass; the backward regenerates the mask);
+- a quantized or fake-quantized base (QLoRA / QA-LoRA style): the same op over the base's quantized
+  weight and activations;
+- a mixed-adapter batch (one adapter per sequence, ``adapter_names``): one call of the multi-adapter op
+  :func:`pyfastpeft.ops.multi_lora_linear` over every sequence.
 """
 
 from __future__ import annotations
@@ -18,9 +23,10 @@ from torch import nn
 
 from ... import ops
 from ...nn.fake_quant_linear import FakeQuantLinear
-from ...nn.multi_lora_linear import kernel_layout
 from ...nn.quantized_linear import QuantizedLinear
+from ...ops import BASE_ADAPTER, kernel_layout
 from ..layers import BaseLayerPassthrough, is_conv1d
+from .config import LoraConfig
 
 QUANTIZED_BASES = (FakeQuantLinear, QuantizedLinear)
 
@@ -103,17 +109,43 @@ class LoraLayer(BaseLayerPassthrough, nn.Module):
 
 
 class LoraLinear(LoraLayer):
-    """LoRA on ``nn.Linear`` (weight [out, in]) or Conv1D (weight [in, out], ``fan_in_fan_out``).
+    """LoRA on ``nn.Linear`` (weight [out, in]), Conv1D (weight [in, out], ``fan_in_fan_out``), or a frozen
+    ``FakeQuantLinear`` / ``QuantizedLinear``.
 
     One active adapter: ``y = W x + b + s·B·A·dropout(x)`` in one fused op. DoRA: ``y = b + m / ‖W + s·B·A‖
     ⊙ (W x + s·B·A·dropout(x))`` with the row norm detached (PEFT's choice); without dropout (eval, or
     p = 0) this is exactly PEFT's DoRA output; in training with dropout PEFT instead applies the dropout
     to the rescaled base branch too, which costs it a second full product.
+
+    Built directly, as Hugging Face PEFT's ``lora.Linear``, it holds one adapter, active and trainable::
+
+        layer = LoraLinear(nn.Linear(1024, 1024), r=16, lora_alpha=32, lora_dropout=0.05)
+        layer.update_layer("fr", 8, 16.0, 0.05, False, False, True)   # more adapters: PEFT's update_layer
+        y = layer(x)                                                  # the active adapter ("default")
+        y = layer(x, adapter_names=["default", "fr", "__base__"])     # one adapter per sequence of x
+
+    Args:
+        base_layer: the layer to adapt; its parameters are frozen.
+        adapter_name: the first adapter's name.
+        r: its rank; ``None`` (``get_peft_model``'s use) leaves the layer without adapters, for
+            ``update_layer`` to add them.
+        lora_alpha: ``s = lora_alpha / r`` (``lora_alpha / sqrt(r)`` with ``use_rslora``); the other
+            arguments are :class:`LoraConfig`'s fields of the same names, with its defaults.
     """
 
     adapter_param_names = ("lora_A", "lora_B", "lora_magnitude_vector")
 
-    def __init__(self, base_layer: nn.Module):
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str = "default",
+        r: int | None = None,
+        lora_alpha: float = LoraConfig.lora_alpha,
+        lora_dropout: float = LoraConfig.lora_dropout,
+        use_rslora: bool = False,
+        use_dora: bool = False,
+        init_lora_weights: bool | str = True,
+    ):
         super().__init__(base_layer)
         self.fan_in_fan_out = is_conv1d(base_layer)
         # A frozen (fake-)quantized base (QLoRA / QA-LoRA style): the op sees its quantized weight and
@@ -125,11 +157,32 @@ class LoraLinear(LoraLayer):
         elif isinstance(base_layer, nn.Linear) or self.quantized_base:
             self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         else:
-            raise ValueError(f"base_layer: expected nn.Linear or Conv1D, got {type(base_layer).__name__}")
+            raise ValueError(
+                "base_layer: expected nn.Linear, transformers' Conv1D, FakeQuantLinear or QuantizedLinear, "
+                f"got {type(base_layer).__name__}"
+            )
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_magnitude_vector = nn.ModuleDict()
         self._dora_merge_norm: dict[str, torch.Tensor] = {}
+        if r is None:
+            return
+        if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name or adapter_name == BASE_ADAPTER:
+            raise ValueError(
+                f"adapter_name: expected a non-empty name without '.', other than {BASE_ADAPTER!r}, "
+                f"got {adapter_name!r}"
+            )
+        # the config's own checks, so a layer built here accepts exactly what get_peft_model does
+        LoraConfig(
+            r=r,
+            lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout,
+            use_rslora=use_rslora,
+            use_dora=use_dora,
+            init_lora_weights=init_lora_weights,
+        ).validate()
+        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, use_rslora, use_dora, init_lora_weights)
+        self.set_adapter([adapter_name])
 
     def weight_oi(self) -> torch.Tensor:
         """The base weight as [out, in] (a transposed view for Conv1D; the dequantized or fake-quantized
@@ -262,13 +315,17 @@ class LoraLinear(LoraLayer):
             else:
                 self._set_weight_oi(w.to(acc) - self.scaling[name] * ba)
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *args, adapter_names: list[str] | None = None, **kwargs) -> torch.Tensor:
+        """``adapter_names``: one adapter per sequence along x's first dimension (``"__base__"`` for none),
+        as in PEFT; a model's layers get theirs from ``PeftModel(..., adapter_names=...)``."""
         if self.disable_adapters:
             if self.merged_adapters:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
+        if adapter_names is not None:
+            return self._mixed_forward(x, *self._mixed_batch_of(adapter_names))
         if self.mixed_batch is not None:
-            return self._mixed_forward(x)
+            return self._mixed_forward(x, *self.mixed_batch)
         active = [n for n in self.active_adapters if n not in self.merged_adapters]
         if not active:
             return self.base_layer(x, *args, **kwargs)
@@ -287,11 +344,25 @@ class LoraLinear(LoraLayer):
             y = y + self._fused(x, weight, None, name) - F.linear(x, weight)
         return y
 
-    def _mixed_forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _mixed_batch_of(self, adapter_names: list[str]) -> tuple[list[str], list[int]]:
+        """(this layer's adapters, adapter index per sequence) for ``adapter_names``, checked."""
+        if isinstance(adapter_names, str) or not all(isinstance(n, str) for n in adapter_names):
+            raise ValueError(
+                f"adapter_names: expected a list of adapter names, one per sequence, got {adapter_names!r}"
+            )
+        if self.merged_adapters:
+            raise ValueError("adapter_names: unmerge the adapters first (unmerge())")
+        known = self.adapters
+        unknown = sorted({n for n in adapter_names if n != BASE_ADAPTER and n not in self.r})
+        if unknown:
+            raise ValueError(f"adapter_names: unknown adapter(s) {unknown}; adapters: {known} (or {BASE_ADAPTER!r})")
+        index = {n: i for i, n in enumerate(known)}
+        return known, [index.get(n, -1) for n in adapter_names]
+
+    def _mixed_forward(self, x: torch.Tensor, names: list[str], seq_indices: list[int]) -> torch.Tensor:
         """Every sequence through its own adapter (index -1: the base alone) with the multi-adapter op.
         The stacked A and B are built from this layer's adapters with torch.stack, so gradients reach
         each adapter's own parameters."""
-        names, seq_indices = self.mixed_batch
         if x.dim() < 2 or x.shape[0] != len(seq_indices):
             raise ValueError(
                 f"adapter_names: {len(seq_indices)} names for a batch of shape {tuple(x.shape)} "
@@ -371,126 +442,4 @@ class LoraLinear(LoraLayer):
             f"in_features={self.in_features}, out_features={self.out_features}, adapters={self.adapters}, "
             f"active={self.active_adapters}, merged={self.merged_adapters}, "
             f"fan_in_fan_out={self.fan_in_fan_out}"
-        )
-
-
-class LoraEmbedding(LoraLayer):
-    """LoRA on ``nn.Embedding``: ``y = E[i] + s·(Aᵀ[i])·Bᵀ`` with A [r, num_embeddings], B [dim, r] (PEFT's
-    layout). A row gather and a rank-r product: plain PyTorch ops, no dropout (as in PEFT)."""
-
-    adapter_param_names = ("lora_embedding_A", "lora_embedding_B")
-
-    def __init__(self, base_layer: nn.Embedding):
-        super().__init__(base_layer)
-        if not isinstance(base_layer, nn.Embedding):
-            raise ValueError(f"base_layer: expected nn.Embedding, got {type(base_layer).__name__}")
-        self.in_features, self.out_features = base_layer.num_embeddings, base_layer.embedding_dim
-        self.lora_embedding_A = nn.ParameterDict()
-        self.lora_embedding_B = nn.ParameterDict()
-
-    def update_layer(
-        self,
-        name: str,
-        r: int,
-        alpha: float,
-        dropout: float,
-        use_rslora: bool,
-        use_dora: bool,
-        init: bool | str,
-    ) -> None:
-        if use_dora:
-            raise ValueError(
-                "use_dora: DoRA on nn.Embedding is not supported; exclude the embedding from "
-                "target_modules or set use_dora=False"
-            )
-        if init == "pissa":
-            raise ValueError("init_lora_weights: 'pissa' is not supported on nn.Embedding")
-        w = self.base_layer.weight
-        self.r[name], self.lora_alpha[name], self.dropout_p[name] = r, alpha, float(dropout)
-        self.scaling[name] = alpha / (math.sqrt(r) if use_rslora else r)
-        self.use_dora[name] = False
-        kw = {"dtype": w.dtype, "device": w.device}
-        a = torch.randn(r, self.in_features, **kw)
-        b = torch.randn(self.out_features, r, **kw)
-        if init is not False:  # PEFT: A = 0, B ~ N(0, 1), so the update starts at zero
-            a.zero_()
-        self.lora_embedding_A[name] = nn.Parameter(a)
-        self.lora_embedding_B[name] = nn.Parameter(b)
-
-    def delta_weight(self, name: str) -> torch.Tensor:
-        acc = torch.float64 if self.base_layer.weight.dtype == torch.float64 else torch.float32
-        b = self.lora_embedding_B[name].detach().to(acc)
-        return (b @ self.lora_embedding_A[name].detach().to(acc)).t() * self.scaling[name]
-
-    @torch.no_grad()
-    def merge(self, names: list[str] | None = None) -> None:
-        w = self.base_layer.weight
-        for name in names if names is not None else self.active_adapters:
-            if name in self.merged_adapters or name not in self.r:
-                continue
-            w.copy_((w.to(torch.promote_types(w.dtype, torch.float32)) + self.delta_weight(name)).to(w.dtype))
-            self.merged_adapters.append(name)
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        w = self.base_layer.weight
-        while self.merged_adapters:
-            name = self.merged_adapters.pop()
-            w.copy_((w.to(torch.promote_types(w.dtype, torch.float32)) - self.delta_weight(name)).to(w.dtype))
-
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        y = self.base_layer(x, *args, **kwargs)
-        if self.disable_adapters:
-            if self.merged_adapters:
-                self.unmerge()
-                y = self.base_layer(x, *args, **kwargs)
-            return y
-        if self.mixed_batch is not None:
-            return self._mixed_forward(x, y)
-        for name in self.active_adapters:
-            if name in self.merged_adapters:
-                continue
-            y = y + self._delta(name, x, y.dtype)
-        return y
-
-    def _delta(self, name: str, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """``s·(Aᵀ[ids])·Bᵀ``: the adapter's rows of A gathered with the base embedding's options."""
-        base = self.base_layer
-        after_a = F.embedding(
-            ids,
-            self.lora_embedding_A[name].t(),
-            base.padding_idx,
-            base.max_norm,
-            base.norm_type,
-            base.scale_grad_by_freq,
-            base.sparse,
-        )
-        return (after_a @ self.lora_embedding_B[name].t().to(after_a.dtype)).to(dtype) * self.scaling[name]
-
-    def _mixed_forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """One adapter per sequence: each adapter's rows of A are gathered for its own sequences only, and
-        the update is added to those sequences' rows of the base embedding (index -1: the base alone)."""
-        names, seq_indices = self.mixed_batch
-        if x.dim() < 1 or x.shape[0] != len(seq_indices):
-            raise ValueError(
-                f"adapter_names: {len(seq_indices)} names for a batch of shape {tuple(x.shape)} "
-                "(expected one name per sequence, the first dimension)"
-            )
-        if self.merged_adapters:
-            raise ValueError("adapter_names: unmerge the adapters first (unmerge_adapter())")
-        for k, name in enumerate(names):
-            if name not in self.r:
-                continue
-            seqs = [i for i, j in enumerate(seq_indices) if j == k]
-            if not seqs:
-                continue
-            rows = torch.tensor(seqs, dtype=torch.int64, device=x.device)
-            y = y.index_add(0, rows, self._delta(name, x.index_select(0, rows), y.dtype))
-        return y
-
-    def extra_repr(self) -> str:
-        return (
-            f"num_embeddings={self.in_features}, embedding_dim={self.out_features}, "
-            f"adapters={self.adapters}, "
-            f"active={self.active_adapters}, merged={self.merged_adapters}"
         )

@@ -34,7 +34,8 @@ from ..matching import (
 )
 from ..peft_defaults import LORA_TARGET_MODULES, default_targets, is_saved_module
 from .config import LoraConfig
-from .layer import QUANTIZED_BASES, LoraEmbedding, LoraLayer, LoraLinear
+from .embedding import LoraEmbedding
+from .layer import QUANTIZED_BASES, LoraLayer, LoraLinear
 
 PREFIX = "base_model.model."
 
