@@ -3,6 +3,7 @@
 from .bias_only_linear import BiasOnlyLinear, bitfit_
 from .bottleneck_adapter import BottleneckAdapter
 from .fake_quant_linear import FakeQuantLinear
+from .gguf import GGUFEmbedding, GGUFLinear
 from .lora_linear import LoRALinear
 from .multi_lora_linear import BASE_ADAPTER, MultiLoRALinear, adapter_indices_from_names
 from .prompt_encoders import PrefixEncoder, PromptEmbedding, PromptEncoder
@@ -15,6 +16,8 @@ __all__ = [
     "BiasOnlyLinear",
     "BottleneckAdapter",
     "FakeQuantLinear",
+    "GGUFEmbedding",
+    "GGUFLinear",
     "LoRALinear",
     "MultiLoRALinear",
     "PrefixEncoder",
