@@ -19,6 +19,8 @@ so the rule saves nothing of ``x`` and nothing weight-sized in float.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ._checks import check_same_device
@@ -122,7 +124,7 @@ def _backward(ctx, grad_y):
     dx = _OP.gguf_linear_backward(grad_y, blocks, ctx.qtype, ctx.cols) if need[0] else None
     db = None
     if ctx.has_bias and need[4]:
-        db = grad_y.reshape(-1, grad_y.shape[-1]).sum(0)
+        db = grad_y.reshape(math.prod(grad_y.shape[:-1]), grad_y.shape[-1]).sum(0)
     return dx, None, None, None, db
 
 

@@ -319,6 +319,8 @@ def gguf_dequantize(blocks, qtype, cols, dtype=torch.float64):
     in ``dtype`` (float64: exact)."""
     bb = _GGUF_BLOCK_BYTES[int(qtype)]
     rows = blocks.shape[0]
+    if rows * cols == 0:
+        return torch.zeros(rows, cols, dtype=dtype, device=blocks.device)
     b = blocks.reshape(rows, cols // 32, bb)
     d = b[..., 0:2].contiguous().view(torch.float16).to(dtype)  # [rows, nb, 1]
     if qtype == 8:
