@@ -6,13 +6,17 @@
 //  - forward y = x·Wᵀ: a thread takes a panel of kPanelRows weight rows, decodes them once
 //    (kPanelRows · cols values, a few tens of KB), then sweeps all tokens over the panel in tiles of
 //    kTileRows rows × kTileTokens tokens whose dot products stay in registers over the whole of cols. Each
-//    block is read once per call; x is re-read from cache once per panel.
+//    block is read once per call; x is re-read from cache once per panel. With at most kTileTokens tokens
+//    (generation) each block is decoded into a 32-wide local buffer and used at once instead.
 //  - backward dx = dy·W: a thread takes a column block (32 columns), decodes it in chunks of kChunkRows
 //    weight rows and accumulates every token's 32 outputs over the chunk, rows in ascending order, so the
 //    sums do not depend on the number of threads.
 // Sums run in fixed lanes (GCC vector extensions: one AVX2 register, two SSE ones at the baseline); x and
 // dy of a 16-bit dtype are converted once to float (activation-sized, never weight-sized).
 #include <ATen/Parallel.h>
+#if defined(__AVX2__) || defined(__F16C__)
+#include <immintrin.h>
+#endif
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -32,6 +36,11 @@ namespace {
 constexpr int64_t kPanelRows = 16;
 constexpr int kTileRows = 4, kTileTokens = 3;
 constexpr int64_t kChunkRows = 256;
+
+// Tasks of at least kTaskWork multiply-adds (or decoded weights): a smaller call (a one-token matrix-vector
+// product) runs on the calling thread, where waking the pool would cost more than it saves.
+constexpr int64_t kTaskWork = int64_t{1} << 19;
+inline int64_t grain(int64_t work_per_item) { return std::max<int64_t>(1, kTaskWork / std::max<int64_t>(1, work_per_item)); }
 
 typedef float f32x8 __attribute__((vector_size(32)));
 typedef double f64x4 __attribute__((vector_size(32)));
@@ -69,7 +78,11 @@ inline A hsum(typename Vec<A>::type v) {
 inline float half_at(const uint8_t* p) {
   uint16_t bits;
   std::memcpy(&bits, p, 2);
+#if defined(__F16C__)
+  return _cvtsh_ss(bits);
+#else
   return static_cast<float>(c10::Half(bits, c10::Half::from_bits()));
+#endif
 }
 
 // The 32 weights of one block, in the accumulation type (exact products: see gguf.h).
@@ -94,6 +107,39 @@ inline void decode_block(int qtype, const uint8_t* b, A* out) {
     }
   }
 }
+
+#if defined(__AVX2__)
+// float32 blocks in explicit AVX2 (8 weights a step): the same exact products as the loop above.
+template <>
+inline void decode_block<float>(int qtype, const uint8_t* b, float* out) {
+  const __m256 d = _mm256_set1_ps(half_at(b));
+  if (qtype == kGGUFQ8_0) {
+    for (int j = 0; j < 32; j += 8) {
+      const __m128i q = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(b + 2 + j));
+      _mm256_storeu_ps(out + j, _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q))));
+    }
+    return;
+  }
+  const bool q4_1 = qtype == kGGUFQ4_1;
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + (q4_1 ? 4 : 2)));
+  const __m128i nibble = _mm_set1_epi8(0x0F);
+  __m128i lo = _mm_and_si128(raw, nibble);                      // weights 0..15
+  __m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), nibble);   // weights 16..31
+  if (!q4_1) {
+    lo = _mm_sub_epi8(lo, _mm_set1_epi8(8));
+    hi = _mm_sub_epi8(hi, _mm_set1_epi8(8));
+  }
+  const __m256 m = _mm256_set1_ps(q4_1 ? half_at(b + 2) : 0.0f);
+  const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+  for (int i = 0; i < 4; ++i) {
+    const __m256 q = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(parts[i]));
+    // d·q is exact, so adding m with or without a fused multiply-add rounds the same (Q4_0 adds nothing,
+    // keeping the sign of a zero weight as the scalar loop does)
+    const __m256 dq = _mm256_mul_ps(d, q);
+    _mm256_storeu_ps(out + 8 * i, q4_1 ? _mm256_add_ps(dq, m) : dq);
+  }
+}
+#endif
 
 // Row r of the weight, decoded into out [cols].
 template <typename A>
@@ -146,19 +192,64 @@ inline void dot_tile_tokens(int tn, const A* w, const A* x, int64_t K, A (&out)[
   }
 }
 
+// out[t] = Σ_k W[row, k] · x[t·K + k] for TN ≤ kTileTokens tokens, each block decoded into a local
+// 32-wide buffer and used at once (a one-token call reads each block once and writes nothing back).
+template <int TN, typename A>
+inline void row_dot(int qtype, const uint8_t* row, const A* x, int64_t K, A* out) {
+  using V = typename Vec<A>::type;
+  constexpr int L = Vec<A>::lanes, NV = kGGUFBlock / L;
+  const int64_t bb = gguf_block_bytes(qtype);
+  V acc[TN][NV];
+  for (int t = 0; t < TN; ++t)
+    for (int i = 0; i < NV; ++i) acc[t][i] = V{};
+  alignas(32) A w[kGGUFBlock];
+  for (int64_t k = 0; k < K; k += kGGUFBlock) {
+    decode_block(qtype, row + k / kGGUFBlock * bb, w);
+    for (int i = 0; i < NV; ++i) {
+      const V wv = vload(w + i * L);
+      for (int t = 0; t < TN; ++t) acc[t][i] += wv * vload(x + t * K + k + i * L);
+    }
+  }
+  for (int t = 0; t < TN; ++t) {
+    V total = acc[t][0];
+    for (int i = 1; i < NV; ++i) total += acc[t][i];
+    out[t] = hsum<A>(total);
+  }
+}
+
+template <typename T, typename A>
+void linear_few_tokens(const GGUFLinearParams& p, const A* x) {
+  const int64_t N = p.tokens, O = p.rows, K = p.cols, rb = K / kGGUFBlock * gguf_block_bytes(p.qtype);
+  const T* bias = static_cast<const T*>(p.bias);
+  T* y = static_cast<T*>(p.y);
+  at::parallel_for(0, O, grain(K * (N + 2)), [&](int64_t ob, int64_t oe) {
+    for (int64_t o = ob; o < oe; ++o) {
+      A out[kTileTokens];
+      const uint8_t* row = p.blocks + o * rb;
+      if (N == 3) row_dot<3>(p.qtype, row, x, K, out);
+      else if (N == 2) row_dot<2>(p.qtype, row, x, K, out);
+      else row_dot<1>(p.qtype, row, x, K, out);
+      const A b = bias ? static_cast<A>(bias[o]) : A(0);
+      for (int64_t t = 0; t < N; ++t) y[t * O + o] = static_cast<T>(out[t] + b);
+    }
+  });
+}
+
 template <typename T>
 void linear_typed(const GGUFLinearParams& p) {
   using A = acc_type<T>;
   const int64_t N = p.tokens, O = p.rows, K = p.cols, rb = K / kGGUFBlock * gguf_block_bytes(p.qtype);
   std::vector<A> xbuf;
   const A* x = as_acc<T, A>(p.x, N * K, xbuf);
+  if (N <= kTileTokens) return linear_few_tokens<T, A>(p, x);
   const T* bias = static_cast<const T*>(p.bias);
   T* y = static_cast<T*>(p.y);
-  const int64_t panels = (O + kPanelRows - 1) / kPanelRows;
-  at::parallel_for(0, panels, 1, [&](int64_t pb, int64_t pe) {
-    std::vector<A> w(kPanelRows * K);
+  const int64_t panel_rows = kPanelRows;
+  const int64_t panels = (O + panel_rows - 1) / panel_rows;
+  at::parallel_for(0, panels, grain(panel_rows * K * (N + 2)), [&](int64_t pb, int64_t pe) {
+    std::vector<A> w(panel_rows * K);
     for (int64_t panel = pb; panel < pe; ++panel) {
-      const int64_t r0 = panel * kPanelRows, nr = std::min(kPanelRows, O - r0);
+      const int64_t r0 = panel * panel_rows, nr = std::min(panel_rows, O - r0);
       for (int64_t r = 0; r < nr; ++r) decode_row(p.qtype, p.blocks + (r0 + r) * rb, K, w.data() + r * K);
       for (int64_t n0 = 0; n0 < N; n0 += kTileTokens) {
         const int tn = static_cast<int>(std::min<int64_t>(kTileTokens, N - n0));
@@ -215,7 +306,7 @@ void linear_backward_typed(const GGUFLinearBackwardParams& p) {
   std::vector<A> dybuf;
   const A* dy = as_acc<T, A>(p.grad_y, N * O, dybuf);
   T* dx = static_cast<T*>(p.grad_x);
-  at::parallel_for(0, nblocks, 1, [&](int64_t cb_begin, int64_t cb_end) {
+  at::parallel_for(0, nblocks, grain(O * kGGUFBlock * (N + 2)), [&](int64_t cb_begin, int64_t cb_end) {
     std::vector<A> wc(std::min(kChunkRows, O) * kGGUFBlock), acc(N * kGGUFBlock);
     for (int64_t cb = cb_begin; cb < cb_end; ++cb) {
       std::fill(acc.begin(), acc.end(), A(0));
