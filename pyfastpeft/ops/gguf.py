@@ -70,7 +70,7 @@ def _check_float(t: torch.Tensor, name: str) -> None:
 def _gguf_linear_fake(x, blocks, qtype, cols, bias):
     _check_blocks(blocks, qtype, cols)
     _check_float(x, "x")
-    check_same_device("blocks", blocks, x=x, bias=bias)
+    check_same_device("x", x, blocks=blocks, bias=bias)
     if x.dim() < 1 or x.shape[-1] != cols:
         raise ValueError(f"x: expected size {cols} in its last dimension (cols), got shape {tuple(x.shape)}")
     return x.new_empty((*x.shape[:-1], blocks.shape[0]))
@@ -79,7 +79,7 @@ def _gguf_linear_fake(x, blocks, qtype, cols, bias):
 @torch.library.register_fake("pyfastpeft::gguf_linear_backward")
 def _gguf_linear_backward_fake(grad_y, blocks, qtype, cols):
     _check_blocks(blocks, qtype, cols)
-    check_same_device("blocks", blocks, grad_y=grad_y)
+    check_same_device("grad_y", grad_y, blocks=blocks)
     return grad_y.new_empty((*grad_y.shape[:-1], cols))
 
 
@@ -92,7 +92,7 @@ def _gguf_dequantize_fake(blocks, qtype, cols, dtype):
 @torch.library.register_fake("pyfastpeft::gguf_embedding")
 def _gguf_embedding_fake(ids, blocks, qtype, cols, dtype):
     _check_blocks(blocks, qtype, cols)
-    check_same_device("blocks", blocks, ids=ids)
+    check_same_device("ids", ids, blocks=blocks)
     if ids.dtype != torch.int64:
         raise ValueError(f"ids: expected an int64 tensor of row indices, got {ids.dtype}")
     return blocks.new_empty((*ids.shape, cols), dtype=dtype)

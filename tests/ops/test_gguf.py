@@ -300,11 +300,11 @@ def test_bad_inputs():
         gguf_linear(x, blocks, Q8_0, 64, randn(5, dtype=torch.float32))
     with pytest.raises(ValueError, match="bias: expected dtype"):
         gguf_linear(x, blocks, Q8_0, 64, randn(4))
-    with pytest.raises(ValueError, match=r"x: expected device meta \(the device of blocks\), got cpu"):
+    with pytest.raises(ValueError, match=r"^blocks: expected device cpu \(the device of x\), got meta"):
         gguf_linear(x, blocks.to("meta"), Q8_0, 64)
-    with pytest.raises(ValueError, match=r"x: expected device cpu \(the device of blocks\), got meta"):
+    with pytest.raises(ValueError, match=r"^blocks: expected device meta \(the device of x\), got cpu"):
         gguf_linear(x.to("meta"), blocks, Q8_0, 64)
-    with pytest.raises(ValueError, match=r"ids: expected device cpu \(the device of blocks\), got meta"):
+    with pytest.raises(ValueError, match=r"^blocks: expected device meta \(the device of ids\), got cpu"):
         gguf_embedding(torch.zeros(2, dtype=torch.int64, device="meta"), blocks, Q8_0, 64)
     with pytest.raises(ValueError, match="grad_y: expected size 4"):
         _OP.gguf_linear_backward(randn(3, 5, dtype=torch.float32), blocks, Q8_0, 64)

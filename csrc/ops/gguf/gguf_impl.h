@@ -60,7 +60,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& blocks, int64_t qtype, 
   check_float(x, "x");
   check_min_dim(x, "x", 1);
   check_size(x, "x", x.dim() - 1, cols, "cols, the weight's in_features");
-  check_same_device(x, "x", blocks, "blocks");
+  check_same_device(blocks, "blocks", x, "x");
   const int64_t rows = b.size(0);
   check_bias(bias, rows, x);
   const at::Tensor x2 = as_rows(x).contiguous();
@@ -80,7 +80,7 @@ at::Tensor linear_backward(const at::Tensor& grad_y, const at::Tensor& blocks, i
   check_float(grad_y, "grad_y");
   check_min_dim(grad_y, "grad_y", 1);
   check_size(grad_y, "grad_y", grad_y.dim() - 1, b.size(0), "rows, the weight's out_features");
-  check_same_device(grad_y, "grad_y", blocks, "blocks");
+  check_same_device(blocks, "blocks", grad_y, "grad_y");
   const at::Tensor g2 = as_rows(grad_y).contiguous();
   at::Tensor dx = at::empty({g2.size(0), cols}, g2.options());
   if (dx.numel() > 0) {
@@ -113,7 +113,7 @@ at::Tensor embedding(const at::Tensor& ids, const at::Tensor& blocks, int64_t qt
   check_out_dtype(dtype);
   TORCH_CHECK_VALUE(ids.scalar_type() == at::kLong, "ids: expected an int64 tensor of row indices, got ",
                     ids.scalar_type());
-  check_same_device(ids, "ids", blocks, "blocks");
+  check_same_device(blocks, "blocks", ids, "ids");
   const at::Tensor ic = ids.contiguous();
   const int64_t rows = b.size(0);
   if (ic.numel() > 0) {
