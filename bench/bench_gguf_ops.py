@@ -23,6 +23,36 @@ SHAPES = [(576, 576), (576, 1536), (1536, 576)]  # (in, out): attention, MLP up/
 QTYPES = {"q4_0": Q4_0, "q4_1": Q4_1, "q8_0": Q8_0}
 
 
+def measure(in_f: int, out_f: int, qtype: int, tokens: int, rounds: int) -> list[dict]:
+    """Rows of the table for one (in, out) shape."""
+    blocks = gguf_quantize(torch.randn(out_f, in_f) * in_f**-0.5, qtype)
+    weight = gguf_dequantize(blocks, qtype, in_f)  # the baseline's resident float weight
+    x = torch.randn(tokens, in_f, requires_grad=True)
+    gy = torch.randn(tokens, out_f)
+    x1 = torch.randn(1, in_f)
+    cases = {
+        "fwd+bwd: gguf_linear": lambda: gguf_linear(x, blocks, qtype, in_f).backward(gy),
+        "fwd+bwd: F.linear (float W)": lambda: F.linear(x, weight).backward(gy),
+        "1-token fwd: gguf_linear": lambda: gguf_linear(x1, blocks, qtype, in_f),
+        "1-token fwd: F.linear (float W)": lambda: F.linear(x1, weight),
+    }
+    times = time_interleaved(cases, warmup=3, rounds=rounds)
+    rows = []
+    for case in ("fwd+bwd", "1-token fwd"):
+        ours, ref = times[f"{case}: gguf_linear"], times[f"{case}: F.linear (float W)"]
+        rows.append(
+            {
+                "shape": f"{in_f}->{out_f}",
+                "case": case,
+                "gguf_ms": ours,
+                "float_ms": ref,
+                "ratio": ours / ref,
+                "weight_bytes_ratio": blocks.numel() / (weight.numel() * weight.element_size()),
+            }
+        )
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="one shape, few rounds: a smoke test")
@@ -34,32 +64,7 @@ def main() -> None:
     shapes = SHAPES[:1] if args.quick else SHAPES
     rounds = 3 if args.quick else args.rounds
     torch.manual_seed(0)
-    rows = []
-    for in_f, out_f in shapes:
-        blocks = gguf_quantize(torch.randn(out_f, in_f) * in_f**-0.5, qtype)
-        weight = gguf_dequantize(blocks, qtype, in_f)  # the baseline's resident float weight
-        x = torch.randn(args.tokens, in_f, requires_grad=True)
-        gy = torch.randn(args.tokens, out_f)
-        x1 = torch.randn(1, in_f)
-        cases = {
-            "fwd+bwd: gguf_linear": lambda: gguf_linear(x, blocks, qtype, in_f).backward(gy),
-            "fwd+bwd: F.linear (float W)": lambda: F.linear(x, weight).backward(gy),
-            "1-token fwd: gguf_linear": lambda: gguf_linear(x1, blocks, qtype, in_f),
-            "1-token fwd: F.linear (float W)": lambda: F.linear(x1, weight),
-        }
-        times = time_interleaved(cases, warmup=3, rounds=rounds)
-        for case in ("fwd+bwd", "1-token fwd"):
-            ours, ref = times[f"{case}: gguf_linear"], times[f"{case}: F.linear (float W)"]
-            rows.append(
-                {
-                    "shape": f"{in_f}->{out_f}",
-                    "case": case,
-                    "gguf_ms": ours,
-                    "float_ms": ref,
-                    "ratio": ours / ref,
-                    "weight_bytes_ratio": blocks.numel() / (weight.numel() * weight.element_size()),
-                }
-            )
+    rows = [row for in_f, out_f in shapes for row in measure(in_f, out_f, qtype, args.tokens, rounds)]
     print(
         f"gguf_linear {args.qtype}: {args.tokens} tokens (fwd+bwd), float32 activations, torch threads "
         f"{torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}"

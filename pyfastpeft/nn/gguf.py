@@ -125,7 +125,4 @@ class GGUFEmbedding(nn.Module):
         return gguf_ops.gguf_embedding(ids, self.blocks, self.qtype, self.embedding_dim, self.dtype)
 
     def extra_repr(self) -> str:
-        return (
-            f"{self.num_embeddings}, {self.embedding_dim}, qtype={gguf_ops._NAMES[self.qtype]}, "
-            f"dtype={self.dtype}"
-        )
+        return f"{self.num_embeddings}, {self.embedding_dim}, qtype={gguf_ops._NAMES[self.qtype]}, dtype={self.dtype}"

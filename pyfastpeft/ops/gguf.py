@@ -107,8 +107,9 @@ def _gguf_quantize_fake(weight, qtype):
             "weight: expected a 2-D tensor whose number of columns is a multiple of 32, "
             f"got shape {tuple(weight.shape)}"
         )
-    return weight.new_empty((weight.shape[0], weight.shape[1] // BLOCK_SIZE * _BLOCK_BYTES[int(qtype)]),
-                            dtype=torch.uint8)
+    return weight.new_empty(
+        (weight.shape[0], weight.shape[1] // BLOCK_SIZE * _BLOCK_BYTES[int(qtype)]), dtype=torch.uint8
+    )
 
 
 def _setup_context(ctx, inputs, output):
@@ -148,9 +149,7 @@ def gguf_linear(
     return _OP.gguf_linear(x, blocks, int(qtype), int(cols), bias)
 
 
-def gguf_dequantize(
-    blocks: torch.Tensor, qtype: int, cols: int, dtype: torch.dtype = torch.float32
-) -> torch.Tensor:
+def gguf_dequantize(blocks: torch.Tensor, qtype: int, cols: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The float weight ``[rows, cols]`` of ``blocks`` (for export and checks; the layers never call it).
 
     float32 values equal ggml's (and the ``gguf`` package's) dequantization exactly; float64 ones are exact.

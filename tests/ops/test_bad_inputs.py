@@ -113,7 +113,11 @@ CASES = {
     "gguf_embedding": (
         OPS.gguf_embedding,
         dict(
-            ids=torch.tensor([0, 2]), blocks=torch.zeros(OUT, 34, dtype=torch.uint8), qtype=8, cols=32, dtype=torch.float32
+            ids=torch.tensor([0, 2]),
+            blocks=torch.zeros(OUT, 34, dtype=torch.uint8),
+            qtype=8,
+            cols=32,
+            dtype=torch.float32,
         ),
     ),
     "sparse_delta_linear": (

@@ -4,7 +4,6 @@ references and the gguf package's numpy implementation of the formats."""
 from __future__ import annotations
 
 import gguf
-import numpy as np
 import pytest
 import torch
 
@@ -15,7 +14,11 @@ from tests.conftest import FLOAT_DTYPES, assert_within_rounding
 
 _OP = torch.ops.pyfastpeft
 QTYPES = [Q4_0, Q4_1, Q8_0]
-GGML = {Q4_0: gguf.GGMLQuantizationType.Q4_0, Q4_1: gguf.GGMLQuantizationType.Q4_1, Q8_0: gguf.GGMLQuantizationType.Q8_0}
+GGML = {
+    Q4_0: gguf.GGMLQuantizationType.Q4_0,
+    Q4_1: gguf.GGMLQuantizationType.Q4_1,
+    Q8_0: gguf.GGMLQuantizationType.Q8_0,
+}
 
 
 def random_blocks(rows: int, cols: int, qtype: int, seed: int = 0, scale: float = 0.05) -> torch.Tensor:
@@ -93,8 +96,14 @@ def test_linear_large_float32(qtype):
     # several row panels per thread, 300 tokens (100 full token tiles), rows past one backward chunk
     rows, cols = 300, 576
     blocks = random_blocks(rows, cols, qtype, seed=9)
-    check_against_reference(randn(300, cols, dtype=torch.float32, seed=1), blocks, qtype, cols,
-                            randn(rows, dtype=torch.float32, seed=2), randn(300, rows, dtype=torch.float32, seed=3))
+    check_against_reference(
+        randn(300, cols, dtype=torch.float32, seed=1),
+        blocks,
+        qtype,
+        cols,
+        randn(rows, dtype=torch.float32, seed=2),
+        randn(300, rows, dtype=torch.float32, seed=3),
+    )
 
 
 @pytest.mark.parametrize("qtype", QTYPES)
@@ -168,7 +177,9 @@ def test_dequantize_equals_gguf_package(qtype, rows):
     else:
         theirs = torch.from_numpy(gguf.quants.dequantize(blocks.numpy(), GGML[qtype]).reshape(rows, cols))
     assert ours.dtype == torch.float32 and ours.shape == (rows, cols) and torch.equal(ours, theirs)
-    assert torch.equal(gguf_dequantize(blocks, qtype, cols, torch.float64), reference.gguf_dequantize(blocks, qtype, cols))
+    assert torch.equal(
+        gguf_dequantize(blocks, qtype, cols, torch.float64), reference.gguf_dequantize(blocks, qtype, cols)
+    )
     for dtype in (torch.bfloat16, torch.float16):
         assert torch.equal(gguf_dequantize(blocks, qtype, cols, dtype), theirs.to(dtype))
 
@@ -256,7 +267,9 @@ def test_opcheck(qtype):
     torch.library.opcheck(_OP.gguf_linear.default, (x, blocks, qtype, 64, None))
     torch.library.opcheck(_OP.gguf_linear_backward.default, (randn(2, 5, 7, dtype=torch.float32), blocks, qtype, 64))
     torch.library.opcheck(_OP.gguf_dequantize.default, (blocks, qtype, 64, torch.float32))
-    torch.library.opcheck(_OP.gguf_embedding.default, (torch.tensor([[1, 6], [0, 0]]), blocks, qtype, 64, torch.float32))
+    torch.library.opcheck(
+        _OP.gguf_embedding.default, (torch.tensor([[1, 6], [0, 0]]), blocks, qtype, 64, torch.float32)
+    )
     torch.library.opcheck(_OP.gguf_quantize.default, (randn(3, 64, dtype=torch.float32), qtype))
 
 
