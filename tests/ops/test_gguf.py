@@ -153,14 +153,15 @@ def test_saves_only_the_blocks():
 
 @pytest.mark.parametrize("qtype", QTYPES)
 def test_results_do_not_depend_on_the_thread_count(qtype):
-    blocks = random_blocks(70, 128, qtype)
-    x, gy = randn(50, 128, dtype=torch.float32), randn(50, 70, dtype=torch.float32, seed=1)
+    # large enough that 2 threads split both kernels (tasks of at least 2^22 multiply-adds)
+    blocks = random_blocks(300, 576, qtype)
+    x, gy = randn(100, 576, dtype=torch.float32), randn(100, 300, dtype=torch.float32, seed=1)
     threads = torch.get_num_threads()
     try:
         results = []
         for n in (1, 2):
             torch.set_num_threads(n)
-            results.append((gguf_linear(x, blocks, qtype, 128), _OP.gguf_linear_backward(gy, blocks, qtype, 128)))
+            results.append((gguf_linear(x, blocks, qtype, 576), _OP.gguf_linear_backward(gy, blocks, qtype, 576)))
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
