@@ -93,8 +93,8 @@ def _gguf_dequantize_fake(blocks, qtype, cols, dtype):
 def _gguf_embedding_fake(ids, blocks, qtype, cols, dtype):
     _check_blocks(blocks, qtype, cols)
     check_same_device("ids", ids, blocks=blocks)
-    if ids.dtype != torch.int64:
-        raise ValueError(f"ids: expected an int64 tensor of row indices, got {ids.dtype}")
+    if ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"ids: expected an int64 or int32 tensor of row indices, got {ids.dtype}")
     return blocks.new_empty((*ids.shape, cols), dtype=dtype)
 
 

@@ -255,6 +255,7 @@ def test_embedding(qtype, dtype):
     if dtype == torch.float64:
         full = reference.gguf_dequantize(blocks, qtype, 96)
     assert torch.equal(out, full[ids])
+    assert torch.equal(gguf_embedding(ids.int(), blocks, qtype, 96, dtype), out)  # int32 ids too
     assert gguf_embedding(torch.empty(0, 4, dtype=torch.int64), blocks, qtype, 96).shape == (0, 4, 96)
     assert gguf_embedding(torch.tensor(5), blocks, qtype, 96).shape == (96,)
 
@@ -326,8 +327,8 @@ def test_bad_inputs():
         gguf_embedding(torch.tensor([0, 4]), blocks, Q8_0, 64)
     with pytest.raises(ValueError, match=r"ids: expected indices in \[0, 4\)"):
         gguf_embedding(torch.tensor([-1]), blocks, Q8_0, 64)
-    with pytest.raises(ValueError, match="ids: expected an int64 tensor"):
-        gguf_embedding(torch.tensor([0], dtype=torch.int32), blocks, Q8_0, 64)
+    with pytest.raises(ValueError, match="ids: expected an int64 or int32 tensor"):
+        gguf_embedding(torch.tensor([0], dtype=torch.int16), blocks, Q8_0, 64)
     with pytest.raises(ValueError, match="dtype: expected float64"):
         gguf_dequantize(blocks, Q8_0, 64, torch.int32)
     with pytest.raises(ValueError, match="weight: expected a number of columns that is a multiple of 32"):

@@ -111,10 +111,10 @@ at::Tensor embedding(const at::Tensor& ids, const at::Tensor& blocks, int64_t qt
                      at::ScalarType dtype) {
   const at::Tensor b = checked_blocks(blocks, qtype, cols);
   check_out_dtype(dtype);
-  TORCH_CHECK_VALUE(ids.scalar_type() == at::kLong, "ids: expected an int64 tensor of row indices, got ",
-                    ids.scalar_type());
+  TORCH_CHECK_VALUE(ids.scalar_type() == at::kLong || ids.scalar_type() == at::kInt,
+                    "ids: expected an int64 or int32 tensor of row indices, got ", ids.scalar_type());
   check_same_device(blocks, "blocks", ids, "ids");
-  const at::Tensor ic = ids.contiguous();
+  const at::Tensor ic = ids.to(at::kLong).contiguous();
   const int64_t rows = b.size(0);
   if (ic.numel() > 0) {
     const auto [lo, hi] = at::aminmax(ic);
