@@ -110,4 +110,17 @@ TORCH_LIBRARY(pyfastpeft, m) {
   // Returns (dx, dscale) = (dy ⊙ scale, Σ_rows dy ⊙ x) in one pass; entries whose output_mask is false are
   // empty tensors.
   m.def("ia3_scale_backward(Tensor grad_y, Tensor x, Tensor scale, bool[2] output_mask) -> (Tensor, Tensor)", pt2);
+
+  // ---- gguf: linear layers on GGUF (ggml) block-quantized weights (csrc/ops/gguf) ----
+  // blocks: uint8 [rows, cols / 32 * block_bytes(qtype)], qtype 2 (Q4_0), 3 (Q4_1) or 8 (Q8_0); the weight
+  // is frozen and dequantized one block at a time inside the kernels, never as a whole.
+  // y = x·dequant(W)ᵀ + b; the backward needs only the blocks (nothing of x is saved).
+  m.def("gguf_linear(Tensor x, Tensor blocks, int qtype, int cols, Tensor? bias) -> Tensor", pt2);
+  // dx = dy·dequant(W) (the bias gradient is dy's column sum, taken by the autograd rule).
+  m.def("gguf_linear_backward(Tensor grad_y, Tensor blocks, int qtype, int cols) -> Tensor", pt2);
+  m.def("gguf_dequantize(Tensor blocks, int qtype, int cols, ScalarType dtype) -> Tensor", pt2);
+  // dequant(W)[ids]: only the looked-up rows are dequantized.
+  m.def("gguf_embedding(Tensor ids, Tensor blocks, int qtype, int cols, ScalarType dtype) -> Tensor", pt2);
+  // ggml's reference round-to-nearest quantization (quantize_row_*_ref), bit for bit.
+  m.def("gguf_quantize(Tensor weight, int qtype) -> Tensor", pt2);
 }

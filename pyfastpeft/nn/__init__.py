@@ -3,6 +3,7 @@
 from .bias_only_linear import BiasOnlyLinear, bitfit_
 from .bottleneck_adapter import BottleneckAdapter
 from .fake_quant_linear import FakeQuantLinear
+from .gguf import GGUFEmbedding, GGUFLinear
 from .prompt_encoders import PrefixEncoder, PromptEmbedding, PromptEncoder
 from .pruning import prune_magnitude_
 from .quantized_linear import QuantizedLinear
@@ -12,6 +13,8 @@ __all__ = [
     "BiasOnlyLinear",
     "BottleneckAdapter",
     "FakeQuantLinear",
+    "GGUFEmbedding",
+    "GGUFLinear",
     "PrefixEncoder",
     "PromptEmbedding",
     "PromptEncoder",

@@ -5,6 +5,7 @@ from .bias import bias_only_linear
 from .ia3 import ia3_scale
 from .distill import fused_linear_kd_loss, kd_loss
 from .dropout import philox_dropout
+from .gguf import gguf_dequantize, gguf_embedding, gguf_linear, gguf_quantize
 from .lora import lora_linear
 from .multi_lora import (
     BASE_ADAPTER,
@@ -26,6 +27,10 @@ __all__ = [
     "fake_quantize_lsq",
     "fused_adamw_",
     "fused_linear_kd_loss",
+    "gguf_dequantize",
+    "gguf_embedding",
+    "gguf_linear",
+    "gguf_quantize",
     "ia3_scale",
     "kd_loss",
     "kernel_layout",

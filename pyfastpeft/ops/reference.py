@@ -309,3 +309,31 @@ def adamw_step(
 def multi_tensor_l2_norm(tensors):
     """``sqrt(Σ x²)`` over all elements of all tensors, in float64."""
     return torch.sqrt(sum((t.double().square().sum() for t in tensors), torch.zeros((), dtype=torch.float64)))
+
+
+_GGUF_BLOCK_BYTES = {2: 18, 3: 20, 8: 34}
+
+
+def gguf_dequantize(blocks, qtype, cols, dtype=torch.float64):
+    """The weight ``[rows, cols]`` of GGUF blocks (Q4_0 = 2, Q4_1 = 3, Q8_0 = 8), decoded from the bytes
+    in ``dtype`` (float64: exact)."""
+    bb = _GGUF_BLOCK_BYTES[int(qtype)]
+    rows = blocks.shape[0]
+    if rows * cols == 0:
+        return torch.zeros(rows, cols, dtype=dtype, device=blocks.device)
+    b = blocks.reshape(rows, cols // 32, bb)
+    d = b[..., 0:2].contiguous().view(torch.float16).to(dtype)  # [rows, nb, 1]
+    if qtype == 8:
+        q = b[..., 2:].contiguous().view(torch.int8).to(dtype)
+        w = d * q
+    else:
+        head = 4 if qtype == 3 else 2
+        nib = b[..., head:].to(torch.int64)
+        q = torch.cat([nib & 0x0F, nib >> 4], dim=-1).to(dtype)  # weight j: low nibble, j + 16: high
+        w = d * (q - 8) if qtype == 2 else d * q + b[..., 2:4].contiguous().view(torch.float16).to(dtype)
+    return w.reshape(rows, cols)
+
+
+def gguf_linear(x, blocks, qtype, cols, bias=None):
+    """``x · dequant(W)ᵀ + bias`` with W dequantized in x's dtype (float64: the exact weights)."""
+    return torch.nn.functional.linear(x, gguf_dequantize(blocks, qtype, cols, x.dtype), bias)

@@ -102,6 +102,24 @@ CASES = {
         OPS.bias_only_linear_backward,
         dict(grad_y=_randn(N, OUT), weight=_randn(OUT, IN), output_mask=[True] * 2),
     ),
+    "gguf_linear": (
+        OPS.gguf_linear,
+        dict(x=_randn(N, 32), blocks=torch.zeros(OUT, 34, dtype=torch.uint8), qtype=8, cols=32, bias=_randn(OUT)),
+    ),
+    "gguf_linear_backward": (
+        OPS.gguf_linear_backward,
+        dict(grad_y=_randn(N, OUT), blocks=torch.zeros(OUT, 34, dtype=torch.uint8), qtype=8, cols=32),
+    ),
+    "gguf_embedding": (
+        OPS.gguf_embedding,
+        dict(
+            ids=torch.tensor([0, 2]),
+            blocks=torch.zeros(OUT, 34, dtype=torch.uint8),
+            qtype=8,
+            cols=32,
+            dtype=torch.float32,
+        ),
+    ),
     "sparse_delta_linear": (
         OPS.sparse_delta_linear,
         dict(
@@ -275,7 +293,8 @@ def test_one_argument_on_meta_is_refused(op_name, argument):
 
 def test_every_op_has_a_mismatch_case():
     schemas = {s.name.split("::")[1] for s in torch._C._jit_get_all_schemas() if s.name.startswith("pyfastpeft::")}
-    assert schemas - {"fake_quantize"} == set(CASES)  # fake_quantize takes one tensor
+    # these take one tensor
+    assert schemas - {"fake_quantize", "gguf_dequantize", "gguf_quantize"} == set(CASES)
 
 
 @requires_cuda
