@@ -7,7 +7,7 @@ import torch  # noqa: F401  (must be imported before the extension)
 from . import distill, heads, io, nn, ops, optim, quant, tuners
 from ._extension import build_info, cuda_available
 from .heads import with_task_head
-from .models.gguf_file import from_gguf
+from .models import gguf_file as _gguf_file
 from .report import Report, report
 from .tuners import (
     AdapterConfig,
@@ -23,6 +23,17 @@ from .tuners import (
 )
 
 __version__ = "0.1.0"
+
+
+def from_gguf(path, quantized: bool = False):
+    """``(model, tokenizer)`` of a llama GGUF file.
+
+    ``quantized=False``: the float32 transformers model (the file converted once into a cached Hugging
+    Face folder). ``quantized=True``: the projections, the embedding and a tied head keep the file's
+    Q4_0/Q4_1/Q8_0 blocks in memory (:class:`pyfastpeft.nn.GGUFLinear`, :class:`pyfastpeft.nn.GGUFEmbedding`,
+    computed by the fused ``gguf`` ops); tensors of other formats are de-quantized with a warning."""
+    return _gguf_file.from_gguf(path, quantized, make_linear=nn.GGUFLinear, make_embedding=nn.GGUFEmbedding)
+
 
 __all__ = [
     "AdapterConfig",

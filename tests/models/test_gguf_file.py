@@ -255,8 +255,18 @@ def test_real_smollm2_loads_quantized_with_the_float_paths_logits():
         str(path.parent), gguf_file=path.name, dtype=torch.float32
     ).eval()
     ids = tokenizer(["The capital of France is", "1 2 3 4 5 6"], return_tensors="pt", padding=True).input_ids
+    # the shipped modules: pyfastpeft's fused block kernels, no float weight anywhere
+    import pyfastpeft
+
+    fused, _ = pyfastpeft.from_gguf(path, quantized=True)
+    assert isinstance(fused.model.layers[0].mlp.down_proj, pyfastpeft.nn.GGUFLinear)
+    assert isinstance(fused.model.embed_tokens, pyfastpeft.nn.GGUFEmbedding)
+    assert fused.lm_head.blocks is fused.model.embed_tokens.blocks
+    assert not any(p.dim() == 2 for p in fused.parameters())
     with torch.no_grad():
-        got, want = model(input_ids=ids).logits, reference(input_ids=ids).logits
-    # the same weights and operations; float32 rounding of 30 layers' sums bounds the difference
-    assert (got - want).abs().max().item() <= 1e-4 * want.abs().max().item()
-    assert got[0, -1].argmax() == want[0, -1].argmax()
+        want = reference(input_ids=ids).logits
+        for candidate in (model, fused.eval()):
+            got = candidate(input_ids=ids).logits
+            # the same weights and operations; float32 rounding of 30 layers' sums bounds the difference
+            assert (got - want).abs().max().item() <= 1e-4 * want.abs().max().item()
+            assert got[0, -1].argmax() == want[0, -1].argmax()
