@@ -158,9 +158,11 @@ def test_compiles_fullgraph_and_reads_base_attributes():
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     model.zero_grad()
     model(x, labels=x).loss.backward()
+    # aot_eager runs the traced forward and backward ATen ops (ours included) eagerly, the same kernels in
+    # the same order: the gradients are bit-identical
     for n, p in model.named_parameters():
         if p.requires_grad:
-            torch.testing.assert_close(grads[n], p.grad, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(grads[n], p.grad, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("kind", ["builtin", "llama", "gpt2"])
