@@ -159,7 +159,8 @@ def kd_terms(
     lse = torch.logsumexp(s64 / temperature, -1, keepdim=True).abs() + torch.logsumexp(t64 / temperature, -1, keepdim=True).abs()
     s_abs = s64.abs() if s_abs is None else s_abs.double().reshape(-1, vocab)
     t_abs = t64.abs() if t_abs is None else t_abs.double().reshape(-1, vocab)
-    logs = (ls.abs() + lt.abs()).nan_to_num(posinf=0.0) + (s_abs + t_abs) / temperature + lse + 1.0
+    # a masked (-inf) logit has probability 0 and adds no term
+    logs = (ls.abs() + lt.abs() + (s_abs + t_abs) / temperature).nan_to_num(posinf=0.0) + lse + 1.0
     row = (ps * logs).sum(-1, keepdim=True) + (pt * logs).sum(-1, keepdim=True)
     valid = torch.ones(s64.shape[0], dtype=torch.bool) if labels is None else (labels.reshape(-1) != ignore_index).cpu()
     n_valid = max(int(valid.sum()), 1)
