@@ -156,7 +156,7 @@ def kd_terms(
     s64, t64 = s.detach().double().reshape(-1, vocab), t.detach().double().reshape(-1, vocab)
     ls, lt = torch.log_softmax(s64 / temperature, -1), torch.log_softmax(t64 / temperature, -1)
     ps, pt = ls.exp(), lt.exp()
-    lse = torch.logsumexp(s64 / temperature, -1, keepdim=True).abs() + torch.logsumexp(t64 / temperature, -1, keepdim=True).abs()
+    lse = sum(torch.logsumexp(z / temperature, -1, keepdim=True).abs() for z in (s64, t64))
     s_abs = s64.abs() if s_abs is None else s_abs.double().reshape(-1, vocab)
     t_abs = t64.abs() if t_abs is None else t_abs.double().reshape(-1, vocab)
     # a masked (-inf) logit has probability 0 and adds no term

@@ -231,8 +231,7 @@ def layer_formula(layer, names, x, dy, trained, convert, absolute=False):
         norm = None
         if absolute and m is not None:  # the true norm, not that of |W| + |s·B·A|
             w64, a64, b64 = (
-                t.detach().double()
-                for t in (layer.weight_oi(), layer.lora_A[name].weight, layer.lora_B[name].weight)
+                t.detach().double() for t in (layer.weight_oi(), layer.lora_A[name].weight, layer.lora_B[name].weight)
             )
             norm = torch.linalg.norm(w64 + layer.scaling[name] * b64 @ a64, dim=1)
         outs.append(lora_dora_reference(xs[i], w, bias, a, bb, layer.scaling[name], m, norm))
