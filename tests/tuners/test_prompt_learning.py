@@ -173,6 +173,7 @@ def two_task_base() -> TinyLlamaForCausalLM:
 @pytest.mark.parametrize("kind", ["prompt", "ptuning_mlp", "prefix", "prefix_projection"])
 def test_loss_falls_and_only_the_prompt_trains(kind, seed, two_task_base):
     base = copy.deepcopy(two_task_base)
+    torch.manual_seed(seed)  # the prompt's initialisation: not the global state earlier tests left
     model = pf.get_peft_model(base, CONFIGS[kind](6))
     model.train()
     frozen = {n: p.detach().clone() for n, p in base.named_parameters()}
@@ -180,15 +181,21 @@ def test_loss_falls_and_only_the_prompt_trains(kind, seed, two_task_base):
     assert trainable and all(n.startswith("base_model.prompt_encoder.default.") for n in trainable)
     assert sum(p.numel() for p in trainable.values()) == pf.report(model).trainable
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=2e-2)
-    # Progress is judged on one fixed held-out batch, before and after: the training batches' own losses
-    # swing by ±25 % from batch to batch, which made a mean of five of them a coin toss at a 15 % margin.
+    # Progress is judged on one fixed held-out batch, before and after, sequence by sequence: the training
+    # batches' own losses swing by ±25 % from batch to batch, which made a mean of five of them a coin toss.
     held_out = make_batch("reverse", 64, 4, 12, torch.Generator().manual_seed(1000 + seed))
 
-    def held_out_loss() -> float:
+    def held_out_losses() -> torch.Tensor:
+        """Each held-out sequence's mean loss over its answer tokens (float64)."""
         with torch.no_grad():
-            return model(held_out.input_ids, attention_mask=held_out.attention_mask, labels=held_out.labels).loss.item()
+            logits = model(held_out.input_ids, attention_mask=held_out.attention_mask).logits
+        labels = held_out.labels[:, 1:]
+        logits = logits[:, -held_out.input_ids.shape[1] :][:, :-1]  # the real positions (not the prompt's)
+        token = nn.functional.cross_entropy(logits.double().transpose(1, 2), labels, reduction="none")
+        answer = (labels != -100).double()
+        return (token * answer).sum(1) / answer.sum(1)
 
-    before = held_out_loss()
+    before = held_out_losses()
     gen = torch.Generator().manual_seed(seed)
     for _ in range(60):
         batch = make_batch("reverse", 16, 4, 12, gen)
@@ -196,10 +203,11 @@ def test_loss_falls_and_only_the_prompt_trains(kind, seed, two_task_base):
         opt.zero_grad()
         loss.backward()
         opt.step()
-    after = held_out_loss()
-    # after/before measured 0.33-0.82 over these seeds and methods (the same at the default and AVX2
-    # levels: the model is plain PyTorch); 0.9 leaves a margin that the held-out batch makes reliable
-    assert after < 0.9 * before, (before, after)
+    after = held_out_losses()
+    # the mean gain beats three standard errors of the per-sequence gains: a margin from the held-out
+    # batch's own noise, not a judged fraction (which held at 0.33-0.82 of the loss, close to a 0.9 bar)
+    gain = before - after
+    assert gain.mean() > 3 * gain.std() / gain.numel() ** 0.5, (before.mean().item(), after.mean().item())
     for n, p in base.named_parameters():
         assert torch.equal(p, frozen[n]), n
     assert all(not torch.equal(p, trainable[n]) for n, p in model.named_parameters() if n in trainable)
