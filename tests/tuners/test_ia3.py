@@ -12,11 +12,12 @@ from torch import nn
 
 import pyfastpeft as pf
 from pyfastpeft.models import TinyLlamaConfig, TinyLlamaForCausalLM
+from pyfastpeft.models.data import make_batch
 from pyfastpeft.tuners import IA3Linear
 from tests.conftest import assert_as_accurate_as, assert_within_rounding
 from tests.tuners.hf_tiny_models import VOCAB, assert_same_as, outputs, twin_models
 
-from .tiny_task import copy_task_losses
+from .tiny_task import assert_learned, copy_task_losses, held_out_losses
 
 
 def tiny(seed: int = 0, vocab: int = 32) -> TinyLlamaForCausalLM:
@@ -139,8 +140,12 @@ def test_loss_falls_and_only_the_vectors_change():
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(n.endswith("ia3_l.default") for n in trainable)
-    losses = copy_task_losses(model, lr=0.1)
-    assert sum(losses[-5:]) / 5 < 0.92 * sum(losses[:5]) / 5
+    held_out = make_batch("copy", 64, 4, 32, torch.Generator().manual_seed(1000))
+    before = held_out_losses(model, held_out)
+    copy_task_losses(model, lr=0.1)
+    # the training batches' own losses fell to 0.90-0.93 of their start over five seeds: a judged 0.92
+    # bar was a coin toss, where the held-out gain against its noise is not
+    assert_learned(before, held_out_losses(model, held_out))
     for n, p in model.named_parameters():
         if n in frozen:
             assert torch.equal(p, frozen[n]), n
