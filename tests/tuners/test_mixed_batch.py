@@ -346,14 +346,15 @@ def test_mixed_batch_inference_stack_is_kept_and_follows_updates():
         assert model(input_ids=ids, adapter_names=names).logits.equal(first)
         assert layer._mixed_stack_cache[1][0] is stack[0]  # kept, not rebuilt
         assert stack[1].transpose(1, 2).is_contiguous()  # B held as Bᵀ
-        torch.testing.assert_close(first, trained, rtol=1e-5, atol=1e-5)
+        # the same kernel sums in the same order whatever the layout it reads B in: bit-identical
+        torch.testing.assert_close(first, trained, rtol=0, atol=0)
         for name, p in model.named_parameters():
             if "lora_B.b" in name:
                 p.mul_(2.0)  # in place, as an optimizer step would
         second = model(input_ids=ids, adapter_names=names).logits
     assert second[0].equal(first[0]) and second[2].equal(first[2])  # adapter a and the base: unchanged
     assert not torch.allclose(second[1], first[1])
-    torch.testing.assert_close(second, model(input_ids=ids, adapter_names=names).logits.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(second, model(input_ids=ids, adapter_names=names).logits.detach(), rtol=0, atol=0)
 
 
 def lora_dora_reference(x, w, b, a, bb, s, magnitude=None, norm=None):
