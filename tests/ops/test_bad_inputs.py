@@ -12,7 +12,8 @@ import torch
 import pyfastpeft  # noqa: F401
 from pyfastpeft import ops
 from pyfastpeft.ops import reference
-from tests.conftest import requires_cuda
+from tests.conftest import assert_within_rounding, requires_cuda
+from tests.ops.test_distill import kd_terms
 
 OPS = torch.ops.pyfastpeft
 N, IN, OUT, R, K, V = 4, 5, 3, 2, 2, 7
@@ -340,36 +341,40 @@ def test_lora_linear_with_zero_in_features(device, dropout_p):
     A = torch.zeros(R, 0, dtype=torch.float64, device=device, requires_grad=True)
     B = _randn(OUT, R).to(device).requires_grad_()
     y = ops.lora_linear(x, w, b, A, B, 2.0, dropout_p, seed=3)
-    torch.testing.assert_close(y, b.detach().expand(N, OUT))  # x·Wᵀ and the LoRA term are empty sums
+    # x·Wᵀ and the LoRA term are empty sums (exactly 0), so every result below is exact: the bias, a sum of
+    # N ones, and zeros
+    torch.testing.assert_close(y, b.detach().expand(N, OUT), rtol=0, atol=0)
     y.sum().backward()
     assert x.grad.shape == (N, 0) and A.grad.shape == (R, 0)
-    torch.testing.assert_close(b.grad, torch.full((OUT,), float(N), dtype=torch.float64, device=device))
-    torch.testing.assert_close(B.grad, torch.zeros(OUT, R, dtype=torch.float64, device=device))
+    torch.testing.assert_close(b.grad, torch.full((OUT,), float(N), dtype=torch.float64, device=device), rtol=0, atol=0)
+    torch.testing.assert_close(B.grad, torch.zeros(OUT, R, dtype=torch.float64, device=device), rtol=0, atol=0)
 
 
 def test_lora_linear_module_with_zero_in_features(device):
     base = torch.nn.Linear(0, OUT).to(device=device, dtype=torch.float64)
     layer = pyfastpeft.tuners.LoraLinear(base, r=R, lora_dropout=0.2)
     y = layer(torch.zeros(2, 3, 0, dtype=torch.float64, device=device))
-    torch.testing.assert_close(y, base.bias.detach().expand(2, 3, OUT))
+    torch.testing.assert_close(y, base.bias.detach().expand(2, 3, OUT), rtol=0, atol=0)  # empty sums: exact
 
 
 def test_other_linear_ops_with_zero_in_features(device):
     x = torch.zeros(N, 0, dtype=torch.float64, device=device)
     w = torch.zeros(OUT, 0, dtype=torch.float64, device=device)
     b = _randn(OUT).to(device)
-    torch.testing.assert_close(ops.bias_only_linear(x, w, b), b.expand(N, OUT))
+    exact = dict(rtol=0, atol=0)  # every product below is an empty sum plus the bias: exact
+    torch.testing.assert_close(ops.bias_only_linear(x, w, b), b.expand(N, OUT), **exact)
     empty_idx = torch.zeros(0, dtype=torch.int64, device=device)
     torch.testing.assert_close(
         ops.sparse_delta_linear(x, w, b, torch.zeros(0, dtype=torch.float64, device=device), empty_idx),
         b.expand(N, OUT),
+        **exact,
     )
     assert ops.sampled_weight_grad(_randn(N, OUT).to(device), x, empty_idx, 0).shape == (0,)
     A = torch.zeros(K, R, 0, dtype=torch.float64, device=device)
     Bm = _randn(K, OUT, R).to(device)
     idx = torch.tensor([0, 1, -1, 0], device=device)
-    torch.testing.assert_close(ops.multi_lora_linear(x, w, b, A, Bm, [1.0, 2.0], idx), b.expand(N, OUT))
-    torch.testing.assert_close(ops.ia3_scale(x, torch.zeros(0, dtype=torch.float64, device=device)), x)
+    torch.testing.assert_close(ops.multi_lora_linear(x, w, b, A, Bm, [1.0, 2.0], idx), b.expand(N, OUT), **exact)
+    torch.testing.assert_close(ops.ia3_scale(x, torch.zeros(0, dtype=torch.float64, device=device)), x, **exact)
 
 
 def test_zero_out_features_and_zero_rows(device):
@@ -409,7 +414,8 @@ def test_fused_kd_loss_with_zero_hidden_size():
     ht, wt = _randn(N, 3), _randn(V, 3, seed=1)
     ours = ops.fused_linear_kd_loss(hs, ws, ht, wt, alpha=0.0)
     ref = reference.kd_loss(hs @ ws.t(), ht @ wt.t(), None, alpha=0.0)
-    torch.testing.assert_close(ours, ref)
+    loss_terms, _ = kd_terms(hs @ ws.t(), ht @ wt.t(), None, alpha=0.0, t_abs=ht.abs() @ wt.abs().t())
+    assert_within_rounding("loss", ours, ref, loss_terms, terms=2 * (V + N + 3), roundings=16)
 
 
 # ---- other bad arguments with a clear message ----------------------------------------------------------
@@ -447,7 +453,9 @@ def test_kd_loss_takes_int32_labels(divergence, device):
     loss64 = ops.kd_loss(s, t, labels, divergence=divergence)
     (g64,) = torch.autograd.grad(loss64, s)
     assert torch.equal(loss32, loss64) and torch.equal(g32, g64)
-    torch.testing.assert_close(loss64, reference.kd_loss(s.detach(), t, labels, divergence=divergence))
+    ref = reference.kd_loss(s.detach(), t, labels, divergence=divergence)
+    loss_terms, _ = kd_terms(s, t, labels, divergence=divergence)
+    assert_within_rounding("loss", loss64, ref, loss_terms, terms=2 * (V + labels.numel()), roundings=16)
     hs, ws, ht, wt = (
         _randn(6, IN).to(device),
         _randn(V, IN).to(device),
@@ -493,11 +501,12 @@ def test_kd_loss_with_masked_teacher_vocabulary_is_finite(divergence, dtype, voc
     s64 = s.detach().double().requires_grad_()
     ref = _masked_kd_reference(s64, t.double(), labels, 2.0, 0.3, divergence)
     (ref_grad,) = torch.autograd.grad(ref, s64)
-    eps = torch.finfo(dtype).eps
-    # each row sums `vocab` terms of magnitude at most about |log p|
-    atol = 8 * eps * vocab * max(1.0, ref.abs().item())
-    torch.testing.assert_close(loss.double(), ref.detach(), rtol=0, atol=atol)
-    torch.testing.assert_close(grad.double(), ref_grad, rtol=0, atol=8 * eps * vocab)
+    # the reference is float64 and the inputs exact in it: only ours rounds, along a chain of the
+    # vocabulary and the rows (kd_terms: masked entries have pt = 0 and add no terms)
+    loss_terms, g_terms = kd_terms(s, t, labels, temperature=2.0, alpha=0.3, divergence=divergence)
+    chain = 2 * (vocab + N)
+    assert_within_rounding("loss", loss, ref.detach(), loss_terms, terms=chain, roundings=16)
+    assert_within_rounding("grad", grad, ref_grad, g_terms, terms=chain, roundings=16)
 
 
 def test_multi_lora_takes_integer_scalings(device):
@@ -506,7 +515,11 @@ def test_multi_lora_takes_integer_scalings(device):
     idx = torch.tensor([0, 1, -1, 1], device=device)
     ours = ops.multi_lora_linear(x, w, b, A, B, torch.tensor([2, 3], device=device), idx)
     ref = reference.multi_lora_linear(x, w, b, A, B, torch.tensor([2.0, 3.0], dtype=torch.float64, device=device), idx)
-    torch.testing.assert_close(ours, ref)
+    terms = reference.multi_lora_linear(
+        x.abs(), w.abs(), b.abs(), A.abs(), B.abs(), torch.tensor([2.0, 3.0], dtype=torch.float64, device=device), idx
+    )
+    # x·Wᵀ, x·Aᵀ then ·Bᵀ, scaling and bias, rounded by ours and by the reference
+    assert_within_rounding("y", ours, ref, terms, terms=2 * (IN + R + 3), roundings=2)
 
 
 @pytest.mark.parametrize("rank", [0, R])
@@ -519,12 +532,18 @@ def test_multi_lora_with_zero_adapters_is_the_base_layer(device, rank):
     idx = torch.full((N,), -1, device=device)
     y = ops.multi_lora_linear(x, w, b, A, B, torch.zeros(0, dtype=torch.float64, device=device), idx)
     ref = torch.nn.functional.linear(x, w, b)
-    torch.testing.assert_close(y, ref)
+    # ours and PyTorch's linear, each rounding a chain of in_features (forward), out_features (dx) or N
+    # (dw, db) products and sums
+    chain = 2 * (IN + OUT + N + 1)
+    magnitude = torch.nn.functional.linear(x.detach().abs(), w.detach().abs(), b.detach().abs())
+    assert_within_rounding("y", y, ref, magnitude, terms=chain, roundings=2)
     gy = _randn(N, OUT, seed=5).to(device)
     ours = torch.autograd.grad(y, (x, w, b, A, B), gy)
     theirs = torch.autograd.grad(ref, (x, w, b), gy)
-    for o, t in zip(ours[:3], theirs, strict=True):
-        torch.testing.assert_close(o, t)
+    xa, wa, ba = (t.detach().abs().requires_grad_() for t in (x, w, b))
+    terms = torch.autograd.grad(torch.nn.functional.linear(xa, wa, ba), (xa, wa, ba), gy.abs())
+    for name, o, t, m in zip(("dx", "dw", "db"), ours[:3], theirs, terms, strict=True):
+        assert_within_rounding(name, o, t, m, terms=chain, roundings=2)
     assert ours[3].shape == A.shape and ours[4].shape == B.shape
     if device == "cpu":
         with pytest.raises(ValueError, match="^adapter_indices: index 0 at token 2 is out of range for 0 adapters"):
@@ -536,7 +555,10 @@ def test_sampled_weight_grad_takes_unsorted_and_repeated_indices(device, int32):
     gy, x = _randn(N, OUT).to(device), _randn(N, IN, seed=1).to(device)
     idx = torch.tensor([9, 0, 14, 3, 9, 7], device=device, dtype=torch.int32 if int32 else torch.int64)
     ours = ops.sampled_weight_grad(gy, x, idx, IN)
-    torch.testing.assert_close(ours, reference.sampled_weight_grad(gy, x, idx.long(), IN), rtol=1e-12, atol=1e-12)
+    ref = reference.sampled_weight_grad(gy, x, idx.long(), IN)
+    # each entry a sum of N products, rounded by ours and by the reference
+    terms = reference.sampled_weight_grad(gy.abs(), x.abs(), idx.long(), IN)
+    assert_within_rounding("grad", ours, ref, terms, terms=2 * N, roundings=2)
     with pytest.raises(ValueError, match="out of range for a weight with 15 elements"):
         ops.sampled_weight_grad(gy, x, torch.tensor([9, 15, 2], device=device), IN)
 
@@ -548,16 +570,17 @@ def test_philox_dropout_is_differentiable(device):
     x = _randn(3, 5, seed=4).to(device).requires_grad_()
     y = ops.philox_dropout(x, 0.4, seed=11)
     mask = reference.philox_keep_mask(x.numel(), 0.4, 11).view(3, 5).to(device)
-    torch.testing.assert_close(y, x.detach() * mask / 0.6)
+    # x·mask/(1 − p): the scale 1/(1 − p) and the product, rounded by ours and by the reference: no sums
+    assert_within_rounding("y", y, x.detach() * mask / 0.6, x.detach().abs() / 0.6, terms=0, roundings=4)
     gy = _randn(3, 5, seed=5).to(device)
     (gx,) = torch.autograd.grad(y, x, gy)
-    torch.testing.assert_close(gx, gy * mask / 0.6)
+    assert_within_rounding("dx", gx, gy * mask / 0.6, gy.abs() / 0.6, terms=0, roundings=4)
     assert torch.autograd.gradcheck(lambda t: ops.philox_dropout(t, 0.4, seed=11), (x,))
     assert torch.autograd.gradgradcheck(lambda t: ops.philox_dropout(t, 0.4, seed=11), (x,))
     # a transposed (non-contiguous) input is masked by its row-major element index, its gradient too
     xt = _randn(5, 3, seed=6).to(device).t().requires_grad_()
     (gxt,) = torch.autograd.grad(ops.philox_dropout(xt, 0.4, seed=11), xt, gy)
-    torch.testing.assert_close(gxt, gy * mask / 0.6)
+    assert_within_rounding("dx (transposed)", gxt, gy * mask / 0.6, gy.abs() / 0.6, terms=0, roundings=4)
 
 
 def test_sampled_weight_grad_is_differentiable(device):
@@ -570,5 +593,8 @@ def test_sampled_weight_grad_is_differentiable(device):
     w = _randn(4, seed=7).to(device)
     ours = torch.autograd.grad((out * w).sum(), (gy, x))
     theirs = torch.autograd.grad((ref * w).sum(), (gy, x))
-    for o, t in zip(ours, theirs, strict=True):
-        torch.testing.assert_close(o, t)
+    ga, xa = gy.detach().abs().requires_grad_(), x.detach().abs().requires_grad_()
+    terms = torch.autograd.grad((reference.sampled_weight_grad(ga, xa, idx, IN) * w.abs()).sum(), (ga, xa))
+    # each gradient entry sums the products of the sampled entries that use it (at most all 4)
+    for name, o, t, m in zip(("d grad_y", "dx"), ours, theirs, terms, strict=True):
+        assert_within_rounding(name, o, t, m, terms=2 * (4 + 1), roundings=2)

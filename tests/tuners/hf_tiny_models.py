@@ -10,6 +10,8 @@ import copy
 import pytest
 import torch
 
+from tests.conftest import assert_as_accurate_as, low_precision_error_bound
+
 VOCAB = 50
 
 
@@ -63,3 +65,18 @@ def twin_models(kind: str, seed: int = 0):
 
 def outputs(model, ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=ids).logits
+
+
+def assert_same_as(ours, theirs, ids) -> None:
+    """Our model computes PEFT's function: in float64 (copies of both), ours is as close to PEFT as PEFT's
+    own float32 run is to its float64 run (a wrong scaling, layout or key is off by the adapter's whole
+    effect, no rounding); and in float32, ours is as accurate against that float64 run as PEFT's float32
+    run (assert_as_accurate_as). Comparing the two float32 runs with each other would need a bound on
+    how both orders' roundings grow through the network, which is not computable here."""
+    with torch.no_grad():
+        ours32, theirs32 = outputs(ours, ids), outputs(theirs, ids)
+        ours64 = outputs(copy.deepcopy(ours).double(), ids)
+        theirs64 = outputs(copy.deepcopy(theirs).double(), ids)
+    err, bound = low_precision_error_bound(ours64, theirs32, theirs64, factor=1.0)
+    assert err <= bound, f"float64: ours off PEFT by {err:.3g} > PEFT's float32 error {bound:.3g}"
+    assert_as_accurate_as("float32 outputs", ours32, theirs32, theirs64)

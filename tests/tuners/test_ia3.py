@@ -12,11 +12,12 @@ from torch import nn
 
 import pyfastpeft as pf
 from pyfastpeft.models import TinyLlamaConfig, TinyLlamaForCausalLM
+from pyfastpeft.models.data import make_batch
 from pyfastpeft.tuners import IA3Linear
 from tests.conftest import assert_as_accurate_as, assert_within_rounding
-from tests.tuners.hf_tiny_models import VOCAB, outputs, twin_models
+from tests.tuners.hf_tiny_models import VOCAB, assert_same_as, outputs, twin_models
 
-from .tiny_task import copy_task_losses
+from .tiny_task import assert_learned, copy_task_losses, held_out_losses
 
 
 def tiny(seed: int = 0, vocab: int = 32) -> TinyLlamaForCausalLM:
@@ -139,8 +140,12 @@ def test_loss_falls_and_only_the_vectors_change():
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(n.endswith("ia3_l.default") for n in trainable)
-    losses = copy_task_losses(model, lr=0.1)
-    assert sum(losses[-5:]) / 5 < 0.92 * sum(losses[:5]) / 5
+    held_out = make_batch("copy", 64, 4, 32, torch.Generator().manual_seed(1000))
+    before = held_out_losses(model, held_out)
+    copy_task_losses(model, lr=0.1)
+    # the training batches' own losses fell to 0.90-0.93 of their start over five seeds: a judged 0.92
+    # bar was a coin toss, where the held-out gain against its noise is not
+    assert_learned(before, held_out_losses(model, held_out))
     for n, p in model.named_parameters():
         if n in frozen:
             assert torch.equal(p, frozen[n]), n
@@ -158,9 +163,11 @@ def test_compiles_fullgraph_and_reads_base_attributes():
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     model.zero_grad()
     model(x, labels=x).loss.backward()
+    # aot_eager runs the traced forward and backward ATen ops (ours included) eagerly, the same kernels in
+    # the same order: the gradients are bit-identical
     for n, p in model.named_parameters():
         if p.requires_grad:
-            torch.testing.assert_close(grads[n], p.grad, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(grads[n], p.grad, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("kind", ["builtin", "llama", "gpt2"])
@@ -264,7 +271,7 @@ def test_peft_adapter_loads_here(kind, tmp_path):
     x = torch.randint(0, VOCAB, (2, 11), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = outputs(theirs, x)
-        torch.testing.assert_close(outputs(ours, x), expected, rtol=0, atol=1e-5)
+        assert_same_as(ours, theirs, x)
         with ours.disable_adapter():
             assert (outputs(ours, x) - expected).abs().max() > 1e-3  # the adapter matters
 
@@ -290,7 +297,7 @@ def test_ours_loads_in_peft(kind, tmp_path):
     x = torch.randint(0, VOCAB, (2, 11), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = outputs(ours, x)
-        torch.testing.assert_close(outputs(theirs, x), expected, rtol=0, atol=1e-5)
+        assert_same_as(ours, theirs, x)
         with ours.disable_adapter():
             assert (outputs(ours, x) - expected).abs().max() > 1e-3
     # the same tensors under the same keys
