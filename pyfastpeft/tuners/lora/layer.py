@@ -23,12 +23,15 @@ from torch import nn
 
 from ... import ops
 from ...nn.fake_quant_linear import FakeQuantLinear
+from ...nn.gguf import GGUFLinear
 from ...nn.quantized_linear import QuantizedLinear
 from ...ops import BASE_ADAPTER, kernel_layout
 from ..layers import BaseLayerPassthrough, is_conv1d
 from .config import LoraConfig
 
 QUANTIZED_BASES = (FakeQuantLinear, QuantizedLinear)
+# Bases whose weight stays in GGUF blocks: the base product is their own fused kernel, the update is added.
+BLOCK_BASES = (GGUFLinear,)
 
 
 class DoraMagnitude(nn.Module):
@@ -151,14 +154,16 @@ class LoraLinear(LoraLayer):
         # A frozen (fake-)quantized base (QLoRA / QA-LoRA style): the op sees its quantized weight and
         # quantized activations; the adapter trains in the base's float dtype and is never merged into it.
         self.quantized_base = isinstance(base_layer, QUANTIZED_BASES)
+        # A GGUF block base: its weight is never de-quantized whole; y = base(x) + s·B·A·dropout(x).
+        self.block_base = isinstance(base_layer, BLOCK_BASES)
         self._mixed_stack_cache: tuple | None = None  # (key, (A, B)) of mixed batches with autograd off
         if self.fan_in_fan_out:
             self.in_features, self.out_features = base_layer.weight.shape
-        elif isinstance(base_layer, nn.Linear) or self.quantized_base:
+        elif isinstance(base_layer, nn.Linear) or self.quantized_base or self.block_base:
             self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         else:
             raise ValueError(
-                "base_layer: expected nn.Linear, transformers' Conv1D, FakeQuantLinear or QuantizedLinear, "
+                "base_layer: expected nn.Linear, transformers' Conv1D, FakeQuantLinear, QuantizedLinear or GGUFLinear, "
                 f"got {type(base_layer).__name__}"
             )
         self.lora_A = nn.ModuleDict()
@@ -190,12 +195,17 @@ class LoraLinear(LoraLayer):
         if self.quantized_base:
             with torch.no_grad():
                 return self.base_layer.quantized_weight()
+        if self.block_base:  # a new float tensor: for reports and checks, never on the forward path
+            with torch.no_grad():
+                return self.base_layer.dequantized_weight(torch.float32)
         w = self.base_layer.weight
         return w.t() if self.fan_in_fan_out else w
 
     def base_weight_dtype(self) -> torch.dtype:
         if isinstance(self.base_layer, QuantizedLinear):
             return self.base_layer.dtype
+        if self.block_base:
+            return torch.float32
         return self.base_layer.weight.dtype
 
     def update_layer(
@@ -208,12 +218,15 @@ class LoraLinear(LoraLayer):
         use_dora: bool,
         init: bool | str,
     ) -> None:
-        if self.quantized_base and (use_dora or init == "pissa"):
+        if (self.quantized_base or self.block_base) and (use_dora or init == "pissa"):
             raise ValueError(
                 f"adapter {name!r}: DoRA and PiSSA need a float base weight; "
                 f"{type(self.base_layer).__name__} is quantized (use plain LoRA over it)"
             )
-        w = self.weight_oi()
+        if self.block_base:  # the adapter's dtype and device, without de-quantizing the weight
+            w = torch.empty(0, dtype=torch.float32, device=self.base_layer.blocks.device)
+        else:
+            w = self.weight_oi()
         self.r[name], self.lora_alpha[name], self.dropout_p[name] = r, alpha, float(dropout)
         self.scaling[name] = alpha / (math.sqrt(r) if use_rslora else r)
         self.use_dora[name] = use_dora
@@ -277,7 +290,7 @@ class LoraLinear(LoraLayer):
 
     @torch.no_grad()
     def merge(self, names: list[str] | None = None) -> None:
-        if self.quantized_base:
+        if self.quantized_base or self.block_base:
             raise ValueError(
                 f"merge: the base is a {type(self.base_layer).__name__}; merging a float update into quantized "
                 "weights would requantize them. Keep the adapter separate, or merge into the float model "
@@ -329,6 +342,8 @@ class LoraLinear(LoraLayer):
         active = [n for n in self.active_adapters if n not in self.merged_adapters]
         if not active:
             return self.base_layer(x, *args, **kwargs)
+        if self.block_base:
+            return self._block_forward(x, active)
         if self.quantized_base:
             x = self.base_layer.quantize_input(x)
         dtype = self._compute_dtype(x)
@@ -359,6 +374,21 @@ class LoraLinear(LoraLayer):
         index = {n: i for i, n in enumerate(known)}
         return known, [index.get(n, -1) for n in adapter_names]
 
+    def _block_forward(self, x: torch.Tensor, active: list[str]) -> torch.Tensor:
+        """``base(x) + Σ s·B·A·dropout(x)`` over a GGUF block base: the base product is the block kernel
+        (its backward reads the blocks again; nothing weight-sized is saved), the rank-r products are
+        plain matmuls and the dropout is the Philox op, which regenerates its mask for the backward."""
+        dtype = self._compute_dtype(x)
+        x = x.to(dtype)
+        y = self.base_layer(x)
+        for name in active:
+            p = self.dropout_p[name] if self.training else 0.0
+            h = ops.philox_dropout(x, p) if p > 0.0 else x
+            a = self.lora_A[name].weight.to(dtype)
+            b = self.lora_B[name].weight.to(dtype)
+            y = y + F.linear(F.linear(h, a), b) * self.scaling[name]
+        return y
+
     def _mixed_forward(self, x: torch.Tensor, names: list[str], seq_indices: list[int]) -> torch.Tensor:
         """Every sequence through its own adapter (index -1: the base alone) with the multi-adapter op.
         The stacked A and B are built from this layer's adapters with torch.stack, so gradients reach
@@ -367,6 +397,11 @@ class LoraLinear(LoraLayer):
             raise ValueError(
                 f"adapter_names: {len(seq_indices)} names for a batch of shape {tuple(x.shape)} "
                 "(expected one name per sequence, the first dimension)"
+            )
+        if self.block_base:
+            raise ValueError(
+                "adapter_names: mixed-adapter batches need a float or QuantizedLinear base; this layer's base "
+                "is a GGUFLinear (run one adapter at a time over a GGUF block model)"
             )
         present = [n for n in names if n in self.r]
         if self.quantized_base:

@@ -35,13 +35,13 @@ from ..matching import (
 from ..peft_defaults import LORA_TARGET_MODULES, default_targets, is_saved_module
 from .config import LoraConfig
 from .embedding import LoraEmbedding
-from .layer import QUANTIZED_BASES, LoraLayer, LoraLinear
+from .layer import BLOCK_BASES, QUANTIZED_BASES, LoraLayer, LoraLinear
 
 PREFIX = "base_model.model."
 
 
 def _adaptable(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Linear, nn.Embedding, LoraLayer, *QUANTIZED_BASES)) or is_conv1d(module)
+    return isinstance(module, (nn.Linear, nn.Embedding, LoraLayer, *QUANTIZED_BASES, *BLOCK_BASES)) or is_conv1d(module)
 
 
 def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
@@ -54,7 +54,9 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     chosen = []
     if config.target_modules == "all-linear":
         out_names = output_layer_names(model)
-        candidates = [(p, m) for p, m in entries if p and (isinstance(m, (nn.Linear, LoraLinear)) or is_conv1d(m))]
+        candidates = [
+            (p, m) for p, m in entries if p and (isinstance(m, (nn.Linear, LoraLinear, *BLOCK_BASES)) or is_conv1d(m))
+        ]
         chosen = [p for p, _ in candidates if p.rsplit(".", 1)[-1] not in out_names and p not in out_names]
     else:
         for path, module in entries:

@@ -1,0 +1,113 @@
+"""LoRA over a GGUF block base (GGUFLinear): the base product runs on the blocks, the update is added;
+outputs and gradients against a float64 reference on the de-quantized weight; what it refuses."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from pyfastpeft import LoraConfig, get_peft_model
+from pyfastpeft.nn import GGUFLinear
+from pyfastpeft.ops import gguf
+from pyfastpeft.tuners import LoraLinear
+
+from ..conftest import assert_within_rounding
+
+QTYPES = [gguf.Q4_0, gguf.Q4_1, gguf.Q8_0]
+
+
+def block_layer(out_features: int, in_features: int, qtype: int, bias: bool, seed: int) -> GGUFLinear:
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randn(out_features, in_features, generator=g) / in_features**0.5
+    b = torch.randn(out_features, generator=g) if bias else None
+    return GGUFLinear.from_float(weight, qtype, b)
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+@pytest.mark.parametrize(
+    "tokens, in_features, out_features, bias", [(0, 32, 5, True), (1, 64, 1, False), (7, 96, 33, True)]
+)
+def test_forward_and_gradients_match_float64_on_the_dequantized_weight(qtype, tokens, in_features, out_features, bias):
+    base = block_layer(out_features, in_features, qtype, bias, seed=tokens + in_features)
+    layer = LoraLinear(base, r=3, lora_alpha=6)
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_()
+    x = torch.randn(tokens, 2, in_features).transpose(0, 1)  # a non-contiguous view [2, tokens, in]
+    x.requires_grad_(True)
+    y = layer(x)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+
+    w = base.dequantized_weight(torch.float64)
+    a = layer.lora_A["default"].weight.detach().double().requires_grad_(True)
+    b_ = layer.lora_B["default"].weight.detach().double().requires_grad_(True)
+    x64 = x.detach().double().requires_grad_(True)
+    s = layer.scaling["default"]
+    bias64 = None if base.bias is None else base.bias.detach().double()
+
+    def ref(x_, w_, a_, b__, bias_):
+        out = x_ @ w_.T + s * (x_ @ a_.T) @ b__.T
+        return out if bias_ is None else out + bias_
+
+    want = ref(x64, w, a, b_, bias64)
+    want.backward(dy.double())
+    # magnitudes: the same computation on absolute values bounds every sum's absolute terms
+    with torch.no_grad():
+        mag = ref(x64.abs(), w.abs(), a.abs(), b_.abs(), None if bias64 is None else bias64.abs())
+        gmag = dy.double().abs()
+        mag_dx = gmag @ w.abs() + s * (gmag @ b_.abs()) @ a.abs()
+        mag_da = s * (b_.abs().T @ gmag.reshape(-1, out_features).T) @ x64.abs().reshape(-1, in_features)
+        mag_db = s * gmag.reshape(-1, out_features).T @ (x64.abs().reshape(-1, in_features) @ a.abs().T)
+    chain = tokens * 2 + in_features + out_features + 3 + 4
+    assert_within_rounding("y", y, want, mag, terms=chain, roundings=2)
+    assert_within_rounding("dx", x.grad, x64.grad, mag_dx, terms=chain, roundings=2)
+    assert_within_rounding("dA", layer.lora_A["default"].weight.grad, a.grad, mag_da, terms=chain, roundings=2)
+    assert_within_rounding("dB", layer.lora_B["default"].weight.grad, b_.grad, mag_db, terms=chain, roundings=2)
+    assert not base.blocks.requires_grad and base.blocks.grad is None
+
+
+def test_get_peft_model_targets_block_layers_and_trains_only_the_adapter():
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.add_module("up", block_layer(64, 32, gguf.Q4_1, True, 1))
+    model.add_module("act", nn.GELU())
+    model.add_module("down", block_layer(32, 64, gguf.Q8_0, False, 2))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["up", "down"]))
+    assert all(isinstance(peft.base_model.model.get_submodule(n), LoraLinear) for n in ("up", "down"))
+    trainable = {n for n, p in peft.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    opt = torch.optim.SGD([p for p in peft.parameters() if p.requires_grad], lr=0.05)
+    x, target = torch.randn(16, 32), torch.randn(16, 32)
+    peft.train()
+    losses = []
+    for _ in range(20):
+        opt.zero_grad()
+        loss = (peft(x) - target).pow(2).mean()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    peft.eval()
+    with torch.no_grad():
+        after = (peft(x) - target).pow(2).mean().item()
+    # B starts at zero, so an adapter that did not train would give exactly the first loss again
+    assert after < losses[0]
+    # the blocks themselves never change
+    for key, value in before.items():
+        if key.endswith("blocks"):
+            path = key.rsplit(".", 1)[0]
+            assert torch.equal(peft.base_model.model.get_submodule(path).base_layer.blocks, value)
+
+
+def test_a_block_base_refuses_dora_pissa_merge_and_mixed_batches():
+    base = block_layer(8, 32, gguf.Q4_0, False, 3)
+    with pytest.raises(ValueError, match="DoRA and PiSSA need a float base weight"):
+        LoraLinear(base, r=2, use_dora=True)
+    with pytest.raises(ValueError, match="DoRA and PiSSA need a float base weight"):
+        LoraLinear(base, r=2, init_lora_weights="pissa")
+    layer = LoraLinear(base, r=2)
+    with pytest.raises(ValueError, match="merge: the base is a GGUFLinear"):
+        layer.merge()
+    with pytest.raises(ValueError, match="adapter_names: mixed-adapter batches"):
+        layer(torch.randn(2, 3, 32), adapter_names=["default", "__base__"])
