@@ -43,7 +43,7 @@ LAYER = {
 ALLOWED = {
     "__main__": {"cli"},
     "cli": {"train", "models", "errors"},
-    "train": {"report", "tuners", "io", "quant", "nn", "optim", "distill", "models", "errors"},
+    "train": {"report", "tuners", "io", "quant", "nn", "optim", "distill", "models", "ops", "errors"},
     ROOT: {"report", "tuners", "io", "quant", "heads", "nn", "optim", "distill", "models", "ops", "_extension"},
     "report": {"io"},
     "tuners": {"report", "io", "nn", "ops", "errors"},

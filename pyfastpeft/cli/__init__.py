@@ -92,6 +92,16 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return run_merge(args.base, args.adapter, args.out)
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from ..train.gguf_export import export_gguf
+
+    embedding = args.embedding_quant
+    if embedding is None and args.quant in ("q4_0", "q4_1"):
+        embedding = "q8_0"  # the token table (and a tied head) keeps 8 bits, as the source file has it
+    export_gguf(args.adapter, args.gguf, args.quant, args.model, embedding_quant=embedding)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="pyfastpeft", description="Fast parameter-efficient fine-tuning.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -184,6 +194,24 @@ def build_parser() -> argparse.ArgumentParser:
     mrg.add_argument("adapter", help="adapter folder")
     mrg.add_argument("out", help="new folder for the merged model")
     mrg.set_defaults(func=cmd_merge)
+
+    exp = sub.add_parser("export", help="merge an adapter into its llama base and write a GGUF file")
+    exp.add_argument("--gguf", required=True, metavar="OUT.gguf", help="the GGUF file to write")
+    exp.add_argument("--quant", required=True, choices=["f16", "q8_0", "q4_0", "q4_1"], help="weight format")
+    exp.add_argument("--adapter", required=True, metavar="DIR", help="a saved adapter folder")
+    exp.add_argument(
+        "--model",
+        default=None,
+        metavar="BASE",
+        help="the base: a .gguf file or a folder converted from one (default: the base the adapter recorded)",
+    )
+    exp.add_argument(
+        "--embedding-quant",
+        default=None,
+        choices=["f16", "q8_0", "q4_0", "q4_1"],
+        help="format of the token embedding (default: q8_0 for the 4-bit formats, else --quant)",
+    )
+    exp.set_defaults(func=cmd_export)
     return parser
 
 

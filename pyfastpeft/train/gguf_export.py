@@ -15,6 +15,7 @@ from pathlib import Path
 from ..errors import UserError
 from ..models.gguf_writer import QUANTS, Quantize, write_gguf
 from ..models.pretrained import CONVERTED_MARK, default_gguf, resolve_folder
+from ..ops.gguf import gguf_quantize
 from .merge import merged_state
 from .saved_adapter import load_base_model, read_saved_adapter, rebuild, recorded_base_folder
 
@@ -60,12 +61,15 @@ def export_gguf(
     quant: str,
     base: str | Path | None = None,
     *,
-    quantize: Quantize,
+    quantize: Quantize | None = None,
     embedding_quant: str | None = None,
     log=print,
 ) -> Path:
     """Writes the adapter in ``adapter_dir`` merged into its base as the GGUF file ``out_path`` in format
-    ``quant`` (f16, q8_0, q4_0, q4_1); ``base`` as in ``export_base``. Returns ``out_path``."""
+    ``quant`` (f16, q8_0, q4_0, q4_1); ``base`` as in ``export_base``; ``quantize`` defaults to the
+    project's block quantizer (:func:`pyfastpeft.ops.gguf.gguf_quantize`). Returns ``out_path``."""
+    if quantize is None:
+        quantize = gguf_quantize
     if quant not in QUANTS:
         raise UserError(f"quant: expected one of {', '.join(QUANTS)}, got {quant!r}")
     out_path = Path(out_path)

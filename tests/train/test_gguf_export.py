@@ -92,3 +92,33 @@ def test_bases_that_cannot_be_exported_are_refused(tmp_path, lora_on_gguf):
     with pytest.raises(UserError, match="is a folder"):
         export_gguf(adapter, tmp_path, "f16", base=gguf_path, quantize=quantize)
     assert not (tmp_path / "o.gguf").exists()
+
+
+def test_the_export_command_quantizes_with_the_projects_kernels(tmp_path, lora_on_gguf, capsys):
+    from pyfastpeft import cli
+
+    gguf_path, _, adapter, merged = lora_on_gguf
+    out = tmp_path / "cli.gguf"
+    argv = ["export", "--gguf", str(out), "--quant", "q4_1", "--adapter", str(adapter), "--model", str(gguf_path)]
+    assert cli.main(argv) == 0
+    tensors = {t.hf_name: t for t in read_gguf_tensors(out)}
+    # the token table keeps 8 bits by default under a 4-bit format; every projection is Q4_1
+    assert tensors["model.embed_tokens.weight"].qtype == 8
+    projections = [t for name, t in tensors.items() if t.quantized and name != "model.embed_tokens.weight"]
+    assert projections and all(t.qtype == 3 for t in projections)
+    for t in tensors.values():
+        if t.quantized:
+            # the merged float32 weight quantized by the gguf package's reference gives the same bytes
+            want = quantize(merged[t.hf_name].float(), t.qtype)
+            assert torch.equal(t.data, want), t.hf_name
+    assert "GGUF (q4_1) written to" in capsys.readouterr().out
+
+
+def test_the_export_command_answers_a_bad_adapter_in_one_line(tmp_path, capsys):
+    from pyfastpeft import cli
+
+    argv = ["export", "--gguf", str(tmp_path / "o.gguf"), "--quant", "q8_0", "--adapter", str(tmp_path / "none")]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("pyfastpeft: error: ")
+    assert not (tmp_path / "o.gguf").exists()
