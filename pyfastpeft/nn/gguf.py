@@ -77,6 +77,11 @@ class GGUFLinear(nn.Module):
         blocks = gguf_ops.gguf_quantize(weight.detach(), qtype)
         return cls(blocks, qtype, weight.shape[1], weight.shape[0], bias)
 
+    def packed_weights(self) -> tuple[torch.Tensor, int]:
+        """(the blocks tensor, how many weights it holds): parameter counts include frozen packed weights,
+        once per blocks tensor (a tied head shares its embedding's)."""
+        return self.blocks, self.in_features * self.out_features
+
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The float weight ``[out_features, in_features]`` (a new tensor: for merging, export and checks)."""
         return gguf_ops.gguf_dequantize(self.blocks, self.qtype, self.in_features, dtype)
@@ -116,6 +121,10 @@ class GGUFEmbedding(nn.Module):
         self.embedding_dim = int(embedding_dim)
         self.dtype = dtype
         self.register_buffer("blocks", blocks)
+
+    def packed_weights(self) -> tuple[torch.Tensor, int]:
+        """(the blocks tensor, how many weights it holds); see GGUFLinear.packed_weights."""
+        return self.blocks, self.num_embeddings * self.embedding_dim
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The float table ``[num_embeddings, embedding_dim]`` (a new tensor)."""

@@ -11,6 +11,7 @@ of the tests).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -121,6 +122,8 @@ def hf_model(folder: str | Path, seed: int = 0) -> torch.nn.Module:
 def load_base(config: FinetuneConfig, log=print) -> Base:
     """The base model and the data source of ``config`` (its unset settings resolved first)."""
     config = resolve_defaults(config)
+    if config.quantized_base and is_tiny(config):
+        raise UserError("--quantized-base: needs a GGUF model (the default or --model FILE.gguf), not --model tiny")
     if not is_tiny(config):
         return _load_real(config, log)
     if config.task == "dates":
@@ -139,12 +142,44 @@ def load_base(config: FinetuneConfig, log=print) -> Base:
     return Base(model, source, desc, task=config.task)
 
 
+def _load_blocks(config: FinetuneConfig, name: str):
+    """``(model, tokenizer, description)`` of a GGUF model whose linear weights stay in the file's blocks.
+    The converted float folder is still resolved by the caller: the saved adapter records it as its base
+    (``generate``, ``report`` and PEFT load the adapter over it)."""
+    from ..models.gguf_file import load_gguf_quantized
+    from ..models.pretrained import default_gguf
+    from ..nn import GGUFEmbedding, GGUFLinear
+
+    if config.model is None or config.model == "default":
+        path = default_gguf()
+    elif str(config.model).lower().endswith(".gguf"):
+        path = Path(config.model)
+    else:
+        raise UserError(f"--quantized-base: needs a GGUF model (the default or --model FILE.gguf), got {config.model}")
+    t0 = time.perf_counter()
+    model, tok = load_gguf_quantized(path, make_linear=GGUFLinear, make_embedding=GGUFEmbedding)
+    model.eval()
+    blocks = {id(m.blocks): m.blocks for m in model.modules() if isinstance(m, (GGUFLinear, GGUFEmbedding))}
+    block_bytes = sum(b.numel() for b in blocks.values())
+    floats = sum(p.numel() for p in model.parameters())
+    cfg = model.config
+    desc = (
+        f"model: {name} ({type(model).__name__}), {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
+        f"vocabulary {cfg.vocab_size:,}; weights kept in the GGUF blocks ({block_bytes / 2**20:.1f} MiB) plus "
+        f"{floats:,} float parameters (loaded from {path} in {time.perf_counter() - t0:.1f} s)"
+    )
+    return model, tok, desc
+
+
 def _load_real(config: FinetuneConfig, log) -> Base:
     from ..models.pretrained import load_folder, resolve_folder
 
     folder, name = resolve_folder(config.model, log=log)
     torch.manual_seed(config.seed)
-    model, tok, desc = load_folder(folder, name)
+    if config.quantized_base:
+        model, tok, desc = _load_blocks(config, name)
+    else:
+        model, tok, desc = load_folder(folder, name)
     if config.data:
         task = config.task or REAL_TASK  # recorded only: --data replaces the task
         if tok is not None:

@@ -20,6 +20,7 @@ class FinetuneConfig:
 
     method: str = "lora"
     model: str | None = None  # a Hugging Face folder, a .gguf file, "tiny"; None: SmolLM2-135M-Instruct
+    quantized_base: bool = False  # a GGUF model's weights stay in the file's blocks (GGUFLinear)
     data: str | None = None  # a .jsonl or text file; None: the built-in task
     task: str | None = None  # None: dates (shift for the built-in model or a model without a tokenizer)
     held_out: int = 64

@@ -78,6 +78,10 @@ def test_get_peft_model_targets_block_layers_and_trains_only_the_adapter():
     assert all(isinstance(peft.base_model.model.get_submodule(n), LoraLinear) for n in ("up", "down"))
     trainable = {n for n, p in peft.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)
+    n_trainable, n_total = peft.get_nb_trainable_parameters()
+    # the frozen weights held in blocks count as weights (64·32 + 32·64), plus the bias and the adapters
+    assert n_total == 64 * 32 + 32 * 64 + 64 + n_trainable
+    assert n_trainable == sum(p.numel() for p in peft.parameters() if p.requires_grad)
     opt = torch.optim.SGD([p for p in peft.parameters() if p.requires_grad], lr=0.05)
     x, target = torch.randn(16, 32), torch.randn(16, 32)
     peft.train()
