@@ -11,6 +11,7 @@ from pyfastpeft.nn import SparseDeltaLinear, gradient_scores, prune_magnitude_, 
 from pyfastpeft.nn.pruning import magnitude_mask
 from pyfastpeft.ops import reference
 from pyfastpeft.optim import FusedAdamW, SparseAdamW
+from tests.conftest import assert_as_accurate_as, assert_within_rounding
 
 
 def make_linear(device, out_f=24, in_f=40, seed=0, dtype=torch.float32):
@@ -31,32 +32,42 @@ def test_training_matches_dense_reference_and_changes_exactly_k(device):
     )
     k = layer.delta.numel()
     assert k == round(0.1 * w0.numel())
-    ref_delta = nn.Parameter(torch.zeros(k, device=device))
+    # the same training on the reference formula with torch's AdamW, in float32 and in float64: ours is
+    # judged by its distance from the float64 run against the plain float32 run's
+    refs = {dtype: nn.Parameter(torch.zeros(k, device=device, dtype=dtype)) for dtype in (torch.float32, torch.float64)}
     opt = SparseAdamW([layer.delta], lr=1e-2)
-    ref_opt = torch.optim.AdamW([ref_delta], lr=1e-2)
+    ref_opts = [torch.optim.AdamW([p], lr=1e-2) for p in refs.values()]
     x0, _ = batch(0, 5, 40, device)
-    torch.testing.assert_close(layer(x0), base(x0))  # Δ = 0 at the start
+    torch.testing.assert_close(layer(x0), base(x0), rtol=0, atol=0)  # Δ = 0 at the start: W₀'s product
     for step in range(20):
         x, target = batch(step, 9, 40, device)
         loss = (layer(x) - target).pow(2).mean()
-        ref_loss = (
-            (reference.sparse_delta_linear(x, w0, base.bias.detach(), ref_delta, layer.indices) - target).pow(2).mean()
-        )
         opt.zero_grad()
-        ref_opt.zero_grad()
         loss.backward()
-        ref_loss.backward()
         opt.step()
-        ref_opt.step()
-    torch.testing.assert_close(layer.delta.detach(), ref_delta.detach(), rtol=1e-5, atol=1e-6)
+        for (dtype, ref_delta), ref_opt in zip(refs.items(), ref_opts, strict=True):
+            w, b = w0.to(dtype), base.bias.detach().to(dtype)
+            out = reference.sparse_delta_linear(x.to(dtype), w, b, ref_delta, layer.indices)
+            ref_loss = (out - target.to(dtype)).pow(2).mean()
+            ref_opt.zero_grad()
+            ref_loss.backward()
+            ref_opt.step()
+    assert_as_accurate_as("delta", layer.delta, refs[torch.float32], refs[torch.float64])
     assert torch.equal(layer.weight, w0) and base.weight.grad is None  # W₀ never changes, no dense grad
     state = opt.state[layer.delta]
     assert state["exp_avg"].shape == (k,) and state["exp_avg_sq"].shape == (k,)
     assert layer.report() == {"trainable": k, "changed": k, "total": w0.numel()}
     x, _ = batch(99, 4, 40, device)
     y = layer(x)
+    delta64 = layer.delta.detach().double()  # merge moves Δ into W and zeroes it
     merged = layer.merge()
-    torch.testing.assert_close(merged(x), y, rtol=1e-5, atol=1e-5)
+    # both against float64 on the same Δ: sums over in (and the bias); the merged weight W₀ + Δ is one
+    # more rounding to float32
+    w64, b64, x64 = w0.double(), base.bias.detach().double(), x.double()
+    expected = reference.sparse_delta_linear(x64, w64, b64, delta64, layer.indices)
+    magnitude = reference.sparse_delta_linear(x64.abs(), w64.abs(), b64.abs(), delta64.abs(), layer.indices)
+    assert_within_rounding("y", y, expected, magnitude, terms=40 + 1, roundings=1)
+    assert_within_rounding("merged", merged(x), expected, magnitude, terms=40 + 1, roundings=2)
     assert int((merged.weight != w0).sum()) == k
 
 
@@ -86,11 +97,18 @@ def test_gradient_scores_accumulate_dense_grads_only_during_selection(kind):
     lin.weight.requires_grad_(False)
     batches = [batch(s, 6, 40, "cpu") for s in range(3)]
     scores = gradient_scores([lin], lambda b: (lin(b[0]) - b[1]).pow(2).sum(), batches, kind=kind)[0]
-    expected = torch.zeros_like(lin.weight)
+    w, b = lin.weight.detach().double(), lin.bias.detach().double()
+    expected = torch.zeros_like(w)
+    magnitude = torch.zeros_like(w)
     for x, t in batches:
-        g = 2 * (lin(x) - t).detach().t() @ x
+        x, t = x.double(), t.double()
+        g = 2 * (x @ w.t() + b - t).t() @ x
+        g_abs = 2 * (x.abs() @ w.abs().t() + b.abs() + t.abs()).t() @ x.abs()  # Σ|terms| of g
         expected += g.abs() if kind == "gradient" else g * g
-    torch.testing.assert_close(scores, expected, rtol=1e-4, atol=1e-4)
+        magnitude += g_abs if kind == "gradient" else g_abs * g_abs
+    # g sums over in (the residual) and the 6 rows, the square doubles its relative error, then 3 batches
+    terms = (40 + 2 + 6) * (1 if kind == "gradient" else 2) + 3
+    assert_within_rounding("scores", scores, expected, magnitude, terms=terms, roundings=1)
     assert not lin.weight.requires_grad and lin.weight.grad is None
     layer = SparseDeltaLinear.from_linear(lin, k=30, strategy=kind, scores=scores)
     assert set(layer.indices.tolist()) == set(scores.flatten().topk(30).indices.tolist())

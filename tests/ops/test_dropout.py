@@ -46,7 +46,9 @@ def test_backward_regenerates_the_mask(device):
     gy = torch.randn_like(y)
     (gx,) = torch.autograd.grad(y, x, gy)
     mask = reference.philox_keep_mask(x.numel(), 0.25, 17).view(13, 29).to(device)
-    torch.testing.assert_close(gx, gy * mask / 0.75, rtol=1e-15, atol=0)
+    # the same product as the forward: the incoming gradient times the mask times 1/(1 − p) rounded
+    scale = torch.tensor(1.0 / 0.75, dtype=torch.float64, device=device)
+    torch.testing.assert_close(gx, gy * mask.to(gy.dtype) * scale, rtol=0, atol=0)
 
 
 def test_opcheck(device):
@@ -69,7 +71,8 @@ class TestMask:
         c = pyfastpeft.ops.philox_dropout(x, 0.2, seed=12)
         assert torch.equal(a, b) and not torch.equal(a, c)
         kept = a != 0
-        torch.testing.assert_close(a[kept], x[kept] / 0.8, rtol=1e-6, atol=0)
+        scale = torch.tensor(1.0 / 0.8, dtype=torch.float32, device=device)  # 1/(1 − p) in float32
+        torch.testing.assert_close(a[kept], x[kept] * scale, rtol=0, atol=0)
 
     @pytest.mark.parametrize("numel", [1, 127, 128, 1000, 4099])
     def test_mask_matches_the_philox_spec(self, device, numel):

@@ -3,6 +3,8 @@ named adapters, merging, DoRA, PiSSA, bias modes, modules_to_save."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -12,7 +14,7 @@ from torch import nn
 import pyfastpeft as pf
 from pyfastpeft.models import TinyLlamaConfig, TinyLlamaForCausalLM
 from pyfastpeft.tuners import LoraEmbedding, LoraLinear
-from tests.conftest import assert_within_rounding
+from tests.conftest import assert_as_accurate_as, assert_within_rounding, rounding_bound
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -159,7 +161,9 @@ def test_embedding_layer_matches_reference():
     idx = torch.tensor([[0, 3, 10], [5, 5, 1]])
     a, b = layer.lora_embedding_A["default"], layer.lora_embedding_B["default"]
     ref = emb.weight.double()[idx] + 2.0 * (a.double().T[idx] @ b.double().T)
-    torch.testing.assert_close(layer(idx).double(), ref, rtol=1e-6, atol=1e-6)
+    magnitude = emb.weight.double().abs()[idx] + 2.0 * (a.double().abs().T[idx] @ b.double().abs().T)
+    # the lookups are exact: a sum over the rank, the scale and the base added in float32
+    assert_within_rounding("y", layer(idx), ref, magnitude, terms=2 + 2, roundings=1)
 
 
 def test_named_adapters_set_delete_disable():
@@ -201,19 +205,34 @@ def test_merge_unmerge_restores_base_and_merge_and_unload(use_dora):
             if "magnitude" in n:
                 p.data.mul_(torch.rand_like(p) + 0.5)
     m.eval()
+    # |W| + |s|·|B|·|A| per target weight: the terms of the merged weight, whatever the rounding of B·A
+    merged_magnitude = {}
+    for name, layer in m.named_modules():
+        if isinstance(layer, LoraLinear):
+            a, b = (t.weight.detach().double().abs() for t in (layer.lora_A["default"], layer.lora_B["default"]))
+            key = name.removeprefix("base_model.model.") + ".weight"
+            merged_magnitude[key] = base_state[key].double().abs() + abs(layer.scaling["default"]) * b @ a
     with torch.no_grad():
         adapted = m(x).logits
+        adapted64 = copy.deepcopy(m).double()(x).logits
         m.merge_adapter()
-        torch.testing.assert_close(m(x).logits, adapted, rtol=1e-5, atol=1e-5)
+        # the merged weights are rounded once more than the unmerged path's: judged against float64
+        assert_as_accurate_as("merged", m(x).logits, adapted, adapted64)
         m.unmerge_adapter()
-        torch.testing.assert_close(m(x).logits, adapted, rtol=1e-5, atol=1e-5)
+        assert_as_accurate_as("unmerged", m(x).logits, adapted, adapted64)
     restored = {k.replace("base_layer.", ""): v for k, v in m.base_model.model.state_dict().items() if "lora_" not in k}
     for k, v in base_state.items():
-        torch.testing.assert_close(restored[k], v, rtol=0, atol=1e-6)
+        # unmerge subtracts the very ΔW that merge added, so only the two roundings of W + ΔW and of
+        # (W + ΔW) − ΔW remain; DoRA also scales by m/‖W + ΔW‖ and divides it back out (two more)
+        if k in merged_magnitude:
+            magnitude, roundings = merged_magnitude[k], 4 if use_dora else 2
+            assert_within_rounding(k, restored[k], v.double(), magnitude, terms=0, roundings=roundings)
+        else:
+            assert torch.equal(restored[k], v), k
     merged = m.merge_and_unload()
     assert not any(isinstance(mod, LoraLinear) for mod in merged.modules())
     with torch.no_grad():
-        torch.testing.assert_close(merged(x).logits, adapted, rtol=1e-5, atol=1e-5)
+        assert_as_accurate_as("merged and unloaded", merged(x).logits, adapted, adapted64)
 
 
 def test_pissa_keeps_the_output_and_moves_the_top_of_w_into_the_adapter():
@@ -221,14 +240,26 @@ def test_pissa_keeps_the_output_and_moves_the_top_of_w_into_the_adapter():
     x = ids()
     with torch.no_grad():
         base = model(x).logits
+        base64 = copy.deepcopy(model).double()(x).logits
     w = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
     m = pf.get_peft_model(model, pf.LoraConfig(r=4, lora_alpha=4, target_modules=ALL, init_lora_weights="pissa"))
     layer = m.base_model.model.model.layers[0].self_attn.q_proj
+    a, b = layer.lora_A["default"].weight.detach().double(), layer.lora_B["default"].weight.detach().double()
+    residual = layer.base_layer.weight.detach()
+    # W_res = W − s·B·A rounded: the stored parts add back to W up to that rounding and the product's
+    # (a sum over the rank in float32)
+    scale = layer.scaling["default"]
+    err = (residual.double() + scale * b @ a - w.double()).abs()
+    bound = rounding_bound(w.double().abs() + abs(scale) * b.abs() @ a.abs(), torch.float32, terms=4 + 1)
+    assert (err <= bound).all(), f"W_res + s·B·A off W by {(err - bound).max().item():.3g} past the bound"
     with torch.no_grad():
-        torch.testing.assert_close(m(x).logits, base, rtol=1e-4, atol=1e-5)
-    s = torch.linalg.svdvals(w)
-    residual_s = torch.linalg.svdvals(layer.base_layer.weight.detach())
-    torch.testing.assert_close(residual_s[:4], s[4:8], rtol=1e-4, atol=1e-5)
+        assert_as_accurate_as("logits", m(x).logits, base, base64)
+    # W_res's top singular values are W's after the first r (measured in float64). Weyl: each moves by at
+    # most ‖E‖₂, E the float32 SVD's backward error (a backward-stable SVD: about max(out, in) roundings of
+    # ‖W‖₂), the rounding of W_res and that of the float32 copy compared here
+    s = torch.linalg.svdvals(w.double())
+    residual_s = torch.linalg.svdvals(residual.double())
+    assert_within_rounding("σ", residual_s[:4].float(), s[4:8], s[0].expand(4), terms=max(w.shape), roundings=2)
 
 
 @pytest.mark.parametrize("bias", ["none", "all", "lora_only"])
