@@ -10,6 +10,8 @@ import torch
 import pyfastpeft as pf
 from pyfastpeft.distill import DistillationLoss, distill
 from pyfastpeft.ops import reference
+from tests.conftest import assert_within_rounding
+from tests.ops.test_distill import kd_terms
 
 VOCAB, HIDDEN, SEQ = 50, 16, 6
 
@@ -71,9 +73,12 @@ def test_distillation_loss_module_matches_reference():
     labels = torch.randint(0, VOCAB, (3, 5))
     labels[0] = -100
     module = DistillationLoss(temperature=2.0, alpha=0.25, divergence="reverse_kl")
-    torch.testing.assert_close(
-        module(s, t, labels), reference.kd_loss(s, t, labels, 2.0, 0.25, divergence="reverse_kl")
-    )
+    kw = dict(temperature=2.0, alpha=0.25, divergence="reverse_kl")
+    loss_terms, _ = kd_terms(s, t, labels, **kw)
+    # both float64, each within (vocab + rows) roundings of the terms plus a few single operations
+    chain = 2 * (VOCAB + 15)
+    ref = reference.kd_loss(s, t, labels, 2.0, 0.25, divergence="reverse_kl")
+    assert_within_rounding("loss", module(s, t, labels), ref, loss_terms, terms=chain, roundings=16)
     assert "reverse_kl" in repr(module)
 
 
@@ -84,9 +89,13 @@ def test_distillation_loss_from_hidden():
     wt = torch.randn(VOCAB, 8, dtype=torch.float64)
     labels = torch.randint(0, VOCAB, (10,))
     module = DistillationLoss(temperature=1.5, alpha=0.5, divergence="js", chunk_size=3)
-    torch.testing.assert_close(
-        module.from_hidden(hs, ws, ht, wt, labels),
-        reference.fused_linear_kd_loss(hs, ws, ht, wt, labels, 1.5, 0.5, divergence="js"),
+    s, t = hs.detach() @ ws.T, ht @ wt.T
+    s_abs, t_abs = hs.detach().abs() @ ws.abs().T, ht.abs() @ wt.abs().T
+    loss_terms, _ = kd_terms(s, t, labels, 1.5, 0.5, "js", s_abs=s_abs, t_abs=t_abs)
+    chain = 2 * (VOCAB + 10 + HIDDEN + 8)
+    ref = reference.fused_linear_kd_loss(hs, ws, ht, wt, labels, 1.5, 0.5, divergence="js")
+    assert_within_rounding(
+        "loss", module.from_hidden(hs, ws, ht, wt, labels), ref, loss_terms, terms=chain, roundings=16
     )
 
 
