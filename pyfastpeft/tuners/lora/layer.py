@@ -9,6 +9,8 @@ dicts map one-to-one onto PEFT's files. Its modes, all in this class:
   the rank-r products and the dropout in one pass; the backward regenerates the mask);
 - a quantized or fake-quantized base (QLoRA / QA-LoRA style): the same op over the base's quantized
   weight and activations;
+- a GGUF block base: the block kernel for the base product, the rank-r products added (DoRA's row norm
+  from :mod:`.block_base`, never from the float weight);
 - a mixed-adapter batch (one adapter per sequence, ``adapter_names``): one call of the multi-adapter op
   :func:`pyfastpeft.ops.multi_lora_linear` over every sequence.
 """
@@ -27,6 +29,7 @@ from ...nn.gguf import GGUFLinear
 from ...nn.quantized_linear import QuantizedLinear
 from ...ops import BASE_ADAPTER, kernel_layout
 from ..layers import BaseLayerPassthrough, is_conv1d
+from .block_base import dora_row_norm, row_square_norms
 from .config import LoraConfig
 
 QUANTIZED_BASES = (FakeQuantLinear, QuantizedLinear)
@@ -113,7 +116,7 @@ class LoraLayer(BaseLayerPassthrough, nn.Module):
 
 class LoraLinear(LoraLayer):
     """LoRA on ``nn.Linear`` (weight [out, in]), Conv1D (weight [in, out], ``fan_in_fan_out``), or a frozen
-    ``FakeQuantLinear`` / ``QuantizedLinear``.
+    ``FakeQuantLinear`` / ``QuantizedLinear`` / ``GGUFLinear``.
 
     One active adapter: ``y = W x + b + s·B·A·dropout(x)`` in one fused op. DoRA: ``y = b + m / ‖W + s·B·A‖
     ⊙ (W x + s·B·A·dropout(x))`` with the row norm detached (PEFT's choice); without dropout (eval, or
@@ -156,6 +159,10 @@ class LoraLinear(LoraLayer):
         self.quantized_base = isinstance(base_layer, QUANTIZED_BASES)
         # A GGUF block base: its weight is never de-quantized whole; y = base(x) + s·B·A·dropout(x).
         self.block_base = isinstance(base_layer, BLOCK_BASES)
+        if self.block_base:
+            # DoRA's ‖W_i‖² of the frozen blocks, float64, computed on first use; not saved with the adapter
+            self.register_buffer("block_row_sq_norms", None, persistent=False)
+            self._block_row_sq_version = -1
         self._mixed_stack_cache: tuple | None = None  # (key, (A, B)) of mixed batches with autograd off
         if self.fan_in_fan_out:
             self.in_features, self.out_features = base_layer.weight.shape
@@ -218,10 +225,15 @@ class LoraLinear(LoraLayer):
         use_dora: bool,
         init: bool | str,
     ) -> None:
-        if (self.quantized_base or self.block_base) and (use_dora or init == "pissa"):
+        if self.quantized_base and (use_dora or init == "pissa"):
             raise ValueError(
                 f"adapter {name!r}: DoRA and PiSSA need a float base weight; "
                 f"{type(self.base_layer).__name__} is quantized (use plain LoRA over it)"
+            )
+        if self.block_base and init == "pissa":
+            raise ValueError(
+                f"adapter {name!r}: PiSSA needs a float base weight, since it rewrites W as W - s·B·A; "
+                f"{type(self.base_layer).__name__} keeps W in GGUF blocks (use LoRA or DoRA over it)"
             )
         if self.block_base:  # the adapter's dtype and device, without de-quantizing the weight
             w = torch.empty(0, dtype=torch.float32, device=self.base_layer.blocks.device)
@@ -265,6 +277,8 @@ class LoraLinear(LoraLayer):
 
     def _weight_norm(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Row norm of ``W + s·B·A`` (PEFT's "column norm" in the paper's [in, out] convention), detached."""
+        if self.block_base:
+            return self._block_dora_norm(name).to(dtype or torch.float32)
         w = self.weight_oi().detach()
         dtype = dtype or w.dtype
         ba = self.lora_B[name].weight.detach().to(dtype) @ self.lora_A[name].weight.detach().to(dtype)
@@ -377,17 +391,62 @@ class LoraLinear(LoraLayer):
     def _block_forward(self, x: torch.Tensor, active: list[str]) -> torch.Tensor:
         """``base(x) + Σ s·B·A·dropout(x)`` over a GGUF block base: the base product is the block kernel
         (its backward reads the blocks again; nothing weight-sized is saved), the rank-r products are
-        plain matmuls and the dropout is the Philox op, which regenerates its mask for the backward."""
+        plain matmuls and the dropout is the Philox op, which regenerates its mask for the backward.
+        DoRA: ``m / ‖W + s·B·A‖ ⊙ (W x + s·B·A·dropout(x)) + b``, as the float path."""
         dtype = self._compute_dtype(x)
         x = x.to(dtype)
-        y = self.base_layer(x)
-        for name in active:
-            p = self.dropout_p[name] if self.training else 0.0
-            h = ops.philox_dropout(x, p) if p > 0.0 else x
-            a = self.lora_A[name].weight.to(dtype)
-            b = self.lora_B[name].weight.to(dtype)
-            y = y + F.linear(F.linear(h, a), b) * self.scaling[name]
-        return y
+        base = self.base_layer
+        if not any(self.use_dora[n] for n in active):
+            y = base(x)
+            for name in active:
+                y = y + self._block_update(x, name)
+            return y
+        # DoRA rescales W x, so the block kernel runs without the bias, which is added after the scale
+        wx = ops.gguf_linear(x, base.blocks, base.qtype, base.in_features)
+        if len(active) == 1:
+            y = (wx + self._block_update(x, active[0])) * self._block_dora_scale(active[0], dtype)
+        else:  # several active adapters, as the float path: each adds its output minus the shared W x
+            y = wx
+            for name in active:
+                u = self._block_update(x, name)
+                y = y + ((wx + u) * self._block_dora_scale(name, dtype) - wx if self.use_dora[name] else u)
+        bias = base.bias
+        return y if bias is None else y + bias.to(dtype)
+
+    def _block_update(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """``s·B·A·dropout(x)`` in x's dtype."""
+        p = self.dropout_p[name] if self.training else 0.0
+        h = ops.philox_dropout(x, p) if p > 0.0 else x
+        a = self.lora_A[name].weight.to(x.dtype)
+        b = self.lora_B[name].weight.to(x.dtype)
+        return F.linear(F.linear(h, a), b) * self.scaling[name]
+
+    def _block_row_sq(self) -> torch.Tensor:
+        """``‖W_i‖²`` of the block base (float64), computed once; again only if the blocks were written
+        in place (a loaded state dict) or the cache was cast away from float64."""
+        base = self.base_layer
+        cached = self.block_row_sq_norms
+        stale = (
+            cached is None
+            or cached.dtype != torch.float64
+            or cached.device != base.blocks.device
+            or self._block_row_sq_version != base.blocks._version
+        )
+        if stale:
+            self.block_row_sq_norms = row_square_norms(base.blocks, base.qtype, base.in_features)
+            self._block_row_sq_version = base.blocks._version
+        return self.block_row_sq_norms
+
+    def _block_dora_norm(self, name: str) -> torch.Tensor:
+        """``‖W + s·B·A‖`` per row over the blocks (float64, detached), without the float weight."""
+        base = self.base_layer
+        a, b = self.lora_A[name].weight, self.lora_B[name].weight
+        return dora_row_norm(self._block_row_sq(), base.blocks, base.qtype, base.in_features, a, b, self.scaling[name])
+
+    def _block_dora_scale(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """DoRA's ``m / ‖W + s·B·A‖`` over the blocks, divided in float64 and rounded once to ``dtype``."""
+        m = self.lora_magnitude_vector[name].weight
+        return (m.to(torch.float64) / self._block_dora_norm(name).to(m.device)).to(dtype)
 
     def _mixed_forward(self, x: torch.Tensor, names: list[str], seq_indices: list[int]) -> torch.Tensor:
         """Every sequence through its own adapter (index -1: the base alone) with the multi-adapter op.
