@@ -62,7 +62,6 @@ def reference(layer: LoraLinear, w: torch.Tensor, x: torch.Tensor, dy: torch.Ten
     bias0 = layer.base_layer.bias
     bias0 = None if bias0 is None else bias0.detach().double()
     norm = torch.linalg.norm(w + s * b0 @ a0, dim=1)
-    kappa = ((w.abs() + s * b0.abs() @ a0.abs()).square().sum(1) / norm.square()).max().item()
     out = {}
     for key, sign in (("ref", torch.clone), ("abs", torch.abs)):  # new leaves each time
         x64 = sign(x.detach().double()).requires_grad_(True)
@@ -75,7 +74,16 @@ def reference(layer: LoraLinear, w: torch.Tensor, x: torch.Tensor, dy: torch.Ten
             y = y + sign(bias0)
         y.backward(sign(dy.double()))
         out[key] = (y.detach(), x64.grad, a.grad, b.grad, m.grad)
-    return out["ref"], out["abs"], max(1.0, kappa)
+    return out["ref"], out["abs"], kappa(layer, w, "default")
+
+
+def kappa(layer: LoraLinear, w: torch.Tensor, name: str) -> float:
+    """max(1, max over rows of Σ(|W| + s|B||A|)² / ‖W + s·B·A‖²) for adapter ``name`` over ``w``."""
+    s = layer.scaling[name]
+    a = layer.lora_A[name].weight.detach().double()
+    b = layer.lora_B[name].weight.detach().double()
+    norm_sq = (w + s * b @ a).square().sum(1)
+    return max(1.0, ((w.abs() + s * b.abs() @ a.abs()).square().sum(1) / norm_sq).max().item())
 
 
 NAMES = ("y", "dx", "dA", "dB", "dm")
@@ -247,3 +255,40 @@ def test_get_peft_model_with_dora_trains_only_the_adapter_and_refuses_merging():
         assert torch.equal(held, value), key  # blocks and bias, bit for bit
     with pytest.raises(ValueError, match="merge: the base is a GGUFLinear; merging a float update into quantized"):
         peft.merge_and_unload()
+
+
+def test_several_active_adapters_add_up_as_over_an_nn_linear():
+    base = block_layer(19, 64, gguf.Q8_0, True, seed=10)
+    linear = nn.Linear(64, 19)
+    with torch.no_grad():
+        linear.weight.copy_(base.dequantized_weight(torch.float32))
+        linear.bias.copy_(base.bias)
+    layers = []
+    for b in (base, linear):
+        layer = dora_layer(b, seed=10)
+        layer.update_layer("plain", 2, 4.0, 0.0, False, False, "gaussian")
+        layer.update_layer("dora", 2, 4.0, 0.0, False, True, "gaussian")
+        layers.append(layer)
+    layers[1].load_state_dict(layers[0].state_dict(), strict=False)
+    x = torch.randn(6, 64)
+    for active in (["default", "dora"], ["plain", "dora", "default"]):
+        outs = []
+        for layer in layers:
+            layer.set_adapter(active)
+            outs.append(layer(x).detach())
+        # each output: the bias, the shared W x and every adapter's term, in float32: bounded by the
+        # same computation on absolute values, through the chain over in, the ranks and the adapters,
+        # with the DoRA norms' conditioning κ (see reference)
+        w64 = base.dequantized_weight(torch.float64)
+        w = w64.abs()
+        size = x.abs().double() @ w.T + base.bias.abs().double()
+        worst = max(kappa(layers[0], w64, n) for n in active if layers[0].use_dora[n])
+        for name in active:
+            a = layers[0].lora_A[name].weight.detach().double().abs()
+            b_ = layers[0].lora_B[name].weight.detach().double().abs()
+            scale = 1.0
+            if layers[0].use_dora[name]:
+                m = layers[0].lora_magnitude_vector[name].weight.detach().double().abs()
+                scale = 1 + m / layers[0]._block_dora_norm(name)
+            size = size + scale * (x.abs().double() @ (w.T + layers[0].scaling[name] * a.T @ b_.T))
+        assert_within_rounding(f"y {active}", outs[0], outs[1], size * worst, terms=2 * (64 + 2 * R + 12), roundings=8)

@@ -29,7 +29,7 @@ from ...nn.gguf import GGUFLinear
 from ...nn.quantized_linear import QuantizedLinear
 from ...ops import BASE_ADAPTER, kernel_layout
 from ..layers import BaseLayerPassthrough, is_conv1d
-from .block_base import dora_row_norm, row_square_norms
+from .block_base import BlockBaseForward
 from .config import LoraConfig
 
 QUANTIZED_BASES = (FakeQuantLinear, QuantizedLinear)
@@ -114,7 +114,7 @@ class LoraLayer(BaseLayerPassthrough, nn.Module):
         return self.base_layer.weight.dtype
 
 
-class LoraLinear(LoraLayer):
+class LoraLinear(BlockBaseForward, LoraLayer):
     """LoRA on ``nn.Linear`` (weight [out, in]), Conv1D (weight [in, out], ``fan_in_fan_out``), or a frozen
     ``FakeQuantLinear`` / ``QuantizedLinear`` / ``GGUFLinear``.
 
@@ -387,66 +387,6 @@ class LoraLinear(LoraLayer):
             raise ValueError(f"adapter_names: unknown adapter(s) {unknown}; adapters: {known} (or {BASE_ADAPTER!r})")
         index = {n: i for i, n in enumerate(known)}
         return known, [index.get(n, -1) for n in adapter_names]
-
-    def _block_forward(self, x: torch.Tensor, active: list[str]) -> torch.Tensor:
-        """``base(x) + Σ s·B·A·dropout(x)`` over a GGUF block base: the base product is the block kernel
-        (its backward reads the blocks again; nothing weight-sized is saved), the rank-r products are
-        plain matmuls and the dropout is the Philox op, which regenerates its mask for the backward.
-        DoRA: ``m / ‖W + s·B·A‖ ⊙ (W x + s·B·A·dropout(x)) + b``, as the float path."""
-        dtype = self._compute_dtype(x)
-        x = x.to(dtype)
-        base = self.base_layer
-        if not any(self.use_dora[n] for n in active):
-            y = base(x)
-            for name in active:
-                y = y + self._block_update(x, name)
-            return y
-        # DoRA rescales W x, so the block kernel runs without the bias, which is added after the scale
-        wx = ops.gguf_linear(x, base.blocks, base.qtype, base.in_features)
-        if len(active) == 1:
-            y = (wx + self._block_update(x, active[0])) * self._block_dora_scale(active[0], dtype)
-        else:  # several active adapters, as the float path: each adds its output minus the shared W x
-            y = wx
-            for name in active:
-                u = self._block_update(x, name)
-                y = y + ((wx + u) * self._block_dora_scale(name, dtype) - wx if self.use_dora[name] else u)
-        bias = base.bias
-        return y if bias is None else y + bias.to(dtype)
-
-    def _block_update(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        """``s·B·A·dropout(x)`` in x's dtype."""
-        p = self.dropout_p[name] if self.training else 0.0
-        h = ops.philox_dropout(x, p) if p > 0.0 else x
-        a = self.lora_A[name].weight.to(x.dtype)
-        b = self.lora_B[name].weight.to(x.dtype)
-        return F.linear(F.linear(h, a), b) * self.scaling[name]
-
-    def _block_row_sq(self) -> torch.Tensor:
-        """``‖W_i‖²`` of the block base (float64), computed once; again only if the blocks were written
-        in place (a loaded state dict) or the cache was cast away from float64."""
-        base = self.base_layer
-        cached = self.block_row_sq_norms
-        stale = (
-            cached is None
-            or cached.dtype != torch.float64
-            or cached.device != base.blocks.device
-            or self._block_row_sq_version != base.blocks._version
-        )
-        if stale:
-            self.block_row_sq_norms = row_square_norms(base.blocks, base.qtype, base.in_features)
-            self._block_row_sq_version = base.blocks._version
-        return self.block_row_sq_norms
-
-    def _block_dora_norm(self, name: str) -> torch.Tensor:
-        """``‖W + s·B·A‖`` per row over the blocks (float64, detached), without the float weight."""
-        base = self.base_layer
-        a, b = self.lora_A[name].weight, self.lora_B[name].weight
-        return dora_row_norm(self._block_row_sq(), base.blocks, base.qtype, base.in_features, a, b, self.scaling[name])
-
-    def _block_dora_scale(self, name: str, dtype: torch.dtype) -> torch.Tensor:
-        """DoRA's ``m / ‖W + s·B·A‖`` over the blocks, divided in float64 and rounded once to ``dtype``."""
-        m = self.lora_magnitude_vector[name].weight
-        return (m.to(torch.float64) / self._block_dora_norm(name).to(m.device)).to(dtype)
 
     def _mixed_forward(self, x: torch.Tensor, names: list[str], seq_indices: list[int]) -> torch.Tensor:
         """Every sequence through its own adapter (index -1: the base alone) with the multi-adapter op.
