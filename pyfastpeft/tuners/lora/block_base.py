@@ -103,6 +103,8 @@ class BlockBaseForward:
         in place (a loaded state dict) or the cache was cast away from float64."""
         base = self.base_layer
         cached = self.block_row_sq_norms
+        if cached is not None and torch.compiler.is_compiling():  # version counters are not traced
+            return cached
         stale = (
             cached is None
             or cached.dtype != torch.float64
