@@ -1,5 +1,6 @@
 """LoRA over a GGUF block base (GGUFLinear): the base product runs on the blocks, the update is added;
-outputs and gradients against a float64 reference on the de-quantized weight; what it refuses."""
+outputs and gradients against a float64 reference on the de-quantized weight; what it refuses. DoRA over
+the blocks is in test_lora_gguf_dora.py."""
 
 from __future__ import annotations
 
@@ -104,14 +105,14 @@ def test_get_peft_model_targets_block_layers_and_trains_only_the_adapter():
             assert torch.equal(peft.base_model.model.get_submodule(path).base_layer.blocks, value)
 
 
-def test_a_block_base_refuses_dora_pissa_merge_and_mixed_batches():
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_a_block_base_refuses_pissa_merge_and_mixed_batches(use_dora):
     base = block_layer(8, 32, gguf.Q4_0, False, 3)
-    with pytest.raises(ValueError, match="DoRA and PiSSA need a float base weight"):
-        LoraLinear(base, r=2, use_dora=True)
-    with pytest.raises(ValueError, match="DoRA and PiSSA need a float base weight"):
+    with pytest.raises(ValueError, match="PiSSA needs a float base weight, since it rewrites W"):
         LoraLinear(base, r=2, init_lora_weights="pissa")
-    layer = LoraLinear(base, r=2)
-    with pytest.raises(ValueError, match="merge: the base is a GGUFLinear"):
+    layer = LoraLinear(base, r=2, use_dora=use_dora)
+    with pytest.raises(ValueError, match="merge: the base is a GGUFLinear; merging a float update into quantized"):
         layer.merge()
+    assert layer.merged_adapters == []
     with pytest.raises(ValueError, match="adapter_names: mixed-adapter batches"):
         layer(torch.randn(2, 3, 32), adapter_names=["default", "__base__"])

@@ -11,6 +11,9 @@ nothing weight-sized); the output case is one elementwise multiply of the matmul
 through the op :func:`pyfastpeft.ops.ia3_scale`, whose backward makes ``dx`` and ``dl`` in one pass over
 the activations. Backward keeps what PEFT's keeps: the input x (feed-forward) or the pre-scaling output.
 
+Over a GGUF block base (:class:`pyfastpeft.nn.GGUFLinear`) the forward is the same, the base product
+being the block kernel; merging is refused, since it would re-quantize the blocks.
+
 Files: ``base_model.model.<path>.ia3_l`` per adapted module, PEFT's exact keys and shapes, plus
 modules_to_save as ``base_model.model.<path>.<param>``.
 """
@@ -23,6 +26,7 @@ import torch
 from torch import nn
 
 from ... import ops
+from ...nn.gguf import GGUFLinear
 from ..layers import BaseLayerPassthrough, is_conv1d
 
 
@@ -36,19 +40,24 @@ def is_feedforward(path: str, feedforward_modules: list[str] | str | None) -> bo
 
 
 class IA3Linear(BaseLayerPassthrough, nn.Module):
-    """(IA)³ on ``nn.Linear`` (weight [out, in]) or Conv1D (weight [in, out]); several named vectors,
-    one set active. ``ia3_l[name]`` is [1, in] for a feed-forward layer, [out, 1] otherwise."""
+    """(IA)³ on ``nn.Linear`` (weight [out, in]), Conv1D (weight [in, out]) or ``GGUFLinear`` (GGUF
+    blocks, never merged); several named vectors, one set active. ``ia3_l[name]`` is [1, in] for a
+    feed-forward layer, [out, 1] otherwise."""
 
     def __init__(self, base_layer: nn.Module, feedforward: bool):
         super().__init__()
+        # a GGUF block base: no float weight; the vectors live in float32 beside the blocks
+        self.block_base = isinstance(base_layer, GGUFLinear)
         if is_conv1d(base_layer):
             self.fan_in_fan_out = True
             self.in_features, self.out_features = base_layer.weight.shape
-        elif isinstance(base_layer, nn.Linear):
+        elif isinstance(base_layer, nn.Linear) or self.block_base:
             self.fan_in_fan_out = False
             self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         else:
-            raise ValueError(f"base_layer: expected nn.Linear or Conv1D, got {type(base_layer).__name__}")
+            raise ValueError(
+                f"base_layer: expected nn.Linear, transformers' Conv1D or GGUFLinear, got {type(base_layer).__name__}"
+            )
         self.base_layer = base_layer
         self.is_feedforward = feedforward
         self.ia3_l = nn.ParameterDict()
@@ -56,10 +65,13 @@ class IA3Linear(BaseLayerPassthrough, nn.Module):
         self.merged_adapters: list[str] = []
 
     def update_layer(self, name: str, init: bool) -> None:
-        w = self.base_layer.weight
+        if self.block_base:
+            device, dtype = self.base_layer.blocks.device, torch.float32
+        else:
+            device, dtype = self.base_layer.weight.device, self.base_layer.weight.dtype
         shape = (1, self.in_features) if self.is_feedforward else (self.out_features, 1)
         vector = torch.ones(shape) if init else torch.randn(shape)
-        self.ia3_l[name] = nn.Parameter(vector.to(device=w.device, dtype=w.dtype))
+        self.ia3_l[name] = nn.Parameter(vector.to(device=device, dtype=dtype))
 
     def delete_adapter(self, name: str) -> None:
         if name in self.merged_adapters:
@@ -72,6 +84,9 @@ class IA3Linear(BaseLayerPassthrough, nn.Module):
         return self.ia3_l[name].detach().to(acc)
 
     def _weight_oi(self) -> torch.Tensor:
+        if self.block_base:  # a new float tensor: for reports, never on the forward path
+            with torch.no_grad():
+                return self.base_layer.dequantized_weight(torch.float32)
         w = self.base_layer.weight
         return w.t() if self.fan_in_fan_out else w
 
@@ -85,8 +100,17 @@ class IA3Linear(BaseLayerPassthrough, nn.Module):
             w = w / scale
         return w * (scale - 1)
 
+    def check_mergeable(self, names: list[str]) -> None:
+        """Raises if merging ``names`` would have to change a GGUF block base."""
+        if self.block_base and any(n in self.ia3_l and n not in self.merged_adapters for n in names):
+            raise ValueError(
+                f"merge: the base is a {type(self.base_layer).__name__}; merging the (IA)³ scales into its GGUF "
+                "blocks would re-quantize them. Keep the adapter separate, or merge into the float model"
+            )
+
     @torch.no_grad()
     def merge(self, names: list[str]) -> None:
+        self.check_mergeable(names)
         for name in names:
             if name in self.merged_adapters or name not in self.ia3_l:
                 continue

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ...nn.gguf import GGUFLinear
 from ..base import BaseTuner
 from ..layers import is_conv1d
 from ..matching import in_layers, matches, near_names, set_submodule, walk_unwrapped
@@ -13,6 +14,8 @@ from .config import IA3Config
 from .layer import IA3Linear, is_feedforward
 
 PREFIX = "base_model.model."
+# what (IA)³ wraps, besides transformers' Conv1D (recognised by name)
+TARGET_TYPES = (nn.Linear, GGUFLinear)
 
 
 class IA3Model(BaseTuner):
@@ -43,21 +46,21 @@ class IA3Model(BaseTuner):
         for path, module in entries:
             if not matches(path, config.target_modules):
                 continue
-            if isinstance(module, IA3Linear) or isinstance(module, nn.Linear) or is_conv1d(module):
+            if isinstance(module, (IA3Linear, *TARGET_TYPES)) or is_conv1d(module):
                 chosen.append(path)
             elif isinstance(config.target_modules, str):
                 raise ValueError(
-                    f"target_modules: {path} ({type(module).__name__}) matched, but (IA)³ takes only nn.Linear "
-                    "and transformers' Conv1D"
+                    f"target_modules: {path} ({type(module).__name__}) matched, but (IA)³ takes only nn.Linear, "
+                    "transformers' Conv1D and GGUFLinear"
                 )
         if config.exclude_modules is not None:
             chosen = [p for p in chosen if not matches(p, config.exclude_modules)]
         chosen = [p for p in chosen if not is_saved_module(p, config.modules_to_save)]
         chosen = [p for p in chosen if in_layers(p, config.layers_to_transform, config.layers_pattern)]
         if not chosen:
-            linear = [p for p, m in entries if isinstance(m, (nn.Linear, IA3Linear)) or is_conv1d(m)]
+            linear = [p for p, m in entries if isinstance(m, (IA3Linear, *TARGET_TYPES)) or is_conv1d(m)]
             raise ValueError(
-                f"target_modules {config.target_modules} matched no nn.Linear or Conv1D in "
+                f"target_modules {config.target_modules} matched no nn.Linear, Conv1D or GGUFLinear in "
                 f"{type(self.model).__name__}; nearest names: "
                 f"{near_names(config.target_modules, linear) or 'none'}"
             )
@@ -109,7 +112,10 @@ class IA3Model(BaseTuner):
         return {path: layer.delta_weight(name) for path, layer in self._layers() if name in layer.ia3_l}
 
     def _merge(self, names: list[str]) -> None:
-        for _, layer in self._layers():
+        layers = [layer for _, layer in self._layers()]
+        for layer in layers:  # every layer checked before any weight changes
+            layer.check_mergeable(names)
+        for layer in layers:
             layer.merge(names)
 
     def _unmerge(self) -> None:

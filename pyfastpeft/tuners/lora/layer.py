@@ -9,6 +9,8 @@ dicts map one-to-one onto PEFT's files. Its modes, all in this class:
   the rank-r products and the dropout in one pass; the backward regenerates the mask);
 - a quantized or fake-quantized base (QLoRA / QA-LoRA style): the same op over the base's quantized
   weight and activations;
+- a GGUF block base: the block kernel for the base product, the rank-r products added (DoRA's row norm
+  from :mod:`.block_base`, never from the float weight);
 - a mixed-adapter batch (one adapter per sequence, ``adapter_names``): one call of the multi-adapter op
   :func:`pyfastpeft.ops.multi_lora_linear` over every sequence.
 """
@@ -27,6 +29,7 @@ from ...nn.gguf import GGUFLinear
 from ...nn.quantized_linear import QuantizedLinear
 from ...ops import BASE_ADAPTER, kernel_layout
 from ..layers import BaseLayerPassthrough, is_conv1d
+from .block_base import BlockBaseForward
 from .config import LoraConfig
 
 QUANTIZED_BASES = (FakeQuantLinear, QuantizedLinear)
@@ -111,9 +114,9 @@ class LoraLayer(BaseLayerPassthrough, nn.Module):
         return self.base_layer.weight.dtype
 
 
-class LoraLinear(LoraLayer):
+class LoraLinear(BlockBaseForward, LoraLayer):
     """LoRA on ``nn.Linear`` (weight [out, in]), Conv1D (weight [in, out], ``fan_in_fan_out``), or a frozen
-    ``FakeQuantLinear`` / ``QuantizedLinear``.
+    ``FakeQuantLinear`` / ``QuantizedLinear`` / ``GGUFLinear``.
 
     One active adapter: ``y = W x + b + s·B·A·dropout(x)`` in one fused op. DoRA: ``y = b + m / ‖W + s·B·A‖
     ⊙ (W x + s·B·A·dropout(x))`` with the row norm detached (PEFT's choice); without dropout (eval, or
@@ -156,6 +159,10 @@ class LoraLinear(LoraLayer):
         self.quantized_base = isinstance(base_layer, QUANTIZED_BASES)
         # A GGUF block base: its weight is never de-quantized whole; y = base(x) + s·B·A·dropout(x).
         self.block_base = isinstance(base_layer, BLOCK_BASES)
+        if self.block_base:
+            # DoRA's ‖W_i‖² of the frozen blocks, float64, computed on first use; not saved with the adapter
+            self.register_buffer("block_row_sq_norms", None, persistent=False)
+            self._block_row_sq_version = -1
         self._mixed_stack_cache: tuple | None = None  # (key, (A, B)) of mixed batches with autograd off
         if self.fan_in_fan_out:
             self.in_features, self.out_features = base_layer.weight.shape
@@ -218,10 +225,15 @@ class LoraLinear(LoraLayer):
         use_dora: bool,
         init: bool | str,
     ) -> None:
-        if (self.quantized_base or self.block_base) and (use_dora or init == "pissa"):
+        if self.quantized_base and (use_dora or init == "pissa"):
             raise ValueError(
                 f"adapter {name!r}: DoRA and PiSSA need a float base weight; "
                 f"{type(self.base_layer).__name__} is quantized (use plain LoRA over it)"
+            )
+        if self.block_base and init == "pissa":
+            raise ValueError(
+                f"adapter {name!r}: PiSSA needs a float base weight, since it rewrites W as W - s·B·A; "
+                f"{type(self.base_layer).__name__} keeps W in GGUF blocks (use LoRA or DoRA over it)"
             )
         if self.block_base:  # the adapter's dtype and device, without de-quantizing the weight
             w = torch.empty(0, dtype=torch.float32, device=self.base_layer.blocks.device)
@@ -265,6 +277,8 @@ class LoraLinear(LoraLayer):
 
     def _weight_norm(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Row norm of ``W + s·B·A`` (PEFT's "column norm" in the paper's [in, out] convention), detached."""
+        if self.block_base:
+            return self._block_dora_norm(name).to(dtype or torch.float32)
         w = self.weight_oi().detach()
         dtype = dtype or w.dtype
         ba = self.lora_B[name].weight.detach().to(dtype) @ self.lora_A[name].weight.detach().to(dtype)
@@ -373,21 +387,6 @@ class LoraLinear(LoraLayer):
             raise ValueError(f"adapter_names: unknown adapter(s) {unknown}; adapters: {known} (or {BASE_ADAPTER!r})")
         index = {n: i for i, n in enumerate(known)}
         return known, [index.get(n, -1) for n in adapter_names]
-
-    def _block_forward(self, x: torch.Tensor, active: list[str]) -> torch.Tensor:
-        """``base(x) + Σ s·B·A·dropout(x)`` over a GGUF block base: the base product is the block kernel
-        (its backward reads the blocks again; nothing weight-sized is saved), the rank-r products are
-        plain matmuls and the dropout is the Philox op, which regenerates its mask for the backward."""
-        dtype = self._compute_dtype(x)
-        x = x.to(dtype)
-        y = self.base_layer(x)
-        for name in active:
-            p = self.dropout_p[name] if self.training else 0.0
-            h = ops.philox_dropout(x, p) if p > 0.0 else x
-            a = self.lora_A[name].weight.to(dtype)
-            b = self.lora_B[name].weight.to(dtype)
-            y = y + F.linear(F.linear(h, a), b) * self.scaling[name]
-        return y
 
     def _mixed_forward(self, x: torch.Tensor, names: list[str], seq_indices: list[int]) -> torch.Tensor:
         """Every sequence through its own adapter (index -1: the base alone) with the multi-adapter op.
