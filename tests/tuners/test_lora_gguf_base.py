@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from pyfastpeft import LoraConfig, get_peft_model
+from pyfastpeft import LoraConfig, get_peft_model, ops
 from pyfastpeft.nn import GGUFLinear
 from pyfastpeft.ops import gguf
 from pyfastpeft.tuners import LoraLinear
@@ -116,3 +116,45 @@ def test_a_block_base_refuses_pissa_merge_and_mixed_batches(use_dora):
     assert layer.merged_adapters == []
     with pytest.raises(ValueError, match="adapter_names: mixed-adapter batches"):
         layer(torch.randn(2, 3, 32), adapter_names=["default", "__base__"])
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+@pytest.mark.parametrize("tokens", [0, 1, 7])
+def test_dropout_in_training_matches_float64_with_the_same_mask(qtype, tokens):
+    """With dropout the backward recomputes the dropped input instead of keeping it: the output and
+    every gradient equal the float64 formula under the very mask the forward drew."""
+    in_features, out_features, p = 64, 33, 0.25
+    base = block_layer(out_features, in_features, qtype, True, seed=11 + tokens)
+    layer = LoraLinear(base, r=3, lora_alpha=6, lora_dropout=p)
+    layer.train()
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_()
+    x = torch.randn(tokens, 2, in_features).transpose(0, 1).requires_grad_(True)
+    rng = torch.get_rng_state()
+    y = layer(x)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    after = torch.get_rng_state()
+    torch.set_rng_state(rng)  # the forward's one draw: the Philox seed of its mask
+    keep = ops.philox_dropout(torch.ones(x.shape, dtype=torch.float64), p)  # mask / (1 - p)
+    torch.set_rng_state(after)
+
+    w = base.dequantized_weight(torch.float64)
+    a = layer.lora_A["default"].weight.detach().double().requires_grad_(True)
+    b_ = layer.lora_B["default"].weight.detach().double().requires_grad_(True)
+    x64 = x.detach().double().requires_grad_(True)
+    s = layer.scaling["default"]
+    bias64 = base.bias.detach().double()
+    want = x64 @ w.T + s * ((x64 * keep) @ a.T) @ b_.T + bias64
+    want.backward(dy.double())
+    with torch.no_grad():
+        ax, g = x64.abs() * keep, dy.double().abs()
+        mag = x64.abs() @ w.abs().T + s * (ax @ a.abs().T) @ b_.abs().T + bias64.abs()
+        mag_dx = g @ w.abs() + s * ((g @ b_.abs()) @ a.abs()) * keep
+        mag_da = s * (b_.abs().T @ g.reshape(-1, out_features).T) @ ax.reshape(-1, in_features)
+        mag_db = s * g.reshape(-1, out_features).T @ (ax.reshape(-1, in_features) @ a.abs().T)
+    chain = tokens * 2 + in_features + out_features + 3 + 4
+    assert_within_rounding("y", y, want, mag, terms=chain, roundings=3)
+    assert_within_rounding("dx", x.grad, x64.grad, mag_dx, terms=chain, roundings=3)
+    assert_within_rounding("dA", layer.lora_A["default"].weight.grad, a.grad, mag_da, terms=chain, roundings=3)
+    assert_within_rounding("dB", layer.lora_B["default"].weight.grad, b_.grad, mag_db, terms=chain, roundings=3)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from ... import ops
 
@@ -59,6 +60,10 @@ def dora_row_norm(
     return (row_sq + 2.0 * scaling * cross + scaling * scaling * update_sq).clamp_min(0.0).sqrt()
 
 
+def _dropped_down(x: torch.Tensor, a: torch.Tensor, p: float) -> torch.Tensor:
+    return F.linear(ops.philox_dropout(x, p), a)
+
+
 class BlockBaseForward:
     """:class:`~pyfastpeft.tuners.lora.layer.LoraLinear`'s forward over a GGUF block base (``block_base``):
     the block kernel for the base product, the rank-r products added, DoRA's norm from the functions
@@ -76,7 +81,15 @@ class BlockBaseForward:
         if not any(self.use_dora[n] for n in active):
             y = base(x)
             for name in active:
-                y = y + self._block_update(x, name)
+                # y + s·(A·dropout(x))·Bᵀ as one addmm: no [tokens, out] temporaries beside y
+                u = self._block_down(x, name)
+                out = torch.addmm(
+                    y.reshape(-1, self.out_features),
+                    u.reshape(-1, u.shape[-1]),
+                    self.lora_B[name].weight.to(x.dtype).t(),
+                    alpha=self.scaling[name],
+                )
+                y = out.view(y.shape)
             return y
         # DoRA rescales W x, so the block kernel runs without the bias, which is added after the scale
         wx = ops.gguf_linear(x, base.blocks, base.qtype, base.in_features)
@@ -90,13 +103,23 @@ class BlockBaseForward:
         bias = base.bias
         return y if bias is None else y + bias.to(dtype)
 
+    def _block_down(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """``A·dropout(x)`` ``[..., r]`` in x's dtype. With dropout under autograd, the dropped input is
+        not kept for the backward (it would be one [tokens, in] tensor per layer): the backward
+        recomputes it from x, which autograd holds anyway, as the fused float op regenerates its mask
+        (checkpoint restores the generator, so the same Philox seed is drawn again)."""
+        p = self.dropout_p[name] if self.training else 0.0
+        a = self.lora_A[name].weight.to(x.dtype)
+        if p == 0.0:
+            return F.linear(x, a)
+        if torch.is_grad_enabled() and (x.requires_grad or a.requires_grad):
+            return checkpoint(_dropped_down, x, a, p, use_reentrant=False)
+        return _dropped_down(x, a, p)
+
     def _block_update(self, x: torch.Tensor, name: str) -> torch.Tensor:
         """``s·B·A·dropout(x)`` in x's dtype."""
-        p = self.dropout_p[name] if self.training else 0.0
-        h = ops.philox_dropout(x, p) if p > 0.0 else x
-        a = self.lora_A[name].weight.to(x.dtype)
         b = self.lora_B[name].weight.to(x.dtype)
-        return F.linear(F.linear(h, a), b) * self.scaling[name]
+        return F.linear(self._block_down(x, name), b) * self.scaling[name]
 
     def _block_row_sq(self) -> torch.Tensor:
         """``‖W_i‖²`` of the block base (float64), computed once; again only if the blocks were written
