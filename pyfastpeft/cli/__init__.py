@@ -93,11 +93,9 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from ..train.gguf_export import export_gguf
+    from ..train.gguf_export import default_embedding_quant, export_gguf
 
-    embedding = args.embedding_quant
-    if embedding is None and args.quant in ("q4_0", "q4_1"):
-        embedding = "q8_0"  # the token table (and a tied head) keeps 8 bits, as the source file has it
+    embedding = args.embedding_quant or default_embedding_quant(args.quant)
     export_gguf(args.adapter, args.gguf, args.quant, args.model, embedding_quant=embedding)
     return 0
 

@@ -55,6 +55,12 @@ def export_base(base: str | Path | None, recorded: Path | None, log=print) -> tu
     return folder, source
 
 
+def default_embedding_quant(quant: str) -> str | None:
+    """The token embedding's (and a tied head's) format under ``quant`` when none is asked for: Q8_0 for
+    the 4-bit formats, as the source file keeps it; None (the same as ``quant``) otherwise."""
+    return "q8_0" if quant in ("q4_0", "q4_1") else None
+
+
 def export_gguf(
     adapter_dir: str | Path,
     out_path: str | Path,
