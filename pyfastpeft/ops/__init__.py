@@ -4,7 +4,7 @@ from .. import _extension  # noqa: F401, I001  (loads the compiled operators fir
 from .bias import bias_only_linear
 from .ia3 import ia3_scale
 from .distill import fused_linear_kd_loss, kd_loss
-from .dropout import philox_dropout
+from .dropout import dropout_linear, philox_dropout
 from .gguf import gguf_dequantize, gguf_embedding, gguf_linear, gguf_quantize
 from .lora import lora_linear
 from .multi_lora import (
@@ -37,6 +37,7 @@ __all__ = [
     "lora_linear",
     "multi_lora_linear",
     "multi_tensor_l2_norm",
+    "dropout_linear",
     "philox_dropout",
     "sampled_weight_grad",
     "sparse_delta_linear",

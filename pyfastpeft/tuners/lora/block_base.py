@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from ... import ops
 
@@ -60,10 +59,6 @@ def dora_row_norm(
     return (row_sq + 2.0 * scaling * cross + scaling * scaling * update_sq).clamp_min(0.0).sqrt()
 
 
-def _dropped_down(x: torch.Tensor, a: torch.Tensor, p: float) -> torch.Tensor:
-    return F.linear(ops.philox_dropout(x, p), a)
-
-
 class BlockBaseForward:
     """:class:`~pyfastpeft.tuners.lora.layer.LoraLinear`'s forward over a GGUF block base (``block_base``):
     the block kernel for the base product, the rank-r products added, DoRA's norm from the functions
@@ -104,17 +99,12 @@ class BlockBaseForward:
         return y if bias is None else y + bias.to(dtype)
 
     def _block_down(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        """``A·dropout(x)`` ``[..., r]`` in x's dtype. With dropout under autograd, the dropped input is
-        not kept for the backward (it would be one [tokens, in] tensor per layer): the backward
-        recomputes it from x, which autograd holds anyway, as the fused float op regenerates its mask
-        (checkpoint restores the generator, so the same Philox seed is drawn again)."""
+        """``A·dropout(x)`` ``[..., r]`` in x's dtype. With dropout, :func:`pyfastpeft.ops.dropout_linear`:
+        its backward regenerates the dropped input from x (which autograd holds anyway) instead of
+        keeping one [tokens, in] tensor per layer, as the fused float op regenerates its mask."""
         p = self.dropout_p[name] if self.training else 0.0
         a = self.lora_A[name].weight.to(x.dtype)
-        if p == 0.0:
-            return F.linear(x, a)
-        if torch.is_grad_enabled() and (x.requires_grad or a.requires_grad):
-            return checkpoint(_dropped_down, x, a, p, use_reentrant=False)
-        return _dropped_down(x, a, p)
+        return ops.dropout_linear(x, a, p) if p > 0.0 else F.linear(x, a)
 
     def _block_update(self, x: torch.Tensor, name: str) -> torch.Tensor:
         """``s·B·A·dropout(x)`` in x's dtype."""
