@@ -158,3 +158,18 @@ def test_dropout_in_training_matches_float64_with_the_same_mask(qtype, tokens):
     assert_within_rounding("dx", x.grad, x64.grad, mag_dx, terms=chain, roundings=3)
     assert_within_rounding("dA", layer.lora_A["default"].weight.grad, a.grad, mag_da, terms=chain, roundings=3)
     assert_within_rounding("dB", layer.lora_B["default"].weight.grad, b_.grad, mag_db, terms=chain, roundings=3)
+
+
+def test_a_model_with_one_block_layer_refuses_merge_before_changing_any_layer():
+    torch.manual_seed(3)
+    model = nn.Sequential()
+    model.add_module("first", nn.Linear(32, 32))
+    model.add_module("second", block_layer(32, 32, gguf.Q8_0, False, 4))
+    peft = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=["first", "second"]))
+    first = peft.base_model.model.get_submodule("first")
+    with torch.no_grad():
+        first.lora_B["default"].weight.normal_()
+    before = first.base_layer.weight.detach().clone()
+    with pytest.raises(ValueError, match="merge: the base is a GGUFLinear"):
+        peft.merge_adapter()
+    assert torch.equal(first.base_layer.weight, before) and first.merged_adapters == []

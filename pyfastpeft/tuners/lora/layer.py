@@ -101,6 +101,9 @@ class LoraLayer(BaseLayerPassthrough, nn.Module):
     def merge(self, names: list[str] | None = None) -> None:  # pragma: no cover - per layer kind
         raise NotImplementedError
 
+    def check_mergeable(self, names: list[str] | None = None) -> None:
+        """Raises if this layer cannot merge (a model checks every layer before merging any)."""
+
     def unmerge(self) -> None:  # pragma: no cover - per layer kind
         raise NotImplementedError
 
@@ -302,14 +305,17 @@ class LoraLinear(BlockBaseForward, LoraLayer):
             delta = scale[:, None] * (base + delta) - base
         return delta
 
-    @torch.no_grad()
-    def merge(self, names: list[str] | None = None) -> None:
+    def check_mergeable(self, names: list[str] | None = None) -> None:
         if self.quantized_base or self.block_base:
             raise ValueError(
                 f"merge: the base is a {type(self.base_layer).__name__}; merging a float update into quantized "
                 "weights would requantize them. Keep the adapter separate, or merge into the float model "
                 "before pyfastpeft.quant.convert"
             )
+
+    @torch.no_grad()
+    def merge(self, names: list[str] | None = None) -> None:
+        self.check_mergeable(names)
         for name in names if names is not None else self.active_adapters:
             if name in self.merged_adapters or name not in self.r:
                 continue

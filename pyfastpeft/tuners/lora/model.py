@@ -231,7 +231,10 @@ class LoraModel(BaseTuner):
             layer.disable_adapters = False
 
     def _merge(self, names: list[str]) -> None:
-        for _, layer in self._layers():
+        layers = [layer for _, layer in self._layers()]
+        for layer in layers:  # every layer checked before any weight changes
+            layer.check_mergeable(names)
+        for layer in layers:
             layer.merge(names)
 
     def _unmerge(self) -> None:
