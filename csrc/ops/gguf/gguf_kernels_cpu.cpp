@@ -376,16 +376,6 @@ void quantize_typed(const GGUFQuantizeParams& p) {
   });
 }
 
-template <template <typename> class Kernel, class Params>
-void run(const Params& p) {
-  switch (p.dtype) {
-    case DType::Float64: return Kernel<double>::run(p);
-    case DType::Float32: return Kernel<float>::run(p);
-    case DType::BFloat16: return Kernel<at::BFloat16>::run(p);
-    case DType::Float16: return Kernel<at::Half>::run(p);
-  }
-}
-
 template <typename T>
 struct LinearKernel {
   static void run(const GGUFLinearParams& p) { linear_typed<T>(p); }
@@ -406,10 +396,10 @@ struct QuantizeKernel {
 }  // namespace
 
 constinit const GGUFCpuKernels gguf_cpu_kernels{
-    &run<LinearKernel, GGUFLinearParams>,
-    &run<BackwardKernel, GGUFLinearBackwardParams>,
-    &run<RowsKernel, GGUFRowsParams>,
-    &run<QuantizeKernel, GGUFQuantizeParams>,
+    &dispatch_dtype<LinearKernel, GGUFLinearParams>,
+    &dispatch_dtype<BackwardKernel, GGUFLinearBackwardParams>,
+    &dispatch_dtype<RowsKernel, GGUFRowsParams>,
+    &dispatch_dtype<QuantizeKernel, GGUFQuantizeParams>,
 };
 
 }  // namespace pyfastpeft::CPU_CAPABILITY

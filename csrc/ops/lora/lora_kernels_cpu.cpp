@@ -305,16 +305,6 @@ void lora_dropout_backward_kernel(const LoraDropoutBackwardParams& p) {
   }
 }
 
-template <template <typename> class Kernel, typename Params>
-void dispatch_dtype(const Params& params) {
-  switch (params.dtype) {
-    case DType::Float64: return Kernel<double>::run(params);
-    case DType::Float32: return Kernel<float>::run(params);
-    case DType::BFloat16: return Kernel<at::BFloat16>::run(params);
-    case DType::Float16: return Kernel<at::Half>::run(params);
-  }
-}
-
 template <typename T>
 struct Shrink {
   static void run(const LoraShrinkParams& p) { lora_shrink_dropout_kernel<T>(p); }

@@ -7,16 +7,6 @@
 namespace pyfastpeft::CPU_CAPABILITY {
 namespace {
 
-template <template <typename> class Kernel, class Params>
-void run(const Params& p) {
-  switch (p.dtype) {
-    case DType::Float64: return Kernel<double>::run(p);
-    case DType::Float32: return Kernel<float>::run(p);
-    case DType::BFloat16: return Kernel<at::BFloat16>::run(p);
-    case DType::Float16: return Kernel<at::Half>::run(p);
-  }
-}
-
 template <typename T>
 struct FakeQuantizeKernel {
   static void run(const FakeQuantParams& p) { quant_cpu::fake_quantize<T>(p); }
@@ -40,10 +30,10 @@ struct LsqBackwardKernel {
 }  // namespace
 
 constinit const QuantCpuKernels quant_cpu_kernels{
-    &run<FakeQuantizeKernel, FakeQuantParams>,
-    &run<ApplyKernel, FakeQuantApplyParams>,
-    &run<BackwardKernel, FakeQuantBackwardParams>,
-    &run<LsqBackwardKernel, LsqBackwardParams>,
+    &dispatch_dtype<FakeQuantizeKernel, FakeQuantParams>,
+    &dispatch_dtype<ApplyKernel, FakeQuantApplyParams>,
+    &dispatch_dtype<BackwardKernel, FakeQuantBackwardParams>,
+    &dispatch_dtype<LsqBackwardKernel, LsqBackwardParams>,
 };
 
 }  // namespace pyfastpeft::CPU_CAPABILITY
