@@ -127,6 +127,7 @@ def lora_rows(device, tiny, timer, ceil):
     def step(fn, wrt):
         def run():  # fresh gradients: no accumulation pass into .grad in any candidate
             torch.autograd.grad(fn(), wrt, gy)
+
         return run
 
     fns = {
@@ -165,13 +166,19 @@ def multi_lora_rows(device, tiny, timer, ceil):
         scal = torch.full((k,), 2.0, device=device)
         idx = torch.randint(0, k, (n,), device=device)
         with torch.no_grad():
-            times = timer({
-                "base linear": lambda: torch.nn.functional.linear(x, w),
-                "pyfastpeft multi_lora_linear": lambda: ops.multi_lora_linear(x, w, None, a, b, scal, idx),
-            })
+            times = timer(
+                {
+                    "base linear": lambda: torch.nn.functional.linear(x, w),
+                    "pyfastpeft multi_lora_linear": lambda a=a, b=b, scal=scal, idx=idx: ops.multi_lora_linear(
+                        x, w, None, a, b, scal, idx
+                    ),
+                }
+            )
         fig = f"multi-LoRA forward bf16 N={n} D={d} r={r} adapters={k}"
-        rows += [_row(fig, name, ms, times["base linear"], tflop=2 * n * d * d / 1e12, ceil=ceil)
-                 for name, ms in times.items()]
+        rows += [
+            _row(fig, name, ms, times["base linear"], tflop=2 * n * d * d / 1e12, ceil=ceil)
+            for name, ms in times.items()
+        ]
     return rows
 
 
@@ -181,14 +188,18 @@ def optim_rows(device, tiny, timer, ceil):
     def make():
         ps = []
         for _ in range(n_adapters):
-            ps += [torch.randn(rank, width, device=device).requires_grad_(),
-                   torch.randn(width, rank, device=device).requires_grad_()]
+            ps += [
+                torch.randn(rank, width, device=device).requires_grad_(),
+                torch.randn(width, rank, device=device).requires_grad_(),
+            ]
         for p in ps:
             p.grad = torch.randn_like(p)
         return ps
 
-    opts = {"pyfastpeft FusedAdamW": FusedAdamW(make(), lr=1e-3),
-            "torch AdamW foreach": torch.optim.AdamW(make(), lr=1e-3, foreach=True)}
+    opts = {
+        "pyfastpeft FusedAdamW": FusedAdamW(make(), lr=1e-3),
+        "torch AdamW foreach": torch.optim.AdamW(make(), lr=1e-3, foreach=True),
+    }
     if device.startswith("cuda"):
         opts["torch AdamW fused"] = torch.optim.AdamW(make(), lr=1e-3, fused=True)
     for o in opts.values():
@@ -221,8 +232,10 @@ def quant_rows(device, tiny, timer, ceil):
     # forward reads x, writes out; backward reads dy and x, writes dx: 5 passes over a bf16 tensor
     gbytes = 5 * x.numel() * x.element_size() / 1e9
     fig = f"fake-quant fwd+bwd bf16 [{rows_}, {cols}] per channel int8"
-    return [_row(fig, k, v, times["torch fake_quantize_per_channel_affine"], gbytes=gbytes, ceil=ceil)
-            for k, v in times.items()]
+    return [
+        _row(fig, k, v, times["torch fake_quantize_per_channel_affine"], gbytes=gbytes, ceil=ceil)
+        for k, v in times.items()
+    ]
 
 
 def reduction_rows(device, tiny, timer, ceil):
@@ -234,17 +247,25 @@ def reduction_rows(device, tiny, timer, ceil):
     scale = torch.randn(d, device=device, dtype=dt)
     elt = gy.element_size()
     rows = []
-    times = timer({"pyfastpeft bias grad": lambda: torch.ops.pyfastpeft.bias_only_linear_backward(gy, w, [False, True]),
-                   "torch sum(0)": lambda: gy.sum(0)})
+    times = timer(
+        {
+            "pyfastpeft bias grad": lambda: torch.ops.pyfastpeft.bias_only_linear_backward(gy, w, [False, True]),
+            "torch sum(0)": lambda: gy.sum(0),
+        }
+    )
     fig = f"bias gradient (column sum) bf16 [{n}, {d}]"
     rows += [_row(fig, k, v, times["torch sum(0)"], gbytes=n * d * elt / 1e9, ceil=ceil) for k, v in times.items()]
-    times = timer({
-        "pyfastpeft ia3 backward": lambda: torch.ops.pyfastpeft.ia3_scale_backward(gy, x, scale, [True, True]),
-        "torch mul + (gy·x).sum(0)": lambda: (gy * scale, (gy * x).sum(0)),
-    })
+    times = timer(
+        {
+            "pyfastpeft ia3 backward": lambda: torch.ops.pyfastpeft.ia3_scale_backward(gy, x, scale, [True, True]),
+            "torch mul + (gy·x).sum(0)": lambda: (gy * scale, (gy * x).sum(0)),
+        }
+    )
     fig = f"ia3 backward (dx and dscale) bf16 [{n}, {d}]"  # reads dy and x, writes dx
-    rows += [_row(fig, k, v, times["torch mul + (gy·x).sum(0)"], gbytes=3 * n * d * elt / 1e9, ceil=ceil)
-             for k, v in times.items()]
+    rows += [
+        _row(fig, k, v, times["torch mul + (gy·x).sum(0)"], gbytes=3 * n * d * elt / 1e9, ceil=ceil)
+        for k, v in times.items()
+    ]
     return rows
 
 
@@ -293,8 +314,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {list(SECTIONS)}")
     args = ap.parse_args(argv)
     if args.device == "cuda" and not pyfastpeft.cuda_available():
-        print("bench_gpu: CUDA kernels not built or no GPU (use --device cpu --tiny to check the script)",
-              file=sys.stderr)
+        print(
+            "bench_gpu: CUDA kernels not built or no GPU (use --device cpu --tiny to check the script)", file=sys.stderr
+        )
         return 2
     sections = args.sections.split(",")
     unknown = sorted(set(sections) - set(SECTIONS))

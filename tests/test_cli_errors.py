@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from pyfastpeft import cli
 
 # the smallest built-in run: no pretraining, one step
-FAST = ["--model", "tiny", "--size", "small", "--pretrain-steps", "0", "--steps", "1", "--length", "2", "--batch-size", "2"]
+FAST = "--model tiny --size small --pretrain-steps 0 --steps 1 --length 2 --batch-size 2".split()
 
 
 @pytest.fixture(autouse=True)

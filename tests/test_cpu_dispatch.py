@@ -18,7 +18,6 @@ from safetensors.torch import load_file
 
 import pyfastpeft
 from pyfastpeft.ops import reference
-
 from tests import cpu_levels_probe as probe
 
 INFO = pyfastpeft.build_info()
@@ -215,7 +214,8 @@ def level_results(tmp_path_factory):
     for level in RUNNABLE:
         path = tmp_path_factory.mktemp("levels") / f"{level}.safetensors"
         out = run_python(
-            f"import runpy, sys; sys.argv = ['probe', {str(path)!r}]; runpy.run_path({str(script)!r}, run_name='__main__')",
+            f"import runpy, sys; sys.argv = ['probe', {str(path)!r}]; "
+            f"runpy.run_path({str(script)!r}, run_name='__main__')",
             level,
         )
         assert out.returncode == 0, out.stderr

@@ -15,8 +15,8 @@ import re
 
 import torch
 
-from ..tuners.effective import effective_weights
 from ..tuners import trainable_parameters
+from ..tuners.effective import effective_weights
 from .saved_adapter import SavedAdapter, load_base_model, read_saved_adapter, rebuild, recorded_base_folder
 
 

@@ -23,6 +23,7 @@ from tests.fuzz.common import (
     tensor,
 )
 
+
 def dropout_as_the_op_rounds(mask, p, dtype):
     """(mask, rate) for the reference. In float32 and float64 the op multiplies by 1/(1-p) rounded to the
     dtype, and so must the plain version whose error sets the bound: dividing by 1-p is another valid

@@ -69,7 +69,9 @@ def test_fake_quantize(scheme, bits, symmetric, dtype, spread, x_layout, dy_layo
     dy_layout=layouts,
     seed=seeds,
 )
-def test_fake_quantize_lsq(scheme, bits, with_zero_point, dtype, shrink, grad_factor, train_x, x_layout, dy_layout, seed):
+def test_fake_quantize_lsq(
+    scheme, bits, with_zero_point, dtype, shrink, grad_factor, train_x, x_layout, dy_layout, seed
+):
     shape, group_size, axis = scheme
     x = tensor(shape, dtype, x_layout, seed, 2.0)
     _, scale0, zp0 = pyfastpeft.ops.fake_quantize(x, bits, group_size, not with_zero_point, axis)

@@ -57,8 +57,12 @@ def test_sparse_delta_linear(lead, in_f, out_f, density, dtype, bias, int32, x_l
 
     ours = forward_backward(sparse_delta_linear, args, trainable, dy)
     lowp = forward_backward(reference.sparse_delta_linear, args, trainable, dy)
-    ref64 = forward_backward(reference.sparse_delta_linear, args, trainable, dy, lambda t: t if t is idx else t.double())
-    mags = forward_backward(reference.sparse_delta_linear, args, trainable, dy, lambda t: t if t is idx else absolute(t))
+    ref64 = forward_backward(
+        reference.sparse_delta_linear, args, trainable, dy, lambda t: t if t is idx else t.double()
+    )
+    mags = forward_backward(
+        reference.sparse_delta_linear, args, trainable, dy, lambda t: t if t is idx else absolute(t)
+    )
     names = ["y", "dx"] + (["db"] if bias else []) + ["ddelta"]
     compare_all(names, ours, lowp, ref64, mags, terms=numel(lead) + in_f + out_f)
 

@@ -74,7 +74,9 @@ def test_forward_backward_against_reference(device, dtype, name):
     abs_leaves = [t.detach().abs().requires_grad_() for t in (xq64, wq64, b64)]
     mags = torch.autograd.grad(F.linear(*abs_leaves), abs_leaves, dy.cpu().double().abs())
     masks = (mx, mw, torch.ones_like(rb))
-    for name, ours, low, ref64, mag, mask in zip(["dx", "dW", "db"], (gx, gw, gb), lowp, (rx, rw, rb), mags, masks):
+    for name, ours, low, ref64, mag, mask in zip(
+        ["dx", "dW", "db"], (gx, gw, gb), lowp, (rx, rw, rb), mags, masks, strict=True
+    ):
         err, bound = low_precision_error_bound(ours.cpu(), low * mask.to(dtype), ref64, magnitude=mag * mask)
         assert err <= bound, f"{name}: error {err:.3g} > bound {bound:.3g}"
 
@@ -172,5 +174,9 @@ def test_modules_compile():
     yc, ye = compiled(xc), m(xe)
     assert torch.equal(yc, ye)  # the same ops in the same order: bit for bit
     dy = torch.randn_like(ye)
-    assert all(torch.equal(a, b) for a, b in zip(torch.autograd.grad(yc, [xc, m.weight], dy),
-                                                  torch.autograd.grad(ye, [xe, m.weight], dy), strict=True))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(
+            torch.autograd.grad(yc, [xc, m.weight], dy), torch.autograd.grad(ye, [xe, m.weight], dy), strict=True
+        )
+    )

@@ -300,7 +300,9 @@ def test_non_contiguous_inputs(device, group_size, axis):
         )[0]
         # the straight-through gradient is exact: dy where the float64 formula's code is in range, else 0
         x64 = x.detach().cpu().double().requires_grad_()
-        ref_dx = torch.autograd.grad(ref.fake_quantize(x64, 4, group_size, False, axis, torch.float32)[0], x64, dy.cpu())[0]
+        ref_dx = torch.autograd.grad(
+            ref.fake_quantize(x64, 4, group_size, False, axis, torch.float32)[0], x64, dy.cpu()
+        )[0]
         assert torch.equal(dx.cpu().double(), ref_dx) and torch.equal(dx_view.cpu().double(), ref_dx)
 
 

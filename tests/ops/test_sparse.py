@@ -53,7 +53,9 @@ def test_sampled_grad_low_precision(device, dtype):
     assert ours.dtype == dtype and ours.shape == (k,)
     ref = reference.sampled_weight_grad(gy.double(), x.double(), idx, in_f)
     magnitude = reference.sampled_weight_grad(gy.double().abs(), x.double().abs(), idx, in_f)
-    err, bound = low_precision_error_bound(ours, reference.sampled_weight_grad(gy, x, idx, in_f), ref, magnitude=magnitude)
+    err, bound = low_precision_error_bound(
+        ours, reference.sampled_weight_grad(gy, x, idx, in_f), ref, magnitude=magnitude
+    )
     assert err <= bound, (err, bound)
 
 

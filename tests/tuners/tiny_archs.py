@@ -4,8 +4,8 @@ downloads), with the task head PEFT pairs them with and matching inputs, for the
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import pytest
 import torch
