@@ -17,7 +17,12 @@ so it is undone on the block rows directly, with no de-quantization.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import re
+import shutil
+import tempfile
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -142,7 +147,7 @@ def _field(reader, key: str):
     return field.contents() if field is not None else None
 
 
-def read_gguf_tensors(path: str | Path) -> Iterator[GGUFTensor]:
+def read_gguf_tensors(path: str | Path, reader=None) -> Iterator[GGUFTensor]:
     """Every tensor of the llama GGUF file ``path``, Hugging Face names and row order, blocks kept.
 
     Memory: the reader memory-maps the file, so its pages are only mapped, not copied; each tensor is
@@ -150,7 +155,7 @@ def read_gguf_tensors(path: str | Path) -> Iterator[GGUFTensor]:
     model this way holds about the file's size of tensors (SmolLM2-135M Q4_1: ~100 MB, against ~540 MB
     de-quantized to float32), plus whatever of the mapping the kernel keeps in the page cache."""
     gguf = _require_gguf()
-    reader = open_gguf(path)
+    reader = open_gguf(path) if reader is None else reader  # ``reader``: one open_gguf(path) already made
     heads = _field(reader, "llama.attention.head_count")
     kv_heads = _field(reader, "llama.attention.head_count_kv") or heads
     for t in reader.tensors:
@@ -195,6 +200,53 @@ def gguf_tokenizer(path: str | Path):
     return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
 
 
+METADATA_MARK = "pyfastpeft_gguf_metadata.json"  # written last into a finished metadata folder
+
+
+def metadata_cache_folder(path: str | Path, cache_dir: str | Path) -> Path:
+    """Where the config and tokenizer of the GGUF file ``path`` are kept: keyed by the file's resolved
+    path, size and modification time, so a replaced or different file is read again."""
+    path = Path(path).resolve()
+    st = path.stat()
+    ident = json.dumps({"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "format": 1})
+    return Path(cache_dir) / "gguf-metadata" / f"{path.stem}-{hashlib.sha256(ident.encode()).hexdigest()[:16]}"
+
+
+def gguf_metadata(path: str | Path, cache_dir: str | Path | None = None):
+    """``(config, tokenizer)`` of the GGUF file ``path``.
+
+    transformers rebuilds both from the file's metadata on every call (parsing the file twice: about
+    12 s for SmolLM2-135M on two cores). With ``cache_dir`` they are saved there once (config.json and
+    the tokenizer's files, written into a temporary folder that is then renamed) and later loads read
+    those in a fraction of a second. A cache that cannot be written or read is skipped."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    if cache_dir is None:
+        return gguf_config(path), gguf_tokenizer(path)
+    folder = metadata_cache_folder(path, cache_dir)
+    if (folder / METADATA_MARK).is_file():
+        try:
+            return AutoConfig.from_pretrained(str(folder)), AutoTokenizer.from_pretrained(str(folder))
+        except (OSError, ValueError):
+            pass  # a damaged cache: read the file again, and write the cache again
+    config, tokenizer = gguf_config(path), gguf_tokenizer(path)
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+        try:
+            config.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            (tmp / METADATA_MARK).write_text(json.dumps({"gguf": str(Path(path).resolve())}) + "\n")
+            if folder.exists():  # another process finished first, or an unmarked leftover
+                shutil.rmtree(folder, ignore_errors=True)
+            os.replace(tmp, folder)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    except OSError:
+        pass  # a read-only cache: nothing kept, the next load reads the file again
+    return config, tokenizer
+
+
 MakeLinear = Callable[[torch.Tensor, int, int, int, "torch.Tensor | None"], nn.Module]
 MakeEmbedding = Callable[[torch.Tensor, int, int, int], nn.Module]
 
@@ -209,7 +261,11 @@ def _module_name(hf_name: str) -> str:
 
 
 def load_gguf_quantized(
-    path: str | Path, *, make_linear: MakeLinear, make_embedding: MakeEmbedding
+    path: str | Path,
+    *,
+    make_linear: MakeLinear,
+    make_embedding: MakeEmbedding,
+    cache_dir: str | Path | None = None,
 ) -> tuple[nn.Module, object]:
     """``(model, tokenizer)`` of the llama GGUF file ``path`` with its quantized weights kept in blocks.
 
@@ -219,14 +275,17 @@ def load_gguf_quantized(
     embedding: the head is then ``make_linear`` over the embedding's very blocks tensor (shared, not
     copied); the model's ``tie_weights()`` has nothing left to do and must not be called (it looks for an
     embedding ``weight`` parameter). Float tensors (norms, de-quantized types) go into the ordinary
-    modules."""
+    modules. ``cache_dir``: where the config and tokenizer are kept after the first load
+    (:func:`gguf_metadata`); the blocks are always read from the file."""
     from transformers import AutoModelForCausalLM
 
     path = Path(path)
-    config = gguf_config(path)
+    reader = open_gguf(path)  # the clear errors first, whatever the cache holds
+    config, tokenizer = gguf_metadata(path, cache_dir)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    tensors = {t.hf_name: t for t in read_gguf_tensors(path)}
+    tensors = {t.hf_name: t for t in read_gguf_tensors(path, reader)}
+    del reader  # its memory map and parsed fields
     expected = {name for name, _ in model.named_parameters()}
     tied = "lm_head.weight" not in tensors
     missing = expected - set(tensors) - ({"lm_head.weight"} if tied else set())
@@ -260,7 +319,7 @@ def load_gguf_quantized(
             model.lm_head.weight = model.get_input_embeddings().weight
     _materialize_buffers(model, config)
     model.eval()
-    return model, gguf_tokenizer(path)
+    return model, tokenizer
 
 
 def _materialize_buffers(model: nn.Module, config) -> None:
@@ -292,7 +351,9 @@ def from_gguf(
     if quantized:
         if make_linear is None or make_embedding is None:
             raise ValueError("quantized=True needs make_linear and make_embedding (the block-format modules)")
-        return load_gguf_quantized(path, make_linear=make_linear, make_embedding=make_embedding)
+        from .pretrained import cache_root
+
+        return load_gguf_quantized(path, make_linear=make_linear, make_embedding=make_embedding, cache_dir=cache_root())
     from .pretrained import load_pretrained
 
     open_gguf(path)  # the same clear errors as the quantized path

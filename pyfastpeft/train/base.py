@@ -147,7 +147,7 @@ def _load_blocks(config: FinetuneConfig, name: str):
     The converted float folder is still resolved by the caller: the saved adapter records it as its base
     (``generate``, ``report`` and PEFT load the adapter over it)."""
     from ..models.gguf_file import load_gguf_quantized
-    from ..models.pretrained import default_gguf
+    from ..models.pretrained import cache_root, default_gguf
     from ..nn import GGUFEmbedding, GGUFLinear
 
     if config.model is None or config.model == "default":
@@ -157,7 +157,7 @@ def _load_blocks(config: FinetuneConfig, name: str):
     else:
         raise UserError(f"--quantized-base: needs a GGUF model (the default or --model FILE.gguf), got {config.model}")
     t0 = time.perf_counter()
-    model, tok = load_gguf_quantized(path, make_linear=GGUFLinear, make_embedding=GGUFEmbedding)
+    model, tok = load_gguf_quantized(path, make_linear=GGUFLinear, make_embedding=GGUFEmbedding, cache_dir=cache_root())
     model.eval()
     blocks = {id(m.blocks): m.blocks for m in model.modules() if isinstance(m, (GGUFLinear, GGUFEmbedding))}
     block_bytes = sum(b.numel() for b in blocks.values())

@@ -5,6 +5,7 @@ errors. Tiny synthetic files for speed; one test on the real SmolLM2-135M file."
 from __future__ import annotations
 
 import importlib.util
+import os
 import warnings
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import torch
 from torch import nn
 
 from pyfastpeft.errors import UserError
+from pyfastpeft.models import gguf_file
 from pyfastpeft.models.gguf_file import (
     KEPT_QTYPES,
     from_gguf,
@@ -221,12 +223,67 @@ def test_errors_name_the_argument(tmp_path):
         from_gguf(tmp_path / "m.gguf", quantized=True)
 
 
-def test_from_gguf_quantized_takes_the_block_modules(tmp_path):
+def test_from_gguf_quantized_takes_the_block_modules(tmp_path, monkeypatch):
+    monkeypatch.setenv("PYFASTPEFT_CACHE", str(tmp_path / "cache"))
     write_tiny_gguf(tmp_path / "m.gguf", random_hf_state())
     model, tokenizer = from_gguf(
         tmp_path / "m.gguf", quantized=True, make_linear=BlockLinear, make_embedding=BlockEmbedding
     )
     assert isinstance(model.model.layers[0].self_attn.q_proj, BlockLinear) and tokenizer is not None
+    assert list((tmp_path / "cache" / "gguf-metadata").glob(f"m-*/{gguf_file.METADATA_MARK}"))
+
+
+def test_the_config_and_tokenizer_are_cached_after_the_first_load(tmp_path, monkeypatch):
+    state = random_hf_state(tied=True)
+    write_tiny_gguf(tmp_path / "m.gguf", state, qtypes=MIXED)
+    cache = tmp_path / "cache"
+    first, tok1 = load_gguf_quantized(
+        tmp_path / "m.gguf", make_linear=BlockLinear, make_embedding=BlockEmbedding, cache_dir=cache
+    )
+    folder = gguf_file.metadata_cache_folder(tmp_path / "m.gguf", cache)
+    assert (folder / gguf_file.METADATA_MARK).is_file() and (folder / "config.json").is_file()
+
+    def no_reparse(_path):
+        raise AssertionError("the metadata was parsed from the file again")
+
+    monkeypatch.setattr(gguf_file, "gguf_config", no_reparse)
+    monkeypatch.setattr(gguf_file, "gguf_tokenizer", no_reparse)
+    again, tok2 = load_gguf_quantized(
+        tmp_path / "m.gguf", make_linear=BlockLinear, make_embedding=BlockEmbedding, cache_dir=cache
+    )
+    keys = (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "rms_norm_eps",
+        "rope_theta",
+        "tie_word_embeddings",
+        "max_position_embeddings",
+    )
+    assert {k: getattr(again.config, k, None) for k in keys} == {k: getattr(first.config, k, None) for k in keys}
+    text = "th<|im_start|>th th"
+    assert tok2(text)["input_ids"] == tok1(text)["input_ids"]
+    ids = torch.randint(0, TINY["vocab"], (2, 5), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, first(ids).logits)
+
+
+def test_a_rewritten_file_is_read_again_and_an_unwritable_cache_is_skipped(tmp_path):
+    path = tmp_path / "m.gguf"
+    write_tiny_gguf(path, random_hf_state())
+    cache = tmp_path / "cache"
+    before = gguf_file.metadata_cache_folder(path, cache)
+    gguf_file.gguf_metadata(path, cache)
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # the file replaced: a new key
+    assert gguf_file.metadata_cache_folder(path, cache) != before
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")  # the cache cannot be created under a file
+    config, tokenizer = gguf_file.gguf_metadata(path, blocked)
+    assert config.vocab_size == TINY["vocab"] and tokenizer is not None
 
 
 def _real_gguf() -> Path:
