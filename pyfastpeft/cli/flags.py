@@ -93,7 +93,7 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
         "--quantized-base",
         action="store_true",
         help="a GGUF model (the default one or --model FILE.gguf) keeps its Q4_0/Q4_1/Q8_0 blocks in memory "
-        "and computes with them; the adapter trains over them (LoRA; docs/gguf.md)",
+        "and computes with them; the adapter trains over them (--method lora, dora or ia3; docs/gguf.md)",
     )
     p.add_argument(
         "--data",

@@ -56,6 +56,7 @@ def philox_dropout(x: torch.Tensor, p: float, seed: int | None = None) -> torch.
 # [seed, offset], which autograd holds anyway; composed of the philox_dropout kernel and a matmul.
 @torch.library.custom_op("pyfastpeft::dropout_linear", mutates_args=())
 def _dropout_linear(x: torch.Tensor, weight: torch.Tensor, p: float, rng_state: torch.Tensor) -> torch.Tensor:
+    check_same_device("x", x, weight=weight, rng_state=rng_state)
     return torch.nn.functional.linear(_OP.philox_dropout(x, p, rng_state), weight)
 
 

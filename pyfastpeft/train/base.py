@@ -21,6 +21,7 @@ from ..errors import UserError
 from ..models import TinyLlamaConfig
 from .config import FinetuneConfig
 from .data import BYTE_SPECIALS, ByteTokenizer, FileSource, TaskSource
+from .methods import METHODS
 from .pretrain import pretrained_builtin
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -119,11 +120,22 @@ def hf_model(folder: str | Path, seed: int = 0) -> torch.nn.Module:
     return AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True, torch_dtype=torch.float32)
 
 
+# The methods that leave the base weights alone and wrap its linear layers as they are: they train over a
+# model whose projections stay in GGUF blocks (docs/gguf.md).
+QUANTIZED_BASE_METHODS = ("lora", "dora", "ia3")
+
+
 def load_base(config: FinetuneConfig, log=print) -> Base:
     """The base model and the data source of ``config`` (its unset settings resolved first)."""
     config = resolve_defaults(config)
     if config.quantized_base and is_tiny(config):
         raise UserError("--quantized-base: needs a GGUF model (the default or --model FILE.gguf), not --model tiny")
+    if config.quantized_base and config.method in METHODS and config.method not in QUANTIZED_BASE_METHODS:
+        raise UserError(
+            f"--quantized-base: --method {config.method} needs the float base weights (it trains, prunes, "
+            "fake-quantizes or sizes modules from them, or replaces the embedding); over the GGUF blocks run "
+            f"{', '.join(QUANTIZED_BASE_METHODS)}, or drop --quantized-base"
+        )
     if not is_tiny(config):
         return _load_real(config, log)
     if config.task == "dates":

@@ -63,6 +63,7 @@ CASES = {
         ),
     ),
     "philox_dropout": (OPS.philox_dropout, dict(x=_randn(N, IN), p=0.5, rng_state=_rng())),
+    "dropout_linear": (OPS.dropout_linear, dict(x=_randn(N, IN), weight=_randn(R, IN), p=0.5, rng_state=_rng())),
     "multi_lora_linear": (
         OPS.multi_lora_linear,
         dict(

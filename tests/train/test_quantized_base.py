@@ -56,3 +56,12 @@ def test_the_built_in_model_has_no_blocks(tmp_path, capsys):
     assert err == [
         "pyfastpeft: error: --quantized-base: needs a GGUF model (the default or --model FILE.gguf), not --model tiny"
     ]
+
+
+@pytest.mark.parametrize("method", ["full", "freeze", "sparse", "bitfit", "adapter", "prompt", "qat-lora", "distill"])
+def test_methods_that_need_float_weights_are_refused_in_one_line(tmp_path, capsys, method):
+    code = cli.main(["finetune", "--quantized-base", "--method", method, "--out", str(tmp_path / "o")])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"pyfastpeft: error: --quantized-base: --method {method} needs")
+    assert "lora, dora, ia3" in err[0]
