@@ -19,9 +19,9 @@ import torch
 
 from ..errors import UserError
 from ..models import TinyLlamaConfig
+from ..tuners import registry
 from .config import FinetuneConfig
 from .data import BYTE_SPECIALS, ByteTokenizer, FileSource, TaskSource
-from .methods import METHODS
 from .pretrain import pretrained_builtin
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -130,7 +130,7 @@ def load_base(config: FinetuneConfig, log=print) -> Base:
     config = resolve_defaults(config)
     if config.quantized_base and is_tiny(config):
         raise UserError("--quantized-base: needs a GGUF model (the default or --model FILE.gguf), not --model tiny")
-    if config.quantized_base and config.method in METHODS and config.method not in QUANTIZED_BASE_METHODS:
+    if config.quantized_base and config.method in registry.cli_methods and config.method not in QUANTIZED_BASE_METHODS:
         raise UserError(
             f"--quantized-base: --method {config.method} needs the float base weights (it trains, prunes, "
             "fake-quantizes or sizes modules from them, or replaces the embedding); over the GGUF blocks run "
