@@ -14,7 +14,7 @@ from pyfastpeft.ops import gguf
 from pyfastpeft.tuners import IA3Linear
 
 from ..conftest import assert_within_rounding
-from .test_lora_gguf_base import QTYPES, block_layer
+from .test_lora_gguf_base import QTYPES, block_layer, fit_losses, two_block_layers
 
 NAMES = ("y", "dx", "dl")
 
@@ -125,11 +125,7 @@ def test_delta_weight_dequantizes_for_reports():
 
 
 def test_get_peft_model_trains_only_the_vectors_and_refuses_merging():
-    torch.manual_seed(0)
-    model = nn.Sequential()
-    model.add_module("up", block_layer(64, 32, gguf.Q4_1, True, 1))
-    model.add_module("act", nn.GELU())
-    model.add_module("down", block_layer(32, 64, gguf.Q8_0, False, 2))
+    model = two_block_layers()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     peft = get_peft_model(model, IA3Config(target_modules=["up", "down"], feedforward_modules=["down"]))
     up, down = (peft.base_model.model.get_submodule(n) for n in ("up", "down"))
@@ -137,17 +133,7 @@ def test_get_peft_model_trains_only_the_vectors_and_refuses_merging():
     assert isinstance(up.base_layer, GGUFLinear) and not up.is_feedforward and down.is_feedforward
     trainable = {n for n, p in peft.named_parameters() if p.requires_grad}
     assert trainable == {n for n, _ in peft.named_parameters() if "ia3_l" in n} and len(trainable) == 2
-    opt = torch.optim.SGD([p for p in peft.parameters() if p.requires_grad], lr=0.5)
-    x, target = torch.randn(16, 32), torch.randn(16, 32)
-    losses = []
-    for _ in range(10):
-        opt.zero_grad()
-        loss = (peft(x) - target).pow(2).mean()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    with torch.no_grad():
-        after = (peft(x) - target).pow(2).mean().item()
+    losses, after = fit_losses(peft, lr=0.5, steps=10)
     assert after < losses[0]
     assert all(not torch.equal(m.ia3_l["default"], torch.ones_like(m.ia3_l["default"])) for m in (up, down))
     for key, value in before.items():

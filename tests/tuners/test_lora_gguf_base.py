@@ -25,6 +25,34 @@ def block_layer(out_features: int, in_features: int, qtype: int, bias: bool, see
     return GGUFLinear.from_float(weight, qtype, b)
 
 
+def two_block_layers() -> nn.Sequential:
+    """``up`` (Q4_1, 32 -> 64, bias) and ``down`` (Q8_0, 64 -> 32) around a GELU: a small block model."""
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.add_module("up", block_layer(64, 32, gguf.Q4_1, True, 1))
+    model.add_module("act", nn.GELU())
+    model.add_module("down", block_layer(32, 64, gguf.Q8_0, False, 2))
+    return model
+
+
+def fit_losses(peft: nn.Module, lr: float, steps: int) -> tuple[list[float], float]:
+    """(the training losses, the loss after) of ``steps`` SGD steps on one random regression batch."""
+    opt = torch.optim.SGD([p for p in peft.parameters() if p.requires_grad], lr=lr)
+    x, target = torch.randn(16, 32), torch.randn(16, 32)
+    peft.train()
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = (peft(x) - target).pow(2).mean()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    peft.eval()
+    with torch.no_grad():
+        after = (peft(x) - target).pow(2).mean().item()
+    return losses, after
+
+
 @pytest.mark.parametrize("qtype", QTYPES)
 @pytest.mark.parametrize(
     "tokens, in_features, out_features, bias", [(0, 32, 5, True), (1, 64, 1, False), (7, 96, 33, True)]
@@ -69,11 +97,7 @@ def test_forward_and_gradients_match_float64_on_the_dequantized_weight(qtype, to
 
 
 def test_get_peft_model_targets_block_layers_and_trains_only_the_adapter():
-    torch.manual_seed(0)
-    model = nn.Sequential()
-    model.add_module("up", block_layer(64, 32, gguf.Q4_1, True, 1))
-    model.add_module("act", nn.GELU())
-    model.add_module("down", block_layer(32, 64, gguf.Q8_0, False, 2))
+    model = two_block_layers()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["up", "down"]))
     assert all(isinstance(peft.base_model.model.get_submodule(n), LoraLinear) for n in ("up", "down"))
@@ -83,19 +107,7 @@ def test_get_peft_model_targets_block_layers_and_trains_only_the_adapter():
     # the frozen weights held in blocks count as weights (64·32 + 32·64), plus the bias and the adapters
     assert n_total == 64 * 32 + 32 * 64 + 64 + n_trainable
     assert n_trainable == sum(p.numel() for p in peft.parameters() if p.requires_grad)
-    opt = torch.optim.SGD([p for p in peft.parameters() if p.requires_grad], lr=0.05)
-    x, target = torch.randn(16, 32), torch.randn(16, 32)
-    peft.train()
-    losses = []
-    for _ in range(20):
-        opt.zero_grad()
-        loss = (peft(x) - target).pow(2).mean()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    peft.eval()
-    with torch.no_grad():
-        after = (peft(x) - target).pow(2).mean().item()
+    losses, after = fit_losses(peft, lr=0.05, steps=20)
     # B starts at zero, so an adapter that did not train would give exactly the first loss again
     assert after < losses[0]
     # the blocks themselves never change

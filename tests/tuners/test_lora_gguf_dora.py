@@ -16,7 +16,7 @@ from pyfastpeft.tuners import LoraLinear
 from pyfastpeft.tuners.lora import block_base
 
 from ..conftest import assert_within_rounding
-from .test_lora_gguf_base import QTYPES, block_layer
+from .test_lora_gguf_base import QTYPES, block_layer, fit_losses, two_block_layers
 
 R = 3
 
@@ -218,11 +218,7 @@ def test_the_row_norm_cache_is_not_saved_and_follows_new_blocks():
 
 
 def test_get_peft_model_with_dora_trains_only_the_adapter_and_refuses_merging():
-    torch.manual_seed(0)
-    model = nn.Sequential()
-    model.add_module("up", block_layer(64, 32, gguf.Q4_1, True, 1))
-    model.add_module("act", nn.GELU())
-    model.add_module("down", block_layer(32, 64, gguf.Q8_0, False, 2))
+    model = two_block_layers()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, use_dora=True, target_modules=["up", "down"])
     peft = get_peft_model(model, config)
@@ -230,19 +226,7 @@ def test_get_peft_model_with_dora_trains_only_the_adapter_and_refuses_merging():
     assert trainable and all("lora_" in n for n in trainable)
     assert any("lora_magnitude_vector" in n for n in trainable)
     assert not any("row_sq" in k for k in peft.adapter_tensors("default"))
-    opt = torch.optim.SGD([p for p in peft.parameters() if p.requires_grad], lr=0.05)
-    x, target = torch.randn(16, 32), torch.randn(16, 32)
-    peft.train()
-    losses = []
-    for _ in range(20):
-        opt.zero_grad()
-        loss = (peft(x) - target).pow(2).mean()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    peft.eval()
-    with torch.no_grad():
-        after = (peft(x) - target).pow(2).mean().item()
+    losses, after = fit_losses(peft, lr=0.05, steps=20)
     assert after < losses[0]
     for path in ("up", "down"):  # B left zero and m left at ‖W‖ would mean the adapter did not train
         layer = peft.base_model.model.get_submodule(path)
