@@ -113,17 +113,23 @@ def test_dropout_equals_reference_with_the_same_mask(device, dtype, p, lead, in_
     check_against_reference(inputs, scaling=2.0, dtype=dtype, mask=mask, p=p, seed=seed)
 
 
-# Every tile of the float32 backward's masked kernels: ranks of 8, 4 and 1 (r = 1, 5, 13, 21), two,
-# one and partial packs of columns (in = 47, 70), blocks of 8 rows and single-row tails (N = 300).
+# Every register tile of the CPU rank-r kernels at every level: with dropout the float32 backward's
+# masked kernels (AVX-512: ranks of 8, 4 and 1), and with or without it the shrink and expand tiles of
+# pyfastpeft/rank_r_cpu.h: r = 1, 5, 13, 21 (one and two vectors of ranks, padded), widths of whole tiles,
+# single vectors and scalar tails (in = 47, 70; out = 19), and N = 301 rows (tiles of 8, 6 and 3 rows,
+# each with a tail).
+@pytest.mark.parametrize("p", [0.0, 0.2])
 @pytest.mark.parametrize("r", [1, 5, 13, 21])
 @pytest.mark.parametrize("in_f", [47, 70])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_dropout_rank_and_width_tails(dtype, in_f, r):
+def test_rank_and_width_tails(dtype, in_f, r, p):
     seed = 99
-    inputs = make_inputs((300,), in_f, 19, r, dtype, "cpu", seed=r)
-    ones = torch.ones(inputs["x"].shape, dtype=dtype)
-    mask = (pyfastpeft.ops.philox_dropout(ones, 0.2, seed=seed) != 0).to(dtype)
-    check_against_reference(inputs, scaling=1.5, dtype=dtype, mask=mask, p=0.2, seed=seed)
+    inputs = make_inputs((301,), in_f, 19, r, dtype, "cpu", seed=r)
+    mask = None
+    if p > 0:
+        ones = torch.ones(inputs["x"].shape, dtype=dtype)
+        mask = (pyfastpeft.ops.philox_dropout(ones, p, seed=seed) != 0).to(dtype)
+    check_against_reference(inputs, scaling=1.5, dtype=dtype, mask=mask, p=p, seed=seed if p else None)
 
 
 @settings(max_examples=60, deadline=None)

@@ -5,11 +5,15 @@
 //   shrink  xa[n, j] = s · Σ_c x[n, c] · At[c, j]                  At [in, r]: A [r, in] transposed (pack_At)
 //   expand  y[n, o]  = (y or b)[o] + s · Σ_j xa[n, j] · Bt[j, o]  Bt [r, out]: B [out, r] transposed
 // Each keeps a tile of accumulators in registers over the whole reduction and broadcasts the scalar
-// operand against 64-byte packs of the other, so every pack is loaded once per tile. The packed copies
+// operand against vectors of the other, so every vector is loaded once per tile. The packed copies
 // cost r·in or r·out element moves per adapter (none when the caller stores them so). Rank-r products
 // through the BLAS run well below its square-GEMM rate and each call pays the dispatcher and a few
 // tensor views; with 32 adapters of 64 tokens those were most of the overhead.
-// Written on GCC/Clang vector extensions (64-byte packs: one AVX-512 register, two AVX2 ones).
+// Written on GCC/Clang vector extensions of the level's register width (one AVX-512, AVX2 or SSE2
+// register per vector: a wider vector type than the hardware's is lowered through memory, which ran the
+// AVX2 copy at 8 GFLOPS). The tile sizes follow the level's register file: a tile's accumulators plus
+// the loaded vectors and the broadcast must fit in it. The packed Aᵀ rounds the rank up to 64 bytes,
+// a whole number of vectors at every level.
 #pragma once
 #ifndef CPU_CAPABILITY
 #error "kernel header: include it only from a *_kernels_cpu.cpp, which is compiled once per CPU level"
@@ -20,47 +24,20 @@
 namespace pyfastpeft::rank_r {
 inline namespace CPU_CAPABILITY {  // one copy per CPU level (pyfastpeft/cpu_dispatch.h)
 
-typedef float f32x16 __attribute__((vector_size(64)));
-typedef double f64x8 __attribute__((vector_size(64)));
-typedef float f32x8 __attribute__((vector_size(32)));
-typedef float f32x4 __attribute__((vector_size(16)));
-typedef double f64x4 __attribute__((vector_size(32)));
-typedef double f64x2 __attribute__((vector_size(16)));
+// Vector width, and register tiles: expand kExpandRows rows × kExpandVecs vectors of outputs, shrink
+// kShrinkRows rows × kShrinkVecs vectors of ranks (AVX-512 runs 4 rows × 2 vectors, then 8 × 1).
+#if defined(CPU_CAPABILITY_AVX512)
+inline constexpr int kVecBytes = 64, kExpandRows = 8, kExpandVecs = 2, kShrinkRows = 8, kShrinkVecs = 1;
+#elif defined(CPU_CAPABILITY_AVX2)
+inline constexpr int kVecBytes = 32, kExpandRows = 6, kExpandVecs = 2, kShrinkRows = 6, kShrinkVecs = 2;
+#else
+inline constexpr int kVecBytes = 16, kExpandRows = 3, kExpandVecs = 4, kShrinkRows = 3, kShrinkVecs = 4;
+#endif
 
 template <typename T>
-struct Pack;
-template <>
-struct Pack<float> {
-  using type = f32x16;
-  static constexpr int64_t lanes = 16;
-  // Sum of the lanes as halving adds (one extract + add per level, not 15 serial scalar adds).
-  static float sum(f32x16 v) {
-    f32x8 a, b;
-    std::memcpy(&a, &v, 32);
-    std::memcpy(&b, reinterpret_cast<const char*>(&v) + 32, 32);
-    a += b;
-    f32x4 c, d;
-    std::memcpy(&c, &a, 16);
-    std::memcpy(&d, reinterpret_cast<const char*>(&a) + 16, 16);
-    c += d;
-    return (c[0] + c[2]) + (c[1] + c[3]);
-  }
-};
-template <>
-struct Pack<double> {
-  using type = f64x8;
-  static constexpr int64_t lanes = 8;
-  static double sum(f64x8 v) {
-    f64x4 a, b;
-    std::memcpy(&a, &v, 32);
-    std::memcpy(&b, reinterpret_cast<const char*>(&v) + 32, 32);
-    a += b;
-    f64x2 c, d;
-    std::memcpy(&c, &a, 16);
-    std::memcpy(&d, reinterpret_cast<const char*>(&a) + 16, 16);
-    c += d;
-    return c[0] + c[1];
-  }
+struct Pack {
+  typedef T type __attribute__((vector_size(kVecBytes)));
+  static constexpr int64_t lanes = kVecBytes / sizeof(T);
 };
 
 template <typename T>
@@ -104,7 +81,7 @@ void transpose(const T* src, int64_t rows, int64_t cols, T* dst, int64_t ld_dst)
 // Columns of the packed Aᵀ: the rank rounded up to whole packs.
 template <typename T>
 inline int64_t padded_rank(int64_t rank) {
-  constexpr int64_t W = Pack<T>::lanes;
+  constexpr int64_t W = 64 / sizeof(T);
   return (rank + W - 1) / W * W;
 }
 
@@ -152,17 +129,21 @@ void shrink(const T* x, int64_t ldx, const int64_t* rows, int64_t n_rows, const 
             int64_t rank, T scale = T(1)) {
   constexpr int64_t W = Pack<T>::lanes;
   const int64_t rp = padded_rank<T>(rank);
+  constexpr int MR = kShrinkRows, NV = kShrinkVecs;
   int64_t i = 0;
-  for (; i + 8 <= n_rows; i += 8) {  // 8 accumulators: 8 rows × one pack, or 4 rows × two packs
+  for (; i + MR <= n_rows; i += MR) {
     int64_t j = 0;
+#if defined(CPU_CAPABILITY_AVX512)
     for (; j + 2 * W <= rp; j += 2 * W) {
-      shrink_block<T, 4, 2>(x, ldx, rows + i, At, rp, j, cols, xa, rank, scale);
-      shrink_block<T, 4, 2>(x, ldx, rows + i + 4, At, rp, j, cols, xa, rank, scale);
+      shrink_block<T, MR / 2, 2>(x, ldx, rows + i, At, rp, j, cols, xa, rank, scale);
+      shrink_block<T, MR / 2, 2>(x, ldx, rows + i + MR / 2, At, rp, j, cols, xa, rank, scale);
     }
-    if (j < rp) shrink_block<T, 8, 1>(x, ldx, rows + i, At, rp, j, cols, xa, rank, scale);
+#endif
+    for (; j + NV * W <= rp; j += NV * W) shrink_block<T, MR, NV>(x, ldx, rows + i, At, rp, j, cols, xa, rank, scale);
+    for (; j < rank; j += W) shrink_block<T, MR, 1>(x, ldx, rows + i, At, rp, j, cols, xa, rank, scale);
   }
   for (; i < n_rows; ++i) {
-    for (int64_t j = 0; j < rp; j += W) shrink_block<T, 1, 1>(x, ldx, rows + i, At, rp, j, cols, xa, rank, scale);
+    for (int64_t j = 0; j < rank; j += W) shrink_block<T, 1, 1>(x, ldx, rows + i, At, rp, j, cols, xa, rank, scale);
   }
 }
 
@@ -194,9 +175,10 @@ template <typename T, int MR>
 inline void expand_rows(const T* xa, int64_t rank, const int64_t* rows, const T* Bt, int64_t out_cols, const T* bias,
                         T s, bool accumulate, T* y) {
   constexpr int64_t W = Pack<T>::lanes;
+  constexpr int NV = kExpandVecs;
   int64_t o = 0;
-  for (; o + 2 * W <= out_cols; o += 2 * W) {
-    expand_block<T, MR, 2>(xa, rank, rows, Bt, out_cols, o, bias, s, accumulate, y);
+  for (; o + NV * W <= out_cols; o += NV * W) {
+    expand_block<T, MR, NV>(xa, rank, rows, Bt, out_cols, o, bias, s, accumulate, y);
   }
   for (; o + W <= out_cols; o += W) expand_block<T, MR, 1>(xa, rank, rows, Bt, out_cols, o, bias, s, accumulate, y);
   for (; o < out_cols; ++o) {
@@ -214,9 +196,10 @@ inline void expand_rows(const T* xa, int64_t rank, const int64_t* rows, const T*
 template <typename T>
 void expand(const T* xa, int64_t rank, const int64_t* rows, int64_t n_rows, const T* Bt, int64_t out_cols,
             const T* bias, T s, T* y, bool accumulate = false) {
-  // 8 rows × 2 packs: 16 accumulators, each Bᵀ pack loaded once per 8 rows.
+  // kExpandRows rows × kExpandVecs vectors of accumulators, each Bᵀ vector loaded once per tile of rows.
+  constexpr int MR = kExpandRows;
   int64_t i = 0;
-  for (; i + 8 <= n_rows; i += 8) expand_rows<T, 8>(xa, rank, rows + i, Bt, out_cols, bias, s, accumulate, y);
+  for (; i + MR <= n_rows; i += MR) expand_rows<T, MR>(xa, rank, rows + i, Bt, out_cols, bias, s, accumulate, y);
   for (; i < n_rows; ++i) expand_rows<T, 1>(xa, rank, rows + i, Bt, out_cols, bias, s, accumulate, y);
 }
 

@@ -16,7 +16,8 @@ typedef struct CUstream_st* cudaStream_t;
 
 namespace pyfastpeft {
 
-// xa[n, j] = Σ_k drop(x)[n, k] · A[j, k], accumulated in float32 (float64 for float64 inputs).
+// xa[n, j] = Σ_k drop(x)[n, k] · A[j, k], accumulated in float32 (float64 for float64 inputs); p = 0
+// is no dropout (float32 and float64 only: the 16-bit types without dropout go to the BLAS).
 struct LoraShrinkParams {
   const void* x;  // [n_rows, in], contiguous
   const void* A;  // [r, in], contiguous
@@ -25,6 +26,21 @@ struct LoraShrinkParams {
   float p;
   double scale;
   const int64_t* rng_state;  // nullptr when p == 0
+  DType dtype;
+};
+
+// y[n, :] = (accumulate ? y[n, :] : bias) + s·u[n, :]·V with V [r, cols] row-major (Bᵀ for the forward's
+// expand, A as it is for the backward's u·A), float32 and float64 only. The rank-r products with the
+// long dimension as output: the BLAS ran these well below its rate (and slower on two threads than on
+// one at [512, 16]·[16, 1536]), so they run in pyfastpeft/rank_r_cpu.h's register tiles.
+struct LoraExpandParams {
+  const void* u;     // [n_rows, r]
+  const void* V;     // [r, cols]
+  const void* bias;  // [cols] or nullptr
+  void* y;           // [n_rows, cols]
+  int64_t n_rows, rank, cols;
+  double scale;
+  bool accumulate;
   DType dtype;
 };
 

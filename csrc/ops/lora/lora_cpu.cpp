@@ -15,15 +15,34 @@
 namespace pyfastpeft {
 namespace {
 
+// float32 and float64 run the rank-r products in our register-tiled kernels; the 16-bit types (which
+// the kernels would have to widen) take the BLAS, except for the fused dropout shrink.
+inline bool tiled(const at::Tensor& t) {
+  return t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble;
+}
+
 struct CpuBackend {
   static at::Tensor shrink(const at::Tensor& x2, const at::Tensor& lora_A, double p, const int64_t* rng) {
-    if (p == 0) return at::mm(x2, lora_A.t());
+    if (p == 0 && !tiled(x2)) return at::mm(x2, lora_A.t());
     const at::Tensor xc = x2.contiguous(), Ac = lora_A.contiguous();
     at::Tensor xa = at::empty({xc.size(0), Ac.size(0)}, xc.options());
-    lora_cpu_kernels().shrink_dropout(LoraShrinkParams{xc.const_data_ptr(), Ac.const_data_ptr(), xa.mutable_data_ptr(),
-                                            xc.size(0), xc.size(1), Ac.size(0), static_cast<float>(p),
-                                            1.0 / (1.0 - p), rng, to_dtype(xc.scalar_type())});
+    lora_cpu_kernels().shrink(LoraShrinkParams{xc.const_data_ptr(), Ac.const_data_ptr(), xa.mutable_data_ptr(),
+                                               xc.size(0), xc.size(1), Ac.size(0), static_cast<float>(p),
+                                               p > 0 ? 1.0 / (1.0 - p) : 1.0, p > 0 ? rng : nullptr,
+                                               to_dtype(xc.scalar_type())});
     return xa;
+  }
+
+  // y = b + s·u·V with V [r, cols]: for the forward V = Bᵀ (copied to rows once: r·out elements).
+  static void expand(at::Tensor& y, const at::Tensor& u, const at::Tensor& V, const std::optional<at::Tensor>& bias,
+                     double s) {
+    if (!tiled(y)) return lora::expand_blas(y, u, V, bias, s);
+    const at::Tensor uc = u.contiguous(), Vc = V.contiguous();
+    const at::Tensor bc = bias ? bias->contiguous() : at::Tensor();
+    lora_cpu_kernels().expand(LoraExpandParams{uc.const_data_ptr(), Vc.const_data_ptr(),
+                                               bias ? bc.const_data_ptr() : nullptr, y.mutable_data_ptr(),
+                                               uc.size(0), uc.size(1), Vc.size(1), s, false,
+                                               to_dtype(y.scalar_type())});
   }
 
   static std::pair<at::Tensor, at::Tensor> dropout_grads(const at::Tensor& x2, const at::Tensor& u,

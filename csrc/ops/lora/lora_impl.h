@@ -1,8 +1,11 @@
-// The LoRA linear's composition, shared by the CPU and CUDA registrations: the large frozen product
-// and the rank-r products go to the BLAS through ATen (MKL / cuBLAS), the expand is accumulated into y
-// in place, and the Philox dropout runs in our kernels. `Backend` supplies the device-specific pieces:
+// The LoRA linear's composition, shared by the CPU and CUDA registrations: the large frozen product goes
+// to the BLAS through ATen (MKL / cuBLAS) and accumulates into y in place; `Backend` supplies the rank-r
+// products and the Philox dropout:
 //   static at::Tensor shrink(const at::Tensor& x2, const at::Tensor& A, double p, const int64_t* rng);
+//   static void expand(at::Tensor& y, const at::Tensor& u, const at::Tensor& V, const std::optional<at::Tensor>& b,
+//                      double s);                        // y = b + s·u·V (V [r, cols], any strides)
 //   static std::pair<at::Tensor, at::Tensor> dropout_grads(x2, u, A, p, rng, need_dx, need_dA);
+// The CPU runs the rank-r products in its own register-tiled kernels, CUDA on cuBLAS (expand_blas).
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
@@ -49,6 +52,16 @@ inline std::vector<int64_t> with_last(at::IntArrayRef sizes, int64_t last) {
   return out;
 }
 
+// y = b + s·u·V through the BLAS (y's contents are ignored when there is no bias).
+inline void expand_blas(at::Tensor& y, const at::Tensor& u, const at::Tensor& V, const std::optional<at::Tensor>& bias,
+                        double s) {
+  if (bias) {
+    at::addmm_out(y, *bias, u, V, 1, s);
+  } else {
+    at::addmm_out(y, y, u, V, 0, s);
+  }
+}
+
 template <class Backend>
 std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x, const at::Tensor& weight,
                                            const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
@@ -61,11 +74,7 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x, const at::Tensor
                                         dropout_p > 0 ? rng_state->const_data_ptr<int64_t>() : nullptr);
   // y = b + s·xa·Bᵀ (rank-r, cheap) first, then the frozen product accumulates into it (beta = 1).
   at::Tensor y = at::empty({x2.size(0), out_features}, x.options());
-  if (bias) {
-    at::addmm_out(y, *bias, xa, lora_B.t(), 1, scaling);
-  } else {
-    at::addmm_out(y, y, xa, lora_B.t(), 0, scaling);
-  }
+  Backend::expand(y, xa, lora_B.t(), bias, scaling);
   y.addmm_(x2, weight.t());
   return {y.view(with_last(x.sizes(), out_features)), xa};
 }
@@ -112,7 +121,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     if (!need_dx) dx = none();
     if (!need_dA) dA = none();
   } else {
-    if (need_dx) dx = at::mm(u, lora_A);
+    if (need_dx) {
+      dx = at::empty({n_rows, lora_A.size(1)}, x.options());
+      Backend::expand(dx, u, lora_A, std::nullopt, 1.0);
+    }
     if (need_dA) dA = at::mm(u.t(), x2);
   }
   if (need_dx) {

@@ -1,21 +1,27 @@
 // CPU kernels of the LoRA family, compiled once per capability level (see pyfastpeft/cpu_dispatch.h).
 //
-// The frozen product and (without dropout) the rank-r products run on MKL through ATen. With dropout,
-// the rank-r work is fused with the mask so that neither the mask nor drop(x) is ever written to memory:
-// each block's mask is drawn into a cache-resident buffer and consumed there; in the float32 backward
-// (AVX-512) the mask is applied as bits by masked loads and stores inside our own rank-r kernels.
+// The frozen product runs on MKL through ATen; the rank-r products with the long dimension as output
+// (shrink x·Aᵀ, expand xa·Bᵀ and u·A) run in pyfastpeft/rank_r_cpu.h's register tiles, where the BLAS
+// ran well below its rate. With dropout, the rank-r work is fused with the mask so that neither the
+// mask nor drop(x) is ever written to memory: each block's mask is drawn into a cache-resident buffer
+// and consumed there; in the float32 backward (AVX-512) the mask is applied as bits by masked loads and
+// stores inside our own rank-r kernels.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/mm.h>
+#include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <numeric>
+#include <type_traits>
 #include <vector>
 
 #include "lora.h"
 #include "lora_kernels_cpu.h"
 #include "pyfastpeft/dispatch.h"
 #include "pyfastpeft/philox_cpu.h"
+#include "pyfastpeft/rank_r_cpu.h"
 
 namespace pyfastpeft::CPU_CAPABILITY {
 namespace {
@@ -88,28 +94,72 @@ inline int64_t num_parts(int64_t n_rows) {
   return std::max<int64_t>(1, std::min<int64_t>(kMaxParts, n_rows / kMinRowsPerPart));
 }
 
-// xa = drop(x)·Aᵀ: each block of rows is masked into a cache-resident buffer and multiplied there.
+// 0, 1, ..., n - 1: the row list of rank_r's kernels over a contiguous block.
+inline std::vector<int64_t> iota(int64_t n) {
+  std::vector<int64_t> rows(n);
+  std::iota(rows.begin(), rows.end(), int64_t{0});
+  return rows;
+}
+
+// xa = drop(x)·Aᵀ (p = 0: x·Aᵀ): each block of rows is masked (or converted to the accumulation type)
+// into a cache-resident buffer and multiplied there by the packed Aᵀ in register tiles.
 template <typename T>
-void lora_shrink_dropout_kernel(const LoraShrinkParams& p) {
+void lora_shrink_kernel(const LoraShrinkParams& p) {
   using acc_t = acc_type<T>;
   const int64_t in = p.in_features, rank = p.rank, n_rows = p.n_rows;
-  const MaskStream<acc_t> mask(p.rng_state, p.p, p.scale);
+  const bool drop = p.p > 0;
+  constexpr bool kSameType = std::is_same_v<T, acc_t>;
+  TORCH_CHECK(drop || kSameType, "lora shrink: a 16-bit type without dropout goes to the BLAS");
+  constexpr int64_t kNoState[2] = {0, 0};
+  const MaskStream<acc_t> mask(drop ? p.rng_state : kNoState, p.p, p.scale);
   std::vector<acc_t> a_storage;
-  const at::Tensor A_t = wrap(const_cast<acc_t*>(as_acc(static_cast<const T*>(p.A), rank * in, a_storage)),
-                              {rank, in}).t();
+  const acc_t* A = as_acc(static_cast<const T*>(p.A), rank * in, a_storage);
+  std::vector<acc_t> At(in * rank_r::padded_rank<acc_t>(rank));
+  rank_r::pack_At(A, rank, in, At.data());
+  const int64_t block = row_block(in);
+  const std::vector<int64_t> rows_of_block = iota(block);
   const T* x = static_cast<const T*>(p.x);
   T* xa = static_cast<T*>(p.xa);
   for_each_part(n_rows, num_parts(n_rows), [&](int64_t, int64_t row_begin, int64_t row_end) {
-    const int64_t block = row_block(in);
-    std::vector<acc_t> xd(block * in), out(block * rank);
+    std::vector<acc_t> xd(drop ? block * in : 0), out(std::is_same_v<T, acc_t> ? 0 : block * rank);
     for (int64_t n0 = row_begin; n0 < row_end; n0 += block) {
       const int64_t rows = std::min<int64_t>(block, row_end - n0);
-      mask.mul_row(n0 * in, rows * in, x + n0 * in, xd.data());
-      at::Tensor out_t = wrap(out.data(), {rows, rank});
-      at::mm_out(out_t, wrap(xd.data(), {rows, in}), A_t);
-      for (int64_t i = 0; i < rows * rank; ++i) xa[n0 * rank + i] = static_cast<T>(out[i]);
+      const acc_t* src;
+      if (drop) {
+        mask.mul_row(n0 * in, rows * in, x + n0 * in, xd.data());
+        src = xd.data();
+      } else {
+        src = reinterpret_cast<const acc_t*>(x + n0 * in);  // T == acc_t (checked above)
+      }
+      if constexpr (std::is_same_v<T, acc_t>) {
+        rank_r::shrink<acc_t>(src, in, rows_of_block.data(), rows, At.data(), in, xa + n0 * rank, rank, acc_t(1));
+      } else {
+        rank_r::shrink<acc_t>(src, in, rows_of_block.data(), rows, At.data(), in, out.data(), rank, acc_t(1));
+        for (int64_t i = 0; i < rows * rank; ++i) xa[n0 * rank + i] = static_cast<T>(out[i]);
+      }
     }
   });
+}
+
+// y = (accumulate ? y : bias) + s·u·V over row chunks, one register-tiled pass per chunk.
+template <typename T>
+void lora_expand_kernel(const LoraExpandParams& p) {
+  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
+    const T* u = static_cast<const T*>(p.u);
+    const T* V = static_cast<const T*>(p.V);
+    const T* bias = static_cast<const T*>(p.bias);
+    T* y = static_cast<T*>(p.y);
+    // chunks of at least 16K outputs (and whole tiles), so a thread's start-up is paid on real work
+    const int64_t grain = std::max<int64_t>(rank_r::kExpandRows, 16384 / std::max<int64_t>(p.cols, 1));
+    at::parallel_for(0, p.n_rows, grain, [&](int64_t begin, int64_t end) {
+      std::vector<int64_t> rows(end - begin);
+      std::iota(rows.begin(), rows.end(), begin);
+      rank_r::expand<T>(u, p.rank, rows.data(), end - begin, V, p.cols, bias, static_cast<T>(p.scale), y,
+                        p.accumulate);
+    });
+  } else {
+    TORCH_CHECK(false, "lora expand: float32 and float64 only (the 16-bit types go to the BLAS)");
+  }
 }
 
 #if defined(__AVX512F__)
@@ -243,6 +293,7 @@ void lora_dropout_backward_kernel(const LoraDropoutBackwardParams& p) {
   const T* u = static_cast<const T*>(p.u);
   T* dx = static_cast<T*>(p.dx);
   const int64_t n_parts = num_parts(n_rows);
+  const std::vector<int64_t> rows_of_block = iota(row_block(in));
   std::vector<std::vector<acc_t>> partial(p.dA != nullptr ? n_parts : 0);
   for_each_part(n_rows, n_parts, [&](int64_t part, int64_t row_begin, int64_t row_end) {
     const int64_t block = row_block(in);
@@ -288,7 +339,8 @@ void lora_dropout_backward_kernel(const LoraDropoutBackwardParams& p) {
         dA_part.addmm_(u_blk.t(), buf_blk);
       }
       if (dx != nullptr) {
-        at::mm_out(const_cast<at::Tensor&>(buf_blk), u_blk, A);
+        rank_r::expand<acc_t>(ub.data(), rank, rows_of_block.data(), rows, A.const_data_ptr<acc_t>(), in, nullptr,
+                              acc_t(1), buf.data(), false);
         for (int64_t i = 0; i < rows * in; ++i) dxb[i] = static_cast<T>(buf[i] * keep[i]);
       }
     }
@@ -307,7 +359,11 @@ void lora_dropout_backward_kernel(const LoraDropoutBackwardParams& p) {
 
 template <typename T>
 struct Shrink {
-  static void run(const LoraShrinkParams& p) { lora_shrink_dropout_kernel<T>(p); }
+  static void run(const LoraShrinkParams& p) { lora_shrink_kernel<T>(p); }
+};
+template <typename T>
+struct Expand {
+  static void run(const LoraExpandParams& p) { lora_expand_kernel<T>(p); }
 };
 template <typename T>
 struct DropoutBackward {
@@ -318,6 +374,7 @@ struct DropoutBackward {
 
 constinit const LoraCpuKernels lora_cpu_kernels{
     &dispatch_dtype<Shrink, LoraShrinkParams>,
+    &dispatch_dtype<Expand, LoraExpandParams>,
     &dispatch_dtype<DropoutBackward, LoraDropoutBackwardParams>,
 };
 

@@ -6,7 +6,8 @@
 namespace pyfastpeft {
 
 struct LoraCpuKernels {
-  void (*shrink_dropout)(const LoraShrinkParams&);  // p > 0
+  void (*shrink)(const LoraShrinkParams&);
+  void (*expand)(const LoraExpandParams&);
   void (*dropout_backward)(const LoraDropoutBackwardParams&);
 };
 PFP_DECLARE_CPU_KERNELS(LoraCpuKernels, lora_cpu_kernels)

@@ -9,7 +9,7 @@ namespace {
 
 template <typename T>
 constexpr RankROps<T> ops() {
-  static_assert(rank_r::Pack<T>::lanes * sizeof(T) == 64, "RankROps::padded_rank assumes 64-byte packs");
+  static_assert(64 % (rank_r::Pack<T>::lanes * sizeof(T)) == 0, "RankROps::padded_rank pads to 64 bytes");
   return {&rank_r::transpose<T>, &rank_r::pack_At<T>, &rank_r::shrink<T>, &rank_r::expand<T>};
 }
 
