@@ -44,6 +44,28 @@ struct LoraExpandParams {
   DType dtype;
 };
 
+// C = s·Uᵀ·X [rank, cols], or its transpose [cols, rank] when `transposed` (dB = s·dyᵀ·xa), float32 and
+// float64 only: the weight gradients' reduction over tokens, split between threads by columns.
+struct LoraOuterParams {
+  const void* U;  // [n_rows, r]
+  const void* X;  // [n_rows, cols]
+  void* C;        // [r, cols], or [cols, r] when transposed
+  int64_t n_rows, rank, cols;
+  double scale;
+  bool transposed;
+  DType dtype;
+};
+
+// y = s·x·M with M [cols, r] row-major (u = s·dy·B), float32 and float64 only.
+struct LoraProjectParams {
+  const void* x;  // [n_rows, cols]
+  const void* M;  // [cols, r]
+  void* y;        // [n_rows, r]
+  int64_t n_rows, cols, rank;
+  double scale;
+  DType dtype;
+};
+
 // With u = s·dy·B: dx = drop'(u·A) and dA = uᵀ·drop(x), sharing one draw of the mask.
 // dx or dA may be nullptr when that gradient is not needed.
 struct LoraDropoutBackwardParams {

@@ -45,6 +45,26 @@ struct CpuBackend {
                                                to_dtype(y.scalar_type())});
   }
 
+  // C = s·Uᵀ·X [r, cols]; C contiguous, or the transposed view of a contiguous [cols, r] (dB).
+  static void outer(at::Tensor& C, const at::Tensor& U, const at::Tensor& X, double s) {
+    if (!tiled(C)) return lora::outer_blas(C, U, X, s);
+    const bool transposed = !C.is_contiguous();
+    TORCH_INTERNAL_ASSERT(!transposed || C.t().is_contiguous());
+    const at::Tensor Uc = U.contiguous(), Xc = X.contiguous();
+    lora_cpu_kernels().outer(LoraOuterParams{Uc.const_data_ptr(), Xc.const_data_ptr(), C.mutable_data_ptr(),
+                                             Xc.size(0), Uc.size(1), Xc.size(1), s, transposed,
+                                             to_dtype(C.scalar_type())});
+  }
+
+  // y = s·x·M, M [cols, r] (u = s·dy·B).
+  static void project(at::Tensor& y, const at::Tensor& x, const at::Tensor& M, double s) {
+    if (!tiled(y)) return lora::project_blas(y, x, M, s);
+    const at::Tensor xc = x.contiguous(), Mc = M.contiguous();
+    lora_cpu_kernels().project(LoraProjectParams{xc.const_data_ptr(), Mc.const_data_ptr(), y.mutable_data_ptr(),
+                                                 xc.size(0), xc.size(1), Mc.size(1), s,
+                                                 to_dtype(y.scalar_type())});
+  }
+
   static std::pair<at::Tensor, at::Tensor> dropout_grads(const at::Tensor& x2, const at::Tensor& u,
                                                          const at::Tensor& lora_A, double p, const int64_t* rng,
                                                          bool need_dx, bool need_dA) {

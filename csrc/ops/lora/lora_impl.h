@@ -4,8 +4,11 @@
 //   static at::Tensor shrink(const at::Tensor& x2, const at::Tensor& A, double p, const int64_t* rng);
 //   static void expand(at::Tensor& y, const at::Tensor& u, const at::Tensor& V, const std::optional<at::Tensor>& b,
 //                      double s);                        // y = b + s·u·V (V [r, cols], any strides)
+//   static void outer(at::Tensor& C, const at::Tensor& U, const at::Tensor& X, double s);  // C = s·Uᵀ·X
+//   static void project(at::Tensor& y, const at::Tensor& x, const at::Tensor& M, double s); // y = s·x·M
 //   static std::pair<at::Tensor, at::Tensor> dropout_grads(x2, u, A, p, rng, need_dx, need_dA);
-// The CPU runs the rank-r products in its own register-tiled kernels, CUDA on cuBLAS (expand_blas).
+// (C and y contiguous; C may be a transposed view of a contiguous tensor.) The CPU runs the rank-r
+// products in its own register-tiled kernels, CUDA on cuBLAS (the *_blas functions below).
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
@@ -62,6 +65,14 @@ inline void expand_blas(at::Tensor& y, const at::Tensor& u, const at::Tensor& V,
   }
 }
 
+inline void outer_blas(at::Tensor& C, const at::Tensor& U, const at::Tensor& X, double s) {
+  at::addmm_out(C, C, U.t(), X, 0, s);
+}
+
+inline void project_blas(at::Tensor& y, const at::Tensor& x, const at::Tensor& M, double s) {
+  at::addmm_out(y, y, x, M, 0, s);
+}
+
 template <class Backend>
 std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x, const at::Tensor& weight,
                                            const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
@@ -103,17 +114,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
 
   at::Tensor dB = none(), dW = none(), db = none(), dA = none(), dx = none();
   if (need_dB) {
-    // as (xaᵀ·dy)ᵀ: BLAS streams dy far faster with the long dimension as the reduction of a [r, N] row
-    at::Tensor dB_t = at::empty({rank, out_features}, x.options());
-    at::addmm_out(dB_t, dB_t, xa.t(), g2, 0, scaling);
-    dB = dB_t.t().contiguous();
+    dB = at::empty({out_features, rank}, x.options());
+    at::Tensor dB_t = dB.t();  // s·xaᵀ·dy [r, out], written through the transposed view
+    Backend::outer(dB_t, xa, g2, scaling);
   }
   if (need_db) db = g2.sum(0);
   if (need_dW) dW = at::mm(g2.t(), x2);
   if (!need_dx && !need_dA) return {dx, dW, db, dA, dB};
 
   at::Tensor u = at::empty({n_rows, rank}, x.options());
-  at::addmm_out(u, u, g2, lora_B, 0, scaling);
+  Backend::project(u, g2, lora_B, scaling);
   if (dropout_p > 0) {
     // the LoRA part of dx, drop'(u·A), and dA = uᵀ·drop(x), with one regeneration of the mask
     std::tie(dx, dA) = Backend::dropout_grads(x2, u, lora_A, dropout_p, rng_state->const_data_ptr<int64_t>(),
@@ -125,7 +135,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
       dx = at::empty({n_rows, lora_A.size(1)}, x.options());
       Backend::expand(dx, u, lora_A, std::nullopt, 1.0);
     }
-    if (need_dA) dA = at::mm(u.t(), x2);
+    if (need_dA) {
+      dA = at::empty({rank, x2.size(1)}, x.options());
+      Backend::outer(dA, u, x2, 1.0);
+    }
   }
   if (need_dx) {
     dx.addmm_(g2, weight);

@@ -1,15 +1,13 @@
 // CPU kernels of the LoRA family, compiled once per capability level (see pyfastpeft/cpu_dispatch.h).
 //
-// The frozen product runs on MKL through ATen; the rank-r products with the long dimension as output
-// (shrink x·Aᵀ, expand xa·Bᵀ and u·A) run in pyfastpeft/rank_r_cpu.h's register tiles, where the BLAS
-// ran well below its rate. With dropout, the rank-r work is fused with the mask so that neither the
+// The frozen product runs on MKL through ATen; the rank-r products (shrink x·Aᵀ and dy·B, expand xa·Bᵀ
+// and u·A, and the weight gradients' outer products) run in pyfastpeft/rank_r_cpu.h's register tiles,
+// where the BLAS ran well below its rate on these thin shapes. With dropout, the rank-r work is fused with the mask so that neither the
 // mask nor drop(x) is ever written to memory: each block's mask is drawn into a cache-resident buffer
 // and consumed there; in the float32 backward (AVX-512) the mask is applied as bits by masked loads and
 // stores inside our own rank-r kernels.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/from_blob.h>
-#include <ATen/ops/mm.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
@@ -72,11 +70,6 @@ const acc_t* as_acc(const T* src, int64_t n, std::vector<acc_t>& storage) {
 // (64 to 128 rows): fewer, larger BLAS calls measured faster than 64-row blocks at in = 512 and 1024.
 inline int64_t row_block(int64_t in_features) {
   return std::clamp<int64_t>(131072 / std::max<int64_t>(in_features, 1), 64, 128);
-}
-
-template <typename acc_t>
-at::Tensor wrap(acc_t* data, at::IntArrayRef sizes) {
-  return at::from_blob(data, sizes, at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value));
 }
 
 // Splits [0, n_rows) into one contiguous part per thread; fn(part, row_begin, row_end).
@@ -159,6 +152,57 @@ void lora_expand_kernel(const LoraExpandParams& p) {
     });
   } else {
     TORCH_CHECK(false, "lora expand: float32 and float64 only (the 16-bit types go to the BLAS)");
+  }
+}
+
+template <typename T>
+constexpr bool kTiled = std::is_same_v<T, float> || std::is_same_v<T, double>;
+
+// C = s·Uᵀ·X: each thread takes whole strips of columns (every column's sum over rows is the same
+// however the columns are split); transposed output through a [rank, cols] buffer.
+template <typename T>
+void lora_outer_kernel(const LoraOuterParams& p) {
+  if constexpr (kTiled<T>) {
+    const T* U = static_cast<const T*>(p.U);
+    const T* X = static_cast<const T*>(p.X);
+    std::vector<T> buffer(p.transposed ? p.rank * p.cols : 0);
+    T* C = p.transposed ? buffer.data() : static_cast<T*>(p.C);
+    const int64_t strip = rank_r::kOuterVecs * rank_r::Pack<T>::lanes;
+    const int64_t n_strips = (p.cols + strip - 1) / strip;
+    at::parallel_for(0, n_strips, std::max<int64_t>(1, 4096 / std::max<int64_t>(p.n_rows * strip, 1)),
+                     [&](int64_t begin, int64_t end) {
+                       rank_r::outer<T>(U, p.rank, X, p.cols, p.n_rows, begin * strip,
+                                        std::min(end * strip, p.cols), static_cast<T>(p.scale), C, p.cols);
+                     });
+    if (p.transposed) rank_r::transpose<T>(C, p.rank, p.cols, static_cast<T*>(p.C), p.rank);
+  } else {
+    TORCH_CHECK(false, "lora outer: float32 and float64 only (the 16-bit types go to the BLAS)");
+  }
+}
+
+// y = s·x·M, M [cols, r] read as the shrink's packed Aᵀ (copied with zero padding unless r is a whole
+// number of 64-byte packs).
+template <typename T>
+void lora_project_kernel(const LoraProjectParams& p) {
+  if constexpr (kTiled<T>) {
+    const int64_t rp = rank_r::padded_rank<T>(p.rank);
+    const T* M = static_cast<const T*>(p.M);
+    std::vector<T> padded;
+    if (rp != p.rank) {
+      padded.assign(p.cols * rp, T(0));
+      for (int64_t c = 0; c < p.cols; ++c) std::copy_n(M + c * p.rank, p.rank, padded.data() + c * rp);
+      M = padded.data();
+    }
+    const T* x = static_cast<const T*>(p.x);
+    T* y = static_cast<T*>(p.y);
+    const int64_t grain = std::max<int64_t>(rank_r::kShrinkRows, 16384 / std::max<int64_t>(p.cols, 1));
+    at::parallel_for(0, p.n_rows, grain, [&](int64_t begin, int64_t end) {
+      std::vector<int64_t> rows(end - begin);
+      std::iota(rows.begin(), rows.end(), begin);
+      rank_r::shrink<T>(x, p.cols, rows.data(), end - begin, M, p.cols, y, p.rank, static_cast<T>(p.scale));
+    });
+  } else {
+    TORCH_CHECK(false, "lora project: float32 and float64 only (the 16-bit types go to the BLAS)");
   }
 }
 
@@ -281,14 +325,14 @@ constexpr bool kMaskBits = false;
 // Block by block: the mask is drawn once, both products run on cache-resident blocks, and dA is
 // reduced from per-thread partial sums in a fixed order (independent of scheduling). float32 with
 // AVX-512 draws the mask as bits and applies it inside register-blocked kernels (masked:: above);
-// the other types draw float keep values, apply them to x and to u·A, and multiply through the BLAS.
+// the other types draw float keep values and apply them to x and to u·A around the rank-r kernels.
 template <typename T>
 void lora_dropout_backward_kernel(const LoraDropoutBackwardParams& p) {
   using acc_t = acc_type<T>;
   const int64_t in = p.in_features, rank = p.rank, n_rows = p.n_rows;
   const MaskStream<acc_t> mask(p.rng_state, p.p, p.scale);
   std::vector<acc_t> a_storage;
-  const at::Tensor A = wrap(const_cast<acc_t*>(as_acc(static_cast<const T*>(p.A), rank * in, a_storage)), {rank, in});
+  const acc_t* A = as_acc(static_cast<const T*>(p.A), rank * in, a_storage);
   const T* x = static_cast<const T*>(p.x);
   const T* u = static_cast<const T*>(p.u);
   T* dx = static_cast<T*>(p.dx);
@@ -303,11 +347,7 @@ void lora_dropout_backward_kernel(const LoraDropoutBackwardParams& p) {
       keep.resize(block * in);
       buf.resize(block * in);
     }
-    at::Tensor dA_part;
-    if (p.dA != nullptr) {
-      partial[part].assign(rank * in, acc_t(0));
-      dA_part = wrap(partial[part].data(), {rank, in});
-    }
+    if (p.dA != nullptr) partial[part].assign(rank * in, acc_t(0));
     for (int64_t n0 = row_begin; n0 < row_end; n0 += block) {
       const int64_t rows = std::min<int64_t>(block, row_end - n0);
       const T* xb = x + n0 * in;
@@ -326,20 +366,18 @@ void lora_dropout_backward_kernel(const LoraDropoutBackwardParams& p) {
           masked::outer(ub.data(), rank, bits.data(), bit0, xb, in, rows, mask.scale, partial[part].data());
         }
         if (dx != nullptr) {
-          masked::expand(ub.data(), rank, A.const_data_ptr<float>(), bits.data(), bit0, in, rows, mask.scale, dxb);
+          masked::expand(ub.data(), rank, A, bits.data(), bit0, in, rows, mask.scale, dxb);
         }
         continue;
       }
 #endif
-      const at::Tensor u_blk = wrap(ub.data(), {rows, rank});
-      const at::Tensor buf_blk = wrap(buf.data(), {rows, in});
       mask.row(n0 * in, rows * in, keep.data());
       if (p.dA != nullptr) {
         for (int64_t i = 0; i < rows * in; ++i) buf[i] = static_cast<acc_t>(xb[i]) * keep[i];
-        dA_part.addmm_(u_blk.t(), buf_blk);
+        rank_r::outer<acc_t>(ub.data(), rank, buf.data(), in, rows, 0, in, acc_t(1), partial[part].data(), in, true);
       }
       if (dx != nullptr) {
-        rank_r::expand<acc_t>(ub.data(), rank, rows_of_block.data(), rows, A.const_data_ptr<acc_t>(), in, nullptr,
+        rank_r::expand<acc_t>(ub.data(), rank, rows_of_block.data(), rows, A, in, nullptr,
                               acc_t(1), buf.data(), false);
         for (int64_t i = 0; i < rows * in; ++i) dxb[i] = static_cast<T>(buf[i] * keep[i]);
       }
@@ -366,6 +404,14 @@ struct Expand {
   static void run(const LoraExpandParams& p) { lora_expand_kernel<T>(p); }
 };
 template <typename T>
+struct Outer {
+  static void run(const LoraOuterParams& p) { lora_outer_kernel<T>(p); }
+};
+template <typename T>
+struct Project {
+  static void run(const LoraProjectParams& p) { lora_project_kernel<T>(p); }
+};
+template <typename T>
 struct DropoutBackward {
   static void run(const LoraDropoutBackwardParams& p) { lora_dropout_backward_kernel<T>(p); }
 };
@@ -375,6 +421,8 @@ struct DropoutBackward {
 constinit const LoraCpuKernels lora_cpu_kernels{
     &dispatch_dtype<Shrink, LoraShrinkParams>,
     &dispatch_dtype<Expand, LoraExpandParams>,
+    &dispatch_dtype<Outer, LoraOuterParams>,
+    &dispatch_dtype<Project, LoraProjectParams>,
     &dispatch_dtype<DropoutBackward, LoraDropoutBackwardParams>,
 };
 

@@ -8,6 +8,8 @@ namespace pyfastpeft {
 struct LoraCpuKernels {
   void (*shrink)(const LoraShrinkParams&);
   void (*expand)(const LoraExpandParams&);
+  void (*outer)(const LoraOuterParams&);
+  void (*project)(const LoraProjectParams&);
   void (*dropout_backward)(const LoraDropoutBackwardParams&);
 };
 PFP_DECLARE_CPU_KERNELS(LoraCpuKernels, lora_cpu_kernels)
