@@ -15,10 +15,11 @@
 namespace pyfastpeft {
 namespace {
 
-// float32 and float64 run the rank-r products in our register-tiled kernels; the 16-bit types (which
-// the kernels would have to widen) take the BLAS, except for the fused dropout shrink.
+// float32 and float64 run the rank-r products in our register-tiled kernels where the CPU level has
+// them (AVX2, AVX-512: see lora_kernels_cpu.cpp); the 16-bit types (which the kernels would have to
+// widen) take the BLAS, except for the fused dropout kernels.
 inline bool tiled(const at::Tensor& t) {
-  return t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble;
+  return lora_cpu_kernels().tiled && (t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble);
 }
 
 struct CpuBackend {

@@ -8,6 +8,8 @@
 // stores inside our own rank-r kernels.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/mm.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
@@ -87,6 +89,55 @@ inline int64_t num_parts(int64_t n_rows) {
   return std::max<int64_t>(1, std::min<int64_t>(kMaxParts, n_rows / kMinRowsPerPart));
 }
 
+// Whether this level runs the rank-r products in our register tiles. The baseline (SSE2) has no fused
+// multiply-add, so each of a tile's multiply-adds rounds twice: measured about twice the BLAS's error
+// (MKL picks FMA kernels at run time whatever our level), more than the tests allow against PEFT's
+// float32 outputs. The baseline keeps the BLAS; AVX2 and AVX-512 run the tiles.
+#if defined(CPU_CAPABILITY_DEFAULT)
+inline constexpr bool kTiles = false;
+#else
+inline constexpr bool kTiles = true;
+#endif
+
+template <typename acc_t>
+at::Tensor wrap(const acc_t* data, at::IntArrayRef sizes) {
+  return at::from_blob(const_cast<acc_t*>(data), sizes,
+                       at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value));
+}
+
+// The dropout kernels' per-block rank-r products, on `rows` contiguous rows (`row_list`: 0 .. rows - 1):
+//   out [rows, r] = src [rows, in]·Aᵀ       (At: A packed by rank_r::pack_At, used by the tiles)
+template <typename acc_t>
+void block_shrink(const acc_t* src, int64_t rows, int64_t in, const acc_t* A, const acc_t* At, int64_t rank,
+                  const int64_t* row_list, acc_t* out) {
+  if constexpr (kTiles) {
+    rank_r::shrink<acc_t>(src, in, row_list, rows, At, in, out, rank, acc_t(1));
+  } else {
+    at::Tensor out_t = wrap(out, {rows, rank});
+    at::mm_out(out_t, wrap(src, {rows, in}), wrap(A, {rank, in}).t());
+  }
+}
+//   out [rows, in] = u [rows, r]·A
+template <typename acc_t>
+void block_expand(const acc_t* u, int64_t rows, int64_t rank, const acc_t* A, int64_t in, const int64_t* row_list,
+                  acc_t* out) {
+  if constexpr (kTiles) {
+    rank_r::expand<acc_t>(u, rank, row_list, rows, A, in, nullptr, acc_t(1), out, false);
+  } else {
+    at::Tensor out_t = wrap(out, {rows, in});
+    at::mm_out(out_t, wrap(u, {rows, rank}), wrap(A, {rank, in}));
+  }
+}
+//   acc [r, in] += uᵀ·buf
+template <typename acc_t>
+void block_outer_add(const acc_t* u, int64_t rows, int64_t rank, const acc_t* buf, int64_t in, acc_t* acc) {
+  if constexpr (kTiles) {
+    rank_r::outer<acc_t>(u, rank, buf, in, rows, 0, in, acc_t(1), acc, in, true);
+  } else {
+    wrap(acc, {rank, in}).addmm_(wrap(u, {rows, rank}).t(), wrap(buf, {rows, in}));
+  }
+}
+
 // 0, 1, ..., n - 1: the row list of rank_r's kernels over a contiguous block.
 inline std::vector<int64_t> iota(int64_t n) {
   std::vector<int64_t> rows(n);
@@ -107,8 +158,8 @@ void lora_shrink_kernel(const LoraShrinkParams& p) {
   const MaskStream<acc_t> mask(drop ? p.rng_state : kNoState, p.p, p.scale);
   std::vector<acc_t> a_storage;
   const acc_t* A = as_acc(static_cast<const T*>(p.A), rank * in, a_storage);
-  std::vector<acc_t> At(in * rank_r::padded_rank<acc_t>(rank));
-  rank_r::pack_At(A, rank, in, At.data());
+  std::vector<acc_t> At(kTiles ? in * rank_r::padded_rank<acc_t>(rank) : 0);
+  if (kTiles) rank_r::pack_At(A, rank, in, At.data());
   const int64_t block = row_block(in);
   const std::vector<int64_t> rows_of_block = iota(block);
   const T* x = static_cast<const T*>(p.x);
@@ -125,9 +176,9 @@ void lora_shrink_kernel(const LoraShrinkParams& p) {
         src = reinterpret_cast<const acc_t*>(x + n0 * in);  // T == acc_t (checked above)
       }
       if constexpr (std::is_same_v<T, acc_t>) {
-        rank_r::shrink<acc_t>(src, in, rows_of_block.data(), rows, At.data(), in, xa + n0 * rank, rank, acc_t(1));
+        block_shrink(src, rows, in, A, At.data(), rank, rows_of_block.data(), xa + n0 * rank);
       } else {
-        rank_r::shrink<acc_t>(src, in, rows_of_block.data(), rows, At.data(), in, out.data(), rank, acc_t(1));
+        block_shrink(src, rows, in, A, At.data(), rank, rows_of_block.data(), out.data());
         for (int64_t i = 0; i < rows * rank; ++i) xa[n0 * rank + i] = static_cast<T>(out[i]);
       }
     }
@@ -374,11 +425,10 @@ void lora_dropout_backward_kernel(const LoraDropoutBackwardParams& p) {
       mask.row(n0 * in, rows * in, keep.data());
       if (p.dA != nullptr) {
         for (int64_t i = 0; i < rows * in; ++i) buf[i] = static_cast<acc_t>(xb[i]) * keep[i];
-        rank_r::outer<acc_t>(ub.data(), rank, buf.data(), in, rows, 0, in, acc_t(1), partial[part].data(), in, true);
+        block_outer_add(ub.data(), rows, rank, buf.data(), in, partial[part].data());
       }
       if (dx != nullptr) {
-        rank_r::expand<acc_t>(ub.data(), rank, rows_of_block.data(), rows, A, in, nullptr,
-                              acc_t(1), buf.data(), false);
+        block_expand(ub.data(), rows, rank, A, in, rows_of_block.data(), buf.data());
         for (int64_t i = 0; i < rows * in; ++i) dxb[i] = static_cast<T>(buf[i] * keep[i]);
       }
     }
@@ -419,6 +469,7 @@ struct DropoutBackward {
 }  // namespace
 
 constinit const LoraCpuKernels lora_cpu_kernels{
+    kTiles,
     &dispatch_dtype<Shrink, LoraShrinkParams>,
     &dispatch_dtype<Expand, LoraExpandParams>,
     &dispatch_dtype<Outer, LoraOuterParams>,
