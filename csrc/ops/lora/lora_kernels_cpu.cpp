@@ -13,6 +13,8 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <cstdint>
+#include <memory>
 #include <numeric>
 #include <type_traits>
 #include <vector>
@@ -55,15 +57,44 @@ struct MaskStream {
 #endif
 };
 
-// A [r, in] in the accumulation type (a copy only when T is a 16-bit type).
+// Per-thread scratch for the kernels' buffers: each slot grows to its largest request and is kept for
+// the thread's life, so a layer call neither allocates nor zero-fills anything. (std::vector buffers
+// cost a malloc, a zero fill and, above glibc's mmap threshold, fresh pages from the kernel on every
+// call: about 4 % of a LoRA training step's CPU samples on SmolLM2-135M went to memset, malloc and the
+// kernel's page clearing.) A slot holds one buffer per thread at a time; its contents are undefined
+// until written. Slots the calling thread fills before a parallel region (A, Aᵀ, the partial sums) are
+// read by every thread inside it; the others belong to whichever thread runs a part.
+enum Slot { kSlotA, kSlotAt, kSlotPartial, kSlotRows, kSlotBlock, kSlotBuf, kSlotSmall, kSlotCount };
+
+inline void* scratch_bytes(Slot slot, size_t bytes) {
+  struct Buffer {
+    std::unique_ptr<unsigned char[]> data;
+    size_t bytes = 0;
+  };
+  thread_local Buffer buffers[kSlotCount];
+  Buffer& b = buffers[slot];
+  const size_t need = bytes + 63;
+  if (b.bytes < need) {
+    b.data.reset(new unsigned char[need]);
+    b.bytes = need;
+  }
+  return reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(b.data.get()) + 63) & ~uintptr_t{63});
+}
+
+template <typename T>
+T* scratch(Slot slot, int64_t n) {
+  return static_cast<T*>(scratch_bytes(slot, static_cast<size_t>(std::max<int64_t>(n, 0)) * sizeof(T)));
+}
+
+// A [r, in] in the accumulation type (a copy, in the calling thread's kSlotA, only when T is a 16-bit type).
 template <typename T, typename acc_t>
-const acc_t* as_acc(const T* src, int64_t n, std::vector<acc_t>& storage) {
+const acc_t* as_acc(const T* src, int64_t n) {
   if constexpr (std::is_same_v<T, acc_t>) {
     return src;
   } else {
-    storage.resize(n);
-    for (int64_t i = 0; i < n; ++i) storage[i] = static_cast<acc_t>(src[i]);
-    return storage.data();
+    acc_t* out = scratch<acc_t>(kSlotA, n);
+    for (int64_t i = 0; i < n; ++i) out[i] = static_cast<acc_t>(src[i]);
+    return out;
   }
 }
 
@@ -138,10 +169,10 @@ void block_outer_add(const acc_t* u, int64_t rows, int64_t rank, const acc_t* bu
   }
 }
 
-// 0, 1, ..., n - 1: the row list of rank_r's kernels over a contiguous block.
-inline std::vector<int64_t> iota(int64_t n) {
-  std::vector<int64_t> rows(n);
-  std::iota(rows.begin(), rows.end(), int64_t{0});
+// 0, 1, ..., n - 1 (in the calling thread's kSlotRows): the row list of rank_r's kernels over a block.
+inline const int64_t* iota(int64_t n) {
+  int64_t* rows = scratch<int64_t>(kSlotRows, n);
+  std::iota(rows, rows + n, int64_t{0});
   return rows;
 }
 
@@ -156,29 +187,29 @@ void lora_shrink_kernel(const LoraShrinkParams& p) {
   TORCH_CHECK(drop || kSameType, "lora shrink: a 16-bit type without dropout goes to the BLAS");
   constexpr int64_t kNoState[2] = {0, 0};
   const MaskStream<acc_t> mask(drop ? p.rng_state : kNoState, p.p, p.scale);
-  std::vector<acc_t> a_storage;
-  const acc_t* A = as_acc(static_cast<const T*>(p.A), rank * in, a_storage);
-  std::vector<acc_t> At(kTiles ? in * rank_r::padded_rank<acc_t>(rank) : 0);
-  if (kTiles) rank_r::pack_At(A, rank, in, At.data());
+  const acc_t* A = as_acc<T, acc_t>(static_cast<const T*>(p.A), rank * in);
+  acc_t* At = kTiles ? scratch<acc_t>(kSlotAt, in * rank_r::padded_rank<acc_t>(rank)) : nullptr;
+  if (kTiles) rank_r::pack_At(A, rank, in, At);
   const int64_t block = row_block(in);
-  const std::vector<int64_t> rows_of_block = iota(block);
+  const int64_t* rows_of_block = iota(block);
   const T* x = static_cast<const T*>(p.x);
   T* xa = static_cast<T*>(p.xa);
   for_each_part(n_rows, num_parts(n_rows), [&](int64_t, int64_t row_begin, int64_t row_end) {
-    std::vector<acc_t> xd(drop ? block * in : 0), out(std::is_same_v<T, acc_t> ? 0 : block * rank);
+    acc_t* xd = drop ? scratch<acc_t>(kSlotBlock, block * in) : nullptr;
+    acc_t* out = std::is_same_v<T, acc_t> ? nullptr : scratch<acc_t>(kSlotSmall, block * rank);
     for (int64_t n0 = row_begin; n0 < row_end; n0 += block) {
       const int64_t rows = std::min<int64_t>(block, row_end - n0);
       const acc_t* src;
       if (drop) {
-        mask.mul_row(n0 * in, rows * in, x + n0 * in, xd.data());
-        src = xd.data();
+        mask.mul_row(n0 * in, rows * in, x + n0 * in, xd);
+        src = xd;
       } else {
         src = reinterpret_cast<const acc_t*>(x + n0 * in);  // T == acc_t (checked above)
       }
       if constexpr (std::is_same_v<T, acc_t>) {
-        block_shrink(src, rows, in, A, At.data(), rank, rows_of_block.data(), xa + n0 * rank);
+        block_shrink(src, rows, in, A, At, rank, rows_of_block, xa + n0 * rank);
       } else {
-        block_shrink(src, rows, in, A, At.data(), rank, rows_of_block.data(), out.data());
+        block_shrink(src, rows, in, A, At, rank, rows_of_block, out);
         for (int64_t i = 0; i < rows * rank; ++i) xa[n0 * rank + i] = static_cast<T>(out[i]);
       }
     }
@@ -216,8 +247,7 @@ void lora_outer_kernel(const LoraOuterParams& p) {
   if constexpr (kTiled<T>) {
     const T* U = static_cast<const T*>(p.U);
     const T* X = static_cast<const T*>(p.X);
-    std::vector<T> buffer(p.transposed ? p.rank * p.cols : 0);
-    T* C = p.transposed ? buffer.data() : static_cast<T*>(p.C);
+    T* C = p.transposed ? scratch<T>(kSlotBuf, p.rank * p.cols) : static_cast<T*>(p.C);
     const int64_t strip = rank_r::kOuterVecs * rank_r::Pack<T>::lanes;
     const int64_t n_strips = (p.cols + strip - 1) / strip;
     at::parallel_for(0, n_strips, std::max<int64_t>(1, 4096 / std::max<int64_t>(p.n_rows * strip, 1)),
@@ -238,11 +268,13 @@ void lora_project_kernel(const LoraProjectParams& p) {
   if constexpr (kTiled<T>) {
     const int64_t rp = rank_r::padded_rank<T>(p.rank);
     const T* M = static_cast<const T*>(p.M);
-    std::vector<T> padded;
     if (rp != p.rank) {
-      padded.assign(p.cols * rp, T(0));
-      for (int64_t c = 0; c < p.cols; ++c) std::copy_n(M + c * p.rank, p.rank, padded.data() + c * rp);
-      M = padded.data();
+      T* padded = scratch<T>(kSlotAt, p.cols * rp);
+      for (int64_t c = 0; c < p.cols; ++c) {
+        std::copy_n(M + c * p.rank, p.rank, padded + c * rp);
+        std::fill_n(padded + c * rp + p.rank, rp - p.rank, T(0));
+      }
+      M = padded;
     }
     const T* x = static_cast<const T*>(p.x);
     T* y = static_cast<T*>(p.y);
@@ -382,23 +414,22 @@ void lora_dropout_backward_kernel(const LoraDropoutBackwardParams& p) {
   using acc_t = acc_type<T>;
   const int64_t in = p.in_features, rank = p.rank, n_rows = p.n_rows;
   const MaskStream<acc_t> mask(p.rng_state, p.p, p.scale);
-  std::vector<acc_t> a_storage;
-  const acc_t* A = as_acc(static_cast<const T*>(p.A), rank * in, a_storage);
+  const acc_t* A = as_acc<T, acc_t>(static_cast<const T*>(p.A), rank * in);
   const T* x = static_cast<const T*>(p.x);
   const T* u = static_cast<const T*>(p.u);
   T* dx = static_cast<T*>(p.dx);
   const int64_t n_parts = num_parts(n_rows);
-  const std::vector<int64_t> rows_of_block = iota(row_block(in));
-  std::vector<std::vector<acc_t>> partial(p.dA != nullptr ? n_parts : 0);
+  const int64_t* rows_of_block = iota(row_block(in));
+  // part k's partial dA at partials + k·r·in, in the calling thread's scratch (summed after the parts)
+  acc_t* partials = p.dA != nullptr ? scratch<acc_t>(kSlotPartial, n_parts * rank * in) : nullptr;
   for_each_part(n_rows, n_parts, [&](int64_t part, int64_t row_begin, int64_t row_end) {
     const int64_t block = row_block(in);
-    std::vector<acc_t> keep, buf, ub(block * rank);
+    acc_t* ub = scratch<acc_t>(kSlotSmall, block * rank);
+    acc_t* keep = kMaskBits<T> ? nullptr : scratch<acc_t>(kSlotBlock, block * in);
+    acc_t* buf = kMaskBits<T> ? nullptr : scratch<acc_t>(kSlotBuf, block * in);
     std::vector<uint16_t> bits;
-    if (!kMaskBits<T>) {
-      keep.resize(block * in);
-      buf.resize(block * in);
-    }
-    if (p.dA != nullptr) partial[part].assign(rank * in, acc_t(0));
+    acc_t* partial = p.dA != nullptr ? partials + part * rank * in : nullptr;
+    if (partial != nullptr) std::fill_n(partial, rank * in, acc_t(0));
     for (int64_t n0 = row_begin; n0 < row_end; n0 += block) {
       const int64_t rows = std::min<int64_t>(block, row_end - n0);
       const T* xb = x + n0 * in;
@@ -414,21 +445,21 @@ void lora_dropout_backward_kernel(const LoraDropoutBackwardParams& p) {
         const int64_t block_bytes = rows * in * static_cast<int64_t>(sizeof(float));
         mask.bits(n0 * in, rows * in, bits, p.dA != nullptr ? xb : nullptr, block_bytes);
         if (p.dA != nullptr) {
-          masked::outer(ub.data(), rank, bits.data(), bit0, xb, in, rows, mask.scale, partial[part].data());
+          masked::outer(ub, rank, bits.data(), bit0, xb, in, rows, mask.scale, partial);
         }
         if (dx != nullptr) {
-          masked::expand(ub.data(), rank, A, bits.data(), bit0, in, rows, mask.scale, dxb);
+          masked::expand(ub, rank, A, bits.data(), bit0, in, rows, mask.scale, dxb);
         }
         continue;
       }
 #endif
-      mask.row(n0 * in, rows * in, keep.data());
+      mask.row(n0 * in, rows * in, keep);
       if (p.dA != nullptr) {
         for (int64_t i = 0; i < rows * in; ++i) buf[i] = static_cast<acc_t>(xb[i]) * keep[i];
-        block_outer_add(ub.data(), rows, rank, buf.data(), in, partial[part].data());
+        block_outer_add(ub, rows, rank, buf, in, partial);
       }
       if (dx != nullptr) {
-        block_expand(ub.data(), rows, rank, A, in, rows_of_block.data(), buf.data());
+        block_expand(ub, rows, rank, A, in, rows_of_block, buf);
         for (int64_t i = 0; i < rows * in; ++i) dxb[i] = static_cast<T>(buf[i] * keep[i]);
       }
     }
@@ -438,7 +469,7 @@ void lora_dropout_backward_kernel(const LoraDropoutBackwardParams& p) {
     at::parallel_for(0, rank * in, 4096, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         acc_t s = 0;
-        for (int64_t part = 0; part < n_parts; ++part) s += partial[part][i];
+        for (int64_t part = 0; part < n_parts; ++part) s += partials[part * rank * in + i];
         dA[i] = static_cast<T>(s);
       }
     });
