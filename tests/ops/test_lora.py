@@ -113,11 +113,9 @@ def test_dropout_equals_reference_with_the_same_mask(device, dtype, p, lead, in_
     check_against_reference(inputs, scaling=2.0, dtype=dtype, mask=mask, p=p, seed=seed)
 
 
-# Every register tile of the CPU rank-r kernels at every level: with dropout the float32 backward's
-# masked kernels (AVX-512: ranks of 8, 4 and 1), and with or without it the shrink and expand tiles of
-# pyfastpeft/rank_r_cpu.h: r = 1, 5, 13, 21 (one and two vectors of ranks, padded), widths of whole tiles,
-# single vectors and scalar tails (in = 47, 70; out = 19), and N = 301 rows (tiles of 8, 6 and 3 rows,
-# each with a tail).
+# Every tile of the float32 backward's masked kernels (AVX-512: ranks of 8, 4 and 1, r = 1, 5, 13, 21;
+# two, one and partial packs of columns, in = 47, 70; blocks of 8 rows and a tail, N = 301), the dropout
+# kernels' row blocks at every level, and the same shapes without dropout.
 @pytest.mark.parametrize("p", [0.0, 0.2])
 @pytest.mark.parametrize("r", [1, 5, 13, 21])
 @pytest.mark.parametrize("in_f", [47, 70])

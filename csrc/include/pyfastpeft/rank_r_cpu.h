@@ -1,11 +1,9 @@
-// Register-blocked CPU kernels for rank-r products (float, double), used by the LoRA and multi-adapter ops.
+// Register-blocked CPU kernels for rank-r products (float, double), used by the multi-adapter op.
 //
 // Rows are picked by an index list (an adapter's tokens in token order or sorted by adapter), so
 // nothing is gathered or scattered:
 //   shrink  xa[n, j] = s · Σ_c x[n, c] · At[c, j]                  At [in, r]: A [r, in] transposed (pack_At)
 //   expand  y[n, o]  = (y or b)[o] + s · Σ_j xa[n, j] · Bt[j, o]  Bt [r, out]: B [out, r] transposed
-// and, over contiguous rows, the reduction over tokens of the weight gradients:
-//   outer   C[j, c]  = (C or 0) + s · Σ_n U[n, j] · X[n, c]         dA = uᵀ·x, dBᵀ = s·xaᵀ·dy
 // Each keeps a tile of accumulators in registers over the whole reduction and broadcasts the scalar
 // operand against vectors of the other, so every vector is loaded once per tile. The packed copies
 // cost r·in or r·out element moves per adapter (none when the caller stores them so). Rank-r products
@@ -28,16 +26,12 @@ inline namespace CPU_CAPABILITY {  // one copy per CPU level (pyfastpeft/cpu_dis
 
 // Vector width, and register tiles: expand kExpandRows rows × kExpandVecs vectors of outputs, shrink
 // kShrinkRows rows × kShrinkVecs vectors of ranks (AVX-512 runs 4 rows × 2 vectors, then 8 × 1).
-// outer kOuterRanks ranks × kOuterVecs vectors of columns.
 #if defined(CPU_CAPABILITY_AVX512)
 inline constexpr int kVecBytes = 64, kExpandRows = 8, kExpandVecs = 2, kShrinkRows = 8, kShrinkVecs = 1;
-inline constexpr int kOuterRanks = 8, kOuterVecs = 2;
 #elif defined(CPU_CAPABILITY_AVX2)
 inline constexpr int kVecBytes = 32, kExpandRows = 6, kExpandVecs = 2, kShrinkRows = 6, kShrinkVecs = 2;
-inline constexpr int kOuterRanks = 4, kOuterVecs = 3;
 #else
 inline constexpr int kVecBytes = 16, kExpandRows = 3, kExpandVecs = 4, kShrinkRows = 3, kShrinkVecs = 4;
-inline constexpr int kOuterRanks = 4, kOuterVecs = 3;
 #endif
 
 template <typename T>
@@ -207,73 +201,6 @@ void expand(const T* xa, int64_t rank, const int64_t* rows, int64_t n_rows, cons
   int64_t i = 0;
   for (; i + MR <= n_rows; i += MR) expand_rows<T, MR>(xa, rank, rows + i, Bt, out_cols, bias, s, accumulate, y);
   for (; i < n_rows; ++i) expand_rows<T, 1>(xa, rank, rows + i, Bt, out_cols, bias, s, accumulate, y);
-}
-
-// C[j0 + m, c0 + v·W ..] = (accumulate ? C : 0) + s·Σ_i U[i, j0 + m]·X[i, c] for MJ ranks and NV vectors of
-// columns: the accumulators stay in registers over all rows, each row's X vectors are loaded once per tile.
-template <typename T, int MJ, int NV>
-inline void outer_block(const T* U, int64_t rank, int64_t j0, const T* X, int64_t ldx, int64_t n_rows, int64_t c0,
-                        T s, bool accumulate, T* C, int64_t ldc) {
-  using V = typename Pack<T>::type;
-  constexpr int64_t W = Pack<T>::lanes;
-  V acc[MJ][NV] = {};
-  for (int64_t i = 0; i < n_rows; ++i) {
-    V xv[NV];
-    for (int v = 0; v < NV; ++v) xv[v] = load(X + i * ldx + c0 + v * W);
-    for (int m = 0; m < MJ; ++m) {
-      const T u = U[i * rank + j0 + m];
-      for (int v = 0; v < NV; ++v) acc[m][v] += u * xv[v];
-    }
-  }
-  for (int m = 0; m < MJ; ++m) {
-    for (int v = 0; v < NV; ++v) {
-      T* out = C + (j0 + m) * ldc + c0 + v * W;
-      store(out, (accumulate ? load(out) : V{}) + s * acc[m][v]);
-    }
-  }
-}
-
-// Every rank over one strip of columns, in blocks of kOuterRowBlock rows: a block's strip of X stays in
-// L1 while each tile of ranks passes over it (the blocks' partial sums are added in row order).
-inline constexpr int64_t kOuterRowBlock = 128;
-
-template <typename T, int NV>
-inline void outer_columns(const T* U, int64_t rank, const T* X, int64_t ldx, int64_t n_rows, int64_t c0, T s,
-                          bool accumulate, T* C, int64_t ldc) {
-  constexpr int MJ = kOuterRanks;
-  for (int64_t i0 = 0; i0 < n_rows || i0 == 0; i0 += kOuterRowBlock) {
-    const int64_t rows = n_rows - i0 < kOuterRowBlock ? n_rows - i0 : kOuterRowBlock;
-    const T* Ub = U + i0 * rank;
-    const T* Xb = X + i0 * ldx;
-    const bool acc = accumulate || i0 > 0;
-    int64_t j = 0;
-    for (; j + MJ <= rank; j += MJ) outer_block<T, MJ, NV>(Ub, rank, j, Xb, ldx, rows, c0, s, acc, C, ldc);
-    if constexpr (MJ > 2) {
-      for (; j + 2 <= rank; j += 2) outer_block<T, 2, NV>(Ub, rank, j, Xb, ldx, rows, c0, s, acc, C, ldc);
-    }
-    for (; j < rank; ++j) outer_block<T, 1, NV>(Ub, rank, j, Xb, ldx, rows, c0, s, acc, C, ldc);
-  }
-}
-
-// C[:, c_begin:c_end] = (accumulate ? C : 0) + s·Uᵀ·X[:, c_begin:c_end]: U [n_rows, rank], X [n_rows, ldx ≥
-// columns], C [rank, ldc]. The sum over rows runs in row order for every element, so splitting the
-// columns between threads leaves each result as it is.
-template <typename T>
-void outer(const T* U, int64_t rank, const T* X, int64_t ldx, int64_t n_rows, int64_t c_begin, int64_t c_end, T s,
-           T* C, int64_t ldc, bool accumulate = false) {
-  constexpr int64_t W = Pack<T>::lanes;
-  constexpr int NV = kOuterVecs;
-  int64_t c = c_begin;
-  for (; c + NV * W <= c_end; c += NV * W) outer_columns<T, NV>(U, rank, X, ldx, n_rows, c, s, accumulate, C, ldc);
-  for (; c + W <= c_end; c += W) outer_columns<T, 1>(U, rank, X, ldx, n_rows, c, s, accumulate, C, ldc);
-  for (; c < c_end; ++c) {
-    for (int64_t j = 0; j < rank; ++j) {
-      T total = 0;
-      for (int64_t i = 0; i < n_rows; ++i) total += U[i * rank + j] * X[i * ldx + c];
-      T& out = C[j * ldc + c];
-      out = (accumulate ? out : T(0)) + s * total;
-    }
-  }
 }
 
 }  // namespace CPU_CAPABILITY

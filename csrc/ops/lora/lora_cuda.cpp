@@ -31,19 +31,6 @@ struct CudaBackend {
     return xa;
   }
 
-  static void expand(at::Tensor& y, const at::Tensor& u, const at::Tensor& V, const std::optional<at::Tensor>& bias,
-                     double s) {
-    lora::expand_blas(y, u, V, bias, s);
-  }
-
-  static void outer(at::Tensor& C, const at::Tensor& U, const at::Tensor& X, double s) {
-    lora::outer_blas(C, U, X, s);
-  }
-
-  static void project(at::Tensor& y, const at::Tensor& x, const at::Tensor& M, double s) {
-    lora::project_blas(y, x, M, s);
-  }
-
   // drop'(u·A) and uᵀ·drop(x): the rank-r products on cuBLAS, the mask applied to both in one kernel.
   static std::pair<at::Tensor, at::Tensor> dropout_grads(const at::Tensor& x2, const at::Tensor& u,
                                                          const at::Tensor& lora_A, double p, const int64_t* rng,

@@ -1,14 +1,8 @@
-// The LoRA linear's composition, shared by the CPU and CUDA registrations: the large frozen product goes
-// to the BLAS through ATen (MKL / cuBLAS) and accumulates into y in place; `Backend` supplies the rank-r
-// products and the Philox dropout:
+// The LoRA linear's composition, shared by the CPU and CUDA registrations: the large frozen product
+// and the rank-r products go to the BLAS through ATen (MKL / cuBLAS), the expand is accumulated into y
+// in place, and the Philox dropout runs in our kernels. `Backend` supplies the device-specific pieces:
 //   static at::Tensor shrink(const at::Tensor& x2, const at::Tensor& A, double p, const int64_t* rng);
-//   static void expand(at::Tensor& y, const at::Tensor& u, const at::Tensor& V, const std::optional<at::Tensor>& b,
-//                      double s);                        // y = b + s·u·V (V [r, cols], any strides)
-//   static void outer(at::Tensor& C, const at::Tensor& U, const at::Tensor& X, double s);  // C = s·Uᵀ·X
-//   static void project(at::Tensor& y, const at::Tensor& x, const at::Tensor& M, double s); // y = s·x·M
 //   static std::pair<at::Tensor, at::Tensor> dropout_grads(x2, u, A, p, rng, need_dx, need_dA);
-// (C and y contiguous; C may be a transposed view of a contiguous tensor.) The CPU runs the rank-r
-// products in its own register-tiled kernels, CUDA on cuBLAS (the *_blas functions below).
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
@@ -55,24 +49,6 @@ inline std::vector<int64_t> with_last(at::IntArrayRef sizes, int64_t last) {
   return out;
 }
 
-// y = b + s·u·V through the BLAS (y's contents are ignored when there is no bias).
-inline void expand_blas(at::Tensor& y, const at::Tensor& u, const at::Tensor& V, const std::optional<at::Tensor>& bias,
-                        double s) {
-  if (bias) {
-    at::addmm_out(y, *bias, u, V, 1, s);
-  } else {
-    at::addmm_out(y, y, u, V, 0, s);
-  }
-}
-
-inline void outer_blas(at::Tensor& C, const at::Tensor& U, const at::Tensor& X, double s) {
-  at::addmm_out(C, C, U.t(), X, 0, s);
-}
-
-inline void project_blas(at::Tensor& y, const at::Tensor& x, const at::Tensor& M, double s) {
-  at::addmm_out(y, y, x, M, 0, s);
-}
-
 template <class Backend>
 std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x, const at::Tensor& weight,
                                            const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
@@ -85,7 +61,11 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x, const at::Tensor
                                         dropout_p > 0 ? rng_state->const_data_ptr<int64_t>() : nullptr);
   // y = b + s·xa·Bᵀ (rank-r, cheap) first, then the frozen product accumulates into it (beta = 1).
   at::Tensor y = at::empty({x2.size(0), out_features}, x.options());
-  Backend::expand(y, xa, lora_B.t(), bias, scaling);
+  if (bias) {
+    at::addmm_out(y, *bias, xa, lora_B.t(), 1, scaling);
+  } else {
+    at::addmm_out(y, y, xa, lora_B.t(), 0, scaling);
+  }
   y.addmm_(x2, weight.t());
   return {y.view(with_last(x.sizes(), out_features)), xa};
 }
@@ -114,16 +94,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
 
   at::Tensor dB = none(), dW = none(), db = none(), dA = none(), dx = none();
   if (need_dB) {
-    dB = at::empty({out_features, rank}, x.options());
-    at::Tensor dB_t = dB.t();  // s·xaᵀ·dy [r, out], written through the transposed view
-    Backend::outer(dB_t, xa, g2, scaling);
+    // as (xaᵀ·dy)ᵀ: BLAS streams dy far faster with the long dimension as the reduction of a [r, N] row
+    at::Tensor dB_t = at::empty({rank, out_features}, x.options());
+    at::addmm_out(dB_t, dB_t, xa.t(), g2, 0, scaling);
+    dB = dB_t.t().contiguous();
   }
   if (need_db) db = g2.sum(0);
   if (need_dW) dW = at::mm(g2.t(), x2);
   if (!need_dx && !need_dA) return {dx, dW, db, dA, dB};
 
   at::Tensor u = at::empty({n_rows, rank}, x.options());
-  Backend::project(u, g2, lora_B, scaling);
+  at::addmm_out(u, u, g2, lora_B, 0, scaling);
   if (dropout_p > 0) {
     // the LoRA part of dx, drop'(u·A), and dA = uᵀ·drop(x), with one regeneration of the mask
     std::tie(dx, dA) = Backend::dropout_grads(x2, u, lora_A, dropout_p, rng_state->const_data_ptr<int64_t>(),
@@ -131,14 +112,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     if (!need_dx) dx = none();
     if (!need_dA) dA = none();
   } else {
-    if (need_dx) {
-      dx = at::empty({n_rows, lora_A.size(1)}, x.options());
-      Backend::expand(dx, u, lora_A, std::nullopt, 1.0);
-    }
-    if (need_dA) {
-      dA = at::empty({rank, x2.size(1)}, x.options());
-      Backend::outer(dA, u, x2, 1.0);
-    }
+    if (need_dx) dx = at::mm(u, lora_A);
+    if (need_dA) dA = at::mm(u.t(), x2);
   }
   if (need_dx) {
     dx.addmm_(g2, weight);

@@ -1,21 +1,17 @@
 // CPU kernels of the LoRA family, compiled once per capability level (see pyfastpeft/cpu_dispatch.h).
 //
-// The frozen product runs on MKL through ATen; the rank-r products (shrink x·Aᵀ and dy·B, expand xa·Bᵀ
-// and u·A, and the weight gradients' outer products) run in pyfastpeft/rank_r_cpu.h's register tiles,
-// where the BLAS ran well below its rate on these thin shapes. With dropout, the rank-r work is fused with the mask so that neither the
-// mask nor drop(x) is ever written to memory: each block's mask is drawn into a cache-resident buffer
-// and consumed there; in the float32 backward (AVX-512) the mask is applied as bits by masked loads and
-// stores inside our own rank-r kernels.
+// The frozen product and (without dropout) the rank-r products run on MKL through ATen. With dropout,
+// the rank-r work is fused with the mask so that neither the mask nor drop(x) is ever written to memory:
+// each block's mask is drawn into a cache-resident buffer and consumed there; in the float32 backward
+// (AVX-512) the mask is applied as bits by masked loads and stores inside our own rank-r kernels.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/mm.h>
-#include <c10/util/Exception.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <memory>
-#include <numeric>
 #include <type_traits>
 #include <vector>
 
@@ -23,7 +19,6 @@
 #include "lora_kernels_cpu.h"
 #include "pyfastpeft/dispatch.h"
 #include "pyfastpeft/philox_cpu.h"
-#include "pyfastpeft/rank_r_cpu.h"
 
 namespace pyfastpeft::CPU_CAPABILITY {
 namespace {
@@ -58,13 +53,12 @@ struct MaskStream {
 };
 
 // Per-thread scratch for the kernels' buffers: each slot grows to its largest request and is kept for
-// the thread's life, so a layer call neither allocates nor zero-fills anything. (std::vector buffers
+// the thread's life, so a layer call neither allocates nor zero-fills anything (std::vector buffers
 // cost a malloc, a zero fill and, above glibc's mmap threshold, fresh pages from the kernel on every
-// call: about 4 % of a LoRA training step's CPU samples on SmolLM2-135M went to memset, malloc and the
-// kernel's page clearing.) A slot holds one buffer per thread at a time; its contents are undefined
-// until written. Slots the calling thread fills before a parallel region (A, Aᵀ, the partial sums) are
-// read by every thread inside it; the others belong to whichever thread runs a part.
-enum Slot { kSlotA, kSlotAt, kSlotPartial, kSlotRows, kSlotBlock, kSlotBuf, kSlotSmall, kSlotCount };
+// call). A slot holds one buffer per thread at a time; its contents are undefined until written. The
+// slots the calling thread fills before a parallel region (A's copy, the partial sums) are read by
+// every thread inside it; the others belong to whichever thread runs a part.
+enum Slot { kSlotA, kSlotPartial, kSlotBlock, kSlotBuf, kSlotSmall, kSlotCount };
 
 inline void* scratch_bytes(Slot slot, size_t bytes) {
   struct Buffer {
@@ -105,6 +99,11 @@ inline int64_t row_block(int64_t in_features) {
   return std::clamp<int64_t>(131072 / std::max<int64_t>(in_features, 1), 64, 128);
 }
 
+template <typename acc_t>
+at::Tensor wrap(acc_t* data, at::IntArrayRef sizes) {
+  return at::from_blob(data, sizes, at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value));
+}
+
 // Splits [0, n_rows) into one contiguous part per thread; fn(part, row_begin, row_end).
 template <class F>
 void for_each_part(int64_t n_rows, int64_t n_parts, F&& fn) {
@@ -120,173 +119,28 @@ inline int64_t num_parts(int64_t n_rows) {
   return std::max<int64_t>(1, std::min<int64_t>(kMaxParts, n_rows / kMinRowsPerPart));
 }
 
-// Whether this level runs the rank-r products in our register tiles. The baseline (SSE2) has no fused
-// multiply-add, so each of a tile's multiply-adds rounds twice: measured about twice the BLAS's error
-// (MKL picks FMA kernels at run time whatever our level), more than the tests allow against PEFT's
-// float32 outputs. The baseline keeps the BLAS; AVX2 and AVX-512 run the tiles.
-#if defined(CPU_CAPABILITY_DEFAULT)
-inline constexpr bool kTiles = false;
-#else
-inline constexpr bool kTiles = true;
-#endif
-
-template <typename acc_t>
-at::Tensor wrap(const acc_t* data, at::IntArrayRef sizes) {
-  return at::from_blob(const_cast<acc_t*>(data), sizes,
-                       at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value));
-}
-
-// The dropout kernels' per-block rank-r products, on `rows` contiguous rows (`row_list`: 0 .. rows - 1):
-//   out [rows, r] = src [rows, in]·Aᵀ       (At: A packed by rank_r::pack_At, used by the tiles)
-template <typename acc_t>
-void block_shrink(const acc_t* src, int64_t rows, int64_t in, const acc_t* A, const acc_t* At, int64_t rank,
-                  const int64_t* row_list, acc_t* out) {
-  if constexpr (kTiles) {
-    rank_r::shrink<acc_t>(src, in, row_list, rows, At, in, out, rank, acc_t(1));
-  } else {
-    at::Tensor out_t = wrap(out, {rows, rank});
-    at::mm_out(out_t, wrap(src, {rows, in}), wrap(A, {rank, in}).t());
-  }
-}
-//   out [rows, in] = u [rows, r]·A
-template <typename acc_t>
-void block_expand(const acc_t* u, int64_t rows, int64_t rank, const acc_t* A, int64_t in, const int64_t* row_list,
-                  acc_t* out) {
-  if constexpr (kTiles) {
-    rank_r::expand<acc_t>(u, rank, row_list, rows, A, in, nullptr, acc_t(1), out, false);
-  } else {
-    at::Tensor out_t = wrap(out, {rows, in});
-    at::mm_out(out_t, wrap(u, {rows, rank}), wrap(A, {rank, in}));
-  }
-}
-//   acc [r, in] += uᵀ·buf
-template <typename acc_t>
-void block_outer_add(const acc_t* u, int64_t rows, int64_t rank, const acc_t* buf, int64_t in, acc_t* acc) {
-  if constexpr (kTiles) {
-    rank_r::outer<acc_t>(u, rank, buf, in, rows, 0, in, acc_t(1), acc, in, true);
-  } else {
-    wrap(acc, {rank, in}).addmm_(wrap(u, {rows, rank}).t(), wrap(buf, {rows, in}));
-  }
-}
-
-// 0, 1, ..., n - 1 (in the calling thread's kSlotRows): the row list of rank_r's kernels over a block.
-inline const int64_t* iota(int64_t n) {
-  int64_t* rows = scratch<int64_t>(kSlotRows, n);
-  std::iota(rows, rows + n, int64_t{0});
-  return rows;
-}
-
-// xa = drop(x)·Aᵀ (p = 0: x·Aᵀ): each block of rows is masked (or converted to the accumulation type)
-// into a cache-resident buffer and multiplied there by the packed Aᵀ in register tiles.
+// xa = drop(x)·Aᵀ: each block of rows is masked into a cache-resident buffer and multiplied there.
 template <typename T>
-void lora_shrink_kernel(const LoraShrinkParams& p) {
+void lora_shrink_dropout_kernel(const LoraShrinkParams& p) {
   using acc_t = acc_type<T>;
   const int64_t in = p.in_features, rank = p.rank, n_rows = p.n_rows;
-  const bool drop = p.p > 0;
-  constexpr bool kSameType = std::is_same_v<T, acc_t>;
-  TORCH_CHECK(drop || kSameType, "lora shrink: a 16-bit type without dropout goes to the BLAS");
-  constexpr int64_t kNoState[2] = {0, 0};
-  const MaskStream<acc_t> mask(drop ? p.rng_state : kNoState, p.p, p.scale);
-  const acc_t* A = as_acc<T, acc_t>(static_cast<const T*>(p.A), rank * in);
-  acc_t* At = kTiles ? scratch<acc_t>(kSlotAt, in * rank_r::padded_rank<acc_t>(rank)) : nullptr;
-  if (kTiles) rank_r::pack_At(A, rank, in, At);
-  const int64_t block = row_block(in);
-  const int64_t* rows_of_block = iota(block);
+  const MaskStream<acc_t> mask(p.rng_state, p.p, p.scale);
+  const at::Tensor A_t = wrap(const_cast<acc_t*>(as_acc<T, acc_t>(static_cast<const T*>(p.A), rank * in)),
+                              {rank, in}).t();
   const T* x = static_cast<const T*>(p.x);
   T* xa = static_cast<T*>(p.xa);
   for_each_part(n_rows, num_parts(n_rows), [&](int64_t, int64_t row_begin, int64_t row_end) {
-    acc_t* xd = drop ? scratch<acc_t>(kSlotBlock, block * in) : nullptr;
-    acc_t* out = std::is_same_v<T, acc_t> ? nullptr : scratch<acc_t>(kSlotSmall, block * rank);
+    const int64_t block = row_block(in);
+    acc_t* xd = scratch<acc_t>(kSlotBlock, block * in);
+    acc_t* out = scratch<acc_t>(kSlotSmall, block * rank);
     for (int64_t n0 = row_begin; n0 < row_end; n0 += block) {
       const int64_t rows = std::min<int64_t>(block, row_end - n0);
-      const acc_t* src;
-      if (drop) {
-        mask.mul_row(n0 * in, rows * in, x + n0 * in, xd);
-        src = xd;
-      } else {
-        src = reinterpret_cast<const acc_t*>(x + n0 * in);  // T == acc_t (checked above)
-      }
-      if constexpr (std::is_same_v<T, acc_t>) {
-        block_shrink(src, rows, in, A, At, rank, rows_of_block, xa + n0 * rank);
-      } else {
-        block_shrink(src, rows, in, A, At, rank, rows_of_block, out);
-        for (int64_t i = 0; i < rows * rank; ++i) xa[n0 * rank + i] = static_cast<T>(out[i]);
-      }
+      mask.mul_row(n0 * in, rows * in, x + n0 * in, xd);
+      at::Tensor out_t = wrap(out, {rows, rank});
+      at::mm_out(out_t, wrap(xd, {rows, in}), A_t);
+      for (int64_t i = 0; i < rows * rank; ++i) xa[n0 * rank + i] = static_cast<T>(out[i]);
     }
   });
-}
-
-// y = (accumulate ? y : bias) + s·u·V over row chunks, one register-tiled pass per chunk.
-template <typename T>
-void lora_expand_kernel(const LoraExpandParams& p) {
-  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
-    const T* u = static_cast<const T*>(p.u);
-    const T* V = static_cast<const T*>(p.V);
-    const T* bias = static_cast<const T*>(p.bias);
-    T* y = static_cast<T*>(p.y);
-    // chunks of at least 16K outputs (and whole tiles), so a thread's start-up is paid on real work
-    const int64_t grain = std::max<int64_t>(rank_r::kExpandRows, 16384 / std::max<int64_t>(p.cols, 1));
-    at::parallel_for(0, p.n_rows, grain, [&](int64_t begin, int64_t end) {
-      std::vector<int64_t> rows(end - begin);
-      std::iota(rows.begin(), rows.end(), begin);
-      rank_r::expand<T>(u, p.rank, rows.data(), end - begin, V, p.cols, bias, static_cast<T>(p.scale), y,
-                        p.accumulate);
-    });
-  } else {
-    TORCH_CHECK(false, "lora expand: float32 and float64 only (the 16-bit types go to the BLAS)");
-  }
-}
-
-template <typename T>
-constexpr bool kTiled = std::is_same_v<T, float> || std::is_same_v<T, double>;
-
-// C = s·Uᵀ·X: each thread takes whole strips of columns (every column's sum over rows is the same
-// however the columns are split); transposed output through a [rank, cols] buffer.
-template <typename T>
-void lora_outer_kernel(const LoraOuterParams& p) {
-  if constexpr (kTiled<T>) {
-    const T* U = static_cast<const T*>(p.U);
-    const T* X = static_cast<const T*>(p.X);
-    T* C = p.transposed ? scratch<T>(kSlotBuf, p.rank * p.cols) : static_cast<T*>(p.C);
-    const int64_t strip = rank_r::kOuterVecs * rank_r::Pack<T>::lanes;
-    const int64_t n_strips = (p.cols + strip - 1) / strip;
-    at::parallel_for(0, n_strips, std::max<int64_t>(1, 4096 / std::max<int64_t>(p.n_rows * strip, 1)),
-                     [&](int64_t begin, int64_t end) {
-                       rank_r::outer<T>(U, p.rank, X, p.cols, p.n_rows, begin * strip,
-                                        std::min(end * strip, p.cols), static_cast<T>(p.scale), C, p.cols);
-                     });
-    if (p.transposed) rank_r::transpose<T>(C, p.rank, p.cols, static_cast<T*>(p.C), p.rank);
-  } else {
-    TORCH_CHECK(false, "lora outer: float32 and float64 only (the 16-bit types go to the BLAS)");
-  }
-}
-
-// y = s·x·M, M [cols, r] read as the shrink's packed Aᵀ (copied with zero padding unless r is a whole
-// number of 64-byte packs).
-template <typename T>
-void lora_project_kernel(const LoraProjectParams& p) {
-  if constexpr (kTiled<T>) {
-    const int64_t rp = rank_r::padded_rank<T>(p.rank);
-    const T* M = static_cast<const T*>(p.M);
-    if (rp != p.rank) {
-      T* padded = scratch<T>(kSlotAt, p.cols * rp);
-      for (int64_t c = 0; c < p.cols; ++c) {
-        std::copy_n(M + c * p.rank, p.rank, padded + c * rp);
-        std::fill_n(padded + c * rp + p.rank, rp - p.rank, T(0));
-      }
-      M = padded;
-    }
-    const T* x = static_cast<const T*>(p.x);
-    T* y = static_cast<T*>(p.y);
-    const int64_t grain = std::max<int64_t>(rank_r::kShrinkRows, 16384 / std::max<int64_t>(p.cols, 1));
-    at::parallel_for(0, p.n_rows, grain, [&](int64_t begin, int64_t end) {
-      std::vector<int64_t> rows(end - begin);
-      std::iota(rows.begin(), rows.end(), begin);
-      rank_r::shrink<T>(x, p.cols, rows.data(), end - begin, M, p.cols, y, p.rank, static_cast<T>(p.scale));
-    });
-  } else {
-    TORCH_CHECK(false, "lora project: float32 and float64 only (the 16-bit types go to the BLAS)");
-  }
 }
 
 #if defined(__AVX512F__)
@@ -408,18 +262,17 @@ constexpr bool kMaskBits = false;
 // Block by block: the mask is drawn once, both products run on cache-resident blocks, and dA is
 // reduced from per-thread partial sums in a fixed order (independent of scheduling). float32 with
 // AVX-512 draws the mask as bits and applies it inside register-blocked kernels (masked:: above);
-// the other types draw float keep values and apply them to x and to u·A around the rank-r kernels.
+// the other types draw float keep values, apply them to x and to u·A, and multiply through the BLAS.
 template <typename T>
 void lora_dropout_backward_kernel(const LoraDropoutBackwardParams& p) {
   using acc_t = acc_type<T>;
   const int64_t in = p.in_features, rank = p.rank, n_rows = p.n_rows;
   const MaskStream<acc_t> mask(p.rng_state, p.p, p.scale);
-  const acc_t* A = as_acc<T, acc_t>(static_cast<const T*>(p.A), rank * in);
+  const at::Tensor A = wrap(const_cast<acc_t*>(as_acc<T, acc_t>(static_cast<const T*>(p.A), rank * in)), {rank, in});
   const T* x = static_cast<const T*>(p.x);
   const T* u = static_cast<const T*>(p.u);
   T* dx = static_cast<T*>(p.dx);
   const int64_t n_parts = num_parts(n_rows);
-  const int64_t* rows_of_block = iota(row_block(in));
   // part k's partial dA at partials + k·r·in, in the calling thread's scratch (summed after the parts)
   acc_t* partials = p.dA != nullptr ? scratch<acc_t>(kSlotPartial, n_parts * rank * in) : nullptr;
   for_each_part(n_rows, n_parts, [&](int64_t part, int64_t row_begin, int64_t row_end) {
@@ -429,7 +282,11 @@ void lora_dropout_backward_kernel(const LoraDropoutBackwardParams& p) {
     acc_t* buf = kMaskBits<T> ? nullptr : scratch<acc_t>(kSlotBuf, block * in);
     std::vector<uint16_t> bits;
     acc_t* partial = p.dA != nullptr ? partials + part * rank * in : nullptr;
-    if (partial != nullptr) std::fill_n(partial, rank * in, acc_t(0));
+    at::Tensor dA_part;
+    if (partial != nullptr) {
+      std::fill_n(partial, rank * in, acc_t(0));
+      dA_part = wrap(partial, {rank, in});
+    }
     for (int64_t n0 = row_begin; n0 < row_end; n0 += block) {
       const int64_t rows = std::min<int64_t>(block, row_end - n0);
       const T* xb = x + n0 * in;
@@ -448,18 +305,20 @@ void lora_dropout_backward_kernel(const LoraDropoutBackwardParams& p) {
           masked::outer(ub, rank, bits.data(), bit0, xb, in, rows, mask.scale, partial);
         }
         if (dx != nullptr) {
-          masked::expand(ub, rank, A, bits.data(), bit0, in, rows, mask.scale, dxb);
+          masked::expand(ub, rank, A.const_data_ptr<float>(), bits.data(), bit0, in, rows, mask.scale, dxb);
         }
         continue;
       }
 #endif
+      const at::Tensor u_blk = wrap(ub, {rows, rank});
+      const at::Tensor buf_blk = wrap(buf, {rows, in});
       mask.row(n0 * in, rows * in, keep);
       if (p.dA != nullptr) {
         for (int64_t i = 0; i < rows * in; ++i) buf[i] = static_cast<acc_t>(xb[i]) * keep[i];
-        block_outer_add(ub, rows, rank, buf, in, partial);
+        dA_part.addmm_(u_blk.t(), buf_blk);
       }
       if (dx != nullptr) {
-        block_expand(ub, rows, rank, A, in, rows_of_block, buf);
+        at::mm_out(const_cast<at::Tensor&>(buf_blk), u_blk, A);
         for (int64_t i = 0; i < rows * in; ++i) dxb[i] = static_cast<T>(buf[i] * keep[i]);
       }
     }
@@ -478,19 +337,7 @@ void lora_dropout_backward_kernel(const LoraDropoutBackwardParams& p) {
 
 template <typename T>
 struct Shrink {
-  static void run(const LoraShrinkParams& p) { lora_shrink_kernel<T>(p); }
-};
-template <typename T>
-struct Expand {
-  static void run(const LoraExpandParams& p) { lora_expand_kernel<T>(p); }
-};
-template <typename T>
-struct Outer {
-  static void run(const LoraOuterParams& p) { lora_outer_kernel<T>(p); }
-};
-template <typename T>
-struct Project {
-  static void run(const LoraProjectParams& p) { lora_project_kernel<T>(p); }
+  static void run(const LoraShrinkParams& p) { lora_shrink_dropout_kernel<T>(p); }
 };
 template <typename T>
 struct DropoutBackward {
@@ -500,11 +347,7 @@ struct DropoutBackward {
 }  // namespace
 
 constinit const LoraCpuKernels lora_cpu_kernels{
-    kTiles,
     &dispatch_dtype<Shrink, LoraShrinkParams>,
-    &dispatch_dtype<Expand, LoraExpandParams>,
-    &dispatch_dtype<Outer, LoraOuterParams>,
-    &dispatch_dtype<Project, LoraProjectParams>,
     &dispatch_dtype<DropoutBackward, LoraDropoutBackwardParams>,
 };
 
