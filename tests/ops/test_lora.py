@@ -130,6 +130,16 @@ def test_rank_and_width_tails(dtype, in_f, r, p):
     check_against_reference(inputs, scaling=1.5, dtype=dtype, mask=mask, p=p, seed=seed if p else None)
 
 
+# A layer wide enough that the dropout kernels' block buffers (64 rows x 4200) and the partial sums of
+# dA (8 parts x r x in) pass the 1 MiB a thread keeps between calls: those are allocated per call.
+def test_dropout_buffers_of_a_wide_layer():
+    seed = 5
+    inputs = make_inputs((2048,), 4200, 5, 8, torch.float32, "cpu", seed=seed)
+    ones = torch.ones(inputs["x"].shape)
+    mask = (pyfastpeft.ops.philox_dropout(ones, 0.1, seed=seed) != 0).float()
+    check_against_reference(inputs, scaling=2.0, dtype=torch.float32, mask=mask, p=0.1, seed=seed)
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     lead=st.lists(st.integers(0, 6), min_size=1, max_size=3),

@@ -52,15 +52,18 @@ struct MaskStream {
 #endif
 };
 
-// Per-thread scratch for the kernels' buffers: each slot grows to its largest request and is kept for
-// the thread's life, so a layer call neither allocates nor zero-fills anything (std::vector buffers
-// cost a malloc, a zero fill and, above glibc's mmap threshold, fresh pages from the kernel on every
-// call). A slot holds one buffer per thread at a time; its contents are undefined until written. The
-// slots the calling thread fills before a parallel region (A's copy, the partial sums) are read by
-// every thread inside it; the others belong to whichever thread runs a part.
+// Kernel buffers without a malloc and a zero fill per call. Up to kKeepBytes a buffer lives in the
+// calling thread's slot, kept for the thread's life (std::vector buffers cost a malloc, a zero fill
+// and, above glibc's mmap threshold, fresh pages from the kernel on every layer call); a larger one (a
+// very wide layer's blocks, many parts' partial sums) is allocated for the call and freed with it, so
+// no thread keeps more than kSlotCount · kKeepBytes. A slot holds one buffer per thread at a time; the
+// contents are undefined until written. Buffers the calling thread fills before a parallel region (A's
+// copy, the partial sums) are read by every thread inside it; the others belong to whichever thread
+// runs a part.
 enum Slot { kSlotA, kSlotPartial, kSlotBlock, kSlotBuf, kSlotSmall, kSlotCount };
+inline constexpr size_t kKeepBytes = size_t{1} << 20;
 
-inline void* scratch_bytes(Slot slot, size_t bytes) {
+inline void* slot_bytes(Slot slot, size_t bytes) {
   struct Buffer {
     std::unique_ptr<unsigned char[]> data;
     size_t bytes = 0;
@@ -76,19 +79,33 @@ inline void* scratch_bytes(Slot slot, size_t bytes) {
 }
 
 template <typename T>
-T* scratch(Slot slot, int64_t n) {
-  return static_cast<T*>(scratch_bytes(slot, static_cast<size_t>(std::max<int64_t>(n, 0)) * sizeof(T)));
-}
+class Scratch {
+ public:
+  Scratch(Slot slot, int64_t n) {
+    const size_t count = static_cast<size_t>(std::max<int64_t>(n, 0));
+    if (count * sizeof(T) <= kKeepBytes) {
+      data_ = static_cast<T*>(slot_bytes(slot, count * sizeof(T)));
+    } else {
+      owned_.reset(new T[count]);  // default-initialized: not zero-filled
+      data_ = owned_.get();
+    }
+  }
+  T* get() const { return data_; }
 
-// A [r, in] in the accumulation type (a copy, in the calling thread's kSlotA, only when T is a 16-bit type).
+ private:
+  std::unique_ptr<T[]> owned_;
+  T* data_ = nullptr;
+};
+
+// A [r, in] in the accumulation type (a copy into `storage` only when T is a 16-bit type).
 template <typename T, typename acc_t>
-const acc_t* as_acc(const T* src, int64_t n) {
+const acc_t* as_acc(const T* src, int64_t n, Scratch<acc_t>& storage) {
   if constexpr (std::is_same_v<T, acc_t>) {
     return src;
   } else {
-    acc_t* out = scratch<acc_t>(kSlotA, n);
-    for (int64_t i = 0; i < n; ++i) out[i] = static_cast<acc_t>(src[i]);
-    return out;
+    storage = Scratch<acc_t>(kSlotA, n);
+    for (int64_t i = 0; i < n; ++i) storage.get()[i] = static_cast<acc_t>(src[i]);
+    return storage.get();
   }
 }
 
@@ -125,14 +142,16 @@ void lora_shrink_dropout_kernel(const LoraShrinkParams& p) {
   using acc_t = acc_type<T>;
   const int64_t in = p.in_features, rank = p.rank, n_rows = p.n_rows;
   const MaskStream<acc_t> mask(p.rng_state, p.p, p.scale);
-  const at::Tensor A_t = wrap(const_cast<acc_t*>(as_acc<T, acc_t>(static_cast<const T*>(p.A), rank * in)),
+  Scratch<acc_t> a_storage(kSlotA, 0);
+  const at::Tensor A_t = wrap(const_cast<acc_t*>(as_acc<T, acc_t>(static_cast<const T*>(p.A), rank * in, a_storage)),
                               {rank, in}).t();
   const T* x = static_cast<const T*>(p.x);
   T* xa = static_cast<T*>(p.xa);
   for_each_part(n_rows, num_parts(n_rows), [&](int64_t, int64_t row_begin, int64_t row_end) {
     const int64_t block = row_block(in);
-    acc_t* xd = scratch<acc_t>(kSlotBlock, block * in);
-    acc_t* out = scratch<acc_t>(kSlotSmall, block * rank);
+    const Scratch<acc_t> xd_buf(kSlotBlock, block * in), out_buf(kSlotSmall, block * rank);
+    acc_t* xd = xd_buf.get();
+    acc_t* out = out_buf.get();
     for (int64_t n0 = row_begin; n0 < row_end; n0 += block) {
       const int64_t rows = std::min<int64_t>(block, row_end - n0);
       mask.mul_row(n0 * in, rows * in, x + n0 * in, xd);
@@ -268,18 +287,24 @@ void lora_dropout_backward_kernel(const LoraDropoutBackwardParams& p) {
   using acc_t = acc_type<T>;
   const int64_t in = p.in_features, rank = p.rank, n_rows = p.n_rows;
   const MaskStream<acc_t> mask(p.rng_state, p.p, p.scale);
-  const at::Tensor A = wrap(const_cast<acc_t*>(as_acc<T, acc_t>(static_cast<const T*>(p.A), rank * in)), {rank, in});
+  Scratch<acc_t> a_storage(kSlotA, 0);
+  const at::Tensor A = wrap(const_cast<acc_t*>(as_acc<T, acc_t>(static_cast<const T*>(p.A), rank * in, a_storage)),
+                            {rank, in});
   const T* x = static_cast<const T*>(p.x);
   const T* u = static_cast<const T*>(p.u);
   T* dx = static_cast<T*>(p.dx);
   const int64_t n_parts = num_parts(n_rows);
   // part k's partial dA at partials + k·r·in, in the calling thread's scratch (summed after the parts)
-  acc_t* partials = p.dA != nullptr ? scratch<acc_t>(kSlotPartial, n_parts * rank * in) : nullptr;
+  const Scratch<acc_t> partial_buf(kSlotPartial, p.dA != nullptr ? n_parts * rank * in : 0);
+  acc_t* partials = p.dA != nullptr ? partial_buf.get() : nullptr;
   for_each_part(n_rows, n_parts, [&](int64_t part, int64_t row_begin, int64_t row_end) {
     const int64_t block = row_block(in);
-    acc_t* ub = scratch<acc_t>(kSlotSmall, block * rank);
-    acc_t* keep = kMaskBits<T> ? nullptr : scratch<acc_t>(kSlotBlock, block * in);
-    acc_t* buf = kMaskBits<T> ? nullptr : scratch<acc_t>(kSlotBuf, block * in);
+    const Scratch<acc_t> ub_buf(kSlotSmall, block * rank);
+    const Scratch<acc_t> keep_buf(kSlotBlock, kMaskBits<T> ? 0 : block * in);
+    const Scratch<acc_t> buf_buf(kSlotBuf, kMaskBits<T> ? 0 : block * in);
+    acc_t* ub = ub_buf.get();
+    acc_t* keep = keep_buf.get();
+    acc_t* buf = buf_buf.get();
     std::vector<uint16_t> bits;
     acc_t* partial = p.dA != nullptr ? partials + part * rank * in : nullptr;
     at::Tensor dA_part;
