@@ -41,22 +41,26 @@ def time_interleaved(
     warmup: int = 3,
     rounds: int = 20,
     clock: Callable[[], float] = time.perf_counter,
+    samples: dict[str, list[float]] | None = None,
 ):
     """Median times (ms) of several candidates, run in interleaved rounds so that machine noise
     (frequency changes, a neighbour's load) hits all of them alike. ``clock=time.process_time`` measures
-    this process's CPU time instead of wall time (steadier on a shared machine with one thread)."""
+    this process's CPU time instead of wall time (steadier on a shared machine with one thread).
+    ``samples``, when given, receives every round's time per candidate (for ratios paired by round)."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     _sync(device)
-    samples: dict[str, list[float]] = {k: [] for k in fns}
+    per_round: dict[str, list[float]] = {k: [] for k in fns} if samples is None else samples
+    for name in fns:
+        per_round[name] = []
     for _ in range(rounds):
         for name, fn in fns.items():
             t0 = clock()
             fn()
             _sync(device)
-            samples[name].append((clock() - t0) * 1e3)
-    return {k: statistics.median(v) for k, v in samples.items()}
+            per_round[name].append((clock() - t0) * 1e3)
+    return {k: statistics.median(per_round[k]) for k in fns}
 
 
 def saved_activation_bytes(fn: Callable[[], torch.Tensor], exclude: tuple[torch.Tensor, ...] = ()) -> int:
