@@ -51,9 +51,8 @@ def time_interleaved(
         for _ in range(warmup):
             fn()
     _sync(device)
-    per_round: dict[str, list[float]] = {k: [] for k in fns} if samples is None else samples
-    for name in fns:
-        per_round[name] = []
+    per_round = {} if samples is None else samples
+    per_round.update({k: [] for k in fns})
     for _ in range(rounds):
         for name, fn in fns.items():
             t0 = clock()

@@ -80,7 +80,7 @@ void transpose(const T* src, int64_t rows, int64_t cols, T* dst, int64_t ld_dst)
 
 // Columns of the packed Aᵀ: the rank rounded up to whole packs.
 template <typename T>
-inline int64_t padded_rank(int64_t rank) {
+constexpr int64_t padded_rank(int64_t rank) {
   constexpr int64_t W = 64 / sizeof(T);
   return (rank + W - 1) / W * W;
 }

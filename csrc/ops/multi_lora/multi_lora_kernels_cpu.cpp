@@ -9,7 +9,10 @@ namespace {
 
 template <typename T>
 constexpr RankROps<T> ops() {
-  static_assert(64 % (rank_r::Pack<T>::lanes * sizeof(T)) == 0, "RankROps::padded_rank pads to 64 bytes");
+  static_assert(64 % (rank_r::Pack<T>::lanes * sizeof(T)) == 0, "a padded rank is a whole number of vectors");
+  static_assert(RankROps<T>::padded_rank(1) == rank_r::padded_rank<T>(1) &&
+                    RankROps<T>::padded_rank(17) == rank_r::padded_rank<T>(17),
+                "the glue pads the rank as the kernels do");
   return {&rank_r::transpose<T>, &rank_r::pack_At<T>, &rank_r::shrink<T>, &rank_r::expand<T>};
 }
 

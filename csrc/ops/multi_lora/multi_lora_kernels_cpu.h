@@ -17,7 +17,7 @@ struct RankROps {
   void (*expand)(const T* xa, int64_t rank, const int64_t* rows, int64_t n_rows, const T* Bt, int64_t out_cols,
                  const T* bias, T s, T* y, bool accumulate);
   // Columns of the packed Aᵀ: the rank rounded up to whole 64-byte packs (the same at every level).
-  static int64_t padded_rank(int64_t rank) {
+  static constexpr int64_t padded_rank(int64_t rank) {
     constexpr int64_t lanes = 64 / sizeof(T);
     return (rank + lanes - 1) / lanes * lanes;
   }
