@@ -81,7 +81,6 @@ inline void* slot_bytes(Slot slot, size_t bytes) {
 template <typename T>
 class Scratch {
  public:
-  Scratch() = default;  // no buffer (yet)
   Scratch(Slot slot, int64_t n) {
     const size_t count = static_cast<size_t>(std::max<int64_t>(n, 0));
     if (count * sizeof(T) <= kKeepBytes) {
@@ -143,7 +142,7 @@ void lora_shrink_dropout_kernel(const LoraShrinkParams& p) {
   using acc_t = acc_type<T>;
   const int64_t in = p.in_features, rank = p.rank, n_rows = p.n_rows;
   const MaskStream<acc_t> mask(p.rng_state, p.p, p.scale);
-  Scratch<acc_t> a_storage;
+  Scratch<acc_t> a_storage(kSlotA, 0);
   const at::Tensor A_t = wrap(const_cast<acc_t*>(as_acc<T, acc_t>(static_cast<const T*>(p.A), rank * in, a_storage)),
                               {rank, in}).t();
   const T* x = static_cast<const T*>(p.x);
@@ -288,7 +287,7 @@ void lora_dropout_backward_kernel(const LoraDropoutBackwardParams& p) {
   using acc_t = acc_type<T>;
   const int64_t in = p.in_features, rank = p.rank, n_rows = p.n_rows;
   const MaskStream<acc_t> mask(p.rng_state, p.p, p.scale);
-  Scratch<acc_t> a_storage;
+  Scratch<acc_t> a_storage(kSlotA, 0);
   const at::Tensor A = wrap(const_cast<acc_t*>(as_acc<T, acc_t>(static_cast<const T*>(p.A), rank * in, a_storage)),
                             {rank, in});
   const T* x = static_cast<const T*>(p.x);
