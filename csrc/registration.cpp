@@ -1,15 +1,10 @@
 // Every pyfastpeft operator schema, in one place. Implementations register per dispatch key in
-// csrc/ops/<family>/<family>_{cpu,cuda}.cpp; fake kernels and autograd are registered from Python
-// (pyfastpeft/ops/<family>.py).
-//
-// Autograd rule: every differentiable op has a C++ forward and a C++ `_backward` op, and its autograd
-// is a Python torch.library.register_autograd rule that saves tensors and calls the backward op; no
-// family registers a C++ Autograd kernel. bench/bench_autograd.py timed the LoRA linear's
-// forward+backward both ways: at the real model's projections (512 tokens, 576 -> 1536, r = 16,
-// float32) the Python rule measured 1.09x and 0.98x the C++ one in two runs whose noise was larger (the
-// C++ rule measured below the autograd-free floor), and 0.16-1.18 ms more per call at 8 tokens
-// (measured under heavy load, docs/architecture.md). A C++ rule comes back only with a clear, reproducible margin
-// on a hot path, and then for every hot path at once.
+// csrc/ops/<family>/<family>_{cpu,cuda}.cpp; fake kernels are registered from Python
+// (pyfastpeft/ops/<family>.py), and so is autograd, as torch.library.register_autograd rules over each
+// op's C++ forward and `_backward` ops, with one exception: lora_linear, which a training step calls
+// once per adapted projection (210 times on SmolLM2-135M), has a C++ Autograd kernel
+// (csrc/ops/lora/lora_autograd.cpp) that saves ~0.15 ms of interpreter time per call
+// (docs/architecture.md, Autograd).
 #include <torch/library.h>
 
 TORCH_LIBRARY(pyfastpeft, m) {

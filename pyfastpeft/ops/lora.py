@@ -42,27 +42,8 @@ def _lora_linear_backward_fake(grad_y, x, weight, lora_A, lora_B, xa, scaling, d
     )
 
 
-def _setup_context(ctx, inputs, output):
-    x, weight, bias, lora_A, lora_B, scaling, dropout_p, rng_state = inputs
-    _, xa = output
-    ctx.save_for_backward(x, weight, lora_A, lora_B, xa, rng_state)
-    ctx.scaling, ctx.dropout_p, ctx.has_bias = scaling, dropout_p, bias is not None
-    ctx.mark_non_differentiable(xa)
-    ctx.set_materialize_grads(False)  # xa's gradient is never made, so none is allocated
-
-
-def _backward(ctx, grad_y, _grad_xa):
-    # one gradient per input: x, weight, bias, lora_A, lora_B, scaling, dropout_p, rng_state
-    if grad_y is None:
-        return (None,) * 8
-    x, weight, lora_A, lora_B, xa, rng_state = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    mask = [need[0], need[1], ctx.has_bias and need[2], need[3], need[4]]
-    grads = _OP.lora_linear_backward(grad_y, x, weight, lora_A, lora_B, xa, ctx.scaling, ctx.dropout_p, rng_state, mask)
-    return (*(g if m else None for g, m in zip(grads, mask, strict=True)), None, None, None)
-
-
-torch.library.register_autograd("pyfastpeft::lora_linear", _backward, setup_context=_setup_context)
+# The LoRA linear's autograd is a C++ Autograd kernel (csrc/ops/lora/lora_autograd.cpp): it is every
+# training step's hot path, and the Python rule's interpreter time showed there (docs/architecture.md).
 
 
 def lora_linear(

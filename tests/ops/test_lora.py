@@ -130,6 +130,23 @@ def test_rank_and_width_tails(dtype, in_f, r, p):
     check_against_reference(inputs, scaling=1.5, dtype=dtype, mask=mask, p=p, seed=seed if p else None)
 
 
+# Rows enough for several parts of the CPU kernels' one parallel region (a part per 256 rows): each part
+# writes its rows of xa and of y = b + s·xa·Bᵀ, and dA and dB are sums over the parts; with and without
+# dropout, with and without a bias.
+@pytest.mark.parametrize("n_rows", [600, 1100])
+@pytest.mark.parametrize("p", [0.0, 0.2])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_several_row_parts(dtype, bias, p, n_rows):
+    seed = 31
+    inputs = make_inputs((n_rows,), 45, 23, 6, dtype, "cpu", bias=bias, seed=n_rows)
+    mask = None
+    if p > 0:
+        ones = torch.ones(inputs["x"].shape, dtype=dtype)
+        mask = (pyfastpeft.ops.philox_dropout(ones, p, seed=seed) != 0).to(dtype)
+    check_against_reference(inputs, scaling=0.7, dtype=dtype, mask=mask, p=p, seed=seed if p else None)
+
+
 # A layer wide enough that the dropout kernels' block buffers (64 rows x 4200) and the partial sums of
 # dA (8 parts x r x in) pass the 1 MiB a thread keeps between calls: those are allocated per call.
 def test_dropout_buffers_of_a_wide_layer():

@@ -16,7 +16,7 @@ typedef struct CUstream_st* cudaStream_t;
 
 namespace pyfastpeft {
 
-// xa[n, j] = Σ_k drop(x)[n, k] · A[j, k], accumulated in float32 (float64 for float64 inputs).
+// CUDA: xa[n, j] = Σ_k drop(x)[n, k] · A[j, k], accumulated in float32 (float64 for float64 inputs).
 struct LoraShrinkParams {
   const void* x;  // [n_rows, in], contiguous
   const void* A;  // [r, in], contiguous
@@ -28,18 +28,43 @@ struct LoraShrinkParams {
   DType dtype;
 };
 
-// With u = s·dy·B: dx = drop'(u·A) and dA = uᵀ·drop(x), sharing one draw of the mask.
-// dx or dA may be nullptr when that gradient is not needed.
-struct LoraDropoutBackwardParams {
-  const void* x;  // [n_rows, in], contiguous
-  const void* u;  // [n_rows, r]
-  const void* A;  // [r, in]
-  void* dx;       // [n_rows, in] or nullptr
-  void* dA;       // [r, in] or nullptr
-  int64_t n_rows, in_features, rank;
+// The forward's rank-r half on the CPU, in one pass over parts of rows: xa = drop(x)·Aᵀ, then
+// y = bias + s·xa·Bᵀ on the same rows (the caller adds the frozen product x·Wᵀ to y afterwards).
+struct LoraForwardRankParams {
+  const void* x;     // [n_rows, in], contiguous
+  const void* A;     // [r, in], contiguous
+  const void* B;     // [out, r], contiguous
+  const void* bias;  // [out] or nullptr
+  void* xa;          // [n_rows, r]
+  void* y;           // [n_rows, out]
+  int64_t n_rows, in_features, out_features, rank;
+  double scaling;
+  float p;
+  double scale;              // 1 / (1 - p)
+  const int64_t* rng_state;  // nullptr when p == 0
+  DType dtype;
+};
+
+// The backward's rank-r half on the CPU, in one pass over parts of rows, with u = s·dy·B per part:
+//   dx = drop'(u·A)   (the LoRA part; the caller adds the frozen dy·W to it)
+//   dA = uᵀ·drop(x)   dB = s·dyᵀ·xa
+// sharing one draw of the mask; dA and dB are reduced from per-part sums in a fixed order. Any of
+// dx, dA, dB may be nullptr when not needed; dB only for float32 and float64 (the glue computes a 16-bit
+// dB as one product, whose float32 accumulation per-part sums in 16 bits would lose).
+struct LoraBackwardRankParams {
+  const void* dy;  // [n_rows, out], contiguous
+  const void* x;   // [n_rows, in], contiguous
+  const void* A;   // [r, in], contiguous
+  const void* B;   // [out, r], contiguous
+  const void* xa;  // [n_rows, r], contiguous
+  void* dx;        // [n_rows, in] or nullptr
+  void* dA;        // [r, in] or nullptr
+  void* dB;        // [out, r] or nullptr
+  int64_t n_rows, in_features, out_features, rank;
+  double scaling;
   float p;
   double scale;
-  const int64_t* rng_state;
+  const int64_t* rng_state;  // nullptr when p == 0
   DType dtype;
 };
 

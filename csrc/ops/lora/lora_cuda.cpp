@@ -1,5 +1,8 @@
 // CUDA glue of the LoRA family: tensors → params, device guard, current stream, registration.
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -49,6 +52,41 @@ struct CudaBackend {
                                to_dtype(xc.scalar_type())};
     dropout(params);
     return {dx, need_dA ? at::mm(u.t(), xd) : at::Tensor()};
+  }
+
+  static at::Tensor forward_rank(const at::Tensor& x2, const at::Tensor& lora_A, const at::Tensor& lora_B,
+                                 const std::optional<at::Tensor>& bias, double scaling, double p, const int64_t* rng,
+                                 at::Tensor& y) {
+    const at::Tensor xa = shrink(x2, lora_A, p, rng);
+    if (bias) {
+      at::addmm_out(y, *bias, xa, lora_B.t(), 1, scaling);
+    } else {
+      at::addmm_out(y, y, xa, lora_B.t(), 0, scaling);
+    }
+    return xa;
+  }
+
+  // dB = s·dyᵀ·xa, u = s·dy·B, then dx = drop'(u·A) and dA = uᵀ·drop(x) with one mask pass
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_rank(
+      const at::Tensor& g2, const at::Tensor& x2, const at::Tensor& lora_A, const at::Tensor& lora_B,
+      const at::Tensor& xa, double scaling, double p, const int64_t* rng, bool need_dx, bool need_dA, bool need_dB) {
+    at::Tensor dx, dA, dB;
+    if (need_dB) {
+      // as (xaᵀ·dy)ᵀ: the BLAS streams dy far faster with the long dimension as the reduction
+      at::Tensor dB_t = at::empty({lora_B.size(1), lora_B.size(0)}, x2.options());
+      at::addmm_out(dB_t, dB_t, xa.t(), g2, 0, scaling);
+      dB = dB_t.t().contiguous();
+    }
+    if (!need_dx && !need_dA) return {dx, dA, dB};
+    at::Tensor u = at::empty({x2.size(0), lora_A.size(0)}, x2.options());
+    at::addmm_out(u, u, g2, lora_B, 0, scaling);
+    if (p > 0) {
+      std::tie(dx, dA) = dropout_grads(x2, u, lora_A, p, rng, need_dx, need_dA);
+    } else {
+      if (need_dx) dx = at::mm(u, lora_A);
+      if (need_dA) dA = at::mm(u.t(), x2);
+    }
+    return {dx, dA, dB};
   }
 };
 

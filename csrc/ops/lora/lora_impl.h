@@ -1,8 +1,11 @@
-// The LoRA linear's composition, shared by the CPU and CUDA registrations: the large frozen product
-// and the rank-r products go to the BLAS through ATen (MKL / cuBLAS), the expand is accumulated into y
-// in place, and the Philox dropout runs in our kernels. `Backend` supplies the device-specific pieces:
-//   static at::Tensor shrink(const at::Tensor& x2, const at::Tensor& A, double p, const int64_t* rng);
-//   static std::pair<at::Tensor, at::Tensor> dropout_grads(x2, u, A, p, rng, need_dx, need_dA);
+// The LoRA linear's composition, shared by the CPU and CUDA registrations: the large frozen products go
+// to the BLAS through ATen (MKL / cuBLAS) and accumulate into the rank-r half's result in place; the
+// rank-r half, with its Philox dropout, is the backend's. `Backend` supplies:
+//   // xa = drop(x)·Aᵀ, and y [N, out] (allocated, contiguous) written as bias + s·xa·Bᵀ
+//   static at::Tensor forward_rank(x2, A, B, bias, scaling, p, rng, at::Tensor& y);
+//   // (dx_lora = drop'(u·A) or undefined, dA, dB) with u = s·dy·B; each only when asked for
+//   static std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_rank(g2, x2, A, B, xa, scaling, p, rng,
+//                                                                       need_dx, need_dA, need_dB);
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
@@ -57,15 +60,10 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x, const at::Tensor
   check_inputs(x, weight, bias, lora_A, lora_B, dropout_p, rng_state);
   const int64_t out_features = weight.size(0);
   const at::Tensor x2 = as_rows(x);
-  const at::Tensor xa = Backend::shrink(x2, lora_A, dropout_p,
-                                        dropout_p > 0 ? rng_state->const_data_ptr<int64_t>() : nullptr);
   // y = b + s·xa·Bᵀ (rank-r, cheap) first, then the frozen product accumulates into it (beta = 1).
   at::Tensor y = at::empty({x2.size(0), out_features}, x.options());
-  if (bias) {
-    at::addmm_out(y, *bias, xa, lora_B.t(), 1, scaling);
-  } else {
-    at::addmm_out(y, y, xa, lora_B.t(), 0, scaling);
-  }
+  const at::Tensor xa = Backend::forward_rank(x2, lora_A, lora_B, bias, scaling, dropout_p,
+                                              dropout_p > 0 ? rng_state->const_data_ptr<int64_t>() : nullptr, y);
   y.addmm_(x2, weight.t());
   return {y.view(with_last(x.sizes(), out_features)), xa};
 }
@@ -92,32 +90,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
   // gradients not asked for come back as distinct empty tensors (outputs of an op must not alias)
   const auto none = [&] { return at::empty({0}, x.options()); };
 
-  at::Tensor dB = none(), dW = none(), db = none(), dA = none(), dx = none();
-  if (need_dB) {
-    // as (xaᵀ·dy)ᵀ: BLAS streams dy far faster with the long dimension as the reduction of a [r, N] row
-    at::Tensor dB_t = at::empty({rank, out_features}, x.options());
-    at::addmm_out(dB_t, dB_t, xa.t(), g2, 0, scaling);
-    dB = dB_t.t().contiguous();
-  }
-  if (need_db) db = g2.sum(0);
-  if (need_dW) dW = at::mm(g2.t(), x2);
-  if (!need_dx && !need_dA) return {dx, dW, db, dA, dB};
-
-  at::Tensor u = at::empty({n_rows, rank}, x.options());
-  at::addmm_out(u, u, g2, lora_B, 0, scaling);
-  if (dropout_p > 0) {
-    // the LoRA part of dx, drop'(u·A), and dA = uᵀ·drop(x), with one regeneration of the mask
-    std::tie(dx, dA) = Backend::dropout_grads(x2, u, lora_A, dropout_p, rng_state->const_data_ptr<int64_t>(),
-                                              need_dx, need_dA);
-    if (!need_dx) dx = none();
-    if (!need_dA) dA = none();
-  } else {
-    if (need_dx) dx = at::mm(u, lora_A);
-    if (need_dA) dA = at::mm(u.t(), x2);
-  }
+  at::Tensor dW = need_dW ? at::mm(g2.t(), x2) : none();
+  at::Tensor db = need_db ? g2.sum(0) : none();
+  auto [dx, dA, dB] = Backend::backward_rank(g2, x2, lora_A, lora_B, xa, scaling, dropout_p,
+                                             dropout_p > 0 ? rng_state->const_data_ptr<int64_t>() : nullptr,
+                                             need_dx, need_dA, need_dB);
+  if (!need_dA) dA = none();
+  if (!need_dB) dB = none();
   if (need_dx) {
     dx.addmm_(g2, weight);
     dx = dx.view(x.sizes());
+  } else {
+    dx = none();
   }
   return {dx, dW, db, dA, dB};
 }

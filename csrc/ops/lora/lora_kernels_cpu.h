@@ -6,8 +6,8 @@
 namespace pyfastpeft {
 
 struct LoraCpuKernels {
-  void (*shrink_dropout)(const LoraShrinkParams&);  // p > 0
-  void (*dropout_backward)(const LoraDropoutBackwardParams&);
+  void (*forward_rank)(const LoraForwardRankParams&);
+  void (*backward_rank)(const LoraBackwardRankParams&);
 };
 PFP_DECLARE_CPU_KERNELS(LoraCpuKernels, lora_cpu_kernels)
 
