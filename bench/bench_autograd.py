@@ -62,21 +62,23 @@ def python_rule():
 # as what the C++ kernel is timed against.
 def _setup_context(ctx, inputs, output):
     x, weight, bias, lora_A, lora_B, scaling, dropout_p, rng_state = inputs
-    _, xa = output
-    ctx.save_for_backward(x, weight, lora_A, lora_B, xa, rng_state)
+    _, xa, keep = output
+    ctx.save_for_backward(x, weight, lora_A, lora_B, xa, rng_state, keep)
     ctx.scaling, ctx.dropout_p, ctx.has_bias = scaling, dropout_p, bias is not None
-    ctx.mark_non_differentiable(xa)
+    ctx.mark_non_differentiable(xa, keep)
     ctx.set_materialize_grads(False)  # xa's gradient is never made, so none is allocated
 
 
-def _backward(ctx, grad_y, _grad_xa):
+def _backward(ctx, grad_y, _grad_xa, _grad_keep):
     # one gradient per input: x, weight, bias, lora_A, lora_B, scaling, dropout_p, rng_state
     if grad_y is None:
         return (None,) * 8
-    x, weight, lora_A, lora_B, xa, rng_state = ctx.saved_tensors
+    x, weight, lora_A, lora_B, xa, rng_state, keep = ctx.saved_tensors
     need = ctx.needs_input_grad
     mask = [need[0], need[1], ctx.has_bias and need[2], need[3], need[4]]
-    grads = _OP.lora_linear_backward(grad_y, x, weight, lora_A, lora_B, xa, ctx.scaling, ctx.dropout_p, rng_state, mask)
+    grads = _OP.lora_linear_backward(
+        grad_y, x, weight, lora_A, lora_B, xa, ctx.scaling, ctx.dropout_p, rng_state, keep, mask
+    )
     return (*(g if m else None for g, m in zip(grads, mask, strict=True)), None, None, None)
 
 @functools.cache
@@ -110,13 +112,13 @@ def make_case(n_tokens: int, in_f: int, out_f: int, rank: int, dropout_p: float)
     def through_autograd():
         for t in params:
             t.grad = None
-        y, _ = _OP.lora_linear(x, weight, None, lora_A, lora_B, 2.0, dropout_p, rng)
+        y, _, _ = _OP.lora_linear(x, weight, None, lora_A, lora_B, 2.0, dropout_p, rng)
         y.backward(gy)
 
     def floor():
         with torch.no_grad():
-            _, xa = _OP.lora_linear(x, weight, None, lora_A, lora_B, 2.0, dropout_p, rng)
-            _OP.lora_linear_backward(gy, x, weight, lora_A, lora_B, xa, 2.0, dropout_p, rng, _MASK)
+            _, xa, keep = _OP.lora_linear(x, weight, None, lora_A, lora_B, 2.0, dropout_p, rng)
+            _OP.lora_linear_backward(gy, x, weight, lora_A, lora_B, xa, 2.0, dropout_p, rng, keep, _MASK)
 
     return through_autograd, floor
 

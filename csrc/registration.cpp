@@ -11,13 +11,16 @@ TORCH_LIBRARY(pyfastpeft, m) {
   const std::vector<at::Tag> pt2 = {at::Tag::pt2_compliant_tag};
 
   // ---- lora: fused LoRA linear (csrc/ops/lora) ----
-  // Returns (y, xa) with xa = drop(x)·Aᵀ [N, r], saved for the backward.
+  // Returns (y, xa, keep) with xa = drop(x)·Aᵀ [N, r] and keep the dropout mask as bits (uint8,
+  // dropout_keep_bytes(N·in) bytes, pyfastpeft/philox.h) on the CPU when dropout_p > 0, else empty; both
+  // saved for the backward.
   m.def("lora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scaling, "
-        "float dropout_p, Tensor? rng_state) -> (Tensor, Tensor)",
+        "float dropout_p, Tensor? rng_state) -> (Tensor, Tensor, Tensor)",
         pt2);
-  // Returns (dx, dW, db, dA, dB); entries whose output_mask is false are empty tensors.
+  // Returns (dx, dW, db, dA, dB); entries whose output_mask is false are empty tensors. keep: the
+  // forward's mask bits; None or empty: the mask is drawn again from rng_state.
   m.def("lora_linear_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, Tensor xa, "
-        "float scaling, float dropout_p, Tensor? rng_state, bool[5] output_mask) "
+        "float scaling, float dropout_p, Tensor? rng_state, Tensor? keep, bool[5] output_mask) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
         pt2);
 

@@ -1,7 +1,7 @@
 """Fused LoRA linear: ``y = x·Wᵀ + b + s·(dropout(x)·Aᵀ)·Bᵀ``.
 
-The op saves x, the rank-r product ``xa = dropout(x)·Aᵀ`` and the dropout's [seed, offset]; the
-backward regenerates the dropout mask from the Philox stream instead of saving it.
+The op saves x, the rank-r product ``xa = dropout(x)·Aᵀ``, the dropout's [seed, offset] and, on the CPU,
+the dropout mask as bits (N·in/8 bytes); on CUDA the backward regenerates the mask from the Philox stream.
 """
 
 from __future__ import annotations
@@ -22,12 +22,18 @@ def _lora_linear_fake(x, weight, bias, lora_A, lora_B, scaling, dropout_p, rng_s
     n_rows = math.prod(x.shape[:-1])
     y = x.new_empty((*x.shape[:-1], weight.shape[0]))
     xa = x.new_empty((n_rows, lora_A.shape[0]))
-    return y, xa
+    # the CPU kernels keep the dropout mask as bits for the backward (dropout_keep_bytes in philox.h)
+    keep_bytes = (n_rows * x.shape[-1] + 7) // 8 + 8 if dropout_p > 0 and x.device.type == "cpu" else 0
+    return y, xa, x.new_empty((keep_bytes,), dtype=torch.uint8)
 
 
 @torch.library.register_fake("pyfastpeft::lora_linear_backward")
-def _lora_linear_backward_fake(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, rng_state, output_mask):
-    check_same_device("x", x, grad_y=grad_y, weight=weight, lora_A=lora_A, lora_B=lora_B, xa=xa, rng_state=rng_state)
+def _lora_linear_backward_fake(
+    grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, rng_state, keep, output_mask
+):
+    check_same_device(
+        "x", x, grad_y=grad_y, weight=weight, lora_A=lora_A, lora_B=lora_B, xa=xa, rng_state=rng_state, keep=keep
+    )
 
     def grad(mask: bool, like: torch.Tensor, shape) -> torch.Tensor:
         return like.new_empty(shape) if mask else like.new_empty((0,))
@@ -69,5 +75,5 @@ def lora_linear(
             the CPU and on CUDA.
     """
     rng = _rng.rng_state(seed, x.device) if dropout_p > 0 else None
-    y, _ = _OP.lora_linear(x, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p), rng)
+    y, _, _ = _OP.lora_linear(x, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p), rng)
     return y

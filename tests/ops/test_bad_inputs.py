@@ -59,6 +59,7 @@ CASES = {
             scaling=0.5,
             dropout_p=0.1,
             rng_state=_rng(),
+            keep=None,
             output_mask=[True] * 5,
         ),
     ),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -147,6 +148,44 @@ def test_several_row_parts(dtype, bias, p, n_rows):
     check_against_reference(inputs, scaling=0.7, dtype=dtype, mask=mask, p=p, seed=seed if p else None)
 
 
+# The CPU forward keeps its dropout mask as bits (element e: bit e % 8 of byte e / 8, then 8 zero bytes):
+# they are the Philox stream's mask, set from several threads' parts whose boundaries fall inside a byte
+# (300 rows x 45 features), and a backward from them equals one that draws the mask again.
+@pytest.mark.parametrize("lead, in_f", [((600,), 45), ((3, 7), 33), ((1,), 5), ((1100,), 128)])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_kept_mask_bits(dtype, lead, in_f):
+    p, seed = 0.3, 17
+    inputs = {k: None if v is None else v.detach() for k, v in make_inputs(lead, in_f, 11, 4, dtype, "cpu").items()}
+    rng = torch.tensor([seed, 0], dtype=torch.int64)
+    args = (inputs["x"], inputs["weight"], inputs["bias"], inputs["lora_A"], inputs["lora_B"], 0.9, p, rng)
+    y, xa, keep = torch.ops.pyfastpeft.lora_linear(*args)
+    numel = inputs["x"].numel()
+    assert keep.dtype == torch.uint8 and keep.shape == ((numel + 7) // 8 + 8,)
+    bits = torch.from_numpy(np.unpackbits(keep.numpy(), bitorder="little"))
+    assert torch.equal(bits[:numel].bool(), reference.philox_keep_mask(numel, p, seed))
+    assert not bits[numel:].any()
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64).to(dtype)
+    grads = [dy, inputs["x"], inputs["weight"], inputs["lora_A"], inputs["lora_B"], xa, 0.9, p, rng]
+    mask = [True, False, False, True, True]
+    from_bits = torch.ops.pyfastpeft.lora_linear_backward(*grads, keep, mask)
+    redrawn = torch.ops.pyfastpeft.lora_linear_backward(*grads, None, mask)
+    for a, b in zip(from_bits, redrawn, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_bad_kept_mask_bits():
+    inputs = {k: None if v is None else v.detach() for k, v in make_inputs((4,), 8, 6, 2, torch.float32, "cpu").items()}
+    rng = torch.tensor([1, 0], dtype=torch.int64)
+    y, xa, keep = torch.ops.pyfastpeft.lora_linear(
+        inputs["x"], inputs["weight"], None, inputs["lora_A"], inputs["lora_B"], 1.0, 0.5, rng
+    )
+    grads = [torch.ones_like(y), inputs["x"], inputs["weight"], inputs["lora_A"], inputs["lora_B"], xa, 1.0, 0.5, rng]
+    for bad, match in [(keep[:-1], r"keep: expected the forward's mask bits, a contiguous \[12\]"),
+                       (keep.float(), "keep: expected dtype Byte")]:
+        with pytest.raises(ValueError, match=match):
+            torch.ops.pyfastpeft.lora_linear_backward(*grads, bad, [True] * 5)
+
+
 # A layer wide enough that the dropout kernels' block buffers (64 rows x 4200) and the partial sums of
 # dA (8 parts x r x in) pass the 1 MiB a thread keeps between calls: those are allocated per call.
 def test_dropout_buffers_of_a_wide_layer():
@@ -206,7 +245,7 @@ def test_opcheck(device):
     args = (inputs["x"], inputs["weight"], inputs["bias"], inputs["lora_A"], inputs["lora_B"], 0.5, 0.2, rng)
     torch.library.opcheck(torch.ops.pyfastpeft.lora_linear, args)
     torch.library.opcheck(torch.ops.pyfastpeft.lora_linear, args[:6] + (0.0, None))
-    y, xa = torch.ops.pyfastpeft.lora_linear(*args)
+    y, xa, keep = torch.ops.pyfastpeft.lora_linear(*args)
     bwd_args = (
         torch.randn_like(y),
         inputs["x"].detach(),
@@ -217,11 +256,14 @@ def test_opcheck(device):
         0.5,
         0.2,
         rng,
+        keep,
         [True, False, True, True, True],
     )
     torch.library.opcheck(torch.ops.pyfastpeft.lora_linear_backward, bwd_args)
     only_b = bwd_args[:-1] + ([False, False, False, False, True],)  # four empty gradients, none aliased
     torch.library.opcheck(torch.ops.pyfastpeft.lora_linear_backward, only_b)
+    redrawn = bwd_args[:9] + (None, bwd_args[-1])  # no bits: the backward draws the mask again
+    torch.library.opcheck(torch.ops.pyfastpeft.lora_linear_backward, redrawn)
 
 
 class TestDropout:

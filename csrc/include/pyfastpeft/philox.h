@@ -71,4 +71,9 @@ PFP_HOST_DEVICE bool dropout_keep(uint64_t seed, uint64_t offset, int64_t index,
   return philox_lane16(words, dropout_lane(index)) >= threshold;
 }
 
+// A mask kept as bits (the CPU LoRA forward keeps its mask for the backward): element e is bit e % 8 of
+// byte e / 8, so a group is 16 whole bytes; 8 zero bytes follow the last element's byte, for
+// unaligned multi-byte reads. The size of such a buffer for `numel` elements:
+PFP_HOST_DEVICE int64_t dropout_keep_bytes(int64_t numel) { return (numel + 7) / 8 + 8; }
+
 }  // namespace pyfastpeft

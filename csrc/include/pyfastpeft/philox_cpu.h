@@ -5,6 +5,7 @@
 #error "kernel header: include it only from a *_kernels_cpu.cpp, which is compiled once per CPU level"
 #endif
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -201,6 +202,107 @@ void dropout_mul_range(int64_t e0, int64_t n, uint64_t seed, uint64_t offset, ui
   }
 #endif
   generic(0, n);
+}
+
+// ---- the mask kept as bits from a forward for its backward (layout: dropout_keep_bytes in philox.h) --
+
+// out[i] = in[i]·scale if element e0 + i of the stream is kept, else 0 (as dropout_mul_range()), and the
+// kept elements' bits set in `bits` (indexed by the buffer-wide element e0 + i; zeroed by the caller). A
+// group wholly inside [e0, e0 + n) has its 16 bytes stored; the bytes of a group the range only meets
+// are OR-ed in atomically, since the neighbouring range (another thread's rows) sets bits in them too.
+template <typename T, typename acc_t>
+void dropout_mul_keep_bits(int64_t e0, int64_t n, uint64_t seed, uint64_t offset, uint32_t threshold, acc_t scale,
+                           const T* in, acc_t* out, uint8_t* bits) {
+  if (n <= 0) return;
+  const int64_t first = e0 / kPhiloxGroup, last = (e0 + n - 1) / kPhiloxGroup;
+  for (int64_t group = first; group <= last; ++group) {
+    const int64_t g0 = group * kPhiloxGroup;
+    const int64_t lo = std::max<int64_t>(g0, e0), hi = std::min<int64_t>(g0 + kPhiloxGroup, e0 + n);
+    const bool whole = lo == g0 && hi == g0 + kPhiloxGroup;
+    uint8_t* group_bits = bits + g0 / 8;
+#if defined(__AVX512F__)
+    if constexpr (std::is_same_v<T, float> && std::is_same_v<acc_t, float>) {
+      if (whole) {
+        __m512i w[4];
+        philox_group_avx512(static_cast<uint64_t>(group) * kBatch, offset, seed, w);
+        const __m512i thr = _mm512_set1_epi32(static_cast<int>(threshold));
+        const __m512 s = _mm512_set1_ps(scale);
+        for (int lane = 0; lane < 8; ++lane) {
+          const __mmask16 k = keep_mask16(w, lane, thr);
+          const __m512 v = _mm512_loadu_ps(in + (g0 - e0) + 16 * lane);
+          _mm512_storeu_ps(out + (g0 - e0) + 16 * lane, _mm512_maskz_mul_ps(k, v, s));
+          const uint16_t word = static_cast<uint16_t>(k);
+          std::memcpy(group_bits + 2 * lane, &word, sizeof(word));
+        }
+        continue;
+      }
+    }
+#elif defined(__AVX2__)
+    if constexpr (std::is_same_v<T, float> && std::is_same_v<acc_t, float>) {
+      if (whole) {
+        // element 16·lane + b is 16-bit lane `lane` of block b: blocks 0-7 and 8-15 of a lane are one
+        // vector each, and their 8 keep decisions one byte each
+        alignas(32) uint32_t words[4][kBatch];
+        philox_batch(static_cast<uint64_t>(group) * kBatch, offset, seed, words);
+        // u16 >= threshold as a signed compare u16 > threshold - 1 (both below 2^16)
+        const __m256i below = _mm256_set1_epi32(static_cast<int>(threshold) - 1);
+        const __m256i low16 = _mm256_set1_epi32(0xFFFF);
+        const __m256 s = _mm256_set1_ps(scale);
+        for (int lane = 0; lane < 8; ++lane) {
+          for (int h = 0; h < 2; ++h) {
+            const __m256i w = _mm256_load_si256(reinterpret_cast<const __m256i*>(&words[lane >> 1][8 * h]));
+            const __m256i u16 = (lane & 1) ? _mm256_srli_epi32(w, 16) : _mm256_and_si256(w, low16);
+            const __m256 keep = _mm256_castsi256_ps(_mm256_cmpgt_epi32(u16, below));
+            const int64_t i = (g0 - e0) + 16 * lane + 8 * h;
+            _mm256_storeu_ps(out + i, _mm256_and_ps(keep, _mm256_mul_ps(_mm256_loadu_ps(in + i), s)));
+            group_bits[2 * lane + h] = static_cast<uint8_t>(_mm256_movemask_ps(keep));
+          }
+        }
+        continue;
+      }
+    }
+#endif
+    uint32_t words[4][kBatch];
+    philox_batch(static_cast<uint64_t>(group) * kBatch, offset, seed, words);
+    uint8_t kept_bits[kPhiloxGroup / 8] = {};
+    for (int64_t e = lo; e < hi; ++e) {
+      const int i = static_cast<int>(e - g0), lane = i / 16, b = i % 16;
+      const bool kept = ((words[lane >> 1][b] >> ((lane & 1) * 16)) & 0xFFFFu) >= threshold;
+      out[e - e0] = kept ? static_cast<acc_t>(in[e - e0]) * scale : acc_t(0);
+      kept_bits[i >> 3] = static_cast<uint8_t>(kept_bits[i >> 3] | (static_cast<unsigned>(kept) << (i & 7)));
+    }
+    if (whole) {
+      std::memcpy(group_bits, kept_bits, sizeof(kept_bits));
+    } else {
+      for (int64_t k = (lo - g0) / 8; k <= (hi - 1 - g0) / 8; ++k) {
+        if (kept_bits[k] != 0) std::atomic_ref<uint8_t>(group_bits[k]).fetch_or(kept_bits[k], std::memory_order_relaxed);
+      }
+    }
+  }
+}
+
+// out[i] = in[i]·scale if bit e0 + i of `bits` is set, else 0, for i < n (out may be in).
+template <typename In, typename Out, typename acc_t>
+void mul_by_bits(const uint8_t* bits, int64_t e0, int64_t n, acc_t scale, const In* in, Out* out) {
+  int64_t i = 0;
+#if defined(__AVX2__)
+  if constexpr (std::is_same_v<In, float> && std::is_same_v<Out, float> && std::is_same_v<acc_t, float>) {
+    const __m256i select = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    const __m256 s = _mm256_set1_ps(scale);
+    for (; i + 8 <= n; i += 8) {
+      const int64_t e = e0 + i;
+      uint16_t two;
+      std::memcpy(&two, bits + (e >> 3), sizeof(two));  // the byte after the last is padding
+      const __m256i b = _mm256_set1_epi32((two >> (e & 7)) & 0xFF);
+      const __m256 set = _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(b, select), select));
+      _mm256_storeu_ps(out + i, _mm256_and_ps(set, _mm256_mul_ps(_mm256_loadu_ps(in + i), s)));
+    }
+  }
+#endif
+  for (; i < n; ++i) {
+    const int64_t e = e0 + i;
+    out[i] = ((bits[e >> 3] >> (e & 7)) & 1) != 0 ? static_cast<Out>(static_cast<acc_t>(in[i]) * scale) : Out(0);
+  }
 }
 
 #if defined(__AVX512F__)

@@ -4,8 +4,9 @@
 //   xa = drop(x)·Aᵀ                            saved for backward (N·r elements)
 // Backward, with u = s·dy·B:
 //   dx = dy·W + drop'(u·A)     dA = uᵀ·drop(x)     dB = s·dyᵀ·xa     db = Σ_n dy     dW = dyᵀ·x
-// drop(·) multiplies by the Philox mask (see pyfastpeft/dropout.h) and 1/(1-p); the backward regenerates
-// the mask from rng_state = [seed, offset], so neither the mask nor drop(x) is ever saved.
+// drop(·) multiplies by the Philox mask (see pyfastpeft/dropout.h) and 1/(1-p). drop(x) is never saved:
+// the CPU forward keeps the mask as bits (N·in/8 bytes, `keep`) for the backward; on CUDA (and when no
+// bits are passed) the backward regenerates the mask from rng_state = [seed, offset].
 #pragma once
 #include <cstdint>
 
@@ -37,6 +38,7 @@ struct LoraForwardRankParams {
   const void* bias;  // [out] or nullptr
   void* xa;          // [n_rows, r]
   void* y;           // [n_rows, out]
+  void* keep;        // the mask as bits for the backward, dropout_keep_bytes(n_rows·in) bytes, zeroed; or nullptr
   int64_t n_rows, in_features, out_features, rank;
   double scaling;
   float p;
@@ -60,6 +62,7 @@ struct LoraBackwardRankParams {
   void* dx;        // [n_rows, in] or nullptr
   void* dA;        // [r, in] or nullptr
   void* dB;        // [out, r] or nullptr
+  const void* keep;  // the forward's mask as bits (LoraForwardRankParams::keep), or nullptr: drawn again
   int64_t n_rows, in_features, out_features, rank;
   double scaling;
   float p;

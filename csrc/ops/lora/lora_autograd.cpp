@@ -16,13 +16,13 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-std::tuple<at::Tensor, at::Tensor> call_forward(const at::Tensor& x, const at::Tensor& weight,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> call_forward(const at::Tensor& x, const at::Tensor& weight,
                                                 const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
                                                 const at::Tensor& lora_B, double scaling, double dropout_p,
                                                 const std::optional<at::Tensor>& rng_state) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("pyfastpeft::lora_linear", "")
-                             .typed<std::tuple<at::Tensor, at::Tensor>(
+                             .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
                                  const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
                                  const at::Tensor&, const at::Tensor&, double, double,
                                  const std::optional<at::Tensor>&)>();
@@ -32,14 +32,16 @@ std::tuple<at::Tensor, at::Tensor> call_forward(const at::Tensor& x, const at::T
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> call_backward(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
     const at::Tensor& lora_B, const at::Tensor& xa, double scaling, double dropout_p,
-    const std::optional<at::Tensor>& rng_state, std::array<bool, 5> output_mask) {
+    const std::optional<at::Tensor>& rng_state, const std::optional<at::Tensor>& keep,
+    std::array<bool, 5> output_mask) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("pyfastpeft::lora_linear_backward", "")
                              .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
                                  const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                  const at::Tensor&, const at::Tensor&, double, double,
-                                 const std::optional<at::Tensor>&, std::array<bool, 5>)>();
-  return op.call(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, rng_state, output_mask);
+                                 const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+                                 std::array<bool, 5>)>();
+  return op.call(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, rng_state, keep, output_mask);
 }
 
 class LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction> {
@@ -49,15 +51,15 @@ class LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction> 
                                const at::Tensor& lora_B, double scaling, double dropout_p,
                                const std::optional<at::Tensor>& rng_state) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [y, xa] = call_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, rng_state);
-    ctx->save_for_backward({x, weight, lora_A, lora_B, xa, rng_state.value_or(at::Tensor())});
+    auto [y, xa, keep] = call_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, rng_state);
+    ctx->save_for_backward({x, weight, lora_A, lora_B, xa, rng_state.value_or(at::Tensor()), keep});
     ctx->saved_data["scaling"] = scaling;
     ctx->saved_data["dropout_p"] = dropout_p;
     ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
     ctx->saved_data["has_rng"] = rng_state.has_value() && rng_state->defined();
-    ctx->mark_non_differentiable({xa});
-    ctx->set_materialize_grads(false);  // xa's gradient is never made
-    return {y, xa};
+    ctx->mark_non_differentiable({xa, keep});
+    ctx->set_materialize_grads(false);  // xa's and keep's gradients are never made
+    return {y, xa, keep};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
@@ -76,7 +78,7 @@ class LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction> 
     const std::optional<at::Tensor> rng = has_rng ? std::optional<at::Tensor>(saved[5]) : std::nullopt;
     auto [dx, dW, db, dA, dB] = call_backward(grad_y, saved[0], saved[1], saved[2], saved[3], saved[4],
                                               ctx->saved_data["scaling"].toDouble(),
-                                              ctx->saved_data["dropout_p"].toDouble(), rng, mask);
+                                              ctx->saved_data["dropout_p"].toDouble(), rng, saved[6], mask);
     const std::array<at::Tensor*, 5> results = {&dx, &dW, &db, &dA, &dB};
     for (size_t i = 0; i < 5; ++i) {
       if (mask[i]) grads[i] = *results[i];
@@ -85,13 +87,13 @@ class LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction> 
   }
 };
 
-std::tuple<at::Tensor, at::Tensor> lora_linear_autograd(const at::Tensor& x, const at::Tensor& weight,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_autograd(const at::Tensor& x, const at::Tensor& weight,
                                                         const std::optional<at::Tensor>& bias,
                                                         const at::Tensor& lora_A, const at::Tensor& lora_B,
                                                         double scaling, double dropout_p,
                                                         const std::optional<at::Tensor>& rng_state) {
   const auto out = LoraLinearFunction::apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p, rng_state);
-  return {out[0], out[1]};
+  return {out[0], out[1], out[2]};
 }
 
 }  // namespace

@@ -54,22 +54,24 @@ struct CudaBackend {
     return {dx, need_dA ? at::mm(u.t(), xd) : at::Tensor()};
   }
 
-  static at::Tensor forward_rank(const at::Tensor& x2, const at::Tensor& lora_A, const at::Tensor& lora_B,
-                                 const std::optional<at::Tensor>& bias, double scaling, double p, const int64_t* rng,
-                                 at::Tensor& y) {
+  // the backward regenerates the mask, so no bits are kept (an empty keep)
+  static std::pair<at::Tensor, at::Tensor> forward_rank(const at::Tensor& x2, const at::Tensor& lora_A,
+                                                        const at::Tensor& lora_B, const std::optional<at::Tensor>& bias,
+                                                        double scaling, double p, const int64_t* rng, at::Tensor& y) {
     const at::Tensor xa = shrink(x2, lora_A, p, rng);
     if (bias) {
       at::addmm_out(y, *bias, xa, lora_B.t(), 1, scaling);
     } else {
       at::addmm_out(y, y, xa, lora_B.t(), 0, scaling);
     }
-    return xa;
+    return {xa, at::empty({0}, x2.options().dtype(at::kByte))};
   }
 
   // dB = s·dyᵀ·xa, u = s·dy·B, then dx = drop'(u·A) and dA = uᵀ·drop(x) with one mask pass
   static std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_rank(
       const at::Tensor& g2, const at::Tensor& x2, const at::Tensor& lora_A, const at::Tensor& lora_B,
-      const at::Tensor& xa, double scaling, double p, const int64_t* rng, bool need_dx, bool need_dA, bool need_dB) {
+      const at::Tensor& xa, double scaling, double p, const int64_t* rng, const uint8_t* /*keep: a CPU tensor's*/,
+      bool need_dx, bool need_dA, bool need_dB) {
     at::Tensor dx, dA, dB;
     if (need_dB) {
       // as (xaᵀ·dy)ᵀ: the BLAS streams dy far faster with the long dimension as the reduction
@@ -90,7 +92,7 @@ struct CudaBackend {
   }
 };
 
-std::tuple<at::Tensor, at::Tensor> lora_linear_cuda(const at::Tensor& x, const at::Tensor& weight,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_cuda(const at::Tensor& x, const at::Tensor& weight,
                                                     const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
                                                     const at::Tensor& lora_B, double scaling, double dropout_p,
                                                     const std::optional<at::Tensor>& rng_state) {
@@ -101,9 +103,10 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_cuda(const at::Tensor& x, const a
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_backward_cuda(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
     const at::Tensor& lora_B, const at::Tensor& xa, double scaling, double dropout_p,
-    const std::optional<at::Tensor>& rng_state, std::array<bool, 5> output_mask) {
+    const std::optional<at::Tensor>& rng_state, const std::optional<at::Tensor>& keep,
+    std::array<bool, 5> output_mask) {
   const c10::cuda::CUDAGuard guard(x.device());
-  return lora::backward<CudaBackend>(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, rng_state,
+  return lora::backward<CudaBackend>(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, rng_state, keep,
                                      output_mask);
 }
 

@@ -1,11 +1,13 @@
 // The LoRA linear's composition, shared by the CPU and CUDA registrations: the large frozen products go
 // to the BLAS through ATen (MKL / cuBLAS) and accumulate into the rank-r half's result in place; the
 // rank-r half, with its Philox dropout, is the backend's. `Backend` supplies:
-//   // xa = drop(x)·Aᵀ, and y [N, out] (allocated, contiguous) written as bias + s·xa·Bᵀ
-//   static at::Tensor forward_rank(x2, A, B, bias, scaling, p, rng, at::Tensor& y);
-//   // (dx_lora = drop'(u·A) or undefined, dA, dB) with u = s·dy·B; each only when asked for
+//   // (xa = drop(x)·Aᵀ, keep: the mask as bits or an empty uint8 tensor), and y [N, out] (allocated,
+//   // contiguous) written as bias + s·xa·Bᵀ
+//   static std::pair<at::Tensor, at::Tensor> forward_rank(x2, A, B, bias, scaling, p, rng, at::Tensor& y);
+//   // (dx_lora = drop'(u·A) or undefined, dA, dB) with u = s·dy·B; each only when asked for; keep: the
+//   // forward's bits, or nullptr to draw the mask again
 //   static std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_rank(g2, x2, A, B, xa, scaling, p, rng,
-//                                                                       need_dx, need_dA, need_dB);
+//                                                                       keep, need_dx, need_dA, need_dB);
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
@@ -20,6 +22,7 @@
 
 #include "lora.h"
 #include "pyfastpeft/checks.h"
+#include "pyfastpeft/philox.h"
 
 namespace pyfastpeft::lora {
 
@@ -53,7 +56,7 @@ inline std::vector<int64_t> with_last(at::IntArrayRef sizes, int64_t last) {
 }
 
 template <class Backend>
-std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x, const at::Tensor& weight,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& x, const at::Tensor& weight,
                                            const std::optional<at::Tensor>& bias, const at::Tensor& lora_A,
                                            const at::Tensor& lora_B, double scaling, double dropout_p,
                                            const std::optional<at::Tensor>& rng_state) {
@@ -62,10 +65,10 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x, const at::Tensor
   const at::Tensor x2 = as_rows(x);
   // y = b + s·xa·Bᵀ (rank-r, cheap) first, then the frozen product accumulates into it (beta = 1).
   at::Tensor y = at::empty({x2.size(0), out_features}, x.options());
-  const at::Tensor xa = Backend::forward_rank(x2, lora_A, lora_B, bias, scaling, dropout_p,
-                                              dropout_p > 0 ? rng_state->const_data_ptr<int64_t>() : nullptr, y);
+  const auto [xa, keep] = Backend::forward_rank(x2, lora_A, lora_B, bias, scaling, dropout_p,
+                                                dropout_p > 0 ? rng_state->const_data_ptr<int64_t>() : nullptr, y);
   y.addmm_(x2, weight.t());
-  return {y.view(with_last(x.sizes(), out_features)), xa};
+  return {y.view(with_last(x.sizes(), out_features)), xa, keep};
 }
 
 // output_mask: which of (dx, dW, db, dA, dB) to compute; the others come back as empty tensors.
@@ -73,7 +76,8 @@ template <class Backend>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
     const at::Tensor& lora_B, const at::Tensor& xa, double scaling, double dropout_p,
-    const std::optional<at::Tensor>& rng_state, std::array<bool, 5> output_mask) {
+    const std::optional<at::Tensor>& rng_state, const std::optional<at::Tensor>& keep,
+    std::array<bool, 5> output_mask) {
   check_inputs(x, weight, std::nullopt, lora_A, lora_B, dropout_p, rng_state);
   const int64_t out_features = weight.size(0), rank = lora_A.size(0);
   TORCH_CHECK_VALUE(grad_y.sizes() == at::IntArrayRef(with_last(x.sizes(), out_features)),
@@ -86,6 +90,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
   check_size(xa, "xa", 0, n_rows, "tokens");
   check_size(xa, "xa", 1, rank, "rank");
   const at::Tensor g2 = as_rows(grad_y);
+  // the forward's mask as bits (the CPU forward's third output); absent or empty: drawn again
+  const uint8_t* keep_bits = nullptr;
+  if (dropout_p > 0 && keep && keep->numel() > 0) {
+    TORCH_CHECK_VALUE(keep->scalar_type() == at::kByte, "keep: expected dtype Byte (uint8), got ",
+                      keep->scalar_type());
+    check_same_devices({{&*keep, "keep"}}, x, "x");
+    const int64_t need = dropout_keep_bytes(n_rows * x2.size(1));
+    TORCH_CHECK_VALUE(keep->dim() == 1 && keep->numel() == need && keep->is_contiguous(),
+                      "keep: expected the forward's mask bits, a contiguous [", need, "] tensor, got shape ",
+                      keep->sizes());
+    keep_bits = keep->const_data_ptr<uint8_t>();
+  }
   const auto [need_dx, need_dW, need_db, need_dA, need_dB] = output_mask;
   // gradients not asked for come back as distinct empty tensors (outputs of an op must not alias)
   const auto none = [&] { return at::empty({0}, x.options()); };
@@ -94,7 +110,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
   at::Tensor db = need_db ? g2.sum(0) : none();
   auto [dx, dA, dB] = Backend::backward_rank(g2, x2, lora_A, lora_B, xa, scaling, dropout_p,
                                              dropout_p > 0 ? rng_state->const_data_ptr<int64_t>() : nullptr,
-                                             need_dx, need_dA, need_dB);
+                                             keep_bits, need_dx, need_dA, need_dB);
   if (!need_dA) dA = none();
   if (!need_dB) dB = none();
   if (need_dx) {

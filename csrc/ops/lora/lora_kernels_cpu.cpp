@@ -44,6 +44,11 @@ struct MaskStream {
   void mul_row(int64_t e0, int64_t n, const T* in, acc_t* out) const {
     cpu::dropout_mul_range(e0, n, seed, offset, threshold, scale, in, out);
   }
+  // mul_row() that also sets the kept elements' bits in `keep` (see cpu::dropout_mul_keep_bits)
+  template <typename T>
+  void mul_row(int64_t e0, int64_t n, const T* in, acc_t* out, uint8_t* keep) const {
+    cpu::dropout_mul_keep_bits(e0, n, seed, offset, threshold, scale, in, out, keep);
+  }
 #if defined(__AVX512F__)
   // the mask of [e0, e0 + n) as bits (see cpu::dropout_keep_bits); `bits` is resized to fit
   void bits(int64_t e0, int64_t n, std::vector<uint16_t>& out, const void* ahead = nullptr,
@@ -151,6 +156,7 @@ void lora_forward_rank_kernel(const LoraForwardRankParams& p) {
   const T* x = static_cast<const T*>(p.x);
   T* xa = static_cast<T*>(p.xa);
   T* y = static_cast<T*>(p.y);
+  uint8_t* keep = static_cast<uint8_t*>(p.keep);
   Scratch<acc_t> a_storage(kSlotA, 0);
   const at::Tensor A_acc_t =
       drop ? wrap(const_cast<acc_t*>(as_acc<T, acc_t>(static_cast<const T*>(p.A), rank * in, a_storage)), {rank, in}).t()
@@ -170,7 +176,11 @@ void lora_forward_rank_kernel(const LoraForwardRankParams& p) {
       acc_t* prod = out_buf.get();
       for (int64_t n0 = row_begin; n0 < row_end; n0 += block) {
         const int64_t rows = std::min<int64_t>(block, row_end - n0);
-        mask->mul_row(n0 * in, rows * in, x + n0 * in, xd);
+        if (keep != nullptr) {
+          mask->mul_row(n0 * in, rows * in, x + n0 * in, xd, keep);
+        } else {
+          mask->mul_row(n0 * in, rows * in, x + n0 * in, xd);
+        }
         at::Tensor prod_t = wrap(prod, {rows, rank});
         at::mm_out(prod_t, wrap(xd, {rows, in}), A_acc_t);
         for (int64_t i = 0; i < rows * rank; ++i) xa[n0 * rank + i] = static_cast<T>(prod[i]);
@@ -318,6 +328,7 @@ void lora_backward_rank_kernel(const LoraBackwardRankParams& p) {
   const T* dy = static_cast<const T*>(p.dy);
   const T* xa = static_cast<const T*>(p.xa);
   T* dx = static_cast<T*>(p.dx);
+  const uint8_t* kept = static_cast<const uint8_t*>(p.keep);
   const at::Tensor A_T = wrap(const_cast<T*>(static_cast<const T*>(p.A)), {rank, in});
   const at::Tensor B_T = wrap(const_cast<T*>(static_cast<const T*>(p.B)), {out, rank});
   Scratch<acc_t> a_storage(kSlotA, 0);
@@ -366,7 +377,7 @@ void lora_backward_rank_kernel(const LoraBackwardRankParams& p) {
     }
     const int64_t block = row_block(in);
     const Scratch<acc_t> ub_buf(kSlotSmall, std::is_same_v<T, acc_t> ? 0 : block * rank);
-    const Scratch<acc_t> keep_buf(kSlotBlock, kMaskBits<T> ? 0 : block * in);
+    const Scratch<acc_t> keep_buf(kSlotBlock, kMaskBits<T> || kept != nullptr ? 0 : block * in);
     const Scratch<acc_t> buf_buf(kSlotBuf, kMaskBits<T> ? 0 : block * in);
     acc_t* keep = keep_buf.get();
     acc_t* buf = buf_buf.get();
@@ -390,7 +401,8 @@ void lora_backward_rank_kernel(const LoraBackwardRankParams& p) {
       }
 #if defined(__AVX512F__)
       if constexpr (kMaskBits<T>) {
-        // float32: the mask drawn once as bits and applied inside the rank-r kernels
+        // float32: the mask drawn once as bits and applied inside the rank-r kernels (drawn again rather
+        // than taken from the forward's bits: the draw's arithmetic hides the prefetch of x below)
         const int64_t bit0 = n0 * in - cpu::keep_bits_first(n0 * in);
         // x's block is fetched into L2 while the mask is drawn: the outer product below walks it in column
         // strips, an access pattern the hardware prefetcher does not follow (measured: dA's pass over a cold
@@ -408,6 +420,18 @@ void lora_backward_rank_kernel(const LoraBackwardRankParams& p) {
 #endif
       const at::Tensor u_blk = wrap(const_cast<acc_t*>(ub), {rows, rank});
       const at::Tensor buf_blk = wrap(buf, {rows, in});
+      if (kept != nullptr) {
+        // the forward's mask, applied from its bits (no keep values written)
+        if (p.dA != nullptr) {
+          cpu::mul_by_bits(kept, n0 * in, rows * in, mask->scale, xb, buf);
+          dA_part.addmm_(u_blk.t(), buf_blk);
+        }
+        if (dx != nullptr) {
+          at::mm_out(const_cast<at::Tensor&>(buf_blk), u_blk, A);
+          cpu::mul_by_bits(kept, n0 * in, rows * in, mask->scale, static_cast<const acc_t*>(buf), dxb);
+        }
+        continue;
+      }
       mask->row(n0 * in, rows * in, keep);
       if (p.dA != nullptr) {
         for (int64_t i = 0; i < rows * in; ++i) buf[i] = static_cast<acc_t>(xb[i]) * keep[i];
@@ -419,9 +443,12 @@ void lora_backward_rank_kernel(const LoraBackwardRankParams& p) {
       }
     }
   });
+  // The parts' sums are reduced on the calling thread up to kSerialReduce elements (r·in = 9216 at the
+  // real model's r = 16, in = 576: a few µs, less than waking the other threads for it).
+  constexpr int64_t kSerialReduce = int64_t{1} << 16;
   if (p.dA != nullptr) {
     T* dA = static_cast<T*>(p.dA);
-    at::parallel_for(0, rank * in, 4096, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, rank * in, kSerialReduce, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         acc_t s = 0;
         for (int64_t part = 0; part < n_parts; ++part) s += dA_parts[part * dA_size + i];
@@ -433,7 +460,7 @@ void lora_backward_rank_kernel(const LoraBackwardRankParams& p) {
     // dB [out, r] = s·Σ_parts (dBᵀ partial)ᵀ
     T* dB = static_cast<T*>(p.dB);
     const acc_t scaling = static_cast<acc_t>(p.scaling);
-    at::parallel_for(0, out, 256, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, out, std::max<int64_t>(1, kSerialReduce / rank), [&](int64_t begin, int64_t end) {
       for (int64_t o = begin; o < end; ++o) {
         for (int64_t j = 0; j < rank; ++j) {
           acc_t s = 0;
