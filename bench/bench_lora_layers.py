@@ -1,0 +1,117 @@
+"""The seven LoRA projections of one SmolLM2-135M decoder layer against their frozen linears, forward and
+backward, at the real model's shapes: the per-layer cost that a training step on the real model pays 30
+times, without the rest of the model's time (attention, norms, the LM head) and its run-to-run noise.
+
+    python bench/bench_lora_layers.py [--threads N] [--rounds N] [--dropout P] [--out NAME]
+
+Shapes (hidden 576, intermediate 1536, 3 key-value heads of 64): q and o 576 → 576, k and v 576 → 192,
+gate and up 576 → 1536, down 1536 → 576; 512 tokens (4 × 128), r = 16, alpha 32, float32. The LoRA
+layer is ``pf.ops.lora_linear`` through autograd (the op a ``pf.get_peft_model`` layer calls), the
+reference a frozen ``F.linear`` whose input requires grad (a step's backward runs through every layer).
+Each shape's two candidates alternate in rounds; a round times 5 calls; the figure is the fastest round
+(the least disturbed by a shared machine; medians are recorded too). The layer total weighs each
+shape by how often a layer has it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import pyfastpeft as pf  # noqa: E402
+from bench._timing import print_table, write_results  # noqa: E402
+
+# (name, in, out, how many of the layer's seven projections have this shape)
+SHAPES = [("q, o", 576, 576, 2), ("k, v", 576, 192, 2), ("gate, up", 576, 1536, 2), ("down", 1536, 576, 1)]
+
+
+def time_pair(fns: dict, rounds: int, calls: int = 5) -> dict[str, list[float]]:
+    """Per-call µs of every round for each candidate, the candidates alternating."""
+    for fn in fns.values():
+        for _ in range(calls):
+            fn()
+    out = {k: [] for k in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            out[name].append((time.perf_counter() - t0) / calls * 1e6)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--tokens", type=int, default=512)
+    ap.add_argument("--dropout", type=float, default=0.05)
+    ap.add_argument("--out", default="lora_layers_cpu")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    rows = []
+    total = {"frozen": 0.0, "lora": 0.0}
+    for name, d_in, d_out, count in SHAPES:
+        x = torch.randn(args.tokens, d_in, requires_grad=True)
+        weight = torch.randn(d_out, d_in) / d_in**0.5
+        lora_A = (torch.randn(16, d_in) / d_in**0.5).requires_grad_()
+        lora_B = (torch.randn(d_out, 16) * 0.01).requires_grad_()
+        dy = torch.randn(args.tokens, d_out)
+
+        def frozen(x=x, weight=weight, dy=dy):
+            F.linear(x, weight).backward(dy)
+            x.grad = None
+
+        def lora(x=x, weight=weight, lora_A=lora_A, lora_B=lora_B, dy=dy):
+            pf.ops.lora_linear(x, weight, None, lora_A, lora_B, 2.0, args.dropout).backward(dy)
+            x.grad = lora_A.grad = lora_B.grad = None
+
+        times = time_pair({"frozen": frozen, "lora": lora}, args.rounds)
+        best = {k: min(v) for k, v in times.items()}
+        for k in total:
+            total[k] += count * best[k]
+        rows.append(
+            {
+                "projection": name,
+                "in": d_in,
+                "out": d_out,
+                "frozen_us": best["frozen"],
+                "lora_us": best["lora"],
+                "x_frozen": best["lora"] / best["frozen"],
+                "x_frozen_median": statistics.median(times["lora"]) / statistics.median(times["frozen"]),
+            }
+        )
+    rows.append(
+        {
+            "projection": "layer (7 projections)",
+            "frozen_us": total["frozen"],
+            "lora_us": total["lora"],
+            "x_frozen": total["lora"] / total["frozen"],
+            "extra_us": total["lora"] - total["frozen"],
+        }
+    )
+    print(
+        f"one SmolLM2-135M layer's LoRA projections, {args.tokens} tokens, r=16, dropout {args.dropout}, float32, "
+        f"{torch.get_num_threads()} threads, fastest of {args.rounds} rounds"
+    )
+    print_table(rows, ["projection", "in", "out", "frozen_us", "lora_us", "x_frozen", "x_frozen_median", "extra_us"])
+    path = write_results(
+        args.out,
+        rows,
+        "python bench/bench_lora_layers.py " + " ".join(sys.argv[1:]),
+        extra={"threads": torch.get_num_threads(), "dropout": args.dropout, "tokens": args.tokens},
+    )
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
