@@ -136,11 +136,17 @@ void for_each_part(int64_t n_rows, int64_t n_parts, F&& fn) {
   });
 }
 
-// Row parts of the dA reduction: a function of n_rows only (never of the thread count), so the
-// summation order and hence the result are the same however many threads run it.
+// Row parts of the kernels' parallel regions and of the dA/dB reductions: a function of n_rows only
+// (never of the thread count), so the summation order and hence the result are the same however many
+// threads run it. A power of two, so that 2, 4, 8... threads share the parts evenly; about 256 rows a
+// part, but two parts from 128 rows on, so that two threads share a short batch (a fine-tuning batch
+// of 8 × ~50 tokens ran its whole rank-r half on one thread with one part per 256 rows); at most 64.
 inline int64_t num_parts(int64_t n_rows) {
-  constexpr int64_t kMaxParts = 64, kMinRowsPerPart = 256;
-  return std::max<int64_t>(1, std::min<int64_t>(kMaxParts, n_rows / kMinRowsPerPart));
+  constexpr int64_t kMaxParts = 64, kRowsPerPart = 256;
+  if (n_rows < kRowsPerPart / 2) return 1;
+  int64_t parts = 2;
+  while (parts * 2 <= std::min<int64_t>(kMaxParts, n_rows / kRowsPerPart)) parts *= 2;
+  return parts;
 }
 
 // The forward's rank-r half, one parallel region over parts of rows: xa = drop(x)·Aᵀ (with dropout,
