@@ -131,9 +131,9 @@ def test_rank_and_width_tails(dtype, in_f, r, p):
     check_against_reference(inputs, scaling=1.5, dtype=dtype, mask=mask, p=p, seed=seed if p else None)
 
 
-# Rows enough for several parts of the CPU kernels' one parallel region (a part per 256 rows): each part
-# writes its rows of xa and of y = b + s·xa·Bᵀ, and dA and dB are sums over the parts; with and without
-# dropout, with and without a bias.
+# Rows enough for several parts of the CPU kernels' one parallel region (a power of two of them, about
+# 256 rows each): each part writes its rows of xa and of y = b + s·xa·Bᵀ, and dA and dB are sums over
+# the parts; with and without dropout, with and without a bias.
 @pytest.mark.parametrize("n_rows", [600, 1100])
 @pytest.mark.parametrize("p", [0.0, 0.2])
 @pytest.mark.parametrize("bias", [True, False])
