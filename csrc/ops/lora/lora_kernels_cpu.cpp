@@ -367,12 +367,11 @@ void lora_backward_rank_kernel(const LoraBackwardRankParams& p) {
     const at::Tensor x_part = wrap(const_cast<T*>(x + row_begin * in), {part_rows, in});
     if (!drop) {
       if (p.dA != nullptr) {
+        at::Tensor dA_part = wrap(partial, {rank, in});
         if constexpr (std::is_same_v<T, acc_t>) {
-          at::Tensor dA_part = wrap(partial, {rank, in});
           at::mm_out(dA_part, u_part.t(), x_part);
         } else {
-          at::Tensor dA_part = wrap(partial, {rank, in});
-          dA_part.copy_(at::mm(u_part.t(), x_part));
+          dA_part.copy_(at::mm(u_part.t(), x_part));  // a 16-bit product into the float32 partial
         }
       }
       if (dx != nullptr) {
