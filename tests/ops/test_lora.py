@@ -114,16 +114,19 @@ def test_dropout_equals_reference_with_the_same_mask(device, dtype, p, lead, in_
     check_against_reference(inputs, scaling=2.0, dtype=dtype, mask=mask, p=p, seed=seed)
 
 
-# Every tile of the float32 backward's masked kernels (AVX-512: ranks of 8, 4 and 1, r = 1, 5, 13, 21;
-# two, one and partial packs of columns, in = 47, 70; blocks of 8 rows and a tail, N = 301), the dropout
-# kernels' row blocks at every level, and the same shapes without dropout.
+# Every tile of the float32 kernels of the rank-r products: AVX-512's masked backward (ranks of 8, 4 and
+# 1, r = 1, 5, 13, 21; two, one and partial packs of columns, in = 47, 70; blocks of 8 rows and a tail,
+# N = 301) and AVX2's (ranks padded to 8 and 16, r = 1 .. 21; tiles of 6, 2 and 1 rows, N = 301 and
+# 299 in two parts; strips of 16 columns with partial ones, out = 19, in = 47, 70); r = 16 as the real
+# model has it, 64 the largest on those kernels and 65 on the BLAS; the dropout kernels' row blocks at
+# every level, and the same shapes without dropout.
 @pytest.mark.parametrize("p", [0.0, 0.2])
-@pytest.mark.parametrize("r", [1, 5, 13, 21])
+@pytest.mark.parametrize("r, n_rows", [(1, 301), (5, 299), (13, 301), (16, 299), (21, 301), (64, 299), (65, 301)])
 @pytest.mark.parametrize("in_f", [47, 70])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_rank_and_width_tails(dtype, in_f, r, p):
+def test_rank_and_width_tails(dtype, in_f, r, n_rows, p):
     seed = 99
-    inputs = make_inputs((301,), in_f, 19, r, dtype, "cpu", seed=r)
+    inputs = make_inputs((n_rows,), in_f, 19, r, dtype, "cpu", seed=r)
     mask = None
     if p > 0:
         ones = torch.ones(inputs["x"].shape, dtype=dtype)

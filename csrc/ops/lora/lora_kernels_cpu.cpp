@@ -1,9 +1,11 @@
 // CPU kernels of the LoRA family, compiled once per capability level (see pyfastpeft/cpu_dispatch.h).
 //
-// The frozen product and (without dropout) the rank-r products run on MKL through ATen. With dropout,
-// the rank-r work is fused with the mask so that neither the mask nor drop(x) is ever written to memory:
-// each block's mask is drawn into a cache-resident buffer and consumed there; in the float32 backward
-// (AVX-512) the mask is applied as bits by masked loads and stores inside our own rank-r kernels.
+// The frozen product runs on MKL through ATen. The rank-r products: float32 at the AVX2 level on
+// lora_rank_avx2.h's register-blocked kernels (no packing, the mask bits applied where dx is stored);
+// otherwise on the BLAS. With dropout, the rank-r work is fused with the mask so that neither the mask
+// nor drop(x) is ever written to memory: each block's mask is drawn into a cache-resident buffer and
+// consumed there; in the float32 backward (AVX-512) the mask is applied as bits by masked loads and
+// stores inside our own rank-r kernels.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
@@ -19,6 +21,7 @@
 
 #include "lora.h"
 #include "lora_kernels_cpu.h"
+#include "lora_rank_avx2.h"
 #include "pyfastpeft/dispatch.h"
 #include "pyfastpeft/philox_cpu.h"
 
@@ -67,7 +70,7 @@ struct MaskStream {
 // contents are undefined until written. Buffers the calling thread fills before a parallel region (A's
 // copy, the partial sums) are read by every thread inside it; the others belong to whichever thread
 // runs a part.
-enum Slot { kSlotA, kSlotPartial, kSlotBlock, kSlotBuf, kSlotSmall, kSlotU, kSlotCount };
+enum Slot { kSlotA, kSlotPartial, kSlotBlock, kSlotBuf, kSlotSmall, kSlotU, kSlotPackB, kSlotCount };
 inline constexpr size_t kKeepBytes = size_t{1} << 20;
 
 inline void* slot_bytes(Slot slot, size_t bytes) {
@@ -149,6 +152,57 @@ inline int64_t num_parts(int64_t n_rows) {
   return parts;
 }
 
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+#define PFP_LORA_OWN_RANK_KERNELS 1
+// float32 at the AVX2 level: the rank-r products on this file's register-blocked kernels
+// (lora_rank_avx2.h) instead of the BLAS, up to this rank (above it the products are thick enough for
+// the BLAS's packing to pay).
+inline constexpr int64_t kOwnKernelMaxRank = 64;
+
+void lora_forward_rank_own(const LoraForwardRankParams& p) {
+  namespace k = rank_avx2;
+  const int64_t in = p.in_features, out = p.out_features, rank = p.rank, n_rows = p.n_rows;
+  const bool drop = p.p > 0;
+  const float* x = static_cast<const float*>(p.x);
+  float* xa = static_cast<float*>(p.xa);
+  float* y = static_cast<float*>(p.y);
+  const float* bias = static_cast<const float*>(p.bias);
+  uint8_t* keep = static_cast<uint8_t*>(p.keep);
+  // Aᵀ as [in, R] for the shrink and Bᵀ [r, out] for the expand, packed once by the calling thread and
+  // read by every part
+  const int64_t R = k::padded_rank(rank);
+  const Scratch<float> a_pack(kSlotA, in * R), b_pack(kSlotPackB, rank * out);
+  k::pack_transposed(static_cast<const float*>(p.A), rank, in, a_pack.get());
+  const float* B = static_cast<const float*>(p.B);
+  for (int64_t o = 0; o < out; ++o) {
+    for (int64_t j = 0; j < rank; ++j) b_pack.get()[j * out + o] = B[o * rank + j];
+  }
+  const std::optional<MaskStream<float>> mask =
+      drop ? std::optional<MaskStream<float>>(std::in_place, p.rng_state, p.p, p.scale) : std::nullopt;
+  for_each_part(n_rows, num_parts(n_rows), [&](int64_t, int64_t row_begin, int64_t row_end) {
+    const int64_t part_rows = row_end - row_begin;
+    if (drop) {
+      // drop(x) block by block into a buffer that stays in L2 while the shrink reads it
+      const int64_t block = row_block(in);
+      const Scratch<float> xd_buf(kSlotBlock, block * in);
+      for (int64_t n0 = row_begin; n0 < row_end; n0 += block) {
+        const int64_t rows = std::min<int64_t>(block, row_end - n0);
+        if (keep != nullptr) {
+          mask->mul_row(n0 * in, rows * in, x + n0 * in, xd_buf.get(), keep);
+        } else {
+          mask->mul_row(n0 * in, rows * in, x + n0 * in, xd_buf.get());
+        }
+        k::rank_lanes(xd_buf.get(), in, rows, in, a_pack.get(), rank, 1.0f, xa + n0 * rank, rank);
+      }
+    } else {
+      k::rank_lanes(x + row_begin * in, in, part_rows, in, a_pack.get(), rank, 1.0f, xa + row_begin * rank, rank);
+    }
+    k::wide(xa + row_begin * rank, rank, part_rows, rank, b_pack.get(), out, out, static_cast<float>(p.scaling),
+            k::BiasStore{y + row_begin * out, out, bias});
+  });
+}
+#endif
+
 // The forward's rank-r half, one parallel region over parts of rows: xa = drop(x)·Aᵀ (with dropout,
 // block by block through a cache-resident masked copy; without, straight from x), then
 // y = bias + s·xa·Bᵀ on the part's rows while they are fresh. Each part's products run on one thread:
@@ -156,6 +210,11 @@ inline int64_t num_parts(int64_t n_rows) {
 // on 2 threads against 416 µs on 1), and one region replaces a shrink region and an expand region.
 template <typename T>
 void lora_forward_rank_kernel(const LoraForwardRankParams& p) {
+#if defined(PFP_LORA_OWN_RANK_KERNELS)
+  if constexpr (std::is_same_v<T, float>) {
+    if (p.rank <= kOwnKernelMaxRank) return lora_forward_rank_own(p);
+  }
+#endif
   using acc_t = acc_type<T>;
   const int64_t in = p.in_features, out = p.out_features, rank = p.rank, n_rows = p.n_rows;
   const bool drop = p.p > 0;
@@ -316,6 +375,119 @@ constexpr bool kMaskBits = std::is_same_v<T, float>;
 constexpr bool kMaskBits = false;
 #endif
 
+// dA and dB from the parts' partial sums (part k's dA at dA_parts + k·dA_size, its dBᵀ [r, out] at
+// dB_parts + k·dB_size), summed in part order: the same result however many threads ran the parts.
+template <typename T, typename acc_t = acc_type<T>>
+void reduce_parts(const LoraBackwardRankParams& p, int64_t n_parts, const acc_t* dA_parts, int64_t dA_size,
+                  const acc_t* dB_parts, int64_t dB_size) {
+  const int64_t in = p.in_features, out = p.out_features, rank = p.rank;
+  // The parts' sums are reduced on the calling thread up to kSerialReduce elements (r·in = 9216 at the
+  // real model's r = 16, in = 576: a few µs, less than waking the other threads for it).
+  constexpr int64_t kSerialReduce = int64_t{1} << 16;
+  if (p.dA != nullptr) {
+    T* dA = static_cast<T*>(p.dA);
+    at::parallel_for(0, rank * in, kSerialReduce, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        acc_t s = 0;
+        for (int64_t part = 0; part < n_parts; ++part) s += dA_parts[part * dA_size + i];
+        dA[i] = static_cast<T>(s);
+      }
+    });
+  }
+  if (p.dB != nullptr) {
+    // dB [out, r] = s·Σ_parts (dBᵀ partial)ᵀ
+    T* dB = static_cast<T*>(p.dB);
+    const acc_t scaling = static_cast<acc_t>(p.scaling);
+    at::parallel_for(0, out, std::max<int64_t>(1, kSerialReduce / rank), [&](int64_t begin, int64_t end) {
+      for (int64_t o = begin; o < end; ++o) {
+        for (int64_t j = 0; j < rank; ++j) {
+          acc_t s = 0;
+          for (int64_t part = 0; part < n_parts; ++part) s += dB_parts[part * dB_size + j * out + o];
+          dB[o * rank + j] = static_cast<T>(scaling * s);
+        }
+      }
+    });
+  }
+}
+
+#if defined(PFP_LORA_OWN_RANK_KERNELS)
+// float32 at the AVX2 level: the backward's four rank-r products on lora_rank_avx2.h's kernels. dx's
+// LoRA term is written with the mask applied as it is stored; dA reads drop(x) from a cache-resident
+// block made from the forward's bits (or, without them, drawn again with its bits, as the forward did).
+void lora_backward_rank_own(const LoraBackwardRankParams& p) {
+  namespace k = rank_avx2;
+  const int64_t in = p.in_features, out = p.out_features, rank = p.rank, n_rows = p.n_rows;
+  const bool drop = p.p > 0;
+  const float* x = static_cast<const float*>(p.x);
+  const float* dy = static_cast<const float*>(p.dy);
+  const float* xa = static_cast<const float*>(p.xa);
+  const float* A = static_cast<const float*>(p.A);
+  float* dx = static_cast<float*>(p.dx);
+  const uint8_t* kept = static_cast<const uint8_t*>(p.keep);
+  const float scale = drop ? static_cast<float>(p.scale) : 1.0f;
+  std::vector<uint8_t> drawn;  // the mask drawn again when the forward's bits are not passed
+  const std::optional<MaskStream<float>> mask =
+      drop && kept == nullptr ? std::optional<MaskStream<float>>(std::in_place, p.rng_state, p.p, p.scale) : std::nullopt;
+  if (mask) {
+    drawn.assign(dropout_keep_bytes(n_rows * in), 0);
+    kept = drawn.data();
+  }
+  // B as [out, R] for u = s·dy·B: B itself when r is a multiple of 8, else a zero-padded copy
+  const int64_t R = k::padded_rank(rank);
+  const Scratch<float> b_pack(kSlotPackB, R == rank ? 0 : out * R);
+  const float* B_rows = static_cast<const float*>(p.B);
+  if (R != rank) {
+    k::pack_rows(B_rows, out, rank, b_pack.get());
+    B_rows = b_pack.get();
+  }
+  const int64_t n_parts = num_parts(n_rows);
+  const int64_t dA_size = p.dA != nullptr ? rank * in : 0, dB_size = p.dB != nullptr ? rank * out : 0;
+  const Scratch<float> partial_buf(kSlotPartial, n_parts * (dA_size + dB_size));
+  float* dA_parts = partial_buf.get();
+  float* dB_parts = partial_buf.get() + n_parts * dA_size;
+  for_each_part(n_rows, n_parts, [&](int64_t part, int64_t row_begin, int64_t row_end) {
+    const int64_t part_rows = row_end - row_begin;
+    const float* dy_part = dy + row_begin * out;
+    if (p.dB != nullptr) {
+      float* dB_part = dB_parts + part * dB_size;
+      std::fill_n(dB_part, dB_size, 0.0f);
+      k::outer(xa + row_begin * rank, rank, part_rows, rank, dy_part, out, out, dB_part, out);
+    }
+    if (dx == nullptr && p.dA == nullptr) return;
+    const Scratch<float> u_buf(kSlotU, part_rows * rank);
+    float* u = u_buf.get();
+    k::rank_lanes(dy_part, out, part_rows, out, B_rows, rank, static_cast<float>(p.scaling), u, rank);
+    float* dA_part = p.dA != nullptr ? dA_parts + part * dA_size : nullptr;
+    if (dA_part != nullptr) std::fill_n(dA_part, dA_size, 0.0f);
+    if (!drop) {
+      if (dA_part != nullptr) k::outer(u, rank, part_rows, rank, x + row_begin * in, in, in, dA_part, in);
+      if (dx != nullptr) {
+        k::wide(u, rank, part_rows, rank, A, in, in, 1.0f, k::KeepStore{dx + row_begin * in, in, nullptr, 0});
+      }
+      return;
+    }
+    const int64_t block = row_block(in);
+    const Scratch<float> xd_buf(kSlotBuf, dA_part != nullptr || mask ? block * in : 0);
+    for (int64_t n0 = row_begin; n0 < row_end; n0 += block) {
+      const int64_t rows = std::min<int64_t>(block, row_end - n0);
+      const float* u_rows = u + (n0 - row_begin) * rank;
+      if (mask) {  // drop(x) and its bits (bytes a part boundary shares are set atomically)
+        mask->mul_row(n0 * in, rows * in, x + n0 * in, xd_buf.get(), const_cast<uint8_t*>(kept));
+      } else if (dA_part != nullptr) {
+        cpu::mul_by_bits(kept, n0 * in, rows * in, scale, x + n0 * in, xd_buf.get());
+      }
+      if (dA_part != nullptr) {
+        k::outer(u_rows, rank, rows, rank, xd_buf.get(), in, in, dA_part, in);
+      }
+      if (dx != nullptr) {
+        k::wide(u_rows, rank, rows, rank, A, in, in, scale, k::KeepStore{dx + n0 * in, in, kept, n0 * in});
+      }
+    }
+  });
+  reduce_parts<float>(p, n_parts, dA_parts, dA_size, dB_parts, dB_size);
+}
+#endif
+
 // The backward's rank-r half, one parallel region over parts of rows. Per part, with u = s·dy·B:
 //   dBᵀ partial = xaᵀ·dy                      (float32/float64; the glue computes a 16-bit dB)
 //   dx_lora     = mask·scale ⊙ (u·A)          (written to dx, which dy·W is then added to)
@@ -326,6 +498,11 @@ constexpr bool kMaskBits = false;
 // BLAS. dA and dB are reduced from the parts' sums in a fixed order (independent of scheduling).
 template <typename T>
 void lora_backward_rank_kernel(const LoraBackwardRankParams& p) {
+#if defined(PFP_LORA_OWN_RANK_KERNELS)
+  if constexpr (std::is_same_v<T, float>) {
+    if (p.rank <= kOwnKernelMaxRank) return lora_backward_rank_own(p);
+  }
+#endif
   using acc_t = acc_type<T>;
   const int64_t in = p.in_features, out = p.out_features, rank = p.rank, n_rows = p.n_rows;
   const bool drop = p.p > 0;
@@ -448,33 +625,7 @@ void lora_backward_rank_kernel(const LoraBackwardRankParams& p) {
       }
     }
   });
-  // The parts' sums are reduced on the calling thread up to kSerialReduce elements (r·in = 9216 at the
-  // real model's r = 16, in = 576: a few µs, less than waking the other threads for it).
-  constexpr int64_t kSerialReduce = int64_t{1} << 16;
-  if (p.dA != nullptr) {
-    T* dA = static_cast<T*>(p.dA);
-    at::parallel_for(0, rank * in, kSerialReduce, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        acc_t s = 0;
-        for (int64_t part = 0; part < n_parts; ++part) s += dA_parts[part * dA_size + i];
-        dA[i] = static_cast<T>(s);
-      }
-    });
-  }
-  if (p.dB != nullptr) {
-    // dB [out, r] = s·Σ_parts (dBᵀ partial)ᵀ
-    T* dB = static_cast<T*>(p.dB);
-    const acc_t scaling = static_cast<acc_t>(p.scaling);
-    at::parallel_for(0, out, std::max<int64_t>(1, kSerialReduce / rank), [&](int64_t begin, int64_t end) {
-      for (int64_t o = begin; o < end; ++o) {
-        for (int64_t j = 0; j < rank; ++j) {
-          acc_t s = 0;
-          for (int64_t part = 0; part < n_parts; ++part) s += dB_parts[part * dB_size + j * out + o];
-          dB[o * rank + j] = static_cast<T>(scaling * s);
-        }
-      }
-    });
-  }
+  reduce_parts<T>(p, n_parts, dA_parts, dA_size, dB_parts, dB_size);
 }
 
 template <typename T>
