@@ -426,8 +426,9 @@ void lora_backward_rank_own(const LoraBackwardRankParams& p) {
   const uint8_t* kept = static_cast<const uint8_t*>(p.keep);
   const float scale = drop ? static_cast<float>(p.scale) : 1.0f;
   std::vector<uint8_t> drawn;  // the mask drawn again when the forward's bits are not passed
+  const bool redraw = drop && kept == nullptr;
   const std::optional<MaskStream<float>> mask =
-      drop && kept == nullptr ? std::optional<MaskStream<float>>(std::in_place, p.rng_state, p.p, p.scale) : std::nullopt;
+      redraw ? std::optional<MaskStream<float>>(std::in_place, p.rng_state, p.p, p.scale) : std::nullopt;
   if (mask) {
     drawn.assign(dropout_keep_bytes(n_rows * in), 0);
     kept = drawn.data();
