@@ -375,11 +375,28 @@ constexpr bool kMaskBits = std::is_same_v<T, float>;
 constexpr bool kMaskBits = false;
 #endif
 
-// dA and dB from the parts' partial sums (part k's dA at dA_parts + k·dA_size, its dBᵀ [r, out] at
-// dB_parts + k·dB_size), summed in part order: the same result however many threads ran the parts.
+// The parts' partial sums, in the calling thread's scratch: part k's dA [r, in] at dA(k) and its dBᵀ
+// [r, out] at dB(k), for the gradients asked for (an unasked one has size 0).
+template <typename acc_t>
+struct PartSums {
+  int64_t n_parts, dA_size, dB_size;
+  Scratch<acc_t> buf;
+  PartSums(const LoraBackwardRankParams& p, int64_t n_parts_)
+      : n_parts(n_parts_),
+        dA_size(p.dA != nullptr ? p.rank * p.in_features : 0),
+        dB_size(p.dB != nullptr ? p.rank * p.out_features : 0),
+        buf(kSlotPartial, n_parts_ * (dA_size + dB_size)) {}
+  acc_t* dA(int64_t part) const { return buf.get() + part * dA_size; }
+  acc_t* dB(int64_t part) const { return buf.get() + n_parts * dA_size + part * dB_size; }
+};
+
+// dA and dB from the parts' partial sums, summed in part order: the same result however many threads
+// ran the parts.
 template <typename T, typename acc_t = acc_type<T>>
-void reduce_parts(const LoraBackwardRankParams& p, int64_t n_parts, const acc_t* dA_parts, int64_t dA_size,
-                  const acc_t* dB_parts, int64_t dB_size) {
+void reduce_parts(const LoraBackwardRankParams& p, const PartSums<acc_t>& sums) {
+  const int64_t n_parts = sums.n_parts, dA_size = sums.dA_size, dB_size = sums.dB_size;
+  const acc_t* dA_parts = sums.dA(0);
+  const acc_t* dB_parts = sums.dB(0);
   const int64_t in = p.in_features, out = p.out_features, rank = p.rank;
   // The parts' sums are reduced on the calling thread up to kSerialReduce elements (r·in = 9216 at the
   // real model's r = 16, in = 576: a few µs, less than waking the other threads for it).
@@ -441,25 +458,21 @@ void lora_backward_rank_own(const LoraBackwardRankParams& p) {
     k::pack_rows(B_rows, out, rank, b_pack.get());
     B_rows = b_pack.get();
   }
-  const int64_t n_parts = num_parts(n_rows);
-  const int64_t dA_size = p.dA != nullptr ? rank * in : 0, dB_size = p.dB != nullptr ? rank * out : 0;
-  const Scratch<float> partial_buf(kSlotPartial, n_parts * (dA_size + dB_size));
-  float* dA_parts = partial_buf.get();
-  float* dB_parts = partial_buf.get() + n_parts * dA_size;
-  for_each_part(n_rows, n_parts, [&](int64_t part, int64_t row_begin, int64_t row_end) {
+  const PartSums<float> sums(p, num_parts(n_rows));
+  for_each_part(n_rows, sums.n_parts, [&](int64_t part, int64_t row_begin, int64_t row_end) {
     const int64_t part_rows = row_end - row_begin;
     const float* dy_part = dy + row_begin * out;
     if (p.dB != nullptr) {
-      float* dB_part = dB_parts + part * dB_size;
-      std::fill_n(dB_part, dB_size, 0.0f);
+      float* dB_part = sums.dB(part);
+      std::fill_n(dB_part, sums.dB_size, 0.0f);
       k::outer(xa + row_begin * rank, rank, part_rows, rank, dy_part, out, out, dB_part, out);
     }
     if (dx == nullptr && p.dA == nullptr) return;
     const Scratch<float> u_buf(kSlotU, part_rows * rank);
     float* u = u_buf.get();
     k::rank_lanes(dy_part, out, part_rows, out, B_rows, rank, static_cast<float>(p.scaling), u, rank);
-    float* dA_part = p.dA != nullptr ? dA_parts + part * dA_size : nullptr;
-    if (dA_part != nullptr) std::fill_n(dA_part, dA_size, 0.0f);
+    float* dA_part = p.dA != nullptr ? sums.dA(part) : nullptr;
+    if (dA_part != nullptr) std::fill_n(dA_part, sums.dA_size, 0.0f);
     if (!drop) {
       if (dA_part != nullptr) k::outer(u, rank, part_rows, rank, x + row_begin * in, in, in, dA_part, in);
       if (dx != nullptr) {
@@ -485,7 +498,7 @@ void lora_backward_rank_own(const LoraBackwardRankParams& p) {
       }
     }
   });
-  reduce_parts<float>(p, n_parts, dA_parts, dA_size, dB_parts, dB_size);
+  reduce_parts<float>(p, sums);
 }
 #endif
 
@@ -521,19 +534,14 @@ void lora_backward_rank_kernel(const LoraBackwardRankParams& p) {
                             : at::Tensor();
   const std::optional<MaskStream<acc_t>> mask =
       drop ? std::optional<MaskStream<acc_t>>(std::in_place, p.rng_state, p.p, p.scale) : std::nullopt;
-  const int64_t n_parts = num_parts(n_rows);
-  // part k's partial dA at dA_parts + k·r·in and partial dBᵀ at dB_parts + k·r·out, in the calling
-  // thread's scratch (summed after the parts); only float32/float64 reach here with a dB (T == acc_t)
-  const int64_t dA_size = p.dA != nullptr ? rank * in : 0, dB_size = p.dB != nullptr ? rank * out : 0;
-  const Scratch<acc_t> partial_buf(kSlotPartial, n_parts * (dA_size + dB_size));
-  acc_t* dA_parts = partial_buf.get();
-  acc_t* dB_parts = partial_buf.get() + n_parts * dA_size;
-  for_each_part(n_rows, n_parts, [&](int64_t part, int64_t row_begin, int64_t row_end) {
+  // summed after the parts; only float32/float64 reach here with a dB (T == acc_t)
+  const PartSums<acc_t> sums(p, num_parts(n_rows));
+  for_each_part(n_rows, sums.n_parts, [&](int64_t part, int64_t row_begin, int64_t row_end) {
     const int64_t part_rows = row_end - row_begin;
     const at::Tensor dy_part = wrap(const_cast<T*>(dy + row_begin * out), {part_rows, out});
     if constexpr (std::is_same_v<T, acc_t>) {
       if (p.dB != nullptr) {
-        at::Tensor dB_part = wrap(dB_parts + part * dB_size, {rank, out});
+        at::Tensor dB_part = wrap(sums.dB(part), {rank, out});
         at::mm_out(dB_part, wrap(const_cast<T*>(xa + row_begin * rank), {part_rows, rank}).t(), dy_part);
       }
     }
@@ -541,7 +549,7 @@ void lora_backward_rank_kernel(const LoraBackwardRankParams& p) {
     const Scratch<T> u_buf(kSlotU, part_rows * rank);
     at::Tensor u_part = wrap(u_buf.get(), {part_rows, rank});
     at::addmm_out(u_part, u_part, dy_part, B_T, 0, p.scaling);
-    acc_t* partial = p.dA != nullptr ? dA_parts + part * dA_size : nullptr;
+    acc_t* partial = p.dA != nullptr ? sums.dA(part) : nullptr;
     const at::Tensor x_part = wrap(const_cast<T*>(x + row_begin * in), {part_rows, in});
     if (!drop) {
       if (p.dA != nullptr) {
@@ -626,7 +634,7 @@ void lora_backward_rank_kernel(const LoraBackwardRankParams& p) {
       }
     }
   });
-  reduce_parts<T>(p, n_parts, dA_parts, dA_size, dB_parts, dB_size);
+  reduce_parts<T>(p, sums);
 }
 
 template <typename T>
