@@ -47,8 +47,9 @@ def time_interleaved(
     (frequency changes, a neighbour's load) hits all of them alike. Each round starts one candidate later
     than the last, so that none always runs after the same other one (what a candidate leaves behind, its
     freed heap, its caches, affects the next: in one run on the real model the same LoRA step measured
-    1.154x the frozen step's time when it ran right after it, 1.086x right after another LoRA step). ``clock=time.process_time`` measures
-    this process's CPU time instead of wall time (steadier on a shared machine with one thread).
+    1.154x the frozen step's time when it ran right after it, 1.086x right after another LoRA step).
+    ``clock=time.process_time`` measures this process's CPU time instead of wall time (steadier on a
+    shared machine with one thread).
     ``samples``, when given, receives every round's time per candidate (for ratios paired by round)."""
     for fn in fns.values():
         for _ in range(warmup):

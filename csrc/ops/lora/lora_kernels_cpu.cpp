@@ -47,9 +47,11 @@ struct MaskStream {
   void mul_row(int64_t e0, int64_t n, const T* in, acc_t* out) const {
     cpu::dropout_mul_range(e0, n, seed, offset, threshold, scale, in, out);
   }
-  // mul_row() that also sets the kept elements' bits in `keep` (see cpu::dropout_mul_keep_bits)
+  // mul_row() that also sets the kept elements' bits in `keep` (see cpu::dropout_mul_keep_bits), when
+  // `keep` is not nullptr
   template <typename T>
   void mul_row(int64_t e0, int64_t n, const T* in, acc_t* out, uint8_t* keep) const {
+    if (keep == nullptr) return mul_row(e0, n, in, out);
     cpu::dropout_mul_keep_bits(e0, n, seed, offset, threshold, scale, in, out, keep);
   }
 #if defined(__AVX512F__)
@@ -187,11 +189,7 @@ void lora_forward_rank_own(const LoraForwardRankParams& p) {
       const Scratch<float> xd_buf(kSlotBlock, block * in);
       for (int64_t n0 = row_begin; n0 < row_end; n0 += block) {
         const int64_t rows = std::min<int64_t>(block, row_end - n0);
-        if (keep != nullptr) {
-          mask->mul_row(n0 * in, rows * in, x + n0 * in, xd_buf.get(), keep);
-        } else {
-          mask->mul_row(n0 * in, rows * in, x + n0 * in, xd_buf.get());
-        }
+        mask->mul_row(n0 * in, rows * in, x + n0 * in, xd_buf.get(), keep);
         k::rank_lanes(xd_buf.get(), in, rows, in, a_pack.get(), rank, 1.0f, xa + n0 * rank, rank);
       }
     } else {
@@ -241,11 +239,7 @@ void lora_forward_rank_kernel(const LoraForwardRankParams& p) {
       acc_t* prod = out_buf.get();
       for (int64_t n0 = row_begin; n0 < row_end; n0 += block) {
         const int64_t rows = std::min<int64_t>(block, row_end - n0);
-        if (keep != nullptr) {
-          mask->mul_row(n0 * in, rows * in, x + n0 * in, xd, keep);
-        } else {
-          mask->mul_row(n0 * in, rows * in, x + n0 * in, xd);
-        }
+        mask->mul_row(n0 * in, rows * in, x + n0 * in, xd, keep);
         at::Tensor prod_t = wrap(prod, {rows, rank});
         at::mm_out(prod_t, wrap(xd, {rows, in}), A_acc_t);
         for (int64_t i = 0; i < rows * rank; ++i) xa[n0 * rank + i] = static_cast<T>(prod[i]);
