@@ -114,12 +114,12 @@ def test_dropout_equals_reference_with_the_same_mask(device, dtype, p, lead, in_
     check_against_reference(inputs, scaling=2.0, dtype=dtype, mask=mask, p=p, seed=seed)
 
 
-# Every tile of the float32 kernels of the rank-r products: AVX-512's masked backward (ranks of 8, 4 and
-# 1, r = 1, 5, 13, 21; two, one and partial packs of columns, in = 47, 70; blocks of 8 rows and a tail,
-# N = 301) and AVX2's (ranks padded to 8 and 16, r = 1 .. 21; tiles of 6, 2 and 1 rows, N = 301 and
-# 299 in two parts; strips of 16 columns with partial ones, out = 19, in = 47, 70); r = 16 as the real
-# model has it, 64 the largest on those kernels and 65 on the BLAS; the dropout kernels' row blocks at
-# every level, and the same shapes without dropout.
+# Every tile of the float32 kernels of the rank-r products (lora_rank_simd.h), at both vector widths:
+# ranks padded to a vector and to two (r = 1 .. 21 and 64), rank tiles of 8 or 6, 4 and 1 (r = 5, 13, 21);
+# row tiles of 12 or 6, 2 and 1 (N = 301, and 299 in two parts); whole and partial strips of 48 or 16
+# columns (outer) and of 64 or 16 (wide), and strips past the last column (out = 19, in = 47, 70); r = 16
+# as the real model has it, 64 the largest on those kernels and 65 on the BLAS; the dropout kernels' row
+# blocks at every level, and the same shapes without dropout.
 @pytest.mark.parametrize("p", [0.0, 0.2])
 @pytest.mark.parametrize("r, n_rows", [(1, 301), (5, 299), (13, 301), (16, 299), (21, 301), (64, 299), (65, 301)])
 @pytest.mark.parametrize("in_f", [47, 70])

@@ -305,40 +305,5 @@ void mul_by_bits(const uint8_t* bits, int64_t e0, int64_t n, acc_t scale, const 
   }
 }
 
-#if defined(__AVX512F__)
-// The mask as bits, for kernels that apply it twice (the dropout backward): one bit per element of
-// every whole group that meets [e0, e0 + n), element e at bit e - first_bit(e0); the two words after
-// the last group are padding for the 32-bit reads of keep_bits_at().
-inline int64_t keep_bits_first(int64_t e0) { return e0 / kPhiloxGroup * kPhiloxGroup; }
-inline int64_t keep_bits_words(int64_t e0, int64_t n) {
-  return ((e0 + n - 1) / kPhiloxGroup - e0 / kPhiloxGroup + 1) * 8 + 2;
-}
-//
-// `ahead` (optional): a byte range that the caller reads next, brought into L2 while the draws compute,
-// its cache lines spread evenly over the groups (the draws are arithmetic, so the fetches overlap them).
-inline void dropout_keep_bits(int64_t e0, int64_t n, uint64_t seed, uint64_t offset, uint32_t threshold,
-                              uint16_t* bits, const void* ahead = nullptr, int64_t ahead_bytes = 0) {
-  const int64_t g0 = e0 / kPhiloxGroup, g1 = (e0 + n - 1) / kPhiloxGroup;
-  const __m512i thr = _mm512_set1_epi32(static_cast<int>(threshold));
-  const char* fetch = static_cast<const char*>(ahead);
-  const char* const fetch_end = fetch + ahead_bytes;
-  const int64_t lines_per_group = (ahead_bytes + 64 * (g1 - g0 + 1) - 1) / (64 * (g1 - g0 + 1));
-  for (int64_t g = g0; g <= g1; ++g) {
-    for (int64_t k = 0; k < lines_per_group && fetch < fetch_end; ++k, fetch += 64) _mm_prefetch(fetch, _MM_HINT_T1);
-    __m512i w[4];
-    philox_group_avx512(static_cast<uint64_t>(g) * kBatch, offset, seed, w);
-    for (int lane = 0; lane < 8; ++lane) bits[(g - g0) * 8 + lane] = keep_mask16(w, lane, thr);
-  }
-  bits[(g1 - g0 + 1) * 8] = bits[(g1 - g0 + 1) * 8 + 1] = 0;
-}
-
-// The 16 bits from bit `bit` on (a word's bits are its elements in order: x86 is little-endian).
-inline __mmask16 keep_bits_at(const uint16_t* bits, int64_t bit) {
-  uint32_t v;
-  std::memcpy(&v, reinterpret_cast<const unsigned char*>(bits) + (bit >> 3), sizeof(v));
-  return static_cast<__mmask16>(v >> (bit & 7));
-}
-#endif
-
 }  // namespace CPU_CAPABILITY
 }  // namespace pyfastpeft::cpu

@@ -1,11 +1,10 @@
 // CPU kernels of the LoRA family, compiled once per capability level (see pyfastpeft/cpu_dispatch.h).
 //
-// The frozen product runs on MKL through ATen. The rank-r products: float32 at the AVX2 level on
-// lora_rank_avx2.h's register-blocked kernels (no packing, the mask bits applied where dx is stored);
-// otherwise on the BLAS. With dropout, the rank-r work is fused with the mask so that neither the mask
-// nor drop(x) is ever written to memory: each block's mask is drawn into a cache-resident buffer and
-// consumed there; in the float32 backward (AVX-512) the mask is applied as bits by masked loads and
-// stores inside our own rank-r kernels.
+// The frozen product runs on MKL through ATen. The rank-r products: float32 at the AVX2 and AVX-512
+// levels on lora_rank_simd.h's register-blocked kernels (no packing, the mask bits applied where dx is
+// stored, and with AVX-512 where dA reads x); otherwise on the BLAS. With dropout, the rank-r work is
+// fused with the mask so that neither the mask nor drop(x) is ever written to memory: each block's mask
+// is drawn into a cache-resident buffer and consumed there.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
@@ -21,7 +20,7 @@
 
 #include "lora.h"
 #include "lora_kernels_cpu.h"
-#include "lora_rank_avx2.h"
+#include "lora_rank_simd.h"
 #include "pyfastpeft/dispatch.h"
 #include "pyfastpeft/philox_cpu.h"
 
@@ -54,14 +53,6 @@ struct MaskStream {
     if (keep == nullptr) return mul_row(e0, n, in, out);
     cpu::dropout_mul_keep_bits(e0, n, seed, offset, threshold, scale, in, out, keep);
   }
-#if defined(__AVX512F__)
-  // the mask of [e0, e0 + n) as bits (see cpu::dropout_keep_bits); `bits` is resized to fit
-  void bits(int64_t e0, int64_t n, std::vector<uint16_t>& out, const void* ahead = nullptr,
-            int64_t ahead_bytes = 0) const {
-    out.resize(cpu::keep_bits_words(e0, n));
-    cpu::dropout_keep_bits(e0, n, seed, offset, threshold, out.data(), ahead, ahead_bytes);
-  }
-#endif
 };
 
 // Kernel buffers without a malloc and a zero fill per call. Up to kKeepBytes a buffer lives in the
@@ -154,15 +145,15 @@ inline int64_t num_parts(int64_t n_rows) {
   return parts;
 }
 
-#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+#if defined(__AVX2__) && defined(__FMA__)
 #define PFP_LORA_OWN_RANK_KERNELS 1
-// float32 at the AVX2 level: the rank-r products on this file's register-blocked kernels
-// (lora_rank_avx2.h) instead of the BLAS, up to this rank (above it the products are thick enough for
+// float32 at the AVX2 and AVX-512 levels: the rank-r products on register-blocked kernels
+// (lora_rank_simd.h) instead of the BLAS, up to this rank (above it the products are thick enough for
 // the BLAS's packing to pay).
 inline constexpr int64_t kOwnKernelMaxRank = 64;
 
 void lora_forward_rank_own(const LoraForwardRankParams& p) {
-  namespace k = rank_avx2;
+  namespace k = rank_simd;
   const int64_t in = p.in_features, out = p.out_features, rank = p.rank, n_rows = p.n_rows;
   const bool drop = p.p > 0;
   const float* x = static_cast<const float*>(p.x);
@@ -256,119 +247,6 @@ void lora_forward_rank_kernel(const LoraForwardRankParams& p) {
   });
 }
 
-#if defined(__AVX512F__)
-// float32 with AVX-512: the backward's two mask uses folded into register-blocked rank-r kernels, which
-// read the mask as bits through masked loads and stores, so neither drop(x) nor u·A is written out.
-// Element (i, c) of a block of rows of width `in` is bit bit0 + i·in + c of `bits`.
-namespace masked {
-
-inline __mmask16 tail_mask(int64_t width) {
-  return width >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << width) - 1);
-}
-
-// acc[j, c0 + 16v ..] += scale·Σ_i u[i, j0 + m]·keep(i, c)·x[i, c] for MJ ranks and NV packs of columns
-// (the last pack restricted to the columns set in `last`).
-template <int MJ, int NV>
-inline void outer_tile(const float* u, int64_t rank, int64_t j0, const uint16_t* bits, int64_t bit0, const float* x,
-                       int64_t in, int64_t c0, int64_t rows, __mmask16 last, float scale, float* acc) {
-  __m512 sum[MJ][NV];
-  for (int m = 0; m < MJ; ++m) {
-    for (int v = 0; v < NV; ++v) sum[m][v] = _mm512_setzero_ps();
-  }
-  for (int64_t i = 0; i < rows; ++i) {
-    __m512 b[NV];
-    for (int v = 0; v < NV; ++v) {
-      const int64_t c = c0 + 16 * v;
-      const __mmask16 k = cpu::keep_bits_at(bits, bit0 + i * in + c) & (v == NV - 1 ? last : 0xFFFF);
-      b[v] = _mm512_maskz_loadu_ps(k, x + i * in + c);
-    }
-    for (int m = 0; m < MJ; ++m) {
-      const __m512 a = _mm512_set1_ps(u[i * rank + j0 + m]);
-      for (int v = 0; v < NV; ++v) sum[m][v] = _mm512_fmadd_ps(a, b[v], sum[m][v]);
-    }
-  }
-  const __m512 s = _mm512_set1_ps(scale);
-  for (int m = 0; m < MJ; ++m) {
-    for (int v = 0; v < NV; ++v) {
-      float* p = acc + (j0 + m) * in + c0 + 16 * v;
-      const __mmask16 k = v == NV - 1 ? last : static_cast<__mmask16>(0xFFFF);
-      _mm512_mask_storeu_ps(p, k, _mm512_fmadd_ps(sum[m][v], s, _mm512_maskz_loadu_ps(k, p)));
-    }
-  }
-}
-
-template <int NV>
-inline void outer_columns(const float* u, int64_t rank, const uint16_t* bits, int64_t bit0, const float* x, int64_t in,
-                          int64_t c0, int64_t rows, __mmask16 last, float scale, float* acc) {
-  int64_t j = 0;
-  for (; j + 8 <= rank; j += 8) outer_tile<8, NV>(u, rank, j, bits, bit0, x, in, c0, rows, last, scale, acc);
-  for (; j + 4 <= rank; j += 4) outer_tile<4, NV>(u, rank, j, bits, bit0, x, in, c0, rows, last, scale, acc);
-  for (; j < rank; ++j) outer_tile<1, NV>(u, rank, j, bits, bit0, x, in, c0, rows, last, scale, acc);
-}
-
-// acc [rank, in] += scale·uᵀ·(keep ⊙ x) over a block of rows: u [rows, rank], x [rows, in].
-inline void outer(const float* u, int64_t rank, const uint16_t* bits, int64_t bit0, const float* x, int64_t in,
-                  int64_t rows, float scale, float* acc) {
-  int64_t c = 0;
-  for (; c + 32 <= in; c += 32) outer_columns<2>(u, rank, bits, bit0, x, in, c, rows, 0xFFFF, scale, acc);
-  for (; c < in; c += 16) outer_columns<1>(u, rank, bits, bit0, x, in, c, rows, tail_mask(in - c), scale, acc);
-}
-
-// dx[i0 + i, c0 + 16v ..] = scale·keep·Σ_j u[i0 + i, j]·A[j, c] for MR rows and NV packs of columns.
-template <int MR, int NV>
-inline void expand_tile(const float* u, int64_t rank, int64_t i0, const float* A, const uint16_t* bits, int64_t bit0,
-                        int64_t in, int64_t c0, __mmask16 last, float scale, float* dx) {
-  __m512 sum[MR][NV];
-  for (int i = 0; i < MR; ++i) {
-    for (int v = 0; v < NV; ++v) sum[i][v] = _mm512_setzero_ps();
-  }
-  for (int64_t j = 0; j < rank; ++j) {
-    __m512 a[NV];
-    for (int v = 0; v < NV; ++v) {
-      a[v] = _mm512_maskz_loadu_ps(v == NV - 1 ? last : static_cast<__mmask16>(0xFFFF), A + j * in + c0 + 16 * v);
-    }
-    for (int i = 0; i < MR; ++i) {
-      const __m512 w = _mm512_set1_ps(u[(i0 + i) * rank + j]);
-      for (int v = 0; v < NV; ++v) sum[i][v] = _mm512_fmadd_ps(w, a[v], sum[i][v]);
-    }
-  }
-  const __m512 s = _mm512_set1_ps(scale);
-  for (int i = 0; i < MR; ++i) {
-    for (int v = 0; v < NV; ++v) {
-      const int64_t at = (i0 + i) * in + c0 + 16 * v;
-      const __mmask16 k = v == NV - 1 ? last : static_cast<__mmask16>(0xFFFF);
-      _mm512_mask_storeu_ps(dx + at, k, _mm512_maskz_mul_ps(cpu::keep_bits_at(bits, bit0 + at), sum[i][v], s));
-    }
-  }
-}
-
-template <int MR>
-inline void expand_rows(const float* u, int64_t rank, int64_t i0, const float* A, const uint16_t* bits, int64_t bit0,
-                        int64_t in, float scale, float* dx) {
-  int64_t c = 0;
-  for (; c + 32 <= in; c += 32) expand_tile<MR, 2>(u, rank, i0, A, bits, bit0, in, c, 0xFFFF, scale, dx);
-  for (; c < in; c += 16) expand_tile<MR, 1>(u, rank, i0, A, bits, bit0, in, c, tail_mask(in - c), scale, dx);
-}
-
-// dx [rows, in] = scale·keep ⊙ (u·A) over a block of rows (every element written, dropped ones as 0).
-inline void expand(const float* u, int64_t rank, const float* A, const uint16_t* bits, int64_t bit0, int64_t in,
-                   int64_t rows, float scale, float* dx) {
-  int64_t i = 0;
-  for (; i + 8 <= rows; i += 8) expand_rows<8>(u, rank, i, A, bits, bit0, in, scale, dx);
-  for (; i < rows; ++i) expand_rows<1>(u, rank, i, A, bits, bit0, in, scale, dx);
-}
-
-}  // namespace masked
-#endif
-
-// Whether the dropout backward keeps a block's mask as bits (AVX-512, float32) or as float keep values.
-template <typename T>
-#if defined(__AVX512F__)
-constexpr bool kMaskBits = std::is_same_v<T, float>;
-#else
-constexpr bool kMaskBits = false;
-#endif
-
 // The parts' partial sums, in the calling thread's scratch: part k's dA [r, in] at dA(k) and its dBᵀ
 // [r, out] at dB(k), for the gradients asked for (an unasked one has size 0).
 template <typename acc_t>
@@ -422,11 +300,18 @@ void reduce_parts(const LoraBackwardRankParams& p, const PartSums<acc_t>& sums) 
 }
 
 #if defined(PFP_LORA_OWN_RANK_KERNELS)
-// float32 at the AVX2 level: the backward's four rank-r products on lora_rank_avx2.h's kernels. dx's
-// LoRA term is written with the mask applied as it is stored; dA reads drop(x) from a cache-resident
-// block made from the forward's bits (or, without them, drawn again with its bits, as the forward did).
+// Whether dA's outer product reads x through the mask bits (AVX-512: a masked load, no extra work) or
+// from a cache-resident block of drop(x) made first (AVX2, whose lane masks cost several instructions per
+// vector: the separate pass measured no slower there).
+inline constexpr bool kOuterReadsBits = rank_simd::W == 16;
+
+// float32 at the AVX2 and AVX-512 levels: the backward's four rank-r products on lora_rank_simd.h's
+// kernels. dx's LoRA term is written with the mask applied as it is stored; dA reads x through the
+// forward's bits, or drop(x) from a cache-resident block made from them (kOuterReadsBits). Without the
+// forward's bits the mask is drawn again with its bits, as the forward did, and used the same way, so
+// the result is the same bit for bit.
 void lora_backward_rank_own(const LoraBackwardRankParams& p) {
-  namespace k = rank_avx2;
+  namespace k = rank_simd;
   const int64_t in = p.in_features, out = p.out_features, rank = p.rank, n_rows = p.n_rows;
   const bool drop = p.p > 0;
   const float* x = static_cast<const float*>(p.x);
@@ -444,7 +329,7 @@ void lora_backward_rank_own(const LoraBackwardRankParams& p) {
     drawn.assign(dropout_keep_bytes(n_rows * in), 0);
     kept = drawn.data();
   }
-  // B as [out, R] for u = s·dy·B: B itself when r is a multiple of 8, else a zero-padded copy
+  // B as [out, R] for u = s·dy·B: B itself when r is a multiple of the vector width, else a zero-padded copy
   const int64_t R = k::padded_rank(rank);
   const Scratch<float> b_pack(kSlotPackB, R == rank ? 0 : out * R);
   const float* B_rows = static_cast<const float*>(p.B);
@@ -475,16 +360,19 @@ void lora_backward_rank_own(const LoraBackwardRankParams& p) {
       return;
     }
     const int64_t block = row_block(in);
-    const Scratch<float> xd_buf(kSlotBuf, dA_part != nullptr || mask ? block * in : 0);
+    const bool need_xd = mask || (dA_part != nullptr && !kOuterReadsBits);
+    const Scratch<float> xd_buf(kSlotBuf, need_xd ? block * in : 0);
     for (int64_t n0 = row_begin; n0 < row_end; n0 += block) {
       const int64_t rows = std::min<int64_t>(block, row_end - n0);
       const float* u_rows = u + (n0 - row_begin) * rank;
       if (mask) {  // drop(x) and its bits (bytes a part boundary shares are set atomically)
         mask->mul_row(n0 * in, rows * in, x + n0 * in, xd_buf.get(), const_cast<uint8_t*>(kept));
-      } else if (dA_part != nullptr) {
+      } else if (dA_part != nullptr && !kOuterReadsBits) {
         cpu::mul_by_bits(kept, n0 * in, rows * in, scale, x + n0 * in, xd_buf.get());
       }
-      if (dA_part != nullptr) {
+      if (dA_part != nullptr && kOuterReadsBits) {
+        k::outer(u_rows, rank, rows, rank, x + n0 * in, in, in, dA_part, in, scale, k::KeptLoad{kept, n0 * in, in});
+      } else if (dA_part != nullptr) {
         k::outer(u_rows, rank, rows, rank, xd_buf.get(), in, in, dA_part, in);
       }
       if (dx != nullptr) {
@@ -500,10 +388,8 @@ void lora_backward_rank_own(const LoraBackwardRankParams& p) {
 //   dBᵀ partial = xaᵀ·dy                      (float32/float64; the glue computes a 16-bit dB)
 //   dx_lora     = mask·scale ⊙ (u·A)          (written to dx, which dy·W is then added to)
 //   dA partial  = uᵀ·(mask·scale ⊙ x)
-// With dropout, block by block: the mask is drawn once and both products run on cache-resident blocks.
-// float32 with AVX-512 draws the mask as bits and applies it inside register-blocked kernels (masked::
-// above); the other types draw float keep values, apply them to x and to u·A, and multiply through the
-// BLAS. dA and dB are reduced from the parts' sums in a fixed order (independent of scheduling).
+// With dropout, block by block: the mask is drawn once (or taken from the forward's bits), applied to x
+// and to u·A, and both products run on cache-resident blocks through the BLAS. dA and dB are reduced from the parts' sums in a fixed order (independent of scheduling).
 template <typename T>
 void lora_backward_rank_kernel(const LoraBackwardRankParams& p) {
 #if defined(PFP_LORA_OWN_RANK_KERNELS)
@@ -562,11 +448,10 @@ void lora_backward_rank_kernel(const LoraBackwardRankParams& p) {
     }
     const int64_t block = row_block(in);
     const Scratch<acc_t> ub_buf(kSlotSmall, std::is_same_v<T, acc_t> ? 0 : block * rank);
-    const Scratch<acc_t> keep_buf(kSlotBlock, kMaskBits<T> || kept != nullptr ? 0 : block * in);
-    const Scratch<acc_t> buf_buf(kSlotBuf, kMaskBits<T> ? 0 : block * in);
+    const Scratch<acc_t> keep_buf(kSlotBlock, kept != nullptr ? 0 : block * in);
+    const Scratch<acc_t> buf_buf(kSlotBuf, block * in);
     acc_t* keep = keep_buf.get();
     acc_t* buf = buf_buf.get();
-    std::vector<uint16_t> bits;
     at::Tensor dA_part;
     if (partial != nullptr) {
       std::fill_n(partial, rank * in, acc_t(0));
@@ -584,25 +469,6 @@ void lora_backward_rank_kernel(const LoraBackwardRankParams& p) {
         for (int64_t i = 0; i < rows * rank; ++i) ub_buf.get()[i] = static_cast<acc_t>(u_rows[i]);
         ub = ub_buf.get();
       }
-#if defined(__AVX512F__)
-      if constexpr (kMaskBits<T>) {
-        // float32: the mask drawn once as bits and applied inside the rank-r kernels (drawn again rather
-        // than taken from the forward's bits: the draw's arithmetic hides the prefetch of x below)
-        const int64_t bit0 = n0 * in - cpu::keep_bits_first(n0 * in);
-        // x's block is fetched into L2 while the mask is drawn: the outer product below walks it in column
-        // strips, an access pattern the hardware prefetcher does not follow (measured: dA's pass over a cold
-        // x 1.5x faster at in = 512 and 1376).
-        const int64_t block_bytes = rows * in * static_cast<int64_t>(sizeof(float));
-        mask->bits(n0 * in, rows * in, bits, p.dA != nullptr ? xb : nullptr, block_bytes);
-        if (p.dA != nullptr) {
-          masked::outer(ub, rank, bits.data(), bit0, xb, in, rows, mask->scale, partial);
-        }
-        if (dx != nullptr) {
-          masked::expand(ub, rank, A.const_data_ptr<float>(), bits.data(), bit0, in, rows, mask->scale, dxb);
-        }
-        continue;
-      }
-#endif
       const at::Tensor u_blk = wrap(const_cast<acc_t*>(ub), {rows, rank});
       const at::Tensor buf_blk = wrap(buf, {rows, in});
       if (kept != nullptr) {
