@@ -1,4 +1,4 @@
-"""The fine-tuning loop: AdamW over the trainable tensors, progress, evaluation, checkpoints, resume.
+"""The fine-tuning loop: AdamW (pyfastpeft's FusedAdamW) over the trainable tensors, progress, evaluation, checkpoints, resume.
 
 Determinism: the data stream is a ``torch.Generator`` seeded once, dropout draws from torch's global
 generator, and a checkpoint stores both states with the trainable tensors, the optimizer state and the
@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 
 from ..errors import UserError
+from ..optim import FusedAdamW
 from .checkpoint import (
     CHECKPOINT_NAME,
     load_tensors,
@@ -50,7 +51,7 @@ class TrainSettings:
     fsdp: bool = False  # FSDP2 instead of DDP when several processes run
     run: dict = field(default_factory=dict)  # settings a resumed run must share with the checkpoint
     summed_loss: Callable | None = None  # (model, logits, batch) -> summed token loss; None: cross-entropy
-    make_optimizer: Callable | None = None  # (params, lr, weight_decay) -> optimizer; None: torch AdamW
+    make_optimizer: Callable | None = None  # (params, lr, weight_decay) -> optimizer; None: FusedAdamW
 
 
 @dataclass
@@ -111,6 +112,14 @@ class _InterruptFlag:
             signal.signal(signal.SIGINT, self.previous)
 
 
+def _default_optimizer(fsdp: bool) -> Callable:
+    """FusedAdamW (one kernel for every trainable tensor); torch's AdamW under FSDP2, whose sharded
+    parameters are DTensors, which the fused op does not take."""
+    if fsdp:
+        return lambda ps, lr, wd: torch.optim.AdamW(ps, lr=lr, weight_decay=wd)
+    return lambda ps, lr, wd: FusedAdamW(ps, lr=lr, weight_decay=wd)
+
+
 def train(model: torch.nn.Module, source, s: TrainSettings, info: DistInfo, log=print) -> TrainResult:
     """Fine-tune the trainable tensors of ``model`` (already on ``s.device``) on ``source``."""
     if s.batch_size % info.world_size:
@@ -128,7 +137,7 @@ def train(model: torch.nn.Module, source, s: TrainSettings, info: DistInfo, log=
     ddp_model = wrap_model(model, info, s.device, fsdp=s.fsdp)
     params = list(trainable_state(model).values())
     gen = torch.Generator().manual_seed(s.seed)
-    make = s.make_optimizer or (lambda ps, lr, wd: torch.optim.AdamW(ps, lr=lr, weight_decay=wd))
+    make = s.make_optimizer or _default_optimizer(s.fsdp)
     opt = make(params, s.lr, s.weight_decay)
     history = {"step": [], "loss": [], "eval_step": [], "metric": [], "metric_name": source.metric_name}
     start = 0
