@@ -99,11 +99,28 @@ def peak_memory_bytes(fn: Callable[[], object], device: str = "cpu") -> int:
     raise ValueError("peak_memory_bytes: CUDA only; use saved_activation_bytes on the CPU")
 
 
+def _cpu_model() -> str | None:
+    """The CPU's name as the kernel reports it (Linux), else platform.processor() or None."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
 def environment() -> dict:
+    import pyfastpeft
+
     info = {
         "torch": torch.__version__,
         "python": platform.python_version(),
         "machine": platform.machine(),
+        "cpu_model": _cpu_model(),
+        # the level pyfastpeft's CPU kernels run at (avx512, avx2 or default; PYFASTPEFT_CPU_CAPABILITY)
+        "cpu_capability": pyfastpeft.build_info()["cpu_capability"],
         "cpu_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
     }

@@ -94,27 +94,46 @@ constexpr int W = V::W;
 
 inline int64_t padded_rank(int64_t r) { return (r + W - 1) / W * W; }
 
+// ---- what every tile does ---------------------------------------------------------------------------------
+template <int M, int NV>
+inline void zero_tile(vec (&acc)[M][NV]) {
+  PFP_UNROLL
+  for (int m = 0; m < M; ++m) {
+    PFP_UNROLL
+    for (int v = 0; v < NV; ++v) acc[m][v] = V::zero();
+  }
+}
+
+// acc[m][v] += s[m·stride]·b[v]: one step of a tile's reduction
+template <int M, int NV>
+inline void rank1_update(vec (&acc)[M][NV], const float* s, int64_t stride, const vec (&b)[NV]) {
+  PFP_UNROLL
+  for (int m = 0; m < M; ++m) {
+    const vec a = V::bcast(s + m * stride);
+    PFP_UNROLL
+    for (int v = 0; v < NV; ++v) acc[m][v] = V::fma(a, b[v], acc[m][v]);
+  }
+}
+
+// the lanes of a strip's NV vectors that lie before column N (the strip starts `left` columns before it)
+template <int NV>
+inline void strip_lanes(int64_t left, V::lanes (&lanes)[NV]) {
+  PFP_UNROLL
+  for (int v = 0; v < NV; ++v) lanes[v] = V::below(left - W * v);
+}
+
 // ---- rank_lanes: C[i, 0 .. r) = α·Σ_k X[i, k]·P[k, 0 .. r), RV vectors of ranks from column g ----------
 template <int MR, int RV>
 inline void rank_lanes_tile(const float* X, int64_t ldx, int64_t K, const float* P, int64_t R, int64_t g,
                             float alpha, float* C, int64_t ldc, int64_t r) {
   vec acc[MR][RV];
-  PFP_UNROLL
-  for (int m = 0; m < MR; ++m) {
-    PFP_UNROLL
-    for (int v = 0; v < RV; ++v) acc[m][v] = V::zero();
-  }
+  zero_tile(acc);
   const float* p = P + g;
   for (int64_t k = 0; k < K; ++k, p += R) {
     vec pv[RV];
     PFP_UNROLL
     for (int v = 0; v < RV; ++v) pv[v] = V::load(p + W * v);
-    PFP_UNROLL
-    for (int m = 0; m < MR; ++m) {
-      const vec xv = V::bcast(X + m * ldx + k);
-      PFP_UNROLL
-      for (int v = 0; v < RV; ++v) acc[m][v] = V::fma(xv, pv[v], acc[m][v]);
-    }
+    rank1_update(acc, X + k, ldx, pv);
   }
   const vec a = V::set1(alpha);
   PFP_UNROLL
@@ -205,25 +224,15 @@ template <int MR, int NV, class Store>
 inline void wide_tile(const float* U, int64_t ldu, int64_t i0, int64_t r, const float* Q, int64_t ldq, int64_t n0,
                       int64_t N, float alpha, const Store& store) {
   vec acc[MR][NV];
-  PFP_UNROLL
-  for (int m = 0; m < MR; ++m) {
-    PFP_UNROLL
-    for (int v = 0; v < NV; ++v) acc[m][v] = V::zero();
-  }
+  zero_tile(acc);
   const bool whole = n0 + W * NV <= N;
   V::lanes lanes[NV];
-  PFP_UNROLL
-  for (int v = 0; v < NV; ++v) lanes[v] = V::below(N - n0 - W * v);
+  strip_lanes(N - n0, lanes);
   for (int64_t j = 0; j < r; ++j) {
     vec q[NV];
     PFP_UNROLL
     for (int v = 0; v < NV; ++v) q[v] = whole ? V::load(Q + j * ldq + n0 + W * v) : V::load(Q + j * ldq + n0 + W * v, lanes[v]);
-    PFP_UNROLL
-    for (int m = 0; m < MR; ++m) {
-      const vec u = V::bcast(U + (i0 + m) * ldu + j);
-      PFP_UNROLL
-      for (int v = 0; v < NV; ++v) acc[m][v] = V::fma(u, q[v], acc[m][v]);
-    }
+    rank1_update(acc, U + i0 * ldu + j, ldu, q);
   }
   const vec a = V::set1(alpha);
   PFP_UNROLL
@@ -275,40 +284,26 @@ template <int MJ, int NV, class Load>
 inline void outer_tile(const float* U, int64_t ldu, int64_t M, int64_t j0, const float* X, int64_t ldx, int64_t n0,
                        int64_t N, float alpha, const Load& load, float* C, int64_t ldc) {
   vec acc[MJ][NV];
-  PFP_UNROLL
-  for (int m = 0; m < MJ; ++m) {
-    PFP_UNROLL
-    for (int v = 0; v < NV; ++v) acc[m][v] = V::zero();
-  }
+  zero_tile(acc);
   const bool whole = n0 + W * NV <= N;
   V::lanes lanes[NV];
-  PFP_UNROLL
-  for (int v = 0; v < NV; ++v) lanes[v] = V::below(N - n0 - W * v);
+  strip_lanes(N - n0, lanes);
   const float* x = X + n0;
   const float* u = U + j0;
+  // two loops, so that a whole strip's loads carry no lane masks
   if (whole) {
     for (int64_t i = 0; i < M; ++i, x += ldx, u += ldu) {
       vec xv[NV];
       PFP_UNROLL
       for (int v = 0; v < NV; ++v) xv[v] = load(x + W * v, i, n0 + W * v);
-      PFP_UNROLL
-      for (int m = 0; m < MJ; ++m) {
-        const vec w = V::bcast(u + m);
-        PFP_UNROLL
-        for (int v = 0; v < NV; ++v) acc[m][v] = V::fma(w, xv[v], acc[m][v]);
-      }
+      rank1_update(acc, u, 1, xv);
     }
   } else {
     for (int64_t i = 0; i < M; ++i, x += ldx, u += ldu) {
       vec xv[NV];
       PFP_UNROLL
       for (int v = 0; v < NV; ++v) xv[v] = load(x + W * v, i, n0 + W * v, lanes[v]);
-      PFP_UNROLL
-      for (int m = 0; m < MJ; ++m) {
-        const vec w = V::bcast(u + m);
-        PFP_UNROLL
-        for (int v = 0; v < NV; ++v) acc[m][v] = V::fma(w, xv[v], acc[m][v]);
-      }
+      rank1_update(acc, u, 1, xv);
     }
   }
   const vec a = V::set1(alpha);
