@@ -91,8 +91,8 @@ def run_compare(config: CompareConfig) -> int:
                 "trainable": summary["trainable_params"],
                 "changed": changed,
                 "rank of change": rank,
-                # on the CPU this is the process's RSS high-water mark, which only grows over the runs of
-                # one compare process: read it as an upper bound, not per method (CUDA peaks are reset)
+                # the method's own training peak: the RSS high-water mark is reset per run on Linux, the
+                # allocator's peak on CUDA (elsewhere the process's mark, an upper bound: see PeakMemory)
                 "peak MiB": round(summary["memory"]["peak_mib"], 1),
                 "ms/step": round(1e3 * summary["step_seconds"], 2),
             }

@@ -104,17 +104,24 @@ class Progress:
 class PeakMemory:
     """Peak memory of the training phase.
 
-    CUDA: the allocator's peak above what was allocated at the start. CPU: the process's resident-set
-    high-water mark (``getrusage`` ``ru_maxrss``) and how much it grew during training; the growth is 0
-    when training stayed below an earlier peak (model loading, pretraining), so both are reported.
+    CUDA: the allocator's peak above what was allocated at the start. CPU on Linux: the resident set's
+    high-water mark is reset when training starts (``/proc/self/clear_refs``), so the peak is this
+    phase's own, even after an earlier, larger one (model loading, pretraining, another method of one
+    ``compare`` process), and the growth is that peak over the resident set at the start. Elsewhere:
+    the process's high-water mark from ``getrusage``, which never falls, and its growth during
+    training (0 when training stayed below an earlier peak).
     """
 
     def __init__(self, device: torch.device):
         self.device = device
+        self.phase = False  # a high-water mark of this phase alone (Linux)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
             self.base = torch.cuda.memory_allocated(device)
+        elif _reset_rss_peak():
+            self.phase = True
+            self.base = _proc_status_bytes("VmRSS")
         else:
             self.base = self._maxrss()
 
@@ -128,6 +135,9 @@ class PeakMemory:
         if self.device.type == "cuda":
             peak = torch.cuda.max_memory_allocated(self.device)
             return {"peak_mib": peak / mib, "growth_mib": (peak - self.base) / mib, "kind": "cuda allocated"}
+        if self.phase:
+            peak = _proc_status_bytes("VmHWM")
+            return {"peak_mib": peak / mib, "growth_mib": (peak - self.base) / mib, "kind": "process RSS, training"}
         peak = self._maxrss()
         return {"peak_mib": peak / mib, "growth_mib": (peak - self.base) / mib, "kind": "process RSS"}
 
@@ -135,7 +145,32 @@ class PeakMemory:
         s = self.summary()
         if s["kind"] == "cuda allocated":
             return f"peak CUDA memory {s['peak_mib']:.1f} MiB (+{s['growth_mib']:.1f} MiB during training)"
+        if s["kind"] == "process RSS, training":
+            return (
+                f"peak memory {s['peak_mib']:.1f} MiB process RSS during training "
+                f"(+{s['growth_mib']:.1f} MiB over its start; CPU figure from /proc/self/status)"
+            )
         return (
             f"peak memory {s['peak_mib']:.1f} MiB process RSS high-water mark "
             f"(+{s['growth_mib']:.1f} MiB during training; CPU figure from getrusage)"
         )
+
+
+def _reset_rss_peak() -> bool:
+    """Resets this process's resident-set high-water mark (Linux 4.0+); False where it cannot."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")
+        _proc_status_bytes("VmHWM")
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def _proc_status_bytes(key: str) -> int:
+    """A ``kB`` field of /proc/self/status (VmRSS, VmHWM) in bytes."""
+    with open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise ValueError(f"/proc/self/status has no {key} field")

@@ -1,4 +1,5 @@
-"""The fine-tuning loop: AdamW (pyfastpeft's FusedAdamW) over the trainable tensors, progress, evaluation, checkpoints, resume.
+"""The fine-tuning loop: AdamW (pyfastpeft's FusedAdamW) over the trainable tensors, progress, evaluation,
+checkpoints, resume.
 
 Determinism: the data stream is a ``torch.Generator`` seeded once, dropout draws from torch's global
 generator, and a checkpoint stores both states with the trainable tensors, the optimizer state and the

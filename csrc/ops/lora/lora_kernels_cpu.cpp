@@ -389,7 +389,8 @@ void lora_backward_rank_own(const LoraBackwardRankParams& p) {
 //   dx_lora     = mask·scale ⊙ (u·A)          (written to dx, which dy·W is then added to)
 //   dA partial  = uᵀ·(mask·scale ⊙ x)
 // With dropout, block by block: the mask is drawn once (or taken from the forward's bits), applied to x
-// and to u·A, and both products run on cache-resident blocks through the BLAS. dA and dB are reduced from the parts' sums in a fixed order (independent of scheduling).
+// and to u·A, and both products run on cache-resident blocks through the BLAS. dA and dB are reduced
+// from the parts' sums in a fixed order (independent of scheduling).
 template <typename T>
 void lora_backward_rank_kernel(const LoraBackwardRankParams& p) {
 #if defined(PFP_LORA_OWN_RANK_KERNELS)

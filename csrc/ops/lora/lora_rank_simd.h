@@ -231,7 +231,10 @@ inline void wide_tile(const float* U, int64_t ldu, int64_t i0, int64_t r, const 
   for (int64_t j = 0; j < r; ++j) {
     vec q[NV];
     PFP_UNROLL
-    for (int v = 0; v < NV; ++v) q[v] = whole ? V::load(Q + j * ldq + n0 + W * v) : V::load(Q + j * ldq + n0 + W * v, lanes[v]);
+    for (int v = 0; v < NV; ++v) {
+      const float* q_at = Q + j * ldq + n0 + W * v;
+      q[v] = whole ? V::load(q_at) : V::load(q_at, lanes[v]);
+    }
     rank1_update(acc, U + i0 * ldu + j, ldu, q);
   }
   const vec a = V::set1(alpha);
