@@ -302,7 +302,8 @@ void reduce_parts(const LoraBackwardRankParams& p, const PartSums<acc_t>& sums) 
 #if defined(PFP_LORA_OWN_RANK_KERNELS)
 // Whether dA's outer product reads x through the mask bits (AVX-512: a masked load, no extra work) or
 // from a cache-resident block of drop(x) made first (AVX2, whose lane masks cost several instructions per
-// vector: the separate pass measured no slower there).
+// vector: standalone, one thread, 256 rows, r = 16, in = 576, the outer product took 87 µs through the
+// bits against 54 µs on a masked copy).
 inline constexpr bool kOuterReadsBits = rank_simd::W == 16;
 
 // float32 at the AVX2 and AVX-512 levels: the backward's four rank-r products on lora_rank_simd.h's
