@@ -166,11 +166,11 @@ def check_and_copy(expected: dict[str, torch.Tensor], tensors: dict[str, torch.T
     ]
     problems = []
     if missing:
-        problems.append(f"missing keys ({len(missing)}): {_short(missing)}")
+        problems.append(f"missing keys ({len(missing)}): {shorten_list(missing)}")
     if unexpected:
-        problems.append(f"unexpected keys ({len(unexpected)}): {_short(unexpected)}")
+        problems.append(f"unexpected keys ({len(unexpected)}): {shorten_list(unexpected)}")
     if mismatched:
-        problems.append(f"shape mismatches ({len(mismatched)}): {_short(mismatched)}")
+        problems.append(f"shape mismatches ({len(mismatched)}): {shorten_list(mismatched)}")
     if problems:
         raise UserError(f"{source} does not match the model: " + "; ".join(problems))
     with torch.no_grad():
@@ -178,7 +178,8 @@ def check_and_copy(expected: dict[str, torch.Tensor], tensors: dict[str, torch.T
             target.copy_(tensors[k].to(dtype=target.dtype, device=target.device))
 
 
-def _short(items: list[str], limit: int = 8) -> str:
+def shorten_list(items: list[str], limit: int = 8) -> str:
+    """The first ``limit`` items joined with commas, and how many more there are."""
     shown = ", ".join(items[:limit])
     return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
 

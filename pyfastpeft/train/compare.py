@@ -21,7 +21,7 @@ from ..tuners.effective import effective_weights
 from .base import SIZES
 from .checkpoint import atomic_write, atomic_write_text
 from .config import CompareConfig, FinetuneConfig
-from .plot import NO_MATPLOTLIB, _pyplot, markdown_table
+from .plot import NO_MATPLOTLIB, markdown_table, pyplot_or_none
 
 
 @torch.no_grad()
@@ -112,7 +112,7 @@ def run_compare(config: CompareConfig) -> int:
 
 
 def _chart(path: Path, results: dict, sizes: list[str], methods: list[str]) -> str | None:
-    plt = _pyplot()
+    plt = pyplot_or_none()
     if plt is None:
         return NO_MATPLOTLIB
     metric = [k for k in results[sizes[0]][0] if k.endswith(" after")][0]

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import UserError
-from ..io.adapter_files import _short
+from ..io.adapter_files import shorten_list
 from ..models import TinyLlamaConfig, TinyLlamaForCausalLM
 from ..tuners.effective import effective_weights
 from .saved_adapter import load_base_model, read_saved_adapter, rebuild
@@ -56,7 +56,7 @@ def merged_state(adapted: nn.Module, template: nn.Module, method: str) -> dict[s
     if extra:
         raise UserError(
             f"merge: method {method} adds tensors the base architecture has no place for "
-            f"({_short(extra, 4)}); its adapter cannot be merged into {type(template).__name__}"
+            f"({shorten_list(extra, 4)}); its adapter cannot be merged into {type(template).__name__}"
         )
     bad = [
         f"{k}: {list(v.shape)} vs base {list(state[k].shape)}"
@@ -64,7 +64,7 @@ def merged_state(adapted: nn.Module, template: nn.Module, method: str) -> dict[s
         if v.shape != state[k].shape
     ]
     if bad:
-        raise UserError(f"merge: merged weights do not fit the base ({_short(bad, 4)})")
+        raise UserError(f"merge: merged weights do not fit the base ({shorten_list(bad, 4)})")
     return {k: (effective[k].to(v.dtype) if k in effective else v).clone() for k, v in state.items()}
 
 

@@ -9,7 +9,8 @@ from pathlib import Path
 from .checkpoint import atomic_write, atomic_write_text
 
 
-def _pyplot():
+def pyplot_or_none():
+    """matplotlib.pyplot on the Agg backend, or None when matplotlib is not installed."""
     try:
         import matplotlib
 
@@ -34,7 +35,7 @@ def write_curves(out: Path, history: dict, metric_name: str) -> tuple[list[Path]
     for step, loss in zip(history["step"], history["loss"], strict=True):
         w.writerow([step, f"{loss:.6f}", "" if step not in evals else f"{evals[step]:.6f}"])
     paths = [atomic_write_text(out / "curves.csv", buf.getvalue())]
-    plt = _pyplot()
+    plt = pyplot_or_none()
     if plt is None:
         return paths, NO_MATPLOTLIB
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
@@ -54,7 +55,7 @@ def write_curves(out: Path, history: dict, metric_name: str) -> tuple[list[Path]
 
 def write_bar_chart(path: Path, labels: list[str], values: list[float], ylabel: str, title: str) -> str | None:
     """A bar chart PNG; returns a note instead when matplotlib is missing."""
-    plt = _pyplot()
+    plt = pyplot_or_none()
     if plt is None:
         return NO_MATPLOTLIB
     fig, ax = plt.subplots(figsize=(max(5, 0.6 * len(labels) + 2), 3.8))

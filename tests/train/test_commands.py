@@ -92,7 +92,7 @@ def test_bench_rejects_unknown_ops(capsys):
 def test_curves_without_matplotlib_fall_back_to_csv(tmp_path, monkeypatch):
     from pyfastpeft.train import plot
 
-    monkeypatch.setattr(plot, "_pyplot", lambda: None)
+    monkeypatch.setattr(plot, "pyplot_or_none", lambda: None)
     hist = {"step": [1, 2], "loss": [2.0, 1.0], "eval_step": [0, 2], "metric": [0.0, 0.5]}
     paths, note = plot.write_curves(tmp_path, hist, "exact match")
     assert paths == [tmp_path / "curves.csv"] and "matplotlib is not installed" in note
