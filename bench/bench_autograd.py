@@ -57,7 +57,6 @@ def python_rule():
         lib._destroy()
 
 
-
 # The Python rule the op had before its C++ Autograd kernel (csrc/ops/lora/lora_autograd.cpp), kept here
 # as what the C++ kernel is timed against.
 def _setup_context(ctx, inputs, output):
@@ -80,6 +79,7 @@ def _backward(ctx, grad_y, _grad_xa, _grad_keep):
         grad_y, x, weight, lora_A, lora_B, xa, ctx.scaling, ctx.dropout_p, rng_state, keep, mask
     )
     return (*(g if m else None for g, m in zip(grads, mask, strict=True)), None, None, None)
+
 
 @functools.cache
 def _python_kernel():

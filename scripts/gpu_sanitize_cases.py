@@ -42,8 +42,15 @@ def lora(device: str) -> list[torch.Tensor]:
     a = torch.randn(5, 45, device=device, requires_grad=True)
     bb = torch.randn(29, 5, device=device, requires_grad=True)
     out = _backward(ops.lora_linear(x, w, b, a, bb, 0.5, dropout_p=0.1, seed=3), x, a, bb)
-    out += _backward(ops.lora_linear(x.detach().bfloat16().requires_grad_(), w.bfloat16(), None,
-                                     a.detach().bfloat16().requires_grad_(), bb.detach().bfloat16().requires_grad_()))
+    out += _backward(
+        ops.lora_linear(
+            x.detach().bfloat16().requires_grad_(),
+            w.bfloat16(),
+            None,
+            a.detach().bfloat16().requires_grad_(),
+            bb.detach().bfloat16().requires_grad_(),
+        )
+    )
     return out + [ops.philox_dropout(torch.randn(1001, device=device), 0.3, seed=5)]
 
 
@@ -70,9 +77,15 @@ def optim(device: str) -> list[torch.Tensor]:
     lr = torch.tensor(1e-2, dtype=torch.float64, device=device)
     ops.fused_adamw_(params, grads, m, v, steps, lr, max_exp_avg_sqs=[torch.zeros_like(p) for p in params])
     halves = [p.bfloat16() for p in params]
-    ops.fused_adamw_(halves, [g.bfloat16() for g in grads], [torch.zeros_like(p) for p in params],
-                     [torch.zeros_like(p) for p in params], [torch.zeros((), device=device) for _ in params], lr,
-                     masters=[p.clone() for p in params])
+    ops.fused_adamw_(
+        halves,
+        [g.bfloat16() for g in grads],
+        [torch.zeros_like(p) for p in params],
+        [torch.zeros_like(p) for p in params],
+        [torch.zeros((), device=device) for _ in params],
+        lr,
+        masters=[p.clone() for p in params],
+    )
     return params + halves + [ops.multi_tensor_l2_norm(params)]
 
 
@@ -127,8 +140,9 @@ def distill(device: str) -> list[torch.Tensor]:
         out += _backward(loss, s)
     hs = torch.randn(19, 16, device=device, requires_grad=True)
     ws = torch.randn(1000, 16, device=device, requires_grad=True)
-    loss = ops.fused_linear_kd_loss(hs, ws, torch.randn(19, 8, device=device), torch.randn(1000, 8, device=device),
-                                    labels, chunk_size=7)
+    loss = ops.fused_linear_kd_loss(
+        hs, ws, torch.randn(19, 8, device=device), torch.randn(1000, 8, device=device), labels, chunk_size=7
+    )
     return out + _backward(loss, hs, ws)
 
 

@@ -104,8 +104,13 @@ def render(summary: dict) -> str:
         lines += ["", "## Failed tests", ""] + [f"- `{f}`" for f in failures]
     if bench and bench.get("rows"):
         cols = ["figure", "candidate", "ms", "vs_baseline", "of_copy_bw", "of_bf16_matmul", "peak_vs_eager", "kernels"]
-        lines += ["", "## Figures (fractions of the ceilings measured in the same run)", "",
-                  "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        lines += [
+            "",
+            "## Figures (fractions of the ceilings measured in the same run)",
+            "",
+            "| " + " | ".join(cols) + " |",
+            "|" + "---|" * len(cols),
+        ]
         lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in bench["rows"]]
     return "\n".join(lines) + "\n"
 

@@ -23,8 +23,9 @@ from bench import bench_gpu  # noqa: E402
 
 
 def run(*cmd: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
+    return subprocess.run(
+        cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
+    )
 
 
 def test_gpu_sh_parses():
@@ -45,15 +46,38 @@ def test_gpu_sh_refuses_bad_arguments(args):
 
 def test_summary_records_each_stage(tmp_path):
     log = tmp_path / "tests.log"
-    log.write_text("tests/a.py::t1[cuda] PASSED\nFAILED tests/a.py::t2[cuda] - boom\n"
-                   "===== 1 failed, 7 passed, 2 skipped in 3.1s =====\n")
+    log.write_text(
+        "tests/a.py::t1[cuda] PASSED\nFAILED tests/a.py::t2[cuda] - boom\n"
+        "===== 1 failed, 7 passed, 2 skipped in 3.1s =====\n"
+    )
     san = tmp_path / "sanitize_racecheck.log"
     san.write_text("========= ERROR SUMMARY: 3 errors\n")
     base = ["--results", str(tmp_path)]
-    assert gpu_summary.main(["record", *base, "--stage", "tests", "--rc", "1", "--seconds", "3.2",
-                             "--budget", "140", "--log", str(log)]) == 0
-    assert gpu_summary.main(["record", *base, "--stage", "sanitize_racecheck", "--rc", "124", "--seconds", "45",
-                             "--budget", "45", "--log", str(san)]) == 0
+    assert (
+        gpu_summary.main(
+            ["record", *base, "--stage", "tests", "--rc", "1", "--seconds", "3.2", "--budget", "140", "--log", str(log)]
+        )
+        == 0
+    )
+    assert (
+        gpu_summary.main(
+            [
+                "record",
+                *base,
+                "--stage",
+                "sanitize_racecheck",
+                "--rc",
+                "124",
+                "--seconds",
+                "45",
+                "--budget",
+                "45",
+                "--log",
+                str(san),
+            ]
+        )
+        == 0
+    )
     assert gpu_summary.main(["skip", *base, "--stage", "bench", "--reason", "no time left"]) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     tests = summary["stages"]["tests"]
@@ -88,8 +112,10 @@ def test_sanitize_cases_refuse_an_unknown_case(capsys):
 
 def test_bench_gpu_code_paths_on_the_cpu(tmp_path, monkeypatch):
     monkeypatch.setattr(bench._timing, "RESULTS", tmp_path)
-    assert bench_gpu.main(["--device", "cpu", "--tiny", "--rounds", "1",
-                           "--sections", "optim,reductions,kd,multi_lora"]) == 0
+    assert (
+        bench_gpu.main(["--device", "cpu", "--tiny", "--rounds", "1", "--sections", "optim,reductions,kd,multi_lora"])
+        == 0
+    )
     data = json.loads((tmp_path / "bench_gpu_tiny_cpu.json").read_text())
     assert set(data["ceilings"]) == {"copy_GBps", "bf16_matmul_TFLOPs"} and data["failed_sections"] == {}
     figures = {row["figure"].split(" ")[0] for row in data["rows"]}

@@ -185,9 +185,7 @@ def test_the_table_goes_down_the_layers():
 
 def test_parts_import_only_what_the_table_allows(graph):
     edges = part_edges(graph)
-    unlisted = {
-        edge: where[:3] for edge, where in edges.items() if edge[1] not in ALLOWED[edge[0]]
-    }
+    unlisted = {edge: where[:3] for edge, where in edges.items() if edge[1] not in ALLOWED[edge[0]]}
     assert not unlisted, f"imports the layer table does not allow: {unlisted}"
 
 

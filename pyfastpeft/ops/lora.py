@@ -28,9 +28,7 @@ def _lora_linear_fake(x, weight, bias, lora_A, lora_B, scaling, dropout_p, rng_s
 
 
 @torch.library.register_fake("pyfastpeft::lora_linear_backward")
-def _lora_linear_backward_fake(
-    grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, rng_state, keep, output_mask
-):
+def _lora_linear_backward_fake(grad_y, x, weight, lora_A, lora_B, xa, scaling, dropout_p, rng_state, keep, output_mask):
     check_same_device(
         "x", x, grad_y=grad_y, weight=weight, lora_A=lora_A, lora_B=lora_B, xa=xa, rng_state=rng_state, keep=keep
     )

@@ -21,8 +21,10 @@ TARGET = "cuda"
 
 def _run(fn: Callable, inputs: dict, grad_names: tuple[str, ...], gy: torch.Tensor, device: str, dtype):
     """fn's output and the gradients of grad_names, on device in dtype."""
-    args = {k: (v.detach().to(device, dtype if v.is_floating_point() else v.dtype) if torch.is_tensor(v) else v)
-            for k, v in inputs.items()}
+    args = {
+        k: (v.detach().to(device, dtype if v.is_floating_point() else v.dtype) if torch.is_tensor(v) else v)
+        for k, v in inputs.items()
+    }
     for k in grad_names:
         args[k] = args[k].clone().requires_grad_()
     y = fn(**args)
@@ -39,8 +41,9 @@ def check_multilinear(ours: Callable, ref: Callable, inputs: dict, grad_names, t
     CPU and CUDA each within terms·eps·magnitude of the reference."""
     g = torch.Generator().manual_seed(3)
     # round the inputs to dtype first, so the reference sees exactly what the kernels see
-    inputs = {k: (v.to(dtype).double() if torch.is_tensor(v) and v.is_floating_point() else v)
-              for k, v in inputs.items()}
+    inputs = {
+        k: (v.to(dtype).double() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in inputs.items()
+    }
     y_shape = ref(**inputs).shape
     gy = torch.randn(y_shape, generator=g, dtype=torch.float64).to(dtype).double()
     exact = _run(ref, inputs, grad_names, gy, "cpu", torch.float64)
@@ -62,18 +65,30 @@ def _randn(*shape, seed=0):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_lora(dtype):
     n, d_in, d_out, r = 37, 45, 29, 5
-    inputs = dict(x=_randn(n, d_in, seed=1), weight=_randn(d_out, d_in, seed=2), bias=_randn(d_out, seed=3),
-                  lora_A=_randn(r, d_in, seed=4), lora_B=_randn(d_out, r, seed=5), scaling=0.7)
+    inputs = dict(
+        x=_randn(n, d_in, seed=1),
+        weight=_randn(d_out, d_in, seed=2),
+        bias=_randn(d_out, seed=3),
+        lora_A=_randn(r, d_in, seed=4),
+        lora_B=_randn(d_out, r, seed=5),
+        scaling=0.7,
+    )
     terms = d_in + r + 2  # the longest sum, plus the rounding of the intermediate x·Aᵀ and the add
-    check_multilinear(pyfastpeft.ops.lora_linear, reference.lora_linear, inputs, ("x", "lora_A", "lora_B", "bias"),
-                      terms, dtype)
+    check_multilinear(
+        pyfastpeft.ops.lora_linear, reference.lora_linear, inputs, ("x", "lora_A", "lora_B", "bias"), terms, dtype
+    )
 
 
 def test_lora_with_dropout_uses_the_cpu_mask():
     """Same seed, same mask on both devices: the CUDA result with dropout equals the CPU's within the bound."""
     n, d_in, d_out, r, p = 33, 40, 24, 4, 0.3
-    inputs = dict(x=_randn(n, d_in, seed=1), weight=_randn(d_out, d_in, seed=2), bias=None,
-                  lora_A=_randn(r, d_in, seed=4), lora_B=_randn(d_out, r, seed=5))
+    inputs = dict(
+        x=_randn(n, d_in, seed=1),
+        weight=_randn(d_out, d_in, seed=2),
+        bias=None,
+        lora_A=_randn(r, d_in, seed=4),
+        lora_B=_randn(d_out, r, seed=5),
+    )
     mask = reference.philox_keep_mask(n * d_in, p, seed=8).view(n, d_in).double()
 
     def ours(**kw):
@@ -99,12 +114,18 @@ def test_multi_lora():
     n, d_in, d_out, r, k = 41, 36, 27, 4, 3
     idx = torch.randint(-1, k, (n,), generator=torch.Generator().manual_seed(9))
     scalings = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)
-    inputs = dict(x=_randn(n, d_in, seed=1), weight=_randn(d_out, d_in, seed=2), bias=_randn(d_out, seed=3),
-                  lora_A=_randn(k, r, d_in, seed=4), lora_B=_randn(k, d_out, r, seed=5))
+    inputs = dict(
+        x=_randn(n, d_in, seed=1),
+        weight=_randn(d_out, d_in, seed=2),
+        bias=_randn(d_out, seed=3),
+        lora_A=_randn(k, r, d_in, seed=4),
+        lora_B=_randn(k, d_out, r, seed=5),
+    )
 
     def ours(**kw):
-        return pyfastpeft.ops.multi_lora_linear(**kw, scalings=scalings.to(kw["x"].device),
-                                                adapter_indices=idx.to(kw["x"].device))
+        return pyfastpeft.ops.multi_lora_linear(
+            **kw, scalings=scalings.to(kw["x"].device), adapter_indices=idx.to(kw["x"].device)
+        )
 
     def ref(**kw):
         return reference.multi_lora_linear(**kw, scalings=scalings, adapter_indices=idx.to(kw["x"].device))
@@ -115,23 +136,30 @@ def test_multi_lora():
 def test_bias_only_linear():
     n, d_in, d_out = 53, 31, 47
     inputs = dict(x=_randn(n, d_in, seed=1), weight=_randn(d_out, d_in, seed=2), bias=_randn(d_out, seed=3))
-    check_multilinear(pyfastpeft.ops.bias_only_linear, reference.bias_only_linear, inputs, ("x", "bias"),
-                      max(d_in, n) + 1)
+    check_multilinear(
+        pyfastpeft.ops.bias_only_linear, reference.bias_only_linear, inputs, ("x", "bias"), max(d_in, n) + 1
+    )
 
 
 @pytest.mark.parametrize("shape", [(3, 19, 33), (0, 33), (1, 1)])
 def test_ia3(shape):
     inputs = dict(x=_randn(*shape, seed=1), scale=_randn(shape[-1], seed=2))
-    check_multilinear(pyfastpeft.ops.ia3_scale, reference.ia3_scale, inputs, ("x", "scale"),
-                      max(1, torch.Size(shape[:-1]).numel()))
+    check_multilinear(
+        pyfastpeft.ops.ia3_scale, reference.ia3_scale, inputs, ("x", "scale"), max(1, torch.Size(shape[:-1]).numel())
+    )
 
 
 def test_sparse_delta_linear():
     n, d_in, d_out, k = 23, 40, 24, 60
     g = torch.Generator().manual_seed(4)
     indices = torch.randperm(d_in * d_out, generator=g)[:k].sort().values
-    inputs = dict(x=_randn(n, d_in, seed=1), weight=_randn(d_out, d_in, seed=2), bias=_randn(d_out, seed=3),
-                  delta=_randn(k, seed=5), indices=indices)
+    inputs = dict(
+        x=_randn(n, d_in, seed=1),
+        weight=_randn(d_out, d_in, seed=2),
+        bias=_randn(d_out, seed=3),
+        delta=_randn(k, seed=5),
+        indices=indices,
+    )
 
     def ours(**kw):
         kw["indices"] = kw["indices"].to(kw["x"].device)

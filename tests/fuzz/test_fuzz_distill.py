@@ -98,8 +98,20 @@ def test_kd_loss(lead, vocab, spread, ignore_share, dtype, s_layout, t_layout, s
     **options,
 )
 def test_fused_linear_kd_loss(
-    lead, hidden, teacher_hidden, vocab, ignore_share, chunk_size, train_weight, dtype, h_layout, w_layout, seed,
-    temperature, alpha, divergence,
+    lead,
+    hidden,
+    teacher_hidden,
+    vocab,
+    ignore_share,
+    chunk_size,
+    train_weight,
+    dtype,
+    h_layout,
+    w_layout,
+    seed,
+    temperature,
+    alpha,
+    divergence,
 ):
     labels = draw_labels(lead, vocab, alpha, ignore_share, seed)
     h = tensor((*lead, hidden), dtype, h_layout, seed)

@@ -129,8 +129,9 @@ def test_multi_lora_linear(
     def ref(x, w, b, a, bb, s=scalings):
         return reference.multi_lora_linear(x, w, b, a, bb, s, idx, *dropout_as_the_op_rounds(mask, p, x.dtype))
 
-    ours = forward_backward(multi_lora_linear, args, trainable, dy, scalings=scalings, adapter_indices=idx,
-                            dropout_p=p, seed=seed)
+    ours = forward_backward(
+        multi_lora_linear, args, trainable, dy, scalings=scalings, adapter_indices=idx, dropout_p=p, seed=seed
+    )
     lowp = forward_backward(ref, args, trainable, dy)
     ref64 = forward_backward(ref, args, trainable, dy, lambda t: t.double())
     mags = forward_backward(ref, args, trainable, dy, absolute, s=scalings.abs())

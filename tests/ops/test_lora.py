@@ -183,8 +183,10 @@ def test_bad_kept_mask_bits():
         inputs["x"], inputs["weight"], None, inputs["lora_A"], inputs["lora_B"], 1.0, 0.5, rng
     )
     grads = [torch.ones_like(y), inputs["x"], inputs["weight"], inputs["lora_A"], inputs["lora_B"], xa, 1.0, 0.5, rng]
-    for bad, match in [(keep[:-1], r"keep: expected the forward's mask bits, a contiguous \[12\]"),
-                       (keep.float(), "keep: expected dtype Byte")]:
+    for bad, match in [
+        (keep[:-1], r"keep: expected the forward's mask bits, a contiguous \[12\]"),
+        (keep.float(), "keep: expected dtype Byte"),
+    ]:
         with pytest.raises(ValueError, match=match):
             torch.ops.pyfastpeft.lora_linear_backward(*grads, bad, [True] * 5)
 

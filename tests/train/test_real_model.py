@@ -106,8 +106,10 @@ def test_greedy_generation_matches_one_prompt_at_a_time(loaded):
     model, tok = loaded
     source = DateTaskSource(tok, held_out=3)
     together = greedy_generate(model, source.held_prompts, source.max_new_tokens, source.eos, source.pad_id, "cpu")
-    alone = [greedy_generate(model, [p], source.max_new_tokens, source.eos, source.pad_id, "cpu")[0]
-             for p in source.held_prompts]
+    alone = [
+        greedy_generate(model, [p], source.max_new_tokens, source.eos, source.pad_id, "cpu")[0]
+        for p in source.held_prompts
+    ]
     assert together == alone
     assert source.answers(model) == [tok.decode(a, skip_special_tokens=True).strip() for a in alone]
     assert len({len(p) for p in source.held_prompts}) > 1  # the batch really is padded

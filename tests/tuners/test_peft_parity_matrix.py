@@ -168,8 +168,10 @@ def test_we_save_peft_loads(arch, method, tmp_path):
 def test_merge_gives_the_unmerged_output(arch, method):
     _, base = twins(arch)
     # no padding here: fully masked rows give NaN in some float64 attention paths (Bloom's)
-    batch = {k: v.double() if v.is_floating_point() else torch.ones_like(v) if k == "attention_mask" else v
-             for k, v in inputs(arch).items()}
+    batch = {
+        k: v.double() if v.is_floating_point() else torch.ones_like(v) if k == "attention_mask" else v
+        for k, v in inputs(arch).items()
+    }
     torch.manual_seed(6)
     ours = make(pf, base.double(), arch, method)
     perturb(ours, 7)
