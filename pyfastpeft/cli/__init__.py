@@ -127,6 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="stop after this step as Ctrl-C would: save a checkpoint and exit",
     )
     ft.add_argument("--fsdp", action="store_true", help="under torchrun: FSDP2 (fully_shard) instead of DDP")
+    ft.add_argument(
+        "--keep-freed-memory",
+        action="store_true",
+        help="glibc keeps freed memory for the next step instead of returning it to the kernel: fewer page "
+        "faults (faster where they are expensive, as in virtual machines), a higher peak (docs/cli.md)",
+    )
     ft.set_defaults(func=cmd_finetune)
 
     gen = sub.add_parser("generate", help="answer prompts with a base model plus a saved adapter (streamed)")

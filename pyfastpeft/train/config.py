@@ -41,6 +41,7 @@ class FinetuneConfig:
     resume: str | None = None  # "": <out>/checkpoint.safetensors
     stop_after: int | None = None
     fsdp: bool = False
+    keep_freed_memory: bool = False  # glibc keeps freed memory for the next step (train.allocator)
     # method knobs (methods.METHOD_KNOBS lists them; a checkpoint and a saved adapter record them)
     target_modules: str = ",".join(LLAMA_TARGETS)  # comma-separated module-name suffixes
     r: int | None = None

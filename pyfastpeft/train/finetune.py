@@ -10,6 +10,7 @@ import torch
 
 from ..errors import UserError
 from ..tuners import trainable_parameters
+from .allocator import keep_freed_memory
 from .base import DTYPES, is_tiny, load_base, resolve_defaults, resolve_device
 from .checkpoint import CHECKPOINT_NAME, RUN_INFO_NAME, atomic_write_text, save_tensors
 from .config import FinetuneConfig
@@ -65,6 +66,8 @@ def run_finetune(config: FinetuneConfig, log=print, keep_model: bool = False) ->
     ``"config"`` when ``keep_model``."""
     config = resolve_defaults(config)
     device = resolve_device(config.device)
+    if config.keep_freed_memory and not keep_freed_memory():
+        raise UserError("--keep-freed-memory: needs glibc's malloc (Linux with glibc); this C library has no mallopt")
     info = init_distributed(device)
     try:
         summary, model, config = _run(config, device, info, log if info.is_main else (lambda *a, **k: None))
