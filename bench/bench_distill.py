@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import pyfastpeft as pf  # noqa: E402
 from bench._timing import print_table, saved_activation_bytes, time_interleaved, write_results  # noqa: E402
 from pyfastpeft.ops import reference  # noqa: E402
+from pyfastpeft.train.progress import proc_status_bytes, reset_rss_peak  # noqa: E402
 
 KW = dict(temperature=2.0, alpha=0.5, divergence="forward_kl")
 MIB = 2**20
@@ -78,14 +79,6 @@ def step(variant: str, args, params) -> None:
     FNS[variant](args).backward()
 
 
-def _status_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
 def measure_peak_child(variant: str, n: int, v: int, h: int, device: str, dtype: torch.dtype) -> None:
     """Runs in a fresh process: prints the step's peak extra bytes as JSON."""
     small_args, small_params = make_inputs(variant, 16, 64, 8, device, dtype)
@@ -102,11 +95,11 @@ def measure_peak_child(variant: str, n: int, v: int, h: int, device: str, dtype:
     gc.collect()
     # Writing 5 to clear_refs resets the kernel's high-water mark (VmHWM) to the current resident set, so
     # building the inputs (with their temporaries) cannot hide the step's own peak.
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    base = _status_bytes("VmRSS")
+    if not reset_rss_peak():
+        raise RuntimeError("bench_distill: the CPU peak needs Linux's /proc/self/clear_refs")
+    base = proc_status_bytes("VmRSS")
     step(variant, args, params)
-    peak = _status_bytes("VmHWM")
+    peak = proc_status_bytes("VmHWM")
     print(json.dumps({"peak_extra": peak - base}))
 
 

@@ -37,6 +37,7 @@ from bench._timing import (  # noqa: E402
 )
 from pyfastpeft.models import TinyLlamaConfig, TinyLlamaForCausalLM  # noqa: E402
 from pyfastpeft.optim import FusedAdamW  # noqa: E402
+from pyfastpeft.train.progress import proc_status_bytes, reset_rss_peak  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -100,26 +101,18 @@ def setup(args, dtype: torch.dtype, device: str):
     )
 
 
-def _status_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
 def step_rss_growth(step) -> int:
     """Peak resident set over three steps minus the resident set before the first (models built, inputs
     made): the memory training adds on the CPU (activations, gradients, optimizer state, allocator
     slack), process-wide, as the kernel counts it. The high-water mark is reset first (Linux
     clear_refs), so nothing before the steps counts."""
     gc.collect()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    before = _status_bytes("VmRSS")
+    if not reset_rss_peak():
+        raise RuntimeError("step_rss_growth: needs Linux's /proc/self/clear_refs")
+    before = proc_status_bytes("VmRSS")
     for _ in range(3):
         step()
-    return max(0, _status_bytes("VmHWM") - before)
+    return max(0, proc_status_bytes("VmHWM") - before)
 
 
 def child_peak_rss(name: str) -> int | None:

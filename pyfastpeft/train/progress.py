@@ -119,9 +119,9 @@ class PeakMemory:
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
             self.base = torch.cuda.memory_allocated(device)
-        elif _reset_rss_peak():
+        elif reset_rss_peak():
             self.phase = True
-            self.base = _proc_status_bytes("VmRSS")
+            self.base = proc_status_bytes("VmRSS")
         else:
             self.base = self._maxrss()
 
@@ -136,7 +136,7 @@ class PeakMemory:
             peak = torch.cuda.max_memory_allocated(self.device)
             return {"peak_mib": peak / mib, "growth_mib": (peak - self.base) / mib, "kind": "cuda allocated"}
         if self.phase:
-            peak = _proc_status_bytes("VmHWM")
+            peak = proc_status_bytes("VmHWM")
             return {"peak_mib": peak / mib, "growth_mib": (peak - self.base) / mib, "kind": "process RSS, training"}
         peak = self._maxrss()
         return {"peak_mib": peak / mib, "growth_mib": (peak - self.base) / mib, "kind": "process RSS"}
@@ -156,18 +156,18 @@ class PeakMemory:
         )
 
 
-def _reset_rss_peak() -> bool:
+def reset_rss_peak() -> bool:
     """Resets this process's resident-set high-water mark (Linux 4.0+); False where it cannot."""
     try:
         with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
             f.write("5")
-        _proc_status_bytes("VmHWM")
+        proc_status_bytes("VmHWM")
         return True
     except (OSError, ValueError):
         return False
 
 
-def _proc_status_bytes(key: str) -> int:
+def proc_status_bytes(key: str) -> int:
     """A ``kB`` field of /proc/self/status (VmRSS, VmHWM) in bytes."""
     with open("/proc/self/status", encoding="ascii") as f:
         for line in f:

@@ -15,7 +15,7 @@ CHILD = textwrap.dedent(
     """
     import ctypes, ctypes.util
     from pyfastpeft.train.allocator import keep_freed_memory
-    from pyfastpeft.train.progress import _proc_status_bytes
+    from pyfastpeft.train.progress import proc_status_bytes
 
     libc = ctypes.CDLL(ctypes.util.find_library("c"))
     libc.malloc.restype = ctypes.c_void_p
@@ -26,9 +26,9 @@ CHILD = textwrap.dedent(
     def freed_mib():
         block = libc.malloc(size)
         ctypes.memset(block, 1, size)
-        resident = _proc_status_bytes("VmRSS")
+        resident = proc_status_bytes("VmRSS")
         libc.free(block)
-        return (resident - _proc_status_bytes("VmRSS")) / 2**20
+        return (resident - proc_status_bytes("VmRSS")) / 2**20
 
     before = freed_mib()
     kept = keep_freed_memory()

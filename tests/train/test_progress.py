@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from pyfastpeft.train.progress import PeakMemory, Progress, _proc_status_bytes
+from pyfastpeft.train.progress import PeakMemory, Progress, proc_status_bytes
 
 
 def test_excluded_time_is_left_out_of_tokens_per_second():
@@ -45,12 +45,12 @@ def test_cpu_peak_is_the_training_phase_own():
     mib = 1024 * 1024
     # an earlier, larger peak (model loading, another method of one compare process) does not count
     big = _touch(256)
-    peak_before = _proc_status_bytes("VmHWM")
+    peak_before = proc_status_bytes("VmHWM")
     big.close()
     memory = PeakMemory(torch.device("cpu"))
     assert memory.phase
     small = _touch(64)
-    resident = _proc_status_bytes("VmRSS")
+    resident = proc_status_bytes("VmRSS")
     s = memory.summary()
     small.close()
     assert s["kind"] == "process RSS, training"
