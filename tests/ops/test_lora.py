@@ -117,7 +117,8 @@ def test_dropout_equals_reference_with_the_same_mask(device, dtype, p, lead, in_
 # Every tile of the float32 kernels of the rank-r products (lora_rank_simd.h), at both vector widths:
 # ranks padded to a vector and to two (r = 1 .. 21 and 64), rank tiles of 8 or 6, 4 and 1 (r = 5, 13, 21);
 # row tiles of 12 or 6, 2 and 1 (N = 301, and 299 in two parts); whole and partial strips of 48 or 16
-# columns (outer) and of 64 or 16 (wide), and strips past the last column (out = 19, in = 47, 70); r = 16
+# columns (outer) and of 64 or 16 (wide), and strips past the last column (out = 19, in = 47, 70); the outer
+# product's sweeps of 32 rows and a shorter last one (parts of 149 to 151 rows end in one); r = 16
 # as the real model has it, 64 the largest on those kernels and 65 on the BLAS; the dropout kernels' row
 # blocks at every level, and the same shapes without dropout.
 @pytest.mark.parametrize("p", [0.0, 0.2])

@@ -14,6 +14,7 @@
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 
@@ -283,26 +284,41 @@ struct KeptLoad {  // keep ⊙ X: element (i, n) is bit e0 + i·ld + n
   }
 };
 
-template <int MJ, int NV, class Load>
-inline void outer_tile(const float* U, int64_t ldu, int64_t M, int64_t j0, const float* X, int64_t ldx, int64_t n0,
-                       int64_t N, float alpha, const Load& load, float* C, int64_t ldc) {
+// Rows of X that `outer` sweeps across all its column strips before it moves down. X is read row after
+// row, and C, which every sweep updates, stays in cache; a strip's first rank tile (Fetch) asks for the
+// next sweep's lines of its strip into L2 as it goes. In a training step's backward x and dy are not in
+// cache: walking each strip down all the rows instead, as `outer` once did, missed to memory on most
+// loads (on a 2-core Xeon, one thread, SmolLM2-135M: the step's outer products took 119 ms a step that
+// way, 64 ms this way).
+inline constexpr int64_t kOuterRows = 32;
+
+// C[j0 .. j0 + MJ, n0 .. n0 + W·NV) += α·Σ_{i0 <= i < i1} U[i, j]·X[i, n]
+template <int MJ, int NV, bool Fetch, class Load>
+inline void outer_tile(const float* U, int64_t ldu, int64_t i0, int64_t i1, int64_t j0, const float* X, int64_t ldx,
+                       int64_t n0, int64_t N, float alpha, const Load& load, float* C, int64_t ldc) {
   vec acc[MJ][NV];
   zero_tile(acc);
   const bool whole = n0 + W * NV <= N;
   V::lanes lanes[NV];
   strip_lanes(N - n0, lanes);
-  const float* x = X + n0;
-  const float* u = U + j0;
+  const float* x = X + i0 * ldx + n0;
+  const float* u = U + i0 * ldu + j0;
   // two loops, so that a whole strip's loads carry no lane masks
   if (whole) {
-    for (int64_t i = 0; i < M; ++i, x += ldx, u += ldu) {
+    for (int64_t i = i0; i < i1; ++i, x += ldx, u += ldu) {
+      if constexpr (Fetch) {
+        PFP_UNROLL
+        for (int v = 0; v < NV; ++v) {
+          _mm_prefetch(reinterpret_cast<const char*>(x + kOuterRows * ldx + W * v), _MM_HINT_T1);
+        }
+      }
       vec xv[NV];
       PFP_UNROLL
       for (int v = 0; v < NV; ++v) xv[v] = load(x + W * v, i, n0 + W * v);
       rank1_update(acc, u, 1, xv);
     }
   } else {
-    for (int64_t i = 0; i < M; ++i, x += ldx, u += ldu) {
+    for (int64_t i = i0; i < i1; ++i, x += ldx, u += ldu) {
       vec xv[NV];
       PFP_UNROLL
       for (int v = 0; v < NV; ++v) xv[v] = load(x + W * v, i, n0 + W * v, lanes[v]);
@@ -325,17 +341,23 @@ inline void outer_tile(const float* U, int64_t ldu, int64_t M, int64_t j0, const
 }
 
 // C [r, N] (row stride ldc) += α·Uᵀ·X: U [M, r] (row stride ldu), X [M, N] (row stride ldx) read through
-// `load`. Column strips outer: a strip of X (M × W·NV) is read from memory once and from L1 by the
-// strip's other rank tiles.
+// `load`.
 template <class Load = PlainLoad>
 inline void outer(const float* U, int64_t ldu, int64_t M, int64_t r, const float* X, int64_t ldx, int64_t N, float* C,
                   int64_t ldc, float alpha = 1.0f, const Load& load = Load{}) {
   constexpr int MJ = V::kOuterMJ, NV = V::kOuterNV;
-  for (int64_t n0 = 0; n0 < N; n0 += W * NV) {
-    int64_t j = 0;
-    for (; j + MJ <= r; j += MJ) outer_tile<MJ, NV>(U, ldu, M, j, X, ldx, n0, N, alpha, load, C, ldc);
-    for (; j + 4 <= r; j += 4) outer_tile<4, NV>(U, ldu, M, j, X, ldx, n0, N, alpha, load, C, ldc);
-    for (; j < r; ++j) outer_tile<1, NV>(U, ldu, M, j, X, ldx, n0, N, alpha, load, C, ldc);
+  for (int64_t i0 = 0; i0 < M; i0 += kOuterRows) {
+    const int64_t i1 = std::min(M, i0 + kOuterRows);
+    for (int64_t n0 = 0; n0 < N; n0 += W * NV) {
+      int64_t j = 0;
+      if (j + MJ <= r) {
+        outer_tile<MJ, NV, true>(U, ldu, i0, i1, j, X, ldx, n0, N, alpha, load, C, ldc);
+        j += MJ;
+      }
+      for (; j + MJ <= r; j += MJ) outer_tile<MJ, NV, false>(U, ldu, i0, i1, j, X, ldx, n0, N, alpha, load, C, ldc);
+      for (; j + 4 <= r; j += 4) outer_tile<4, NV, false>(U, ldu, i0, i1, j, X, ldx, n0, N, alpha, load, C, ldc);
+      for (; j < r; ++j) outer_tile<1, NV, false>(U, ldu, i0, i1, j, X, ldx, n0, N, alpha, load, C, ldc);
+    }
   }
 }
 
