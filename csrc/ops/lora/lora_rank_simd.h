@@ -15,6 +15,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <climits>
 #include <cstdint>
 #include <cstring>
 
@@ -38,6 +39,12 @@ struct V {
   static vec bcast(const float* p) { return _mm512_set1_ps(*p); }
   static vec load(const float* p) { return _mm512_loadu_ps(p); }
   static vec load(const float* p, lanes m) { return _mm512_maskz_loadu_ps(m, p); }
+  // p[l·stride] in lane l, for the lanes in m (others 0); l·stride must fit in an int32
+  static vec gather(const float* p, int64_t stride, lanes m) {
+    const __m512i index = _mm512_mullo_epi32(
+        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32(static_cast<int>(stride)));
+    return _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, index, p, 4);
+  }
   static void store(float* p, vec v) { _mm512_storeu_ps(p, v); }
   static void store(float* p, lanes m, vec v) { _mm512_mask_storeu_ps(p, m, v); }
   static vec fma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
@@ -71,6 +78,11 @@ struct V {
   static vec bcast(const float* p) { return _mm256_broadcast_ss(p); }
   static vec load(const float* p) { return _mm256_loadu_ps(p); }
   static vec load(const float* p, lanes m) { return _mm256_maskload_ps(p, m); }
+  static vec gather(const float* p, int64_t stride, lanes m) {
+    const __m256i index =
+        _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(static_cast<int>(stride)));
+    return _mm256_mask_i32gather_ps(_mm256_setzero_ps(), p, index, _mm256_castsi256_ps(m), 4);
+  }
   static void store(float* p, vec v) { _mm256_storeu_ps(p, v); }
   static void store(float* p, lanes m, vec v) { _mm256_maskstore_ps(p, m, v); }
   static vec fma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
@@ -173,12 +185,31 @@ inline void rank_lanes(const float* X, int64_t ldx, int64_t M, int64_t K, const 
   for (; i < M; ++i) rank_lanes_rows<1>(X + i * ldx, ldx, K, P, R, alpha, C + i * ldc, ldc, r);
 }
 
+// D [C, ldd] (row-major) with D[c, i] = S[i, c] for i < n and 0 for n <= i < ldd: the transpose of S [n, C]
+// (row stride lds), its rows padded. Used for Aᵀ [in, R] and Bᵀ [r, out], a vector of D's row at a time
+// from one gather (a scalar loop read S down its columns: ~20 µs a layer call at the real model's shapes).
+inline void transpose_into(const float* S, int64_t n, int64_t lds, int64_t C, float* D, int64_t ldd) {
+  if (lds * W > INT32_MAX) {  // the gather's indices are int32
+    for (int64_t c = 0; c < C; ++c) {
+      for (int64_t i = 0; i < ldd; ++i) D[c * ldd + i] = i < n ? S[i * lds + c] : 0.0f;
+    }
+    return;
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    for (int64_t i0 = 0; i0 < ldd; i0 += W) {
+      const vec v = V::gather(S + i0 * lds + c, lds, V::below(n - i0));
+      if (i0 + W <= ldd) {
+        V::store(D + c * ldd + i0, v);
+      } else {
+        V::store(D + c * ldd + i0, V::below(ldd - i0), v);
+      }
+    }
+  }
+}
+
 // P [K, R] from a row-major [r, K] matrix (its transpose, ranks padded with zeros)
 inline void pack_transposed(const float* src, int64_t r, int64_t K, float* P) {
-  const int64_t R = padded_rank(r);
-  for (int64_t k = 0; k < K; ++k) {
-    for (int64_t j = 0; j < R; ++j) P[k * R + j] = j < r ? src[j * K + k] : 0.0f;
-  }
+  transpose_into(src, r, K, K, P, padded_rank(r));
 }
 
 // P [K, R] from a row-major [K, r] matrix (rows padded with zeros)
