@@ -13,7 +13,7 @@ from pyfastpeft.nn import GGUFLinear
 from pyfastpeft.ops import gguf
 from pyfastpeft.tuners import LoraLinear
 
-from ..conftest import assert_within_rounding
+from ..conftest import FLOAT_DTYPES, assert_within_rounding
 
 QTYPES = [gguf.Q4_0, gguf.Q4_1, gguf.Q8_0]
 
@@ -54,15 +54,19 @@ def fit_losses(peft: nn.Module, lr: float, steps: int) -> tuple[list[float], flo
 
 
 @pytest.mark.parametrize("qtype", QTYPES)
+@pytest.mark.parametrize("dtype", [*FLOAT_DTYPES, torch.float64])
 @pytest.mark.parametrize(
     "tokens, in_features, out_features, bias", [(0, 32, 5, True), (1, 64, 1, False), (7, 96, 33, True)]
 )
-def test_forward_and_gradients_match_float64_on_the_dequantized_weight(qtype, tokens, in_features, out_features, bias):
+def test_forward_and_gradients_match_float64_on_the_dequantized_weight(
+    qtype, dtype, tokens, in_features, out_features, bias
+):
     base = block_layer(out_features, in_features, qtype, bias, seed=tokens + in_features)
     layer = LoraLinear(base, r=3, lora_alpha=6)
     with torch.no_grad():
         layer.lora_B["default"].weight.normal_()
-    x = torch.randn(tokens, 2, in_features).transpose(0, 1)  # a non-contiguous view [2, tokens, in]
+    # a non-contiguous view [2, tokens, in]
+    x = torch.randn(tokens, 2, in_features).to(dtype).transpose(0, 1)
     x.requires_grad_(True)
     y = layer(x)
     dy = torch.randn_like(y)
@@ -89,10 +93,20 @@ def test_forward_and_gradients_match_float64_on_the_dequantized_weight(qtype, to
         mag_da = s * (b_.abs().T @ gmag.reshape(-1, out_features).T) @ x64.abs().reshape(-1, in_features)
         mag_db = s * gmag.reshape(-1, out_features).T @ (x64.abs().reshape(-1, in_features) @ a.abs().T)
     chain = tokens * 2 + in_features + out_features + 3 + 4
-    assert_within_rounding("y", y, want, mag, terms=chain, roundings=2)
-    assert_within_rounding("dx", x.grad, x64.grad, mag_dx, terms=chain, roundings=2)
-    assert_within_rounding("dA", layer.lora_A["default"].weight.grad, a.grad, mag_da, terms=chain, roundings=2)
-    assert_within_rounding("dB", layer.lora_B["default"].weight.grad, b_.grad, mag_db, terms=chain, roundings=2)
+    # Roundings to x's dtype behind each result: the base product's and the rank-r intermediate's (u = A·x
+    # forward, dy·B backward), and the result's. A 16-bit x adds A's and B's roundings to it (the float32
+    # adapter is cast for the products; the reference uses the float32 values) and, in the backward, dx's
+    # two products are each rounded before they are added. The float32 gradients of A and B are compared
+    # in the dtype they were computed in: a 16-bit x's products cast up exactly, compared in x's dtype; a
+    # float64 x's products rounded once to float32 (one of the two roundings), compared in float32.
+    roundings = 2 if dtype in (torch.float32, torch.float64) else 6
+    grad_dtype = torch.float32 if dtype == torch.float64 else dtype
+    grad_a = layer.lora_A["default"].weight.grad.to(grad_dtype)
+    grad_b = layer.lora_B["default"].weight.grad.to(grad_dtype)
+    assert_within_rounding("y", y, want, mag, terms=chain, roundings=roundings)
+    assert_within_rounding("dx", x.grad, x64.grad, mag_dx, terms=chain, roundings=roundings)
+    assert_within_rounding("dA", grad_a, a.grad, mag_da, terms=chain, roundings=roundings)
+    assert_within_rounding("dB", grad_b, b_.grad, mag_db, terms=chain, roundings=roundings)
     assert not base.blocks.requires_grad and base.blocks.grad is None
 
 

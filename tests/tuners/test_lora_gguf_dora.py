@@ -15,7 +15,7 @@ from pyfastpeft.ops import gguf
 from pyfastpeft.tuners import LoraLinear
 from pyfastpeft.tuners.lora import block_base
 
-from ..conftest import assert_within_rounding
+from ..conftest import FLOAT_DTYPES, assert_within_rounding
 from .test_lora_gguf_base import QTYPES, block_layer, fit_losses, two_block_layers
 
 R = 3
@@ -90,7 +90,7 @@ NAMES = ("y", "dx", "dA", "dB", "dm")
 
 
 @pytest.mark.parametrize("qtype", QTYPES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [*FLOAT_DTYPES, torch.float64])
 @pytest.mark.parametrize(
     "tokens, in_features, out_features, bias", [(0, 32, 5, True), (1, 64, 1, False), (7, 96, 33, True)]
 )
@@ -99,7 +99,7 @@ def test_forward_and_gradients_match_float64_on_the_dequantized_weight(
 ):
     base = block_layer(out_features, in_features, qtype, bias, seed=tokens + in_features)
     layer = dora_layer(base, seed=tokens)
-    src = torch.randn(tokens, 2, in_features, dtype=dtype)
+    src = torch.randn(tokens, 2, in_features).to(dtype)
     view = lambda t: t.transpose(0, 1)  # noqa: E731 - a non-contiguous view [2, tokens, in]
     x = view(src)
     ours, dy = run(layer, src, view, dy_seed=1)
@@ -109,9 +109,16 @@ def test_forward_and_gradients_match_float64_on_the_dequantized_weight(
     # roundings to the result's dtype are the intermediate and the result's. DoRA's scale adds the
     # float64 rounding of the expanded sum of squares, at most κ times the norm's own size, and one
     # rounding of the scale to the dtype: the magnitudes are taken κ times over to cover both.
+    # A 16-bit x rounds every tensor between the products to its dtype: A and B cast for the products,
+    # W x, A·x, its product with B, ·s, W x + the update, the scale, the scaled sum and + b (10 in all;
+    # the backward's chain has as many). The float32 gradients of A, B and m are compared in the dtype
+    # they were computed in (x's, or float32 for a float64 x, whose products are rounded to it once).
     chain = tokens * 2 + in_features + out_features + 2 * R + 8
+    roundings = 3 if dtype in (torch.float32, torch.float64) else 10
+    grad_dtype = torch.float32 if dtype == torch.float64 else dtype
+    ours = (*ours[:2], *(g.to(grad_dtype) for g in ours[2:]))
     for name, got, want, size in zip(NAMES, ours, ref, mag, strict=True):
-        assert_within_rounding(name, got, want, size * kappa, terms=chain, roundings=3)
+        assert_within_rounding(name, got, want, size * kappa, terms=chain, roundings=roundings)
     assert not base.blocks.requires_grad and base.blocks.grad is None
 
 
