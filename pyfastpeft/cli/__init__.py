@@ -100,6 +100,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_keep_freed_memory(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--keep-freed-memory",
+        action="store_true",
+        help="glibc keeps freed memory for the next step instead of returning it to the kernel: fewer page "
+        "faults (faster where they are expensive, as in virtual machines), a higher peak (docs/cli.md)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="pyfastpeft", description="Fast parameter-efficient fine-tuning.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -127,12 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="stop after this step as Ctrl-C would: save a checkpoint and exit",
     )
     ft.add_argument("--fsdp", action="store_true", help="under torchrun: FSDP2 (fully_shard) instead of DDP")
-    ft.add_argument(
-        "--keep-freed-memory",
-        action="store_true",
-        help="glibc keeps freed memory for the next step instead of returning it to the kernel: fewer page "
-        "faults (faster where they are expensive, as in virtual machines), a higher peak (docs/cli.md)",
-    )
+    add_keep_freed_memory(ft)
     ft.set_defaults(func=cmd_finetune)
 
     gen = sub.add_parser("generate", help="answer prompts with a base model plus a saved adapter (streamed)")
@@ -179,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--lr", type=positive_float, default=None, help="learning rate (default: each method's, as finetune)"
     )
     cmp.add_argument("--seed", type=seed, default=0)
+    add_keep_freed_memory(cmp)
     cmp.add_argument("--out", default="pyfastpeft_out/compare")
     cmp.set_defaults(func=cmd_compare)
 

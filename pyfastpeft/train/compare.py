@@ -60,9 +60,18 @@ def run_compare(config: CompareConfig) -> int:
     task = "dates" if real else config.task
     steps = config.steps or (30 if real else 150)
     batch = config.batch_size or (8 if real else 32)
-    md = [f"# PEFT comparison: '{task}' task, {steps} steps, batch {batch}, lr {lr}, seed {config.seed}\n"]
+    kept = ", freed memory kept (--keep-freed-memory)" if config.keep_freed_memory else ""
+    md = [f"# PEFT comparison: '{task}' task, {steps} steps, batch {batch}, lr {lr}, seed {config.seed}{kept}\n"]
     # what every run shares; the method, the model and the output folder change per run
-    shared = FinetuneConfig(task=task, steps=steps, batch_size=batch, lr=config.lr, seed=config.seed, log_every=10**9)
+    shared = FinetuneConfig(
+        task=task,
+        steps=steps,
+        batch_size=batch,
+        lr=config.lr,
+        seed=config.seed,
+        log_every=10**9,
+        keep_freed_memory=config.keep_freed_memory,
+    )
     for size in sizes:
         results[size] = []
         if real:

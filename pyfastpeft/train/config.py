@@ -87,6 +87,7 @@ class CompareConfig:
     batch_size: int | None = None  # None: 32 (tiny), 8 (a real model)
     lr: float | None = None  # None: each method's default, as finetune
     seed: int = 0
+    keep_freed_memory: bool = False  # for every method's run, as finetune's (train.allocator)
     out: str = "pyfastpeft_out/compare"
 
 

@@ -9,6 +9,7 @@ from dataclasses import fields
 import pytest
 
 from pyfastpeft.cli import build_parser, to_config
+from pyfastpeft.train.compare import run_compare
 from pyfastpeft.train.config import BenchConfig, CompareConfig, FinetuneConfig
 from pyfastpeft.train.finetune import run_finetune
 from pyfastpeft.train.methods import METHODS
@@ -59,3 +60,20 @@ def test_finetune_from_python_without_the_command_line(tmp_path):
 def test_from_dict_keeps_defaults_and_ignores_unknown_keys():
     config = FinetuneConfig.from_dict({"method": "ia3", "seed": 4, "written_by_a_newer_version": 1})
     assert (config.method, config.seed, config.r) == ("ia3", 4, None)
+
+
+def test_compare_passes_keep_freed_memory_to_every_run(monkeypatch, tmp_path):
+    from pyfastpeft.train import finetune
+
+    seen = []
+
+    def fake_run(config, log=print, keep_model=False):
+        seen.append(config.keep_freed_memory)
+        raise RuntimeError("stop after the first run's config")
+
+    monkeypatch.setattr(finetune, "run_finetune", fake_run)
+    for flags, want in (([], False), (["--keep-freed-memory"], True)):
+        args = build_parser().parse_args(["compare", "--methods", "lora", "--out", str(tmp_path), *flags])
+        with pytest.raises(RuntimeError, match="first run"):
+            run_compare(to_config(CompareConfig, args))
+        assert seen[-1] is want
