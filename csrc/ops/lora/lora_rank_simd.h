@@ -320,7 +320,7 @@ struct KeptLoad {  // keep ⊙ X: element (i, n) is bit e0 + i·ld + n
 // next sweep's lines of its strip into L2 as it goes. In a training step's backward x and dy are not in
 // cache: walking each strip down all the rows instead, as `outer` once did, missed to memory on most
 // loads (on a 2-core Xeon, one thread, SmolLM2-135M: the step's outer products took 119 ms a step that
-// way, 64 ms this way).
+// way, 64 ms this way; at the AVX2 level 102 and 73 ms).
 inline constexpr int64_t kOuterRows = 32;
 
 // C[j0 .. j0 + MJ, n0 .. n0 + W·NV) += α·Σ_{i0 <= i < i1} U[i, j]·X[i, n]
