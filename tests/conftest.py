@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.abc
 import os
+import subprocess
 import sys
 
 # PYFASTPEFT_TEST_WITHOUT=transformers,peft runs the suite as if those optional packages were not
@@ -35,6 +36,14 @@ import pyfastpeft  # noqa: E402
 settings.register_profile("ci", derandomize=True, print_blob=True)
 if os.environ.get("CI"):
     settings.load_profile("ci")
+
+
+def python_m_pyfastpeft(*argv, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
+    """``python -m pyfastpeft *argv`` in a child process (the real entry point, as a user runs it), its
+    output captured as text; ``kwargs`` go to subprocess.run (cwd, env)."""
+    cmd = [sys.executable, "-m", "pyfastpeft", *(str(a) for a in argv)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kwargs)
+
 
 DEVICES = ["cpu"] + (["cuda"] if pyfastpeft.cuda_available() else [])
 FLOAT_DTYPES = [torch.float32, torch.bfloat16, torch.float16]

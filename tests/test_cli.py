@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
-import sys
 
 import pytest
+
+from .conftest import python_m_pyfastpeft
 
 
 @pytest.fixture()
@@ -17,27 +17,8 @@ def env(tmp_path):
 
 def test_default_finetune_end_to_end(tmp_path, env):
     # the built-in model's run (pretraining, LoRA on the 'shift' task), with fewer steps
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pyfastpeft",
-            "finetune",
-            "--model",
-            "tiny",
-            "--pretrain-steps",
-            "60",
-            "--steps",
-            "60",
-            "--seed",
-            "1",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=tmp_path,
-        env=env,
-    )
+    first = "finetune --model tiny --pretrain-steps 60 --steps 60 --seed 1".split()
+    out = python_m_pyfastpeft(*first, cwd=tmp_path, env=env)
     assert out.returncode == 0, out.stderr
     assert re.search(r"trainable params: [\d,]+ \|\| all params: [\d,]+", out.stdout)
     first, last = map(float, re.search(r"loss: ([\d.]+) -> ([\d.]+)", out.stdout).groups())
@@ -56,75 +37,24 @@ def test_default_finetune_end_to_end(tmp_path, env):
         assert (run_dir / name).is_file(), name
     assert f"adapter saved to {os.path.join('pyfastpeft_out', 'lora')} (PEFT layout)" in out.stdout
     # the second run reads the pretrained base from the cache
-    again = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pyfastpeft",
-            "finetune",
-            "--model",
-            "tiny",
-            "--pretrain-steps",
-            "60",
-            "--steps",
-            "2",
-            "--seed",
-            "1",
-            "--out",
-            "second",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=tmp_path,
-        env=env,
-    )
+    second = "finetune --model tiny --pretrain-steps 60 --steps 2 --seed 1 --out second".split()
+    again = python_m_pyfastpeft(*second, cwd=tmp_path, env=env)
     assert again.returncode == 0, again.stderr
     assert "pretrained base model read from" in again.stdout
 
 
 def test_curve_picture_or_a_note(tmp_path, env):
     pytest.importorskip("matplotlib")
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pyfastpeft",
-            "finetune",
-            "--model",
-            "tiny",
-            "--pretrain-steps",
-            "5",
-            "--steps",
-            "2",
-            "--size",
-            "small",
-            "--out",
-            str(tmp_path / "o"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
+    short = "finetune --model tiny --pretrain-steps 5 --steps 2 --size small".split()
+    out = python_m_pyfastpeft(*short, "--out", tmp_path / "o", env=env)
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "o" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_bad_argument_is_a_clear_error():
-    out = subprocess.run(
-        [sys.executable, "-m", "pyfastpeft", "finetune", "--model", "tiny", "--task", "nope"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    out = python_m_pyfastpeft("finetune", "--model", "tiny", "--task", "nope", timeout=120)
     assert out.returncode == 2
     assert "invalid choice: 'nope'" in out.stderr
-    out = subprocess.run(
-        [sys.executable, "-m", "pyfastpeft", "finetune", "--no-such-flag"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    out = python_m_pyfastpeft("finetune", "--no-such-flag", timeout=120)
     assert out.returncode == 2
     assert "unrecognized arguments: --no-such-flag" in out.stderr

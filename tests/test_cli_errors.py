@@ -4,8 +4,6 @@ a bug in the program keeps its traceback."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +11,8 @@ import torch
 from safetensors.torch import save_file
 
 from pyfastpeft import cli
+
+from .conftest import python_m_pyfastpeft
 
 # the smallest built-in run: no pretraining, one step
 FAST = "--model tiny --size small --pretrain-steps 0 --steps 1 --length 2 --batch-size 2".split()
@@ -168,9 +168,7 @@ def test_a_bug_keeps_its_traceback(monkeypatch):
 
 def test_the_command_prints_one_line_and_no_traceback(tmp_path):
     # one run through the real entry point (the cases above run in-process, faster)
-    out = subprocess.run(
-        [sys.executable, "-m", "pyfastpeft", "report", str(tmp_path)], capture_output=True, text=True, timeout=300
-    )
+    out = python_m_pyfastpeft("report", tmp_path)
     assert out.returncode == 2, out.stderr
     expected = f"{tmp_path}: no adapter_model.safetensors or adapter.safetensors (not an adapter folder)"
     assert out.stderr == f"pyfastpeft: error: {expected}\n"

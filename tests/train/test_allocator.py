@@ -7,6 +7,8 @@ import textwrap
 
 import pytest
 
+from ..conftest import python_m_pyfastpeft
+
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt (Linux)")
 
 # 64 MiB malloc'ed, written, freed; the resident set before and after the free, without the setting and
@@ -47,25 +49,7 @@ def test_a_freed_block_stays_resident():
 
 
 def test_finetune_flag(tmp_path):
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pyfastpeft",
-            "finetune",
-            "--model",
-            "tiny",
-            "--size",
-            "small",
-            "--steps",
-            "2",
-            "--keep-freed-memory",
-            "--out",
-            str(tmp_path / "run"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    flags = "finetune --model tiny --size small --steps 2 --keep-freed-memory".split()
+    out = python_m_pyfastpeft(*flags, "--out", tmp_path / "run")
     assert out.returncode == 0, out.stderr[-2000:]
     assert (tmp_path / "run" / "summary.json").is_file()

@@ -5,8 +5,6 @@ from __future__ import annotations
 import copy
 import json
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -15,7 +13,7 @@ from safetensors.torch import load_file
 from pyfastpeft.models import TinyLlamaConfig, TinyLlamaForCausalLM
 from pyfastpeft.train.base import builtin_model
 from pyfastpeft.train.saved_adapter import read_saved_adapter, rebuild, run_arguments
-from tests.conftest import assert_as_accurate_as
+from tests.conftest import assert_as_accurate_as, python_m_pyfastpeft
 
 from .conftest import TINY, run_cli
 
@@ -208,11 +206,11 @@ def test_report_and_merge_errors(tmp_path, lora_dir, capsys):
 def test_python_m_report_and_merge(tmp_path, lora_dir):
     expect = {"report": "trainable params", "merge": "merged model written to"}
     for argv in (["report", str(lora_dir)], ["merge", "builtin", str(lora_dir), str(tmp_path / "m")]):
-        out = subprocess.run([sys.executable, "-m", "pyfastpeft", *argv], capture_output=True, text=True, timeout=300)
+        out = python_m_pyfastpeft(*argv)
         assert out.returncode == 0, out.stderr
         assert expect[argv[0]] in out.stdout
     assert (tmp_path / "m" / "model.safetensors").is_file()
-    out = subprocess.run([sys.executable, "-m", "pyfastpeft", "report"], capture_output=True, text=True, timeout=120)
+    out = python_m_pyfastpeft("report", timeout=120)
     assert out.returncode == 2 and "adapter" in out.stderr
 
 
