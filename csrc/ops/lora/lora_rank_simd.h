@@ -41,8 +41,8 @@ struct V {
   static vec load(const float* p, lanes m) { return _mm512_maskz_loadu_ps(m, p); }
   // p[l·stride] in lane l, for the lanes in m (others 0); l·stride must fit in an int32
   static vec gather(const float* p, int64_t stride, lanes m) {
-    const __m512i index = _mm512_mullo_epi32(
-        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32(static_cast<int>(stride)));
+    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512i index = _mm512_mullo_epi32(lane, _mm512_set1_epi32(static_cast<int>(stride)));
     return _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, index, p, 4);
   }
   static void store(float* p, vec v) { _mm512_storeu_ps(p, v); }
