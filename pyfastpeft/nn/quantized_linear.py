@@ -143,6 +143,12 @@ class QuantizedLinear(_ActivationQuant, nn.Module):
             q.bias.copy_(module.bias.detach())
         return q
 
+    def packed_weights(self) -> tuple[torch.Tensor, int]:
+        """(the packed codes, how many parameters they stand for: the weights, and the bias, which is a
+        buffer here): parameter counts include frozen packed weights, as GGUFLinear's
+        (pyfastpeft.report.trainable_parameters), so a quantized model counts as its float model did."""
+        return self.qweight, self.in_features * self.out_features + (0 if self.bias is None else self.out_features)
+
     def codes(self) -> torch.Tensor:
         """The int32 codes ``[out, in]``."""
         return unpack_codes(self.qweight, self.weight_bits)

@@ -158,6 +158,19 @@ def test_quantized_linear_equals_fake_quant(device, dtype, name, learnable):
         assert q.qweight.dtype == torch.uint8 and q.qweight.shape == (48, 128)
 
 
+def test_quantized_weights_count_as_the_float_model_did():
+    # the packed codes hold out · in weights (two 4-bit codes a byte), the bias is a buffer: counted as
+    # the float layer's weight and bias, frozen, as GGUF blocks are
+    from pyfastpeft.report import trainable_parameters
+
+    fake = make("8da4w")
+    float_model = torch.nn.Sequential(torch.nn.Linear(256, 48), torch.nn.Linear(48, 3))
+    float_model[0].requires_grad_(False)
+    model = torch.nn.Sequential(QuantizedLinear.from_fake_quant(fake), torch.nn.Linear(48, 3))
+    assert model[0].qweight.numel() * 2 == 48 * 256 and model[0].bias is not None
+    assert trainable_parameters(model) == trainable_parameters(float_model) == (48 * 3 + 3, 48 * 257 + 48 * 3 + 3)
+
+
 def test_quantized_linear_rejects_non_finite_weights():
     m = make("8da4w")
     with torch.no_grad():
