@@ -199,3 +199,45 @@ def test_a_model_with_one_block_layer_refuses_merge_before_changing_any_layer():
     with pytest.raises(ValueError, match="merge: the base is a GGUFLinear"):
         peft.merge_adapter()
     assert torch.equal(first.base_layer.weight, before) and first.merged_adapters == []
+
+
+def test_several_active_adapters_over_blocks_add_their_updates():
+    # two plain adapters at once: the block kernel's W x + b once, then each adapter's s·B·A·x added
+    base = block_layer(19, 64, gguf.Q4_1, True, seed=11)
+    layer = LoraLinear(base, r=3, lora_alpha=6)
+    layer.update_layer("second", 2, 8.0, 0.0, False, False, "gaussian")
+    names = ["default", "second"]
+    with torch.no_grad():
+        for name in names:
+            layer.lora_B[name].weight.normal_()
+    layer.set_adapter(names)
+    x = torch.randn(2, 5, 64).requires_grad_(True)
+    y = layer(x)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+
+    w = base.dequantized_weight(torch.float64)
+    bias = base.bias.detach().double()
+    out = {}
+    for key, sign in (("ref", torch.clone), ("abs", torch.abs)):
+        x64 = sign(x.detach().double()).requires_grad_(True)
+        params = {
+            n: (
+                sign(layer.lora_A[n].weight.detach().double()).requires_grad_(True),
+                sign(layer.lora_B[n].weight.detach().double()).requires_grad_(True),
+            )
+            for n in names
+        }
+        want = x64 @ sign(w).T + sign(bias)
+        for n, (a, b_) in params.items():
+            want = want + layer.scaling[n] * (x64 @ a.T) @ b_.T
+        want.backward(sign(dy.double()))
+        grads = [x64.grad] + [g.grad for n in names for g in params[n]]
+        out[key] = (want.detach(), grads)
+    got = [x.grad] + [p.grad for n in names for p in (layer.lora_A[n].weight, layer.lora_B[n].weight)]
+    # sums over in, the ranks and the 10 tokens (the adapter gradients); roundings to float32 of W x + b,
+    # and of each adapter's A·x and of y after its addmm
+    chain = 64 + 19 + 3 + 10 + 4
+    assert_within_rounding("y", y, out["ref"][0], out["abs"][0], terms=chain, roundings=5)
+    for i, (g, want, size) in enumerate(zip(got, out["ref"][1], out["abs"][1], strict=True)):
+        assert_within_rounding(f"grad {i}", g, want, size, terms=chain, roundings=5)
