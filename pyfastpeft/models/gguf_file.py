@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import types
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -267,8 +268,8 @@ def load_gguf_quantized(
     bias)`` and a quantized embedding ``make_embedding(blocks, qtype, num_embeddings, embedding_dim)``
     (``blocks``: ``uint8 [rows, nbytes]``). A file without an ``output`` tensor ties the head to the
     embedding: the head is then ``make_linear`` over the embedding's very blocks tensor (shared, not
-    copied); the model's ``tie_weights()`` has nothing left to do and must not be called (it looks for an
-    embedding ``weight`` parameter). Float tensors (norms, de-quantized types) go into the ordinary
+    copied), and the model's ``tie_weights()`` checks that they still share it (transformers' own would
+    look for an embedding ``weight`` parameter). Float tensors (norms, de-quantized types) go into the ordinary
     modules. ``cache_dir``: where the config and tokenizer are kept after the first load
     (:func:`gguf_metadata`); the blocks are always read from the file."""
     from transformers import AutoModelForCausalLM
@@ -309,11 +310,22 @@ def load_gguf_quantized(
         embed = tensors["model.embed_tokens.weight"]
         if embed.quantized:
             model.lm_head = make_linear(embed.data, embed.qtype, embed.shape[1], embed.shape[0], None)
+            # this model's tie_weights: the head is built over the embedding's blocks (transformers' own
+            # looks for a float embedding weight and raises)
+            model.tie_weights = types.MethodType(_tie_block_weights, model)
         else:
             model.lm_head.weight = model.get_input_embeddings().weight
     _materialize_buffers(model, config)
     model.eval()
     return model, tokenizer
+
+
+def _tie_block_weights(model: nn.Module, missing_keys=None, recompute_mapping: bool = True) -> None:
+    """``tie_weights`` of a model whose head was made over its embedding's blocks: they are tied already
+    (one tensor); checks that they still are."""
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    if getattr(head, "blocks", None) is not getattr(embed, "blocks", None):
+        raise RuntimeError("tie_weights: the head no longer holds the embedding's blocks; rebuild the model")
 
 
 def _materialize_buffers(model: nn.Module, config) -> None:

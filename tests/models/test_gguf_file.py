@@ -4,6 +4,7 @@ errors. Tiny synthetic files for speed; one test on the real SmolLM2-135M file."
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import os
 import warnings
@@ -157,6 +158,13 @@ def test_load_keeps_blocks_and_ties_the_head_to_the_embeddings_blocks(tmp_path):
     embed, head = model.model.embed_tokens, model.lm_head
     assert isinstance(embed, BlockEmbedding) and isinstance(head, BlockLinear)
     assert head.blocks is embed.blocks  # one buffer, not a copy
+    model.tie_weights()  # tied already: transformers' own would look for a float embedding weight
+    copied = copy.deepcopy(model)
+    copied.tie_weights()
+    assert copied.lm_head.blocks is copied.model.embed_tokens.blocks
+    copied.lm_head.blocks = embed.blocks.clone()
+    with pytest.raises(RuntimeError, match="no longer holds the embedding's blocks"):
+        copied.tie_weights()
     assert (head.in_features, head.out_features, head.qtype) == (TINY["hidden"], TINY["vocab"], Q8_0)
     attn0 = model.model.layers[0].self_attn
     assert isinstance(attn0.q_proj, BlockLinear) and attn0.q_proj.qtype == Q4_0
