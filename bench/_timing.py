@@ -35,6 +35,16 @@ def time_fn(fn: Callable[[], object], device: str = "cpu", warmup: int = 3, repe
     return statistics.median(times)
 
 
+def _faults_and_system_ms() -> tuple[int, float]:
+    """This process's minor page faults and system CPU time (ms) so far; zeros where getrusage is missing."""
+    try:
+        import resource
+    except ImportError:  # not a Unix
+        return 0, 0.0
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_minflt, usage.ru_stime * 1e3
+
+
 def time_interleaved(
     fns: dict[str, Callable[[], object]],
     device: str = "cpu",
@@ -42,6 +52,7 @@ def time_interleaved(
     rounds: int = 20,
     clock: Callable[[], float] = time.perf_counter,
     samples: dict[str, list[float]] | None = None,
+    kernel: dict[str, dict[str, list[float]]] | None = None,
 ):
     """Median times (ms) of several candidates, run in interleaved rounds so that machine noise
     (frequency changes, a neighbour's load) hits all of them alike. Each round starts one candidate later
@@ -50,21 +61,30 @@ def time_interleaved(
     1.154x the frozen step's time when it ran right after it, 1.086x right after another LoRA step).
     ``clock=time.process_time`` measures this process's CPU time instead of wall time (steadier on a
     shared machine with one thread).
-    ``samples``, when given, receives every round's time per candidate (for ratios paired by round)."""
+    ``samples``, when given, receives every round's time per candidate (for ratios paired by round);
+    ``kernel``, each round's minor page faults and system CPU time (ms) per candidate (what the kernel's
+    side of a step cost: where faults are expensive, as in virtual machines, they spread the rounds)."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     _sync(device)
     per_round = {} if samples is None else samples
     per_round.update({k: [] for k in fns})
+    if kernel is not None:
+        kernel.update({k: {"minor_faults": [], "system_ms": []} for k in fns})
     names = list(fns)
     for r in range(rounds):
         for name in names[r % len(names) :] + names[: r % len(names)]:
             fn = fns[name]
+            faults0, system0 = _faults_and_system_ms()
             t0 = clock()
             fn()
             _sync(device)
             per_round[name].append((clock() - t0) * 1e3)
+            if kernel is not None:
+                faults1, system1 = _faults_and_system_ms()
+                kernel[name]["minor_faults"].append(faults1 - faults0)
+                kernel[name]["system_ms"].append(round(system1 - system0, 3))
     return {k: statistics.median(per_round[k]) for k in fns}
 
 

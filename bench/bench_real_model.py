@@ -160,7 +160,10 @@ def main() -> None:
     del base
     clock = time.process_time if args.cpu_time else time.perf_counter
     per_round: dict[str, list[float]] = {}
-    times = time_interleaved(steps, device=args.device, warmup=2, rounds=rounds, clock=clock, samples=per_round)
+    kernel: dict[str, dict[str, list[float]]] = {}
+    times = time_interleaved(
+        steps, device=args.device, warmup=2, rounds=rounds, clock=clock, samples=per_round, kernel=kernel
+    )
     # the same ratios paired by round (each round's candidates ran back to back), steadier under drift
     paired_floor = statistics.median(o / f for o, f in zip(per_round[OURS], per_round[FLOOR], strict=True))
     paired_peft = statistics.median(p / o for p, o in zip(per_round[PEFT], per_round[OURS], strict=True))
@@ -213,6 +216,8 @@ def main() -> None:
             "paired_speedup_vs_peft": paired_peft,
             "paired_ours_over_floor": paired_floor,
             "per_round_ms": per_round,
+            # each round's minor page faults and system CPU time (ms), the same order as per_round_ms
+            "per_round_kernel": kernel,
         },
     )
     print(f"wrote {path}")
