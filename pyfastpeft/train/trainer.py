@@ -8,6 +8,7 @@ step, so on the CPU a run interrupted at step k and resumed ends bit-identical t
 
 from __future__ import annotations
 
+import inspect
 import json
 import signal
 import time
@@ -67,14 +68,42 @@ class TrainResult:
     trainable: dict | None = None  # the trained tensors, whole (gathered under FSDP2)
 
 
+def logits_at_labels(model: torch.nn.Module) -> bool:
+    """Whether ``model`` can be asked for its logits at chosen positions only: a transformers causal LM
+    (its forward takes ``logits_to_keep``) whose calls are not routed through virtual tokens."""
+    if "prompt_encoder" in model._modules:  # prompt learning: positions shift by the virtual tokens
+        return False
+    try:
+        return "logits_to_keep" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def token_loss(
-    model, batch, global_count: int, world_size: int, summed_loss: Callable | None = None
+    model, batch, global_count: int, world_size: int, summed_loss: Callable | None = None, at_labels: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss to backpropagate, this rank's share of the global mean loss).
 
     The summed token loss over the global count of predicted tokens makes the ranks' shares add up to
     the global mean whatever the padding; ``world_size ×`` undoes DDP's gradient averaging. A method's
-    ``summed_loss(model, logits, batch)`` replaces the cross-entropy sum (distillation)."""
+    ``summed_loss(model, logits, batch)`` replaces the cross-entropy sum (distillation).
+
+    ``at_labels`` (see :func:`logits_at_labels`): the head runs only at the positions where some row's
+    next token is labelled, the same sum: on a prompt-and-answer task most positions are prompt, and
+    each skipped one saves the head's product, its backward and a vocabulary-sized row of several
+    tensors (at 49,152 words, 192 KiB a position each)."""
+    if at_labels and summed_loss is None:
+        targets = batch.labels[:, 1:]
+        keep = (targets != -100).any(dim=0).nonzero().flatten()
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=keep).logits
+        total = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]).float(),
+            targets[:, keep].reshape(-1),
+            ignore_index=-100,
+            reduction="sum",
+        )
+        share = total / global_count
+        return share * world_size, share.detach()
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     if summed_loss is not None:
         total = summed_loss(model, logits, batch)
@@ -136,6 +165,7 @@ def train(model: torch.nn.Module, source, s: TrainSettings, info: DistInfo, log=
     if not trainable_state(model):
         raise UserError("the method left no trainable parameters")
     ddp_model = wrap_model(model, info, s.device, fsdp=s.fsdp)
+    at_labels = logits_at_labels(model)
     params = list(trainable_state(model).values())
     gen = torch.Generator().manual_seed(s.seed)
     make = s.make_optimizer or _default_optimizer(s.fsdp)
@@ -164,7 +194,7 @@ def train(model: torch.nn.Module, source, s: TrainSettings, info: DistInfo, log=
             full = source.batch(s.batch_size, gen)
             count = int((full.labels[:, 1:] != -100).sum())
             batch = batch_to(type(full)(full.input_ids[rows], full.labels[rows], full.attention_mask[rows]), s.device)
-            loss, share = token_loss(ddp_model, batch, count, info.world_size, s.summed_loss)
+            loss, share = token_loss(ddp_model, batch, count, info.world_size, s.summed_loss, at_labels)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
