@@ -11,18 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 
 import torch
 
 from ..models import TinyLlamaConfig, TinyLlamaForCausalLM, make_batch
 from ..models.pretrained import cache_root
 from .checkpoint import load_tensors, save_tensors
-
-
-def cache_dir() -> Path:
-    """``$PYFASTPEFT_CACHE`` (default ``~/.cache/pyfastpeft``), which the real models' conversions share."""
-    return cache_root()
 
 
 def pretrain_key(
@@ -84,7 +78,7 @@ def pretrained_builtin(
     model = TinyLlamaForCausalLM(cfg)
     if steps <= 0:
         return model
-    path = cache_dir() / f"tinyllama-{task}-{pretrain_key(cfg, task, steps, batch_size, length, lr, seed)}.safetensors"
+    path = cache_root() / f"tinyllama-{task}-{pretrain_key(cfg, task, steps, batch_size, length, lr, seed)}.safetensors"
     if path.is_file():
         try:
             tensors, _ = load_tensors(path)

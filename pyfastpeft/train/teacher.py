@@ -21,11 +21,12 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
+from ..models.pretrained import cache_root
 from .base import builtin_config, builtin_model, hf_model, is_tiny
 from .checkpoint import load_tensors, save_tensors
 from .config import LLAMA_TARGETS, FinetuneConfig
 from .data import batch_to
-from .pretrain import cache_dir, pretrain_key
+from .pretrain import pretrain_key
 
 
 def _quiet(*args, **kwargs) -> None:
@@ -46,7 +47,7 @@ def teacher_cache_path(config: FinetuneConfig, steps: int):
         "version": 1,
     }
     key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
-    return cache_dir() / f"teacher-{config.task}-{key}.safetensors"
+    return cache_root() / f"teacher-{config.task}-{key}.safetensors"
 
 
 def fine_tune_fully(model: torch.nn.Module, source, steps: int, batch_size: int, lr: float, seed: int, device) -> None:

@@ -92,27 +92,19 @@ def token_loss(
     next token is labelled, the same sum: on a prompt-and-answer task most positions are prompt, and
     each skipped one saves the head's product, its backward and a vocabulary-sized row of several
     tensors (at 49,152 words, 192 KiB a position each)."""
-    if at_labels and summed_loss is None:
-        targets = batch.labels[:, 1:]
-        keep = (targets != -100).any(dim=0).nonzero().flatten()
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=keep).logits
-        total = F.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]).float(),
-            targets[:, keep].reshape(-1),
-            ignore_index=-100,
-            reduction="sum",
-        )
-        share = total / global_count
-        return share * world_size, share.detach()
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
     if summed_loss is not None:
-        total = summed_loss(model, logits, batch)
+        total = summed_loss(model, model(**inputs).logits, batch)
     else:
+        targets = batch.labels[:, 1:]
+        if at_labels:
+            keep = (targets != -100).any(dim=0).nonzero().flatten()
+            logits = model(**inputs, logits_to_keep=keep).logits  # the logits predicting targets[:, keep]
+            targets = targets[:, keep]
+        else:
+            logits = model(**inputs).logits[:, :-1]
         total = F.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-            batch.labels[:, 1:].reshape(-1),
-            ignore_index=-100,
-            reduction="sum",
+            logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=-100, reduction="sum"
         )
     share = total / global_count
     return share * world_size, share.detach()
