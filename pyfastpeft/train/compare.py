@@ -100,8 +100,9 @@ def run_compare(config: CompareConfig) -> int:
                 "trainable": summary["trainable_params"],
                 "changed": changed,
                 "rank of change": rank,
-                # the method's own training peak: the RSS high-water mark is reset per run on Linux, the
-                # allocator's peak on CUDA (elsewhere the process's mark, an upper bound: see PeakMemory)
+                # CUDA: the allocator's peak while the method trained. CPU: the process's resident
+                # high-water mark while it trained (reset per run on Linux; see PeakMemory), which also
+                # counts what earlier methods of this process left resident: an upper bound per method
                 "peak MiB": round(summary["memory"]["peak_mib"], 1),
                 "ms/step": round(1e3 * summary["step_seconds"], 2),
             }

@@ -6,6 +6,8 @@ import json
 
 import pytest
 
+from tests.tuners.hf_tiny_models import llama_config
+
 from .conftest import adapter, run_cli
 
 transformers = pytest.importorskip("transformers")
@@ -15,15 +17,7 @@ SHORT = ["--steps", "2", "--batch-size", "4", "--length", "4", "--log-every", "1
 
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory):
-    cfg = transformers.LlamaConfig(
-        vocab_size=300,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-    )
+    cfg = llama_config(vocab_size=300, intermediate_size=64, max_position_embeddings=128)
     path = tmp_path_factory.mktemp("tiny-llama")
     transformers.LlamaForCausalLM(cfg).save_pretrained(path)
     return path

@@ -9,20 +9,13 @@ import torch
 from pyfastpeft import LoraConfig, get_peft_model
 from pyfastpeft.models.data import Batch
 from pyfastpeft.train.trainer import logits_at_labels, token_loss
+from tests.tuners.hf_tiny_models import llama_config
 
 transformers = pytest.importorskip("transformers")
 
 
 def tiny_llama() -> torch.nn.Module:
-    cfg = transformers.LlamaConfig(
-        vocab_size=97,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
+    cfg = llama_config(vocab_size=97, intermediate_size=64)
     torch.manual_seed(0)
     return transformers.LlamaForCausalLM(cfg).double()
 

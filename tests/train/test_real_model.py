@@ -18,6 +18,7 @@ import torch
 from pyfastpeft.models import pretrained
 from pyfastpeft.train.dates import DateTaskSource, date_examples, greedy_generate
 from pyfastpeft.train.methods import METHODS
+from tests.tuners.hf_tiny_models import llama_config
 
 from ..conftest import low_precision_error_bound
 from .conftest import run_cli
@@ -176,13 +177,9 @@ def small_llama_with_tokenizer(converted, tmp_path_factory):
 
     _, folder, _ = converted
     path = tmp_path_factory.mktemp("small-llama-tok")
-    cfg = transformers.LlamaConfig(
+    cfg = llama_config(
         vocab_size=49152,
-        hidden_size=32,
         intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         max_position_embeddings=256,
         tie_word_embeddings=True,
     )

@@ -14,6 +14,7 @@ from pyfastpeft.models import TinyLlamaConfig, TinyLlamaForCausalLM
 from pyfastpeft.train.base import builtin_model
 from pyfastpeft.train.saved_adapter import read_saved_adapter, rebuild, run_arguments
 from tests.conftest import assert_as_accurate_as, python_m_pyfastpeft
+from tests.tuners.hf_tiny_models import llama_config
 
 from .conftest import TINY, run_cli
 
@@ -127,15 +128,7 @@ def test_merge_refuses_what_the_base_cannot_hold(tmp_path, capsys):
 
 def test_merge_into_a_hugging_face_folder(tmp_path, lora_dir, capsys):
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.LlamaConfig(
-        vocab_size=300,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
+    cfg = llama_config(vocab_size=300, intermediate_size=64)
     hf = tmp_path / "hf"
     transformers.LlamaForCausalLM(cfg).save_pretrained(hf)
     run = tmp_path / "run"

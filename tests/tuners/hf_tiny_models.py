@@ -19,9 +19,11 @@ def _transformers():
     return pytest.importorskip("transformers")
 
 
-def tiny_llama():
+def llama_config(**fields):
+    """A small ``transformers.LlamaConfig``: hidden 32 in 4 heads with 2 key/value heads, 2 layers, a
+    vocabulary of VOCAB, 64 positions; ``fields`` set anything else (vocab_size, intermediate_size, ...)."""
     transformers = _transformers()
-    cfg = transformers.LlamaConfig(
+    shape = dict(
         vocab_size=VOCAB,
         hidden_size=32,
         intermediate_size=48,
@@ -30,7 +32,11 @@ def tiny_llama():
         num_key_value_heads=2,
         max_position_embeddings=64,
     )
-    return transformers.LlamaForCausalLM(cfg)
+    return transformers.LlamaConfig(**{**shape, **fields})
+
+
+def tiny_llama():
+    return _transformers().LlamaForCausalLM(llama_config())
 
 
 def tiny_gpt2():

@@ -93,6 +93,42 @@ def test_forward_and_grads_match_reference(device, rslora):
     assert layer.base_layer.weight.grad is None and layer.base_layer.bias.grad is None
 
 
+def test_several_active_adapters_add_their_updates_to_one_frozen_product(device):
+    # a plain adapter and a DoRA one at once: W x + b + s·B·A·x for the plain one, and for the DoRA one
+    # (k - 1)·W x + k·s'·B'·A'·x with k = m / ‖W + s'·B'·A'‖ (the norm detached): each adapter's own
+    # result, with W x and b counted once
+    layer = make_layer(device, r=4, alpha=6.0)
+    layer.update_layer("dora", 3, 9.0, 0.0, False, True, True)
+    with torch.no_grad():
+        layer.lora_B["dora"].weight.normal_()  # so that k is not 1
+    names = ["default", "dora"]
+    layer.set_adapter(names)
+    leaves = lambda: [t for n in names for t in factors(layer, n)] + [layer.lora_magnitude_vector["dora"].weight]  # noqa: E731
+    x = torch.randn(2, 7, IN, device=device).transpose(0, 1).requires_grad_()  # a non-contiguous view
+    y = layer(x)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    ours = [y, x.grad] + [t.grad for t in leaves()]
+
+    def formula(dtype):
+        x_ = x.detach().to(dtype).requires_grad_()
+        (a, b, a2, b2, m) = params = [t.detach().to(dtype).requires_grad_() for t in leaves()]
+        w, bias = layer.base_layer.weight.to(dtype), layer.base_layer.bias.to(dtype)
+        s, s2 = layer.scaling["default"], layer.scaling["dora"]
+        wx = x_ @ w.T
+        k = m / torch.linalg.norm(w + s2 * b2.detach() @ a2.detach(), dim=1)
+        out = wx + bias + s * ((x_ @ a.T) @ b.T) + (k - 1) * wx + k * (s2 * ((x_ @ a2.T) @ b2.T))
+        out.backward(dy.to(dtype))
+        return [out, x_.grad] + [t.grad for t in params]
+
+    # plain PyTorch in float32 as the yardstick of float32 rounding through the norm and the products
+    for name, o, plain, ref64 in zip(
+        ["y", "dx", "dA", "dB", "dA'", "dB'", "dm"], ours, formula(torch.float32), formula(torch.float64), strict=True
+    ):
+        assert_as_accurate_as(name, o, plain, ref64)
+    assert layer.base_layer.weight.grad is None
+
+
 def test_base_is_frozen_and_unchanged_by_training(device):
     layer = make_layer(device, dropout=0.1)
     w0 = layer.base_layer.weight.detach().clone()

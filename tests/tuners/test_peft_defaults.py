@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 import pyfastpeft as pf
 from pyfastpeft.tuners import peft_defaults
-from tests.tuners.hf_tiny_models import assert_same_as
+from tests.tuners.hf_tiny_models import assert_same_as, llama_config
 from tests.tuners.tiny_archs import VOCAB, twins
 
 peft = pytest.importorskip("peft")
@@ -46,16 +46,7 @@ def _bert(head: str):
 
 
 def _llama_cls():
-    cfg = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_labels=3,
-        pad_token_id=0,
-    )
+    cfg = llama_config(vocab_size=VOCAB, num_hidden_layers=1, num_labels=3, pad_token_id=0)
     return transformers.LlamaForSequenceClassification(cfg).eval()
 
 

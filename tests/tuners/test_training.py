@@ -13,6 +13,7 @@ from torch.utils.checkpoint import checkpoint
 import pyfastpeft as pf
 from pyfastpeft.models import TinyLlamaConfig, TinyLlamaForCausalLM
 from tests.conftest import low_precision_error_bound
+from tests.tuners.hf_tiny_models import llama_config
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -91,15 +92,7 @@ def test_torch_utils_checkpoint_gives_the_same_gradients(reentrant):
 def test_transformers_gradient_checkpointing_enable():
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=32,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-    )
+    cfg = llama_config(vocab_size=32, max_position_embeddings=32)
     base = transformers.LlamaForCausalLM(cfg)
     plain = pf.get_peft_model(base, pf.LoraConfig(target_modules=ALL, lora_dropout=0.1, init_lora_weights=False))
     ckpt = copy.deepcopy(plain)

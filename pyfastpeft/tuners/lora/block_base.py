@@ -14,7 +14,6 @@ Everything is float64 and detached (the norm is a constant for autograd, as in P
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ... import ops
 
@@ -63,7 +62,8 @@ class BlockBaseForward:
     """:class:`~pyfastpeft.tuners.lora.layer.LoraLinear`'s forward over a GGUF block base (``block_base``):
     the block kernel for the base product, the rank-r products added, DoRA's norm from the functions
     above. Reads the layer's adapter tables (``lora_A``, ``lora_B``, ``lora_magnitude_vector``,
-    ``scaling``, ``dropout_p``, ``use_dora``) and its non-persistent ``block_row_sq_norms`` buffer."""
+    ``scaling``, ``dropout_p``, ``use_dora``), its non-persistent ``block_row_sq_norms`` buffer and its
+    rank-r helpers ``_down`` and ``_update``."""
 
     def _block_forward(self, x: torch.Tensor, active: list[str]) -> torch.Tensor:
         """``base(x) + Σ s·B·A·dropout(x)`` over a GGUF block base: the base product is the block kernel
@@ -77,7 +77,7 @@ class BlockBaseForward:
             y = base(x)
             for name in active:
                 # y + s·(A·dropout(x))·Bᵀ as one addmm: no [tokens, out] temporaries beside y
-                u = self._block_down(x, name)
+                u = self._down(x, name)
                 out = torch.addmm(
                     y.reshape(-1, self.out_features),
                     u.reshape(-1, u.shape[-1]),
@@ -89,27 +89,14 @@ class BlockBaseForward:
         # DoRA rescales W x, so the block kernel runs without the bias, which is added after the scale
         wx = ops.gguf_linear(x, base.blocks, base.qtype, base.in_features)
         if len(active) == 1:
-            y = (wx + self._block_update(x, active[0])) * self._block_dora_scale(active[0], dtype)
+            y = (wx + self._update(x, active[0])) * self._block_dora_scale(active[0], dtype)
         else:  # several active adapters, as the float path: each adds its output minus the shared W x
             y = wx
             for name in active:
-                u = self._block_update(x, name)
+                u = self._update(x, name)
                 y = y + ((wx + u) * self._block_dora_scale(name, dtype) - wx if self.use_dora[name] else u)
         bias = base.bias
         return y if bias is None else y + bias.to(dtype)
-
-    def _block_down(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        """``A·dropout(x)`` ``[..., r]`` in x's dtype. With dropout, :func:`pyfastpeft.ops.dropout_linear`:
-        its backward regenerates the dropped input from x (which autograd holds anyway) instead of
-        keeping one [tokens, in] tensor per layer, as the fused float op regenerates its mask."""
-        p = self.dropout_p[name] if self.training else 0.0
-        a = self.lora_A[name].weight.to(x.dtype)
-        return ops.dropout_linear(x, a, p) if p > 0.0 else F.linear(x, a)
-
-    def _block_update(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        """``s·B·A·dropout(x)`` in x's dtype."""
-        b = self.lora_B[name].weight.to(x.dtype)
-        return F.linear(self._block_down(x, name), b) * self.scaling[name]
 
     def _block_row_sq(self) -> torch.Tensor:
         """``‖W_i‖²`` of the block base (float64), computed once; again only if the blocks were written

@@ -124,7 +124,10 @@ class LoraLinear(BlockBaseForward, LoraLayer):
     One active adapter: ``y = W x + b + s·B·A·dropout(x)`` in one fused op. DoRA: ``y = b + m / ‖W + s·B·A‖
     ⊙ (W x + s·B·A·dropout(x))`` with the row norm detached (PEFT's choice); without dropout (eval, or
     p = 0) this is exactly PEFT's DoRA output; in training with dropout PEFT instead applies the dropout
-    to the rescaled base branch too, which costs it a second full product.
+    to the rescaled base branch too, which costs it a second full product. Several active adapters: W x + b
+    once, each adapter's update added to it (DoRA's: ``(k - 1)·W x + k·s·B·A·dropout(x)``, k its row
+    factor, so that with W x it is the adapter's own result); PEFT's DoRA rescales the sum so far instead
+    of W x, which makes its result depend on the adapters' order.
 
     Built directly, as Hugging Face PEFT's ``lora.Linear``, it holds one adapter, active and trainable::
 
@@ -373,11 +376,18 @@ class LoraLinear(BlockBaseForward, LoraLayer):
         x = x.to(dtype)
         if len(active) == 1:
             return self._fused(x, weight, bias, active[0])
-        # Several active adapters at once (rare): the base product once, then each update added.
-        y = F.linear(x, weight, bias)
+        # Several active adapters at once (rare), as PEFT: the frozen product once, each adapter's update
+        # added to it; DoRA's rescales W x too, so it adds (m/‖·‖ - 1)·W x + m/‖·‖·s·B·A·dropout(x), which
+        # with W x is the adapter's result alone
+        wx = F.linear(x, weight)
+        y = wx
         for name in active:
-            y = y + self._fused(x, weight, None, name) - F.linear(x, weight)
-        return y
+            u = self._update(x, name)
+            if self.use_dora[name]:
+                scale = self._dora_scale(name, weight, x.dtype)
+                u = (scale - 1) * wx + scale * u
+            y = y + u
+        return y if bias is None else y + bias
 
     def _mixed_batch_of(self, adapter_names: list[str]) -> tuple[list[str], list[int]]:
         """(this layer's adapters, adapter index per sequence) for ``adapter_names``, checked."""
@@ -476,6 +486,19 @@ class LoraLinear(BlockBaseForward, LoraLayer):
         z = ops.lora_linear(x, weight, None, a, b, self.scaling[name], p)
         y = z * self._dora_scale(name, weight, x.dtype)
         return y if bias is None else y + bias
+
+    def _down(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """``A·dropout(x)`` ``[..., r]`` in x's dtype. With dropout, :func:`pyfastpeft.ops.dropout_linear`:
+        its backward regenerates the dropped input from x (which autograd holds anyway) instead of
+        keeping one [tokens, in] tensor per layer, as the fused float op regenerates its mask."""
+        p = self.dropout_p[name] if self.training else 0.0
+        a = self.lora_A[name].weight.to(x.dtype)
+        return ops.dropout_linear(x, a, p) if p > 0.0 else F.linear(x, a)
+
+    def _update(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """``s·B·A·dropout(x)`` in x's dtype."""
+        b = self.lora_B[name].weight.to(x.dtype)
+        return F.linear(self._down(x, name), b) * self.scaling[name]
 
     def extra_repr(self) -> str:
         return (
