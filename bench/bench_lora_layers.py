@@ -2,15 +2,17 @@
 backward, at the real model's shapes: the per-layer cost that a training step on the real model pays 30
 times, without the rest of the model's time (attention, norms, the LM head) and its run-to-run noise.
 
-    python bench/bench_lora_layers.py [--threads N] [--rounds N] [--dropout P] [--out NAME]
+    python bench/bench_lora_layers.py [--threads N] [--rounds N] [--tokens N] [--dropout P] [--forward-only]
+                                      [--out NAME]
 
 Shapes (hidden 576, intermediate 1536, 3 key-value heads of 64): q and o 576 → 576, k and v 576 → 192,
 gate and up 576 → 1536, down 1536 → 576; 512 tokens (4 × 128), r = 16, alpha 32, float32. The LoRA
 layer is ``pf.ops.lora_linear`` through autograd (the op a ``pf.get_peft_model`` layer calls), the
 reference a frozen ``F.linear`` whose input requires grad (a step's backward runs through every layer).
-Each shape's two candidates alternate in rounds; a round times 5 calls; the figure is the fastest round
-(the least disturbed by a shared machine; medians are recorded too). The layer total weighs each
-shape by how often a layer has it.
+``--forward-only``: the forward alone under ``torch.no_grad()`` (generation and evaluation: one token or a
+few rows a call; use ``--dropout 0``, as eval mode does). Each shape's two candidates alternate in rounds;
+a round times 5 calls; the figure is the fastest round (the least disturbed by a shared machine; medians
+are recorded too). The layer total weighs each shape by how often a layer has it.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--tokens", type=int, default=512)
     ap.add_argument("--dropout", type=float, default=0.05)
+    ap.add_argument("--forward-only", action="store_true", help="the forward alone, under torch.no_grad()")
     ap.add_argument("--out", default="lora_layers_cpu")
     args = ap.parse_args()
     if args.threads:
@@ -75,7 +78,18 @@ def main() -> None:
             pf.ops.lora_linear(x, weight, None, lora_A, lora_B, 2.0, args.dropout).backward(dy)
             x.grad = lora_A.grad = lora_B.grad = None
 
-        times = time_pair({"frozen": frozen, "lora": lora}, args.rounds)
+        @torch.no_grad()
+        def frozen_forward(x=x, weight=weight):
+            F.linear(x, weight)
+
+        @torch.no_grad()
+        def lora_forward(x=x, weight=weight, lora_A=lora_A, lora_B=lora_B):
+            pf.ops.lora_linear(x, weight, None, lora_A, lora_B, 2.0, args.dropout)
+
+        pair = (
+            {"frozen": frozen_forward, "lora": lora_forward} if args.forward_only else {"frozen": frozen, "lora": lora}
+        )
+        times = time_pair(pair, args.rounds)
         best = {k: min(v) for k, v in times.items()}
         for k in total:
             total[k] += count * best[k]
@@ -100,7 +114,9 @@ def main() -> None:
         }
     )
     print(
-        f"one SmolLM2-135M layer's LoRA projections, {args.tokens} tokens, r=16, dropout {args.dropout}, float32, "
+        f"one SmolLM2-135M layer's LoRA projections, {'forward only, ' if args.forward_only else ''}"
+        f"{args.tokens} tokens, "
+        f"r=16, dropout {args.dropout}, float32, "
         f"{torch.get_num_threads()} threads, fastest of {args.rounds} rounds"
     )
     print_table(rows, ["projection", "in", "out", "frozen_us", "lora_us", "x_frozen", "x_frozen_median", "extra_us"])
@@ -108,7 +124,12 @@ def main() -> None:
         args.out,
         rows,
         "python bench/bench_lora_layers.py " + " ".join(sys.argv[1:]),
-        extra={"threads": torch.get_num_threads(), "dropout": args.dropout, "tokens": args.tokens},
+        extra={
+            "threads": torch.get_num_threads(),
+            "dropout": args.dropout,
+            "tokens": args.tokens,
+            "forward_only": args.forward_only,
+        },
     )
     print(f"wrote {path}")
 
