@@ -71,7 +71,8 @@ def gguf_cache_folder(gguf: Path, cache_dir: Path | None = None) -> Path:
 
 
 def convert_gguf(gguf: Path, folder: Path, log=print) -> float:
-    """Writes ``gguf`` as a Hugging Face folder at ``folder`` (atomically); returns the seconds taken."""
+    """Writes ``gguf`` as a Hugging Face folder at ``folder`` (atomically); returns the seconds the
+    conversion took (also recorded in the folder's mark)."""
     transformers = _require_transformers("reading a GGUF file")
     if importlib.util.find_spec("gguf") is None:
         raise UserError(f"reading a GGUF file needs the gguf package: {INSTALL_HINT}")
@@ -93,17 +94,20 @@ def convert_gguf(gguf: Path, folder: Path, log=print) -> float:
     if config.tie_word_embeddings:
         model.tie_weights()
 
+    took = {}  # the conversion's seconds, as its mark records them (removing stale folders is not counted)
+
     def fill(tmp: Path) -> dict:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        return {"seconds": time.perf_counter() - t0}
+        took["seconds"] = time.perf_counter() - t0
+        return took
 
     removed = write_folder(folder, CONVERTED_MARK, gguf, fill)
     if removed:
         mib = sum(size for _, size in removed) / 2**20
         names = ", ".join(path.name for path, _ in removed)
         log(f"removed {len(removed)} stale conversion(s), their GGUF gone or changed ({mib:.0f} MiB): {names}")
-    return time.perf_counter() - t0
+    return took["seconds"]
 
 
 def resolve_folder(spec: str | Path | None, cache_dir: Path | None = None, log=print) -> tuple[Path, str]:
