@@ -177,6 +177,26 @@ def test_kept_mask_bits(dtype, lead, in_f):
         assert torch.equal(a, b)
 
 
+# The CPU kernels split rows into parts (a function of the row count alone) and a part's rows into chunks
+# (of the layer's widths alone); dA and dB are summed part by part in a fixed order: the forward and every
+# gradient are the same bit for bit however many threads run them (1100 rows: four parts of three chunks).
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_results_do_not_depend_on_the_thread_count(dtype):
+    inputs = make_inputs((1100,), 200, 300, 16, dtype, "cpu", seed=8)
+    fn = lambda **kw: pyfastpeft.ops.lora_linear(**kw, scaling=2.0, dropout_p=0.1, seed=4)  # noqa: E731
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append(run(fn, inputs))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for a, b in zip(results[0], other, strict=True):
+            assert torch.equal(a, b)
+
+
 def test_bad_kept_mask_bits():
     inputs = {k: None if v is None else v.detach() for k, v in make_inputs((4,), 8, 6, 2, torch.float32, "cpu").items()}
     rng = torch.tensor([1, 0], dtype=torch.int64)

@@ -319,6 +319,15 @@ void reduce_parts(const LoraBackwardRankParams& p, const PartSums<acc_t>& sums) 
 // bits against 54 µs on a masked copy).
 inline constexpr bool kOuterReadsBits = rank_simd::W == 16;
 
+// Rows of a backward chunk: every product of the part runs chunk by chunk, so that the chunk's dy (read by
+// dB's outer product, then by u = s·dy·B), its x and its dx stay in L2 together (about 1 MB, in whole
+// sweeps of the outer product so that the sums are added in the same order whatever the chunk).
+inline int64_t backward_chunk_rows(int64_t in, int64_t out) {
+  constexpr int64_t kChunkFloats = int64_t{1} << 18;
+  const int64_t rows = kChunkFloats / std::max<int64_t>(2 * in + out, 1);
+  return std::clamp<int64_t>(rows / rank_simd::kOuterRows * rank_simd::kOuterRows, rank_simd::kOuterRows, 128);
+}
+
 // float32 at the AVX2 and AVX-512 levels: the backward's four rank-r products on lora_rank_simd.h's
 // kernels. dx's LoRA term is written with the mask applied as it is stored; dA reads x through the
 // forward's bits, or drop(x) from a cache-resident block made from them (kOuterReadsBits). Without the
@@ -352,45 +361,43 @@ void lora_backward_rank_own(const LoraBackwardRankParams& p) {
     B_rows = b_pack.get();
   }
   const PartSums<float> sums(p, num_parts(n_rows));
+  const int64_t chunk = backward_chunk_rows(in, out);
+  const bool need_u = dx != nullptr || p.dA != nullptr;
+  const bool need_xd = mask || (p.dA != nullptr && !kOuterReadsBits);
   for_each_part(n_rows, sums.n_parts, [&](int64_t part, int64_t row_begin, int64_t row_end) {
-    const int64_t part_rows = row_end - row_begin;
-    const float* dy_part = dy + row_begin * out;
-    if (p.dB != nullptr) {
-      float* dB_part = sums.dB(part);
-      std::fill_n(dB_part, sums.dB_size, 0.0f);
-      k::outer(xa + row_begin * rank, rank, part_rows, rank, dy_part, out, out, dB_part, out);
-    }
-    if (dx == nullptr && p.dA == nullptr) return;
-    const Scratch<float> u_buf(kSlotU, part_rows * rank);
-    float* u = u_buf.get();
-    k::rank_lanes(dy_part, out, part_rows, out, B_rows, rank, static_cast<float>(p.scaling), u, rank);
+    float* dB_part = p.dB != nullptr ? sums.dB(part) : nullptr;
     float* dA_part = p.dA != nullptr ? sums.dA(part) : nullptr;
+    if (dB_part != nullptr) std::fill_n(dB_part, sums.dB_size, 0.0f);
     if (dA_part != nullptr) std::fill_n(dA_part, sums.dA_size, 0.0f);
-    if (!drop) {
-      if (dA_part != nullptr) k::outer(u, rank, part_rows, rank, x + row_begin * in, in, in, dA_part, in);
-      if (dx != nullptr) {
-        k::wide(u, rank, part_rows, rank, A, in, in, 1.0f, k::KeepStore{dx + row_begin * in, in, nullptr, 0});
+    const Scratch<float> u_buf(kSlotU, need_u ? chunk * rank : 0);
+    const Scratch<float> xd_buf(kSlotBuf, drop && need_xd ? chunk * in : 0);
+    float* u = u_buf.get();
+    for (int64_t n0 = row_begin; n0 < row_end; n0 += chunk) {
+      const int64_t rows = std::min<int64_t>(chunk, row_end - n0);
+      const float* dy_rows = dy + n0 * out;
+      if (dB_part != nullptr) k::outer(xa + n0 * rank, rank, rows, rank, dy_rows, out, out, dB_part, out);
+      if (!need_u) continue;
+      // the chunk's dy is still in cache from dB's pass
+      k::rank_lanes(dy_rows, out, rows, out, B_rows, rank, static_cast<float>(p.scaling), u, rank);
+      if (!drop) {
+        if (dA_part != nullptr) k::outer(u, rank, rows, rank, x + n0 * in, in, in, dA_part, in);
+        if (dx != nullptr) {
+          k::wide(u, rank, rows, rank, A, in, in, 1.0f, k::KeepStore{dx + n0 * in, in, nullptr, 0});
+        }
+        continue;
       }
-      return;
-    }
-    const int64_t block = row_block(in);
-    const bool need_xd = mask || (dA_part != nullptr && !kOuterReadsBits);
-    const Scratch<float> xd_buf(kSlotBuf, need_xd ? block * in : 0);
-    for (int64_t n0 = row_begin; n0 < row_end; n0 += block) {
-      const int64_t rows = std::min<int64_t>(block, row_end - n0);
-      const float* u_rows = u + (n0 - row_begin) * rank;
       if (mask) {  // drop(x) and its bits (bytes a part boundary shares are set atomically)
         mask->mul_row(n0 * in, rows * in, x + n0 * in, xd_buf.get(), const_cast<uint8_t*>(kept));
       } else if (dA_part != nullptr && !kOuterReadsBits) {
         cpu::mul_by_bits(kept, n0 * in, rows * in, scale, x + n0 * in, xd_buf.get());
       }
       if (dA_part != nullptr && kOuterReadsBits) {
-        k::outer(u_rows, rank, rows, rank, x + n0 * in, in, in, dA_part, in, scale, k::KeptLoad{kept, n0 * in, in});
+        k::outer(u, rank, rows, rank, x + n0 * in, in, in, dA_part, in, scale, k::KeptLoad{kept, n0 * in, in});
       } else if (dA_part != nullptr) {
-        k::outer(u_rows, rank, rows, rank, xd_buf.get(), in, in, dA_part, in);
+        k::outer(u, rank, rows, rank, xd_buf.get(), in, in, dA_part, in);
       }
       if (dx != nullptr) {
-        k::wide(u_rows, rank, rows, rank, A, in, in, scale, k::KeepStore{dx + n0 * in, in, kept, n0 * in});
+        k::wide(u, rank, rows, rank, A, in, in, scale, k::KeepStore{dx + n0 * in, in, kept, n0 * in});
       }
     }
   });
