@@ -37,6 +37,11 @@ QUANTIZED_BASES = (FakeQuantLinear, QuantizedLinear)
 BLOCK_BASES = (GGUFLinear,)
 
 
+def _as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)`` without the call when t already has it (a layer's forward casts four tensors)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 class DoraMagnitude(nn.Module):
     """DoRA's trainable magnitude, one entry per output feature (PEFT stores it as ``.weight``)."""
 
@@ -362,18 +367,25 @@ class LoraLinear(BlockBaseForward, LoraLayer):
             return self._mixed_forward(x, *self._mixed_batch_of(adapter_names))
         if self.mixed_batch is not None:
             return self._mixed_forward(x, *self.mixed_batch)
-        active = [n for n in self.active_adapters if n not in self.merged_adapters]
+        active = self.active_adapters
+        if self.merged_adapters:
+            active = [n for n in active if n not in self.merged_adapters]
         if not active:
             return self.base_layer(x, *args, **kwargs)
         if self.block_base:
             return self._block_forward(x, active)
+        base = self._modules["base_layer"]
         if self.quantized_base:
-            x = self.base_layer.quantize_input(x)
+            x = base.quantize_input(x)
+            weight = self.weight_oi()
+        else:
+            weight = base.weight.t() if self.fan_in_fan_out else base.weight
+        # every layer call of every step passes here: casts only where a dtype differs
         dtype = self._compute_dtype(x)
-        weight = self.weight_oi().to(dtype)
-        bias = self.base_layer.bias
-        bias = None if bias is None else bias.to(dtype)
-        x = x.to(dtype)
+        weight = _as_dtype(weight, dtype)
+        bias = base.bias
+        bias = None if bias is None else _as_dtype(bias, dtype)
+        x = _as_dtype(x, dtype)
         if len(active) == 1:
             return self._fused(x, weight, bias, active[0])
         # Several active adapters at once (rare), as PEFT: the frozen product once, each adapter's update
@@ -478,8 +490,8 @@ class LoraLinear(BlockBaseForward, LoraLayer):
         return self.lora_magnitude_vector[name].weight.to(dtype) / norm
 
     def _fused(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, name: str) -> torch.Tensor:
-        a = self.lora_A[name].weight.to(x.dtype)
-        b = self.lora_B[name].weight.to(x.dtype)
+        a = _as_dtype(self._modules["lora_A"][name].weight, x.dtype)
+        b = _as_dtype(self._modules["lora_B"][name].weight, x.dtype)
         p = self.dropout_p[name] if self.training else 0.0
         if not self.use_dora[name]:
             return ops.lora_linear(x, weight, bias, a, b, self.scaling[name], p)
