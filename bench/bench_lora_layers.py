@@ -3,7 +3,7 @@ backward, at the real model's shapes: the per-layer cost that a training step on
 times, without the rest of the model's time (attention, norms, the LM head) and its run-to-run noise.
 
     python bench/bench_lora_layers.py [--threads N] [--rounds N] [--tokens N] [--dropout P] [--forward-only]
-                                      [--out NAME]
+                                      [--cold] [--out NAME]
 
 Shapes (hidden 576, intermediate 1536, 3 key-value heads of 64): q and o 576 → 576, k and v 576 → 192,
 gate and up 576 → 1536, down 1536 → 576; 512 tokens (4 × 128), r = 16, alpha 32, float32. The LoRA
@@ -13,6 +13,14 @@ reference a frozen ``F.linear`` whose input requires grad (a step's backward run
 few rows a call; use ``--dropout 0``, as eval mode does). Each shape's two candidates alternate in rounds;
 a round times 5 calls; the figure is the fastest round (the least disturbed by a shared machine; medians
 are recorded too). The layer total weighs each shape by how often a layer has it.
+
+``--cold``: a step's worth of calls as a training step meets them, operands from memory rather than cache:
+30 copies of the layer's seven projections, each with its own x, W, A, B and dy (about 190 MB in all),
+swept in order by each candidate, the raw ops without autograd (``torch.ops.pyfastpeft.lora_linear`` and
+``lora_linear_backward``) against the frozen products (``torch.mm``). Rows: the forward and the backward,
+LoRA against frozen, and two forward references that split the forward's extra time: the frozen product
+into a fresh y with beta = 1 (its read of y) and into a y written first (the write of y, then that read).
+Medians of interleaved rounds, ms per 210 calls (a step of SmolLM2-135M).
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import pyfastpeft as pf  # noqa: E402
-from bench._timing import print_table, write_results  # noqa: E402
+from bench._timing import print_table, time_interleaved, write_results  # noqa: E402
 
 # (name, in, out, how many of the layer's seven projections have this shape)
 SHAPES = [("q, o", 576, 576, 2), ("k, v", 576, 192, 2), ("gate, up", 576, 1536, 2), ("down", 1536, 576, 1)]
@@ -56,11 +64,14 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=512)
     ap.add_argument("--dropout", type=float, default=0.05)
     ap.add_argument("--forward-only", action="store_true", help="the forward alone, under torch.no_grad()")
+    ap.add_argument("--cold", action="store_true", help="30 layers' operands swept from memory, raw ops (see above)")
     ap.add_argument("--out", default="lora_layers_cpu")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    if args.cold:
+        return cold(args)
     rows = []
     total = {"frozen": 0.0, "lora": 0.0}
     for name, d_in, d_out, count in SHAPES:
@@ -130,6 +141,75 @@ def main() -> None:
             "tokens": args.tokens,
             "forward_only": args.forward_only,
         },
+    )
+    print(f"wrote {path}")
+
+
+def cold(args) -> None:
+    """``--cold``: every candidate sweeps the 210 calls of a step, each on its own operands."""
+    op = torch.ops.pyfastpeft
+    p, rows = args.dropout, args.tokens
+    calls = []
+    for layer in range(30):
+        for _, d_in, d_out, count in SHAPES:
+            for _ in range(count):
+                x, dy = torch.randn(rows, d_in), torch.randn(rows, d_out)
+                weight = torch.randn(d_out, d_in) / d_in**0.5
+                lora_A, lora_B = torch.randn(16, d_in) / d_in**0.5, torch.randn(d_out, 16) * 0.01
+                rng = torch.tensor([layer, 0], dtype=torch.int64) if p > 0 else None
+                _, xa, keep = op.lora_linear(x, weight, None, lora_A, lora_B, 2.0, p, rng)
+                calls.append((x, dy, weight, lora_A, lora_B, rng, xa, keep if p > 0 else None))
+
+    def sweep(fn):
+        def run():
+            for c in calls:
+                fn(*c)  # results dropped as they come: the sweep holds only its operands
+
+        return run
+
+    mask = [True, False, False, True, True]
+    fns = {
+        "frozen forward x·Wᵀ": sweep(lambda x, dy, w, a, b, rng, xa, keep: torch.mm(x, w.t())),
+        "frozen forward into a fresh y, beta = 1": sweep(
+            lambda x, dy, w, a, b, rng, xa, keep: torch.empty(x.shape[0], w.shape[0]).addmm_(x, w.t())
+        ),
+        "frozen forward into a y written first": sweep(
+            lambda x, dy, w, a, b, rng, xa, keep: torch.zeros(x.shape[0], w.shape[0]).addmm_(x, w.t())
+        ),
+        "LoRA forward": sweep(lambda x, dy, w, a, b, rng, xa, keep: op.lora_linear(x, w, None, a, b, 2.0, p, rng)),
+        "frozen backward dy·W": sweep(lambda x, dy, w, a, b, rng, xa, keep: torch.mm(dy, w)),
+        "LoRA backward (dx, dA, dB)": sweep(
+            lambda x, dy, w, a, b, rng, xa, keep: op.lora_linear_backward(dy, x, w, a, b, xa, 2.0, p, rng, keep, mask)
+        ),
+    }
+    samples: dict[str, list[float]] = {}
+    medians = time_interleaved(fns, warmup=1, rounds=args.rounds, samples=samples)
+
+    # the candidate each extra time is taken over: the median of the rounds' differences
+    references = {
+        "frozen forward into a fresh y, beta = 1": "frozen forward x·Wᵀ",
+        "frozen forward into a y written first": "frozen forward x·Wᵀ",
+        "LoRA forward": "frozen forward x·Wᵀ",
+        "LoRA backward (dx, dA, dB)": "frozen backward dy·W",
+    }
+    table = []
+    for name, ms in medians.items():
+        ref = references.get(name)
+        extra = None
+        if ref is not None:
+            extra = statistics.median(a - b for a, b in zip(samples[name], samples[ref], strict=True))
+        table.append({"candidate": name, "ms_per_step": ms, "over_frozen_ms": extra, "rounds_ms": samples[name]})
+    print(
+        f"one SmolLM2-135M training step's 210 projection calls, each on its own operands (30 layers), raw ops, "
+        f"{rows} tokens, r=16, dropout {p}, float32, {torch.get_num_threads()} threads, medians of {args.rounds} "
+        "interleaved rounds (the extra times: medians of the rounds' differences)"
+    )
+    print_table(table, ["candidate", "ms_per_step", "over_frozen_ms"])
+    path = write_results(
+        args.out,
+        table,
+        "python bench/bench_lora_layers.py " + " ".join(sys.argv[1:]),
+        extra={"threads": torch.get_num_threads(), "dropout": p, "tokens": rows, "cold": True},
     )
     print(f"wrote {path}")
 
