@@ -377,12 +377,9 @@ class LoraLinear(BlockBaseForward, LoraLayer):
         base = self._modules["base_layer"]
         if self.quantized_base:
             x = base.quantize_input(x)
-            weight = self.weight_oi()
-        else:
-            weight = base.weight.t() if self.fan_in_fan_out else base.weight
         # every layer call of every step passes here: casts only where a dtype differs
         dtype = self._compute_dtype(x)
-        weight = _as_dtype(weight, dtype)
+        weight = _as_dtype(self.weight_oi(), dtype)
         bias = base.bias
         bias = None if bias is None else _as_dtype(bias, dtype)
         x = _as_dtype(x, dtype)
@@ -504,12 +501,12 @@ class LoraLinear(BlockBaseForward, LoraLayer):
         its backward regenerates the dropped input from x (which autograd holds anyway) instead of
         keeping one [tokens, in] tensor per layer, as the fused float op regenerates its mask."""
         p = self.dropout_p[name] if self.training else 0.0
-        a = self.lora_A[name].weight.to(x.dtype)
+        a = _as_dtype(self.lora_A[name].weight, x.dtype)
         return ops.dropout_linear(x, a, p) if p > 0.0 else F.linear(x, a)
 
     def _update(self, x: torch.Tensor, name: str) -> torch.Tensor:
         """``s·B·A·dropout(x)`` in x's dtype."""
-        b = self.lora_B[name].weight.to(x.dtype)
+        b = _as_dtype(self.lora_B[name].weight, x.dtype)
         return F.linear(self._down(x, name), b) * self.scaling[name]
 
     def extra_repr(self) -> str:
