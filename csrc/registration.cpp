@@ -95,6 +95,12 @@ TORCH_LIBRARY(pyfastpeft, m) {
         "Tensor teacher_weight, Tensor? labels, float temperature, float alpha, int ignore_index, str divergence, "
         "int chunk_size, bool[2] output_mask) -> (Tensor, Tensor, Tensor)",
         pt2);
+  // The plain cross-entropy of hidden·weightᵀ (a language model's head) against labels, mean over the
+  // rows whose label is not ignore_index, chunked the same way: the logits are never whole. Returns
+  // (loss, grad_hidden, grad_weight); entries whose output_mask is false are empty.
+  m.def("fused_linear_cross_entropy(Tensor hidden, Tensor weight, Tensor labels, int ignore_index, int chunk_size, "
+        "bool[2] output_mask) -> (Tensor, Tensor, Tensor)",
+        pt2);
 
   // ---- bias: BitFit linear, W frozen and only b trained (csrc/ops/bias) ----
   // y = x·Wᵀ + b; saves nothing of x (the backward needs only W).

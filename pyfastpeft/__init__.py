@@ -7,6 +7,7 @@ import torch  # noqa: F401  (must be imported before the extension)
 from . import distill, heads, io, nn, ops, optim, quant, tuners
 from ._extension import build_info, cuda_available
 from .heads import with_task_head
+from .lm_loss import causal_lm_loss
 from .models import gguf_file as _gguf_file
 from .report import Report, report
 from .tuners import (
@@ -48,6 +49,7 @@ __all__ = [
     "Report",
     "__version__",
     "build_info",
+    "causal_lm_loss",
     "cuda_available",
     "distill",
     "from_gguf",

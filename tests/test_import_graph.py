@@ -32,6 +32,7 @@ LAYER = {
     "nn": 2,  # modules over the ops
     "optim": 2,  # optimizers over the ops
     "distill": 2,  # distillation losses over the ops
+    "lm_loss": 2,  # a causal LM's loss with its head fused in, over the ops
     "models": 1,  # the built-in TinyLlama, its tasks, and the real model's loader
     "ops": 1,  # thin wrappers of the compiled ops
     "_extension": 0,  # loads the compiled ops
@@ -43,8 +44,21 @@ LAYER = {
 ALLOWED = {
     "__main__": {"cli"},
     "cli": {"train", "models", "errors"},
-    "train": {"report", "tuners", "io", "quant", "nn", "optim", "distill", "models", "ops", "errors"},
-    ROOT: {"report", "tuners", "io", "quant", "heads", "nn", "optim", "distill", "models", "ops", "_extension"},
+    "train": {"report", "tuners", "io", "quant", "nn", "optim", "distill", "lm_loss", "models", "ops", "errors"},
+    ROOT: {
+        "report",
+        "tuners",
+        "io",
+        "quant",
+        "heads",
+        "nn",
+        "optim",
+        "distill",
+        "lm_loss",
+        "models",
+        "ops",
+        "_extension",
+    },
     "report": {"io"},
     "tuners": {"report", "io", "nn", "ops", "errors"},
     "io": {"errors"},
@@ -53,6 +67,7 @@ ALLOWED = {
     "nn": {"ops"},
     "optim": {"ops"},
     "distill": {"ops"},
+    "lm_loss": {"ops"},
     "models": {"errors"},
     "ops": {"_extension"},
     "_extension": set(),

@@ -3,7 +3,7 @@
 from .. import _extension  # noqa: F401, I001  (loads the compiled operators first)
 from .bias import bias_only_linear
 from .ia3 import ia3_scale
-from .distill import fused_linear_kd_loss, kd_loss
+from .distill import fused_linear_cross_entropy, fused_linear_kd_loss, kd_loss
 from .dropout import dropout_linear, philox_dropout
 from .gguf import gguf_dequantize, gguf_embedding, gguf_linear, gguf_quantize
 from .lora import lora_linear
@@ -26,6 +26,7 @@ __all__ = [
     "fake_quantize",
     "fake_quantize_lsq",
     "fused_adamw_",
+    "fused_linear_cross_entropy",
     "fused_linear_kd_loss",
     "gguf_dequantize",
     "gguf_embedding",

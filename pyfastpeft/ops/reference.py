@@ -259,6 +259,15 @@ def fused_linear_kd_loss(
     return kd_loss(s, t, labels, temperature, alpha, ignore_index, divergence)
 
 
+def fused_linear_cross_entropy(hidden, weight, labels, ignore_index=-100):
+    """The eager head and loss: ``cross_entropy(hidden·weightᵀ, labels)``, mean over the tokens whose label
+    is not ``ignore_index`` (0 when there are none)."""
+    logits = hidden.reshape(-1, hidden.shape[-1]) @ weight.t()
+    flat = labels.reshape(-1)
+    total = torch.nn.functional.cross_entropy(logits, flat, ignore_index=ignore_index, reduction="sum")
+    return total / max(int((flat != ignore_index).sum()), 1)
+
+
 def bias_only_linear(x, weight, bias):
     """BitFit linear: ``x·Wᵀ + b`` (W frozen; its gradient is never taken)."""
     return torch.nn.functional.linear(x, weight.detach(), bias)

@@ -12,6 +12,8 @@
 //   ∂D/∂z = ps − pt                                     forward KL
 //         = ps ⊙ ((ls − lt) − D)                        reverse KL
 //         = ps ⊙ (g − Σ ps·g), g = ½(ls − log m)        JS
+// Without a teacher (teacher == nullptr: fused_linear_cross_entropy) the loss is the plain cross-entropy,
+// alpha = 1 and temperature 1: row_loss = logsumexp(s) − s[label], ds = (softmax(s) − onehot(label)) / n_valid.
 // Softmax statistics are kept in float32 (float64 for float64 inputs); nothing N×V is allocated
 // besides the gradient itself, which may alias s (the fused linear loss overwrites its logits chunk).
 #pragma once
@@ -27,7 +29,7 @@ enum class Divergence : int { ForwardKL = 0, ReverseKL = 1, JS = 2 };
 
 struct KdLossParams {
   const void* student;  // [n_rows, vocab], unit column stride, row stride student_stride
-  const void* teacher;  // [n_rows, vocab], unit column stride, row stride teacher_stride
+  const void* teacher;  // [n_rows, vocab], unit column stride, row stride teacher_stride; or nullptr
   const int64_t* labels;  // [n_rows] or nullptr (every row counts, alpha must be 0)
   void* grad;             // [n_rows, vocab] contiguous, or nullptr (no gradient); may equal student
   void* row_loss;         // [n_rows] float32 (float64 for Float64 inputs): row_loss / max(n_valid, 1)

@@ -24,6 +24,7 @@ void kd_loss_rows_cpu(const KdLossParams& params) { distill_cpu_kernels().kd_los
 TORCH_LIBRARY_IMPL(pyfastpeft, CPU, m) {
   m.impl("kd_loss", &distill::kd_loss<CpuBackend>);
   m.impl("fused_linear_kd_loss", &distill::fused_linear_kd_loss<CpuBackend>);
+  m.impl("fused_linear_cross_entropy", &distill::fused_linear_cross_entropy<CpuBackend>);
 }
 
 }  // namespace pyfastpeft

@@ -40,11 +40,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_kd_loss_cuda(
                                                     output_mask);
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_cross_entropy_cuda(const at::Tensor& hidden,
+                                                                               const at::Tensor& weight,
+                                                                               const at::Tensor& labels,
+                                                                               int64_t ignore_index,
+                                                                               int64_t chunk_size,
+                                                                               std::array<bool, 2> output_mask) {
+  const c10::cuda::CUDAGuard guard(hidden.device());
+  return distill::fused_linear_cross_entropy<CudaBackend>(hidden, weight, labels, ignore_index, chunk_size,
+                                                          output_mask);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pyfastpeft, CUDA, m) {
   m.impl("kd_loss", &kd_loss_cuda);
   m.impl("fused_linear_kd_loss", &fused_linear_kd_loss_cuda);
+  m.impl("fused_linear_cross_entropy", &fused_linear_cross_entropy_cuda);
 }
 
 }  // namespace pyfastpeft

@@ -158,11 +158,56 @@ __global__ void __launch_bounds__(kThreads) kd_loss_rows_kernel(KdLossParams p) 
   }
 }
 
+// The plain cross-entropy (no teacher, see distill.h): one block per row, the online softmax of s, then
+// grad = (softmax(s) − onehot(label)) / n_valid. As above, each gradient element is written by the thread
+// that reads it, and s[label] is read before the first barrier.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) ce_rows_kernel(KdLossParams p) {
+  using A = typename Acc<T>::type;
+  __shared__ A shared[kWarps];
+  const int64_t V = p.vocab;
+  const int64_t n_valid = *p.n_valid;
+  const A scale = A(1) / static_cast<A>(n_valid > 1 ? n_valid : 1);
+  for (int64_t row = blockIdx.x; row < p.n_rows; row += gridDim.x) {
+    const T* s = static_cast<const T*>(p.student) + row * p.student_stride;
+    T* grad = p.grad == nullptr ? nullptr : static_cast<T*>(p.grad) + row * V;
+    A* row_loss = static_cast<A*>(p.row_loss) + row;
+    const int64_t label = p.labels[row];
+    const bool ignored = label == p.ignore_index;
+    if (ignored || label < 0 || label >= V) {
+      if (grad != nullptr) {
+        for (int64_t j = threadIdx.x; j < V; j += kThreads) store_from_acc(grad + j, A(0));
+      }
+      if (threadIdx.x == 0) {
+        *row_loss = ignored ? A(0) : A(NAN);
+        if (!ignored) *p.bad_label = 1;  // reported as a ValueError by the caller
+      }
+      continue;
+    }
+    const A s_label = load_acc(s + label);
+    Online<A> o;
+    for (int64_t j = threadIdx.x; j < V; j += kThreads) o.add(load_acc(s + j));
+    const A lse = o.logsumexp(shared);
+    if (grad != nullptr) {
+      for (int64_t j = threadIdx.x; j < V; j += kThreads) {
+        store_from_acc(grad + j, scale * (exp_a(load_acc(s + j) - lse) - (j == label ? A(1) : A(0))));
+      }
+    }
+    if (threadIdx.x == 0) *row_loss = (lse - s_label) * scale;
+    __syncthreads();  // `shared` is reused by the next row
+  }
+}
+
 }  // namespace
 
 void kd_loss_rows_cuda(const KdLossParams& params, cudaStream_t stream) {
   if (params.n_rows == 0) return;
   const unsigned grid = static_cast<unsigned>(params.n_rows < 1048576 ? params.n_rows : 1048576);
+  if (params.teacher == nullptr) {
+    PFP_CUDA_DISPATCH(params.dtype, ce_rows_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(params));
+    cuda::check_launch("ce_rows_kernel");
+    return;
+  }
   PFP_CUDA_DISPATCH(params.dtype, kd_loss_rows_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(params));
   cuda::check_launch("kd_loss_rows_kernel");
 }

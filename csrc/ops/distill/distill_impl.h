@@ -72,11 +72,12 @@ inline at::Tensor count_valid(const std::optional<at::Tensor>& labels, int64_t n
 // float32 for the 16-bit types and float32, float64 for float64: per-row losses and the dW accumulator.
 inline at::ScalarType accumulate_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
-inline KdLossParams make_params(const at::Tensor& s, const at::Tensor& t, const std::optional<at::Tensor>& labels,
+// `t` null: no teacher (the plain cross-entropy of fused_linear_cross_entropy).
+inline KdLossParams make_params(const at::Tensor& s, const at::Tensor* t, const std::optional<at::Tensor>& labels,
                                 void* grad, at::Tensor& row_loss, const at::Tensor& n_valid, at::Tensor& bad,
                                 int64_t ignore_index, double temperature, double alpha, Divergence divergence) {
   return KdLossParams{s.const_data_ptr(),
-                      t.const_data_ptr(),
+                      t != nullptr ? t->const_data_ptr() : nullptr,
                       labels.has_value() ? labels->const_data_ptr<int64_t>() : nullptr,
                       grad,
                       row_loss.mutable_data_ptr(),
@@ -85,7 +86,7 @@ inline KdLossParams make_params(const at::Tensor& s, const at::Tensor& t, const 
                       s.size(0),
                       s.size(1),
                       s.stride(0),
-                      t.stride(0),
+                      t != nullptr ? t->stride(0) : 0,
                       ignore_index,
                       temperature,
                       alpha,
@@ -127,7 +128,7 @@ std::tuple<at::Tensor, at::Tensor> kd_loss(const at::Tensor& student_logits, con
   at::Tensor grad = compute_grad ? at::empty({n_rows, vocab}, s.options()) : at::empty({0}, s.options());
   at::Tensor row_loss = at::empty({n_rows}, s.options().dtype(accumulate_dtype(s.scalar_type())));
   at::Tensor bad = at::zeros({1}, s.options().dtype(at::kInt));
-  Backend::rows(make_params(s, t, l, compute_grad ? grad.mutable_data_ptr() : nullptr, row_loss, n_valid, bad,
+  Backend::rows(make_params(s, &t, l, compute_grad ? grad.mutable_data_ptr() : nullptr, row_loss, n_valid, bad,
                             ignore_index, temperature, alpha, div));
   raise_on_bad_label<Backend>(bad, vocab, ignore_index);
   return {at::sum(row_loss).to(s.scalar_type()), grad};
@@ -137,9 +138,68 @@ std::tuple<at::Tensor, at::Tensor> kd_loss(const at::Tensor& student_logits, con
 // the chunk buffers (student logits/gradient, teacher logits) are a fixed ~16 MiB each in float32.
 inline int64_t default_chunk_rows(int64_t vocab) { return std::max<int64_t>(1, (int64_t{1} << 22) / vocab); }
 
+// The chunk loop of both fused losses: logits = h·Wᵀ for `chunk` rows of student (and teacher) into
+// buffers allocated once, the row kernel overwrites the student chunk with its gradient, then
+// dh = g·W_s and dW_s += gᵀ·h. Without a teacher (null pointers) the loss is the plain cross-entropy.
+// Returns (loss, dh, dW); a gradient whose output_mask entry is false is an empty tensor. The caller
+// has checked the arguments.
+template <class Backend>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> chunked_head_loss(
+    const at::Tensor& student_hidden, const at::Tensor& student_weight, const at::Tensor* teacher_hidden,
+    const at::Tensor* teacher_weight, const std::optional<at::Tensor>& labels, double temperature, double alpha,
+    int64_t ignore_index, Divergence div, int64_t chunk_size, std::array<bool, 2> output_mask) {
+  const int64_t n_rows = student_hidden.size(0), hidden = student_hidden.size(1), vocab = student_weight.size(0);
+  const int64_t chunk = chunk_size > 0 ? chunk_size : default_chunk_rows(vocab);
+  const auto [need_dh, need_dw] = output_mask;
+  const bool need_grad = need_dh || need_dw;
+  const at::ScalarType dtype = student_hidden.scalar_type();
+  // dW accumulates over chunks: in float32 for 16-bit weights, so the sum is rounded once, at the end.
+  const at::ScalarType dw_dtype = accumulate_dtype(dtype);
+  const std::optional<at::Tensor> l = int64_labels(labels);
+  const at::Tensor n_valid = count_valid(l, n_rows, ignore_index, student_hidden);
+  at::Tensor dh = need_dh ? at::empty({n_rows, hidden}, student_hidden.options()) : at::empty({0}, student_hidden.options());
+  at::Tensor dw_acc = need_dw ? at::zeros({vocab, hidden}, student_weight.options().dtype(dw_dtype))
+                              : at::empty({0}, student_weight.options());
+  at::Tensor row_loss = at::empty({n_rows}, student_hidden.options().dtype(accumulate_dtype(dtype)));
+  at::Tensor bad = at::zeros({1}, student_hidden.options().dtype(at::kInt));
+  const at::Tensor ws_t = student_weight.t();
+  // One logits buffer per side for every chunk (the last chunk uses the top rows of it).
+  const int64_t buf_rows = std::min(chunk, n_rows);
+  at::Tensor s_buf = at::empty({buf_rows, vocab}, student_hidden.options());
+  at::Tensor t_buf = teacher_hidden != nullptr ? at::empty({buf_rows, vocab}, student_hidden.options()) : at::Tensor();
+
+  for (int64_t r0 = 0; r0 < n_rows; r0 += chunk) {
+    const int64_t n = std::min(chunk, n_rows - r0);
+    const at::Tensor hs = student_hidden.narrow(0, r0, n);
+    at::Tensor s = s_buf.narrow(0, 0, n);  // [n, V], becomes the gradient in place
+    at::mm_out(s, hs, ws_t);
+    at::Tensor t;
+    if (teacher_hidden != nullptr) {
+      t = t_buf.narrow(0, 0, n);
+      at::mm_out(t, teacher_hidden->narrow(0, r0, n), teacher_weight->t());
+    }
+    at::Tensor loss_chunk = row_loss.narrow(0, r0, n);
+    std::optional<at::Tensor> l_chunk = l.has_value() ? std::optional(l->narrow(0, r0, n)) : std::nullopt;
+    Backend::rows(make_params(s, teacher_hidden != nullptr ? &t : nullptr, l_chunk,
+                              need_grad ? s.mutable_data_ptr() : nullptr, loss_chunk, n_valid, bad, ignore_index,
+                              temperature, alpha, div));
+    if (need_dh) {
+      at::Tensor dh_chunk = dh.narrow(0, r0, n);
+      at::mm_out(dh_chunk, s, student_weight);
+    }
+    if (need_dw) {
+      // .to() is a no-op for float32/float64; 16-bit chunks are widened for the float32 accumulator.
+      const at::ScalarType acc = dw_acc.scalar_type();
+      dw_acc.addmm_(s.t().to(acc), hs.to(acc));
+    }
+  }
+  raise_on_bad_label<Backend>(bad, vocab, ignore_index);
+  at::Tensor dw = need_dw ? dw_acc.to(student_weight.scalar_type()) : dw_acc;
+  return {at::sum(row_loss), dh, dw};  // the loss in float32 (float64 for float64 inputs)
+}
+
 // Returns (loss, grad_student_hidden, grad_student_weight); a gradient whose output_mask entry is false
-// is an empty tensor. Works chunk by chunk: logits = h·Wᵀ for `chunk` rows of student and teacher, the
-// row kernel overwrites the student chunk with its gradient, then dh = g·W_s and dW_s += gᵀ·h.
+// is an empty tensor. Works chunk by chunk (chunked_head_loss).
 template <class Backend>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_kd_loss(
     const at::Tensor& student_hidden, const at::Tensor& student_weight, const at::Tensor& teacher_hidden,
@@ -166,44 +226,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_kd_loss(
   TORCH_CHECK_VALUE(vocab >= 1, "student_weight: expected a vocabulary of at least 1, got shape ",
                     student_weight.sizes());
   check_labels(labels, n_rows, student_hidden, "student_hidden");
-  const int64_t chunk = chunk_size > 0 ? chunk_size : default_chunk_rows(vocab);
+  TORCH_CHECK_VALUE(chunk_size >= 0, "chunk_size: expected 0 (automatic) or a positive number of rows, got ",
+                    chunk_size);
+  auto [loss, dh, dw] = chunked_head_loss<Backend>(student_hidden, student_weight, &teacher_hidden, &teacher_weight,
+                                                   labels, temperature, alpha, ignore_index, div, chunk_size,
+                                                   output_mask);
+  return {loss.to(student_hidden.scalar_type()), dh, dw};
+}
 
-  const auto [need_dh, need_dw] = output_mask;
-  const bool need_grad = need_dh || need_dw;
-  const at::ScalarType dtype = student_hidden.scalar_type();
-  // dW accumulates over chunks: in float32 for 16-bit weights, so the sum is rounded once, at the end.
-  const at::ScalarType dw_dtype = accumulate_dtype(dtype);
-  const std::optional<at::Tensor> l = int64_labels(labels);
-  const at::Tensor n_valid = count_valid(l, n_rows, ignore_index, student_hidden);
-  at::Tensor dh = need_dh ? at::empty({n_rows, hidden}, student_hidden.options()) : at::empty({0}, student_hidden.options());
-  at::Tensor dw_acc = need_dw ? at::zeros({vocab, hidden}, student_weight.options().dtype(dw_dtype))
-                              : at::empty({0}, student_weight.options());
-  at::Tensor row_loss = at::empty({n_rows}, student_hidden.options().dtype(accumulate_dtype(dtype)));
-  at::Tensor bad = at::zeros({1}, student_hidden.options().dtype(at::kInt));
-  const at::Tensor ws_t = student_weight.t(), wt_t = teacher_weight.t();
-
-  for (int64_t r0 = 0; r0 < n_rows; r0 += chunk) {
-    const int64_t n = std::min(chunk, n_rows - r0);
-    const at::Tensor hs = student_hidden.narrow(0, r0, n);
-    at::Tensor s = at::mm(hs, ws_t);  // [n, V], becomes the gradient in place
-    const at::Tensor t = at::mm(teacher_hidden.narrow(0, r0, n), wt_t);
-    at::Tensor loss_chunk = row_loss.narrow(0, r0, n);
-    std::optional<at::Tensor> l_chunk = l.has_value() ? std::optional(l->narrow(0, r0, n)) : std::nullopt;
-    Backend::rows(make_params(s, t, l_chunk, need_grad ? s.mutable_data_ptr() : nullptr, loss_chunk, n_valid, bad,
-                              ignore_index, temperature, alpha, div));
-    if (need_dh) {
-      at::Tensor dh_chunk = dh.narrow(0, r0, n);
-      at::mm_out(dh_chunk, s, student_weight);
-    }
-    if (need_dw) {
-      // .to() is a no-op for float32/float64; 16-bit chunks are widened for the float32 accumulator.
-      const at::ScalarType acc = dw_acc.scalar_type();
-      dw_acc.addmm_(s.t().to(acc), hs.to(acc));
-    }
-  }
-  raise_on_bad_label<Backend>(bad, vocab, ignore_index);
-  at::Tensor dw = need_dw ? dw_acc.to(student_weight.scalar_type()) : dw_acc;
-  return {at::sum(row_loss).to(dtype), dh, dw};
+// The plain cross-entropy of hidden·weightᵀ against labels, mean over the rows whose label is not
+// ignore_index, chunked like fused_linear_kd_loss. Returns (loss, grad_hidden, grad_weight); the loss in
+// float32 whatever the 16-bit dtype of hidden (float64 for float64), as transformers computes it.
+template <class Backend>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_cross_entropy(const at::Tensor& hidden,
+                                                                          const at::Tensor& weight,
+                                                                          const at::Tensor& labels,
+                                                                          int64_t ignore_index, int64_t chunk_size,
+                                                                          std::array<bool, 2> output_mask) {
+  check_dim(hidden, "hidden", 2);
+  check_dim(weight, "weight", 2);
+  check_float(hidden, "hidden");
+  check_same_dtype(weight, "weight", hidden, "hidden");
+  check_same_device(weight, "weight", hidden, "hidden");
+  check_size(weight, "weight", 1, hidden.size(1), "hidden size, from hidden [N, H]");
+  TORCH_CHECK_VALUE(weight.size(0) >= 1, "weight: expected a vocabulary of at least 1, got shape ", weight.sizes());
+  check_labels(labels, hidden.size(0), hidden, "hidden");
+  TORCH_CHECK_VALUE(chunk_size >= 0, "chunk_size: expected 0 (automatic) or a positive number of rows, got ",
+                    chunk_size);
+  return chunked_head_loss<Backend>(hidden, weight, nullptr, nullptr, labels, 1.0, 1.0, ignore_index,
+                                    Divergence::ForwardKL, chunk_size, output_mask);
 }
 
 }  // namespace pyfastpeft::distill

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "distill.h"
@@ -179,11 +180,72 @@ void kd_loss_row(const KdLossParams& p, int64_t row, int64_t n_valid, RowScratch
   *row_loss = (alpha * ce + (A(1) - alpha) * temperature * temperature * D) * scale;
 }
 
+// One row of the plain cross-entropy (no teacher, alpha = 1, temperature 1):
+//   row_loss = (logsumexp(s) − s[label]) / n_valid,  grad = (softmax(s) − onehot(label)) / n_valid.
+// Two sweeps: the online softmax statistics, tile by tile from memory, then the gradient, which re-reads
+// the row from cache (a float32 row of a 50k vocabulary is 200 KB) and may overwrite it in place.
+// Float32 and float64 rows are read where they are; 16-bit rows are widened into the scratch row first.
+template <typename T>
+void ce_row(const KdLossParams& p, int64_t row, int64_t n_valid, std::vector<acc_type<T>>& scratch) {
+  using A = acc_type<T>;
+  const int64_t V = p.vocab;
+  const T* s = static_cast<const T*>(p.student) + row * p.student_stride;
+  T* grad = p.grad == nullptr ? nullptr : static_cast<T*>(p.grad) + row * V;
+  A* row_loss = static_cast<A*>(p.row_loss) + row;
+  const int64_t label = p.labels[row];
+  if (label == p.ignore_index || label < 0 || label >= V) {
+    const bool ignored = label == p.ignore_index;
+    // A bad label is reported as a ValueError by the caller; never used as an index.
+    if (!ignored) std::atomic_ref<int32_t>(*p.bad_label).store(1, std::memory_order_relaxed);
+    *row_loss = ignored ? A(0) : std::numeric_limits<A>::quiet_NaN();
+    if (grad != nullptr) std::fill(grad, grad + V, T(0));
+    return;
+  }
+  constexpr bool kWide = std::is_same_v<T, A>;
+  const A* z = nullptr;
+  if constexpr (kWide) {
+    z = s;
+  } else {
+    z = scratch.data();
+  }
+  const A s_label = static_cast<A>(s[label]);  // read before the gradient may overwrite it
+  OnlineSoftmax<A> stats;
+  constexpr A kNegInf = -std::numeric_limits<A>::infinity();
+  for (int64_t j0 = 0; j0 < V; j0 += kTile) {
+    const int64_t n = std::min(kTile, V - j0);
+    if constexpr (!kWide) {
+      for (int64_t j = 0; j < n; ++j) scratch[j0 + j] = static_cast<A>(s[j0 + j]);
+    }
+    const A* zt = z + j0;
+    const A m = stats.rebase(simd::max_of(zt, n));
+    // While every logit so far is -inf (masked) the sum stays 0: exp(-inf - -inf) would be NaN.
+    if (m != kNegInf) {
+      stats.sum += simd::sweep_sum<A>(n, [&](int64_t j, auto tag) { return simd::exp(simd::load(tag, zt + j) - m); });
+    }
+  }
+  const A lse = stats.logsumexp();
+  const A scale = A(1) / static_cast<A>(std::max<int64_t>(n_valid, 1));
+  if (grad != nullptr) {
+    simd::sweep<A>(V, [&](int64_t j, auto tag) {
+      simd::store_as(tag, grad + j, simd::exp(simd::load(tag, z + j) - lse) * scale);
+    });
+    grad[label] = static_cast<T>(static_cast<A>(grad[label]) - scale);
+  }
+  *row_loss = (lse - s_label) * scale;
+}
+
 template <typename T>
 void kd_loss_rows_kernel(const KdLossParams& p) {
   using A = acc_type<T>;
   const int64_t n_valid = *p.n_valid;
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(p.vocab, 1));
+  if (p.teacher == nullptr) {  // the plain cross-entropy (fused_linear_cross_entropy)
+    at::parallel_for(0, p.n_rows, grain, [&](int64_t begin, int64_t end) {
+      std::vector<A> scratch(std::is_same_v<T, A> ? 0 : p.vocab);
+      for (int64_t row = begin; row < end; ++row) ce_row<T>(p, row, n_valid, scratch);
+    });
+    return;
+  }
   at::parallel_for(0, p.n_rows, grain, [&](int64_t begin, int64_t end) {
     RowScratch<A> scratch(p.vocab);
     for (int64_t row = begin; row < end; ++row) kd_loss_row<T>(p, row, n_valid, scratch);
