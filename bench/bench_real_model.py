@@ -11,11 +11,14 @@ repository's README and docs, tokenized by the model's tokenizer, cut into ``bat
 
 LoRA r = 16, alpha 32, dropout 0.05 on all seven projections (q, k, v, o, gate, up, down: 210 layers).
 A step is forward, backward and the optimizer: pyfastpeft's FusedAdamW after ``pf.get_peft_model``,
-torch.optim.AdamW after ``peft.get_peft_model``. Every candidate is its own copy of the model and gets
-the same input embeddings, which require grad, so the floor's backward runs through every layer as a
-LoRA step's must (as in bench/bench_model.py). Candidates run interleaved in one process. Peak memory:
-on CUDA the allocator's peak over a step; on the CPU the peak resident-set growth over three steps,
-each candidate alone in a fresh process.
+with the loss from ``pf.causal_lm_loss`` (the head fused into the cross-entropy, the logits never
+whole), torch.optim.AdamW after ``peft.get_peft_model`` with the model's own loss. Two more rows split
+pyfastpeft's step: the same LoRA step with the model's own head and loss, and the floor with
+pyfastpeft's fused head and loss (the step over it is what the LoRA layers alone add). Every candidate
+is its own copy of the model and gets the same input embeddings, which require grad, so the floor's
+backward runs through every layer as a LoRA step's must (as in bench/bench_model.py). Candidates run
+interleaved in one process. Peak memory: on CUDA the allocator's peak over a step; on the CPU the peak
+resident-set growth over three steps, each candidate alone in a fresh process.
 """
 
 from __future__ import annotations
@@ -43,6 +46,9 @@ ROOT = Path(__file__).resolve().parent.parent
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 FLOOR, OURS, PEFT = "floor (frozen fwd+bwd)", "pyfastpeft LoRA step", "HF PEFT LoRA step"
+# references that split pyfastpeft's step: its LoRA step with the model's own head and loss, and the floor
+# with pyfastpeft's fused head and loss (what the LoRA layers alone add over a frozen model)
+OURS_MODEL_LOSS, FLOOR_FUSED = "pyfastpeft, the model's loss", "floor, pyfastpeft's loss"
 
 
 def load_model(folder: str | None = None):
@@ -88,23 +94,46 @@ def setup(base, ids: torch.Tensor, dtype: torch.dtype, device: str, only: str | 
         m.config.use_cache = False
         return m
 
-    if only in (None, FLOOR):
+    if only in (None, FLOOR, FLOOR_FUSED):
         floor = fresh()
         for p in floor.parameters():
             p.requires_grad_(False)
         floor.train()
-        steps[FLOOR] = make_step(floor, embeds, ids, None)
-    if only in (None, OURS):
+        if only in (None, FLOOR):
+            steps[FLOOR] = make_step(floor, embeds, ids, None)
+        if only in (None, FLOOR_FUSED):
+            steps[FLOOR_FUSED] = make_fused_loss_step(floor, embeds, ids, None)
+    if only in (None, OURS, OURS_MODEL_LOSS):
         ours = pf.get_peft_model(fresh(), pf.LoraConfig(**lora))
         ours.train()
         opt = FusedAdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-4)
-        steps[OURS] = make_step(ours, embeds, ids, opt)
+        if only in (None, OURS):
+            steps[OURS] = make_fused_loss_step(ours, embeds, ids, opt)
+        if only in (None, OURS_MODEL_LOSS):
+            steps[OURS_MODEL_LOSS] = make_step(ours, embeds, ids, opt)
     if only in (None, PEFT):
         theirs = peft_get_peft_model(fresh(), PeftLoraConfig(**lora))
         theirs.train()
         opt = torch.optim.AdamW([p for p in theirs.parameters() if p.requires_grad], lr=1e-4)
         steps[PEFT] = make_step(theirs, embeds, ids, opt)
     return steps
+
+
+def make_fused_loss_step(model, embeds: torch.Tensor, labels: torch.Tensor, optimizer):
+    """bench_model.make_step with the loss from ``pf.causal_lm_loss`` (the head fused into the loss)."""
+    if pf.lm_loss.fused_head(model) is None:
+        raise SystemExit("bench_real_model: pf.causal_lm_loss cannot fuse this model's head")
+
+    def step():
+        x = embeds.detach().requires_grad_()
+        pf.causal_lm_loss(model, labels, inputs_embeds=x).backward()
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        else:
+            x.grad = None
+
+    return step
 
 
 def child_peak_rss(name: str) -> int | None:
@@ -167,6 +196,7 @@ def main() -> None:
     # the same ratios paired by round (each round's candidates ran back to back), steadier under drift
     paired_floor = statistics.median(o / f for o, f in zip(per_round[OURS], per_round[FLOOR], strict=True))
     paired_peft = statistics.median(p / o for p, o in zip(per_round[PEFT], per_round[OURS], strict=True))
+    paired_layers = statistics.median(o / f for o, f in zip(per_round[OURS], per_round[FLOOR_FUSED], strict=True))
     if args.no_memory:
         peaks = {}
     elif cuda:
@@ -197,6 +227,11 @@ def main() -> None:
         f"{times[OURS] / times[FLOOR]:.3f}x (goal <= 1.08x); paired by round (medians of the rounds' ratios): "
         f"{paired_peft:.3f}x and {paired_floor:.3f}x"
     )
+    print(
+        f"the LoRA layers alone (pyfastpeft's step over the floor with the same fused loss): "
+        f"{times[OURS] / times[FLOOR_FUSED]:.3f}x (paired {paired_layers:.3f}x); pyfastpeft's step with the "
+        f"model's own loss: {times[OURS_MODEL_LOSS] / times[FLOOR]:.3f}x the floor"
+    )
     suffix = ("_cpu_time" if args.cpu_time else "") + ("" if not cuda else "_cuda_bfloat16")
     suffix += "_keep_freed_memory" if args.keep_freed_memory else ""
     path = write_results(
@@ -215,6 +250,9 @@ def main() -> None:
             "ours_over_floor": times[OURS] / times[FLOOR],
             "paired_speedup_vs_peft": paired_peft,
             "paired_ours_over_floor": paired_floor,
+            "ours_over_floor_with_fused_loss": times[OURS] / times[FLOOR_FUSED],
+            "paired_ours_over_floor_with_fused_loss": paired_layers,
+            "ours_model_loss_over_floor": times[OURS_MODEL_LOSS] / times[FLOOR],
             "per_round_ms": per_round,
             # each round's minor page faults and system CPU time (ms), the same order as per_round_ms
             "per_round_kernel": kernel,

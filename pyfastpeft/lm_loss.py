@@ -61,7 +61,7 @@ def causal_lm_loss(
         labels: ``[batch, seq]`` token ids, ``ignore_index`` where a token is not a target; not shifted
             (as transformers takes them).
         ignore_index: the label of positions left out of the loss (transformers' is -100).
-        chunk_size: rows of logits made at a time; 0 picks about 2²² logits per chunk.
+        chunk_size: rows of logits made at a time; 0 picks about 2²³ logits per chunk, whole 32-row blocks.
         inputs: the model's inputs (``input_ids`` or ``inputs_embeds``, ``attention_mask``, ...).
     """
     if not isinstance(labels, torch.Tensor) or labels.dim() < 1:

@@ -16,7 +16,7 @@ class DistillationLoss(torch.nn.Module):
         divergence: ``"forward_kl"`` (KL(teacher‖student), Hinton et al.), ``"reverse_kl"``
             (KL(student‖teacher), mode-seeking) or ``"js"`` (Jensen-Shannon).
         ignore_index: label value of tokens left out of both terms and of the mean.
-        chunk_size: rows per chunk for :meth:`from_hidden`; 0 picks about 2²² logits per chunk.
+        chunk_size: rows per chunk for :meth:`from_hidden`; 0 picks about 2²³ logits per chunk, whole 32-row blocks.
     """
 
     def __init__(

@@ -259,7 +259,7 @@ def fused_linear_kd_loss(
         student_hidden: ``[..., H]``; teacher_hidden: ``[..., Ht]`` with the same leading dimensions.
         student_head_weight: ``[V, H]``, gets a gradient when it requires grad;
         teacher_head_weight: ``[V, Ht]``, treated as a constant like ``teacher_hidden``.
-        chunk_size: rows per chunk; 0 picks about 2²² logits per chunk (independent of V).
+        chunk_size: rows per chunk; 0 picks about 2²³ logits per chunk (independent of V), whole 32-row blocks.
         Other arguments: as in :func:`kd_loss`.
     """
     _check_common(divergence, temperature, alpha, labels)
@@ -316,7 +316,7 @@ def fused_linear_cross_entropy(
         labels: ``[...]`` int64 or int32 targets in ``[0, V)`` or ``ignore_index``, one per row of ``hidden``
             (already shifted for next-token prediction).
         ignore_index: label of tokens left out of the loss and its mean.
-        chunk_size: rows per chunk; 0 picks about 2²² logits per chunk (independent of V).
+        chunk_size: rows per chunk; 0 picks about 2²³ logits per chunk (independent of V), whole 32-row blocks.
 
     Returns a 0-d float32 tensor (float64 for float64 inputs): 16-bit logits' softmax statistics are
     float32, and so is the loss, as transformers computes it. With every token ignored the loss is 0
