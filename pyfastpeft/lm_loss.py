@@ -35,6 +35,10 @@ def fused_head(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
         if "prompt_encoder" in lm._modules or (tuner is not None and "prompt_encoder" in tuner._modules):
             return None
         lm = lm.get_base_model()
+    # a base whose calls a prompt-learning tuner routes through its virtual tokens, or whose forward was
+    # replaced on the instance: running its backbone directly would skip that
+    if "prompt_encoder" in lm._modules or "forward" in vars(lm):
+        return None
     if getattr(getattr(lm, "config", None), "model_type", None) not in PLAIN_HEAD_MODEL_TYPES:
         return None
     head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None

@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 
 from ..errors import UserError
+from ..lm_loss import fused_head
+from ..ops import fused_linear_cross_entropy
 from ..optim import FusedAdamW
 from .checkpoint import (
     CHECKPOINT_NAME,
@@ -80,7 +82,13 @@ def logits_at_labels(model: torch.nn.Module) -> bool:
 
 
 def token_loss(
-    model, batch, global_count: int, world_size: int, summed_loss: Callable | None = None, at_labels: bool = False
+    model,
+    batch,
+    global_count: int,
+    world_size: int,
+    summed_loss: Callable | None = None,
+    at_labels: bool = False,
+    fused: tuple | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss to backpropagate, this rank's share of the global mean loss).
 
@@ -91,9 +99,20 @@ def token_loss(
     ``at_labels`` (see :func:`logits_at_labels`): the head runs only at the positions where some row's
     next token is labelled, the same sum: on a prompt-and-answer task most positions are prompt, and
     each skipped one saves the head's product, its backward and a vocabulary-sized row of several
-    tensors (at 49,152 words, 192 KiB a position each)."""
+    tensors (at 49,152 words, 192 KiB a position each).
+
+    ``fused`` (``(backbone, head)`` from :func:`pyfastpeft.lm_loss.fused_head`): the backbone runs, and only
+    the labelled positions' hidden states go to the fused head and loss
+    (:func:`pyfastpeft.ops.fused_linear_cross_entropy`), which never holds their logits whole."""
     inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
-    if summed_loss is not None:
+    if fused is not None and summed_loss is None:
+        backbone, head = fused
+        targets = batch.labels[:, 1:]
+        keep = targets != -100
+        hidden = backbone(**inputs)[0][:, :-1][keep]
+        count = keep.sum()
+        total = fused_linear_cross_entropy(hidden, head.weight, targets[keep]) * count
+    elif summed_loss is not None:
         total = summed_loss(model, model(**inputs).logits, batch)
     else:
         targets = batch.labels[:, 1:]
@@ -158,6 +177,8 @@ def train(model: torch.nn.Module, source, s: TrainSettings, info: DistInfo, log=
         raise UserError("the method left no trainable parameters")
     ddp_model = wrap_model(model, info, s.device, fsdp=s.fsdp)
     at_labels = logits_at_labels(model)
+    # the head fused into the loss, where the model allows it; DDP and FSDP2 must see the whole forward
+    fused = fused_head(model) if not info.enabled and s.summed_loss is None else None
     params = list(trainable_state(model).values())
     gen = torch.Generator().manual_seed(s.seed)
     make = s.make_optimizer or _default_optimizer(s.fsdp)
@@ -186,7 +207,7 @@ def train(model: torch.nn.Module, source, s: TrainSettings, info: DistInfo, log=
             full = source.batch(s.batch_size, gen)
             count = int((full.labels[:, 1:] != -100).sum())
             batch = batch_to(type(full)(full.input_ids[rows], full.labels[rows], full.attention_mask[rows]), s.device)
-            loss, share = token_loss(ddp_model, batch, count, info.world_size, s.summed_loss, at_labels)
+            loss, share = token_loss(ddp_model, batch, count, info.world_size, s.summed_loss, at_labels, fused)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -76,3 +76,43 @@ def test_only_models_that_take_logits_to_keep_and_see_real_positions():
     routed = tiny_llama()
     routed.add_module("prompt_encoder", torch.nn.Linear(2, 2))  # as route_base_calls leaves it
     assert not logits_at_labels(routed)
+
+
+def test_the_fused_head_gives_the_same_loss_and_gradients():
+    from pyfastpeft.lm_loss import fused_head
+
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    base = model.base_model.model
+    with torch.no_grad():
+        for name, p in base.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    fused = fused_head(base)
+    assert fused is not None
+    batch = prompt_and_answer_batch()
+    count = int((batch.labels[:, 1:] != -100).sum())
+
+    def run(**kw):
+        loss, share = token_loss(base, batch, count, 1, None, **kw)
+        base.zero_grad(set_to_none=True)
+        loss.backward()
+        return share.item(), {n: p.grad.clone() for n, p in base.named_parameters() if p.requires_grad}
+
+    # the reference in float64 throughout (the unfused path computes the cross-entropy in float32)
+    logits = base(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
+    targets = batch.labels[:, 1:]
+    total = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum"
+    )
+    full = (total / count).item()
+    base.zero_grad(set_to_none=True)
+    (total / count).backward()
+    full_grads = {n: p.grad.clone() for n, p in base.named_parameters() if p.requires_grad}
+    ours, ours_grads = run(fused=fused)
+    assert ours == pytest.approx(full, rel=1e-12)
+    assert full_grads.keys() == ours_grads.keys() and full_grads
+    for name, g in full_grads.items():
+        torch.testing.assert_close(ours_grads[name], g, rtol=1e-10, atol=1e-12, msg=name)
+    routed = tiny_llama()
+    routed.add_module("prompt_encoder", torch.nn.Linear(2, 2))  # as route_base_calls leaves it
+    assert fused_head(routed) is None
