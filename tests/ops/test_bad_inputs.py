@@ -211,6 +211,17 @@ CASES = {
             output_mask=[True, True],
         ),
     ),
+    "fused_linear_cross_entropy": (
+        OPS.fused_linear_cross_entropy,
+        dict(
+            hidden=_randn(N, IN),
+            weight=_randn(V, IN),
+            labels=_labels(),
+            ignore_index=-100,
+            chunk_size=0,
+            output_mask=[True, True],
+        ),
+    ),
     "multi_tensor_l2_norm": (OPS.multi_tensor_l2_norm, dict(tensors=[_randn(3), _randn(2, 2)])),
     "fused_adamw_": (
         OPS.fused_adamw_,
