@@ -309,3 +309,25 @@ def test_causal_lm_loss_falls_back_to_the_models_forward():
     assert pf.lm_loss.fused_head(prompt) is None
     with pytest.raises(ValueError, match="labels"):
         pf.causal_lm_loss(model, None, input_ids=ids)
+
+
+def test_causal_lm_loss_through_hugging_face_peft():
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.1)
+    assert pf.lm_loss.fused_head(model) is not None
+    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(4))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    ours = pf.causal_lm_loss(model, ids, input_ids=ids)
+    ours_grads = torch.autograd.grad(ours, trainable)
+    logits = model(input_ids=ids).logits
+    ref = reference.fused_linear_cross_entropy(logits[:, :-1], torch.eye(97, dtype=torch.float64), ids[:, 1:])
+    ref_grads = torch.autograd.grad(ref, trainable)
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+    for a, b in zip(ours_grads, ref_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    prompt = peft.get_peft_model(tiny_llama(), peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2))
+    assert pf.lm_loss.fused_head(prompt) is None
