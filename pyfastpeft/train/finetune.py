@@ -122,6 +122,7 @@ def _run(
         fsdp=config.fsdp,
         run=run_settings(config),
         summed_loss=parts.summed_loss,
+        summed_loss_from_hidden=parts.summed_loss_from_hidden,
         make_optimizer=parts.optimizer,
     )
     result = train(model, base.source, settings, info, log)

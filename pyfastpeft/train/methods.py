@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
+from ..lm_loss import fused_head
 from ..tuners import LoraConfig, get_peft_model, registry
 from .config import FinetuneConfig
 
@@ -46,10 +47,15 @@ class TrainingParts:
 
     ``summed_loss(model, logits, batch)``: the loss summed over the batch's predicted tokens (labels
     != -100, shifted by one as in causal LM), in place of the cross-entropy sum.
+    ``summed_loss_from_hidden(hidden, head_weight, targets, keep, inputs)``: the same sum from the
+    student's last hidden states at the predicted positions only (``hidden[:, :-1][keep]``, their
+    ``targets``), for a loop that fuses the head into the loss (``pf.lm_loss.fused_head``); ``inputs``
+    are the model's inputs, for a teacher's own forward.
     ``optimizer(params, lr, weight_decay)``: in place of ``torch.optim.AdamW``; its ``state_dict`` must
     round-trip through the checkpoint like AdamW's."""
 
     summed_loss: Callable | None = None
+    summed_loss_from_hidden: Callable | None = None
     optimizer: Callable | None = None
 
 
@@ -303,6 +309,14 @@ def distill_parts(model: nn.Module, args: FinetuneConfig, source, device, log) -
 
     teacher = fine_tuned_teacher(args, source, device, next(model.parameters()).dtype, log)
     loss = DistillationLoss(temperature=args.distill_temperature, alpha=args.distill_alpha)
+    summed_loss, from_hidden = kd_summed_losses(teacher, loss)
+    return TrainingParts(summed_loss=summed_loss, summed_loss_from_hidden=from_hidden)
+
+
+def kd_summed_losses(teacher: nn.Module, loss) -> tuple[Callable, Callable | None]:
+    """``(summed_loss, summed_loss_from_hidden)`` of a distillation ``loss`` (a ``DistillationLoss``)
+    against ``teacher`` (see :class:`TrainingParts`); the second is None when the teacher's head cannot
+    be fused (``pf.lm_loss.fused_head``)."""
 
     def summed_loss(student: nn.Module, logits: torch.Tensor, batch) -> torch.Tensor:
         with torch.no_grad():
@@ -314,7 +328,19 @@ def distill_parts(model: nn.Module, args: FinetuneConfig, source, device, log) -
         )
         return mean * (labels != -100).sum()
 
-    return TrainingParts(summed_loss=summed_loss)
+    teacher_head = fused_head(teacher)
+    if teacher_head is None:
+        return summed_loss, None
+    teacher_backbone, teacher_lm_head = teacher_head
+
+    def summed_loss_from_hidden(hidden, head_weight, targets, keep, inputs) -> torch.Tensor:
+        # the teacher's hidden states at the same positions; the KD terms of the other positions are 0
+        with torch.no_grad():
+            teacher_hidden = teacher_backbone(**inputs)[0][:, :-1][keep]
+        mean = loss.from_hidden(hidden, head_weight, teacher_hidden, teacher_lm_head.weight, targets)
+        return mean * targets.numel()
+
+    return summed_loss, summed_loss_from_hidden
 
 
 # ---- prompt learning: prompt tuning, P-tuning, prefix tuning -------------------------------------

@@ -55,6 +55,8 @@ class TrainSettings:
     fsdp: bool = False  # FSDP2 instead of DDP when several processes run
     run: dict = field(default_factory=dict)  # settings a resumed run must share with the checkpoint
     summed_loss: Callable | None = None  # (model, logits, batch) -> summed token loss; None: cross-entropy
+    # the same from the predicted positions' hidden states, when the head is fused (methods.TrainingParts)
+    summed_loss_from_hidden: Callable | None = None
     make_optimizer: Callable | None = None  # (params, lr, weight_decay) -> optimizer; None: FusedAdamW
 
 
@@ -89,6 +91,7 @@ def token_loss(
     summed_loss: Callable | None = None,
     at_labels: bool = False,
     fused: tuple | None = None,
+    summed_loss_from_hidden: Callable | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss to backpropagate, this rank's share of the global mean loss).
 
@@ -103,15 +106,18 @@ def token_loss(
 
     ``fused`` (``(backbone, head)`` from :func:`pyfastpeft.lm_loss.fused_head`): the backbone runs, and only
     the labelled positions' hidden states go to the fused head and loss
-    (:func:`pyfastpeft.ops.fused_linear_cross_entropy`), which never holds their logits whole."""
+    (:func:`pyfastpeft.ops.fused_linear_cross_entropy`), which never holds their logits whole; a method's
+    ``summed_loss_from_hidden`` then replaces the cross-entropy sum (distillation)."""
     inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
-    if fused is not None and summed_loss is None:
+    if fused is not None and (summed_loss is None or summed_loss_from_hidden is not None):
         backbone, head = fused
         targets = batch.labels[:, 1:]
         keep = targets != -100
         hidden = backbone(**inputs)[0][:, :-1][keep]
-        count = keep.sum()
-        total = fused_linear_cross_entropy(hidden, head.weight, targets[keep]) * count
+        if summed_loss_from_hidden is not None:
+            total = summed_loss_from_hidden(hidden, head.weight, targets[keep], keep, inputs)
+        else:
+            total = fused_linear_cross_entropy(hidden, head.weight, targets[keep]) * keep.sum()
     elif summed_loss is not None:
         total = summed_loss(model, model(**inputs).logits, batch)
     else:
@@ -178,7 +184,9 @@ def train(model: torch.nn.Module, source, s: TrainSettings, info: DistInfo, log=
     ddp_model = wrap_model(model, info, s.device, fsdp=s.fsdp)
     at_labels = logits_at_labels(model)
     # the head fused into the loss, where the model allows it; DDP and FSDP2 must see the whole forward
-    fused = fused_head(model) if not info.enabled and s.summed_loss is None else None
+    fused = None
+    if not info.enabled and (s.summed_loss is None or s.summed_loss_from_hidden is not None):
+        fused = fused_head(model)
     params = list(trainable_state(model).values())
     gen = torch.Generator().manual_seed(s.seed)
     make = s.make_optimizer or _default_optimizer(s.fsdp)
@@ -207,7 +215,9 @@ def train(model: torch.nn.Module, source, s: TrainSettings, info: DistInfo, log=
             full = source.batch(s.batch_size, gen)
             count = int((full.labels[:, 1:] != -100).sum())
             batch = batch_to(type(full)(full.input_ids[rows], full.labels[rows], full.attention_mask[rows]), s.device)
-            loss, share = token_loss(ddp_model, batch, count, info.world_size, s.summed_loss, at_labels, fused)
+            loss, share = token_loss(
+                ddp_model, batch, count, info.world_size, s.summed_loss, at_labels, fused, s.summed_loss_from_hidden
+            )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -116,3 +116,41 @@ def test_the_fused_head_gives_the_same_loss_and_gradients():
     routed = tiny_llama()
     routed.add_module("prompt_encoder", torch.nn.Linear(2, 2))  # as route_base_calls leaves it
     assert fused_head(routed) is None
+
+
+def test_distillation_from_the_fused_head_equals_the_kd_loss_on_every_logit():
+    from pyfastpeft.distill import DistillationLoss
+    from pyfastpeft.lm_loss import fused_head
+    from pyfastpeft.train.methods import kd_summed_losses
+
+    student = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    base = student.base_model.model
+    with torch.no_grad():
+        for name, p in base.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    torch.manual_seed(1)
+    teacher = transformers.LlamaForCausalLM(llama_config(vocab_size=97, intermediate_size=64)).double()
+    loss = DistillationLoss(temperature=2.0, alpha=0.3)
+    summed_loss, from_hidden = kd_summed_losses(teacher, loss)
+    assert from_hidden is not None
+    batch = prompt_and_answer_batch()
+    count = int((batch.labels[:, 1:] != -100).sum())
+
+    # the reference in float64 throughout: the KD loss on every position's logits (ignored ones count 0)
+    inputs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+    logits = base(**inputs).logits[:, :-1]
+    with torch.no_grad():
+        teacher_logits = teacher(**inputs).logits[:, :-1]
+    labels = batch.labels[:, 1:].reshape(-1)
+    total = loss(logits.reshape(-1, 97), teacher_logits.reshape(-1, 97), labels) * (labels != -100).sum()
+    base.zero_grad(set_to_none=True)
+    (total / count).backward()
+    ref = {n: p.grad.clone() for n, p in base.named_parameters() if p.requires_grad}
+
+    share_loss, share = token_loss(base, batch, count, 1, summed_loss, False, fused_head(base), from_hidden)
+    base.zero_grad(set_to_none=True)
+    share_loss.backward()
+    assert share.item() == pytest.approx((total / count).item(), rel=1e-12)
+    for name, g in ref.items():
+        torch.testing.assert_close(dict(base.named_parameters())[name].grad, g, rtol=1e-10, atol=1e-12, msg=name)
