@@ -56,7 +56,13 @@ def shift_labels(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor
 
 
 def causal_lm_loss(
-    model: nn.Module, labels: torch.Tensor, *, ignore_index: int = -100, chunk_size: int = 0, **inputs
+    model: nn.Module,
+    labels: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    chunk_size: int = 0,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    **inputs,
 ) -> torch.Tensor:
     """``model(**inputs, labels=labels).loss`` with the head fused into the loss (see the module's doc).
 
@@ -64,17 +70,28 @@ def causal_lm_loss(
         model: a transformers causal LM, or a PeftModel over one.
         labels: ``[batch, seq]`` token ids, ``ignore_index`` where a token is not a target; not shifted
             (as transformers takes them).
-        ignore_index: the label of positions left out of the loss (transformers' is -100).
+        ignore_index: the label of positions left out of the loss. Only transformers' -100 where the
+            head cannot be fused (the model's own loss knows no other).
         chunk_size: rows of logits made at a time; 0 picks about 2²³ logits per chunk, whole 32-row blocks.
+        num_items_in_batch: as transformers takes it (gradient accumulation): the loss is the sum over
+            the labelled tokens divided by this count instead of their mean.
         inputs: the model's inputs (``input_ids`` or ``inputs_embeds``, ``attention_mask``, ...).
     """
     if not isinstance(labels, torch.Tensor) or labels.dim() < 1:
         raise ValueError(f"labels: expected a [batch, seq] tensor of token ids, got {labels!r}")
     parts = fused_head(model)
     if parts is None:
-        return model(**inputs, labels=labels).loss
+        if ignore_index != -100:
+            raise ValueError(
+                f"ignore_index: this model's head cannot be fused (pf.lm_loss.fused_head), and its own loss "
+                f"ignores the label -100 only, got {ignore_index}"
+            )
+        extra = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
+        return model(**inputs, labels=labels, **extra).loss
     backbone, head = parts
     hidden = backbone(**inputs)[0]
-    return fused_linear_cross_entropy(
-        hidden, head.weight, shift_labels(labels, ignore_index), ignore_index=ignore_index, chunk_size=chunk_size
-    )
+    targets = shift_labels(labels, ignore_index)
+    loss = fused_linear_cross_entropy(hidden, head.weight, targets, ignore_index=ignore_index, chunk_size=chunk_size)
+    if num_items_in_batch is not None:
+        loss = loss * ((targets != ignore_index).sum().to(loss.dtype) / num_items_in_batch)
+    return loss

@@ -331,3 +331,32 @@ def test_causal_lm_loss_through_hugging_face_peft():
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
     prompt = peft.get_peft_model(tiny_llama(), peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2))
     assert pf.lm_loss.fused_head(prompt) is None
+
+
+def test_causal_lm_loss_num_items_in_batch_and_ignore_index():
+    model = tiny_llama()
+    ids = torch.randint(0, 97, (2, 8), generator=torch.Generator().manual_seed(5))
+    labels = ids.clone()
+    labels[0, :3] = -100
+    n_items = int((labels[:, 1:] != -100).sum())
+    logits = model(input_ids=ids).logits
+    # the sum over the labelled tokens over a count of items from several micro-batches (here 3 × n)
+    ref = reference.fused_linear_cross_entropy(logits[:, :-1], torch.eye(97, dtype=torch.float64), labels[:, 1:])
+    ours = pf.causal_lm_loss(model, labels, input_ids=ids, num_items_in_batch=3 * n_items)
+    torch.testing.assert_close(ours, ref * n_items / (3 * n_items), rtol=1e-12, atol=1e-12)
+    # another ignore index: the fused head knows it, the model's own loss only -100
+    other = torch.where(labels == -100, torch.full_like(labels, 96), labels)
+    ours = pf.causal_lm_loss(model, other, input_ids=ids, ignore_index=96)
+    ref = reference.fused_linear_cross_entropy(
+        logits[:, :-1], torch.eye(97, dtype=torch.float64), other[:, 1:], ignore_index=96
+    )
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+    unfusable = pf.get_peft_model(tiny_llama(), pf.LoraConfig(r=2, target_modules=["lm_head"]))
+    with pytest.raises(ValueError, match="ignore_index"):
+        pf.causal_lm_loss(unfusable, other, input_ids=ids, ignore_index=96)
+    torch.testing.assert_close(
+        pf.causal_lm_loss(unfusable, labels, input_ids=ids, num_items_in_batch=7),
+        unfusable(input_ids=ids, labels=labels, num_items_in_batch=7).loss,
+        rtol=0,
+        atol=0,
+    )
