@@ -55,10 +55,16 @@ def build(args, dtype: torch.dtype, device: str) -> TinyLlamaForCausalLM:
     return TinyLlamaForCausalLM(cfg).to(device=device, dtype=dtype)
 
 
-def make_step(model, embeds: torch.Tensor, labels: torch.Tensor, optimizer):
+def make_step(model, embeds: torch.Tensor, labels: torch.Tensor, optimizer, loss_fn=None):
+    """One training step on ``embeds``; ``loss_fn(model, labels, inputs_embeds=x)`` in place of the
+    model's own loss (``pf.causal_lm_loss``)."""
+
     def step():
         x = embeds.detach().requires_grad_()
-        loss = model(inputs_embeds=x, labels=labels).loss
+        if loss_fn is None:
+            loss = model(inputs_embeds=x, labels=labels).loss
+        else:
+            loss = loss_fn(model, labels, inputs_embeds=x)
         loss.backward()
         if optimizer is not None:
             optimizer.step()

@@ -124,16 +124,7 @@ def make_fused_loss_step(model, embeds: torch.Tensor, labels: torch.Tensor, opti
     if pf.lm_loss.fused_head(model) is None:
         raise SystemExit("bench_real_model: pf.causal_lm_loss cannot fuse this model's head")
 
-    def step():
-        x = embeds.detach().requires_grad_()
-        pf.causal_lm_loss(model, labels, inputs_embeds=x).backward()
-        if optimizer is not None:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        else:
-            x.grad = None
-
-    return step
+    return make_step(model, embeds, labels, optimizer, loss_fn=pf.causal_lm_loss)
 
 
 def child_peak_rss(name: str) -> int | None:

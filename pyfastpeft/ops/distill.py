@@ -115,50 +115,36 @@ def _kd_backward(ctx, grad_loss, _grad_grad):
 torch.library.register_autograd("pyfastpeft::kd_loss", _kd_backward, setup_context=_kd_setup_context)
 
 
-def _fused_setup_context(ctx, inputs, output):
-    ctx.output_mask = list(inputs[10])
-    _, dh, dw = output
-    ctx.save_for_backward(dh, dw)
-    ctx.mark_non_differentiable(dh, dw)
-    ctx.set_materialize_grads(False)  # no zero gradients for the non-differentiable dh and dW
+def _head_loss_autograd(op: str, mask_index: int, n_inputs: int):
+    """(setup_context, backward) of a fused head loss returning (loss, dh, dW): hidden and its head's
+    weight are the first two inputs, ``inputs[mask_index]`` is the output_mask; the teacher's tensors
+    (the KD loss's next two inputs) get no gradient."""
+
+    def setup_context(ctx, inputs, output):
+        ctx.output_mask = list(inputs[mask_index])
+        _, dh, dw = output
+        ctx.save_for_backward(dh, dw)
+        ctx.mark_non_differentiable(dh, dw)
+        ctx.set_materialize_grads(False)  # no zero gradients for the non-differentiable dh and dW
+
+    def backward(ctx, grad_loss, _grad_dh, _grad_dw):
+        dh, dw = ctx.saved_tensors
+        need_dh, need_dw = ctx.output_mask
+        needs = ctx.needs_input_grad
+        if (needs[0] and not need_dh) or (needs[1] and not need_dw):
+            raise RuntimeError(f"{op}: a gradient was requested that output_mask did not compute")
+        if any(needs[2:]):
+            raise RuntimeError(f"{op}: the teacher gets no gradient; pass detached teacher tensors")
+        grad_h = _scale(dh, grad_loss) if needs[0] and grad_loss is not None else None
+        grad_w = _scale(dw, grad_loss) if needs[1] and grad_loss is not None else None
+        return (grad_h, grad_w) + (None,) * (n_inputs - 2)
+
+    return setup_context, backward
 
 
-def _fused_backward(ctx, grad_loss, _grad_dh, _grad_dw):
-    dh, dw = ctx.saved_tensors
-    need_dh, need_dw = ctx.output_mask
-    needs = ctx.needs_input_grad
-    if (needs[0] and not need_dh) or (needs[1] and not need_dw):
-        raise RuntimeError("fused_linear_kd_loss: a gradient was requested that output_mask did not compute")
-    if needs[2] or needs[3]:
-        raise RuntimeError("fused_linear_kd_loss: the teacher gets no gradient; pass detached teacher tensors")
-    grad_h = _scale(dh, grad_loss) if needs[0] and grad_loss is not None else None
-    grad_w = _scale(dw, grad_loss) if needs[1] and grad_loss is not None else None
-    return grad_h, grad_w, None, None, None, None, None, None, None, None, None
-
-
-torch.library.register_autograd("pyfastpeft::fused_linear_kd_loss", _fused_backward, setup_context=_fused_setup_context)
-
-
-def _ce_setup_context(ctx, inputs, output):
-    ctx.output_mask = list(inputs[5])
-    _, dh, dw = output
-    ctx.save_for_backward(dh, dw)
-    ctx.mark_non_differentiable(dh, dw)
-    ctx.set_materialize_grads(False)
-
-
-def _ce_backward(ctx, grad_loss, _grad_dh, _grad_dw):
-    dh, dw = ctx.saved_tensors
-    need_dh, need_dw = ctx.output_mask
-    needs = ctx.needs_input_grad
-    if (needs[0] and not need_dh) or (needs[1] and not need_dw):
-        raise RuntimeError("fused_linear_cross_entropy: a gradient was requested that output_mask did not compute")
-    grad_h = _scale(dh, grad_loss) if needs[0] and grad_loss is not None else None
-    grad_w = _scale(dw, grad_loss) if needs[1] and grad_loss is not None else None
-    return grad_h, grad_w, None, None, None, None
-
-
-torch.library.register_autograd("pyfastpeft::fused_linear_cross_entropy", _ce_backward, setup_context=_ce_setup_context)
+for _op, _mask_index, _n_inputs in (("fused_linear_kd_loss", 10, 11), ("fused_linear_cross_entropy", 5, 6)):
+    _setup, _backward = _head_loss_autograd(_op, _mask_index, _n_inputs)
+    torch.library.register_autograd(f"pyfastpeft::{_op}", _backward, setup_context=_setup)
 
 
 def _check_options(divergence: str, temperature: float, alpha: float) -> None:

@@ -20,6 +20,24 @@ def tiny_llama() -> torch.nn.Module:
     return transformers.LlamaForCausalLM(cfg).double()
 
 
+def lora_base() -> torch.nn.Module:
+    """tiny_llama with LoRA on q and v, B off zero so that the adapter's gradients all count: the base
+    model, adapters injected (what the training loop is given)."""
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    base = model.base_model.model
+    with torch.no_grad():
+        for name, p in base.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    return base
+
+
+def grads_of(model: torch.nn.Module, loss: torch.Tensor) -> dict:
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
 def prompt_and_answer_batch() -> Batch:
     # three rows of 12 tokens: labels on each row's answer only, at different positions, one row padded
     g = torch.Generator().manual_seed(1)
@@ -43,12 +61,7 @@ def loss_and_grads(model, batch, at_labels):
 
 
 def test_the_loss_and_gradients_equal_every_positions():
-    model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
-    base = model.base_model.model
-    with torch.no_grad():  # B off zero, so the adapter's gradients all count
-        for name, p in base.named_parameters():
-            if "lora_B" in name:
-                p.normal_()
+    base = lora_base()
     assert logits_at_labels(base)
     batch = prompt_and_answer_batch()
     full, full_grads = loss_and_grads(base, batch, at_labels=False)
@@ -81,22 +94,11 @@ def test_only_models_that_take_logits_to_keep_and_see_real_positions():
 def test_the_fused_head_gives_the_same_loss_and_gradients():
     from pyfastpeft.lm_loss import fused_head
 
-    model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
-    base = model.base_model.model
-    with torch.no_grad():
-        for name, p in base.named_parameters():
-            if "lora_B" in name:
-                p.normal_()
+    base = lora_base()
     fused = fused_head(base)
     assert fused is not None
     batch = prompt_and_answer_batch()
     count = int((batch.labels[:, 1:] != -100).sum())
-
-    def run(**kw):
-        loss, share = token_loss(base, batch, count, 1, None, **kw)
-        base.zero_grad(set_to_none=True)
-        loss.backward()
-        return share.item(), {n: p.grad.clone() for n, p in base.named_parameters() if p.requires_grad}
 
     # the reference in float64 throughout (the unfused path computes the cross-entropy in float32)
     logits = base(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
@@ -104,12 +106,10 @@ def test_the_fused_head_gives_the_same_loss_and_gradients():
     total = torch.nn.functional.cross_entropy(
         logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum"
     )
-    full = (total / count).item()
-    base.zero_grad(set_to_none=True)
-    (total / count).backward()
-    full_grads = {n: p.grad.clone() for n, p in base.named_parameters() if p.requires_grad}
-    ours, ours_grads = run(fused=fused)
-    assert ours == pytest.approx(full, rel=1e-12)
+    full, full_grads = (total / count).item(), grads_of(base, total / count)
+    loss, share = token_loss(base, batch, count, 1, None, fused=fused)
+    ours_grads = grads_of(base, loss)
+    assert share.item() == pytest.approx(full, rel=1e-12)
     assert full_grads.keys() == ours_grads.keys() and full_grads
     for name, g in full_grads.items():
         torch.testing.assert_close(ours_grads[name], g, rtol=1e-10, atol=1e-12, msg=name)
@@ -123,12 +123,7 @@ def test_distillation_from_the_fused_head_equals_the_kd_loss_on_every_logit():
     from pyfastpeft.lm_loss import fused_head
     from pyfastpeft.train.methods import kd_summed_losses
 
-    student = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
-    base = student.base_model.model
-    with torch.no_grad():
-        for name, p in base.named_parameters():
-            if "lora_B" in name:
-                p.normal_()
+    base = lora_base()
     torch.manual_seed(1)
     teacher = transformers.LlamaForCausalLM(llama_config(vocab_size=97, intermediate_size=64)).double()
     loss = DistillationLoss(temperature=2.0, alpha=0.3)
@@ -144,13 +139,10 @@ def test_distillation_from_the_fused_head_equals_the_kd_loss_on_every_logit():
         teacher_logits = teacher(**inputs).logits[:, :-1]
     labels = batch.labels[:, 1:].reshape(-1)
     total = loss(logits.reshape(-1, 97), teacher_logits.reshape(-1, 97), labels) * (labels != -100).sum()
-    base.zero_grad(set_to_none=True)
-    (total / count).backward()
-    ref = {n: p.grad.clone() for n, p in base.named_parameters() if p.requires_grad}
-
-    share_loss, share = token_loss(base, batch, count, 1, summed_loss, False, fused_head(base), from_hidden)
-    base.zero_grad(set_to_none=True)
-    share_loss.backward()
+    ref = grads_of(base, total / count)
+    loss_, share = token_loss(base, batch, count, 1, summed_loss, False, fused_head(base), from_hidden)
+    ours = grads_of(base, loss_)
     assert share.item() == pytest.approx((total / count).item(), rel=1e-12)
+    assert ref.keys() == ours.keys() and ref
     for name, g in ref.items():
-        torch.testing.assert_close(dict(base.named_parameters())[name].grad, g, rtol=1e-10, atol=1e-12, msg=name)
+        torch.testing.assert_close(ours[name], g, rtol=1e-10, atol=1e-12, msg=name)

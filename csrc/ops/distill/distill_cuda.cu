@@ -43,6 +43,23 @@ __device__ A block_reduce(A v, A* shared) {
   return v;
 }
 
+// A row whose label is ignore_index (it counts for nothing) or out of range (flagged, reported as a
+// ValueError by the caller; never used as an index): its gradient zeroed, its loss 0 or NaN. Returns
+// whether the row was such a row; the whole block takes the same branch.
+template <typename T, typename A>
+__device__ bool skip_row(const KdLossParams& p, int64_t label, T* grad, A* row_loss) {
+  const bool ignored = label == p.ignore_index;
+  if (!ignored && label >= 0 && label < p.vocab) return false;
+  if (grad != nullptr) {
+    for (int64_t j = threadIdx.x; j < p.vocab; j += kThreads) store_from_acc(grad + j, A(0));
+  }
+  if (threadIdx.x == 0) {
+    *row_loss = ignored ? A(0) : A(NAN);
+    if (!ignored) *p.bad_label = 1;
+  }
+  return true;
+}
+
 // Per-thread online softmax over a strided slice, then merged over the block: returns logsumexp.
 template <typename A>
 struct Online {
@@ -88,17 +105,7 @@ __global__ void __launch_bounds__(kThreads) kd_loss_rows_kernel(KdLossParams p) 
     int64_t label = -1;
     if (p.labels != nullptr) {
       label = p.labels[row];
-      const bool ignored = label == p.ignore_index;
-      if (ignored || label < 0 || label >= V) {
-        if (grad != nullptr) {
-          for (int64_t j = threadIdx.x; j < V; j += kThreads) store_from_acc(grad + j, A(0));
-        }
-        if (threadIdx.x == 0) {
-          *row_loss = ignored ? A(0) : A(NAN);
-          if (!ignored) *p.bad_label = 1;  // reported as a ValueError by the caller
-        }
-        continue;
-      }
+      if (skip_row(p, label, grad, row_loss)) continue;
     }
     // s[label] is read before the first block reduction: its barriers order this read before any
     // thread's gradient store, which may overwrite s[label] when the gradient aliases the student.
@@ -173,17 +180,7 @@ __global__ void __launch_bounds__(kThreads) ce_rows_kernel(KdLossParams p) {
     T* grad = p.grad == nullptr ? nullptr : static_cast<T*>(p.grad) + row * V;
     A* row_loss = static_cast<A*>(p.row_loss) + row;
     const int64_t label = p.labels[row];
-    const bool ignored = label == p.ignore_index;
-    if (ignored || label < 0 || label >= V) {
-      if (grad != nullptr) {
-        for (int64_t j = threadIdx.x; j < V; j += kThreads) store_from_acc(grad + j, A(0));
-      }
-      if (threadIdx.x == 0) {
-        *row_loss = ignored ? A(0) : A(NAN);
-        if (!ignored) *p.bad_label = 1;  // reported as a ValueError by the caller
-      }
-      continue;
-    }
+    if (skip_row(p, label, grad, row_loss)) continue;
     const A s_label = load_acc(s + label);
     Online<A> o;
     for (int64_t j = threadIdx.x; j < V; j += kThreads) o.add(load_acc(s + j));
