@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 import pyfastpeft as pf
 from pyfastpeft.ops import reference
 from tests.conftest import FLOAT_DTYPES, assert_within_rounding, low_precision_error_bound
-from tests.ops.test_distill import kd_terms
+from tests.ops.test_distill import kd_terms, make_labels
 
 
 def make_head(n, h, v, device, dtype=torch.float64, generator=None):
@@ -21,11 +21,9 @@ def make_head(n, h, v, device, dtype=torch.float64, generator=None):
     return hidden.to(device=device, dtype=dtype), weight.to(device=device, dtype=dtype)
 
 
-def make_targets(n, v, device, ignore_every=3, ignore_index=-100, generator=None):
-    labels = torch.randint(0, v, (n,), generator=generator)
-    if ignore_every:
-        labels[::ignore_every] = ignore_index
-    return labels.to(device)
+def make_targets(n, v, device, ignore_every=3, **kw):
+    """test_distill's labels, every third row ignored unless told otherwise."""
+    return make_labels(n, v, device, ignore_every=ignore_every, **kw)
 
 
 def grads(fn, hidden, weight, labels, train_weight=True, **kw):
