@@ -296,6 +296,33 @@ def kd_rows(device, tiny, timer, ceil):
     return rows
 
 
+def lm_loss_rows(device, tiny, timer, ceil):
+    # a Llama-3-sized head: hidden 2048, vocabulary 128,256, 16k tokens a step
+    n, h, v = (32, 16, 512) if tiny else (16384, 2048, 128256)
+    dt = torch.bfloat16
+    hidden = torch.randn(n, h, device=device, dtype=dt, requires_grad=True)
+    weight = torch.randn(v, h, device=device, dtype=dt) * h**-0.5
+    labels = torch.randint(0, v, (n,), device=device)
+
+    def ours():
+        torch.autograd.grad(ops.fused_linear_cross_entropy(hidden, weight, labels), hidden)
+
+    def eager():  # transformers' head and loss: bf16 logits, the loss over their float32 copy
+        torch.autograd.grad(reference.fused_linear_cross_entropy(hidden, weight, labels, upcast=True), hidden)
+
+    times = timer({"pyfastpeft fused_linear_cross_entropy": ours, "eager": eager})
+    peaks = {k: peak_bytes(fn, device) for k, fn in (("pyfastpeft fused_linear_cross_entropy", ours), ("eager", eager))}
+    fig = f"LM head + cross-entropy fwd+bwd (dh) bf16 N={n} H={h} V={v}"
+    rows = []
+    for k, ms in times.items():
+        extra = {"peak_MiB": None if peaks[k] is None else peaks[k] / 2**20}
+        if peaks[k] is not None and peaks["eager"]:
+            extra["peak_vs_eager"] = peaks[k] / peaks["eager"]
+        # the logits' and dh's products: 2 · 2·n·h·v
+        rows.append(_row(fig, k, ms, times["eager"], tflop=4 * n * h * v / 1e12, ceil=ceil, **extra))
+    return rows
+
+
 SECTIONS = {
     "lora": lora_rows,
     "multi_lora": multi_lora_rows,
@@ -303,6 +330,7 @@ SECTIONS = {
     "quant": quant_rows,
     "reductions": reduction_rows,
     "kd": kd_rows,
+    "lm_loss": lm_loss_rows,
 }
 
 

@@ -143,7 +143,13 @@ def distill(device: str) -> list[torch.Tensor]:
     loss = ops.fused_linear_kd_loss(
         hs, ws, torch.randn(19, 8, device=device), torch.randn(1000, 8, device=device), labels, chunk_size=7
     )
-    return out + _backward(loss, hs, ws)
+    out += _backward(loss, hs, ws)
+    # the plain cross-entropy's own row kernel (no teacher), in float32 and bfloat16
+    for dtype in (torch.float32, torch.bfloat16):
+        hc = torch.randn(19, 16, device=device, dtype=dtype, requires_grad=True)
+        wc = torch.randn(1000, 16, device=device, dtype=dtype, requires_grad=True)
+        out += _backward(ops.fused_linear_cross_entropy(hc, wc, labels, chunk_size=7), hc, wc)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

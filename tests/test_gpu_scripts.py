@@ -113,13 +113,15 @@ def test_sanitize_cases_refuse_an_unknown_case(capsys):
 def test_bench_gpu_code_paths_on_the_cpu(tmp_path, monkeypatch):
     monkeypatch.setattr(bench._timing, "RESULTS", tmp_path)
     assert (
-        bench_gpu.main(["--device", "cpu", "--tiny", "--rounds", "1", "--sections", "optim,reductions,kd,multi_lora"])
+        bench_gpu.main(
+            ["--device", "cpu", "--tiny", "--rounds", "1", "--sections", "optim,reductions,kd,multi_lora,lm_loss"]
+        )
         == 0
     )
     data = json.loads((tmp_path / "bench_gpu_tiny_cpu.json").read_text())
     assert set(data["ceilings"]) == {"copy_GBps", "bf16_matmul_TFLOPs"} and data["failed_sections"] == {}
     figures = {row["figure"].split(" ")[0] for row in data["rows"]}
-    assert figures == {"AdamW", "bias", "ia3", "KD", "multi-LoRA"}
+    assert figures == {"AdamW", "bias", "ia3", "KD", "multi-LoRA", "LM"}
     assert all(("of_copy_bw" in row) != ("of_bf16_matmul" in row) for row in data["rows"])
 
 

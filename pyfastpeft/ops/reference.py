@@ -259,10 +259,13 @@ def fused_linear_kd_loss(
     return kd_loss(s, t, labels, temperature, alpha, ignore_index, divergence)
 
 
-def fused_linear_cross_entropy(hidden, weight, labels, ignore_index=-100):
+def fused_linear_cross_entropy(hidden, weight, labels, ignore_index=-100, upcast=False):
     """The eager head and loss: ``cross_entropy(hidden·weightᵀ, labels)``, mean over the tokens whose label
-    is not ``ignore_index`` (0 when there are none)."""
+    is not ``ignore_index`` (0 when there are none). ``upcast``: the loss over a float32 copy of 16-bit
+    logits, as transformers computes it."""
     logits = hidden.reshape(-1, hidden.shape[-1]) @ weight.t()
+    if upcast:
+        logits = logits.float()
     flat = labels.reshape(-1)
     total = torch.nn.functional.cross_entropy(logits, flat, ignore_index=ignore_index, reduction="sum")
     return total / max(int((flat != ignore_index).sum()), 1)
