@@ -5,6 +5,8 @@ Variants (forward + backward, float32 unless --dtype, T = 2, α = 0.5, forward K
   kd_fused    pyfastpeft.ops.kd_loss on the same logits
   linear_eager reference.fused_linear_kd_loss: h·Wᵀ for student and teacher, then the eager loss
   linear_fused pyfastpeft.ops.fused_linear_kd_loss (chunked over tokens)
+  ce_eager    reference.fused_linear_cross_entropy: h·Wᵀ, then cross_entropy (a language model's head and loss)
+  ce_fused    pyfastpeft.ops.fused_linear_cross_entropy (chunked over tokens)
 
 Time: medians of interleaved rounds after warm-up (bench/_timing.py), in one process.
 
@@ -20,6 +22,7 @@ of MiB between runs). On CUDA the child uses torch.cuda.max_memory_allocated.
     python bench/bench_distill.py            # N=4096, V=32000 (H=256 for the linear variants)
     python bench/bench_distill.py --quick    # small smoke size
     python bench/bench_distill.py --dtype bfloat16
+    python bench/bench_distill.py --families ce --n 512 --v 49152 --h 576 --frozen-head --name NAME
 """
 
 from __future__ import annotations
@@ -49,7 +52,9 @@ MIB = 2**20
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def make_inputs(variant: str, n: int, v: int, h: int, device: str, dtype: torch.dtype = torch.float32):
+def make_inputs(
+    variant: str, n: int, v: int, h: int, device: str, dtype: torch.dtype = torch.float32, frozen_head: bool = False
+):
     g = torch.Generator().manual_seed(0)
     labels = torch.randint(0, v, (n,), generator=g)
     labels[::8] = -100
@@ -59,10 +64,13 @@ def make_inputs(variant: str, n: int, v: int, h: int, device: str, dtype: torch.
         t = (torch.randn(n, v, generator=g) * 2).to(device, dtype)
         return (s, t, labels), (s,)
     hs = torch.randn(n, h, generator=g).to(device, dtype).requires_grad_()
-    ws = (torch.randn(v, h, generator=g) * h**-0.5).to(device, dtype).requires_grad_()
+    ws = (torch.randn(v, h, generator=g) * h**-0.5).to(device, dtype).requires_grad_(not frozen_head)
+    trained = (hs, ws) if not frozen_head else (hs,)
+    if variant.startswith("ce"):
+        return (hs, ws, labels), trained
     ht = torch.randn(n, h, generator=g).to(device, dtype)
     wt = (torch.randn(v, h, generator=g) * h**-0.5).to(device, dtype)
-    return (hs, ws, ht, wt, labels), (hs, ws)
+    return (hs, ws, ht, wt, labels), trained
 
 
 FNS = {
@@ -70,7 +78,10 @@ FNS = {
     "kd_fused": lambda a: pf.ops.kd_loss(*a, **KW),
     "linear_eager": lambda a: reference.fused_linear_kd_loss(*a, **KW),
     "linear_fused": lambda a: pf.ops.fused_linear_kd_loss(*a, **KW),
+    "ce_eager": lambda a: reference.fused_linear_cross_entropy(*a),
+    "ce_fused": lambda a: pf.ops.fused_linear_cross_entropy(*a),
 }
+FAMILIES = ("kd", "linear", "ce")
 
 
 def step(variant: str, args, params) -> None:
@@ -79,11 +90,13 @@ def step(variant: str, args, params) -> None:
     FNS[variant](args).backward()
 
 
-def measure_peak_child(variant: str, n: int, v: int, h: int, device: str, dtype: torch.dtype) -> None:
+def measure_peak_child(
+    variant: str, n: int, v: int, h: int, device: str, dtype: torch.dtype, frozen_head: bool
+) -> None:
     """Runs in a fresh process: prints the step's peak extra bytes as JSON."""
-    small_args, small_params = make_inputs(variant, 16, 64, 8, device, dtype)
+    small_args, small_params = make_inputs(variant, 16, 64, 8, device, dtype, frozen_head)
     step(variant, small_args, small_params)  # loads and initialises every library the step uses
-    args, params = make_inputs(variant, n, v, h, device, dtype)
+    args, params = make_inputs(variant, n, v, h, device, dtype, frozen_head)
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -103,7 +116,7 @@ def measure_peak_child(variant: str, n: int, v: int, h: int, device: str, dtype:
     print(json.dumps({"peak_extra": peak - base}))
 
 
-def measure_peak(variant: str, n: int, v: int, h: int, device: str, dtype: str) -> dict:
+def measure_peak(variant: str, n: int, v: int, h: int, device: str, dtype: str, frozen_head: bool = False) -> dict:
     cmd = [
         sys.executable,
         __file__,
@@ -119,6 +132,7 @@ def measure_peak(variant: str, n: int, v: int, h: int, device: str, dtype: str) 
         device,
         "--dtype",
         dtype,
+        *(["--frozen-head"] if frozen_head else []),
     ]
     # A fixed mmap threshold makes glibc serve every block of 64 KiB or more with its own mapping and
     # unmap it on free; with the default (dynamic) threshold, freed chunk buffers stay resident in the
@@ -131,20 +145,20 @@ def measure_peak(variant: str, n: int, v: int, h: int, device: str, dtype: str) 
 def run_family(family: str, a: argparse.Namespace) -> list[dict]:
     """Times the eager and fused variants of one family against each other and measures their peaks."""
     names = [f"{family}_eager", f"{family}_fused"]
-    inputs = {name: make_inputs(name, a.n, a.v, a.h, a.device, DTYPES[a.dtype]) for name in names}
+    inputs = {name: make_inputs(name, a.n, a.v, a.h, a.device, DTYPES[a.dtype], a.frozen_head) for name in names}
     fns = {name: functools.partial(step, name, *inputs[name]) for name in names}
     times = time_interleaved(fns, device=a.device, warmup=1, rounds=a.rounds)
     rows = []
     for name in names:
         args, params = inputs[name]
         saved = saved_activation_bytes(functools.partial(FNS[name], args), exclude=tuple(params))
-        peak = measure_peak(name, a.n, a.v, a.h, a.device, a.dtype)
+        peak = measure_peak(name, a.n, a.v, a.h, a.device, a.dtype, a.frozen_head)
         rows.append(
             {
                 "variant": name,
                 "N": a.n,
                 "V": a.v,
-                "H": a.h if family == "linear" else None,
+                "H": None if family == "kd" else a.h,
                 "fwd_bwd_ms": times[name],
                 "saved_MiB": saved / MIB,
                 "peak_extra_MiB": peak["peak_extra"] / MIB,
@@ -165,21 +179,27 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--device", default="cuda" if pf.cuda_available() else "cpu")
     ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    ap.add_argument("--families", default=",".join(FAMILIES), help=f"comma-separated subset of {FAMILIES}")
+    ap.add_argument("--frozen-head", action="store_true", help="the head's weight gets no gradient (LoRA training)")
+    ap.add_argument("--name", default=None, help="the results file's name (default: distill[_quick][_dtype])")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
-        measure_peak_child(a.child, a.n, a.v, a.h, a.device, DTYPES[a.dtype])
+        measure_peak_child(a.child, a.n, a.v, a.h, a.device, DTYPES[a.dtype], a.frozen_head)
         return
     if a.quick:
         a.n, a.v, a.h, a.rounds = 256, 2000, 64, 3
 
+    families = a.families.split(",")
+    if not families or set(families) - set(FAMILIES):
+        ap.error(f"--families: expected a comma-separated subset of {FAMILIES}, got {a.families!r}")
     rows = []
-    for family in ("kd", "linear"):
+    for family in families:
         rows += run_family(family, a)
 
     # The fused linear loss at twice the vocabulary: its peak should grow only by the weight-sized
     # buffers (the dW output, V·H floats), not by anything N×V.
-    for v in (a.v, 2 * a.v):
+    for v in (a.v, 2 * a.v) if "linear" in families else ():
         peak = measure_peak("linear_fused", a.n, v, a.h, a.device, a.dtype)
         # dW is accumulated in float32 (4 bytes per head element) whatever the weights' dtype.
         weight_bytes = v * a.h * 4
@@ -207,7 +227,7 @@ def main() -> None:
         "peak_minus_dW_MiB",
     ]
     print_table(rows, columns)
-    name = ("distill_quick" if a.quick else "distill") + ("" if a.dtype == "float32" else f"_{a.dtype}")
+    name = a.name or ("distill_quick" if a.quick else "distill") + ("" if a.dtype == "float32" else f"_{a.dtype}")
     command = " ".join(["python bench/bench_distill.py", *sys.argv[1:]])
     path = write_results(
         name,
@@ -217,7 +237,7 @@ def main() -> None:
             "peak_method": "CPU: fresh subprocess per variant with MALLOC_MMAP_THRESHOLD_=65536; VmHWM "
             "reset via /proc/self/clear_refs, then VmHWM after one forward+backward minus VmRSS just before "
             "it; CUDA: max_memory_allocated minus allocated",
-            "settings": {**KW, "dtype": a.dtype, "ignored_labels": "1 in 8"},
+            "settings": {**KW, "dtype": a.dtype, "ignored_labels": "1 in 8", "frozen_head": a.frozen_head},
         },
     )
     print(f"wrote {path}")
