@@ -282,17 +282,23 @@ def kd_rows(device, tiny, timer, ceil):
     def eager():
         torch.autograd.grad(reference.kd_loss(s, t, labels), s)
 
-    times = timer({"pyfastpeft kd_loss": ours, "eager": eager})
-    peaks = {"pyfastpeft kd_loss": peak_bytes(ours, device), "eager": peak_bytes(eager, device)}
     # one pass reads student and teacher and writes the gradient: 3 bf16 tensors of n·v
     gbytes = 3 * n * v * s.element_size() / 1e9
-    fig = f"KD loss fwd+bwd bf16 N={n} V={v}"
+    candidates = {"pyfastpeft kd_loss": ours, "eager": eager}
+    return _rows_against_eager(f"KD loss fwd+bwd bf16 N={n} V={v}", candidates, device, timer, ceil, gbytes=gbytes)
+
+
+def _rows_against_eager(fig, candidates, device, timer, ceil, **work):
+    """Rows of ``candidates`` (one of them "eager"): time, peak memory, both against eager's; ``work``
+    (gbytes or tflop) gives the rate."""
+    times = timer(candidates)
+    peaks = {k: peak_bytes(fn, device) for k, fn in candidates.items()}
     rows = []
     for k, ms in times.items():
         extra = {"peak_MiB": None if peaks[k] is None else peaks[k] / 2**20}
         if peaks[k] is not None and peaks["eager"]:
             extra["peak_vs_eager"] = peaks[k] / peaks["eager"]
-        rows.append(_row(fig, k, ms, times["eager"], gbytes=gbytes, ceil=ceil, **extra))
+        rows.append(_row(fig, k, ms, times["eager"], ceil=ceil, **work, **extra))
     return rows
 
 
@@ -310,17 +316,10 @@ def lm_loss_rows(device, tiny, timer, ceil):
     def eager():  # transformers' head and loss: bf16 logits, the loss over their float32 copy
         torch.autograd.grad(reference.fused_linear_cross_entropy(hidden, weight, labels, upcast=True), hidden)
 
-    times = timer({"pyfastpeft fused_linear_cross_entropy": ours, "eager": eager})
-    peaks = {k: peak_bytes(fn, device) for k, fn in (("pyfastpeft fused_linear_cross_entropy", ours), ("eager", eager))}
+    candidates = {"pyfastpeft fused_linear_cross_entropy": ours, "eager": eager}
     fig = f"LM head + cross-entropy fwd+bwd (dh) bf16 N={n} H={h} V={v}"
-    rows = []
-    for k, ms in times.items():
-        extra = {"peak_MiB": None if peaks[k] is None else peaks[k] / 2**20}
-        if peaks[k] is not None and peaks["eager"]:
-            extra["peak_vs_eager"] = peaks[k] / peaks["eager"]
-        # the logits' and dh's products: 2 · 2·n·h·v
-        rows.append(_row(fig, k, ms, times["eager"], tflop=4 * n * h * v / 1e12, ceil=ceil, **extra))
-    return rows
+    # the logits' and dh's products: 2 · 2·n·h·v
+    return _rows_against_eager(fig, candidates, device, timer, ceil, tflop=4 * n * h * v / 1e12)
 
 
 SECTIONS = {

@@ -148,12 +148,14 @@ inline int64_t default_chunk_rows(int64_t vocab) {
 // buffers allocated once, the row kernel overwrites the student chunk with its gradient, then
 // dh = g·W_s and dW_s += gᵀ·h. Without a teacher (null pointers) the loss is the plain cross-entropy.
 // Returns (loss, dh, dW); a gradient whose output_mask entry is false is an empty tensor. The caller
-// has checked the arguments.
+// has checked the tensors.
 template <class Backend>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> chunked_head_loss(
     const at::Tensor& student_hidden, const at::Tensor& student_weight, const at::Tensor* teacher_hidden,
     const at::Tensor* teacher_weight, const std::optional<at::Tensor>& labels, double temperature, double alpha,
     int64_t ignore_index, Divergence div, int64_t chunk_size, std::array<bool, 2> output_mask) {
+  TORCH_CHECK_VALUE(chunk_size >= 0, "chunk_size: expected 0 (automatic) or a positive number of rows, got ",
+                    chunk_size);
   const int64_t n_rows = student_hidden.size(0), hidden = student_hidden.size(1), vocab = student_weight.size(0);
   const int64_t chunk = chunk_size > 0 ? chunk_size : default_chunk_rows(vocab);
   const auto [need_dh, need_dw] = output_mask;
@@ -232,8 +234,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_kd_loss(
   TORCH_CHECK_VALUE(vocab >= 1, "student_weight: expected a vocabulary of at least 1, got shape ",
                     student_weight.sizes());
   check_labels(labels, n_rows, student_hidden, "student_hidden");
-  TORCH_CHECK_VALUE(chunk_size >= 0, "chunk_size: expected 0 (automatic) or a positive number of rows, got ",
-                    chunk_size);
   auto [loss, dh, dw] = chunked_head_loss<Backend>(student_hidden, student_weight, &teacher_hidden, &teacher_weight,
                                                    labels, temperature, alpha, ignore_index, div, chunk_size,
                                                    output_mask);
@@ -257,8 +257,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_cross_entropy(const 
   check_size(weight, "weight", 1, hidden.size(1), "hidden size, from hidden [N, H]");
   TORCH_CHECK_VALUE(weight.size(0) >= 1, "weight: expected a vocabulary of at least 1, got shape ", weight.sizes());
   check_labels(labels, hidden.size(0), hidden, "hidden");
-  TORCH_CHECK_VALUE(chunk_size >= 0, "chunk_size: expected 0 (automatic) or a positive number of rows, got ",
-                    chunk_size);
   return chunked_head_loss<Backend>(hidden, weight, nullptr, nullptr, labels, 1.0, 1.0, ignore_index,
                                     Divergence::ForwardKL, chunk_size, output_mask);
 }

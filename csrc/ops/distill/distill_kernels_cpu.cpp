@@ -47,6 +47,19 @@ struct RowScratch {
 // The later sweeps (the divergence and the gradient) run over the scratch rows, which stay in cache.
 constexpr int64_t kTile = 512;
 
+// A row whose label is ignore_index (it counts for nothing) or out of range (flagged, reported as a
+// ValueError by the caller; never used as an index): its gradient zeroed, its loss 0 or NaN. Returns
+// whether the row was such a row.
+template <typename T, typename A>
+bool skip_row(const KdLossParams& p, int64_t label, T* grad, A* row_loss) {
+  const bool ignored = label == p.ignore_index;
+  if (!ignored && label >= 0 && label < p.vocab) return false;
+  if (!ignored) std::atomic_ref<int32_t>(*p.bad_label).store(1, std::memory_order_relaxed);
+  *row_loss = ignored ? A(0) : std::numeric_limits<A>::quiet_NaN();
+  if (grad != nullptr) std::fill(grad, grad + p.vocab, T(0));
+  return true;
+}
+
 template <typename T>
 void kd_loss_row(const KdLossParams& p, int64_t row, int64_t n_valid, RowScratch<acc_type<T>>& scratch) {
   using A = acc_type<T>;
@@ -62,18 +75,7 @@ void kd_loss_row(const KdLossParams& p, int64_t row, int64_t n_valid, RowScratch
   int64_t label = -1;
   if (p.labels != nullptr) {
     label = p.labels[row];
-    if (label == p.ignore_index) {
-      *row_loss = 0;
-      if (grad != nullptr) std::fill(grad, grad + V, T(0));
-      return;
-    }
-    if (label < 0 || label >= V) {
-      // Reported as a ValueError by the caller; never used as an index.
-      std::atomic_ref<int32_t>(*p.bad_label).store(1, std::memory_order_relaxed);
-      *row_loss = std::numeric_limits<A>::quiet_NaN();
-      if (grad != nullptr) std::fill(grad, grad + V, T(0));
-      return;
-    }
+    if (skip_row(p, label, grad, row_loss)) return;
   }
   const A temperature = static_cast<A>(p.temperature);
   const A inv_T = A(1) / temperature;
@@ -193,14 +195,7 @@ void ce_row(const KdLossParams& p, int64_t row, int64_t n_valid, std::vector<acc
   T* grad = p.grad == nullptr ? nullptr : static_cast<T*>(p.grad) + row * V;
   A* row_loss = static_cast<A*>(p.row_loss) + row;
   const int64_t label = p.labels[row];
-  if (label == p.ignore_index || label < 0 || label >= V) {
-    const bool ignored = label == p.ignore_index;
-    // A bad label is reported as a ValueError by the caller; never used as an index.
-    if (!ignored) std::atomic_ref<int32_t>(*p.bad_label).store(1, std::memory_order_relaxed);
-    *row_loss = ignored ? A(0) : std::numeric_limits<A>::quiet_NaN();
-    if (grad != nullptr) std::fill(grad, grad + V, T(0));
-    return;
-  }
+  if (skip_row(p, label, grad, row_loss)) return;
   constexpr bool kWide = std::is_same_v<T, A>;
   const A* z = nullptr;
   if constexpr (kWide) {
